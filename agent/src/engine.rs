@@ -1,0 +1,377 @@
+//! The decision engine: given one intercepted call, which rule (if any)
+//! fires, and what the target sees. Pure code: no I/O, no clock, no global
+//! RNG. The shim calls it per notification; dry-runs and `--debug` can call
+//! it to explain a decision.
+//!
+//! Rules are tried in order; the first that fires wins. Probabilities of
+//! rules on the same call are *shares* of its calls: with
+//! `connect=ECONNREFUSED:30%` then `connect=delay:200ms:70%`, 30% of
+//! connects are refused and the other 70% delayed, as users read it.
+//! Each rule draws from its own RNG, seeded from (seed, rule id), so one
+//! rule's draws do not shift when another rule is added.
+
+use rand::{Rng, SeedableRng, rngs::ChaCha8Rng};
+
+use crate::glob::Glob;
+use crate::rule::{Action, Rule, RuleError};
+use crate::syscalls::{self, Arch};
+
+/// Path prefixes that a rule without a path glob never faults, so the
+/// dynamic linker and the runtime's own `/proc` reads keep working.
+pub const SYSTEM_PATH_PREFIXES: &[&str] = &[
+    "/lib/",
+    "/lib64/",
+    "/usr/lib/",
+    "/usr/lib64/",
+    "/proc/",
+    "/sys/",
+    "/dev/",
+    "/etc/ld.so.",
+];
+
+/// Whether `path` is under one of [`SYSTEM_PATH_PREFIXES`].
+pub fn is_system_path(path: &str) -> bool {
+    SYSTEM_PATH_PREFIXES.iter().any(|p| path.starts_with(p))
+}
+
+/// One intercepted call, as the engine sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Call<'a> {
+    /// Syscall number.
+    pub nr: u32,
+    /// The path the call touches, when it has one and it could be resolved.
+    pub path: Option<&'a str>,
+}
+
+/// What the engine decided for one call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// What happens to the call.
+    pub action: Action,
+    /// Index of the rule that fired, if any.
+    pub rule: Option<usize>,
+    /// True when a rule would have applied but the path is a system path.
+    pub system_path: bool,
+}
+
+impl Decision {
+    /// The decision text used in events and logs.
+    pub fn describe(&self) -> String {
+        match self.action {
+            Action::Allow if self.system_path => "allow (system path)".to_string(),
+            action => action.describe(),
+        }
+    }
+
+    /// Whether the call was changed (denied or delayed).
+    pub fn is_fault(&self) -> bool {
+        !matches!(self.action, Action::Allow)
+    }
+}
+
+struct Compiled {
+    rule: Rule,
+    nrs: Vec<u32>,
+    glob: Option<Glob>,
+    rng: ChaCha8Rng,
+    matched: u64,
+    fired: u64,
+}
+
+/// Per-rule counters, for reporting hits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleStats {
+    /// The rule's id.
+    pub id: String,
+    /// Calls that reached the rule's trigger (path and syscall matched).
+    pub matched: u64,
+    /// Calls on which the rule fired.
+    pub fired: u64,
+}
+
+/// The rule set of one service, with each rule's trigger count and RNG.
+pub struct Engine {
+    arch: Arch,
+    seed: u64,
+    rules: Vec<Compiled>,
+}
+
+impl Engine {
+    /// An engine with no rules.
+    pub fn new(arch: Arch, seed: u64) -> Engine {
+        Engine {
+            arch,
+            seed,
+            rules: Vec::new(),
+        }
+    }
+
+    /// Replaces the rules. Counters and RNGs restart for every rule.
+    pub fn set_rules(&mut self, rules: Vec<Rule>) -> Result<(), RuleError> {
+        let mut compiled = Vec::with_capacity(rules.len());
+        for rule in rules {
+            let nrs = rule.validate(self.arch)?;
+            let glob = match &rule.path {
+                Some(p) => Some(Glob::new(p).map_err(|e| RuleError {
+                    reason: format!("rule {:?}: {e}", rule.id),
+                })?),
+                None => None,
+            };
+            let rng = ChaCha8Rng::seed_from_u64(rule_seed(self.seed, &rule.id));
+            compiled.push(Compiled {
+                rule,
+                nrs,
+                glob,
+                rng,
+                matched: 0,
+                fired: 0,
+            });
+        }
+        self.rules = compiled;
+        Ok(())
+    }
+
+    /// The rules' counters, in rule order.
+    pub fn stats(&self) -> Vec<RuleStats> {
+        self.rules
+            .iter()
+            .map(|c| RuleStats {
+                id: c.rule.id.clone(),
+                matched: c.matched,
+                fired: c.fired,
+            })
+            .collect()
+    }
+
+    /// The rule at `index`.
+    pub fn rule(&self, index: usize) -> Option<&Rule> {
+        self.rules.get(index).map(|c| &c.rule)
+    }
+
+    /// Decides one call and advances the counters and RNGs it touched.
+    pub fn decide(&mut self, call: Call<'_>) -> Decision {
+        let has_path = self
+            .arch
+            .name(call.nr)
+            .and_then(syscalls::path_source)
+            .is_some();
+        let mut system_path = false;
+        let mut share_left = 1.0_f64;
+        for (index, c) in self.rules.iter_mut().enumerate() {
+            if !c.nrs.contains(&call.nr) {
+                continue;
+            }
+            if has_path {
+                match (&c.glob, call.path) {
+                    (Some(glob), Some(path)) if glob.matches(path) => {}
+                    // A path-filtered rule never fires on a path it cannot see.
+                    (Some(_), _) => continue,
+                    (None, Some(path)) if is_system_path(path) => {
+                        system_path = true;
+                        continue;
+                    }
+                    (None, _) => {}
+                }
+            }
+            c.matched += 1;
+            if !c.rule.trigger.allows(c.matched) {
+                continue;
+            }
+            let share = c.rule.probability;
+            let conditional = if share_left <= 0.0 {
+                0.0
+            } else {
+                (share / share_left).min(1.0)
+            };
+            share_left -= share;
+            if draw(&mut c.rng, conditional) {
+                c.fired += 1;
+                return Decision {
+                    action: c.rule.action,
+                    rule: Some(index),
+                    system_path: false,
+                };
+            }
+        }
+        Decision {
+            action: Action::Allow,
+            rule: None,
+            system_path,
+        }
+    }
+}
+
+/// True with probability `p`. Certain outcomes consume no randomness, so a
+/// 100% rule never shifts the stream of a rule after it.
+fn draw(rng: &mut ChaCha8Rng, p: f64) -> bool {
+    if p >= 1.0 {
+        true
+    } else if p <= 0.0 {
+        false
+    } else {
+        // Compare in u64 space: reproducible across rand upgrades, which only
+        // promise the raw stream.
+        let threshold = (p * 18_446_744_073_709_551_616.0) as u64;
+        rng.next_u64() < threshold
+    }
+}
+
+/// Derives a rule's RNG seed from the run seed and the rule id.
+fn rule_seed(seed: u64, id: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    splitmix64(seed ^ splitmix64(h))
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rule::parse_fault;
+
+    const X86: Arch = Arch::X86_64;
+    const OPENAT: u32 = 257;
+    const CONNECT: u32 = 42;
+    const WRITE: u32 = 1;
+
+    fn engine(specs: &[&str], seed: u64) -> Engine {
+        let rules = specs
+            .iter()
+            .map(|s| parse_fault(s, X86).expect("valid rule"))
+            .collect();
+        let mut e = Engine::new(X86, seed);
+        e.set_rules(rules).expect("valid rules");
+        e
+    }
+
+    fn open(e: &mut Engine, path: &str) -> String {
+        e.decide(Call {
+            nr: OPENAT,
+            path: Some(path),
+        })
+        .describe()
+    }
+
+    #[test]
+    fn deny_openat_under_glob_leaves_other_paths_alone() {
+        let mut e = engine(&["openat=ENOENT:100%:/data/*"], 1);
+        assert_eq!(open(&mut e, "/data/x"), "deny(no such file or directory)");
+        assert_eq!(open(&mut e, "/tmp/x"), "allow");
+        assert_eq!(open(&mut e, "/data/sub/x"), "allow");
+    }
+
+    #[test]
+    fn rule_without_glob_spares_system_paths() {
+        let mut e = engine(&["openat=ENOENT:100%"], 1);
+        assert_eq!(open(&mut e, "/usr/lib/libc.so.6"), "allow (system path)");
+        assert_eq!(open(&mut e, "/etc/ld.so.cache"), "allow (system path)");
+        assert_eq!(open(&mut e, "/home/app/config"), "deny(no such file or directory)");
+    }
+
+    #[test]
+    fn glob_overrides_the_system_path_exclusion() {
+        let mut e = engine(&["openat=EACCES:100%:/proc/**"], 1);
+        assert_eq!(open(&mut e, "/proc/self/status"), "deny(permission denied)");
+    }
+
+    #[test]
+    fn path_filtered_rule_never_fires_on_an_unresolved_path() {
+        let mut e = engine(&["openat=ENOENT:100%:/data/*"], 1);
+        let d = e.decide(Call { nr: OPENAT, path: None });
+        assert_eq!(d.describe(), "allow");
+        assert_eq!(e.stats()[0].matched, 0);
+    }
+
+    #[test]
+    fn nth_fires_only_on_that_call_counted_on_matching_paths() {
+        let mut e = engine(&["openat=ENOENT:100%:/data/*:nth=3"], 1);
+        let got: Vec<String> = ["/data/1", "/tmp/x", "/data/2", "/data/3", "/data/4"]
+            .iter()
+            .map(|p| open(&mut e, p))
+            .collect();
+        assert_eq!(got[0], "allow");
+        assert_eq!(got[1], "allow");
+        assert_eq!(got[2], "allow");
+        assert_eq!(got[3], "deny(no such file or directory)");
+        assert_eq!(got[4], "allow");
+    }
+
+    #[test]
+    fn after_lets_the_first_calls_through() {
+        let mut e = engine(&["fsync=EIO:100%:after=2"], 1);
+        let fsync = X86.number("fsync").expect("fsync");
+        let got: Vec<bool> = (0..4)
+            .map(|_| {
+                e.decide(Call {
+                    nr: fsync,
+                    path: Some("/tmp/wal"),
+                })
+                .is_fault()
+            })
+            .collect();
+        assert_eq!(got, vec![false, false, true, true]);
+        assert_eq!(e.stats()[0].fired, 2);
+        assert_eq!(e.stats()[0].matched, 4);
+    }
+
+    #[test]
+    fn zero_percent_rule_intercepts_but_never_fires() {
+        let mut e = engine(&["write=EIO:0%"], 1);
+        for _ in 0..1000 {
+            assert!(!e.decide(Call { nr: WRITE, path: Some("/tmp/f") }).is_fault());
+        }
+        assert_eq!(e.stats()[0].matched, 1000);
+    }
+
+    #[test]
+    fn probability_is_roughly_honoured_and_replays_for_a_seed() {
+        let run = |seed| {
+            let mut e = engine(&["write=EIO:20%"], seed);
+            (0..10_000)
+                .map(|_| e.decide(Call { nr: WRITE, path: Some("/tmp/f") }).is_fault())
+                .collect::<Vec<bool>>()
+        };
+        let a = run(42);
+        let fired = a.iter().filter(|f| **f).count();
+        assert!((1_800..2_200).contains(&fired), "{fired}");
+        assert_eq!(a, run(42));
+        assert_ne!(a, run(43));
+    }
+
+    #[test]
+    fn shares_on_one_syscall_split_its_calls() {
+        let mut e = engine(&["connect=ECONNREFUSED:30%", "connect=delay:200ms:70%"], 7);
+        let (mut refused, mut delayed) = (0, 0);
+        for _ in 0..10_000 {
+            match e.decide(Call { nr: CONNECT, path: None }).action {
+                Action::Deny { .. } => refused += 1,
+                Action::Delay { .. } => delayed += 1,
+                Action::Allow => {}
+            }
+        }
+        assert!((2_700..3_300).contains(&refused), "{refused}");
+        assert_eq!(refused + delayed, 10_000);
+    }
+
+    #[test]
+    fn adding_a_rule_does_not_shift_another_rules_draws() {
+        let draws = |specs: &[&str]| {
+            let mut e = engine(specs, 9);
+            (0..200)
+                .map(|_| e.decide(Call { nr: WRITE, path: Some("/tmp/f") }).is_fault())
+                .collect::<Vec<bool>>()
+        };
+        let alone = draws(&["write=EIO:50%"]);
+        let with_other = draws(&["openat=ENOENT:50%", "write=EIO:50%"]);
+        assert_eq!(alone, with_other);
+    }
+}

@@ -1,0 +1,594 @@
+//! Starting the target: namespaces, fork, filter install and listener
+//! hand-off, exec; and the process chores of a supervisor (signals,
+//! subreaping, waiting).
+//!
+//! The launch sequence:
+//! 1. the parent builds everything the child needs (argv, env, filter)
+//!    before `fork`, because a child forked from a multi-threaded process
+//!    may only make async-signal-safe calls;
+//! 2. the child resets its signals, sets `no_new_privs`, installs the
+//!    filter, sends the listener over a socket pair and waits for one byte;
+//! 3. the parent starts answering notifications, then sends that byte;
+//! 4. the child execs; the socket is close-on-exec, so the parent reads
+//!    end-of-file on success, or the exec errno on failure.
+#![allow(unsafe_code)]
+
+use std::ffi::CString;
+use std::fs;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use thiserror::Error;
+
+use crate::seccomp::{self, Listener, Program};
+use crate::wire::Isolation;
+
+/// Why a target could not be started.
+#[derive(Debug, Error)]
+pub enum LaunchError {
+    /// An argument or environment entry contains a NUL byte.
+    #[error("{what} contains a NUL byte: {value:?}")]
+    Nul {
+        /// Which input.
+        what: &'static str,
+        /// The offending value.
+        value: String,
+    },
+    /// No program was given.
+    #[error("no program to run")]
+    NoProgram,
+    /// A system call of the parent failed.
+    #[error("{step}: {source}")]
+    Parent {
+        /// What the parent was doing.
+        step: &'static str,
+        /// The error.
+        source: io::Error,
+    },
+    /// The child failed before exec.
+    #[error("{step}: {}", io::Error::from_raw_os_error(*errno))]
+    Child {
+        /// What the child was doing.
+        step: &'static str,
+        /// The errno it got.
+        errno: i32,
+    },
+    /// `execve` itself failed.
+    #[error("cannot execute {program:?}: {}", io::Error::from_raw_os_error(*errno))]
+    Exec {
+        /// The program.
+        program: String,
+        /// The errno of `execve`.
+        errno: i32,
+    },
+    /// Namespaces could not be set up.
+    #[error("cannot isolate the target ({step}): {source}; run with --no-isolation, or check that unprivileged user namespaces are enabled (sysctl kernel.unprivileged_userns_clone=1)")]
+    Isolation {
+        /// The failing step.
+        step: &'static str,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+/// Everything the child needs, prepared before `fork`.
+pub struct ChildSpec {
+    program: CString,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+    cwd: Option<CString>,
+    filter: Option<Program>,
+    cookie: u64,
+}
+
+fn cstring(what: &'static str, value: &str) -> Result<CString, LaunchError> {
+    CString::new(value).map_err(|_| LaunchError::Nul {
+        what,
+        value: value.to_string(),
+    })
+}
+
+impl ChildSpec {
+    /// Prepares a launch of `argv` (argv[0] is the path executed) with
+    /// exactly `env`, in `cwd`, under a filter intercepting `nrs` (no filter
+    /// at all when `nrs` is empty).
+    pub fn new(
+        argv: &[String],
+        env: &[String],
+        cwd: Option<&str>,
+        arch: crate::syscalls::Arch,
+        nrs: &[u32],
+    ) -> Result<ChildSpec, LaunchError> {
+        let program = cstring("program", argv.first().ok_or(LaunchError::NoProgram)?)?;
+        let argv = argv
+            .iter()
+            .map(|a| cstring("argument", a))
+            .collect::<Result<_, _>>()?;
+        let envp = env
+            .iter()
+            .map(|e| cstring("environment entry", e))
+            .collect::<Result<_, _>>()?;
+        let cwd = cwd.map(|c| cstring("working directory", c)).transpose()?;
+        let cookie = random_u64();
+        let filter = (!nrs.is_empty()).then(|| Program::new(&seccomp::build_filter(arch, nrs, cookie)));
+        Ok(ChildSpec {
+            program,
+            argv,
+            envp,
+            cwd,
+            filter,
+            cookie,
+        })
+    }
+}
+
+/// A forked child that has handed over its listener but not yet exec'd.
+pub struct Spawned {
+    /// The child's pid (in the parent's PID namespace).
+    pub pid: i32,
+    /// The filter's listener, when a filter was installed.
+    pub listener: Option<Listener>,
+    /// Whether the kernel accepted `WAIT_KILLABLE_RECV`.
+    pub wait_killable: bool,
+    handoff: OwnedFd,
+    program: String,
+}
+
+const TAG_LISTENER: u8 = b'F';
+const TAG_READY: u8 = b'R';
+const TAG_CHILD_ERROR: u8 = b'E';
+const TAG_EXEC_ERROR: u8 = b'X';
+
+const STEPS: &[(u8, &str)] = &[
+    (b'p', "set the parent-death signal"),
+    (b'c', "change to the working directory"),
+    (b'n', "set no_new_privs"),
+    (b's', "install the seccomp filter (the kernel needs seccomp user notification, Linux 5.0+ with CONFIG_SECCOMP_FILTER)"),
+    (b'h', "hand the listener to the supervisor"),
+];
+
+/// Forks the child, which installs the filter and hands its listener over.
+/// The child waits for [`Spawned::release`] before it execs.
+pub fn spawn(spec: &ChildSpec) -> Result<Spawned, LaunchError> {
+    let (parent_end, child_end) = seccomp::handoff_pair().map_err(|source| LaunchError::Parent {
+        step: "create the hand-off socket",
+        source,
+    })?;
+    let mut argv_ptrs: Vec<*const libc::c_char> = spec.argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let mut envp_ptrs: Vec<*const libc::c_char> = spec.envp.iter().map(|e| e.as_ptr()).collect();
+    envp_ptrs.push(std::ptr::null());
+    // SAFETY: getpid has no preconditions.
+    let parent_pid = unsafe { libc::getpid() };
+
+    // SAFETY: after fork the child only calls `child_main`, which makes raw,
+    // async-signal-safe syscalls on memory prepared before the fork.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(LaunchError::Parent {
+            step: "fork",
+            source: io::Error::last_os_error(),
+        });
+    }
+    if pid == 0 {
+        child_main(spec, child_end.as_raw_fd(), parent_pid, &argv_ptrs, &envp_ptrs);
+    }
+    drop(child_end);
+    let program = spec.program.to_string_lossy().into_owned();
+    let fail = |error: LaunchError| {
+        reap(pid);
+        Err(error)
+    };
+    let message = match seccomp::recv_handoff(&parent_end) {
+        Ok(Some(m)) => m,
+        Ok(None) => {
+            return fail(LaunchError::Child {
+                step: "start",
+                errno: libc::ECHILD,
+            });
+        }
+        Err(source) => {
+            return fail(LaunchError::Parent {
+                step: "receive the listener",
+                source,
+            });
+        }
+    };
+    match message {
+        (TAG_LISTENER, rest, Some(fd)) => Ok(Spawned {
+            pid,
+            listener: Some(Listener::new(fd)),
+            wait_killable: rest[0] == 1,
+            handoff: parent_end,
+            program,
+        }),
+        (TAG_READY, _, _) => Ok(Spawned {
+            pid,
+            listener: None,
+            wait_killable: false,
+            handoff: parent_end,
+            program,
+        }),
+        (TAG_CHILD_ERROR, rest, _) => {
+            let step = STEPS
+                .iter()
+                .find(|(tag, _)| *tag == rest[0])
+                .map(|(_, s)| *s)
+                .unwrap_or("prepare the target");
+            let errno = i32::from_le_bytes([rest[1], rest[2], rest[3], 0]);
+            fail(LaunchError::Child { step, errno })
+        }
+        _ => fail(LaunchError::Child {
+            step: "hand the listener to the supervisor",
+            errno: libc::EPROTO,
+        }),
+    }
+}
+
+impl Spawned {
+    /// Lets the child exec, and reports whether `execve` succeeded. Call it
+    /// once the listener is being served.
+    pub fn release(&self) -> Result<(), LaunchError> {
+        let parent = |step, source| LaunchError::Parent { step, source };
+        // SAFETY: writing one byte from a valid buffer.
+        let n = unsafe { libc::write(self.handoff.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
+        if n != 1 {
+            let err = io::Error::last_os_error();
+            reap(self.pid);
+            return Err(parent("release the target", err));
+        }
+        match seccomp::recv_handoff(&self.handoff) {
+            Ok(None) => Ok(()),
+            Ok(Some((TAG_EXEC_ERROR, rest, _))) => {
+                reap(self.pid);
+                Err(LaunchError::Exec {
+                    program: self.program.clone(),
+                    errno: i32::from_le_bytes(rest),
+                })
+            }
+            Ok(Some(_)) => Err(parent(
+                "wait for exec",
+                io::Error::from_raw_os_error(libc::EPROTO),
+            )),
+            Err(e) => Err(parent("wait for exec", e)),
+        }
+    }
+}
+
+fn child_main(
+    spec: &ChildSpec,
+    sock: i32,
+    parent_pid: libc::pid_t,
+    argv: &[*const libc::c_char],
+    envp: &[*const libc::c_char],
+) -> ! {
+    let cookie = spec.cookie;
+    let report = |step: u8, errno: i32| -> ! {
+        let e = errno.to_le_bytes();
+        seccomp::write_with_cookie(sock, &[TAG_CHILD_ERROR, step, e[0], e[1], e[2]], cookie);
+        // SAFETY: _exit is async-signal-safe and never returns.
+        unsafe { libc::_exit(126) }
+    };
+    // SAFETY: raw libc calls on local data; valid between fork and exec.
+    unsafe {
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        for sig in [
+            libc::SIGINT,
+            libc::SIGTERM,
+            libc::SIGHUP,
+            libc::SIGQUIT,
+            libc::SIGPIPE,
+            libc::SIGUSR2,
+            libc::SIGCHLD,
+        ] {
+            libc::signal(sig, libc::SIG_DFL);
+        }
+        // A target must not outlive its shim, whatever kills the shim.
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+            report(b'p', errno());
+        }
+        if libc::getppid() != parent_pid {
+            libc::_exit(126);
+        }
+        if let Some(cwd) = &spec.cwd
+            && libc::chdir(cwd.as_ptr()) != 0
+        {
+            report(b'c', errno());
+        }
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            report(b'n', errno());
+        }
+    }
+    match &spec.filter {
+        Some(filter) => match filter.install() {
+            Ok((listener, killable)) => {
+                let payload = [TAG_LISTENER, u8::from(killable)];
+                if let Err(errno) = seccomp::send_fd_with_cookie(sock, listener, payload, cookie) {
+                    report(b'h', errno);
+                }
+            }
+            Err(errno) => report(b's', errno),
+        },
+        None => {
+            seccomp::write_with_cookie(sock, &[TAG_READY], cookie);
+        }
+    }
+    let mut ack = [0u8; 1];
+    if seccomp::read_with_cookie(sock, &mut ack, cookie) != 1 {
+        // SAFETY: _exit is async-signal-safe.
+        unsafe { libc::_exit(126) }
+    }
+    let errno = seccomp::execve_with_cookie(&spec.program, argv, envp, cookie);
+    let e = errno.to_le_bytes();
+    seccomp::write_with_cookie(sock, &[TAG_EXEC_ERROR, e[0], e[1], e[2], e[3]], cookie);
+    // SAFETY: _exit is async-signal-safe.
+    unsafe { libc::_exit(127) }
+}
+
+fn errno() -> i32 {
+    io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+}
+
+fn random_u64() -> u64 {
+    let mut buf = [0u8; 8];
+    // SAFETY: getrandom writes at most `buf.len()` bytes into `buf`.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n != buf.len() as isize {
+        // Without the kernel's RNG, fall back to something that still
+        // differs per launch; the cookie only has to be unguessable by
+        // accident, not by an attacker.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        return t ^ (u64::from(std::process::id()) << 32) ^ 0x9e37_79b9_7f4a_7c15;
+    }
+    u64::from_le_bytes(buf)
+}
+
+/// Waits for `pid` and discards its status.
+fn reap(pid: i32) {
+    let mut status = 0;
+    // SAFETY: waitpid writes the status into a valid int.
+    unsafe {
+        libc::waitpid(pid, &mut status, 0);
+    }
+}
+
+/// Puts the calling process in new namespaces. Must run before the process
+/// starts any thread (the kernel refuses a new user namespace otherwise);
+/// the next child forked becomes PID 1 of the new PID namespace.
+pub fn isolate(isolation: Isolation) -> Result<(), LaunchError> {
+    if !isolation.namespaces {
+        return Ok(());
+    }
+    let fail = |step, source| LaunchError::Isolation { step, source };
+    // SAFETY: getuid/getgid have no preconditions.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let mut flags = libc::CLONE_NEWUSER | libc::CLONE_NEWNS | libc::CLONE_NEWPID;
+    if isolation.network {
+        flags |= libc::CLONE_NEWNET;
+    }
+    // SAFETY: unshare takes flags by value.
+    if unsafe { libc::unshare(flags) } != 0 {
+        return Err(fail("unshare", io::Error::last_os_error()));
+    }
+    fs::write("/proc/self/setgroups", "deny").map_err(|e| fail("write setgroups", e))?;
+    fs::write("/proc/self/uid_map", format!("0 {uid} 1")).map_err(|e| fail("write uid_map", e))?;
+    fs::write("/proc/self/gid_map", format!("0 {gid} 1")).map_err(|e| fail("write gid_map", e))?;
+    // SAFETY: all pointers are NULL or point at static C strings.
+    let rc = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(fail("make mounts private", io::Error::last_os_error()));
+    }
+    if isolation.network {
+        loopback_up().map_err(|e| fail("bring up loopback", e))?;
+    }
+    Ok(())
+}
+
+/// Brings up `lo` in the current network namespace, so a target can still
+/// talk to itself (a server and its own health probe, say).
+fn loopback_up() -> io::Result<()> {
+    // SAFETY: socket takes plain integers.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned here.
+    let sock = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: an all-zero ifreq is valid; the name fits in IFNAMSIZ.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the ifreq we own.
+    unsafe {
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &mut req) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Makes this process the reaper of its orphaned descendants, so it can
+/// wait for them and read their memory.
+pub fn become_subreaper() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// It called exit with this code.
+    Code(i32),
+    /// A signal killed it.
+    Signal(i32),
+}
+
+impl ExitStatus {
+    /// The shell convention: the code, or 128 + the signal.
+    pub fn shell_code(self) -> i32 {
+        match self {
+            ExitStatus::Code(c) => c,
+            ExitStatus::Signal(s) => 128 + s,
+        }
+    }
+}
+
+/// Waits for any child; `None` when there are none left.
+pub fn wait_any() -> Option<(i32, ExitStatus)> {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid writes the status into a valid int.
+        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if pid > 0 {
+            let exit = if libc::WIFSIGNALED(status) {
+                ExitStatus::Signal(libc::WTERMSIG(status))
+            } else {
+                ExitStatus::Code(libc::WEXITSTATUS(status))
+            };
+            return Some((pid, exit));
+        }
+        if errno() != libc::EINTR {
+            return None;
+        }
+    }
+}
+
+/// Sends `signal` to `pid`; a process that is already gone is not an error.
+pub fn kill(pid: i32, signal: i32) {
+    // SAFETY: kill takes plain integers.
+    unsafe {
+        libc::kill(pid, signal);
+    }
+}
+
+/// The pids of the live children of `pid`.
+pub fn children_of(pid: u32) -> Vec<i32> {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|s| {
+            s.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect()
+}
+
+/// A set of signals handled by a dedicated thread rather than by handlers.
+pub struct SignalSet {
+    set: libc::sigset_t,
+}
+
+impl SignalSet {
+    /// Blocks `signals` in the calling thread; threads started afterwards
+    /// inherit the mask, so only [`SignalSet::wait`] sees them.
+    pub fn block(signals: &[i32]) -> io::Result<SignalSet> {
+        // SAFETY: sigset manipulation on a local, then sigprocmask.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for s in signals {
+                libc::sigaddset(&mut set, *s);
+            }
+            if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(SignalSet { set })
+        }
+    }
+
+    /// Waits for one of the blocked signals and returns it.
+    pub fn wait(&self) -> i32 {
+        loop {
+            let mut sig = 0;
+            // SAFETY: sigwait reads the set and writes the signal number.
+            if unsafe { libc::sigwait(&self.set, &mut sig) } == 0 {
+                return sig;
+            }
+        }
+    }
+}
+
+/// The signal used to interrupt a thread blocked in a notification RECV.
+pub const WAKE_SIGNAL: i32 = libc::SIGUSR2;
+
+extern "C" fn on_wake(_: libc::c_int) {}
+
+/// Installs a no-op handler for [`WAKE_SIGNAL`] without `SA_RESTART`, so a
+/// thread blocked in an ioctl returns `EINTR` when signalled.
+pub fn install_wake_handler() -> io::Result<()> {
+    // SAFETY: a zeroed sigaction with a valid handler pointer and empty mask.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_wake as *const () as libc::sighandler_t;
+        libc::sigemptyset(&mut action.sa_mask);
+        if libc::sigaction(WAKE_SIGNAL, &action, std::ptr::null_mut()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Interrupts the thread `thread` with [`WAKE_SIGNAL`].
+pub fn wake_thread(thread: libc::pthread_t) {
+    // SAFETY: pthread_kill on a thread handle that the caller keeps joinable.
+    unsafe {
+        libc::pthread_kill(thread, WAKE_SIGNAL);
+    }
+}
+
+/// Resolves `program` the way `execvp` would: a name without `/` is looked
+/// up in `PATH`. Returns the path to execute.
+pub fn resolve_program(program: &str, path_var: Option<&str>) -> Option<String> {
+    if program.contains('/') {
+        return Some(program.to_string());
+    }
+    let search = path_var.unwrap_or("/usr/local/bin:/usr/bin:/bin");
+    search
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| Path::new(d).join(program))
+        .find(|p| is_executable(p))
+        .map(|p| p.to_string_lossy().into_owned())
+}
+
+/// Whether `path` is a regular file the caller may execute.
+pub fn is_executable(path: &Path) -> bool {
+    let Ok(meta) = fs::metadata(path) else {
+        return false;
+    };
+    if !meta.is_file() {
+        return false;
+    }
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: access reads a valid C string.
+    unsafe { libc::access(c.as_ptr(), libc::X_OK) == 0 }
+}

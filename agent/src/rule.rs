@@ -1,0 +1,507 @@
+//! Fault rules: what the controller sends the shim, and the `--fault` /
+//! `--fs-fault` grammar that produces them.
+//!
+//! ```text
+//! SYSCALL=ERRNO:PROBABILITY%[:PATH_GLOB][:TRIGGER]
+//! SYSCALL=delay:DURATION:PROBABILITY%[:PATH_GLOB][:TRIGGER]
+//! TRIGGER = nth=N | after=N
+//! ```
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::errno;
+use crate::glob::Glob;
+use crate::syscalls::{self, Arch};
+
+/// One fault rule, as the controller sends it to the shim.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rule {
+    /// A stable key: it names the rule in events and seeds its RNG.
+    pub id: String,
+    /// The syscalls the rule targets, already expanded from families.
+    pub syscalls: Vec<String>,
+    /// What happens when the rule fires.
+    pub action: Action,
+    /// Share of matching calls on which the rule fires, from 0.0 to 1.0.
+    pub probability: f64,
+    /// Only calls whose path matches this glob are considered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Which matching calls may fire.
+    #[serde(default)]
+    pub trigger: Trigger,
+    /// A user label carried into events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+}
+
+/// What a rule does to a call when it fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Action {
+    /// Let the call run (used to record calls without changing them).
+    Allow,
+    /// Fail the call with `errno` without running it.
+    Deny {
+        /// The errno number returned to the target.
+        errno: i32,
+    },
+    /// Hold the call for `ns` nanoseconds, then run it.
+    Delay {
+        /// Delay in nanoseconds.
+        ns: u64,
+    },
+}
+
+/// Which of a rule's matching calls may fire, counted from 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "n", rename_all = "lowercase")]
+pub enum Trigger {
+    /// Every matching call.
+    #[default]
+    Always,
+    /// Only the Nth matching call.
+    Nth(u64),
+    /// Every matching call after the first N.
+    After(u64),
+}
+
+impl Trigger {
+    /// Whether the `count`-th matching call (1-based) may fire.
+    pub fn allows(self, count: u64) -> bool {
+        match self {
+            Trigger::Always => true,
+            Trigger::Nth(n) => count == n,
+            Trigger::After(n) => count > n,
+        }
+    }
+}
+
+impl fmt::Display for Trigger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Trigger::Always => Ok(()),
+            Trigger::Nth(n) => write!(f, "nth={n}"),
+            Trigger::After(n) => write!(f, "after={n}"),
+        }
+    }
+}
+
+impl Action {
+    /// The decision text for this action: `deny(input/output error)`, `delay(200ms)`.
+    pub fn describe(self) -> String {
+        match self {
+            Action::Allow => "allow".to_string(),
+            Action::Deny { errno } => match errno::by_number(errno) {
+                Some(e) => format!("deny({})", e.text),
+                None => format!("deny(errno {errno})"),
+            },
+            Action::Delay { ns } => format!("delay({})", format_duration(Duration::from_nanos(ns))),
+        }
+    }
+}
+
+/// A rule the shim or the controller cannot use, with the reason.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("{reason}")]
+pub struct RuleError {
+    /// What is wrong and how to fix it.
+    pub reason: String,
+}
+
+impl Rule {
+    /// Checks the rule against an architecture's syscall table and returns
+    /// the syscall numbers it targets.
+    pub fn validate(&self, arch: Arch) -> Result<Vec<u32>, RuleError> {
+        let err = |reason: String| Err(RuleError { reason });
+        if self.syscalls.is_empty() {
+            return err(format!("rule {:?} targets no syscall", self.id));
+        }
+        if !(0.0..=1.0).contains(&self.probability) || self.probability.is_nan() {
+            return err(format!(
+                "rule {:?}: probability {} is outside 0..1",
+                self.id, self.probability
+            ));
+        }
+        if let Trigger::Nth(0) = self.trigger {
+            return err(format!("rule {:?}: nth must be at least 1", self.id));
+        }
+        if let Some(pattern) = &self.path {
+            Glob::new(pattern).map_err(|e| RuleError {
+                reason: format!("rule {:?}: {e}", self.id),
+            })?;
+            if let Some(name) = self.syscalls.iter().find(|s| syscalls::path_source(s).is_none()) {
+                return err(format!(
+                    "rule {:?}: a path glob only applies to file and fd syscalls, and {name:?} has no path",
+                    self.id
+                ));
+            }
+        }
+        self.syscalls
+            .iter()
+            .map(|name| resolve_syscall(arch, name).map_err(|reason| RuleError { reason }))
+            .collect()
+    }
+}
+
+/// The number of syscall `name` on `arch`, or a message that names the
+/// problem and the closest known syscall.
+pub fn resolve_syscall(arch: Arch, name: &str) -> Result<u32, String> {
+    if let Some(nr) = arch.number(name) {
+        return Ok(nr);
+    }
+    let other = match arch {
+        Arch::X86_64 => Arch::Aarch64,
+        Arch::Aarch64 => Arch::X86_64,
+    };
+    if other.number(name).is_some() {
+        let hint = match name {
+            "open" => " (use openat)",
+            "stat" | "lstat" => " (use fstatat)",
+            "unlink" | "rmdir" => " (use unlinkat)",
+            "mkdir" => " (use mkdirat)",
+            _ => "",
+        };
+        return Err(format!("syscall {name:?} does not exist on {arch}{hint}"));
+    }
+    let names = arch.all_names();
+    match errno::closest(name, names.iter().copied()) {
+        Some(s) => Err(format!("unknown syscall {name:?} (did you mean {s}?)")),
+        None => Err(format!(
+            "unknown syscall {name:?} (use a Linux syscall name such as openat, write, fsync or connect)"
+        )),
+    }
+}
+
+/// A `--fault` or `--fs-fault` value that does not parse.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("{flag} {spec:?}: {reason}")]
+pub struct FaultSpecError {
+    /// `--fault` or `--fs-fault`.
+    pub flag: &'static str,
+    /// The value as the user wrote it.
+    pub spec: String,
+    /// What is wrong, with a suggestion.
+    pub reason: String,
+}
+
+/// Parses one `--fault` value into rules (one rule; the syscall is taken literally).
+pub fn parse_fault(spec: &str, arch: Arch) -> Result<Rule, FaultSpecError> {
+    parse_with(spec, arch, "--fault", |name| {
+        resolve_syscall(arch, name)?;
+        Ok(vec![name.to_string()])
+    })
+}
+
+/// Parses one `--fs-fault` value, whose left side names a filesystem operation.
+pub fn parse_fs_fault(spec: &str, arch: Arch) -> Result<Rule, FaultSpecError> {
+    parse_with(spec, arch, "--fs-fault", |op| match syscalls::fs_operation(arch, op) {
+        Some(names) => Ok(names.into_iter().map(str::to_string).collect()),
+        None => {
+            let hint = errno::closest(op, syscalls::FS_OPERATIONS.iter().copied())
+                .map(|s| format!("did you mean {s}? "))
+                .unwrap_or_default();
+            Err(format!(
+                "unknown filesystem operation {op:?} ({hint}operations: {}; use --fault for raw syscalls)",
+                syscalls::FS_OPERATIONS.join(", ")
+            ))
+        }
+    })
+}
+
+fn parse_with(
+    spec: &str,
+    arch: Arch,
+    flag: &'static str,
+    targets: impl Fn(&str) -> Result<Vec<String>, String>,
+) -> Result<Rule, FaultSpecError> {
+    let fail = |reason: String| FaultSpecError {
+        flag,
+        spec: spec.to_string(),
+        reason,
+    };
+    let Some((target, rest)) = spec.split_once('=') else {
+        return Err(fail(
+            "missing '=' (write SYSCALL=ERRNO:PROBABILITY%, for example openat=ENOENT:100%)".into(),
+        ));
+    };
+    let target = target.trim();
+    if target.is_empty() {
+        return Err(fail("missing syscall name before '='".into()));
+    }
+    let syscalls = targets(target).map_err(fail)?;
+    let parts: Vec<&str> = rest.split(':').collect();
+    let (action, probability, extra) = if parts[0].eq_ignore_ascii_case("delay") {
+        let duration = parts
+            .get(1)
+            .ok_or_else(|| fail("delay needs a duration (for example delay:200ms:100%)".into()))?;
+        let ns = parse_duration(duration).map_err(fail)?;
+        let probability = parts
+            .get(2)
+            .ok_or_else(|| fail(format!("missing probability (write it as {target}=delay:{duration}:100%)")))?;
+        (Action::Delay { ns }, *probability, &parts[3..])
+    } else {
+        let name = parts[0];
+        let errno = errno::lookup(name).ok_or_else(|| {
+            let hint = errno::closest(name, errno::ERRNOS.iter().map(|e| e.name))
+                .map(|s| format!(" (did you mean {s}?)"))
+                .unwrap_or_else(|| " (use a name such as EIO, ENOENT, ENOSPC or ECONNREFUSED, or delay)".into());
+            if name.is_empty() {
+                "missing errno after '='".to_string()
+            } else {
+                format!("unknown errno {name:?}{hint}")
+            }
+        });
+        let errno = errno.map_err(fail)?;
+        let probability = parts
+            .get(1)
+            .ok_or_else(|| fail(format!("missing probability (write it as {target}={}:100%)", errno.name)))?;
+        (Action::Deny { errno: errno.number }, *probability, &parts[2..])
+    };
+    let probability = parse_probability(probability).map_err(fail)?;
+    if extra.len() > 2 {
+        return Err(fail(
+            "too many ':' parts (after the probability come at most a path glob and a trigger)".into(),
+        ));
+    }
+    let mut path = None;
+    let mut trigger = None;
+    for part in extra {
+        if let Some(parsed) = parse_trigger(part) {
+            if trigger.replace(parsed.map_err(fail)?).is_some() {
+                return Err(fail("more than one trigger (use either nth=N or after=N)".into()));
+            }
+        } else if part.is_empty() {
+            return Err(fail("empty part after ':'".into()));
+        } else if path.replace(part.to_string()).is_some() {
+            return Err(fail(format!(
+                "{part:?} is neither a trigger (nth=N, after=N) nor the only path glob"
+            )));
+        }
+    }
+    let rule = Rule {
+        id: spec.to_string(),
+        syscalls,
+        action,
+        probability,
+        path,
+        trigger: trigger.unwrap_or_default(),
+        label: None,
+    };
+    rule.validate(arch).map_err(|e| {
+        let reason = e.reason;
+        let prefix = format!("rule {:?}: ", rule.id);
+        fail(reason.strip_prefix(&prefix).unwrap_or(&reason).to_string())
+    })?;
+    Ok(rule)
+}
+
+/// `nth=N` / `after=N`, or `None` when `part` is not a trigger at all.
+fn parse_trigger(part: &str) -> Option<Result<Trigger, String>> {
+    let (key, value) = part.split_once('=')?;
+    let key = key.trim();
+    if key != "nth" && key != "after" {
+        return None;
+    }
+    let n = match value.trim().parse::<u64>() {
+        Ok(n) => n,
+        Err(_) => {
+            return Some(Err(format!(
+                "invalid trigger {part:?} ({key} takes a whole number, for example {key}=3)"
+            )));
+        }
+    };
+    Some(match key {
+        "nth" if n == 0 => Err(format!(
+            "invalid trigger {part:?}: nth counts calls from 1, so use nth=1 for the first call"
+        )),
+        "nth" => Ok(Trigger::Nth(n)),
+        _ => Ok(Trigger::After(n)),
+    })
+}
+
+/// Parses `25%`, `25` or `0.5%` into a fraction of 1.
+pub fn parse_probability(text: &str) -> Result<f64, String> {
+    let number = text.trim().strip_suffix('%').unwrap_or(text.trim());
+    let value: f64 = number.parse().map_err(|_| {
+        format!("invalid probability {text:?} (write a number from 0 to 100 followed by %, like 25%)")
+    })?;
+    if !(0.0..=100.0).contains(&value) {
+        return Err(format!("probability {text:?} is out of range (use 0% to 100%)"));
+    }
+    Ok(value / 100.0)
+}
+
+/// Parses a Go-style duration (`500us`, `200ms`, `1.5s`, `1m30s`) into nanoseconds.
+pub fn parse_duration(text: &str) -> Result<u64, String> {
+    let bad = || {
+        format!("invalid duration {text:?} (use a number with a unit, like 500us, 200ms, 1s or 2m)")
+    };
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    let mut total: f64 = 0.0;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        if digits == 0 {
+            return Err(bad());
+        }
+        let value: f64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "ns" => 1.0,
+            "us" | "µs" => 1e3,
+            "ms" => 1e6,
+            "s" => 1e9,
+            "m" => 60e9,
+            "h" => 3600e9,
+            _ => return Err(bad()),
+        };
+        total += value * scale;
+        rest = &rest[unit_len..];
+    }
+    if total > u64::MAX as f64 / 2.0 {
+        return Err(format!("duration {text:?} is too long"));
+    }
+    Ok(total.round() as u64)
+}
+
+/// Formats a duration the way users write it: `500µs`, `200ms`, `1.5s`.
+pub fn format_duration(d: Duration) -> String {
+    let ns = d.as_nanos();
+    let trim = |v: f64| {
+        let s = format!("{v:.3}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    };
+    if ns == 0 {
+        "0s".to_string()
+    } else if ns < 1_000 {
+        format!("{ns}ns")
+    } else if ns < 1_000_000 {
+        format!("{}µs", trim(ns as f64 / 1e3))
+    } else if ns < 1_000_000_000 {
+        format!("{}ms", trim(ns as f64 / 1e6))
+    } else {
+        format!("{}s", trim(ns as f64 / 1e9))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const X86: Arch = Arch::X86_64;
+
+    fn err(spec: &str) -> String {
+        match parse_fault(spec, X86) {
+            Ok(rule) => panic!("{spec} parsed as {rule:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn deny_rule_with_every_optional_part() {
+        let rule = parse_fault("openat=ENOENT:100%:/data/*:nth=3", X86).expect("valid");
+        assert_eq!(rule.syscalls, vec!["openat"]);
+        assert_eq!(rule.action, Action::Deny { errno: libc::ENOENT });
+        assert_eq!(rule.probability, 1.0);
+        assert_eq!(rule.path.as_deref(), Some("/data/*"));
+        assert_eq!(rule.trigger, Trigger::Nth(3));
+    }
+
+    #[test]
+    fn errno_is_case_insensitive_and_percent_is_optional() {
+        let rule = parse_fault("write=eio:20", X86).expect("valid");
+        assert_eq!(rule.action, Action::Deny { errno: libc::EIO });
+        assert!((rule.probability - 0.2).abs() < 1e-9);
+    }
+
+    #[test]
+    fn delay_rules_take_a_duration_and_optional_path_and_trigger() {
+        let rule = parse_fault("connect=delay:200ms:100%", X86).expect("valid");
+        assert_eq!(rule.action, Action::Delay { ns: 200_000_000 });
+        let rule = parse_fault("openat=delay:100ms:100%:/data/*", X86).expect("valid");
+        assert_eq!(rule.path.as_deref(), Some("/data/*"));
+        let rule = parse_fault("sendto=delay:50ms:20%:after=2", X86).expect("valid");
+        assert_eq!(rule.trigger, Trigger::After(2));
+    }
+
+    #[test]
+    fn after_trigger_without_path() {
+        let rule = parse_fault("fsync=EIO:100%:after=2", X86).expect("valid");
+        assert_eq!(rule.trigger, Trigger::After(2));
+        assert_eq!(rule.path, None);
+        assert!(!rule.trigger.allows(2) && rule.trigger.allows(3));
+    }
+
+    #[test]
+    fn malformed_rules_name_the_problem_and_a_fix() {
+        assert_eq!(
+            err("openat=EIOO:100%"),
+            r#"--fault "openat=EIOO:100%": unknown errno "EIOO" (did you mean EIO?)"#
+        );
+        assert_eq!(
+            err("write=EIO:150%"),
+            r#"--fault "write=EIO:150%": probability "150%" is out of range (use 0% to 100%)"#
+        );
+        assert!(err("fsync=EIO:100%:nth=0").contains("nth counts calls from 1"));
+        assert!(err("connect=delay:fast:100%").contains(r#"invalid duration "fast""#));
+        assert!(err("opnat=EIO:100%").contains(r#"unknown syscall "opnat" (did you mean openat?)"#));
+        assert!(err("openat").contains("missing '='"));
+        assert!(err("openat=ENOENT").contains("missing probability (write it as openat=ENOENT:100%)"));
+        assert!(err("connect=ECONNREFUSED:100%:/data/*").contains("has no path"));
+        assert!(err("openat=ENOENT:100%:/a:/b").contains("neither a trigger"));
+        assert!(err("openat=ENOENT:100%:nth=1:after=2").contains("more than one trigger"));
+        assert!(err("openat=ENOENT:100%:nth=x").contains("whole number"));
+        assert!(err("openat=ENOENT:abc%").contains("invalid probability"));
+    }
+
+    #[test]
+    fn fs_fault_maps_operations_to_syscalls() {
+        let rule = parse_fs_fault("write=EIO:10%", X86).expect("valid");
+        assert_eq!(rule.syscalls, vec!["write", "writev"]);
+        let rule = parse_fs_fault("sync=EIO:100%:after=2", X86).expect("valid");
+        assert_eq!(rule.syscalls, vec!["fsync", "fdatasync"]);
+        let rule = parse_fs_fault("stat=ENOENT:100%", X86).expect("valid");
+        assert!(rule.syscalls.contains(&"newfstatat".to_string()));
+        let e = parse_fs_fault("wirte=EIO:1%", X86).expect_err("unknown op");
+        assert!(e.to_string().contains("did you mean write?"), "{e}");
+    }
+
+    #[test]
+    fn fstatat_alias_is_accepted_on_x86_64() {
+        let rule = parse_fault("fstatat=ENOENT:100%", X86).expect("valid");
+        assert_eq!(rule.validate(X86), Ok(vec![262]));
+    }
+
+    #[test]
+    fn durations_follow_go_syntax() {
+        assert_eq!(parse_duration("500us"), Ok(500_000));
+        assert_eq!(parse_duration("500µs"), Ok(500_000));
+        assert_eq!(parse_duration("1.5s"), Ok(1_500_000_000));
+        assert_eq!(parse_duration("1m30s"), Ok(90_000_000_000));
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("ms").is_err());
+        assert_eq!(format_duration(Duration::from_millis(200)), "200ms");
+        assert_eq!(format_duration(Duration::from_micros(1500)), "1.5ms");
+        assert_eq!(format_duration(Duration::from_secs(2)), "2s");
+    }
+
+    #[test]
+    fn rules_round_trip_through_json() {
+        let rule = parse_fault("openat=ENOENT:50%:/data/*:nth=2", X86).expect("valid");
+        let json = serde_json::to_string(&rule).expect("serialize");
+        let back: Rule = serde_json::from_str(&json).expect("deserialize");
+        assert_eq!(back, rule);
+    }
+}

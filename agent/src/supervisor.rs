@@ -1,0 +1,650 @@
+//! The notification loop: receive each intercepted call, resolve its path,
+//! ask the [`Engine`], answer, and report an event.
+//!
+//! One thread blocks in RECV (cheapest per notification; a `poll` in front
+//! would add 0.5–0.8 µs) and answers allow/deny at once. Delays go to a
+//! timer thread, so a held call never holds up the others. Talking to the
+//! kernel goes through [`Kernel`], so the policy here is tested with a fake.
+
+use std::collections::BinaryHeap;
+use std::io;
+use std::os::unix::thread::JoinHandleExt;
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::engine::{Call, Engine};
+use crate::errno;
+use crate::process;
+use crate::rule::{Action, Rule, RuleError};
+use crate::seccomp::{self, Listener, Notification, Response};
+use crate::syscalls::{self, Arch, PathSource};
+use crate::wire::{ShimMessage, SyscallEvent};
+
+/// What the supervisor needs from the kernel.
+pub trait Kernel: Send + Sync + 'static {
+    /// Blocks for the next notification.
+    fn recv(&self) -> io::Result<Notification>;
+    /// Answers one notification.
+    fn respond(&self, id: u64, response: Response) -> io::Result<()>;
+    /// Whether the notification is still pending.
+    fn id_valid(&self, id: u64) -> bool;
+    /// Reads a NUL-terminated string from the caller's memory.
+    fn read_string(&self, pid: u32, addr: u64) -> Option<String>;
+    /// Reads a symlink, such as `/proc/<pid>/fd/<n>`.
+    fn readlink(&self, path: &str) -> Option<String>;
+}
+
+/// The real kernel, through a filter's listener.
+pub struct LiveKernel {
+    listener: Listener,
+}
+
+impl LiveKernel {
+    /// Serves `listener`.
+    pub fn new(listener: Listener) -> LiveKernel {
+        listener.set_sync_wakeup();
+        LiveKernel { listener }
+    }
+}
+
+impl Kernel for LiveKernel {
+    fn recv(&self) -> io::Result<Notification> {
+        self.listener.recv()
+    }
+    fn respond(&self, id: u64, response: Response) -> io::Result<()> {
+        self.listener.respond(id, response)
+    }
+    fn id_valid(&self, id: u64) -> bool {
+        self.listener.id_valid(id)
+    }
+    fn read_string(&self, pid: u32, addr: u64) -> Option<String> {
+        seccomp::read_c_string(pid, addr)
+    }
+    fn readlink(&self, path: &str) -> Option<String> {
+        std::fs::read_link(path)
+            .ok()
+            .map(|p| p.to_string_lossy().into_owned())
+    }
+}
+
+struct Shared<K> {
+    kernel: K,
+    arch: Arch,
+    engine: Mutex<Engine>,
+    events: Sender<ShimMessage>,
+    seq: AtomicU64,
+    interrupted: AtomicU64,
+    detached: AtomicBool,
+    stopping: AtomicBool,
+}
+
+enum TimerMsg {
+    Hold(Held),
+    ReleaseAll,
+}
+
+struct Held {
+    due: Instant,
+    id: u64,
+    started: Instant,
+    event: SyscallEvent,
+}
+
+impl PartialEq for Held {
+    fn eq(&self, other: &Self) -> bool {
+        self.due == other.due
+    }
+}
+impl Eq for Held {}
+impl PartialOrd for Held {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Held {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        // BinaryHeap is a max-heap: the earliest deadline must compare greatest.
+        other.due.cmp(&self.due)
+    }
+}
+
+/// A running notification loop.
+pub struct Supervisor<K: Kernel> {
+    shared: Arc<Shared<K>>,
+    timer_tx: Sender<TimerMsg>,
+    recv_thread: Option<JoinHandle<()>>,
+    timer_thread: Option<JoinHandle<()>>,
+}
+
+impl<K: Kernel> Supervisor<K> {
+    /// Starts serving `kernel` with `rules`, sending events to `events`.
+    pub fn start(
+        kernel: K,
+        arch: Arch,
+        seed: u64,
+        rules: Vec<Rule>,
+        events: Sender<ShimMessage>,
+    ) -> Result<Supervisor<K>, RuleError> {
+        let mut engine = Engine::new(arch, seed);
+        engine.set_rules(rules)?;
+        let shared = Arc::new(Shared {
+            kernel,
+            arch,
+            engine: Mutex::new(engine),
+            events,
+            seq: AtomicU64::new(0),
+            interrupted: AtomicU64::new(0),
+            detached: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+        });
+        let (timer_tx, timer_rx) = mpsc::channel();
+        let timer_shared = Arc::clone(&shared);
+        let timer_thread = thread::Builder::new()
+            .name("faultbox-timer".into())
+            .spawn(move || timer_loop(&timer_shared, timer_rx))
+            .ok();
+        let recv_shared = Arc::clone(&shared);
+        let recv_timer = timer_tx.clone();
+        // The wake handler lets stop() interrupt a RECV blocked in the kernel.
+        let _ = process::install_wake_handler();
+        let recv_thread = thread::Builder::new()
+            .name("faultbox-notify".into())
+            .spawn(move || recv_loop(&recv_shared, &recv_timer))
+            .ok();
+        Ok(Supervisor {
+            shared,
+            timer_tx,
+            recv_thread,
+            timer_thread,
+        })
+    }
+
+    /// Replaces the rules; on error the old rules stay.
+    pub fn set_rules(&self, rules: Vec<Rule>) -> Result<(), RuleError> {
+        self.shared.engine().set_rules(rules)
+    }
+
+    /// The controller is gone: answer everything held now, and from here on
+    /// allow every call without consulting the rules.
+    pub fn detach(&self) {
+        self.shared.detached.store(true, Ordering::SeqCst);
+        let _ = self.timer_tx.send(TimerMsg::ReleaseAll);
+    }
+
+    /// Notifications whose caller vanished before it got an answer.
+    pub fn interrupted(&self) -> u64 {
+        self.shared.interrupted.load(Ordering::Relaxed)
+    }
+
+    /// Per-rule counters.
+    pub fn stats(&self) -> Vec<crate::engine::RuleStats> {
+        self.shared.engine().stats()
+    }
+
+    /// Releases everything held and stops both threads. Every event of a
+    /// call answered before `stop` returns has been sent.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        let _ = self.timer_tx.send(TimerMsg::ReleaseAll);
+        if let Some(handle) = self.recv_thread.take() {
+            // A signal can land just before the thread enters RECV; repeat
+            // until it has seen the stop flag.
+            while !handle.is_finished() {
+                process::wake_thread(handle.as_pthread_t());
+                thread::sleep(Duration::from_millis(1));
+            }
+            let _ = handle.join();
+        }
+        let (tx, _) = mpsc::channel();
+        self.timer_tx = tx;
+        if let Some(handle) = self.timer_thread.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl<K: Kernel> Drop for Supervisor<K> {
+    fn drop(&mut self) {
+        if self.recv_thread.is_some() || self.timer_thread.is_some() {
+            self.shutdown();
+        }
+    }
+}
+
+impl<K: Kernel> Shared<K> {
+    fn engine(&self) -> MutexGuard<'_, Engine> {
+        // A panic while holding the lock would be a bug in the engine; the
+        // rules themselves are still consistent, so keep serving.
+        self.engine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn emit(&self, mut event: SyscallEvent) {
+        event.seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let _ = self.events.send(ShimMessage::Syscall(event));
+    }
+
+    fn answer(&self, id: u64, response: Response) -> bool {
+        match self.kernel.respond(id, response) {
+            Ok(()) => true,
+            Err(_) => {
+                // ENOENT: the caller was killed or restarted the call.
+                self.interrupted.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+}
+
+fn recv_loop<K: Kernel>(shared: &Shared<K>, timer: &Sender<TimerMsg>) {
+    loop {
+        if shared.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        match shared.kernel.recv() {
+            Ok(n) => handle(shared, timer, n),
+            Err(e) => match e.raw_os_error() {
+                Some(libc::EINTR) | Some(libc::ENOENT) => continue,
+                _ => return,
+            },
+        }
+    }
+}
+
+fn handle<K: Kernel>(shared: &Shared<K>, timer: &Sender<TimerMsg>, n: Notification) {
+    if shared.detached.load(Ordering::Relaxed) {
+        shared.answer(n.id, Response::Continue);
+        return;
+    }
+    let name = shared.arch.name(n.nr).unwrap_or("unknown");
+    let path = resolve_path(&shared.kernel, name, &n);
+    if path.is_some() && !shared.kernel.id_valid(n.id) {
+        shared.interrupted.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let (decision, rule, label) = {
+        let mut engine = shared.engine();
+        let decision = engine.decide(Call {
+            nr: n.nr,
+            path: path.as_deref(),
+        });
+        let rule = decision.rule.and_then(|i| engine.rule(i));
+        let (id, label) = match rule {
+            Some(r) => (Some(r.id.clone()), r.label.clone()),
+            None => (None, None),
+        };
+        (decision, id, label)
+    };
+    let event = SyscallEvent {
+        seq: 0,
+        time_ns: now_ns(),
+        pid: n.pid,
+        syscall: name.to_string(),
+        decision: decision.describe(),
+        errno: match decision.action {
+            Action::Deny { errno } => errno::by_number(errno).map(|e| e.name.to_string()),
+            _ => None,
+        },
+        path,
+        latency_ns: None,
+        rule,
+        label,
+    };
+    let response = match decision.action {
+        Action::Allow => Response::Continue,
+        Action::Deny { errno } => Response::Errno(errno),
+        Action::Delay { ns } => {
+            let started = Instant::now();
+            let held = Held {
+                due: started + Duration::from_nanos(ns),
+                id: n.id,
+                started,
+                event,
+            };
+            if let Err(mpsc::SendError(TimerMsg::Hold(held))) = timer.send(TimerMsg::Hold(held)) {
+                // The timer is gone (stopping): never leave a call parked.
+                shared.answer(held.id, Response::Continue);
+            }
+            return;
+        }
+    };
+    if shared.answer(n.id, response) {
+        shared.emit(event);
+    }
+}
+
+fn timer_loop<K: Kernel>(shared: &Shared<K>, rx: mpsc::Receiver<TimerMsg>) {
+    let mut heap: BinaryHeap<Held> = BinaryHeap::new();
+    let release = |held: Held| {
+        let mut event = held.event;
+        event.latency_ns = Some(held.started.elapsed().as_nanos() as u64);
+        if shared.answer(held.id, Response::Continue) {
+            shared.emit(event);
+        }
+    };
+    loop {
+        let msg = match heap.peek() {
+            Some(next) => rx.recv_timeout(next.due.saturating_duration_since(Instant::now())),
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        match msg {
+            Ok(TimerMsg::Hold(held)) => heap.push(held),
+            Ok(TimerMsg::ReleaseAll) => {
+                while let Some(held) = heap.pop() {
+                    release(held);
+                }
+                if shared.stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                while let Some(held) = heap.pop() {
+                    release(held);
+                }
+                return;
+            }
+        }
+        let now = Instant::now();
+        while heap.peek().is_some_and(|h| h.due <= now) {
+            if let Some(held) = heap.pop() {
+                release(held);
+            }
+        }
+    }
+}
+
+fn resolve_path<K: Kernel>(kernel: &K, name: &str, n: &Notification) -> Option<String> {
+    match syscalls::path_source(name)? {
+        PathSource::Pointer { path, dirfd } => {
+            let raw = kernel.read_string(n.pid, n.args[path])?;
+            if raw.starts_with('/') {
+                return Some(normalize(Path::new(&raw)));
+            }
+            let base = match dirfd.map(|i| n.args[i] as i32) {
+                None | Some(libc::AT_FDCWD) => kernel.readlink(&format!("/proc/{}/cwd", n.pid)),
+                Some(fd) if fd >= 0 => kernel.readlink(&format!("/proc/{}/fd/{fd}", n.pid)),
+                Some(_) => None,
+            };
+            Some(match base {
+                Some(base) => normalize(&Path::new(&base).join(&raw)),
+                None => raw,
+            })
+        }
+        PathSource::Fd => {
+            let fd = n.args[0] as i32;
+            if fd < 0 {
+                return None;
+            }
+            kernel.readlink(&format!("/proc/{}/fd/{fd}", n.pid))
+        }
+    }
+}
+
+/// Removes `.` and `..` lexically, the way a user reads the path.
+fn normalize(path: &Path) -> String {
+    let mut out = PathBuf::from("/");
+    for component in path.components() {
+        match component {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(c) => out.push(c),
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    out.to_string_lossy().into_owned()
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rule::parse_fault;
+    use std::collections::HashMap;
+    use std::sync::Condvar;
+
+    const X86: Arch = Arch::X86_64;
+
+    /// A scripted kernel: notifications are queued by the test, answers recorded.
+    #[derive(Default)]
+    struct Fake {
+        queue: Mutex<Vec<Notification>>,
+        ready: Condvar,
+        answers: Mutex<Vec<(u64, Response, Instant)>>,
+        strings: HashMap<u64, String>,
+        links: HashMap<String, String>,
+        vanished: Vec<u64>,
+    }
+
+    impl Kernel for Arc<Fake> {
+        fn recv(&self) -> io::Result<Notification> {
+            let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                if !q.is_empty() {
+                    return Ok(q.remove(0));
+                }
+                let (guard, timeout) = self
+                    .ready
+                    .wait_timeout(q, Duration::from_millis(5))
+                    .unwrap_or_else(|p| p.into_inner());
+                q = guard;
+                if timeout.timed_out() && q.is_empty() {
+                    return Err(io::Error::from_raw_os_error(libc::EINTR));
+                }
+            }
+        }
+        fn respond(&self, id: u64, response: Response) -> io::Result<()> {
+            if self.vanished.contains(&id) {
+                return Err(io::Error::from_raw_os_error(libc::ENOENT));
+            }
+            self.answers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((id, response, Instant::now()));
+            Ok(())
+        }
+        fn id_valid(&self, id: u64) -> bool {
+            !self.vanished.contains(&id)
+        }
+        fn read_string(&self, _pid: u32, addr: u64) -> Option<String> {
+            self.strings.get(&addr).cloned()
+        }
+        fn readlink(&self, path: &str) -> Option<String> {
+            self.links.get(path).cloned()
+        }
+    }
+
+    fn notif(id: u64, name: &str, args: [u64; 6]) -> Notification {
+        Notification {
+            id,
+            pid: 100,
+            nr: X86.number(name).unwrap_or(u32::MAX),
+            args,
+        }
+    }
+
+    fn start(
+        fake: &Arc<Fake>,
+        specs: &[&str],
+    ) -> (Supervisor<Arc<Fake>>, mpsc::Receiver<ShimMessage>) {
+        let rules = specs
+            .iter()
+            .map(|s| parse_fault(s, X86).expect("rule"))
+            .collect();
+        let (tx, rx) = mpsc::channel();
+        let sup = Supervisor::start(Arc::clone(fake), X86, 1, rules, tx).expect("start");
+        (sup, rx)
+    }
+
+    fn push(fake: &Fake, n: Notification) {
+        fake.queue.lock().unwrap_or_else(|p| p.into_inner()).push(n);
+        fake.ready.notify_all();
+    }
+
+    fn answers(fake: &Fake) -> Vec<(u64, Response)> {
+        fake.answers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(id, r, _)| (*id, *r))
+            .collect()
+    }
+
+    fn wait_answers(fake: &Fake, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while answers(fake).len() < n && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn events(rx: &mpsc::Receiver<ShimMessage>) -> Vec<SyscallEvent> {
+        rx.try_iter()
+            .filter_map(|m| match m {
+                ShimMessage::Syscall(e) => Some(e),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn relative_openat_is_resolved_against_the_callers_cwd() {
+        let mut fake = Fake::default();
+        fake.strings.insert(0x1000, "data/../data/x".into());
+        fake.links.insert("/proc/100/cwd".into(), "/srv".into());
+        let fake = Arc::new(fake);
+        let (sup, rx) = start(&fake, &["openat=ENOENT:100%:/srv/data/*"]);
+        push(&fake, notif(1, "openat", [libc::AT_FDCWD as u64, 0x1000, 0, 0, 0, 0]));
+        wait_answers(&fake, 1);
+        sup.stop();
+        assert_eq!(answers(&fake), vec![(1, Response::Errno(libc::ENOENT))]);
+        let ev = events(&rx);
+        assert_eq!(ev[0].path.as_deref(), Some("/srv/data/x"));
+        assert_eq!(ev[0].errno.as_deref(), Some("ENOENT"));
+        assert_eq!(ev[0].seq, 1);
+    }
+
+    #[test]
+    fn fd_syscalls_use_the_fd_link_and_spare_dev_null() {
+        let mut fake = Fake::default();
+        fake.links.insert("/proc/100/fd/3".into(), "/tmp/wal".into());
+        fake.links.insert("/proc/100/fd/4".into(), "/dev/null".into());
+        let fake = Arc::new(fake);
+        let (sup, rx) = start(&fake, &["write=EIO:100%"]);
+        push(&fake, notif(1, "write", [3, 0, 0, 0, 0, 0]));
+        push(&fake, notif(2, "write", [4, 0, 0, 0, 0, 0]));
+        wait_answers(&fake, 2);
+        sup.stop();
+        assert_eq!(
+            answers(&fake),
+            vec![(1, Response::Errno(libc::EIO)), (2, Response::Continue)]
+        );
+        let ev = events(&rx);
+        assert_eq!(ev[1].decision, "allow (system path)");
+    }
+
+    #[test]
+    fn a_delayed_call_does_not_hold_up_the_next_one() {
+        let fake = Arc::new(Fake::default());
+        let (sup, rx) = start(&fake, &["connect=delay:300ms:100%", "getpid=EPERM:100%"]);
+        let begin = Instant::now();
+        push(&fake, notif(1, "connect", [0; 6]));
+        push(&fake, notif(2, "getpid", [0; 6]));
+        wait_answers(&fake, 2);
+        sup.stop();
+        let recorded = fake.answers.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        assert_eq!(recorded[0].0, 2, "getpid answered first");
+        assert!(recorded[0].2 - begin < Duration::from_millis(200));
+        assert_eq!(recorded[1].0, 1);
+        assert!(recorded[1].2 - begin >= Duration::from_millis(300));
+        let ev = events(&rx);
+        let delayed = ev.iter().find(|e| e.syscall == "connect").expect("connect event");
+        assert!(delayed.latency_ns.unwrap_or(0) >= 300_000_000);
+        assert_eq!(delayed.decision, "delay(300ms)");
+    }
+
+    #[test]
+    fn detaching_releases_held_calls_and_allows_everything_after() {
+        let fake = Arc::new(Fake::default());
+        let (sup, _rx) = start(&fake, &["connect=delay:60s:100%", "getpid=EPERM:100%"]);
+        push(&fake, notif(1, "connect", [0; 6]));
+        thread::sleep(Duration::from_millis(50));
+        sup.detach();
+        push(&fake, notif(2, "getpid", [0; 6]));
+        wait_answers(&fake, 2);
+        sup.stop();
+        let got = answers(&fake);
+        assert!(got.contains(&(1, Response::Continue)));
+        assert!(got.contains(&(2, Response::Continue)));
+    }
+
+    #[test]
+    fn stopping_releases_a_long_delay_immediately() {
+        let fake = Arc::new(Fake::default());
+        let (sup, _rx) = start(&fake, &["connect=delay:60s:100%"]);
+        push(&fake, notif(1, "connect", [0; 6]));
+        thread::sleep(Duration::from_millis(50));
+        let begin = Instant::now();
+        sup.stop();
+        assert!(begin.elapsed() < Duration::from_secs(2));
+        assert_eq!(answers(&fake), vec![(1, Response::Continue)]);
+    }
+
+    #[test]
+    fn vanished_callers_are_counted_not_answered() {
+        let mut fake = Fake::default();
+        fake.strings.insert(0x1000, "/data/x".into());
+        fake.vanished = vec![7];
+        let fake = Arc::new(fake);
+        let (sup, rx) = start(&fake, &["openat=ENOENT:100%"]);
+        push(&fake, notif(7, "openat", [0, 0x1000, 0, 0, 0, 0]));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while sup.interrupted() == 0 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(sup.interrupted(), 1);
+        sup.stop();
+        assert!(events(&rx).is_empty());
+    }
+
+    #[test]
+    fn new_rules_take_effect_and_bad_rules_keep_the_old_ones() {
+        let fake = Arc::new(Fake::default());
+        let (sup, _rx) = start(&fake, &["getpid=EPERM:100%"]);
+        let bad = Rule {
+            syscalls: vec!["nosuch".into()],
+            ..parse_fault("getpid=EIO:100%", X86).expect("rule")
+        };
+        assert!(sup.set_rules(vec![bad]).is_err());
+        push(&fake, notif(1, "getpid", [0; 6]));
+        wait_answers(&fake, 1);
+        sup.set_rules(vec![parse_fault("getpid=EIO:100%", X86).expect("rule")])
+            .expect("valid");
+        push(&fake, notif(2, "getpid", [0; 6]));
+        wait_answers(&fake, 2);
+        sup.stop();
+        assert_eq!(
+            answers(&fake),
+            vec![(1, Response::Errno(libc::EPERM)), (2, Response::Errno(libc::EIO))]
+        );
+    }
+
+    #[test]
+    fn normalize_handles_dots_and_repeated_slashes() {
+        assert_eq!(normalize(Path::new("/a//b/./c/../d")), "/a/b/d");
+        assert_eq!(normalize(Path::new("/..")), "/");
+    }
+}

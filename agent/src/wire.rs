@@ -1,0 +1,244 @@
+//! The controller ⇄ shim protocol: one JSON object per line over one stream
+//! socket (a Unix socket locally, TCP with a per-run secret in a cluster).
+//!
+//! 1. The shim sends [`ShimMessage::Hello`] with its protocol version.
+//! 2. The controller sends [`ControlMessage::Launch`]; the shim answers with
+//!    [`ShimMessage::FilterInstalled`] and [`ShimMessage::Started`], or
+//!    [`ShimMessage::LaunchFailed`].
+//! 3. The shim streams [`ShimMessage::Syscall`] events; the controller may
+//!    send [`ControlMessage::SetRules`] or [`ControlMessage::Signal`] at any
+//!    time.
+//! 4. The shim ends with [`ShimMessage::Exited`] and closes the socket.
+//!
+//! A line that does not parse ends the session: both sides are ours and
+//! built together, so a mismatch is a bug to report, not to tolerate.
+
+use std::io::{self, BufRead, Write};
+
+use serde::{Deserialize, Serialize};
+
+use crate::rule::Rule;
+
+/// Protocol version; bumped on any incompatible change.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// What the shim does when its controller goes away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDisconnect {
+    /// Release every held call, then stop the target (local runs).
+    #[default]
+    StopTarget,
+    /// Release every held call and keep the target running with no faults
+    /// (cluster runs, where the pod must keep serving).
+    AllowAll,
+}
+
+/// Namespaces the shim puts the target in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Isolation {
+    /// New user namespace mapping the caller to root, plus new PID and mount
+    /// namespaces: the target is PID 1 with a private mount table.
+    pub namespaces: bool,
+    /// Also a new network namespace with only loopback.
+    pub network: bool,
+}
+
+/// Everything the shim needs to start a target.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LaunchSpec {
+    /// Program and arguments; `argv[0]` is the path executed.
+    pub argv: Vec<String>,
+    /// The complete environment of the target, `KEY=VALUE`.
+    pub env: Vec<String>,
+    /// Working directory, or the shim's own when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// Syscalls the filter intercepts besides those the rules name, so that
+    /// rules sent later can target them.
+    #[serde(default)]
+    pub intercept: Vec<String>,
+    /// The initial rules.
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+    /// Seed for the rules' RNGs.
+    pub seed: u64,
+    /// Namespaces to create.
+    #[serde(default)]
+    pub isolation: Isolation,
+    /// Policy when the controller disconnects.
+    #[serde(default)]
+    pub on_disconnect: OnDisconnect,
+    /// Grace between SIGTERM and SIGKILL when the shim stops the target.
+    #[serde(default = "default_stop_grace_ms")]
+    pub stop_grace_ms: u64,
+}
+
+fn default_stop_grace_ms() -> u64 {
+    2_000
+}
+
+/// Messages from the controller to the shim.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ControlMessage {
+    /// Start the target.
+    Launch(Box<LaunchSpec>),
+    /// Replace the rules (counters restart).
+    SetRules {
+        /// The new rules.
+        rules: Vec<Rule>,
+    },
+    /// Send a signal to the target.
+    Signal {
+        /// Signal number.
+        signal: i32,
+    },
+    /// Stop the target: SIGTERM, then SIGKILL after the stop grace.
+    Stop,
+}
+
+/// One intercepted syscall.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SyscallEvent {
+    /// Sequence number within the session, from 1.
+    pub seq: u64,
+    /// Wall-clock time of the decision, nanoseconds since the Unix epoch.
+    pub time_ns: u64,
+    /// Process id of the caller, in the shim's PID namespace.
+    pub pid: u32,
+    /// Syscall name.
+    pub syscall: String,
+    /// Decision text: `allow`, `allow (system path)`, `deny(...)`, `delay(...)`.
+    pub decision: String,
+    /// The errno name, for denies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errno: Option<String>,
+    /// The path the call touched, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// How long a delayed call was held, nanoseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ns: Option<u64>,
+    /// Id of the rule that fired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// The firing rule's label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+}
+
+/// Messages from the shim to the controller.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ShimMessage {
+    /// First message of a session.
+    Hello {
+        /// [`PROTOCOL_VERSION`] of the shim.
+        version: u32,
+        /// The shim's pid.
+        pid: u32,
+    },
+    /// The filter is in place (sent even when it intercepts nothing).
+    FilterInstalled {
+        /// Names of the intercepted syscalls.
+        syscalls: Vec<String>,
+        /// Whether `SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV` was accepted.
+        wait_killable: bool,
+    },
+    /// The target was executed.
+    Started {
+        /// Its pid, in the shim's PID namespace.
+        pid: u32,
+    },
+    /// The target could not be started.
+    LaunchFailed {
+        /// What failed and how to fix it.
+        message: String,
+        /// Exit code the shim will exit with (127 when exec failed).
+        exit_code: i32,
+    },
+    /// A rule set was rejected; the previous rules stay in force.
+    RulesRejected {
+        /// Why.
+        message: String,
+    },
+    /// One intercepted syscall.
+    Syscall(SyscallEvent),
+    /// The target exited.
+    Exited {
+        /// Exit code when it exited normally.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<i32>,
+        /// Signal number when it was killed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signal: Option<i32>,
+        /// Notifications whose caller vanished before the answer.
+        interrupted: u64,
+    },
+}
+
+/// Writes one message as a JSON line.
+pub fn send<W: Write, M: Serialize>(out: &mut W, message: &M) -> io::Result<()> {
+    serde_json::to_writer(&mut *out, message)?;
+    out.write_all(b"\n")
+}
+
+/// Reads one message; `Ok(None)` at end of stream.
+pub fn recv<R: BufRead, M: for<'de> Deserialize<'de>>(input: &mut R) -> io::Result<Option<M>> {
+    let mut line = String::new();
+    if input.read_line(&mut line)? == 0 {
+        return Ok(None);
+    }
+    serde_json::from_str(&line)
+        .map(Some)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad message {line:?}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    #[test]
+    fn messages_round_trip_as_json_lines() {
+        let mut buf = Vec::new();
+        send(&mut buf, &ControlMessage::Signal { signal: 15 }).expect("write");
+        send(&mut buf, &ControlMessage::Stop).expect("write");
+        let mut input = Cursor::new(buf);
+        let a: Option<ControlMessage> = recv(&mut input).expect("read");
+        let b: Option<ControlMessage> = recv(&mut input).expect("read");
+        let end: Option<ControlMessage> = recv(&mut input).expect("read");
+        assert_eq!(a, Some(ControlMessage::Signal { signal: 15 }));
+        assert_eq!(b, Some(ControlMessage::Stop));
+        assert_eq!(end, None);
+    }
+
+    #[test]
+    fn syscall_event_has_a_flat_documented_shape() {
+        let event = ShimMessage::Syscall(SyscallEvent {
+            seq: 3,
+            time_ns: 1,
+            pid: 42,
+            syscall: "openat".into(),
+            decision: "deny(no such file or directory)".into(),
+            errno: Some("ENOENT".into()),
+            path: Some("/data/x".into()),
+            latency_ns: None,
+            rule: Some("openat=ENOENT:100%".into()),
+            label: None,
+        });
+        let json = serde_json::to_value(&event).expect("json");
+        assert_eq!(json["type"], "syscall");
+        assert_eq!(json["syscall"], "openat");
+        assert_eq!(json["path"], "/data/x");
+        assert!(json.get("latency_ns").is_none());
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let mut input = Cursor::new(b"{not json\n".to_vec());
+        let got: io::Result<Option<ControlMessage>> = recv(&mut input);
+        assert!(got.is_err());
+    }
+}
