@@ -94,6 +94,7 @@ pub struct Engine {
     arch: Arch,
     seed: u64,
     rules: Vec<Compiled>,
+    intercepted: Option<Vec<u32>>,
 }
 
 impl Engine {
@@ -103,7 +104,14 @@ impl Engine {
             arch,
             seed,
             rules: Vec::new(),
+            intercepted: None,
         }
+    }
+
+    /// Declares which syscalls the filter intercepts: from now on a rule
+    /// aimed at any other syscall is refused, since it could never fire.
+    pub fn restrict_to(&mut self, nrs: Vec<u32>) {
+        self.intercepted = Some(nrs);
     }
 
     /// Replaces the rules. Counters and RNGs restart for every rule.
@@ -111,6 +119,17 @@ impl Engine {
         let mut compiled = Vec::with_capacity(rules.len());
         for rule in rules {
             let nrs = rule.validate(self.arch)?;
+            if let Some(allowed) = &self.intercepted
+                && let Some(missing) = nrs.iter().find(|nr| !allowed.contains(nr))
+            {
+                let name = self.arch.name(*missing).unwrap_or("?");
+                return Err(RuleError {
+                    reason: format!(
+                        "rule {:?} targets {name}, which this target's seccomp filter does not intercept (the filter is fixed at launch: declare the syscall when the service starts)",
+                        rule.id
+                    ),
+                });
+            }
             let glob = match &rule.path {
                 Some(p) => Some(Glob::new(p).map_err(|e| RuleError {
                     reason: format!("rule {:?}: {e}", rule.id),
@@ -360,6 +379,17 @@ mod tests {
         }
         assert!((2_700..3_300).contains(&refused), "{refused}");
         assert_eq!(refused + delayed, 10_000);
+    }
+
+    #[test]
+    fn rules_outside_the_filter_are_refused() {
+        let mut e = Engine::new(X86, 1);
+        e.restrict_to(vec![OPENAT]);
+        assert!(e.set_rules(vec![parse_fault("openat=EIO:1%", X86).expect("rule")]).is_ok());
+        let err = e
+            .set_rules(vec![parse_fault("fsync=EIO:1%", X86).expect("rule")])
+            .expect_err("fsync is not intercepted");
+        assert!(err.reason.contains("targets fsync"), "{}", err.reason);
     }
 
     #[test]

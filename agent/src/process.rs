@@ -81,6 +81,7 @@ pub struct ChildSpec {
     cwd: Option<CString>,
     filter: Option<Program>,
     cookie: u64,
+    new_pid_namespace: bool,
 }
 
 fn cstring(what: &'static str, value: &str) -> Result<CString, LaunchError> {
@@ -91,17 +92,21 @@ fn cstring(what: &'static str, value: &str) -> Result<CString, LaunchError> {
 }
 
 impl ChildSpec {
-    /// Prepares a launch of `argv` (argv[0] is the path executed) with
-    /// exactly `env`, in `cwd`, under a filter intercepting `nrs` (no filter
-    /// at all when `nrs` is empty).
+    /// Prepares a launch of `program` with `argv` and exactly `env`, in
+    /// `cwd`, under a filter intercepting `nrs` (no filter at all when `nrs`
+    /// is empty).
     pub fn new(
+        program: &str,
         argv: &[String],
         env: &[String],
         cwd: Option<&str>,
         arch: crate::syscalls::Arch,
         nrs: &[u32],
     ) -> Result<ChildSpec, LaunchError> {
-        let program = cstring("program", argv.first().ok_or(LaunchError::NoProgram)?)?;
+        if program.is_empty() || argv.is_empty() {
+            return Err(LaunchError::NoProgram);
+        }
+        let program = cstring("program", program)?;
         let argv = argv
             .iter()
             .map(|a| cstring("argument", a))
@@ -120,7 +125,14 @@ impl ChildSpec {
             cwd,
             filter,
             cookie,
+            new_pid_namespace: false,
         })
+    }
+
+    /// Starts the child as PID 1 of a new PID namespace.
+    pub fn in_new_pid_namespace(mut self, yes: bool) -> ChildSpec {
+        self.new_pid_namespace = yes;
+        self
     }
 }
 
@@ -163,9 +175,26 @@ pub fn spawn(spec: &ChildSpec) -> Result<Spawned, LaunchError> {
     // SAFETY: getpid has no preconditions.
     let parent_pid = unsafe { libc::getpid() };
 
-    // SAFETY: after fork the child only calls `child_main`, which makes raw,
-    // async-signal-safe syscalls on memory prepared before the fork.
-    let pid = unsafe { libc::fork() };
+    // The new PID namespace is made by this clone rather than by unshare in
+    // the supervisor: after unshare(CLONE_NEWPID) the kernel refuses to
+    // create threads in the caller (EINVAL), and the supervisor needs them.
+    // Without CLONE_VM and with a null stack, clone behaves like fork.
+    // SAFETY: after fork/clone the child only calls `child_main`, which makes
+    // raw, async-signal-safe syscalls on memory prepared before the fork.
+    let pid = unsafe {
+        if spec.new_pid_namespace {
+            libc::syscall(
+                libc::SYS_clone,
+                libc::CLONE_NEWPID | libc::SIGCHLD,
+                0,
+                0,
+                0,
+                0,
+            ) as libc::pid_t
+        } else {
+            libc::fork()
+        }
+    };
     if pid < 0 {
         return Err(LaunchError::Parent {
             step: "fork",
@@ -291,7 +320,11 @@ fn child_main(
         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
             report(b'p', errno());
         }
-        if libc::getppid() != parent_pid {
+        // The parent may have died before PDEATHSIG was armed. As PID 1 of a
+        // new PID namespace the child sees its parent as pid 0, and cannot
+        // tell; the shim's death still kills the whole namespace then.
+        let ppid = libc::getppid();
+        if ppid != 0 && ppid != parent_pid {
             libc::_exit(126);
         }
         if let Some(cwd) = &spec.cwd
@@ -359,9 +392,10 @@ fn reap(pid: i32) {
     }
 }
 
-/// Puts the calling process in new namespaces. Must run before the process
-/// starts any thread (the kernel refuses a new user namespace otherwise);
-/// the next child forked becomes PID 1 of the new PID namespace.
+/// Puts the calling process in new user and mount (and, if asked, network)
+/// namespaces. Must run before the process starts any thread: the kernel
+/// refuses a new user namespace otherwise. The PID namespace comes later,
+/// with the target itself ([`ChildSpec::in_new_pid_namespace`]).
 pub fn isolate(isolation: Isolation) -> Result<(), LaunchError> {
     if !isolation.namespaces {
         return Ok(());
@@ -369,7 +403,7 @@ pub fn isolate(isolation: Isolation) -> Result<(), LaunchError> {
     let fail = |step, source| LaunchError::Isolation { step, source };
     // SAFETY: getuid/getgid have no preconditions.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let mut flags = libc::CLONE_NEWUSER | libc::CLONE_NEWNS | libc::CLONE_NEWPID;
+    let mut flags = libc::CLONE_NEWUSER | libc::CLONE_NEWNS;
     if isolation.network {
         flags |= libc::CLONE_NEWNET;
     }
@@ -523,13 +557,18 @@ impl SignalSet {
         }
     }
 
-    /// Waits for one of the blocked signals and returns it.
-    pub fn wait(&self) -> i32 {
+    /// Waits for one of the blocked signals. Returns it, and whether a
+    /// process sent it explicitly (`kill`) rather than the kernel (a
+    /// terminal's Ctrl-C, which already reached the whole process group).
+    pub fn wait(&self) -> (i32, bool) {
         loop {
-            let mut sig = 0;
-            // SAFETY: sigwait reads the set and writes the signal number.
-            if unsafe { libc::sigwait(&self.set, &mut sig) } == 0 {
-                return sig;
+            // SAFETY: sigwaitinfo reads the set and fills the siginfo.
+            let (sig, info) = unsafe {
+                let mut info: libc::siginfo_t = std::mem::zeroed();
+                (libc::sigwaitinfo(&self.set, &mut info), info)
+            };
+            if sig > 0 {
+                return (sig, info.si_code <= 0);
             }
         }
     }
@@ -591,4 +630,78 @@ pub fn is_executable(path: &Path) -> bool {
     };
     // SAFETY: access reads a valid C string.
     unsafe { libc::access(c.as_ptr(), libc::X_OK) == 0 }
+}
+
+/// A pidfd: signals sent through it can never hit a recycled pid.
+pub struct Pidfd(OwnedFd);
+
+impl Pidfd {
+    /// Opens a pidfd for `pid`.
+    pub fn open(pid: i32) -> io::Result<Pidfd> {
+        // SAFETY: pidfd_open takes plain integers.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the fd was just created and is owned here.
+        Ok(Pidfd(unsafe {
+            <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32)
+        }))
+    }
+
+    /// Sends `signal`; a process that already exited is not an error.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: pidfd_send_signal with a NULL siginfo.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.0.as_raw_fd(),
+                signal,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            );
+        }
+    }
+}
+
+/// Clears close-on-exec on `fd`, so a child started next inherits it.
+pub fn make_inheritable(fd: &impl AsRawFd) -> io::Result<()> {
+    // SAFETY: F_SETFD with a flag value on an fd the caller owns.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Adopts an inherited fd as a Unix stream (the shim's control socket when
+/// the controller started it), marking it close-on-exec so the target never
+/// inherits it.
+pub fn adopt_unix_stream(fd: i32) -> io::Result<std::os::unix::net::UnixStream> {
+    // SAFETY: F_GETFD only queries the descriptor.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFD with a flag value.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    let mut kind: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes an int into `kind`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut kind as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 || kind != libc::SOCK_STREAM {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("fd {fd} is not a stream socket"),
+        ));
+    }
+    // SAFETY: the fd is open, is a stream socket, and the caller hands its
+    // ownership to us.
+    Ok(unsafe { <std::os::unix::net::UnixStream as std::os::fd::FromRawFd>::from_raw_fd(fd) })
 }

@@ -115,21 +115,23 @@ impl Ord for Held {
 /// A running notification loop.
 pub struct Supervisor<K: Kernel> {
     shared: Arc<Shared<K>>,
-    timer_tx: Sender<TimerMsg>,
-    recv_thread: Option<JoinHandle<()>>,
-    timer_thread: Option<JoinHandle<()>>,
+    timer_tx: Mutex<Option<Sender<TimerMsg>>>,
+    threads: Mutex<Option<(JoinHandle<()>, JoinHandle<()>)>>,
 }
 
 impl<K: Kernel> Supervisor<K> {
-    /// Starts serving `kernel` with `rules`, sending events to `events`.
+    /// Starts serving `kernel`, whose filter intercepts `intercepted`, with
+    /// `rules`, sending events to `events`.
     pub fn start(
         kernel: K,
         arch: Arch,
         seed: u64,
+        intercepted: Vec<u32>,
         rules: Vec<Rule>,
         events: Sender<ShimMessage>,
     ) -> Result<Supervisor<K>, RuleError> {
         let mut engine = Engine::new(arch, seed);
+        engine.restrict_to(intercepted);
         engine.set_rules(rules)?;
         let shared = Arc::new(Shared {
             kernel,
@@ -146,7 +148,9 @@ impl<K: Kernel> Supervisor<K> {
         let timer_thread = thread::Builder::new()
             .name("faultbox-timer".into())
             .spawn(move || timer_loop(&timer_shared, timer_rx))
-            .ok();
+            .map_err(|e| RuleError {
+                reason: format!("cannot start the timer thread: {e}"),
+            })?;
         let recv_shared = Arc::clone(&shared);
         let recv_timer = timer_tx.clone();
         // The wake handler lets stop() interrupt a RECV blocked in the kernel.
@@ -154,12 +158,13 @@ impl<K: Kernel> Supervisor<K> {
         let recv_thread = thread::Builder::new()
             .name("faultbox-notify".into())
             .spawn(move || recv_loop(&recv_shared, &recv_timer))
-            .ok();
+            .map_err(|e| RuleError {
+                reason: format!("cannot start the notification thread: {e}"),
+            })?;
         Ok(Supervisor {
             shared,
-            timer_tx,
-            recv_thread,
-            timer_thread,
+            timer_tx: Mutex::new(Some(timer_tx)),
+            threads: Mutex::new(Some((recv_thread, timer_thread))),
         })
     }
 
@@ -172,7 +177,14 @@ impl<K: Kernel> Supervisor<K> {
     /// allow every call without consulting the rules.
     pub fn detach(&self) {
         self.shared.detached.store(true, Ordering::SeqCst);
-        let _ = self.timer_tx.send(TimerMsg::ReleaseAll);
+        self.send_timer(TimerMsg::ReleaseAll);
+    }
+
+    fn send_timer(&self, msg: TimerMsg) {
+        let tx = self.timer_tx.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = tx.as_ref() {
+            let _ = tx.send(msg);
+        }
     }
 
     /// Notifications whose caller vanished before it got an answer.
@@ -186,36 +198,29 @@ impl<K: Kernel> Supervisor<K> {
     }
 
     /// Releases everything held and stops both threads. Every event of a
-    /// call answered before `stop` returns has been sent.
-    pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
+    /// call answered before `stop` returns has been sent. Idempotent.
+    pub fn stop(&self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
-        let _ = self.timer_tx.send(TimerMsg::ReleaseAll);
-        if let Some(handle) = self.recv_thread.take() {
-            // A signal can land just before the thread enters RECV; repeat
-            // until it has seen the stop flag.
-            while !handle.is_finished() {
-                process::wake_thread(handle.as_pthread_t());
-                thread::sleep(Duration::from_millis(1));
-            }
-            let _ = handle.join();
+        let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some((recv, timer)) = threads else {
+            return;
+        };
+        // A signal can land just before the thread enters RECV; repeat until
+        // it has seen the stop flag.
+        while !recv.is_finished() {
+            process::wake_thread(recv.as_pthread_t());
+            thread::sleep(Duration::from_millis(1));
         }
-        let (tx, _) = mpsc::channel();
-        self.timer_tx = tx;
-        if let Some(handle) = self.timer_thread.take() {
-            let _ = handle.join();
-        }
+        let _ = recv.join();
+        // Dropping the last sender makes the timer release all and exit.
+        self.timer_tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let _ = timer.join();
     }
 }
 
 impl<K: Kernel> Drop for Supervisor<K> {
     fn drop(&mut self) {
-        if self.recv_thread.is_some() || self.timer_thread.is_some() {
-            self.shutdown();
-        }
+        self.stop();
     }
 }
 
@@ -339,9 +344,6 @@ fn timer_loop<K: Kernel>(shared: &Shared<K>, rx: mpsc::Receiver<TimerMsg>) {
             Ok(TimerMsg::ReleaseAll) => {
                 while let Some(held) = heap.pop() {
                     release(held);
-                }
-                if shared.stopping.load(Ordering::SeqCst) {
-                    return;
                 }
             }
             Err(RecvTimeoutError::Timeout) => {}
@@ -485,8 +487,9 @@ mod tests {
             .iter()
             .map(|s| parse_fault(s, X86).expect("rule"))
             .collect();
+        let all = X86.all_names().iter().filter_map(|n| X86.number(n)).collect();
         let (tx, rx) = mpsc::channel();
-        let sup = Supervisor::start(Arc::clone(fake), X86, 1, rules, tx).expect("start");
+        let sup = Supervisor::start(Arc::clone(fake), X86, 1, all, rules, tx).expect("start");
         (sup, rx)
     }
 

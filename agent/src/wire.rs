@@ -47,7 +47,9 @@ pub struct Isolation {
 /// Everything the shim needs to start a target.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LaunchSpec {
-    /// Program and arguments; `argv[0]` is the path executed.
+    /// Path of the program to execute.
+    pub program: String,
+    /// Arguments, `argv[0]` included (usually the program as the user wrote it).
     pub argv: Vec<String>,
     /// The complete environment of the target, `KEY=VALUE`.
     pub env: Vec<String>,

@@ -1,0 +1,48 @@
+//! The `faultbox` command line.
+
+mod log;
+mod run;
+
+use clap::{Parser, Subcommand};
+
+/// Faultbox: test how services behave when syscalls and protocols fail.
+#[derive(Debug, Parser)]
+#[command(name = "faultbox", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Debug, Subcommand)]
+enum Commands {
+    /// Launch a binary under Faultbox with process isolation and optional
+    /// syscall-level fault injection.
+    #[command(after_help = "Examples:\n  faultbox run --fault \"openat=ENOENT:100%:/data/*\" ./my-service\n  faultbox run --fault \"fsync=EIO:100%:after=2\" ./my-service\n  faultbox run --fault \"connect=delay:200ms:100%\" -- ./my-service --port 8080")]
+    Run(run::RunArgs),
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let code = match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => 0,
+                // The CLI reference gives exit 1 for bad arguments.
+                _ => 1,
+            };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
+    let result = match cli.command {
+        Commands::Run(args) => run::run(args),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("faultbox: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

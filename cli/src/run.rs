@@ -1,0 +1,362 @@
+//! `faultbox run`: one target under the shim, faults from `--fault` and
+//! `--fs-fault`, events logged as they happen, the target's exit code
+//! passed through.
+
+use std::io::{BufReader, BufWriter, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use faultbox_agent::process::{self, SignalSet};
+use faultbox_agent::rule::{self, Rule};
+use faultbox_agent::seccomp;
+use faultbox_agent::syscalls::Arch;
+use faultbox_agent::wire::{
+    self, ControlMessage, Isolation, LaunchSpec, OnDisconnect, ShimMessage,
+};
+use serde_json::{Value, json};
+
+use crate::log::{Level, LogFormat, Logger};
+
+/// Flags of `faultbox run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Inject a syscall fault: SYSCALL=ERRNO:PROB%[:PATH_GLOB][:nth=N|after=N]
+    /// or SYSCALL=delay:DURATION:PROB%[:PATH_GLOB][:TRIGGER]. Repeatable.
+    #[arg(long = "fault", value_name = "SPEC")]
+    faults: Vec<String>,
+    /// Like --fault, naming a filesystem operation (open, read, write, sync,
+    /// mkdir, delete, stat) instead of a syscall. Repeatable.
+    #[arg(long = "fs-fault", value_name = "SPEC")]
+    fs_faults: Vec<String>,
+    /// Set an environment variable for the target (overrides the inherited
+    /// value). Repeatable.
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Log every intercepted syscall, including allowed ones.
+    #[arg(long)]
+    debug: bool,
+    /// Log format: console or json (default: console on a terminal, json when piped).
+    #[arg(long = "log-format", value_enum, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
+    /// Seed for fault probabilities; the same seed replays the same
+    /// decisions for a single-threaded target (random when omitted).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Keep the host network (the target can reach and be reached from the
+    /// host) while still isolating PIDs, mounts and users.
+    #[arg(long = "host-network")]
+    host_network: bool,
+    /// Run the target in the caller's namespaces (no PID, mount, user or
+    /// network isolation).
+    #[arg(long = "no-isolation")]
+    no_isolation: bool,
+    /// The program to run and its arguments.
+    #[arg(value_name = "BINARY [ARGS]...", required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
+}
+
+/// A run that could not start: printed as one line, exit code 1.
+fn user_error(message: impl Into<String>) -> anyhow::Error {
+    anyhow!(message.into())
+}
+
+/// Runs the command and returns the exit code for the CLI.
+pub fn run(args: RunArgs) -> Result<i32> {
+    let arch = Arch::native();
+    let rules = parse_rules(&args, arch)?;
+    let (program, argv) = resolve_command(&args.command)?;
+    let env = build_env(&args.env)?;
+    if !rules.is_empty() && !seccomp::user_notification_available() {
+        bail!(
+            "this kernel does not support seccomp user notification, so faults cannot be injected (needs Linux 5.0+ built with CONFIG_SECCOMP_FILTER; check: grep SECCOMP /boot/config-$(uname -r))"
+        );
+    }
+    let shim = locate_shim()?;
+    let seed = args.seed.unwrap_or_else(random_seed);
+    let session_id = format!("{:016x}", random_seed());
+    let log = Logger::new(args.log_format, args.debug, session_id);
+    let cwd = std::env::current_dir()
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned());
+
+    // Signals are handled by a thread from here on, so Ctrl-C cannot kill
+    // the CLI while its target is still running and leave it orphaned.
+    let signals = SignalSet::block(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT])
+        .context("block signals")?;
+    let (ours, theirs) = UnixStream::pair().context("create the control socket")?;
+    process::make_inheritable(&theirs).context("pass the control socket")?;
+    let started = Instant::now();
+    let mut child = Command::new(&shim)
+        .arg("--control")
+        .arg(format!("fd:{}", theirs.as_raw_fd()))
+        .spawn()
+        .with_context(|| format!("start {}", shim.display()))?;
+    drop(theirs);
+    let shim_pid = child.id() as i32;
+    std::thread::spawn(move || {
+        loop {
+            let (sig, explicit) = signals.wait();
+            // Ctrl-C on a terminal already reached the shim (same process
+            // group); only a signal sent to the CLI alone needs forwarding.
+            if explicit {
+                process::kill(shim_pid, sig);
+            }
+        }
+    });
+
+    let mut reader = BufReader::new(ours.try_clone().context("control socket")?);
+    let mut writer = BufWriter::new(ours);
+    match wire::recv::<_, ShimMessage>(&mut reader) {
+        Ok(Some(ShimMessage::Hello { version, .. })) if version == wire::PROTOCOL_VERSION => {}
+        Ok(Some(ShimMessage::Hello { version, .. })) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "{} speaks protocol {version}, this faultbox speaks {}: install the faultbox-shim built with this faultbox",
+                shim.display(),
+                wire::PROTOCOL_VERSION
+            );
+        }
+        other => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{} did not start properly: {other:?}", shim.display());
+        }
+    }
+    let fault_texts: Vec<&str> = rules.iter().map(|r| r.id.as_str()).collect();
+    log.log(
+        Level::Info,
+        "session starting",
+        &[
+            ("state", json!("starting")),
+            ("target", json!(program)),
+            ("seed", json!(seed)),
+            ("faults", json!(fault_texts)),
+        ],
+    );
+    let launch = LaunchSpec {
+        program: program.clone(),
+        argv,
+        env,
+        cwd,
+        intercept: Vec::new(),
+        rules,
+        seed,
+        isolation: Isolation {
+            namespaces: !args.no_isolation,
+            network: !args.no_isolation && !args.host_network,
+        },
+        on_disconnect: OnDisconnect::StopTarget,
+        stop_grace_ms: 2_000,
+    };
+    wire::send(&mut writer, &ControlMessage::Launch(Box::new(launch)))
+        .and_then(|_| writer.flush())
+        .context("send the launch request to the shim")?;
+
+    let mut exit_code: Option<i32> = None;
+    loop {
+        let message = match wire::recv::<_, ShimMessage>(&mut reader) {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            Err(e) => {
+                log.log(Level::Error, "lost the shim", &[("error", json!(e.to_string()))]);
+                break;
+            }
+        };
+        match message {
+            ShimMessage::Hello { .. } => {}
+            ShimMessage::FilterInstalled {
+                syscalls,
+                wait_killable,
+            } => log.log(
+                Level::Debug,
+                "seccomp filter installed",
+                &[
+                    ("syscalls", json!(syscalls)),
+                    ("wait_killable", json!(wait_killable)),
+                ],
+            ),
+            ShimMessage::Started { pid } => {
+                log.log(Level::Info, "target started", &[("pid", json!(pid))]);
+                log.log(Level::Debug, "state changed", &[("state", json!("running"))]);
+            }
+            ShimMessage::Syscall(e) => {
+                let faulted = e.decision.starts_with("deny") || e.decision.starts_with("delay");
+                let mut fields: Vec<(&str, Value)> = vec![
+                    ("name", json!(e.syscall)),
+                    ("pid", json!(e.pid)),
+                    ("decision", json!(e.decision)),
+                ];
+                if let Some(path) = &e.path {
+                    fields.push(("path", json!(path)));
+                }
+                if let Some(ns) = e.latency_ns {
+                    fields.push(("latency_ms", json!(ns / 1_000_000)));
+                }
+                if let Some(rule) = &e.rule {
+                    fields.push(("rule", json!(rule)));
+                }
+                fields.push(("seq", json!(e.seq)));
+                let level = if faulted { Level::Info } else { Level::Debug };
+                log.log(level, "syscall intercepted", &fields);
+            }
+            ShimMessage::RulesRejected { message } => {
+                log.log(Level::Error, "rules rejected", &[("error", json!(message))]);
+            }
+            ShimMessage::LaunchFailed { message, exit_code: code } => {
+                log.log(
+                    Level::Error,
+                    "state changed",
+                    &[("state", json!("failed")), ("error", json!(message))],
+                );
+                let _ = child.wait();
+                if code == 127 {
+                    eprintln!("faultbox: {message}");
+                    return Ok(127);
+                }
+                bail!("{message}");
+            }
+            ShimMessage::Exited {
+                code,
+                signal,
+                interrupted,
+            } => {
+                let shell = code.unwrap_or_else(|| 128 + signal.unwrap_or(0));
+                let mut fields = vec![("exit_code", json!(shell))];
+                if let Some(sig) = signal {
+                    fields.push(("signal", json!(sig)));
+                }
+                if shell == 0 {
+                    log.log(Level::Info, "target exited", &fields);
+                } else {
+                    log.log(Level::Warn, "target exited with error", &fields);
+                }
+                log.log(
+                    Level::Info,
+                    "session completed",
+                    &[
+                        ("state", json!("stopped")),
+                        ("exit_code", json!(shell)),
+                        ("duration", json!(started.elapsed().as_nanos() as u64)),
+                        ("dropped_notifications", json!(interrupted)),
+                    ],
+                );
+                exit_code = Some(shell);
+            }
+        }
+    }
+    let status = child.wait().context("wait for the shim")?;
+    match exit_code {
+        Some(code) => Ok(code),
+        None => bail!(
+            "faultbox-shim ended without reporting the target's exit ({status}); the target was stopped"
+        ),
+    }
+}
+
+fn parse_rules(args: &RunArgs, arch: Arch) -> Result<Vec<Rule>> {
+    let mut rules: Vec<Rule> = Vec::new();
+    let parsed = args
+        .faults
+        .iter()
+        .map(|s| rule::parse_fault(s, arch))
+        .chain(args.fs_faults.iter().map(|s| rule::parse_fs_fault(s, arch)));
+    for rule in parsed {
+        let mut rule = rule.map_err(|e| user_error(e.to_string()))?;
+        // Two identical flags are two rules: give each its own RNG stream.
+        let copies = rules.iter().filter(|r| r.id.split('#').next() == Some(&rule.id)).count();
+        if copies > 0 {
+            rule.id = format!("{}#{}", rule.id, copies + 1);
+        }
+        rules.push(rule);
+    }
+    Ok(rules)
+}
+
+/// The path to execute and argv, checked before anything starts.
+fn resolve_command(command: &[String]) -> Result<(String, Vec<String>)> {
+    let Some(binary) = command.first() else {
+        bail!("no binary specified (usage: faultbox run [flags] [--] <binary> [args...])");
+    };
+    let path_var = std::env::var("PATH").ok();
+    let program = match process::resolve_program(binary, path_var.as_deref()) {
+        Some(p) => p,
+        None => bail!("binary {binary:?} not found in PATH (give a path such as ./{binary}, or check the name)"),
+    };
+    let path = Path::new(&program);
+    match std::fs::metadata(path) {
+        Err(_) => bail!(
+            "binary {binary:?} not found (relative paths are resolved against {})",
+            std::env::current_dir()
+                .map(|d| d.display().to_string())
+                .unwrap_or_else(|_| "the current directory".into())
+        ),
+        Ok(m) if m.is_dir() => bail!("{binary:?} is a directory, not a program"),
+        Ok(_) if !process::is_executable(path) => {
+            bail!("{binary:?} is not executable (chmod +x {binary}, or run it through its interpreter)")
+        }
+        Ok(_) => {}
+    }
+    Ok((program, command.to_vec()))
+}
+
+/// The inherited environment with each `--env` applied; a key given with
+/// `--env` replaces the inherited value.
+fn build_env(overrides: &[String]) -> Result<Vec<String>> {
+    let mut env: Vec<(String, String)> = std::env::vars_os()
+        .map(|(k, v)| (k.to_string_lossy().into_owned(), v.to_string_lossy().into_owned()))
+        .collect();
+    for entry in overrides {
+        let Some((key, value)) = entry.split_once('=') else {
+            bail!("--env {entry:?}: expected KEY=VALUE");
+        };
+        if key.is_empty() {
+            bail!("--env {entry:?}: the variable name is empty");
+        }
+        env.retain(|(k, _)| k != key);
+        env.push((key.to_string(), value.to_string()));
+    }
+    Ok(env.into_iter().map(|(k, v)| format!("{k}={v}")).collect())
+}
+
+/// Finds `faultbox-shim`: `$FAULTBOX_SHIM`, then next to this executable.
+pub fn locate_shim() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("FAULTBOX_SHIM") {
+        let path = PathBuf::from(path);
+        if process::is_executable(&path) {
+            return Ok(path);
+        }
+        bail!(
+            "FAULTBOX_SHIM={} is not an executable file (unset it, or point it at a built faultbox-shim)",
+            path.display()
+        );
+    }
+    let exe = std::env::current_exe().context("locate the faultbox executable")?;
+    let beside = exe.with_file_name("faultbox-shim");
+    if process::is_executable(&beside) {
+        return Ok(beside);
+    }
+    bail!(
+        "faultbox-shim not found next to {} (build it with ./scripts/build, or set FAULTBOX_SHIM to its path)",
+        exe.display()
+    )
+}
+
+fn random_seed() -> u64 {
+    let mut buf = [0u8; 8];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))
+        .is_err()
+    {
+        return std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+    }
+    u64::from_le_bytes(buf)
+}

@@ -1,0 +1,354 @@
+//! `faultbox-shim`: starts one target under a seccomp user-notification
+//! filter, answers its intercepted syscalls from the rules its controller
+//! sent, reaps its process tree and reports everything back.
+//!
+//! ```text
+//! faultbox-shim --control fd:3
+//! faultbox-shim --control unix:/var/run/faultbox/control.sock
+//! ```
+//!
+//! It is the same binary locally (started by the `faultbox` CLI over a
+//! socket pair) and as a container entrypoint (PID 1, dialling a socket).
+
+use std::io::{BufReader, BufWriter, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use faultbox_agent::process::{self, ChildSpec, ExitStatus, LaunchError, Pidfd, SignalSet};
+use faultbox_agent::rule::resolve_syscall;
+use faultbox_agent::supervisor::{LiveKernel, Supervisor};
+use faultbox_agent::syscalls::Arch;
+use faultbox_agent::wire::{self, ControlMessage, LaunchSpec, OnDisconnect, ShimMessage};
+
+const USAGE: &str = "usage: faultbox-shim --control fd:N | --control unix:PATH";
+
+/// Signals the shim forwards to its target.
+const FORWARDED: &[i32] = &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+
+fn main() {
+    let code = match run() {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("faultbox-shim: {message}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn connect() -> Result<UnixStream, String> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let endpoint = match args.as_slice() {
+        [flag, value] if flag == "--control" => value.clone(),
+        [single] if single.starts_with("--control=") => single["--control=".len()..].to_string(),
+        _ => return Err(USAGE.to_string()),
+    };
+    if let Some(fd) = endpoint.strip_prefix("fd:") {
+        let fd: i32 = fd
+            .parse()
+            .map_err(|_| format!("bad control fd {fd:?}; {USAGE}"))?;
+        process::adopt_unix_stream(fd).map_err(|e| format!("control fd {fd}: {e}"))
+    } else if let Some(path) = endpoint.strip_prefix("unix:") {
+        UnixStream::connect(path).map_err(|e| format!("cannot connect to controller at {path}: {e}"))
+    } else {
+        Err(format!("unknown control endpoint {endpoint:?}; {USAGE}"))
+    }
+}
+
+fn run() -> Result<i32, String> {
+    // Before any thread exists, so every thread inherits the mask and only
+    // the forwarding thread sees these signals.
+    let signals = SignalSet::block(FORWARDED).map_err(|e| format!("block signals: {e}"))?;
+    let stream = connect()?;
+    let mut reader = BufReader::new(
+        stream
+            .try_clone()
+            .map_err(|e| format!("control socket: {e}"))?,
+    );
+    let mut early = BufWriter::new(
+        stream
+            .try_clone()
+            .map_err(|e| format!("control socket: {e}"))?,
+    );
+    let hello = ShimMessage::Hello {
+        version: wire::PROTOCOL_VERSION,
+        pid: std::process::id(),
+    };
+    wire::send(&mut early, &hello)
+        .and_then(|_| early.flush())
+        .map_err(|e| format!("control socket: {e}"))?;
+    let spec = match wire::recv::<_, ControlMessage>(&mut reader) {
+        Ok(Some(ControlMessage::Launch(spec))) => spec,
+        Ok(Some(other)) => return Err(format!("expected a launch message first, got {other:?}")),
+        Ok(None) => return Err("controller closed the connection before launching".into()),
+        Err(e) => return Err(format!("control socket: {e}")),
+    };
+    let failed = |early: &mut BufWriter<UnixStream>, message: String, exit_code: i32| {
+        let _ = wire::send(
+            early,
+            &ShimMessage::LaunchFailed {
+                message,
+                exit_code,
+            },
+        );
+        let _ = early.flush();
+        Ok(exit_code)
+    };
+
+    let arch = Arch::native();
+    let nrs = match intercepted(arch, &spec) {
+        Ok(nrs) => nrs,
+        Err(message) => return failed(&mut early, message, 1),
+    };
+    if let Err(e) = process::isolate(spec.isolation) {
+        return failed(&mut early, e.to_string(), 1);
+    }
+    if let Err(e) = process::become_subreaper() {
+        return failed(&mut early, format!("become the subreaper: {e}"), 1);
+    }
+    let mut child = match ChildSpec::new(&spec.program, &spec.argv, &spec.env, spec.cwd.as_deref(), arch, &nrs)
+        .and_then(|c| process::spawn(&c.in_new_pid_namespace(spec.isolation.namespaces)))
+    {
+        Ok(child) => child,
+        Err(e) => return failed(&mut early, e.to_string(), 1),
+    };
+
+    let (events, events_rx) = mpsc::channel::<ShimMessage>();
+    let writer = thread::spawn(move || write_loop(early, events_rx));
+    let supervisor = match child.listener.take() {
+        Some(listener) => {
+            match Supervisor::start(
+                LiveKernel::new(listener),
+                arch,
+                spec.seed,
+                nrs.clone(),
+                spec.rules.clone(),
+                events.clone(),
+            ) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    process::kill(child.pid, libc::SIGKILL);
+                    let _ = process::wait_any();
+                    return finish_failed(events, writer, e.reason, 1);
+                }
+            }
+        }
+        None => None,
+    };
+    let _ = events.send(ShimMessage::FilterInstalled {
+        syscalls: nrs
+            .iter()
+            .filter_map(|nr| arch.name(*nr).map(str::to_string))
+            .collect(),
+        wait_killable: child.wait_killable,
+    });
+    if let Err(e) = child.release() {
+        if let Some(s) = &supervisor {
+            s.stop();
+        }
+        let message = match &e {
+            LaunchError::Exec { program, errno }
+                if *errno == libc::ENOENT && std::path::Path::new(program).exists() =>
+            {
+                format!("{e} (the file exists: its interpreter or dynamic loader is missing)")
+            }
+            _ => e.to_string(),
+        };
+        let code = if matches!(e, LaunchError::Exec { .. }) { 127 } else { 1 };
+        return finish_failed(events, writer, message, code);
+    }
+    let target = Pidfd::open(child.pid).map_err(|e| format!("pidfd_open: {e}"))?;
+    let _ = events.send(ShimMessage::Started {
+        pid: child.pid as u32,
+    });
+
+    let session = Arc::new(Session {
+        supervisor,
+        target,
+        policy: spec.on_disconnect,
+        grace: Duration::from_millis(spec.stop_grace_ms),
+        escalating: AtomicBool::new(false),
+        lost: AtomicBool::new(false),
+        events: events.clone(),
+    });
+    {
+        let session = Arc::clone(&session);
+        thread::spawn(move || control_loop(&session, reader));
+    }
+    {
+        let session = Arc::clone(&session);
+        thread::spawn(move || loop {
+            // A terminal's Ctrl-C reached the target already (same process
+            // group); forwarding it again would deliver it twice.
+            let (sig, explicit) = signals.wait();
+            if explicit {
+                session.target.signal(sig);
+            }
+            if sig != libc::SIGHUP {
+                session.escalate_after_grace();
+            }
+        });
+    }
+
+    let status = loop {
+        match process::wait_any() {
+            Some((pid, status)) if pid == child.pid => break status,
+            Some(_) => continue,
+            None => break ExitStatus::Code(1),
+        }
+    };
+    // Nothing the target started may outlive it.
+    loop {
+        for pid in process::children_of(std::process::id()) {
+            process::kill(pid, libc::SIGKILL);
+        }
+        if process::wait_any().is_none() {
+            break;
+        }
+    }
+    let interrupted = session.supervisor.as_ref().map_or(0, |s| {
+        s.stop();
+        s.interrupted()
+    });
+    let (code, signal) = match status {
+        ExitStatus::Code(c) => (Some(c), None),
+        ExitStatus::Signal(s) => (None, Some(s)),
+    };
+    let _ = events.send(ShimMessage::Exited {
+        code,
+        signal,
+        interrupted,
+    });
+    drop(events);
+    drop(session);
+    let _ = writer.join();
+    Ok(status.shell_code())
+}
+
+/// The syscall numbers the filter intercepts: every syscall a rule names,
+/// plus those the controller asked for so that later rules can use them.
+fn intercepted(arch: Arch, spec: &LaunchSpec) -> Result<Vec<u32>, String> {
+    let mut nrs = Vec::new();
+    for rule in &spec.rules {
+        nrs.extend(rule.validate(arch).map_err(|e| e.reason)?);
+    }
+    for name in &spec.intercept {
+        nrs.push(resolve_syscall(arch, name)?);
+    }
+    nrs.sort_unstable();
+    nrs.dedup();
+    Ok(nrs)
+}
+
+fn finish_failed(
+    events: Sender<ShimMessage>,
+    writer: thread::JoinHandle<()>,
+    message: String,
+    exit_code: i32,
+) -> Result<i32, String> {
+    let _ = events.send(ShimMessage::LaunchFailed { message, exit_code });
+    drop(events);
+    let _ = writer.join();
+    Ok(exit_code)
+}
+
+struct Session {
+    supervisor: Option<Supervisor<LiveKernel>>,
+    target: Pidfd,
+    policy: OnDisconnect,
+    grace: Duration,
+    escalating: AtomicBool,
+    lost: AtomicBool,
+    events: Sender<ShimMessage>,
+}
+
+impl Session {
+    /// SIGTERM now, SIGKILL after the grace period.
+    fn stop_target(self: &Arc<Self>) {
+        self.target.signal(libc::SIGTERM);
+        self.escalate_after_grace();
+    }
+
+    fn escalate_after_grace(self: &Arc<Self>) {
+        if self.escalating.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let session = Arc::clone(self);
+        thread::spawn(move || {
+            thread::sleep(session.grace);
+            // Through the pidfd: a recycled pid can never be hit.
+            session.target.signal(libc::SIGKILL);
+        });
+    }
+
+    fn controller_lost(self: &Arc<Self>) {
+        if self.lost.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if let Some(s) = &self.supervisor {
+            s.detach();
+        }
+        if self.policy == OnDisconnect::StopTarget {
+            self.stop_target();
+        }
+    }
+}
+
+fn control_loop(session: &Arc<Session>, mut reader: BufReader<UnixStream>) {
+    loop {
+        match wire::recv::<_, ControlMessage>(&mut reader) {
+            Ok(Some(ControlMessage::SetRules { rules })) => {
+                let result = match &session.supervisor {
+                    Some(s) => s.set_rules(rules).map_err(|e| e.reason),
+                    None => Err("this target runs without a seccomp filter (no syscall was declared at launch), so syscall rules cannot apply".to_string()),
+                };
+                if let Err(message) = result {
+                    let _ = session.events.send(ShimMessage::RulesRejected { message });
+                }
+            }
+            Ok(Some(ControlMessage::Signal { signal })) => session.target.signal(signal),
+            Ok(Some(ControlMessage::Stop)) => session.stop_target(),
+            Ok(Some(ControlMessage::Launch(_))) => {
+                let _ = session.events.send(ShimMessage::RulesRejected {
+                    message: "a shim runs one target; launch another shim".into(),
+                });
+            }
+            Ok(None) | Err(_) => {
+                session.controller_lost();
+                return;
+            }
+        }
+    }
+}
+
+/// Writes messages until the last one of a session (`Exited` or
+/// `LaunchFailed`). Threads that outlive the target may still hold senders,
+/// so the end of the session, not a closed channel, ends the loop.
+fn write_loop(mut out: BufWriter<UnixStream>, rx: mpsc::Receiver<ShimMessage>) {
+    let mut healthy = true;
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        batch.extend(rx.try_iter());
+        let last = batch.iter().any(|m| {
+            matches!(
+                m,
+                ShimMessage::Exited { .. } | ShimMessage::LaunchFailed { .. }
+            )
+        });
+        for message in &batch {
+            if healthy && wire::send(&mut out, message).is_err() {
+                healthy = false;
+            }
+        }
+        if healthy && out.flush().is_err() {
+            healthy = false;
+        }
+        if last {
+            return;
+        }
+    }
+}

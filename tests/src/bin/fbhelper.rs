@@ -1,0 +1,198 @@
+//! A small target program for end-to-end tests: it performs syscalls the
+//! tests fault, and prints what it saw (the errno name, or `ok`) and how
+//! long each call took, one line per call.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::thread;
+use std::time::{Duration, Instant};
+
+fn errno_name(e: &io::Error) -> String {
+    let name = match e.raw_os_error() {
+        Some(1) => "EPERM",
+        Some(2) => "ENOENT",
+        Some(5) => "EIO",
+        Some(11) => "EAGAIN",
+        Some(12) => "ENOMEM",
+        Some(13) => "EACCES",
+        Some(28) => "ENOSPC",
+        Some(32) => "EPIPE",
+        Some(101) => "ENETUNREACH",
+        Some(104) => "ECONNRESET",
+        Some(110) => "ETIMEDOUT",
+        Some(111) => "ECONNREFUSED",
+        Some(n) => return format!("errno{n}"),
+        None => return format!("error({e})"),
+    };
+    name.to_string()
+}
+
+fn outcome<T>(r: &io::Result<T>) -> String {
+    match r {
+        Ok(_) => "ok".to_string(),
+        Err(e) => errno_name(e),
+    }
+}
+
+fn ms(since: Instant) -> u128 {
+    since.elapsed().as_millis()
+}
+
+fn arg<T: std::str::FromStr>(args: &[String], i: usize, what: &str) -> T {
+    match args.get(i).and_then(|a| a.parse().ok()) {
+        Some(v) => v,
+        None => {
+            eprintln!("fbhelper: missing or bad {what}");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let cmd = args.first().map(String::as_str).unwrap_or("");
+    let out = io::stdout();
+    let mut out = out.lock();
+    match cmd {
+        // open PATH... : open each path for reading
+        "open" => {
+            for path in &args[1..] {
+                let t = Instant::now();
+                let r = File::open(path);
+                let _ = writeln!(out, "open {path} {} ms={}", outcome(&r), ms(t));
+            }
+        }
+        // write N PATH : N small writes to one file, then counts by outcome
+        "write" => {
+            let n: usize = arg(&args, 1, "count");
+            let path: String = arg(&args, 2, "path");
+            let mut f = match OpenOptions::new().create(true).append(true).open(&path) {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = writeln!(out, "open {path} {}", errno_name(&e));
+                    std::process::exit(3);
+                }
+            };
+            let mut line = String::new();
+            for _ in 0..n {
+                let r = f.write(b"0123456789abcdef");
+                line.push_str(&outcome(&r));
+                line.push(' ');
+            }
+            let _ = writeln!(out, "writes {}", line.trim_end());
+        }
+        // fsync N PATH : N rounds of write + fsync, one line per fsync
+        "fsync" => {
+            let n: usize = arg(&args, 1, "count");
+            let path: String = arg(&args, 2, "path");
+            let mut f = match OpenOptions::new().create(true).append(true).open(&path) {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = writeln!(out, "open {path} {}", errno_name(&e));
+                    std::process::exit(3);
+                }
+            };
+            for i in 1..=n {
+                let _ = f.write_all(b"record\n");
+                let r = f.sync_all();
+                let _ = writeln!(out, "fsync {i} {}", outcome(&r));
+            }
+        }
+        // connect-self N : listen on loopback, connect to it N times
+        "connect-self" => {
+            let n: usize = arg(&args, 1, "count");
+            let listener = match TcpListener::bind("127.0.0.1:0") {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = writeln!(out, "bind {}", errno_name(&e));
+                    std::process::exit(3);
+                }
+            };
+            let addr = listener.local_addr().ok();
+            for i in 1..=n {
+                let t = Instant::now();
+                let r = match addr {
+                    Some(a) => TcpStream::connect(a),
+                    None => Err(io::Error::other("no address")),
+                };
+                let _ = writeln!(out, "connect {i} {} ms={}", outcome(&r), ms(t));
+            }
+        }
+        // sendto-self N : N UDP datagrams to a socket of our own
+        "sendto-self" => {
+            let n: usize = arg(&args, 1, "count");
+            let sock = match UdpSocket::bind("127.0.0.1:0") {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = writeln!(out, "bind {}", errno_name(&e));
+                    std::process::exit(3);
+                }
+            };
+            let addr = sock.local_addr().ok();
+            let mut buf = [0u8; 16];
+            for i in 1..=n {
+                let t = Instant::now();
+                let r = match addr {
+                    Some(a) => sock.send_to(b"ping", a),
+                    None => Err(io::Error::other("no address")),
+                };
+                let _ = writeln!(out, "sendto {i} {} ms={}", outcome(&r), ms(t));
+                let _ = sock.recv_from(&mut buf);
+            }
+        }
+        // two-threads SLOW_PATH FAST_PATH : one thread writes SLOW_PATH while
+        // the main thread opens FAST_PATH 100 ms later
+        "two-threads" => {
+            let slow: String = arg(&args, 1, "slow path");
+            let fast: String = arg(&args, 2, "fast path");
+            let writer = thread::spawn(move || {
+                let t = Instant::now();
+                let r = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&slow)
+                    .and_then(|mut f| f.write(b"x"));
+                (outcome(&r), ms(t))
+            });
+            thread::sleep(Duration::from_millis(100));
+            let t = Instant::now();
+            let r = File::open(&fast);
+            let _ = writeln!(out, "open {fast} {} ms={}", outcome(&r), ms(t));
+            let _ = out.flush();
+            if let Ok((result, took)) = writer.join() {
+                let _ = writeln!(out, "write {result} ms={took}");
+            }
+        }
+        // connect ADDR : one TCP connect
+        "connect" => {
+            let addr: String = arg(&args, 1, "address");
+            let t = Instant::now();
+            let r = TcpStream::connect(&addr);
+            let _ = writeln!(out, "connect {addr} {} ms={}", outcome(&r), ms(t));
+        }
+        // open-stdin : open each path read from stdin, until end of input
+        "open-stdin" => {
+            let mut line = String::new();
+            while io::stdin().read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+                let path = line.trim().to_string();
+                let r = File::open(&path);
+                let _ = writeln!(out, "open {path} {}", outcome(&r));
+                let _ = out.flush();
+                line.clear();
+            }
+        }
+        // exit N : exit with code N
+        "exit" => std::process::exit(arg(&args, 1, "code")),
+        // pid : print our pid as the target sees it
+        "pid" => {
+            let _ = writeln!(out, "pid {}", std::process::id());
+        }
+        _ => {
+            eprintln!(
+                "usage: fbhelper open|write|fsync|connect|connect-self|sendto-self|two-threads|open-stdin|exit|pid ..."
+            );
+            std::process::exit(2);
+        }
+    }
+}
