@@ -293,7 +293,10 @@ mod tests {
         let mut e = engine(&["openat=ENOENT:100%"], 1);
         assert_eq!(open(&mut e, "/usr/lib/libc.so.6"), "allow (system path)");
         assert_eq!(open(&mut e, "/etc/ld.so.cache"), "allow (system path)");
-        assert_eq!(open(&mut e, "/home/app/config"), "deny(no such file or directory)");
+        assert_eq!(
+            open(&mut e, "/home/app/config"),
+            "deny(no such file or directory)"
+        );
     }
 
     #[test]
@@ -305,7 +308,10 @@ mod tests {
     #[test]
     fn path_filtered_rule_never_fires_on_an_unresolved_path() {
         let mut e = engine(&["openat=ENOENT:100%:/data/*"], 1);
-        let d = e.decide(Call { nr: OPENAT, path: None });
+        let d = e.decide(Call {
+            nr: OPENAT,
+            path: None,
+        });
         assert_eq!(d.describe(), "allow");
         assert_eq!(e.stats()[0].matched, 0);
     }
@@ -346,7 +352,13 @@ mod tests {
     fn zero_percent_rule_intercepts_but_never_fires() {
         let mut e = engine(&["write=EIO:0%"], 1);
         for _ in 0..1000 {
-            assert!(!e.decide(Call { nr: WRITE, path: Some("/tmp/f") }).is_fault());
+            assert!(
+                !e.decide(Call {
+                    nr: WRITE,
+                    path: Some("/tmp/f")
+                })
+                .is_fault()
+            );
         }
         assert_eq!(e.stats()[0].matched, 1000);
     }
@@ -356,7 +368,13 @@ mod tests {
         let run = |seed| {
             let mut e = engine(&["write=EIO:20%"], seed);
             (0..10_000)
-                .map(|_| e.decide(Call { nr: WRITE, path: Some("/tmp/f") }).is_fault())
+                .map(|_| {
+                    e.decide(Call {
+                        nr: WRITE,
+                        path: Some("/tmp/f"),
+                    })
+                    .is_fault()
+                })
                 .collect::<Vec<bool>>()
         };
         let a = run(42);
@@ -371,7 +389,13 @@ mod tests {
         let mut e = engine(&["connect=ECONNREFUSED:30%", "connect=delay:200ms:70%"], 7);
         let (mut refused, mut delayed) = (0, 0);
         for _ in 0..10_000 {
-            match e.decide(Call { nr: CONNECT, path: None }).action {
+            match e
+                .decide(Call {
+                    nr: CONNECT,
+                    path: None,
+                })
+                .action
+            {
                 Action::Deny { .. } => refused += 1,
                 Action::Delay { .. } => delayed += 1,
                 Action::Allow => {}
@@ -385,7 +409,10 @@ mod tests {
     fn rules_outside_the_filter_are_refused() {
         let mut e = Engine::new(X86, 1);
         e.restrict_to(vec![OPENAT]);
-        assert!(e.set_rules(vec![parse_fault("openat=EIO:1%", X86).expect("rule")]).is_ok());
+        assert!(
+            e.set_rules(vec![parse_fault("openat=EIO:1%", X86).expect("rule")])
+                .is_ok()
+        );
         let err = e
             .set_rules(vec![parse_fault("fsync=EIO:1%", X86).expect("rule")])
             .expect_err("fsync is not intercepted");
@@ -397,7 +424,13 @@ mod tests {
         let draws = |specs: &[&str]| {
             let mut e = engine(specs, 9);
             (0..200)
-                .map(|_| e.decide(Call { nr: WRITE, path: Some("/tmp/f") }).is_fault())
+                .map(|_| {
+                    e.decide(Call {
+                        nr: WRITE,
+                        path: Some("/tmp/f"),
+                    })
+                    .is_fault()
+                })
                 .collect::<Vec<bool>>()
         };
         let alone = draws(&["write=EIO:50%"]);

@@ -26,7 +26,10 @@ pub struct Glob {
 enum Token {
     Char(char),
     AnyChar,
-    Class { negated: bool, ranges: Vec<(char, char)> },
+    Class {
+        negated: bool,
+        ranges: Vec<(char, char)>,
+    },
     Star,
     DoubleStar,
     /// `/**/`: a `/`, then any number of whole segments each ending in `/`.
@@ -99,11 +102,10 @@ impl Glob {
                     i += 1;
                 }
                 '[' => {
-                    let (token, end) = parse_class(&chars, i).ok_or_else(|| {
-                        GlobError::UnclosedClass {
+                    let (token, end) =
+                        parse_class(&chars, i).ok_or_else(|| GlobError::UnclosedClass {
                             pattern: pattern.to_string(),
-                        }
-                    })?;
+                        })?;
                     tokens.push(token);
                     i = end;
                 }
@@ -143,7 +145,9 @@ impl Glob {
         let result = match self.tokens.get(t) {
             None => s == text.len(),
             Some(token) => match token {
-                Token::Char(c) => text.get(s) == Some(c) && self.match_from(t + 1, s + 1, text, memo),
+                Token::Char(c) => {
+                    text.get(s) == Some(c) && self.match_from(t + 1, s + 1, text, memo)
+                }
                 Token::AnyChar => {
                     matches!(text.get(s), Some(c) if *c != '/')
                         && self.match_from(t + 1, s + 1, text, memo)
@@ -167,7 +171,9 @@ impl Glob {
                         end += 1;
                     }
                 }
-                Token::DoubleStar => (s..=text.len()).any(|end| self.match_from(t + 1, end, text, memo)),
+                Token::DoubleStar => {
+                    (s..=text.len()).any(|end| self.match_from(t + 1, end, text, memo))
+                }
                 Token::Dirs => {
                     text.get(s) == Some(&'/')
                         && (s..text.len())
@@ -281,8 +287,14 @@ mod tests {
     #[test]
     fn malformed_patterns_are_errors() {
         assert_eq!(Glob::new(""), Err(GlobError::Empty));
-        assert!(matches!(Glob::new("/d/[abc"), Err(GlobError::UnclosedClass { .. })));
-        assert!(matches!(Glob::new("/d/\\"), Err(GlobError::TrailingEscape { .. })));
+        assert!(matches!(
+            Glob::new("/d/[abc"),
+            Err(GlobError::UnclosedClass { .. })
+        ));
+        assert!(matches!(
+            Glob::new("/d/\\"),
+            Err(GlobError::TrailingEscape { .. })
+        ));
     }
 
     #[test]

@@ -64,7 +64,9 @@ pub enum LaunchError {
         errno: i32,
     },
     /// Namespaces could not be set up.
-    #[error("cannot isolate the target ({step}): {source}; run with --no-isolation, or check that unprivileged user namespaces are enabled (sysctl kernel.unprivileged_userns_clone=1)")]
+    #[error(
+        "cannot isolate the target ({step}): {source}; run with --no-isolation, or check that unprivileged user namespaces are enabled (sysctl kernel.unprivileged_userns_clone=1)"
+    )]
     Isolation {
         /// The failing step.
         step: &'static str,
@@ -117,7 +119,8 @@ impl ChildSpec {
             .collect::<Result<_, _>>()?;
         let cwd = cwd.map(|c| cstring("working directory", c)).transpose()?;
         let cookie = random_u64();
-        let filter = (!nrs.is_empty()).then(|| Program::new(&seccomp::build_filter(arch, nrs, cookie)));
+        let filter =
+            (!nrs.is_empty()).then(|| Program::new(&seccomp::build_filter(arch, nrs, cookie)));
         Ok(ChildSpec {
             program,
             argv,
@@ -157,17 +160,21 @@ const STEPS: &[(u8, &str)] = &[
     (b'p', "set the parent-death signal"),
     (b'c', "change to the working directory"),
     (b'n', "set no_new_privs"),
-    (b's', "install the seccomp filter (the kernel needs seccomp user notification, Linux 5.0+ with CONFIG_SECCOMP_FILTER)"),
+    (
+        b's',
+        "install the seccomp filter (the kernel needs seccomp user notification, Linux 5.0+ with CONFIG_SECCOMP_FILTER)",
+    ),
     (b'h', "hand the listener to the supervisor"),
 ];
 
 /// Forks the child, which installs the filter and hands its listener over.
 /// The child waits for [`Spawned::release`] before it execs.
 pub fn spawn(spec: &ChildSpec) -> Result<Spawned, LaunchError> {
-    let (parent_end, child_end) = seccomp::handoff_pair().map_err(|source| LaunchError::Parent {
-        step: "create the hand-off socket",
-        source,
-    })?;
+    let (parent_end, child_end) =
+        seccomp::handoff_pair().map_err(|source| LaunchError::Parent {
+            step: "create the hand-off socket",
+            source,
+        })?;
     let mut argv_ptrs: Vec<*const libc::c_char> = spec.argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
     let mut envp_ptrs: Vec<*const libc::c_char> = spec.envp.iter().map(|e| e.as_ptr()).collect();
@@ -202,7 +209,13 @@ pub fn spawn(spec: &ChildSpec) -> Result<Spawned, LaunchError> {
         });
     }
     if pid == 0 {
-        child_main(spec, child_end.as_raw_fd(), parent_pid, &argv_ptrs, &envp_ptrs);
+        child_main(
+            spec,
+            child_end.as_raw_fd(),
+            parent_pid,
+            &argv_ptrs,
+            &envp_ptrs,
+        );
     }
     drop(child_end);
     let program = spec.program.to_string_lossy().into_owned();
@@ -225,7 +238,7 @@ pub fn spawn(spec: &ChildSpec) -> Result<Spawned, LaunchError> {
             });
         }
     };
-    match message {
+    match (message.tag, message.payload, message.fd) {
         (TAG_LISTENER, rest, Some(fd)) => Ok(Spawned {
             pid,
             listener: Some(Listener::new(fd)),
@@ -270,11 +283,11 @@ impl Spawned {
         }
         match seccomp::recv_handoff(&self.handoff) {
             Ok(None) => Ok(()),
-            Ok(Some((TAG_EXEC_ERROR, rest, _))) => {
+            Ok(Some(m)) if m.tag == TAG_EXEC_ERROR => {
                 reap(self.pid);
                 Err(LaunchError::Exec {
                     program: self.program.clone(),
-                    errno: i32::from_le_bytes(rest),
+                    errno: i32::from_le_bytes(m.payload),
                 })
             }
             Ok(Some(_)) => Err(parent(
@@ -363,7 +376,9 @@ fn child_main(
 }
 
 fn errno() -> i32 {
-    io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+    io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
 }
 
 fn random_u64() -> u64 {

@@ -134,7 +134,11 @@ impl Rule {
             Glob::new(pattern).map_err(|e| RuleError {
                 reason: format!("rule {:?}: {e}", self.id),
             })?;
-            if let Some(name) = self.syscalls.iter().find(|s| syscalls::path_source(s).is_none()) {
+            if let Some(name) = self
+                .syscalls
+                .iter()
+                .find(|s| syscalls::path_source(s).is_none())
+            {
                 return err(format!(
                     "rule {:?}: a path glob only applies to file and fd syscalls, and {name:?} has no path",
                     self.id
@@ -199,18 +203,23 @@ pub fn parse_fault(spec: &str, arch: Arch) -> Result<Rule, FaultSpecError> {
 
 /// Parses one `--fs-fault` value, whose left side names a filesystem operation.
 pub fn parse_fs_fault(spec: &str, arch: Arch) -> Result<Rule, FaultSpecError> {
-    parse_with(spec, arch, "--fs-fault", |op| match syscalls::fs_operation(arch, op) {
-        Some(names) => Ok(names.into_iter().map(str::to_string).collect()),
-        None => {
-            let hint = errno::closest(op, syscalls::FS_OPERATIONS.iter().copied())
-                .map(|s| format!("did you mean {s}? "))
-                .unwrap_or_default();
-            Err(format!(
-                "unknown filesystem operation {op:?} ({hint}operations: {}; use --fault for raw syscalls)",
-                syscalls::FS_OPERATIONS.join(", ")
-            ))
-        }
-    })
+    parse_with(
+        spec,
+        arch,
+        "--fs-fault",
+        |op| match syscalls::fs_operation(arch, op) {
+            Some(names) => Ok(names.into_iter().map(str::to_string).collect()),
+            None => {
+                let hint = errno::closest(op, syscalls::FS_OPERATIONS.iter().copied())
+                    .map(|s| format!("did you mean {s}? "))
+                    .unwrap_or_default();
+                Err(format!(
+                    "unknown filesystem operation {op:?} ({hint}operations: {}; use --fault for raw syscalls)",
+                    syscalls::FS_OPERATIONS.join(", ")
+                ))
+            }
+        },
+    )
 }
 
 fn parse_with(
@@ -240,16 +249,20 @@ fn parse_with(
             .get(1)
             .ok_or_else(|| fail("delay needs a duration (for example delay:200ms:100%)".into()))?;
         let ns = parse_duration(duration).map_err(fail)?;
-        let probability = parts
-            .get(2)
-            .ok_or_else(|| fail(format!("missing probability (write it as {target}=delay:{duration}:100%)")))?;
+        let probability = parts.get(2).ok_or_else(|| {
+            fail(format!(
+                "missing probability (write it as {target}=delay:{duration}:100%)"
+            ))
+        })?;
         (Action::Delay { ns }, *probability, &parts[3..])
     } else {
         let name = parts[0];
         let errno = errno::lookup(name).ok_or_else(|| {
             let hint = errno::closest(name, errno::ERRNOS.iter().map(|e| e.name))
                 .map(|s| format!(" (did you mean {s}?)"))
-                .unwrap_or_else(|| " (use a name such as EIO, ENOENT, ENOSPC or ECONNREFUSED, or delay)".into());
+                .unwrap_or_else(|| {
+                    " (use a name such as EIO, ENOENT, ENOSPC or ECONNREFUSED, or delay)".into()
+                });
             if name.is_empty() {
                 "missing errno after '='".to_string()
             } else {
@@ -257,15 +270,25 @@ fn parse_with(
             }
         });
         let errno = errno.map_err(fail)?;
-        let probability = parts
-            .get(1)
-            .ok_or_else(|| fail(format!("missing probability (write it as {target}={}:100%)", errno.name)))?;
-        (Action::Deny { errno: errno.number }, *probability, &parts[2..])
+        let probability = parts.get(1).ok_or_else(|| {
+            fail(format!(
+                "missing probability (write it as {target}={}:100%)",
+                errno.name
+            ))
+        })?;
+        (
+            Action::Deny {
+                errno: errno.number,
+            },
+            *probability,
+            &parts[2..],
+        )
     };
     let probability = parse_probability(probability).map_err(fail)?;
     if extra.len() > 2 {
         return Err(fail(
-            "too many ':' parts (after the probability come at most a path glob and a trigger)".into(),
+            "too many ':' parts (after the probability come at most a path glob and a trigger)"
+                .into(),
         ));
     }
     let mut path = None;
@@ -273,7 +296,9 @@ fn parse_with(
     for part in extra {
         if let Some(parsed) = parse_trigger(part) {
             if trigger.replace(parsed.map_err(fail)?).is_some() {
-                return Err(fail("more than one trigger (use either nth=N or after=N)".into()));
+                return Err(fail(
+                    "more than one trigger (use either nth=N or after=N)".into(),
+                ));
             }
         } else if part.is_empty() {
             return Err(fail("empty part after ':'".into()));
@@ -328,10 +353,14 @@ fn parse_trigger(part: &str) -> Option<Result<Trigger, String>> {
 pub fn parse_probability(text: &str) -> Result<f64, String> {
     let number = text.trim().strip_suffix('%').unwrap_or(text.trim());
     let value: f64 = number.parse().map_err(|_| {
-        format!("invalid probability {text:?} (write a number from 0 to 100 followed by %, like 25%)")
+        format!(
+            "invalid probability {text:?} (write a number from 0 to 100 followed by %, like 25%)"
+        )
     })?;
     if !(0.0..=100.0).contains(&value) {
-        return Err(format!("probability {text:?} is out of range (use 0% to 100%)"));
+        return Err(format!(
+            "probability {text:?} is out of range (use 0% to 100%)"
+        ));
     }
     Ok(value / 100.0)
 }
@@ -413,7 +442,12 @@ mod tests {
     fn deny_rule_with_every_optional_part() {
         let rule = parse_fault("openat=ENOENT:100%:/data/*:nth=3", X86).expect("valid");
         assert_eq!(rule.syscalls, vec!["openat"]);
-        assert_eq!(rule.action, Action::Deny { errno: libc::ENOENT });
+        assert_eq!(
+            rule.action,
+            Action::Deny {
+                errno: libc::ENOENT
+            }
+        );
         assert_eq!(rule.probability, 1.0);
         assert_eq!(rule.path.as_deref(), Some("/data/*"));
         assert_eq!(rule.trigger, Trigger::Nth(3));
@@ -456,9 +490,13 @@ mod tests {
         );
         assert!(err("fsync=EIO:100%:nth=0").contains("nth counts calls from 1"));
         assert!(err("connect=delay:fast:100%").contains(r#"invalid duration "fast""#));
-        assert!(err("opnat=EIO:100%").contains(r#"unknown syscall "opnat" (did you mean openat?)"#));
+        assert!(
+            err("opnat=EIO:100%").contains(r#"unknown syscall "opnat" (did you mean openat?)"#)
+        );
         assert!(err("openat").contains("missing '='"));
-        assert!(err("openat=ENOENT").contains("missing probability (write it as openat=ENOENT:100%)"));
+        assert!(
+            err("openat=ENOENT").contains("missing probability (write it as openat=ENOENT:100%)")
+        );
         assert!(err("connect=ECONNREFUSED:100%:/data/*").contains("has no path"));
         assert!(err("openat=ENOENT:100%:/a:/b").contains("neither a trigger"));
         assert!(err("openat=ENOENT:100%:nth=1:after=2").contains("more than one trigger"));

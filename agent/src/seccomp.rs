@@ -346,7 +346,12 @@ pub fn handoff_pair() -> io::Result<(OwnedFd, OwnedFd)> {
 /// sixth argument so the filter lets this call through.
 ///
 /// Async-signal-safe.
-pub fn send_fd_with_cookie(sock: RawFd, fd: RawFd, payload: [u8; 2], cookie: u64) -> Result<(), i32> {
+pub fn send_fd_with_cookie(
+    sock: RawFd,
+    fd: RawFd,
+    payload: [u8; 2],
+    cookie: u64,
+) -> Result<(), i32> {
     let mut payload = payload;
     let mut iov = libc::iovec {
         iov_base: payload.as_mut_ptr().cast(),
@@ -389,13 +394,33 @@ pub fn send_fd_with_cookie(sock: RawFd, fd: RawFd, payload: [u8; 2], cookie: u64
 /// Writes `bytes` to `fd` with `cookie` in the sixth argument. Async-signal-safe.
 pub fn write_with_cookie(fd: RawFd, bytes: &[u8], cookie: u64) -> isize {
     // SAFETY: the buffer is valid for `bytes.len()` bytes.
-    unsafe { libc::syscall(libc::SYS_write, fd, bytes.as_ptr(), bytes.len(), 0, 0, cookie) as isize }
+    unsafe {
+        libc::syscall(
+            libc::SYS_write,
+            fd,
+            bytes.as_ptr(),
+            bytes.len(),
+            0,
+            0,
+            cookie,
+        ) as isize
+    }
 }
 
 /// Reads into `buf` from `fd` with `cookie` in the sixth argument. Async-signal-safe.
 pub fn read_with_cookie(fd: RawFd, buf: &mut [u8], cookie: u64) -> isize {
     // SAFETY: the buffer is valid for writes of `buf.len()` bytes.
-    unsafe { libc::syscall(libc::SYS_read, fd, buf.as_mut_ptr(), buf.len(), 0, 0, cookie) as isize }
+    unsafe {
+        libc::syscall(
+            libc::SYS_read,
+            fd,
+            buf.as_mut_ptr(),
+            buf.len(),
+            0,
+            0,
+            cookie,
+        ) as isize
+    }
 }
 
 /// `execve` with `cookie` in the sixth argument. Returns only on failure,
@@ -422,9 +447,18 @@ pub fn execve_with_cookie(
     last_errno()
 }
 
-/// Receives one message from the hand-off socket: its tag byte, up to four
-/// payload bytes after it, and the fd it carried, if any.
-pub fn recv_handoff(sock: &OwnedFd) -> io::Result<Option<(u8, [u8; 4], Option<OwnedFd>)>> {
+/// One message on the hand-off socket.
+pub struct Handoff {
+    /// What kind of message it is.
+    pub tag: u8,
+    /// Up to four bytes after the tag.
+    pub payload: [u8; 4],
+    /// The fd it carried, if any.
+    pub fd: Option<OwnedFd>,
+}
+
+/// Receives one message from the hand-off socket; `None` at end of stream.
+pub fn recv_handoff(sock: &OwnedFd) -> io::Result<Option<Handoff>> {
     let mut payload = [0u8; 5];
     let mut iov = libc::iovec {
         iov_base: payload.as_mut_ptr().cast(),
@@ -466,11 +500,17 @@ pub fn recv_handoff(sock: &OwnedFd) -> io::Result<Option<(u8, [u8; 4], Option<Ow
     }
     let mut rest = [0u8; 4];
     rest.copy_from_slice(&payload[1..5]);
-    Ok(Some((payload[0], rest, fd)))
+    Ok(Some(Handoff {
+        tag: payload[0],
+        payload: rest,
+        fd,
+    }))
 }
 
 fn last_errno() -> i32 {
-    io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+    io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
 }
 
 #[cfg(test)]
@@ -532,10 +572,18 @@ mod tests {
     #[test]
     fn every_syscall_of_the_table_fits_in_one_filter() {
         let arch = Arch::X86_64;
-        let nrs: Vec<u32> = arch.all_names().iter().filter_map(|n| arch.number(n)).collect();
+        let nrs: Vec<u32> = arch
+            .all_names()
+            .iter()
+            .filter_map(|n| arch.number(n))
+            .collect();
         let prog = build_filter(arch, &nrs, 9);
         for nr in &nrs {
-            assert_eq!(run(&prog, arch.audit_arch(), *nr, 0), RET_USER_NOTIF, "nr {nr}");
+            assert_eq!(
+                run(&prog, arch.audit_arch(), *nr, 0),
+                RET_USER_NOTIF,
+                "nr {nr}"
+            );
         }
         assert_eq!(run(&prog, arch.audit_arch(), 100_000, 0), RET_ALLOW);
     }

@@ -83,7 +83,7 @@ struct Shared<K> {
 }
 
 enum TimerMsg {
-    Hold(Held),
+    Hold(Box<Held>),
     ReleaseAll,
 }
 
@@ -201,7 +201,11 @@ impl<K: Kernel> Supervisor<K> {
     /// call answered before `stop` returns has been sent. Idempotent.
     pub fn stop(&self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
-        let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let threads = self
+            .threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         let Some((recv, timer)) = threads else {
             return;
         };
@@ -213,7 +217,10 @@ impl<K: Kernel> Supervisor<K> {
         }
         let _ = recv.join();
         // Dropping the last sender makes the timer release all and exit.
-        self.timer_tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.timer_tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         let _ = timer.join();
     }
 }
@@ -313,7 +320,9 @@ fn handle<K: Kernel>(shared: &Shared<K>, timer: &Sender<TimerMsg>, n: Notificati
                 started,
                 event,
             };
-            if let Err(mpsc::SendError(TimerMsg::Hold(held))) = timer.send(TimerMsg::Hold(held)) {
+            if let Err(mpsc::SendError(TimerMsg::Hold(held))) =
+                timer.send(TimerMsg::Hold(Box::new(held)))
+            {
                 // The timer is gone (stopping): never leave a call parked.
                 shared.answer(held.id, Response::Continue);
             }
@@ -340,7 +349,7 @@ fn timer_loop<K: Kernel>(shared: &Shared<K>, rx: mpsc::Receiver<TimerMsg>) {
             None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
         };
         match msg {
-            Ok(TimerMsg::Hold(held)) => heap.push(held),
+            Ok(TimerMsg::Hold(held)) => heap.push(*held),
             Ok(TimerMsg::ReleaseAll) => {
                 while let Some(held) = heap.pop() {
                     release(held);
@@ -487,7 +496,11 @@ mod tests {
             .iter()
             .map(|s| parse_fault(s, X86).expect("rule"))
             .collect();
-        let all = X86.all_names().iter().filter_map(|n| X86.number(n)).collect();
+        let all = X86
+            .all_names()
+            .iter()
+            .filter_map(|n| X86.number(n))
+            .collect();
         let (tx, rx) = mpsc::channel();
         let sup = Supervisor::start(Arc::clone(fake), X86, 1, all, rules, tx).expect("start");
         (sup, rx)
@@ -530,7 +543,10 @@ mod tests {
         fake.links.insert("/proc/100/cwd".into(), "/srv".into());
         let fake = Arc::new(fake);
         let (sup, rx) = start(&fake, &["openat=ENOENT:100%:/srv/data/*"]);
-        push(&fake, notif(1, "openat", [libc::AT_FDCWD as u64, 0x1000, 0, 0, 0, 0]));
+        push(
+            &fake,
+            notif(1, "openat", [libc::AT_FDCWD as u64, 0x1000, 0, 0, 0, 0]),
+        );
         wait_answers(&fake, 1);
         sup.stop();
         assert_eq!(answers(&fake), vec![(1, Response::Errno(libc::ENOENT))]);
@@ -543,8 +559,10 @@ mod tests {
     #[test]
     fn fd_syscalls_use_the_fd_link_and_spare_dev_null() {
         let mut fake = Fake::default();
-        fake.links.insert("/proc/100/fd/3".into(), "/tmp/wal".into());
-        fake.links.insert("/proc/100/fd/4".into(), "/dev/null".into());
+        fake.links
+            .insert("/proc/100/fd/3".into(), "/tmp/wal".into());
+        fake.links
+            .insert("/proc/100/fd/4".into(), "/dev/null".into());
         let fake = Arc::new(fake);
         let (sup, rx) = start(&fake, &["write=EIO:100%"]);
         push(&fake, notif(1, "write", [3, 0, 0, 0, 0, 0]));
@@ -568,13 +586,20 @@ mod tests {
         push(&fake, notif(2, "getpid", [0; 6]));
         wait_answers(&fake, 2);
         sup.stop();
-        let recorded = fake.answers.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let recorded = fake
+            .answers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         assert_eq!(recorded[0].0, 2, "getpid answered first");
         assert!(recorded[0].2 - begin < Duration::from_millis(200));
         assert_eq!(recorded[1].0, 1);
         assert!(recorded[1].2 - begin >= Duration::from_millis(300));
         let ev = events(&rx);
-        let delayed = ev.iter().find(|e| e.syscall == "connect").expect("connect event");
+        let delayed = ev
+            .iter()
+            .find(|e| e.syscall == "connect")
+            .expect("connect event");
         assert!(delayed.latency_ns.unwrap_or(0) >= 300_000_000);
         assert_eq!(delayed.decision, "delay(300ms)");
     }
@@ -641,7 +666,10 @@ mod tests {
         sup.stop();
         assert_eq!(
             answers(&fake),
-            vec![(1, Response::Errno(libc::EPERM)), (2, Response::Errno(libc::EIO))]
+            vec![
+                (1, Response::Errno(libc::EPERM)),
+                (2, Response::Errno(libc::EIO))
+            ]
         );
     }
 

@@ -169,22 +169,20 @@ pub fn path_source(name: &str) -> Option<PathSource> {
     let pointer = |path, dirfd| Some(PathSource::Pointer { path, dirfd });
     match name {
         "open" | "creat" | "mkdir" | "rmdir" | "unlink" | "access" | "stat" | "lstat"
-        | "readlink" | "rename" | "link" | "truncate" | "chmod" | "chown" | "lchown"
-        | "execve" | "mknod" | "statfs" | "chdir" | "utime" | "utimes" => pointer(0, None),
+        | "readlink" | "rename" | "link" | "truncate" | "chmod" | "chown" | "lchown" | "execve"
+        | "mknod" | "statfs" | "chdir" | "utime" | "utimes" => pointer(0, None),
         "symlink" => pointer(1, None),
         "openat" | "openat2" | "mkdirat" | "unlinkat" | "faccessat" | "faccessat2"
         | "newfstatat" | "fstatat" | "statx" | "readlinkat" | "renameat" | "renameat2"
         | "linkat" | "fchmodat" | "fchmodat2" | "fchownat" | "utimensat" | "execveat"
         | "mknodat" | "futimesat" | "name_to_handle_at" => pointer(1, Some(0)),
         "symlinkat" => pointer(2, Some(1)),
-        "write" | "writev" | "pwrite64" | "pwritev" | "pwritev2" | "read" | "readv"
-        | "pread64" | "preadv" | "preadv2" | "fsync" | "fdatasync" | "ftruncate" | "fchmod"
-        | "fchown" | "fallocate" | "sync_file_range" | "fstat" | "fstatfs" | "getdents"
-        | "getdents64" | "close" | "lseek" | "flock" | "sendto" | "sendmsg" | "sendmmsg"
-        | "recvfrom" | "recvmsg" | "recvmmsg" | "fchdir" | "fadvise64" | "fsetxattr"
-        | "fgetxattr" | "syncfs" | "copy_file_range" | "sendfile" | "splice" => {
-            Some(PathSource::Fd)
-        }
+        "write" | "writev" | "pwrite64" | "pwritev" | "pwritev2" | "read" | "readv" | "pread64"
+        | "preadv" | "preadv2" | "fsync" | "fdatasync" | "ftruncate" | "fchmod" | "fchown"
+        | "fallocate" | "sync_file_range" | "fstat" | "fstatfs" | "getdents" | "getdents64"
+        | "close" | "lseek" | "flock" | "sendto" | "sendmsg" | "sendmmsg" | "recvfrom"
+        | "recvmsg" | "recvmmsg" | "fchdir" | "fadvise64" | "fsetxattr" | "fgetxattr"
+        | "syncfs" | "copy_file_range" | "sendfile" | "splice" => Some(PathSource::Fd),
         _ => None,
     }
 }

@@ -192,9 +192,12 @@ pub fn recv<R: BufRead, M: for<'de> Deserialize<'de>>(input: &mut R) -> io::Resu
     if input.read_line(&mut line)? == 0 {
         return Ok(None);
     }
-    serde_json::from_str(&line)
-        .map(Some)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad message {line:?}: {e}")))
+    serde_json::from_str(&line).map(Some).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad message {line:?}: {e}"),
+        )
+    })
 }
 
 #[cfg(test)]

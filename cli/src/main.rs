@@ -17,7 +17,9 @@ struct Cli {
 enum Commands {
     /// Launch a binary under Faultbox with process isolation and optional
     /// syscall-level fault injection.
-    #[command(after_help = "Examples:\n  faultbox run --fault \"openat=ENOENT:100%:/data/*\" ./my-service\n  faultbox run --fault \"fsync=EIO:100%:after=2\" ./my-service\n  faultbox run --fault \"connect=delay:200ms:100%\" -- ./my-service --port 8080")]
+    #[command(
+        after_help = "Examples:\n  faultbox run --fault \"openat=ENOENT:100%:/data/*\" ./my-service\n  faultbox run --fault \"fsync=EIO:100%:after=2\" ./my-service\n  faultbox run --fault \"connect=delay:200ms:100%\" -- ./my-service --port 8080"
+    )]
     Run(run::RunArgs),
 }
 

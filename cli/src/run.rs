@@ -56,7 +56,12 @@ pub struct RunArgs {
     #[arg(long = "no-isolation")]
     no_isolation: bool,
     /// The program to run and its arguments.
-    #[arg(value_name = "BINARY [ARGS]...", required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    #[arg(
+        value_name = "BINARY [ARGS]...",
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
     command: Vec<String>,
 }
 
@@ -164,7 +169,11 @@ pub fn run(args: RunArgs) -> Result<i32> {
             Ok(Some(m)) => m,
             Ok(None) => break,
             Err(e) => {
-                log.log(Level::Error, "lost the shim", &[("error", json!(e.to_string()))]);
+                log.log(
+                    Level::Error,
+                    "lost the shim",
+                    &[("error", json!(e.to_string()))],
+                );
                 break;
             }
         };
@@ -183,7 +192,11 @@ pub fn run(args: RunArgs) -> Result<i32> {
             ),
             ShimMessage::Started { pid } => {
                 log.log(Level::Info, "target started", &[("pid", json!(pid))]);
-                log.log(Level::Debug, "state changed", &[("state", json!("running"))]);
+                log.log(
+                    Level::Debug,
+                    "state changed",
+                    &[("state", json!("running"))],
+                );
             }
             ShimMessage::Syscall(e) => {
                 let faulted = e.decision.starts_with("deny") || e.decision.starts_with("delay");
@@ -208,7 +221,10 @@ pub fn run(args: RunArgs) -> Result<i32> {
             ShimMessage::RulesRejected { message } => {
                 log.log(Level::Error, "rules rejected", &[("error", json!(message))]);
             }
-            ShimMessage::LaunchFailed { message, exit_code: code } => {
+            ShimMessage::LaunchFailed {
+                message,
+                exit_code: code,
+            } => {
                 log.log(
                     Level::Error,
                     "state changed",
@@ -269,7 +285,10 @@ fn parse_rules(args: &RunArgs, arch: Arch) -> Result<Vec<Rule>> {
     for rule in parsed {
         let mut rule = rule.map_err(|e| user_error(e.to_string()))?;
         // Two identical flags are two rules: give each its own RNG stream.
-        let copies = rules.iter().filter(|r| r.id.split('#').next() == Some(&rule.id)).count();
+        let copies = rules
+            .iter()
+            .filter(|r| r.id.split('#').next() == Some(&rule.id))
+            .count();
         if copies > 0 {
             rule.id = format!("{}#{}", rule.id, copies + 1);
         }
@@ -286,7 +305,9 @@ fn resolve_command(command: &[String]) -> Result<(String, Vec<String>)> {
     let path_var = std::env::var("PATH").ok();
     let program = match process::resolve_program(binary, path_var.as_deref()) {
         Some(p) => p,
-        None => bail!("binary {binary:?} not found in PATH (give a path such as ./{binary}, or check the name)"),
+        None => bail!(
+            "binary {binary:?} not found in PATH (give a path such as ./{binary}, or check the name)"
+        ),
     };
     let path = Path::new(&program);
     match std::fs::metadata(path) {
@@ -298,7 +319,9 @@ fn resolve_command(command: &[String]) -> Result<(String, Vec<String>)> {
         ),
         Ok(m) if m.is_dir() => bail!("{binary:?} is a directory, not a program"),
         Ok(_) if !process::is_executable(path) => {
-            bail!("{binary:?} is not executable (chmod +x {binary}, or run it through its interpreter)")
+            bail!(
+                "{binary:?} is not executable (chmod +x {binary}, or run it through its interpreter)"
+            )
         }
         Ok(_) => {}
     }
@@ -309,7 +332,12 @@ fn resolve_command(command: &[String]) -> Result<(String, Vec<String>)> {
 /// `--env` replaces the inherited value.
 fn build_env(overrides: &[String]) -> Result<Vec<String>> {
     let mut env: Vec<(String, String)> = std::env::vars_os()
-        .map(|(k, v)| (k.to_string_lossy().into_owned(), v.to_string_lossy().into_owned()))
+        .map(|(k, v)| {
+            (
+                k.to_string_lossy().into_owned(),
+                v.to_string_lossy().into_owned(),
+            )
+        })
         .collect();
     for entry in overrides {
         let Some((key, value)) = entry.split_once('=') else {

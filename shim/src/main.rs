@@ -12,9 +12,9 @@
 
 use std::io::{BufReader, BufWriter, Write};
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Sender};
-use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
@@ -53,7 +53,8 @@ fn connect() -> Result<UnixStream, String> {
             .map_err(|_| format!("bad control fd {fd:?}; {USAGE}"))?;
         process::adopt_unix_stream(fd).map_err(|e| format!("control fd {fd}: {e}"))
     } else if let Some(path) = endpoint.strip_prefix("unix:") {
-        UnixStream::connect(path).map_err(|e| format!("cannot connect to controller at {path}: {e}"))
+        UnixStream::connect(path)
+            .map_err(|e| format!("cannot connect to controller at {path}: {e}"))
     } else {
         Err(format!("unknown control endpoint {endpoint:?}; {USAGE}"))
     }
@@ -88,13 +89,7 @@ fn run() -> Result<i32, String> {
         Err(e) => return Err(format!("control socket: {e}")),
     };
     let failed = |early: &mut BufWriter<UnixStream>, message: String, exit_code: i32| {
-        let _ = wire::send(
-            early,
-            &ShimMessage::LaunchFailed {
-                message,
-                exit_code,
-            },
-        );
+        let _ = wire::send(early, &ShimMessage::LaunchFailed { message, exit_code });
         let _ = early.flush();
         Ok(exit_code)
     };
@@ -110,8 +105,15 @@ fn run() -> Result<i32, String> {
     if let Err(e) = process::become_subreaper() {
         return failed(&mut early, format!("become the subreaper: {e}"), 1);
     }
-    let mut child = match ChildSpec::new(&spec.program, &spec.argv, &spec.env, spec.cwd.as_deref(), arch, &nrs)
-        .and_then(|c| process::spawn(&c.in_new_pid_namespace(spec.isolation.namespaces)))
+    let mut child = match ChildSpec::new(
+        &spec.program,
+        &spec.argv,
+        &spec.env,
+        spec.cwd.as_deref(),
+        arch,
+        &nrs,
+    )
+    .and_then(|c| process::spawn(&c.in_new_pid_namespace(spec.isolation.namespaces)))
     {
         Ok(child) => child,
         Err(e) => return failed(&mut early, e.to_string(), 1),
@@ -158,7 +160,11 @@ fn run() -> Result<i32, String> {
             }
             _ => e.to_string(),
         };
-        let code = if matches!(e, LaunchError::Exec { .. }) { 127 } else { 1 };
+        let code = if matches!(e, LaunchError::Exec { .. }) {
+            127
+        } else {
+            1
+        };
         return finish_failed(events, writer, message, code);
     }
     let target = Pidfd::open(child.pid).map_err(|e| format!("pidfd_open: {e}"))?;
@@ -181,15 +187,17 @@ fn run() -> Result<i32, String> {
     }
     {
         let session = Arc::clone(&session);
-        thread::spawn(move || loop {
-            // A terminal's Ctrl-C reached the target already (same process
-            // group); forwarding it again would deliver it twice.
-            let (sig, explicit) = signals.wait();
-            if explicit {
-                session.target.signal(sig);
-            }
-            if sig != libc::SIGHUP {
-                session.escalate_after_grace();
+        thread::spawn(move || {
+            loop {
+                // A terminal's Ctrl-C reached the target already (same process
+                // group); forwarding it again would deliver it twice.
+                let (sig, explicit) = signals.wait();
+                if explicit {
+                    session.target.signal(sig);
+                }
+                if sig != libc::SIGHUP {
+                    session.escalate_after_grace();
+                }
             }
         });
     }

@@ -40,12 +40,25 @@ fn deny_every_open_spares_the_dynamic_linker() {
     // faultbox run --fault "openat=ENOENT:100%" ./my-service
     let dir = Scratch::new("open-all");
     let conf = dir.file("app.conf");
-    let run = faultbox_run(&["--fault", "openat=ENOENT:100%", "--", helper(), "open", &conf]);
+    let run = faultbox_run(&[
+        "--fault",
+        "openat=ENOENT:100%",
+        "--",
+        helper(),
+        "open",
+        &conf,
+    ]);
     assert_eq!(run.code, 0, "{}", run.stderr);
-    assert_eq!(run.lines("open"), vec![format!("open {conf} ENOENT ms={}", millis(&run.stdout))]);
+    assert_eq!(
+        run.lines("open"),
+        vec![format!("open {conf} ENOENT ms={}", millis(&run.stdout))]
+    );
     let denied = run.syscalls("deny");
     assert!(denied.iter().any(|e| e["path"] == conf.as_str()));
-    assert!(run.syscalls("allow").is_empty(), "allowed calls are DEBUG only");
+    assert!(
+        run.syscalls("allow").is_empty(),
+        "allowed calls are DEBUG only"
+    );
 }
 
 #[test]
@@ -58,8 +71,14 @@ fn deny_opens_only_under_the_glob() {
     let run = faultbox_run(&["--fault", &glob, "--", helper(), "open", &inside, &outside]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     let lines = run.lines("open");
-    assert!(lines[0].starts_with(&format!("open {inside} ENOENT")), "{lines:?}");
-    assert!(lines[1].starts_with(&format!("open {outside} ok")), "{lines:?}");
+    assert!(
+        lines[0].starts_with(&format!("open {inside} ENOENT")),
+        "{lines:?}"
+    );
+    assert!(
+        lines[1].starts_with(&format!("open {outside} ok")),
+        "{lines:?}"
+    );
 }
 
 #[test]
@@ -68,11 +87,26 @@ fn twenty_percent_write_errors_replay_with_a_seed() {
     let dir = Scratch::new("write20");
     let file = dir.path("out.log");
     let glob = format!("write=EIO:20%:{file}");
-    let go = || faultbox_run(&["--seed", "42", "--fault", &glob, "--", helper(), "write", "1000", &file]);
+    let go = || {
+        faultbox_run(&[
+            "--seed",
+            "42",
+            "--fault",
+            &glob,
+            "--",
+            helper(),
+            "write",
+            "1000",
+            &file,
+        ])
+    };
     let first = go();
     assert_eq!(first.code, 0, "{}", first.stderr);
     let failed = first.stdout.matches("EIO").count();
-    assert!((120..=280).contains(&failed), "{failed} of 1000 writes failed");
+    assert!(
+        (120..=280).contains(&failed),
+        "{failed} of 1000 writes failed"
+    );
     assert_eq!(first.syscalls("deny").len(), failed);
     let second = go();
     assert_eq!(first.stdout, second.stdout, "same seed, same decisions");
@@ -81,17 +115,34 @@ fn twenty_percent_write_errors_replay_with_a_seed() {
 #[test]
 fn every_connect_is_refused() {
     // faultbox run --fault "connect=ECONNREFUSED:100%" ./my-service
-    let run = faultbox_run(&["--fault", "connect=ECONNREFUSED:100%", "--", helper(), "connect-self", "3"]);
+    let run = faultbox_run(&[
+        "--fault",
+        "connect=ECONNREFUSED:100%",
+        "--",
+        helper(),
+        "connect-self",
+        "3",
+    ]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     let lines = run.lines("connect");
     assert_eq!(lines.len(), 3);
-    assert!(lines.iter().all(|l| l.contains("ECONNREFUSED")), "{lines:?}");
+    assert!(
+        lines.iter().all(|l| l.contains("ECONNREFUSED")),
+        "{lines:?}"
+    );
 }
 
 #[test]
 fn every_connect_is_delayed() {
     // faultbox run --fault "connect=delay:200ms:100%" ./my-service
-    let run = faultbox_run(&["--fault", "connect=delay:200ms:100%", "--", helper(), "connect-self", "2"]);
+    let run = faultbox_run(&[
+        "--fault",
+        "connect=delay:200ms:100%",
+        "--",
+        helper(),
+        "connect-self",
+        "2",
+    ]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     for line in run.lines("connect") {
         assert!(line.contains(" ok "), "{line}");
@@ -99,13 +150,26 @@ fn every_connect_is_delayed() {
     }
     let delayed = run.syscalls("delay(200ms)");
     assert_eq!(delayed.len(), 2);
-    assert!(delayed.iter().all(|e| e["latency_ms"].as_u64().unwrap_or(0) >= 200));
+    assert!(
+        delayed
+            .iter()
+            .all(|e| e["latency_ms"].as_u64().unwrap_or(0) >= 200)
+    );
 }
 
 #[test]
 fn a_fifth_of_sends_are_delayed() {
     // faultbox run --fault "sendto=delay:50ms:20%" ./my-service
-    let run = faultbox_run(&["--seed", "7", "--fault", "sendto=delay:50ms:20%", "--", helper(), "sendto-self", "40"]);
+    let run = faultbox_run(&[
+        "--seed",
+        "7",
+        "--fault",
+        "sendto=delay:50ms:20%",
+        "--",
+        helper(),
+        "sendto-self",
+        "40",
+    ]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     let lines = run.lines("sendto");
     assert_eq!(lines.len(), 40);
@@ -130,7 +194,16 @@ fn slow_opens_under_data_and_occasional_write_errors() {
     // Seed 3 leaves the helper's two stdout lines alone; the decisions are
     // a pure function of the seed, so this never flakes.
     let run = faultbox_run(&[
-        "--seed", "3", "--fault", &delay, "--fault", "write=EIO:5%", "--", "sh", "-c", &script,
+        "--seed",
+        "3",
+        "--fault",
+        &delay,
+        "--fault",
+        "write=EIO:5%",
+        "--",
+        "sh",
+        "-c",
+        &script,
     ]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     let opens = run.lines("open");
@@ -139,17 +212,26 @@ fn slow_opens_under_data_and_occasional_write_errors() {
     assert!(millis(&opens[1]) < 100, "{opens:?}");
     let report = std::fs::read_to_string(dir.path("report")).unwrap_or_default();
     let failed = report.matches("EIO").count();
-    assert!((3..=45).contains(&failed), "{failed} of 400 writes failed: {report}");
+    assert!(
+        (3..=45).contains(&failed),
+        "{failed} of 400 writes failed: {report}"
+    );
 }
 
 #[test]
 fn refuse_thirty_percent_and_delay_the_rest() {
     // faultbox run --fault "connect=ECONNREFUSED:30%" --fault "connect=delay:200ms:70%" ./my-service
     let run = faultbox_run(&[
-        "--seed", "11",
-        "--fault", "connect=ECONNREFUSED:30%",
-        "--fault", "connect=delay:200ms:70%",
-        "--", helper(), "connect-self", "20",
+        "--seed",
+        "11",
+        "--fault",
+        "connect=ECONNREFUSED:30%",
+        "--fault",
+        "connect=delay:200ms:70%",
+        "--",
+        helper(),
+        "connect-self",
+        "20",
     ]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     let lines = run.lines("connect");
@@ -165,9 +247,20 @@ fn fsync_fails_after_the_first_two() {
     // faultbox run --fault "fsync=EIO:100%:after=2" ./my-service
     let dir = Scratch::new("wal");
     let wal = dir.path("wal.log");
-    let run = faultbox_run(&["--fault", "fsync=EIO:100%:after=2", "--", helper(), "fsync", "4", &wal]);
+    let run = faultbox_run(&[
+        "--fault",
+        "fsync=EIO:100%:after=2",
+        "--",
+        helper(),
+        "fsync",
+        "4",
+        &wal,
+    ]);
     assert_eq!(run.code, 0, "{}", run.stderr);
-    assert_eq!(run.lines("fsync"), vec!["fsync 1 ok", "fsync 2 ok", "fsync 3 EIO", "fsync 4 EIO"]);
+    assert_eq!(
+        run.lines("fsync"),
+        vec!["fsync 1 ok", "fsync 2 ok", "fsync 3 EIO", "fsync 4 EIO"]
+    );
 }
 
 #[test]
@@ -175,9 +268,20 @@ fn fs_fault_sync_is_the_same_as_fsync() {
     // faultbox run --fs-fault "sync=EIO:100%:after=2" ./my-service
     let dir = Scratch::new("fs-sync");
     let wal = dir.path("wal.log");
-    let run = faultbox_run(&["--fs-fault", "sync=EIO:100%:after=2", "--", helper(), "fsync", "3", &wal]);
+    let run = faultbox_run(&[
+        "--fs-fault",
+        "sync=EIO:100%:after=2",
+        "--",
+        helper(),
+        "fsync",
+        "3",
+        &wal,
+    ]);
     assert_eq!(run.code, 0, "{}", run.stderr);
-    assert_eq!(run.lines("fsync"), vec!["fsync 1 ok", "fsync 2 ok", "fsync 3 EIO"]);
+    assert_eq!(
+        run.lines("fsync"),
+        vec!["fsync 1 ok", "fsync 2 ok", "fsync 3 EIO"]
+    );
 }
 
 #[test]
@@ -218,8 +322,15 @@ fn env_is_added_and_wins_over_the_inherited_value() {
     let run = {
         let mut cmd = Command::new(faultbox());
         cmd.env("PORT", "1111").args([
-            "run", "--log-format=json", "--env", "DB_URL=postgres://localhost/db", "--env=PORT=8080",
-            "--", "sh", "-c", "echo $DB_URL $PORT",
+            "run",
+            "--log-format=json",
+            "--env",
+            "DB_URL=postgres://localhost/db",
+            "--env=PORT=8080",
+            "--",
+            "sh",
+            "-c",
+            "echo $DB_URL $PORT",
         ]);
         finish(cmd.output().expect("run faultbox"))
     };
@@ -232,11 +343,27 @@ fn debug_logs_allowed_calls_and_json_has_the_documented_fields() {
     // faultbox run --debug --fault "openat=ENOENT:50%" ./my-service
     let dir = Scratch::new("debug");
     let file = dir.file("x");
-    let run = faultbox_run(&["--debug", "--fault", "openat=ENOENT:0%", "--", helper(), "open", &file]);
+    let run = faultbox_run(&[
+        "--debug",
+        "--fault",
+        "openat=ENOENT:0%",
+        "--",
+        helper(),
+        "open",
+        &file,
+    ]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     let allowed = run.syscalls("allow");
-    assert!(allowed.iter().any(|e| e["decision"] == "allow" && e["path"] == file.as_str()));
-    assert!(allowed.iter().any(|e| e["decision"] == "allow (system path)"));
+    assert!(
+        allowed
+            .iter()
+            .any(|e| e["decision"] == "allow" && e["path"] == file.as_str())
+    );
+    assert!(
+        allowed
+            .iter()
+            .any(|e| e["decision"] == "allow (system path)")
+    );
     for record in &run.logs {
         for field in ["time", "level", "msg", "component", "session_id"] {
             assert!(record.get(field).is_some(), "{field} missing in {record}");
@@ -262,7 +389,16 @@ fn console_format_is_coloured_and_readable() {
     let dir = Scratch::new("console");
     let file = dir.file("x");
     let mut cmd = Command::new(faultbox());
-    cmd.args(["run", "--log-format=console", "--fault", "openat=EACCES:100%", "--", helper(), "open", &file]);
+    cmd.args([
+        "run",
+        "--log-format=console",
+        "--fault",
+        "openat=EACCES:100%",
+        "--",
+        helper(),
+        "open",
+        &file,
+    ]);
     let run = finish(cmd.output().expect("run faultbox"));
     assert_eq!(run.code, 0);
     let line = run
@@ -273,7 +409,10 @@ fn console_format_is_coloured_and_readable() {
     assert!(line.contains("\x1b[32mINF"), "{line:?}");
     assert!(line.contains("[engine]"), "{line:?}");
     assert!(line.contains("deny(permission denied)"), "{line:?}");
-    assert!(line.chars().nth(2) == Some(':') && line.chars().nth(8) == Some('.'), "{line:?}");
+    assert!(
+        line.chars().nth(2) == Some(':') && line.chars().nth(8) == Some('.'),
+        "{line:?}"
+    );
 }
 
 #[test]
@@ -293,10 +432,18 @@ fn a_program_that_cannot_execute_exits_127() {
     let dir = Scratch::new("exec");
     let script = dir.path("broken.sh");
     std::fs::write(&script, "#!/nonexistent/interpreter\n").expect("write script");
-    Command::new("chmod").args(["+x", &script]).status().expect("chmod");
+    Command::new("chmod")
+        .args(["+x", &script])
+        .status()
+        .expect("chmod");
     let run = faultbox_run(&["--", &script]);
     assert_eq!(run.code, 127, "{}", run.stderr);
-    assert!(run.stderr.contains("interpreter or dynamic loader is missing"), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("interpreter or dynamic loader is missing"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]
@@ -306,11 +453,24 @@ fn a_delay_in_one_thread_does_not_block_another() {
     let fast = dir.file("fast");
     let delay = format!("write=delay:1s:100%:{slow}");
     let deny = format!("openat=EACCES:100%:{fast}");
-    let run = faultbox_run(&["--fault", &delay, "--fault", &deny, "--", helper(), "two-threads", &slow, &fast]);
+    let run = faultbox_run(&[
+        "--fault",
+        &delay,
+        "--fault",
+        &deny,
+        "--",
+        helper(),
+        "two-threads",
+        &slow,
+        &fast,
+    ]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     let open = &run.lines("open")[0];
     assert!(open.contains("EACCES"), "{open}");
-    assert!(millis(open) < 300, "open waited behind the delayed write: {open}");
+    assert!(
+        millis(open) < 300,
+        "open waited behind the delayed write: {open}"
+    );
     let write = &run.lines("write")[0];
     assert!(millis(write) >= 1000, "{write}");
 }
@@ -328,7 +488,11 @@ fn a_child_of_a_shell_wrapper_is_faulted_with_its_own_pid() {
     let target = run.logs_with("target started")[0]["pid"].as_u64();
     let denied = run.syscalls("deny");
     assert_eq!(denied.len(), 1);
-    assert_ne!(denied[0]["pid"].as_u64(), target, "the event names cat, not sh");
+    assert_ne!(
+        denied[0]["pid"].as_u64(),
+        target,
+        "the event names cat, not sh"
+    );
 }
 
 #[test]
@@ -344,9 +508,18 @@ fn the_network_is_isolated_unless_host_network_is_asked() {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr").to_string();
     let isolated = faultbox_run(&["--", helper(), "connect", &addr]);
-    assert!(isolated.stdout.contains("ECONNREFUSED"), "{}", isolated.stdout);
+    assert!(
+        isolated.stdout.contains("ECONNREFUSED"),
+        "{}",
+        isolated.stdout
+    );
     let host = faultbox_run(&["--host-network", "--", helper(), "connect", &addr]);
-    assert!(host.stdout.contains(" ok "), "{}{}", host.stdout, host.stderr);
+    assert!(
+        host.stdout.contains(" ok "),
+        "{}{}",
+        host.stdout,
+        host.stderr
+    );
 }
 
 #[test]
@@ -355,7 +528,9 @@ fn sigterm_reaches_the_target() {
         // Isolated, sleep is PID 1 and ignores SIGTERM: the grace period
         // ends in SIGKILL. Without isolation SIGTERM kills it outright.
         let mut cmd = Command::new(faultbox());
-        cmd.args(["run", "--log-format=json"]).args(&flags).args(["--", "sleep", "30"]);
+        cmd.args(["run", "--log-format=json"])
+            .args(&flags)
+            .args(["--", "sleep", "30"]);
         cmd.stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn faultbox");
         let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
@@ -367,7 +542,10 @@ fn sigterm_reaches_the_target() {
             }
         }
         let begin = Instant::now();
-        Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill");
         let status = child.wait().expect("wait");
         assert_eq!(status.code(), Some(expected), "flags {flags:?}");
         assert!(begin.elapsed() < Duration::from_secs(6));
@@ -380,7 +558,16 @@ fn losing_the_controller_releases_held_calls_and_stops_the_target() {
     let file = dir.file("held");
     let rule = format!("openat=delay:60s:100%:{file}");
     let mut child = Command::new(faultbox())
-        .args(["run", "--log-format=json", "--fault", &rule, "--", helper(), "open", &file])
+        .args([
+            "run",
+            "--log-format=json",
+            "--fault",
+            &rule,
+            "--",
+            helper(),
+            "open",
+            &file,
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -400,7 +587,10 @@ fn losing_the_controller_releases_held_calls_and_stops_the_target() {
     assert!(gone(shim[0]), "shim left running");
     let mut out = String::new();
     let _ = child.stdout.take().map(|mut s| s.read_to_string(&mut out));
-    assert!(out.contains(&format!("open {file} ok")), "the held open was released: {out:?}");
+    assert!(
+        out.contains(&format!("open {file} ok")),
+        "the held open was released: {out:?}"
+    );
 }
 
 #[test]
@@ -408,14 +598,38 @@ fn malformed_input_is_one_line_exit_1_and_starts_nothing() {
     let dir = Scratch::new("bad");
     let not_exec = dir.file("plain.txt");
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["--fault", "openat=EIOO:100%", "--", "true"], "unknown errno \"EIOO\" (did you mean EIO?)"),
-        (vec!["--fault", "write=EIO:150%", "--", "true"], "probability \"150%\" is out of range"),
-        (vec!["--fault", "fsync=EIO:100%:nth=0", "--", "true"], "nth counts calls from 1"),
-        (vec!["--fault", "connect=delay:fast:100%", "--", "true"], "invalid duration \"fast\""),
-        (vec!["--fault", "opnat=EIO:100%", "--", "true"], "unknown syscall \"opnat\" (did you mean openat?)"),
-        (vec!["--fs-fault", "wirte=EIO:1%", "--", "true"], "did you mean write?"),
-        (vec!["--env", "NOEQUALS", "--", "true"], "expected KEY=VALUE"),
-        (vec!["--", "./no-such-binary"], "binary \"./no-such-binary\" not found"),
+        (
+            vec!["--fault", "openat=EIOO:100%", "--", "true"],
+            "unknown errno \"EIOO\" (did you mean EIO?)",
+        ),
+        (
+            vec!["--fault", "write=EIO:150%", "--", "true"],
+            "probability \"150%\" is out of range",
+        ),
+        (
+            vec!["--fault", "fsync=EIO:100%:nth=0", "--", "true"],
+            "nth counts calls from 1",
+        ),
+        (
+            vec!["--fault", "connect=delay:fast:100%", "--", "true"],
+            "invalid duration \"fast\"",
+        ),
+        (
+            vec!["--fault", "opnat=EIO:100%", "--", "true"],
+            "unknown syscall \"opnat\" (did you mean openat?)",
+        ),
+        (
+            vec!["--fs-fault", "wirte=EIO:1%", "--", "true"],
+            "did you mean write?",
+        ),
+        (
+            vec!["--env", "NOEQUALS", "--", "true"],
+            "expected KEY=VALUE",
+        ),
+        (
+            vec!["--", "./no-such-binary"],
+            "binary \"./no-such-binary\" not found",
+        ),
         (vec!["--", "no-such-binary-xyz"], "not found in PATH"),
         (vec!["--", &not_exec], "is not executable"),
         (vec!["--", "/tmp"], "is a directory"),
@@ -425,9 +639,17 @@ fn malformed_input_is_one_line_exit_1_and_starts_nothing() {
         full.extend(args.iter().copied());
         let run = faultbox_raw(&full);
         assert_eq!(run.code, 1, "{args:?}: {}", run.stderr);
-        assert_eq!(run.stderr.trim().lines().count(), 1, "{args:?}: {}", run.stderr);
+        assert_eq!(
+            run.stderr.trim().lines().count(),
+            1,
+            "{args:?}: {}",
+            run.stderr
+        );
         assert!(run.stderr.contains(expected), "{args:?}: {}", run.stderr);
-        assert!(!run.stderr.contains("session starting"), "{args:?} started something");
+        assert!(
+            !run.stderr.contains("session starting"),
+            "{args:?} started something"
+        );
     }
     let unknown_flag = faultbox_raw(&["run", "--frobnicate", "--", "true"]);
     assert_eq!(unknown_flag.code, 1);
@@ -437,14 +659,28 @@ fn malformed_input_is_one_line_exit_1_and_starts_nothing() {
 fn a_kernel_without_user_notification_is_reported() {
     // strace makes seccomp() fail with ENOSYS, as on a kernel without it.
     let out = Command::new("strace")
-        .args(["-f", "-qq", "-o", "/dev/null", "-e", "trace=seccomp", "-e", "inject=seccomp:error=ENOSYS"])
+        .args([
+            "-f",
+            "-qq",
+            "-o",
+            "/dev/null",
+            "-e",
+            "trace=seccomp",
+            "-e",
+            "inject=seccomp:error=ENOSYS",
+        ])
         .arg(faultbox())
         .args(["run", "--fault", "openat=EIO:1%", "--", "true"])
         .output()
         .expect("strace is installed by scripts/setup");
     let run = finish(out);
     assert_eq!(run.code, 1, "{}", run.stderr);
-    assert!(run.stderr.contains("does not support seccomp user notification"), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("does not support seccomp user notification"),
+        "{}",
+        run.stderr
+    );
     assert_eq!(run.stderr.trim().lines().count(), 1, "{}", run.stderr);
 }
 
@@ -453,4 +689,35 @@ fn the_shim_explains_its_usage() {
     let out = Command::new(shim()).output().expect("run shim");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("usage: faultbox-shim --control"));
+}
+
+#[test]
+fn the_readme_example_fails_the_third_fsync() {
+    let dir = Scratch::new("readme");
+    let wal = dir.path("orders.wal");
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/wal.py");
+    let run = faultbox_run(&[
+        "--fault",
+        "fsync=EIO:100%:after=2",
+        "--",
+        "python3",
+        example,
+        &wal,
+    ]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert_eq!(
+        run.stdout.lines().collect::<Vec<_>>(),
+        vec![
+            "order-1: durable",
+            "order-2: durable",
+            "order-3: fsync failed: Input/output error (errno 5); refusing to acknowledge, exiting",
+        ]
+    );
+    assert_eq!(
+        std::fs::read_to_string(&wal)
+            .unwrap_or_default()
+            .lines()
+            .count(),
+        3
+    );
 }

@@ -174,7 +174,11 @@ fn main() {
         // open-stdin : open each path read from stdin, until end of input
         "open-stdin" => {
             let mut line = String::new();
-            while io::stdin().read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+            while io::stdin()
+                .read_line(&mut line)
+                .map(|n| n > 0)
+                .unwrap_or(false)
+            {
                 let path = line.trim().to_string();
                 let r = File::open(&path);
                 let _ = writeln!(out, "open {path} {}", outcome(&r));

@@ -60,7 +60,11 @@ impl Run {
     pub fn syscalls(&self, prefix: &str) -> Vec<&Value> {
         self.logs_with("syscall intercepted")
             .into_iter()
-            .filter(|l| l["decision"].as_str().is_some_and(|d| d.starts_with(prefix)))
+            .filter(|l| {
+                l["decision"]
+                    .as_str()
+                    .is_some_and(|d| d.starts_with(prefix))
+            })
             .collect()
     }
 
@@ -77,7 +81,10 @@ impl Run {
 /// Runs `faultbox <args>` with JSON logs and a 60 s limit.
 pub fn faultbox_run(args: &[&str]) -> Run {
     let mut cmd = Command::new("timeout");
-    cmd.args(["-k", "5", "60"]).arg(faultbox()).arg("run").arg("--log-format=json");
+    cmd.args(["-k", "5", "60"])
+        .arg(faultbox())
+        .arg("run")
+        .arg("--log-format=json");
     cmd.args(args);
     finish(cmd.output().expect("run faultbox"))
 }
