@@ -132,6 +132,13 @@ impl ChildSpec {
         })
     }
 
+    /// Replaces the filter with an exact program, for baselines that
+    /// compare our filter with others (a bare ALLOW filter, say).
+    pub fn with_filter(mut self, insns: &[seccomp::Insn]) -> ChildSpec {
+        self.filter = Some(Program::new(insns));
+        self
+    }
+
     /// Starts the child as PID 1 of a new PID namespace.
     pub fn in_new_pid_namespace(mut self, yes: bool) -> ChildSpec {
         self.new_pid_namespace = yes;
@@ -167,9 +174,21 @@ const STEPS: &[(u8, &str)] = &[
     (b'h', "hand the listener to the supervisor"),
 ];
 
-/// Forks the child, which installs the filter and hands its listener over.
-/// The child waits for [`Spawned::release`] before it execs.
+/// A forked child that is installing its filter.
+struct Forked {
+    pid: i32,
+    handoff: OwnedFd,
+    program: String,
+}
+
+/// Forks the child, which installs the filter and hands its listener over,
+/// then waits for [`Spawned::release`] before it execs.
 pub fn spawn(spec: &ChildSpec) -> Result<Spawned, LaunchError> {
+    fork_child(spec)?.handoff()
+}
+
+/// The first half of [`spawn`]: fork, and let the child set itself up.
+fn fork_child(spec: &ChildSpec) -> Result<Forked, LaunchError> {
     let (parent_end, child_end) =
         seccomp::handoff_pair().map_err(|source| LaunchError::Parent {
             step: "create the hand-off socket",
@@ -181,7 +200,6 @@ pub fn spawn(spec: &ChildSpec) -> Result<Spawned, LaunchError> {
     envp_ptrs.push(std::ptr::null());
     // SAFETY: getpid has no preconditions.
     let parent_pid = unsafe { libc::getpid() };
-
     // The new PID namespace is made by this clone rather than by unshare in
     // the supervisor: after unshare(CLONE_NEWPID) the kernel refuses to
     // create threads in the caller (EINVAL), and the supervisor needs them.
@@ -218,54 +236,69 @@ pub fn spawn(spec: &ChildSpec) -> Result<Spawned, LaunchError> {
         );
     }
     drop(child_end);
-    let program = spec.program.to_string_lossy().into_owned();
-    let fail = |error: LaunchError| {
-        reap(pid);
-        Err(error)
-    };
-    let message = match seccomp::recv_handoff(&parent_end) {
-        Ok(Some(m)) => m,
-        Ok(None) => {
-            return fail(LaunchError::Child {
-                step: "start",
-                errno: libc::ECHILD,
-            });
-        }
-        Err(source) => {
-            return fail(LaunchError::Parent {
-                step: "receive the listener",
-                source,
-            });
-        }
-    };
-    match (message.tag, message.payload, message.fd) {
-        (TAG_LISTENER, rest, Some(fd)) => Ok(Spawned {
+    Ok(Forked {
+        pid,
+        handoff: parent_end,
+        program: spec.program.to_string_lossy().into_owned(),
+    })
+}
+
+impl Forked {
+    /// The second half of [`spawn`]: waits for the child's listener.
+    fn handoff(self) -> Result<Spawned, LaunchError> {
+        let Forked {
             pid,
-            listener: Some(Listener::new(fd)),
-            wait_killable: rest[0] == 1,
             handoff: parent_end,
             program,
-        }),
-        (TAG_READY, _, _) => Ok(Spawned {
-            pid,
-            listener: None,
-            wait_killable: false,
-            handoff: parent_end,
-            program,
-        }),
-        (TAG_CHILD_ERROR, rest, _) => {
-            let step = STEPS
-                .iter()
-                .find(|(tag, _)| *tag == rest[0])
-                .map(|(_, s)| *s)
-                .unwrap_or("prepare the target");
-            let errno = i32::from_le_bytes([rest[1], rest[2], rest[3], 0]);
-            fail(LaunchError::Child { step, errno })
+        } = self;
+        let fail = |error: LaunchError| {
+            reap(pid);
+            Err(error)
+        };
+        let message = match seccomp::recv_handoff(&parent_end) {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                return fail(LaunchError::Child {
+                    step: "start",
+                    errno: libc::ECHILD,
+                });
+            }
+            Err(source) => {
+                return fail(LaunchError::Parent {
+                    step: "receive the listener",
+                    source,
+                });
+            }
+        };
+        match (message.tag, message.payload, message.fd) {
+            (TAG_LISTENER, rest, Some(fd)) => Ok(Spawned {
+                pid,
+                listener: Some(Listener::new(fd)),
+                wait_killable: rest[0] == 1,
+                handoff: parent_end,
+                program,
+            }),
+            (TAG_READY, _, _) => Ok(Spawned {
+                pid,
+                listener: None,
+                wait_killable: false,
+                handoff: parent_end,
+                program,
+            }),
+            (TAG_CHILD_ERROR, rest, _) => {
+                let step = STEPS
+                    .iter()
+                    .find(|(tag, _)| *tag == rest[0])
+                    .map(|(_, s)| *s)
+                    .unwrap_or("prepare the target");
+                let errno = i32::from_le_bytes([rest[1], rest[2], rest[3], 0]);
+                fail(LaunchError::Child { step, errno })
+            }
+            _ => fail(LaunchError::Child {
+                step: "hand the listener to the supervisor",
+                errno: libc::EPROTO,
+            }),
         }
-        _ => fail(LaunchError::Child {
-            step: "hand the listener to the supervisor",
-            errno: libc::EPROTO,
-        }),
     }
 }
 
@@ -520,6 +553,25 @@ pub fn wait_any() -> Option<(i32, ExitStatus)> {
             return Some((pid, exit));
         }
         if errno() != libc::EINTR {
+            return None;
+        }
+    }
+}
+
+/// Waits for the child `pid`; `None` if it is not our child.
+pub fn wait_for(pid: i32) -> Option<ExitStatus> {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid writes the status into a valid int.
+        let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if rc == pid {
+            return Some(if libc::WIFSIGNALED(status) {
+                ExitStatus::Signal(libc::WTERMSIG(status))
+            } else {
+                ExitStatus::Code(libc::WEXITSTATUS(status))
+            });
+        }
+        if rc < 0 && errno() != libc::EINTR {
             return None;
         }
     }

@@ -12,7 +12,7 @@ use std::os::unix::thread::JoinHandleExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -22,7 +22,7 @@ use crate::process;
 use crate::rule::{Action, Rule, RuleError};
 use crate::seccomp::{self, Listener, Notification, Response};
 use crate::syscalls::{self, Arch, PathSource};
-use crate::wire::{ShimMessage, SyscallEvent};
+use crate::wire::{EventQueue, ShimMessage, SyscallEvent};
 
 /// What the supervisor needs from the kernel.
 pub trait Kernel: Send + Sync + 'static {
@@ -72,14 +72,34 @@ impl Kernel for LiveKernel {
 }
 
 struct Shared<K> {
-    kernel: K,
+    kernel: OnceLock<K>,
     arch: Arch,
     engine: Mutex<Engine>,
-    events: Sender<ShimMessage>,
+    events: Arc<EventQueue>,
     seq: AtomicU64,
     interrupted: AtomicU64,
     detached: AtomicBool,
     stopping: AtomicBool,
+    timer: Mutex<Timer>,
+    /// Notifications received whose event is not yet queued (held ones
+    /// included): zero means every answered call has been reported.
+    in_flight: Arc<AtomicU64>,
+}
+
+/// Counts one notification as in flight until dropped.
+struct InFlight(Arc<AtomicU64>);
+
+impl InFlight {
+    fn new(counter: &Arc<AtomicU64>) -> InFlight {
+        counter.fetch_add(1, Ordering::SeqCst);
+        InFlight(Arc::clone(counter))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 enum TimerMsg {
@@ -92,6 +112,7 @@ struct Held {
     id: u64,
     started: Instant,
     event: SyscallEvent,
+    _in_flight: InFlight,
 }
 
 impl PartialEq for Held {
@@ -115,26 +136,48 @@ impl Ord for Held {
 /// A running notification loop.
 pub struct Supervisor<K: Kernel> {
     shared: Arc<Shared<K>>,
-    timer_tx: Mutex<Option<Sender<TimerMsg>>>,
-    threads: Mutex<Option<(JoinHandle<()>, JoinHandle<()>)>>,
+    recv: Mutex<Option<(JoinHandle<()>, mpsc::Receiver<()>)>>,
+    attach: Mutex<Option<Sender<()>>>,
+}
+
+/// The delay timer, started on the first delayed call: most launches have
+/// no delay rule, and a thread costs ~50 µs to start on a busy VM.
+#[derive(Default)]
+struct Timer {
+    tx: Option<Sender<TimerMsg>>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl<K: Kernel> Supervisor<K> {
     /// Starts serving `kernel`, whose filter intercepts `intercepted`, with
-    /// `rules`, sending events to `events`.
+    /// `rules`, queueing events on `events`.
     pub fn start(
         kernel: K,
         arch: Arch,
         seed: u64,
         intercepted: Vec<u32>,
         rules: Vec<Rule>,
-        events: Sender<ShimMessage>,
+        events: Arc<EventQueue>,
+    ) -> Result<Supervisor<K>, RuleError> {
+        let supervisor = Supervisor::prepare(arch, seed, intercepted, rules, events)?;
+        supervisor.attach(kernel);
+        Ok(supervisor)
+    }
+
+    /// Like [`Supervisor::start`] without the kernel yet: the notification
+    /// thread waits until [`Supervisor::attach`] hands it the listener.
+    fn prepare(
+        arch: Arch,
+        seed: u64,
+        intercepted: Vec<u32>,
+        rules: Vec<Rule>,
+        events: Arc<EventQueue>,
     ) -> Result<Supervisor<K>, RuleError> {
         let mut engine = Engine::new(arch, seed);
         engine.restrict_to(intercepted);
         engine.set_rules(rules)?;
         let shared = Arc::new(Shared {
-            kernel,
+            kernel: OnceLock::new(),
             arch,
             engine: Mutex::new(engine),
             events,
@@ -142,30 +185,39 @@ impl<K: Kernel> Supervisor<K> {
             interrupted: AtomicU64::new(0),
             detached: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            timer: Mutex::new(Timer::default()),
+            in_flight: Arc::new(AtomicU64::new(0)),
         });
-        let (timer_tx, timer_rx) = mpsc::channel();
-        let timer_shared = Arc::clone(&shared);
-        let timer_thread = thread::Builder::new()
-            .name("faultbox-timer".into())
-            .spawn(move || timer_loop(&timer_shared, timer_rx))
-            .map_err(|e| RuleError {
-                reason: format!("cannot start the timer thread: {e}"),
-            })?;
         let recv_shared = Arc::clone(&shared);
-        let recv_timer = timer_tx.clone();
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let (attach_tx, attach_rx) = mpsc::channel::<()>();
         // The wake handler lets stop() interrupt a RECV blocked in the kernel.
         let _ = process::install_wake_handler();
         let recv_thread = thread::Builder::new()
             .name("faultbox-notify".into())
-            .spawn(move || recv_loop(&recv_shared, &recv_timer))
+            .spawn(move || {
+                if attach_rx.recv().is_ok() {
+                    recv_loop(&recv_shared);
+                }
+                drop(done_tx);
+            })
             .map_err(|e| RuleError {
                 reason: format!("cannot start the notification thread: {e}"),
             })?;
         Ok(Supervisor {
             shared,
-            timer_tx: Mutex::new(Some(timer_tx)),
-            threads: Mutex::new(Some((recv_thread, timer_thread))),
+            recv: Mutex::new(Some((recv_thread, done_rx))),
+            attach: Mutex::new(Some(attach_tx)),
         })
+    }
+
+    /// Starts serving `kernel` (once; later calls are ignored).
+    fn attach(&self, kernel: K) {
+        if self.shared.kernel.set(kernel).is_ok()
+            && let Some(tx) = self.attach.lock().unwrap_or_else(|p| p.into_inner()).take()
+        {
+            let _ = tx.send(());
+        }
     }
 
     /// Replaces the rules; on error the old rules stay.
@@ -177,13 +229,8 @@ impl<K: Kernel> Supervisor<K> {
     /// allow every call without consulting the rules.
     pub fn detach(&self) {
         self.shared.detached.store(true, Ordering::SeqCst);
-        self.send_timer(TimerMsg::ReleaseAll);
-    }
-
-    fn send_timer(&self, msg: TimerMsg) {
-        let tx = self.timer_tx.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(tx) = tx.as_ref() {
-            let _ = tx.send(msg);
+        if let Some(tx) = &self.shared.timer().tx {
+            let _ = tx.send(TimerMsg::ReleaseAll);
         }
     }
 
@@ -197,31 +244,47 @@ impl<K: Kernel> Supervisor<K> {
         self.shared.engine().stats()
     }
 
+    /// Releases everything held and waits until every call answered so far
+    /// has its event queued. Call it once the target tree is reaped: then no
+    /// new notification can arrive, and the threads may simply be left to
+    /// die with the process (the shim does), which is cheaper than joining.
+    pub fn quiesce(&self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        if let Some(tx) = &self.shared.timer().tx {
+            let _ = tx.send(TimerMsg::ReleaseAll);
+        }
+        while self.shared.in_flight.load(Ordering::SeqCst) > 0 {
+            thread::yield_now();
+        }
+    }
+
     /// Releases everything held and stops both threads. Every event of a
-    /// call answered before `stop` returns has been sent. Idempotent.
+    /// call answered before `stop` returns has been queued. Idempotent.
     pub fn stop(&self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
-        let threads = self
-            .threads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        let Some((recv, timer)) = threads else {
+        let recv = self.recv.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some((recv, done)) = recv else {
             return;
         };
-        // A signal can land just before the thread enters RECV; repeat until
-        // it has seen the stop flag.
-        while !recv.is_finished() {
+        // Never attached: the thread is waiting for a kernel, not in RECV.
+        self.attach.lock().unwrap_or_else(|p| p.into_inner()).take();
+        // A signal can land just before the thread enters RECV and be lost;
+        // repeat it until the thread reports that it has left the loop.
+        let mut pause = Duration::from_micros(50);
+        loop {
             process::wake_thread(recv.as_pthread_t());
-            thread::sleep(Duration::from_millis(1));
+            match done.recv_timeout(pause) {
+                Err(RecvTimeoutError::Timeout) => pause = (pause * 2).min(Duration::from_millis(5)),
+                _ => break,
+            }
         }
         let _ = recv.join();
-        // Dropping the last sender makes the timer release all and exit.
-        self.timer_tx
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        let _ = timer.join();
+        // Dropping the only sender makes the timer release all and exit.
+        let timer = std::mem::take(&mut *self.shared.timer());
+        drop(timer.tx);
+        if let Some(thread) = timer.thread {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -232,6 +295,10 @@ impl<K: Kernel> Drop for Supervisor<K> {
 }
 
 impl<K: Kernel> Shared<K> {
+    fn timer(&self) -> MutexGuard<'_, Timer> {
+        self.timer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn engine(&self) -> MutexGuard<'_, Engine> {
         // A panic while holding the lock would be a bug in the engine; the
         // rules themselves are still consistent, so keep serving.
@@ -240,11 +307,15 @@ impl<K: Kernel> Shared<K> {
 
     fn emit(&self, mut event: SyscallEvent) {
         event.seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
-        let _ = self.events.send(ShimMessage::Syscall(event));
+        self.events.push(ShimMessage::Syscall(event));
     }
 
     fn answer(&self, id: u64, response: Response) -> bool {
-        match self.kernel.respond(id, response) {
+        let result = match self.kernel.get() {
+            Some(kernel) => kernel.respond(id, response),
+            None => Err(io::Error::from_raw_os_error(libc::EBADF)),
+        };
+        match result {
             Ok(()) => true,
             Err(_) => {
                 // ENOENT: the caller was killed or restarted the call.
@@ -255,13 +326,16 @@ impl<K: Kernel> Shared<K> {
     }
 }
 
-fn recv_loop<K: Kernel>(shared: &Shared<K>, timer: &Sender<TimerMsg>) {
+fn recv_loop<K: Kernel>(shared: &Arc<Shared<K>>) {
+    let Some(kernel) = shared.kernel.get() else {
+        return;
+    };
     loop {
         if shared.stopping.load(Ordering::SeqCst) {
             return;
         }
-        match shared.kernel.recv() {
-            Ok(n) => handle(shared, timer, n),
+        match kernel.recv() {
+            Ok(n) => handle(shared, kernel, n),
             Err(e) => match e.raw_os_error() {
                 Some(libc::EINTR) | Some(libc::ENOENT) => continue,
                 _ => return,
@@ -270,14 +344,15 @@ fn recv_loop<K: Kernel>(shared: &Shared<K>, timer: &Sender<TimerMsg>) {
     }
 }
 
-fn handle<K: Kernel>(shared: &Shared<K>, timer: &Sender<TimerMsg>, n: Notification) {
+fn handle<K: Kernel>(shared: &Arc<Shared<K>>, kernel: &K, n: Notification) {
+    let in_flight = InFlight::new(&shared.in_flight);
     if shared.detached.load(Ordering::Relaxed) {
         shared.answer(n.id, Response::Continue);
         return;
     }
     let name = shared.arch.name(n.nr).unwrap_or("unknown");
-    let path = resolve_path(&shared.kernel, name, &n);
-    if path.is_some() && !shared.kernel.id_valid(n.id) {
+    let path = resolve_path(kernel, name, &n);
+    if path.is_some() && !kernel.id_valid(n.id) {
         shared.interrupted.fetch_add(1, Ordering::Relaxed);
         return;
     }
@@ -319,11 +394,10 @@ fn handle<K: Kernel>(shared: &Shared<K>, timer: &Sender<TimerMsg>, n: Notificati
                 id: n.id,
                 started,
                 event,
+                _in_flight: in_flight,
             };
-            if let Err(mpsc::SendError(TimerMsg::Hold(held))) =
-                timer.send(TimerMsg::Hold(Box::new(held)))
-            {
-                // The timer is gone (stopping): never leave a call parked.
+            if let Err(held) = hold(shared, held) {
+                // No timer (stopping): never leave a call parked.
                 shared.answer(held.id, Response::Continue);
             }
             return;
@@ -331,6 +405,29 @@ fn handle<K: Kernel>(shared: &Shared<K>, timer: &Sender<TimerMsg>, n: Notificati
     };
     if shared.answer(n.id, response) {
         shared.emit(event);
+    }
+}
+
+/// Hands a delayed call to the timer, starting it on first use.
+fn hold<K: Kernel>(shared: &Arc<Shared<K>>, held: Held) -> Result<(), Box<Held>> {
+    let mut timer = shared.timer();
+    if timer.tx.is_none() && !shared.stopping.load(Ordering::SeqCst) {
+        let (tx, rx) = mpsc::channel();
+        let timer_shared = Arc::clone(shared);
+        if let Ok(thread) = thread::Builder::new()
+            .name("faultbox-timer".into())
+            .spawn(move || timer_loop(&timer_shared, rx))
+        {
+            timer.tx = Some(tx);
+            timer.thread = Some(thread);
+        }
+    }
+    let Some(tx) = &timer.tx else {
+        return Err(Box::new(held));
+    };
+    match tx.send(TimerMsg::Hold(Box::new(held))) {
+        Err(mpsc::SendError(TimerMsg::Hold(held))) => Err(held),
+        _ => Ok(()),
     }
 }
 
@@ -488,10 +585,7 @@ mod tests {
         }
     }
 
-    fn start(
-        fake: &Arc<Fake>,
-        specs: &[&str],
-    ) -> (Supervisor<Arc<Fake>>, mpsc::Receiver<ShimMessage>) {
+    fn start(fake: &Arc<Fake>, specs: &[&str]) -> (Supervisor<Arc<Fake>>, Arc<EventQueue>) {
         let rules = specs
             .iter()
             .map(|s| parse_fault(s, X86).expect("rule"))
@@ -501,9 +595,10 @@ mod tests {
             .iter()
             .filter_map(|n| X86.number(n))
             .collect();
-        let (tx, rx) = mpsc::channel();
-        let sup = Supervisor::start(Arc::clone(fake), X86, 1, all, rules, tx).expect("start");
-        (sup, rx)
+        let queue = Arc::new(EventQueue::new());
+        let sup = Supervisor::start(Arc::clone(fake), X86, 1, all, rules, Arc::clone(&queue))
+            .expect("start");
+        (sup, queue)
     }
 
     fn push(fake: &Fake, n: Notification) {
@@ -527,8 +622,10 @@ mod tests {
         }
     }
 
-    fn events(rx: &mpsc::Receiver<ShimMessage>) -> Vec<SyscallEvent> {
-        rx.try_iter()
+    fn events(queue: &EventQueue) -> Vec<SyscallEvent> {
+        queue
+            .take_batch()
+            .into_iter()
             .filter_map(|m| match m {
                 ShimMessage::Syscall(e) => Some(e),
                 _ => None,
@@ -671,6 +768,16 @@ mod tests {
                 (2, Response::Errno(libc::EIO))
             ]
         );
+    }
+
+    #[test]
+    fn stopping_before_a_kernel_is_attached_returns() {
+        let queue = Arc::new(EventQueue::new());
+        let sup: Supervisor<Arc<Fake>> =
+            Supervisor::prepare(X86, 1, Vec::new(), Vec::new(), queue).expect("prepare");
+        let begin = Instant::now();
+        sup.stop();
+        assert!(begin.elapsed() < Duration::from_secs(1));
     }
 
     #[test]

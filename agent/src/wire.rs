@@ -14,6 +14,8 @@
 //! built together, so a mismatch is a bug to report, not to tolerate.
 
 use std::io::{self, BufRead, Write};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -178,6 +180,63 @@ pub enum ShimMessage {
         /// Notifications whose caller vanished before the answer.
         interrupted: u64,
     },
+}
+
+/// The shim's outgoing messages, in order.
+///
+/// The notification thread pushes one event per intercepted call; waking
+/// the writer for each would cost a futex syscall per call (and, on a busy
+/// machine, a context switch), a large share of the ~5 µs round trip. So
+/// events are queued silently and the writer drains the queue every few
+/// milliseconds; lifecycle messages, which are rare and awaited, wake it
+/// at once. One queue for both keeps their relative order.
+#[derive(Default)]
+pub struct EventQueue {
+    pending: Mutex<Vec<ShimMessage>>,
+    wake: Condvar,
+}
+
+/// How long a queued event may wait for the writer.
+pub const EVENT_FLUSH_INTERVAL: Duration = Duration::from_millis(2);
+
+impl EventQueue {
+    /// A new, empty queue.
+    pub fn new() -> EventQueue {
+        EventQueue::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<ShimMessage>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a message without waking the writer (hot path).
+    pub fn push(&self, message: ShimMessage) {
+        let mut pending = self.lock();
+        pending.push(message);
+        // Bound memory under a flood: past this the writer is woken anyway.
+        if pending.len() == 4096 {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Queues a message and wakes the writer.
+    pub fn push_now(&self, message: ShimMessage) {
+        self.lock().push(message);
+        self.wake.notify_one();
+    }
+
+    /// Waits until woken or `EVENT_FLUSH_INTERVAL` passes, then takes
+    /// everything queued.
+    pub fn take_batch(&self) -> Vec<ShimMessage> {
+        let mut pending = self.lock();
+        if pending.is_empty() {
+            pending = match self.wake.wait_timeout(pending, EVENT_FLUSH_INTERVAL) {
+                Ok((guard, _)) => guard,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+        std::mem::take(&mut *pending)
+    }
 }
 
 /// Writes one message as a JSON line.

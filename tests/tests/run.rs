@@ -721,3 +721,20 @@ fn the_readme_example_fails_the_third_fsync() {
         3
     );
 }
+
+#[test]
+fn the_targets_own_flags_pass_through_after_the_separator() {
+    // faultbox run --debug -- ./my-service --port 8080
+    let run = faultbox_run(&[
+        "--debug",
+        "--",
+        "sh",
+        "-c",
+        "echo \"$@\"",
+        "sh",
+        "--port",
+        "8080",
+    ]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.stdout.trim(), "--port 8080");
+}
