@@ -35,6 +35,17 @@ fn outcome<T>(r: &io::Result<T>) -> String {
     }
 }
 
+/// The value, or: print what failed (as the tests read it) and exit 3.
+fn must<T>(what: &str, r: io::Result<T>) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => {
+            println!("{what} {}", errno_name(&e));
+            std::process::exit(3);
+        }
+    }
+}
+
 fn ms(since: Instant) -> u128 {
     since.elapsed().as_millis()
 }
@@ -67,13 +78,10 @@ fn main() {
         "write" => {
             let n: usize = arg(&args, 1, "count");
             let path: String = arg(&args, 2, "path");
-            let mut f = match OpenOptions::new().create(true).append(true).open(&path) {
-                Ok(f) => f,
-                Err(e) => {
-                    let _ = writeln!(out, "open {path} {}", errno_name(&e));
-                    std::process::exit(3);
-                }
-            };
+            let mut f = must(
+                &format!("open {path}"),
+                OpenOptions::new().create(true).append(true).open(&path),
+            );
             let mut line = String::new();
             for _ in 0..n {
                 let r = f.write(b"0123456789abcdef");
@@ -86,13 +94,10 @@ fn main() {
         "fsync" => {
             let n: usize = arg(&args, 1, "count");
             let path: String = arg(&args, 2, "path");
-            let mut f = match OpenOptions::new().create(true).append(true).open(&path) {
-                Ok(f) => f,
-                Err(e) => {
-                    let _ = writeln!(out, "open {path} {}", errno_name(&e));
-                    std::process::exit(3);
-                }
-            };
+            let mut f = must(
+                &format!("open {path}"),
+                OpenOptions::new().create(true).append(true).open(&path),
+            );
             for i in 1..=n {
                 let _ = f.write_all(b"record\n");
                 let r = f.sync_all();
@@ -102,13 +107,7 @@ fn main() {
         // connect-self N : listen on loopback, connect to it N times
         "connect-self" => {
             let n: usize = arg(&args, 1, "count");
-            let listener = match TcpListener::bind("127.0.0.1:0") {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = writeln!(out, "bind {}", errno_name(&e));
-                    std::process::exit(3);
-                }
-            };
+            let listener = must("bind", TcpListener::bind("127.0.0.1:0"));
             let addr = listener.local_addr().ok();
             for i in 1..=n {
                 let t = Instant::now();
@@ -122,13 +121,7 @@ fn main() {
         // sendto-self N : N UDP datagrams to a socket of our own
         "sendto-self" => {
             let n: usize = arg(&args, 1, "count");
-            let sock = match UdpSocket::bind("127.0.0.1:0") {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = writeln!(out, "bind {}", errno_name(&e));
-                    std::process::exit(3);
-                }
-            };
+            let sock = must("bind", UdpSocket::bind("127.0.0.1:0"));
             let addr = sock.local_addr().ok();
             let mut buf = [0u8; 16];
             for i in 1..=n {
