@@ -738,3 +738,48 @@ fn the_targets_own_flags_pass_through_after_the_separator() {
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert_eq!(run.stdout.trim(), "--port 8080");
 }
+
+#[test]
+fn nothing_the_target_started_outlives_it() {
+    // Without a PID namespace nothing kills the tree for us: the shim, as
+    // subreaper, must.
+    let run = faultbox_run(&["--no-isolation", "--", "sh", "-c", "sleep 30 & echo $!"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let pid: u32 = run.stdout.trim().parse().expect("background pid");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !gone(pid) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(gone(pid), "background sleep {pid} outlived its target");
+}
+
+#[test]
+fn a_missing_shim_is_one_clear_line() {
+    let out = Command::new(faultbox())
+        .env("FAULTBOX_SHIM", "/nonexistent/faultbox-shim")
+        .args(["run", "--", "true"])
+        .output()
+        .expect("run faultbox");
+    let run = finish(out);
+    assert_eq!(run.code, 1);
+    assert_eq!(run.stderr.trim().lines().count(), 1, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("FAULTBOX_SHIM=/nonexistent/faultbox-shim is not an executable file"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn logs_are_json_when_stderr_is_piped() {
+    let run = faultbox_raw(&["run", "--", "true"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(!run.logs.is_empty());
+    assert_eq!(
+        run.logs.len(),
+        run.stderr.lines().count(),
+        "every line is JSON: {}",
+        run.stderr
+    );
+}
