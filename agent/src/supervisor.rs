@@ -12,7 +12,7 @@ use std::os::unix::thread::JoinHandleExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -72,7 +72,7 @@ impl Kernel for LiveKernel {
 }
 
 struct Shared<K> {
-    kernel: OnceLock<K>,
+    kernel: K,
     arch: Arch,
     engine: Mutex<Engine>,
     events: Arc<EventQueue>,
@@ -137,7 +137,6 @@ impl Ord for Held {
 pub struct Supervisor<K: Kernel> {
     shared: Arc<Shared<K>>,
     recv: Mutex<Option<(JoinHandle<()>, mpsc::Receiver<()>)>>,
-    attach: Mutex<Option<Sender<()>>>,
 }
 
 /// The delay timer, started on the first delayed call: most launches have
@@ -159,25 +158,11 @@ impl<K: Kernel> Supervisor<K> {
         rules: Vec<Rule>,
         events: Arc<EventQueue>,
     ) -> Result<Supervisor<K>, RuleError> {
-        let supervisor = Supervisor::prepare(arch, seed, intercepted, rules, events)?;
-        supervisor.attach(kernel);
-        Ok(supervisor)
-    }
-
-    /// Like [`Supervisor::start`] without the kernel yet: the notification
-    /// thread waits until [`Supervisor::attach`] hands it the listener.
-    fn prepare(
-        arch: Arch,
-        seed: u64,
-        intercepted: Vec<u32>,
-        rules: Vec<Rule>,
-        events: Arc<EventQueue>,
-    ) -> Result<Supervisor<K>, RuleError> {
         let mut engine = Engine::new(arch, seed);
         engine.restrict_to(intercepted);
         engine.set_rules(rules)?;
         let shared = Arc::new(Shared {
-            kernel: OnceLock::new(),
+            kernel,
             arch,
             engine: Mutex::new(engine),
             events,
@@ -190,15 +175,12 @@ impl<K: Kernel> Supervisor<K> {
         });
         let recv_shared = Arc::clone(&shared);
         let (done_tx, done_rx) = mpsc::channel::<()>();
-        let (attach_tx, attach_rx) = mpsc::channel::<()>();
         // The wake handler lets stop() interrupt a RECV blocked in the kernel.
         let _ = process::install_wake_handler();
         let recv_thread = thread::Builder::new()
             .name("faultbox-notify".into())
             .spawn(move || {
-                if attach_rx.recv().is_ok() {
-                    recv_loop(&recv_shared);
-                }
+                recv_loop(&recv_shared);
                 drop(done_tx);
             })
             .map_err(|e| RuleError {
@@ -207,17 +189,7 @@ impl<K: Kernel> Supervisor<K> {
         Ok(Supervisor {
             shared,
             recv: Mutex::new(Some((recv_thread, done_rx))),
-            attach: Mutex::new(Some(attach_tx)),
         })
-    }
-
-    /// Starts serving `kernel` (once; later calls are ignored).
-    fn attach(&self, kernel: K) {
-        if self.shared.kernel.set(kernel).is_ok()
-            && let Some(tx) = self.attach.lock().unwrap_or_else(|p| p.into_inner()).take()
-        {
-            let _ = tx.send(());
-        }
     }
 
     /// Replaces the rules; on error the old rules stay.
@@ -266,8 +238,6 @@ impl<K: Kernel> Supervisor<K> {
         let Some((recv, done)) = recv else {
             return;
         };
-        // Never attached: the thread is waiting for a kernel, not in RECV.
-        self.attach.lock().unwrap_or_else(|p| p.into_inner()).take();
         // A signal can land just before the thread enters RECV and be lost;
         // repeat it until the thread reports that it has left the loop.
         let mut pause = Duration::from_micros(50);
@@ -311,11 +281,7 @@ impl<K: Kernel> Shared<K> {
     }
 
     fn answer(&self, id: u64, response: Response) -> bool {
-        let result = match self.kernel.get() {
-            Some(kernel) => kernel.respond(id, response),
-            None => Err(io::Error::from_raw_os_error(libc::EBADF)),
-        };
-        match result {
+        match self.kernel.respond(id, response) {
             Ok(()) => true,
             Err(_) => {
                 // ENOENT: the caller was killed or restarted the call.
@@ -327,9 +293,7 @@ impl<K: Kernel> Shared<K> {
 }
 
 fn recv_loop<K: Kernel>(shared: &Arc<Shared<K>>) {
-    let Some(kernel) = shared.kernel.get() else {
-        return;
-    };
+    let kernel = &shared.kernel;
     loop {
         if shared.stopping.load(Ordering::SeqCst) {
             return;
@@ -768,16 +732,6 @@ mod tests {
                 (2, Response::Errno(libc::EIO))
             ]
         );
-    }
-
-    #[test]
-    fn stopping_before_a_kernel_is_attached_returns() {
-        let queue = Arc::new(EventQueue::new());
-        let sup: Supervisor<Arc<Fake>> =
-            Supervisor::prepare(X86, 1, Vec::new(), Vec::new(), queue).expect("prepare");
-        let begin = Instant::now();
-        sup.stop();
-        assert!(begin.elapsed() < Duration::from_secs(1));
     }
 
     #[test]
