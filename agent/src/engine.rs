@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng, rngs::ChaCha8Rng};
 
 use crate::glob::Glob;
 use crate::rule::{Action, Rule, RuleError};
-use crate::syscalls::{self, Arch};
+use crate::syscalls::Arch;
 
 /// Path prefixes that a rule without a path glob never faults, so the
 /// dynamic linker and the runtime's own `/proc` reads keep working.
@@ -169,28 +169,23 @@ impl Engine {
 
     /// Decides one call and advances the counters and RNGs it touched.
     pub fn decide(&mut self, call: Call<'_>) -> Decision {
-        let has_path = self
-            .arch
-            .name(call.nr)
-            .and_then(syscalls::path_source)
-            .is_some();
         let mut system_path = false;
         let mut share_left = 1.0_f64;
         for (index, c) in self.rules.iter_mut().enumerate() {
             if !c.nrs.contains(&call.nr) {
                 continue;
             }
-            if has_path {
-                match (&c.glob, call.path) {
-                    (Some(glob), Some(path)) if glob.matches(path) => {}
-                    // A path-filtered rule never fires on a path it cannot see.
-                    (Some(_), _) => continue,
-                    (None, Some(path)) if is_system_path(path) => {
-                        system_path = true;
-                        continue;
-                    }
-                    (None, _) => {}
+            // Syscalls without a path never have a glob (Rule::validate
+            // refuses one) and arrive with `path: None`, so they always pass.
+            match (&c.glob, call.path) {
+                (Some(glob), Some(path)) if glob.matches(path) => {}
+                // A path-filtered rule never fires on a path it cannot see.
+                (Some(_), _) => continue,
+                (None, Some(path)) if is_system_path(path) => {
+                    system_path = true;
+                    continue;
                 }
+                (None, _) => {}
             }
             c.matched += 1;
             if !c.rule.trigger.allows(c.matched) {
