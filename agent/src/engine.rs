@@ -114,10 +114,34 @@ impl Engine {
         self.intercepted = Some(nrs);
     }
 
-    /// Replaces the rules. Counters and RNGs restart for every rule.
+    /// Replaces the rules. A rule that was already in force (same id, same
+    /// content) keeps its counters and RNG, so opening a second fault window
+    /// does not restart the `nth=` count of the first; every other rule
+    /// starts fresh.
     pub fn set_rules(&mut self, rules: Vec<Rule>) -> Result<(), RuleError> {
-        let mut compiled = Vec::with_capacity(rules.len());
+        let mut fresh = Vec::new();
+        for rule in &rules {
+            if !self.rules.iter().any(|c| &c.rule == rule) {
+                fresh.push(self.compile(rule.clone())?);
+            }
+        }
+        let mut previous = std::mem::take(&mut self.rules);
+        let mut fresh = fresh.into_iter();
         for rule in rules {
+            let next = match previous.iter().position(|c| c.rule == rule) {
+                Some(i) => previous.swap_remove(i),
+                None => match fresh.next() {
+                    Some(c) => c,
+                    None => continue,
+                },
+            };
+            self.rules.push(next);
+        }
+        Ok(())
+    }
+
+    fn compile(&self, rule: Rule) -> Result<Compiled, RuleError> {
+        {
             let nrs = rule.validate(self.arch)?;
             if let Some(allowed) = &self.intercepted
                 && let Some(missing) = nrs.iter().find(|nr| !allowed.contains(nr))
@@ -137,17 +161,15 @@ impl Engine {
                 None => None,
             };
             let rng = ChaCha8Rng::seed_from_u64(rule_seed(self.seed, &rule.id));
-            compiled.push(Compiled {
+            Ok(Compiled {
                 rule,
                 nrs,
                 glob,
                 rng,
                 matched: 0,
                 fired: 0,
-            });
+            })
         }
-        self.rules = compiled;
-        Ok(())
     }
 
     /// The rules' counters, in rule order.
@@ -309,6 +331,24 @@ mod tests {
         });
         assert_eq!(d.describe(), "allow");
         assert_eq!(e.stats()[0].matched, 0);
+    }
+
+    #[test]
+    fn rules_kept_across_set_rules_keep_their_counters() {
+        let arch = Arch::native();
+        let outer = parse_fault("openat=ENOENT:100%:nth=3", arch).expect("rule");
+        let inner = parse_fault("openat=EACCES:0%", arch).expect("rule");
+        let mut e = Engine::new(arch, 1);
+        e.set_rules(vec![outer.clone()]).expect("rules");
+        assert_eq!(open(&mut e, "/a"), "allow");
+        // A second window opens: the outer rule must not restart its count.
+        e.set_rules(vec![inner.clone(), outer.clone()])
+            .expect("rules");
+        assert_eq!(open(&mut e, "/a"), "allow");
+        assert_eq!(open(&mut e, "/a"), "deny(no such file or directory)");
+        let bad = parse_fault("openat=EIO:100%:/x/[", arch);
+        assert!(bad.is_err() || e.set_rules(vec![bad.expect("rule")]).is_err());
+        assert_eq!(e.stats().len(), 2, "a rejected set leaves the old rules");
     }
 
     #[test]

@@ -84,6 +84,7 @@ pub struct ChildSpec {
     filter: Option<Program>,
     cookie: u64,
     new_pid_namespace: bool,
+    credentials: Option<(libc::uid_t, libc::gid_t)>,
 }
 
 fn cstring(what: &'static str, value: &str) -> Result<CString, LaunchError> {
@@ -129,6 +130,7 @@ impl ChildSpec {
             filter,
             cookie,
             new_pid_namespace: false,
+            credentials: None,
         })
     }
 
@@ -136,6 +138,14 @@ impl ChildSpec {
     /// compare our filter with others (a bare ALLOW filter, say).
     pub fn with_filter(mut self, insns: &[seccomp::Insn]) -> ChildSpec {
         self.filter = Some(Program::new(insns));
+        self
+    }
+
+    /// Runs the target as `uid`/`gid` (supplementary groups: just `gid`).
+    /// The switch happens after the filter is installed, so a server that
+    /// refuses to run as root (PostgreSQL) can still be faulted.
+    pub fn with_credentials(mut self, uid: libc::uid_t, gid: libc::gid_t) -> ChildSpec {
+        self.credentials = Some((uid, gid));
         self
     }
 
@@ -172,6 +182,7 @@ const STEPS: &[(u8, &str)] = &[
         "install the seccomp filter (the kernel needs seccomp user notification, Linux 5.0+ with CONFIG_SECCOMP_FILTER)",
     ),
     (b'h', "hand the listener to the supervisor"),
+    (b'u', "switch to the requested user"),
 ];
 
 /// A forked child that is installing its filter.
@@ -285,21 +296,23 @@ impl Forked {
                 handoff: parent_end,
                 program,
             }),
-            (TAG_CHILD_ERROR, rest, _) => {
-                let step = STEPS
-                    .iter()
-                    .find(|(tag, _)| *tag == rest[0])
-                    .map(|(_, s)| *s)
-                    .unwrap_or("prepare the target");
-                let errno = i32::from_le_bytes([rest[1], rest[2], rest[3], 0]);
-                fail(LaunchError::Child { step, errno })
-            }
+            (TAG_CHILD_ERROR, rest, _) => fail(child_error(rest)),
             _ => fail(LaunchError::Child {
                 step: "hand the listener to the supervisor",
                 errno: libc::EPROTO,
             }),
         }
     }
+}
+
+fn child_error(payload: [u8; 4]) -> LaunchError {
+    let step = STEPS
+        .iter()
+        .find(|(tag, _)| *tag == payload[0])
+        .map(|(_, s)| *s)
+        .unwrap_or("prepare the target");
+    let errno = i32::from_le_bytes([payload[1], payload[2], payload[3], 0]);
+    LaunchError::Child { step, errno }
 }
 
 impl Spawned {
@@ -322,6 +335,10 @@ impl Spawned {
                     program: self.program.clone(),
                     errno: i32::from_le_bytes(m.payload),
                 })
+            }
+            Ok(Some(m)) if m.tag == TAG_CHILD_ERROR => {
+                reap(self.pid);
+                Err(child_error(m.payload))
             }
             Ok(Some(_)) => Err(parent(
                 "wait for exec",
@@ -396,6 +413,21 @@ fn child_main(
             seccomp::write_with_cookie(sock, &[TAG_READY], cookie);
         }
     }
+    // After the hand-off, so that a rule on setuid and friends is answered
+    // by the supervisor instead of parking the child forever.
+    if let Some((uid, gid)) = spec.credentials {
+        // SAFETY: plain credential syscalls on local values; the child is
+        // single-threaded, so glibc's setxid broadcast has nobody to signal.
+        unsafe {
+            if libc::setgroups(1, &gid) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
+                report(b'u', errno());
+            }
+            // Changing credentials clears the parent-death signal.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                report(b'p', errno());
+            }
+        }
+    }
     let mut ack = [0u8; 1];
     if seccomp::read_with_cookie(sock, &mut ack, cookie) != 1 {
         // SAFETY: _exit is async-signal-safe.
@@ -449,9 +481,17 @@ pub fn isolate(isolation: Isolation) -> Result<(), LaunchError> {
         return Ok(());
     }
     let fail = |step, source| LaunchError::Isolation { step, source };
-    // SAFETY: getuid/getgid have no preconditions.
-    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let mut flags = libc::CLONE_NEWUSER | libc::CLONE_NEWNS;
+    // SAFETY: getuid/getgid/geteuid have no preconditions.
+    let (uid, gid, euid) = unsafe { (libc::getuid(), libc::getgid(), libc::geteuid()) };
+    // The user namespace only buys the privilege to create the others. Root
+    // has it already, and skipping it keeps real ids, so a target can still
+    // switch to another account (`service(user=...)`); inside a user
+    // namespace that maps only root, setuid(postgres) fails with EINVAL.
+    let user_namespace = euid != 0;
+    let mut flags = libc::CLONE_NEWNS;
+    if user_namespace {
+        flags |= libc::CLONE_NEWUSER;
+    }
     if isolation.network {
         flags |= libc::CLONE_NEWNET;
     }
@@ -459,9 +499,13 @@ pub fn isolate(isolation: Isolation) -> Result<(), LaunchError> {
     if unsafe { libc::unshare(flags) } != 0 {
         return Err(fail("unshare", io::Error::last_os_error()));
     }
-    fs::write("/proc/self/setgroups", "deny").map_err(|e| fail("write setgroups", e))?;
-    fs::write("/proc/self/uid_map", format!("0 {uid} 1")).map_err(|e| fail("write uid_map", e))?;
-    fs::write("/proc/self/gid_map", format!("0 {gid} 1")).map_err(|e| fail("write gid_map", e))?;
+    if user_namespace {
+        fs::write("/proc/self/setgroups", "deny").map_err(|e| fail("write setgroups", e))?;
+        fs::write("/proc/self/uid_map", format!("0 {uid} 1"))
+            .map_err(|e| fail("write uid_map", e))?;
+        fs::write("/proc/self/gid_map", format!("0 {gid} 1"))
+            .map_err(|e| fail("write gid_map", e))?;
+    }
     // SAFETY: all pointers are NULL or point at static C strings.
     let rc = unsafe {
         libc::mount(

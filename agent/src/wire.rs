@@ -76,6 +76,10 @@ pub struct LaunchSpec {
     /// Grace between SIGTERM and SIGKILL when the shim stops the target.
     #[serde(default = "default_stop_grace_ms")]
     pub stop_grace_ms: u64,
+    /// Account to run the target as (a name from `/etc/passwd`); the shim
+    /// must run as root for this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 fn default_stop_grace_ms() -> u64 {
@@ -100,6 +104,12 @@ pub enum ControlMessage {
     },
     /// Stop the target: SIGTERM, then SIGKILL after the stop grace.
     Stop,
+    /// Ask for [`ShimMessage::Synced`] once every event decided so far has
+    /// been sent: a barrier before the controller reads its trace.
+    Sync {
+        /// Echoed back.
+        token: u64,
+    },
 }
 
 /// One intercepted syscall.
@@ -169,6 +179,11 @@ pub enum ShimMessage {
     },
     /// One intercepted syscall.
     Syscall(SyscallEvent),
+    /// Answer to [`ControlMessage::Sync`]: every earlier event precedes it.
+    Synced {
+        /// The token of the request.
+        token: u64,
+    },
     /// The target exited.
     Exited {
         /// Exit code when it exited normally.

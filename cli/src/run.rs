@@ -158,6 +158,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         },
         on_disconnect: OnDisconnect::StopTarget,
         stop_grace_ms: 2_000,
+        user: None,
     };
     wire::send(&mut writer, &ControlMessage::Launch(Box::new(launch)))
         .and_then(|_| writer.flush())
@@ -178,7 +179,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
             }
         };
         match message {
-            ShimMessage::Hello { .. } => {}
+            ShimMessage::Hello { .. } | ShimMessage::Synced { .. } => {}
             ShimMessage::FilterInstalled {
                 syscalls,
                 wait_killable,

@@ -100,6 +100,10 @@ fn run() -> Result<i32, String> {
         Ok(nrs) => nrs,
         Err(message) => return failed(&mut early, message, 1),
     };
+    let credentials = match spec.user.as_deref().map(lookup_user).transpose() {
+        Ok(c) => c,
+        Err(message) => return failed(&mut early, message, 1),
+    };
     if let Err(e) = process::isolate(spec.isolation) {
         return failed(&mut early, e.to_string(), 1);
     }
@@ -114,6 +118,10 @@ fn run() -> Result<i32, String> {
         arch,
         &nrs,
     )
+    .map(|c| match credentials {
+        Some((uid, gid)) => c.with_credentials(uid, gid),
+        None => c,
+    })
     .and_then(|c| process::spawn(&c.in_new_pid_namespace(spec.isolation.namespaces)))
     {
         Ok(child) => child,
@@ -326,6 +334,11 @@ fn control_loop(session: &Arc<Session>, mut reader: BufReader<UnixStream>) {
             }
             Ok(Some(ControlMessage::Signal { signal })) => session.target.signal(signal),
             Ok(Some(ControlMessage::Stop)) => session.stop_target(),
+            Ok(Some(ControlMessage::Sync { token })) => {
+                // Events are queued before the target sees its answer, so
+                // this lands after every call decided so far.
+                session.events.push_now(ShimMessage::Synced { token });
+            }
             Ok(Some(ControlMessage::Launch(_))) => {
                 session.events.push_now(ShimMessage::RulesRejected {
                     message: "a shim runs one target; launch another shim".into(),
@@ -366,4 +379,37 @@ fn write_loop(mut out: BufWriter<UnixStream>, events: &EventQueue) {
             return;
         }
     }
+}
+
+/// Finds `name` in `/etc/passwd`. A static binary has no NSS, so accounts
+/// from LDAP and the like are not visible; a numeric `uid[:gid]` works for
+/// those.
+fn lookup_user(name: &str) -> Result<(u32, u32), String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(format!(
+            "user={name:?} needs faultbox to run as root (switching accounts needs CAP_SETUID)"
+        ));
+    }
+    if let Some((uid, gid)) = name.split_once(':')
+        && let (Ok(uid), Ok(gid)) = (uid.parse(), gid.parse())
+    {
+        return Ok((uid, gid));
+    }
+    if let Ok(uid) = name.parse::<u32>() {
+        return Ok((uid, uid));
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd")
+        .map_err(|e| format!("user={name:?}: cannot read /etc/passwd: {e}"))?;
+    passwd
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split(':').collect();
+            (f.len() >= 4 && f[0] == name).then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
+        })
+        .next()
+        .flatten()
+        .ok_or_else(|| {
+            format!("user={name:?}: no such account in /etc/passwd (create it, or give a numeric uid:gid)")
+        })
 }

@@ -58,6 +58,7 @@ impl Controller {
             isolation: Isolation::default(),
             on_disconnect: OnDisconnect::StopTarget,
             stop_grace_ms: 500,
+            user: None,
         };
         wire::send(&mut writer, &ControlMessage::Launch(Box::new(spec))).expect("launch");
         writer.flush().expect("flush");
