@@ -713,6 +713,26 @@ pub fn wake_thread(thread: libc::pthread_t) {
     }
 }
 
+/// Whether `pid` has a handler for `signal` (its `SigCgt` mask in
+/// `/proc/<pid>/status`). Unknown reads as "yes", the safe answer for a
+/// caller deciding whether a polite signal is worth sending.
+pub fn catches_signal(pid: i32, signal: i32) -> bool {
+    let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return true;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_none_or(|mask| mask & (1u64 << (signal - 1)) != 0)
+}
+
+/// Whether this process runs with effective uid 0.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
 /// Resolves `program` the way `execvp` would: a name without `/` is looked
 /// up in `PATH`. Returns the path to execute.
 pub fn resolve_program(program: &str, path_var: Option<&str>) -> Option<String> {

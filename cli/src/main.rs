@@ -2,6 +2,7 @@
 
 mod log;
 mod run;
+mod test;
 
 use clap::{Parser, Subcommand};
 
@@ -21,6 +22,12 @@ enum Commands {
         after_help = "Examples:\n  faultbox run --fault \"openat=ENOENT:100%:/data/*\" ./my-service\n  faultbox run --fault \"fsync=EIO:100%:after=2\" ./my-service\n  faultbox run --fault \"connect=delay:200ms:100%\" -- ./my-service --port 8080"
     )]
     Run(run::RunArgs),
+    /// Run the tests of a Starlark spec: start its services, inject its
+    /// faults, check its assertions.
+    #[command(
+        after_help = "Examples:\n  faultbox test faultbox.star\n  faultbox test faultbox.star --test happy_path\n  faultbox test faultbox.star --format json\n  faultbox test faultbox.star --runs 100 --show fail\n  faultbox test faultbox.star --seed 42\n  faultbox test faultbox.star --dry-run"
+    )]
+    Test(test::TestArgs),
 }
 
 fn main() {
@@ -39,6 +46,7 @@ fn main() {
     };
     let result = match cli.command {
         Commands::Run(args) => run::run(args),
+        Commands::Test(args) => test::run(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -189,6 +189,8 @@ fn run() -> Result<i32, String> {
     let session = Arc::new(Session {
         supervisor,
         target,
+        target_pid: child.pid,
+        pid_one: spec.isolation.namespaces,
         policy: spec.on_disconnect,
         grace: Duration::from_millis(spec.stop_grace_ms),
         escalating: AtomicBool::new(false),
@@ -279,6 +281,9 @@ fn finish_failed(
 struct Session {
     supervisor: Option<Supervisor<LiveKernel>>,
     target: Pidfd,
+    target_pid: i32,
+    /// The target is PID 1 of its own namespace.
+    pid_one: bool,
     policy: OnDisconnect,
     grace: Duration,
     escalating: AtomicBool,
@@ -289,6 +294,13 @@ struct Session {
 impl Session {
     /// SIGTERM now, SIGKILL after the grace period.
     fn stop_target(self: &Arc<Self>) {
+        // The kernel drops signals a PID 1 has no handler for, so SIGTERM
+        // to a target that never asked for it would only cost the grace
+        // period (most interpreters and C servers install no handler).
+        if self.pid_one && !process::catches_signal(self.target_pid, libc::SIGTERM) {
+            self.target.signal(libc::SIGKILL);
+            return;
+        }
         self.target.signal(libc::SIGTERM);
         self.escalate_after_grace();
     }
@@ -385,8 +397,7 @@ fn write_loop(mut out: BufWriter<UnixStream>, events: &EventQueue) {
 /// from LDAP and the like are not visible; a numeric `uid[:gid]` works for
 /// those.
 fn lookup_user(name: &str) -> Result<(u32, u32), String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !process::is_root() {
         return Err(format!(
             "user={name:?} needs faultbox to run as root (switching accounts needs CAP_SETUID)"
         ));

@@ -1,0 +1,1597 @@
+//! The builtins a spec calls, grouped by theme: topology, syscall faults,
+//! steps, assertions and file readers.
+//!
+//! Every builtin takes `*args, **kwargs` and checks them itself, so an
+//! unknown keyword gets one message shape everywhere: the builtin, the bad
+//! keyword, and the keywords it accepts.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use faultbox_agent::errno;
+use faultbox_agent::rule::{Action, Trigger, parse_duration};
+use faultbox_agent::syscalls::{self, Arch};
+use starlark::environment::GlobalsBuilder;
+use starlark::eval::{Arguments, Evaluator};
+use starlark::starlark_module;
+use starlark::values::dict::DictRef;
+use starlark::values::float::UnpackFloat;
+use starlark::values::list::ListRef;
+use starlark::values::none::NoneType;
+use starlark::values::tuple::UnpackTuple;
+use starlark::values::{UnpackValue, Value};
+
+use crate::model::{Healthcheck, InterfaceDef, OpDef, ServiceDef};
+use crate::net;
+use crate::runtime::{AssertionDetail, TestRun};
+use crate::trace::{Event, Filter, fields};
+use crate::values::{
+    Ctx, EventValue, FaultValue, HealthcheckValue, InterfaceRef, InterfaceValue, OpValue,
+    ResponseValue, ServiceValue, StepMethod, json_to_value,
+};
+
+fn err(message: impl Into<String>) -> starlark::Error {
+    starlark::Error::new_other(anyhow::anyhow!(message.into()))
+}
+
+type Res<T> = starlark::Result<T>;
+
+fn ctx<'a>(eval: &'a Evaluator<'_, '_, '_>) -> Res<&'a Ctx> {
+    eval.extra
+        .and_then(|e| e.downcast_ref::<Ctx>())
+        .ok_or_else(|| err("internal: builtin called outside a Faultbox evaluation"))
+}
+
+fn run_of(eval: &Evaluator<'_, '_, '_>, builtin: &str) -> Res<Arc<TestRun>> {
+    ctx(eval)?.run.clone().ok_or_else(|| {
+        err(format!(
+            "{builtin}() can only be called inside a test function (def test_...)"
+        ))
+    })
+}
+
+/// Where the current call is, `file:line`.
+fn call_site(eval: &Evaluator<'_, '_, '_>) -> (Option<String>, Option<u32>) {
+    match eval.call_stack_top_location() {
+        Some(span) => {
+            let r = span.resolve_span();
+            (
+                Some(span.filename().to_string()),
+                Some(r.begin.line as u32 + 1),
+            )
+        }
+        None => (None, None),
+    }
+}
+
+/// The arguments of one builtin call.
+struct Args<'v> {
+    builtin: &'static str,
+    pos: Vec<Value<'v>>,
+    named: Vec<(String, Value<'v>)>,
+}
+
+impl<'v> Args<'v> {
+    fn new(
+        builtin: &'static str,
+        pos: UnpackTuple<Value<'v>>,
+        kwargs: DictRef<'v>,
+    ) -> Res<Args<'v>> {
+        let mut named = Vec::new();
+        for (k, v) in kwargs.iter() {
+            let k = k
+                .unpack_str()
+                .ok_or_else(|| err(format!("{builtin}(): keyword names must be strings")))?;
+            named.push((k.to_string(), v));
+        }
+        Ok(Args {
+            builtin,
+            pos: pos.items,
+            named,
+        })
+    }
+
+    fn from_arguments(
+        builtin: &'static str,
+        args: &Arguments<'v, '_>,
+        eval: &Evaluator<'v, '_, '_>,
+    ) -> Res<Args<'v>> {
+        let pos = args.positions(eval.heap())?.collect();
+        let named = args
+            .names_map()?
+            .into_iter()
+            .map(|(k, v)| (k.as_str().to_string(), v))
+            .collect();
+        Ok(Args {
+            builtin,
+            pos,
+            named,
+        })
+    }
+
+    /// Refuses keywords outside `accepted` and more than `max_pos`
+    /// positional arguments.
+    fn check(&self, max_pos: usize, accepted: &[&str]) -> Res<()> {
+        for (k, _) in &self.named {
+            if !accepted.contains(&k.as_str()) {
+                let hint = errno::closest(k, accepted.iter().copied())
+                    .map(|c| format!(" (did you mean {c}?)"))
+                    .unwrap_or_default();
+                return Err(err(format!(
+                    "{}(): unknown keyword argument {k:?}{hint}; accepted: {}",
+                    self.builtin,
+                    accepted.join(", ")
+                )));
+            }
+        }
+        if self.pos.len() > max_pos {
+            return Err(err(format!(
+                "{}(): takes at most {max_pos} positional argument(s), got {}",
+                self.builtin,
+                self.pos.len()
+            )));
+        }
+        Ok(())
+    }
+
+    fn named(&self, key: &str) -> Option<Value<'v>> {
+        self.named
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| *v)
+            .filter(|v| !v.is_none())
+    }
+
+    /// Positional `i`, or the keyword `key` (not both).
+    fn arg(&self, i: usize, key: &str) -> Res<Option<Value<'v>>> {
+        match (self.pos.get(i), self.named(key)) {
+            (Some(_), Some(_)) => Err(err(format!(
+                "{}(): {key} given both by position and by keyword",
+                self.builtin
+            ))),
+            (Some(v), None) => Ok(Some(*v)),
+            (None, v) => Ok(v),
+        }
+    }
+
+    fn required(&self, i: usize, key: &str) -> Res<Value<'v>> {
+        self.arg(i, key)?.ok_or_else(|| {
+            err(format!(
+                "{}(): missing required argument {key}",
+                self.builtin
+            ))
+        })
+    }
+
+    fn string(&self, v: Value<'v>, key: &str) -> Res<String> {
+        v.unpack_str().map(str::to_string).ok_or_else(|| {
+            err(format!(
+                "{}(): {key} must be a string, got {} ({})",
+                self.builtin,
+                v.get_type(),
+                v.to_repr()
+            ))
+        })
+    }
+
+    fn opt_string(&self, i: usize, key: &str) -> Res<Option<String>> {
+        self.arg(i, key)?.map(|v| self.string(v, key)).transpose()
+    }
+
+    fn strings(&self, v: Value<'v>, key: &str) -> Res<Vec<String>> {
+        let list = ListRef::from_value(v)
+            .map(|l| l.content().to_vec())
+            .or_else(|| {
+                UnpackTuple::<Value>::unpack_value(v)
+                    .ok()
+                    .flatten()
+                    .map(|t| t.items)
+            })
+            .ok_or_else(|| {
+                err(format!(
+                    "{}(): {key} must be a list of strings, got {}",
+                    self.builtin,
+                    v.get_type()
+                ))
+            })?;
+        list.iter().map(|x| self.string(*x, key)).collect()
+    }
+
+    fn duration(&self, v: Value<'v>, key: &str) -> Res<Duration> {
+        let text = self.string(v, key)?;
+        parse_duration(&text)
+            .map(Duration::from_nanos)
+            .map_err(|e| err(format!("{}(): {key}={text:?}: {e}", self.builtin)))
+    }
+
+    fn callable(&self, v: Value<'v>, key: &str) -> Res<Value<'v>> {
+        if v.get_type() == "function" {
+            Ok(v)
+        } else {
+            Err(err(format!(
+                "{}(): {key} must be a function, got {} ({})",
+                self.builtin,
+                v.get_type(),
+                v.to_repr()
+            )))
+        }
+    }
+}
+
+const PROTOCOLS: &[&str] = &[
+    "http",
+    "http2",
+    "tcp",
+    "udp",
+    "grpc",
+    "postgres",
+    "mysql",
+    "redis",
+    "kafka",
+    "nats",
+    "mongodb",
+    "cassandra",
+    "clickhouse",
+    "memcached",
+    "amqp",
+];
+
+fn service_name(v: Value, builtin: &str) -> Res<String> {
+    if let Some(s) = ServiceValue::from_value(v) {
+        return Ok(s.def.name.clone());
+    }
+    if InterfaceRef::from_value(v).is_some() {
+        return Err(err(format!(
+            "{builtin}(): protocol-level faults on an interface ({}) are not supported by this build; fault the service's syscalls instead, e.g. {builtin}(svc, connect=deny(\"ECONNREFUSED\"))",
+            v.to_str()
+        )));
+    }
+    Err(err(format!(
+        "{builtin}(): the first argument must be a service, got {} ({})",
+        v.get_type(),
+        v.to_repr()
+    )))
+}
+
+fn parse_probability(builtin: &str, v: Value) -> Res<f64> {
+    let value = if let Some(s) = v.unpack_str() {
+        let t = s.trim();
+        let (num, percent) = match t.strip_suffix('%') {
+            Some(n) => (n.trim(), true),
+            None => (t, false),
+        };
+        let x: f64 = num.parse().map_err(|_| {
+            err(format!(
+                "{builtin}(): probability={s:?} is not a number (use \"30%\" or 0.3)"
+            ))
+        })?;
+        if percent || x > 1.0 { x / 100.0 } else { x }
+    } else if let Some(i) = v.unpack_i32() {
+        if i > 1 {
+            f64::from(i) / 100.0
+        } else {
+            f64::from(i)
+        }
+    } else if let Ok(Some(f)) = UnpackFloat::unpack_value(v) {
+        if f.0 > 1.0 { f.0 / 100.0 } else { f.0 }
+    } else {
+        return Err(err(format!(
+            "{builtin}(): probability must be like \"30%\" or 0.3, got {}",
+            v.to_repr()
+        )));
+    };
+    if !(0.0..=1.0).contains(&value) || value.is_nan() {
+        return Err(err(format!(
+            "{builtin}(): probability {} is outside 0%..100%",
+            v.to_repr()
+        )));
+    }
+    Ok(value)
+}
+
+fn parse_trigger(builtin: &str, text: &str) -> Res<Trigger> {
+    let bad = || {
+        err(format!(
+            "{builtin}(): trigger={text:?} is not valid; use \"nth=N\" (only the Nth call, N ≥ 1) or \"after=N\" (every call after the first N)"
+        ))
+    };
+    let (kind, n) = text.split_once('=').ok_or_else(bad)?;
+    let n: u64 = n.trim().parse().map_err(|_| bad())?;
+    match kind.trim() {
+        "nth" if n >= 1 => Ok(Trigger::Nth(n)),
+        "after" => Ok(Trigger::After(n)),
+        _ => Err(bad()),
+    }
+}
+
+fn fault_common(a: &Args, action: Action, errno: Option<String>) -> Res<FaultValue> {
+    let probability = match a.named("probability") {
+        Some(v) => parse_probability(a.builtin, v)?,
+        None => 1.0,
+    };
+    let label = a.named("label").map(|v| a.string(v, "label")).transpose()?;
+    let trigger = match a.named("trigger") {
+        Some(v) => parse_trigger(a.builtin, &a.string(v, "trigger")?)?,
+        None => Trigger::Always,
+    };
+    Ok(FaultValue {
+        action,
+        probability,
+        label: label.filter(|l| !l.is_empty()),
+        trigger,
+        errno,
+    })
+}
+
+/// Collects `**faults` keywords: each value must be a fault rule.
+fn fault_kwargs(a: &Args, skip: &[&str]) -> Res<Vec<(String, FaultValue)>> {
+    let mut out = Vec::new();
+    for (k, v) in &a.named {
+        if skip.contains(&k.as_str()) {
+            continue;
+        }
+        let f = FaultValue::from_value(*v).ok_or_else(|| {
+            err(format!(
+                "{}(): {k}= must be a syscall rule such as deny(\"EIO\"), delay(\"200ms\") or allow(), got {}",
+                a.builtin,
+                v.to_repr()
+            ))
+        })?;
+        out.push((k.clone(), f.clone()));
+    }
+    if out.is_empty() {
+        return Err(err(format!(
+            "{}(): no faults given; name a syscall, family or op, e.g. {}(svc, write=deny(\"EIO\"), ...)",
+            a.builtin, a.builtin
+        )));
+    }
+    Ok(out)
+}
+
+/// Runs `f` with a window open, closing it whatever `f` does.
+fn with_windows<'v>(
+    eval: &mut Evaluator<'v, '_, '_>,
+    run: &TestRun,
+    ids: Vec<u64>,
+    f: Value<'v>,
+) -> Res<Value<'v>> {
+    let result = eval.eval_function(f, &[], &[]);
+    let mut close_error = None;
+    for id in ids.into_iter().rev() {
+        if let Err(e) = run.close_window(id) {
+            close_error.get_or_insert(e);
+        }
+    }
+    let value = result?;
+    match close_error {
+        Some(e) => Err(err(e)),
+        None => Ok(value),
+    }
+}
+
+fn open_windows(
+    run: &TestRun,
+    services: &[String],
+    faults: &[(String, FaultValue)],
+    trace: bool,
+    from_start: bool,
+) -> Res<Vec<u64>> {
+    let mut ids = Vec::new();
+    for s in services {
+        match run.open_window(s, faults.to_vec(), trace, from_start) {
+            Ok(id) => ids.push(id),
+            Err(e) => {
+                for id in ids.into_iter().rev() {
+                    let _ = run.close_window(id);
+                }
+                return Err(err(e));
+            }
+        }
+    }
+    Ok(ids)
+}
+
+fn trace_faults(a: &Args) -> Res<Vec<(String, FaultValue)>> {
+    let syscalls = match a.named("syscalls") {
+        Some(v) => a.strings(v, "syscalls")?,
+        None => return Err(err(format!("{}(): missing syscalls=[...]", a.builtin))),
+    };
+    Ok(syscalls
+        .into_iter()
+        .map(|s| {
+            (
+                s,
+                FaultValue {
+                    action: Action::Allow,
+                    probability: 1.0,
+                    label: Some("trace".into()),
+                    trigger: Trigger::Always,
+                    errno: None,
+                },
+            )
+        })
+        .collect())
+}
+
+fn filter_from(a: &Args, skip: &[&str]) -> Res<Filter> {
+    let mut conditions = Vec::new();
+    for (k, v) in &a.named {
+        if skip.contains(&k.as_str()) {
+            continue;
+        }
+        let text = match v.unpack_str() {
+            Some(s) => s.to_string(),
+            None => v.to_str(),
+        };
+        conditions.push((k.clone(), text));
+    }
+    Ok(Filter { conditions })
+}
+
+fn dict_filter<'v>(a: &Args<'v>, v: Value<'v>, key: &str) -> Res<Filter> {
+    let d = DictRef::from_value(v)
+        .ok_or_else(|| err(format!("{}(): {key} must be a dict of filters", a.builtin)))?;
+    let mut conditions = Vec::new();
+    for (k, v) in d.iter() {
+        let k = a.string(k, key)?;
+        let text = v
+            .unpack_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| v.to_str());
+        conditions.push((k, text));
+    }
+    Ok(Filter { conditions })
+}
+
+/// The events that satisfy `filter` and, when given, the `where` predicate.
+fn matching<'v>(
+    eval: &mut Evaluator<'v, '_, '_>,
+    events: Vec<Event>,
+    filter: &Filter,
+    pred: Option<Value<'v>>,
+) -> Res<Vec<Event>> {
+    let mut out = Vec::new();
+    for e in events {
+        if !filter.matches(&e) {
+            continue;
+        }
+        if let Some(p) = pred {
+            let arg = eval.heap().alloc(EventValue { event: e.clone() });
+            if !eval.eval_function(p, &[arg], &[])?.to_bool() {
+                continue;
+            }
+        }
+        out.push(e);
+    }
+    Ok(out)
+}
+
+fn count_assertion(eval: &Evaluator) -> Option<Arc<TestRun>> {
+    let run = ctx(eval).ok()?.run.clone()?;
+    run.assertions.fetch_add(1, Ordering::SeqCst);
+    Some(run)
+}
+
+fn assertion_failed(
+    eval: &Evaluator,
+    run: Option<&Arc<TestRun>>,
+    mut detail: AssertionDetail,
+    message: String,
+) -> starlark::Error {
+    let (file, line) = call_site(eval);
+    detail.file = file;
+    detail.line = line;
+    if let Some(run) = run {
+        run.record_assertion(detail);
+    }
+    err(message)
+}
+
+fn text_of(v: Value) -> String {
+    v.unpack_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| v.to_str())
+}
+
+fn describe_event(e: &Event) -> String {
+    let mut parts = vec![format!("service={}", e.service), format!("type={}", e.kind)];
+    for k in ["syscall", "decision", "path"] {
+        if let Some(v) = e.fields.get(k) {
+            parts.push(format!("{k}={v}"));
+        }
+    }
+    parts.join(" ")
+}
+
+fn resolve_relative(eval: &Evaluator, path: &str) -> PathBuf {
+    let p = Path::new(path);
+    if p.is_absolute() {
+        return p.to_path_buf();
+    }
+    let (file, _) = call_site(eval);
+    let dir = file
+        .as_deref()
+        .and_then(|f| Path::new(f).parent())
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    dir.join(p)
+}
+
+const LOAD_FILE_MAX: u64 = 50 << 20;
+
+fn read_spec_file(eval: &Evaluator, builtin: &str, path: &str) -> Res<String> {
+    let full = resolve_relative(eval, path);
+    let meta = std::fs::metadata(&full)
+        .map_err(|e| err(format!("{builtin}({path:?}): {}: {e}", full.display())))?;
+    if meta.len() > LOAD_FILE_MAX {
+        return Err(err(format!(
+            "{builtin}({path:?}): {} is {} bytes, over the 50 MiB limit",
+            full.display(),
+            meta.len()
+        )));
+    }
+    std::fs::read_to_string(&full)
+        .map_err(|e| err(format!("{builtin}({path:?}): {}: {e}", full.display())))
+}
+
+#[starlark_module]
+pub(crate) fn topology(builder: &mut GlobalsBuilder) {
+    /// `service(name, [binary], *interfaces, args=, env=, depends_on=,
+    /// healthcheck=, ops=, user=)`: declares a service started from a
+    /// local binary.
+    fn service<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<Value<'v>> {
+        let a = Args::new("service", args, kwargs)?;
+        for (bad, why) in [
+            (
+                "image",
+                "container mode (image=) needs a Docker engine and is not supported by this build; give the service a local binary",
+            ),
+            (
+                "build",
+                "container mode (build=) is not supported by this build; build the binary yourself and pass its path",
+            ),
+            (
+                "remote",
+                "remote services (remote=) are not supported by this build yet",
+            ),
+            (
+                "cmd",
+                "there is no cmd=; put the program in binary= and its arguments in args=[...]",
+            ),
+            (
+                "entrypoint",
+                "there is no entrypoint=; put the program in binary= and its arguments in args=[...]",
+            ),
+        ] {
+            if a.named.iter().any(|(k, _)| k == bad) {
+                return Err(err(format!("service(): {why}")));
+            }
+        }
+        a.check(
+            usize::MAX,
+            &[
+                "name",
+                "binary",
+                "args",
+                "env",
+                "depends_on",
+                "healthcheck",
+                "ops",
+                "user",
+            ],
+        )?;
+        let c = ctx(eval)?;
+        if c.run.is_some() {
+            return Err(err(
+                "service() must be called at the top level of the spec, not inside a test",
+            ));
+        }
+        let name = a.string(a.required(0, "name")?, "name")?;
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-')
+        {
+            return Err(err(format!(
+                "service(): name {name:?} must be non-empty letters, digits, '_' or '-'"
+            )));
+        }
+        let mut binary = a
+            .named("binary")
+            .map(|v| a.string(v, "binary"))
+            .transpose()?;
+        let mut interfaces: Vec<InterfaceDef> = Vec::new();
+        for (i, v) in a.pos.iter().enumerate().skip(1) {
+            if let Some(s) = v.unpack_str() {
+                if binary.is_some() {
+                    return Err(err(format!(
+                        "service({name:?}): the binary is given twice (positional {s:?} and another)"
+                    )));
+                }
+                binary = Some(s.to_string());
+            } else if let Some(iface) = InterfaceValue::from_value(*v) {
+                if interfaces.iter().any(|x| x.name == iface.def.name) {
+                    return Err(err(format!(
+                        "service({name:?}): two interfaces are named {:?}",
+                        iface.def.name
+                    )));
+                }
+                interfaces.push(iface.def.clone());
+            } else {
+                return Err(err(format!(
+                    "service({name:?}): positional argument {} must be the binary (a string) or an interface(...), got {}",
+                    i + 1,
+                    v.get_type()
+                )));
+            }
+        }
+        let binary = binary.ok_or_else(|| {
+            err(format!("service({name:?}): no binary; give the program to run, e.g. service({name:?}, \"./bin/{name}\", ...)"))
+        })?;
+        let args_list = match a.named("args") {
+            Some(v) => a.strings(v, "args")?,
+            None => Vec::new(),
+        };
+        let mut env = Vec::new();
+        if let Some(v) = a.named("env") {
+            let d = DictRef::from_value(v)
+                .ok_or_else(|| err(format!("service({name:?}): env must be a dict of strings")))?;
+            for (k, val) in d.iter() {
+                let k = a.string(k, "env key")?;
+                let text = if let Some(s) = val.unpack_str() {
+                    s.to_string()
+                } else if val.unpack_i32().is_some() || val.unpack_bool().is_some() {
+                    val.to_str()
+                } else {
+                    return Err(err(format!(
+                        "service({name:?}): env[{k:?}] must be a string, got {} ({})",
+                        val.get_type(),
+                        val.to_repr()
+                    )));
+                };
+                env.push((k, text));
+            }
+        }
+        let mut depends_on = Vec::new();
+        if let Some(v) = a.named("depends_on") {
+            let items = ListRef::from_value(v)
+                .map(|l| l.content().to_vec())
+                .ok_or_else(|| {
+                    err(format!(
+                        "service({name:?}): depends_on must be a list of services"
+                    ))
+                })?;
+            for item in items {
+                let dep = match (ServiceValue::from_value(item), item.unpack_str()) {
+                    (Some(s), _) => s.def.name.clone(),
+                    (None, Some(s)) => s.to_string(),
+                    _ => {
+                        return Err(err(format!(
+                            "service({name:?}): depends_on items must be services, got {}",
+                            item.get_type()
+                        )));
+                    }
+                };
+                depends_on.push(dep);
+            }
+        }
+        let healthcheck = match a.named("healthcheck") {
+            Some(v) => Some(
+                HealthcheckValue::from_value(v)
+                    .ok_or_else(|| {
+                        err(format!(
+                            "service({name:?}): healthcheck must be tcp(...) or http(...), got {}",
+                            v.get_type()
+                        ))
+                    })?
+                    .check
+                    .clone(),
+            ),
+            None => None,
+        };
+        let mut ops = BTreeMap::new();
+        if let Some(v) = a.named("ops") {
+            let d = DictRef::from_value(v)
+                .ok_or_else(|| err(format!("service({name:?}): ops must be a dict of op(...)")))?;
+            for (k, val) in d.iter() {
+                let k = a.string(k, "ops key")?;
+                let op = OpValue::from_value(val).ok_or_else(|| {
+                    err(format!(
+                        "service({name:?}): ops[{k:?}] must be op(...), got {}",
+                        val.get_type()
+                    ))
+                })?;
+                ops.insert(k, op.def.clone());
+            }
+        }
+        let user = a.named("user").map(|v| a.string(v, "user")).transpose()?;
+        let (file, line) = call_site(eval);
+        let def = ServiceDef {
+            name: name.clone(),
+            binary,
+            args: args_list,
+            env,
+            interfaces,
+            depends_on,
+            healthcheck,
+            ops,
+            user,
+            declared_at: format!("{}:{}", file.unwrap_or_default(), line.unwrap_or(0)),
+        };
+        let mut services = c.services.borrow_mut();
+        if let Some(other) = services.iter().find(|s| s.name == name) {
+            return Err(err(format!(
+                "service(): {name:?} is already declared at {}",
+                other.declared_at
+            )));
+        }
+        for iface in &def.interfaces {
+            for other in services.iter() {
+                if let Some(o) = other.interfaces.iter().find(|o| o.port == iface.port) {
+                    return Err(err(format!(
+                        "service({name:?}): port {} of interface {:?} is already used by {}.{}",
+                        iface.port, iface.name, other.name, o.name
+                    )));
+                }
+            }
+        }
+        services.push(def.clone());
+        Ok(eval.heap().alloc(ServiceValue { def }))
+    }
+
+    /// `interface(name, protocol, port)`.
+    fn interface<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<Value<'v>> {
+        let a = Args::new("interface", args, kwargs)?;
+        if a.named.iter().any(|(k, _)| k == "tls") {
+            return Err(err(
+                "interface(): tls= needs the protocol proxies, which this build does not have yet",
+            ));
+        }
+        a.check(3, &["name", "protocol", "port"])?;
+        let name = a.string(a.required(0, "name")?, "name")?;
+        let protocol = a.string(a.required(1, "protocol")?, "protocol")?;
+        if !PROTOCOLS.contains(&protocol.as_str()) {
+            return Err(err(format!(
+                "interface({name:?}): unknown protocol {protocol:?}; known: {}",
+                PROTOCOLS.join(", ")
+            )));
+        }
+        let port_v = a.required(2, "port")?;
+        let port = port_v
+            .unpack_i32()
+            .filter(|p| (1..=65535).contains(p))
+            .ok_or_else(|| {
+                err(format!(
+                    "interface({name:?}): port must be an integer 1..65535, got {}",
+                    port_v.to_repr()
+                ))
+            })?;
+        Ok(eval.heap().alloc(InterfaceValue {
+            def: InterfaceDef {
+                name,
+                protocol,
+                port: port as u16,
+            },
+        }))
+    }
+
+    /// `tcp(addr, timeout="10s")`: ready when a TCP connect succeeds.
+    fn tcp<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<Value<'v>> {
+        let a = Args::new("tcp", args, kwargs)?;
+        a.check(1, &["addr", "timeout"])?;
+        let addr = a.string(a.required(0, "addr")?, "addr")?;
+        let addr = addr.strip_prefix("tcp://").unwrap_or(&addr).to_string();
+        if !addr.contains(':') {
+            return Err(err(format!(
+                "tcp({addr:?}): the address needs a port, like \"localhost:5432\""
+            )));
+        }
+        let timeout = match a.named("timeout") {
+            Some(v) => a.duration(v, "timeout")?,
+            None => Duration::from_secs(10),
+        };
+        Ok(eval.heap().alloc(HealthcheckValue {
+            check: Healthcheck::Tcp { addr, timeout },
+        }))
+    }
+
+    /// `http(url, timeout="10s", expect_status=None)`: ready when `GET url`
+    /// answers `expect_status` (any 2xx/3xx when not given).
+    fn http<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<Value<'v>> {
+        let a = Args::new("http", args, kwargs)?;
+        a.check(1, &["url", "timeout", "expect_status"])?;
+        let url = a.string(a.required(0, "url")?, "url")?;
+        let url = if url.contains("://") {
+            url
+        } else {
+            format!("http://{url}")
+        };
+        net::split_url(&url).map_err(|e| err(format!("http(): {e}")))?;
+        let timeout = match a.named("timeout") {
+            Some(v) => a.duration(v, "timeout")?,
+            None => Duration::from_secs(10),
+        };
+        let expect_status = match a.named("expect_status") {
+            Some(v) => Some(
+                v.unpack_i32()
+                    .filter(|s| (100..=599).contains(s))
+                    .ok_or_else(|| {
+                        err(format!(
+                            "http(): expect_status must be an HTTP status 100..599, got {}",
+                            v.to_repr()
+                        ))
+                    })? as u16,
+            ),
+            None => None,
+        };
+        Ok(eval.heap().alloc(HealthcheckValue {
+            check: Healthcheck::Http {
+                url,
+                timeout,
+                expect_status,
+            },
+        }))
+    }
+
+    /// `op(syscalls=[...], path=None)`: a named operation for `ops=`.
+    fn op<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<Value<'v>> {
+        let a = Args::new("op", args, kwargs)?;
+        a.check(0, &["syscalls", "path"])?;
+        let syscalls = match a.named("syscalls") {
+            Some(v) => a.strings(v, "syscalls")?,
+            None => return Err(err("op(): missing syscalls=[...]")),
+        };
+        if syscalls.is_empty() {
+            return Err(err("op(): syscalls=[] is empty; list at least one syscall"));
+        }
+        let arch = Arch::native();
+        for s in &syscalls {
+            for x in syscalls::expand_family(arch, s) {
+                if arch.number(x).is_none() {
+                    let hint = errno::closest(s, arch.all_names())
+                        .map(|c| format!(" (did you mean {c}?)"))
+                        .unwrap_or_default();
+                    return Err(err(format!("op(): unknown syscall {s:?}{hint}")));
+                }
+            }
+        }
+        let path = a.named("path").map(|v| a.string(v, "path")).transpose()?;
+        if let Some(p) = &path {
+            faultbox_agent::glob::Glob::new(p)
+                .map_err(|e| err(format!("op(): path {p:?}: {e}")))?;
+        }
+        Ok(eval.heap().alloc(OpValue {
+            def: OpDef { syscalls, path },
+        }))
+    }
+
+    /// `free_port()`: a TCP port nothing listens on right now, for specs
+    /// that must not collide with whatever else runs on the machine.
+    fn free_port() -> anyhow::Result<i32> {
+        let l = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+        Ok(i32::from(l.local_addr()?.port()))
+    }
+}
+
+#[starlark_module]
+pub(crate) fn faults(builder: &mut GlobalsBuilder) {
+    /// `deny(errno, probability="100%", label=, trigger=)`: fail the call.
+    fn deny<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<Value<'v>> {
+        let a = Args::new("deny", args, kwargs)?;
+        a.check(1, &["errno", "probability", "label", "trigger"])?;
+        let name = a.string(a.required(0, "errno")?, "errno")?;
+        let e = errno::lookup(&name).ok_or_else(|| {
+            let hint = errno::closest(
+                &name.to_ascii_uppercase(),
+                errno::ERRNOS.iter().map(|e| e.name),
+            )
+            .map(|c| format!(" (did you mean {c}?)"))
+            .unwrap_or_default();
+            err(format!("deny(): unknown errno {name:?}{hint}"))
+        })?;
+        let f = fault_common(
+            &a,
+            Action::Deny { errno: e.number },
+            Some(e.name.to_string()),
+        )?;
+        Ok(eval.heap().alloc(f))
+    }
+
+    /// `delay(duration, probability="100%", label=, trigger=)`: hold the
+    /// call, then let it run.
+    fn delay<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<Value<'v>> {
+        let a = Args::new("delay", args, kwargs)?;
+        if a.pos.is_empty() && a.named("duration").is_none() {
+            return Err(err(
+                "delay(): needs a duration, e.g. delay(\"500ms\"); protocol delays (delay(path=..., delay=...)) need the proxies, which this build does not have",
+            ));
+        }
+        a.check(1, &["duration", "probability", "label", "trigger"])?;
+        let d = a.duration(a.required(0, "duration")?, "duration")?;
+        let f = fault_common(
+            &a,
+            Action::Delay {
+                ns: d.as_nanos() as u64,
+            },
+            None,
+        )?;
+        Ok(eval.heap().alloc(f))
+    }
+
+    /// `allow()`: intercept and let the call run (recorded in the trace).
+    fn allow<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<Value<'v>> {
+        let a = Args::new("allow", args, kwargs)?;
+        a.check(0, &["label"])?;
+        let f = fault_common(&a, Action::Allow, None)?;
+        Ok(eval.heap().alloc(f))
+    }
+
+    /// `fault(service, run=fn, **{syscall_or_op: rule})`: applies the
+    /// rules while `run` executes and returns what it returns.
+    fn fault<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<Value<'v>> {
+        let a = Args::new("fault", args, kwargs)?;
+        let service = service_name(a.required(0, "service")?, "fault")?;
+        if a.pos.len() > 1 {
+            return Err(err(
+                "fault(): rules are keywords (write=deny(\"EIO\")); positional rules are for protocol faults, which this build does not support",
+            ));
+        }
+        let f = a.callable(
+            a.named("run").ok_or_else(|| {
+                err("fault(): missing run=fn (use fault_start/fault_stop for an open window)")
+            })?,
+            "run",
+        )?;
+        let faults = fault_kwargs(&a, &["run", "service"])?;
+        let run = run_of(eval, "fault")?;
+        let ids = open_windows(&run, &[service], &faults, false, false)?;
+        with_windows(eval, &run, ids, f)
+    }
+
+    /// `fault_start(service, **faults)`: opens a window until `fault_stop`.
+    fn fault_start<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<NoneType> {
+        let a = Args::new("fault_start", args, kwargs)?;
+        let service = service_name(a.required(0, "service")?, "fault_start")?;
+        if a.named.iter().any(|(k, _)| k == "run") {
+            return Err(err(
+                "fault_start(): takes no run=; use fault(svc, run=fn, ...) for a scoped window",
+            ));
+        }
+        let faults = fault_kwargs(&a, &["service"])?;
+        let run = run_of(eval, "fault_start")?;
+        open_windows(&run, &[service], &faults, false, true)?;
+        Ok(NoneType)
+    }
+
+    /// `fault_stop(service)`: closes the latest `fault_start` window.
+    fn fault_stop<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<NoneType> {
+        let a = Args::new("fault_stop", args, kwargs)?;
+        a.check(1, &["service"])?;
+        let service = service_name(a.required(0, "service")?, "fault_stop")?;
+        let run = run_of(eval, "fault_stop")?;
+        let id = run.latest_started_window(&service, false).ok_or_else(|| {
+            err(format!(
+                "fault_stop({service}): no fault_start window is open on {service:?}"
+            ))
+        })?;
+        run.close_window(id).map_err(err)?;
+        Ok(NoneType)
+    }
+
+    /// `fault_all([svc, ...], run=fn, **faults)`: the same rules on every
+    /// listed service.
+    fn fault_all<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<Value<'v>> {
+        let a = Args::new("fault_all", args, kwargs)?;
+        let list = a.required(0, "services")?;
+        let items = ListRef::from_value(list)
+            .map(|l| l.content().to_vec())
+            .ok_or_else(|| err("fault_all(): the first argument must be a list of services"))?;
+        let services = items
+            .into_iter()
+            .map(|v| service_name(v, "fault_all"))
+            .collect::<Res<Vec<_>>>()?;
+        let f = a.callable(
+            a.named("run")
+                .ok_or_else(|| err("fault_all(): missing run=fn"))?,
+            "run",
+        )?;
+        let faults = fault_kwargs(&a, &["run", "services"])?;
+        let run = run_of(eval, "fault_all")?;
+        let ids = open_windows(&run, &services, &faults, false, false)?;
+        with_windows(eval, &run, ids, f)
+    }
+
+    /// `trace(service, syscalls=[...], run=fn)`: records the syscalls
+    /// (they are intercepted and allowed) while `run` executes.
+    fn trace<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<Value<'v>> {
+        let a = Args::new("trace", args, kwargs)?;
+        a.check(1, &["service", "syscalls", "run"])?;
+        let service = service_name(a.required(0, "service")?, "trace")?;
+        let f = a.callable(
+            a.named("run")
+                .ok_or_else(|| err("trace(): missing run=fn"))?,
+            "run",
+        )?;
+        let faults = trace_faults(&a)?;
+        let run = run_of(eval, "trace")?;
+        let ids = open_windows(&run, &[service], &faults, true, false)?;
+        with_windows(eval, &run, ids, f)
+    }
+
+    /// `trace_start(service, syscalls=[...])`.
+    fn trace_start<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<NoneType> {
+        let a = Args::new("trace_start", args, kwargs)?;
+        a.check(1, &["service", "syscalls"])?;
+        let service = service_name(a.required(0, "service")?, "trace_start")?;
+        let faults = trace_faults(&a)?;
+        let run = run_of(eval, "trace_start")?;
+        open_windows(&run, &[service], &faults, true, true)?;
+        Ok(NoneType)
+    }
+
+    /// `trace_stop(service)`.
+    fn trace_stop<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<NoneType> {
+        let a = Args::new("trace_stop", args, kwargs)?;
+        a.check(1, &["service"])?;
+        let service = service_name(a.required(0, "service")?, "trace_stop")?;
+        let run = run_of(eval, "trace_stop")?;
+        let id = run.latest_started_window(&service, true).ok_or_else(|| {
+            err(format!(
+                "trace_stop({service}): no trace_start window is open on {service:?}"
+            ))
+        })?;
+        run.close_window(id).map_err(err)?;
+        Ok(NoneType)
+    }
+}
+
+#[starlark_module]
+pub(crate) fn assertions(builder: &mut GlobalsBuilder) {
+    /// `assert_true(cond, message=None)`.
+    fn assert_true<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<NoneType> {
+        let a = Args::new("assert_true", args, kwargs)?;
+        a.check(2, &["cond", "message", "msg"])?;
+        let cond = a.required(0, "cond")?;
+        let message = a.arg(1, "message")?.or_else(|| a.named("msg")).map(text_of);
+        let run = count_assertion(eval);
+        if cond.to_bool() {
+            return Ok(NoneType);
+        }
+        let text = match &message {
+            Some(m) => format!("assert_true: {m}"),
+            None => format!("assert_true: {} is not true", cond.to_repr()),
+        };
+        Err(assertion_failed(
+            eval,
+            run.as_ref(),
+            AssertionDetail {
+                func: "assert_true".into(),
+                expected: Some("True".into()),
+                actual: Some(cond.to_repr()),
+                message,
+                ..Default::default()
+            },
+            text,
+        ))
+    }
+
+    /// `assert_eq(actual, expected, message=None)`.
+    fn assert_eq<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<NoneType> {
+        let a = Args::new("assert_eq", args, kwargs)?;
+        a.check(3, &["actual", "expected", "message", "msg"])?;
+        let actual = a.required(0, "actual")?;
+        let expected = a.required(1, "expected")?;
+        let message = a.arg(2, "message")?.or_else(|| a.named("msg")).map(text_of);
+        let run = count_assertion(eval);
+        if actual.equals(expected)? {
+            return Ok(NoneType);
+        }
+        let mut text = format!(
+            "assert_eq failed: {} != {}",
+            actual.to_repr(),
+            expected.to_repr()
+        );
+        if let Some(m) = &message {
+            text.push_str(&format!(" ({m})"));
+        }
+        Err(assertion_failed(
+            eval,
+            run.as_ref(),
+            AssertionDetail {
+                func: "assert_eq".into(),
+                expected: Some(expected.to_repr()),
+                actual: Some(actual.to_repr()),
+                message,
+                ..Default::default()
+            },
+            text,
+        ))
+    }
+
+    /// `assert_eventually(where=fn, timeout="0s", **filters)`: some event
+    /// matches (waiting up to `timeout` for it).
+    fn assert_eventually<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<NoneType> {
+        let a = Args::new("assert_eventually", args, kwargs)?;
+        if !a.pos.is_empty() {
+            return Err(err("assert_eventually(): takes keyword filters only"));
+        }
+        let filter = filter_from(&a, &["where", "timeout", "message"])?;
+        let pred = a
+            .named("where")
+            .map(|v| a.callable(v, "where"))
+            .transpose()?;
+        let timeout = a
+            .named("timeout")
+            .map(|v| a.duration(v, "timeout"))
+            .transpose()?
+            .unwrap_or_default();
+        let run = run_of(eval, "assert_eventually")?;
+        run.assertions.fetch_add(1, Ordering::SeqCst);
+        let deadline = Instant::now() + timeout;
+        loop {
+            run.sync_all();
+            let found = matching(eval, run.events(), &filter, pred)?;
+            if let Some(e) = found.first() {
+                if e.kind == "service_exited" {
+                    run.acknowledge_exit(&e.service);
+                }
+                return Ok(NoneType);
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let what = if pred.is_some() {
+            format!("where=<fn>, {}", filter.describe())
+        } else {
+            filter.describe()
+        };
+        Err(assertion_failed(
+            eval,
+            Some(&run),
+            AssertionDetail {
+                func: "assert_eventually".into(),
+                expected: Some(what.clone()),
+                message: a.named("message").map(|v| v.to_str()),
+                ..Default::default()
+            },
+            format!("assert_eventually: no matching event found (filters: {what})"),
+        ))
+    }
+
+    /// `assert_never(where=fn, **filters)`: no event matches.
+    fn assert_never<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<NoneType> {
+        let a = Args::new("assert_never", args, kwargs)?;
+        if !a.pos.is_empty() {
+            return Err(err("assert_never(): takes keyword filters only"));
+        }
+        let filter = filter_from(&a, &["where", "message"])?;
+        let pred = a
+            .named("where")
+            .map(|v| a.callable(v, "where"))
+            .transpose()?;
+        let run = run_of(eval, "assert_never")?;
+        run.assertions.fetch_add(1, Ordering::SeqCst);
+        run.sync_all();
+        let found = matching(eval, run.events(), &filter, pred)?;
+        match found.first() {
+            None => Ok(NoneType),
+            Some(e) => Err(assertion_failed(
+                eval,
+                Some(&run),
+                AssertionDetail {
+                    func: "assert_never".into(),
+                    actual: Some(describe_event(e)),
+                    message: a.named("message").map(|v| v.to_str()),
+                    ..Default::default()
+                },
+                format!(
+                    "assert_never: found matching event #{} ({})",
+                    e.seq,
+                    describe_event(e)
+                ),
+            )),
+        }
+    }
+
+    /// `assert_before(first={...}, then={...})`: the first event matching
+    /// `first` comes before the first matching `then`.
+    fn assert_before<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<NoneType> {
+        let a = Args::new("assert_before", args, kwargs)?;
+        a.check(0, &["first", "then", "message"])?;
+        let first = dict_filter(
+            &a,
+            a.named("first")
+                .ok_or_else(|| err("assert_before(): missing first={...}"))?,
+            "first",
+        )?;
+        let then = dict_filter(
+            &a,
+            a.named("then")
+                .ok_or_else(|| err("assert_before(): missing then={...}"))?,
+            "then",
+        )?;
+        let run = run_of(eval, "assert_before")?;
+        run.assertions.fetch_add(1, Ordering::SeqCst);
+        run.sync_all();
+        let events = run.events();
+        let f = events.iter().find(|e| first.matches(e)).map(|e| e.seq);
+        let t = events.iter().find(|e| then.matches(e)).map(|e| e.seq);
+        let problem = match (f, t) {
+            (Some(f), Some(t)) if f < t => return Ok(NoneType),
+            (Some(f), Some(t)) => format!(
+                "the first event ({}) is #{f}, after the then event #{t}",
+                first.describe()
+            ),
+            (None, _) => format!("no event matches first ({})", first.describe()),
+            (_, None) => format!("no event matches then ({})", then.describe()),
+        };
+        Err(assertion_failed(
+            eval,
+            Some(&run),
+            AssertionDetail {
+                func: "assert_before".into(),
+                expected: Some(format!("{} before {}", first.describe(), then.describe())),
+                message: a.named("message").map(|v| v.to_str()),
+                ..Default::default()
+            },
+            format!("assert_before: {problem}"),
+        ))
+    }
+
+    /// `events(where=fn, **filters)`: the matching events, oldest first.
+    fn events<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<Value<'v>> {
+        let a = Args::new("events", args, kwargs)?;
+        if !a.pos.is_empty() {
+            return Err(err("events(): takes keyword filters only"));
+        }
+        let filter = filter_from(&a, &["where"])?;
+        let pred = a
+            .named("where")
+            .map(|v| a.callable(v, "where"))
+            .transpose()?;
+        let run = run_of(eval, "events")?;
+        run.sync_all();
+        let found = matching(eval, run.events(), &filter, pred)?;
+        let heap = eval.heap();
+        Ok(heap.alloc(
+            found
+                .into_iter()
+                .map(|e| heap.alloc(EventValue { event: e }))
+                .collect::<Vec<_>>(),
+        ))
+    }
+}
+
+#[starlark_module]
+pub(crate) fn files(builder: &mut GlobalsBuilder) {
+    /// `load_file(path)`: a file's text, relative to the calling spec.
+    fn load_file<'v>(path: &str, eval: &mut Evaluator<'v, '_, '_>) -> starlark::Result<Value<'v>> {
+        let text = read_spec_file(eval, "load_file", path)?;
+        Ok(eval.heap().alloc(text))
+    }
+
+    /// `load_json(path)`: a JSON file, decoded.
+    fn load_json<'v>(path: &str, eval: &mut Evaluator<'v, '_, '_>) -> starlark::Result<Value<'v>> {
+        let text = read_spec_file(eval, "load_json", path)?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| err(format!("load_json({path:?}): {e}")))?;
+        Ok(json_to_value(&json, eval.heap()))
+    }
+
+    /// `load_yaml(path)`: a YAML file, decoded.
+    fn load_yaml<'v>(path: &str, eval: &mut Evaluator<'v, '_, '_>) -> starlark::Result<Value<'v>> {
+        let text = read_spec_file(eval, "load_yaml", path)?;
+        let json: serde_json::Value =
+            serde_saphyr::from_str(&text).map_err(|e| err(format!("load_yaml({path:?}): {e}")))?;
+        Ok(json_to_value(&json, eval.heap()))
+    }
+}
+
+/// Runs one step: `svc.iface.post(path=..., body=...)` and friends.
+pub(crate) fn call_step<'v>(
+    step: &StepMethod,
+    args: &Arguments<'v, '_>,
+    eval: &mut Evaluator<'v, '_, '_>,
+) -> starlark::Result<Value<'v>> {
+    let builtin: &'static str = match step.iface.protocol.as_str() {
+        "http" => "http step",
+        "tcp" => "tcp step",
+        _ => "postgres step",
+    };
+    let a = Args::from_arguments(builtin, args, eval)?;
+    let run = run_of(
+        eval,
+        &format!("{}.{}.{}", step.service, step.iface.name, step.method),
+    )?;
+    let addr = format!("127.0.0.1:{}", step.iface.port);
+    let target = step.service.clone();
+    let mut send = fields([
+        ("target", target.clone()),
+        ("method", step.method.clone()),
+        ("interface", step.iface.name.clone()),
+        ("protocol", step.iface.protocol.clone()),
+        ("spec", run.name.clone()),
+    ]);
+    let started = Instant::now();
+    let response: ResponseValue = match step.iface.protocol.as_str() {
+        "http" => {
+            a.check(1, &["path", "body", "headers", "timeout"])?;
+            let path = a.opt_string(0, "path")?.unwrap_or_else(|| "/".into());
+            let body = a
+                .named("body")
+                .map(|v| a.string(v, "body"))
+                .transpose()?
+                .unwrap_or_default();
+            let mut headers = Vec::new();
+            if let Some(h) = a.named("headers") {
+                let d = DictRef::from_value(h)
+                    .ok_or_else(|| err("http step: headers must be a dict of strings"))?;
+                for (k, v) in d.iter() {
+                    headers.push((a.string(k, "headers")?, a.string(v, "headers")?));
+                }
+            }
+            let timeout = a
+                .named("timeout")
+                .map(|v| a.duration(v, "timeout"))
+                .transpose()?
+                .unwrap_or(Duration::from_secs(30));
+            send.insert("path".into(), path.clone());
+            if !body.is_empty() {
+                send.insert("body".into(), body.chars().take(200).collect());
+            }
+            send.insert(
+                "summary".into(),
+                format!("→ {target}.{} {path}", step.method),
+            );
+            run.trace.emit("step_send", "test", send);
+            run.trace.merge(&target, "test");
+            let method = step.method.to_ascii_uppercase();
+            match net::http_request(&addr, &method, &path, &headers, body.as_bytes(), timeout) {
+                Ok(r) => {
+                    let mut body = String::from_utf8_lossy(&r.body).into_owned();
+                    if body.len() > 64 << 10 {
+                        let mut cut = 64 << 10;
+                        while !body.is_char_boundary(cut) {
+                            cut -= 1;
+                        }
+                        body.truncate(cut);
+                    }
+                    ResponseValue {
+                        status: i64::from(r.status),
+                        body: body.trim_end().to_string(),
+                        headers: r.headers,
+                        ok: true,
+                        ..Default::default()
+                    }
+                }
+                Err(e) => ResponseValue {
+                    error: e.to_string(),
+                    ..Default::default()
+                },
+            }
+        }
+        "tcp" => {
+            a.check(1, &["data", "timeout"])?;
+            let data = a.string(a.required(0, "data")?, "data")?;
+            let timeout = a
+                .named("timeout")
+                .map(|v| a.duration(v, "timeout"))
+                .transpose()?
+                .unwrap_or(Duration::from_secs(10));
+            send.insert("data".into(), data.chars().take(200).collect());
+            send.insert("summary".into(), format!("→ {target}.send {data}"));
+            run.trace.emit("step_send", "test", send);
+            run.trace.merge(&target, "test");
+            let result = net::tcp_send(&addr, &data, timeout);
+            let elapsed = started.elapsed().as_millis();
+            run.trace.merge("test", &target);
+            match result {
+                Ok(line) => {
+                    run.trace.emit(
+                        "step_recv",
+                        "test",
+                        fields([
+                            ("target", target.clone()),
+                            ("method", "send".into()),
+                            ("body", line.chars().take(2048).collect()),
+                            ("duration_ms", elapsed.to_string()),
+                            ("success", "true".into()),
+                            ("summary", format!("← {target}.send {line}")),
+                        ]),
+                    );
+                    return Ok(eval.heap().alloc(line));
+                }
+                Err(e) => {
+                    run.trace.emit(
+                        "step_recv",
+                        "test",
+                        fields([
+                            ("target", target.clone()),
+                            ("method", "send".into()),
+                            ("duration_ms", elapsed.to_string()),
+                            ("success", "false".into()),
+                            ("error", e.to_string()),
+                            ("summary", format!("← {target}.send error")),
+                        ]),
+                    );
+                    return Err(err(format!(
+                        "tcp send failed: {target}.{} ({addr}): {e}",
+                        step.iface.name
+                    )));
+                }
+            }
+        }
+        _ => {
+            a.check(1, &["sql", "user", "password", "database", "timeout"])?;
+            let sql = a.string(a.required(0, "sql")?, "sql")?;
+            let svc = run.service(&target);
+            let env = |k: &str| {
+                svc.and_then(|s| s.env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))
+            };
+            let user = a
+                .named("user")
+                .map(|v| a.string(v, "user"))
+                .transpose()?
+                .or_else(|| env("POSTGRES_USER"))
+                .unwrap_or_else(|| "postgres".into());
+            let password = a
+                .named("password")
+                .map(|v| a.string(v, "password"))
+                .transpose()?
+                .or_else(|| env("POSTGRES_PASSWORD"))
+                .unwrap_or_default();
+            let database = a
+                .named("database")
+                .map(|v| a.string(v, "database"))
+                .transpose()?
+                .or_else(|| env("POSTGRES_DB"))
+                .unwrap_or_else(|| user.clone());
+            let timeout = a
+                .named("timeout")
+                .map(|v| a.duration(v, "timeout"))
+                .transpose()?
+                .unwrap_or(Duration::from_secs(30));
+            send.insert("sql".into(), sql.chars().take(200).collect());
+            send.insert(
+                "summary".into(),
+                format!("→ {target}.{} {sql}", step.method),
+            );
+            run.trace.emit("step_send", "test", send);
+            run.trace.merge(&target, "test");
+            match net::pg_query(&addr, &user, &password, &database, &sql, timeout) {
+                Ok(r) => ResponseValue {
+                    ok: r.error.is_none(),
+                    error: r.error.unwrap_or_default(),
+                    body: r.tag.clone(),
+                    data: Some(if step.method == "exec" {
+                        serde_json::json!({"tag": r.tag})
+                    } else {
+                        serde_json::Value::Array(r.rows)
+                    }),
+                    ..Default::default()
+                },
+                Err(e) => ResponseValue {
+                    error: e.to_string(),
+                    ..Default::default()
+                },
+            }
+        }
+    };
+    let mut response = response;
+    response.duration_ms = started.elapsed().as_millis() as i64;
+    run.trace.merge("test", &target);
+    let mut recv = fields([
+        ("target", target.clone()),
+        ("method", step.method.clone()),
+        ("duration_ms", response.duration_ms.to_string()),
+        ("success", response.ok.to_string()),
+        ("error", response.error.clone()),
+    ]);
+    if response.status != 0 {
+        recv.insert("status_code".into(), response.status.to_string());
+        if !(200..300).contains(&response.status) {
+            recv.insert("body".into(), response.body.chars().take(2048).collect());
+        }
+    }
+    let summary = if response.ok {
+        if response.status != 0 {
+            format!("← {target}.{}  [{}]", step.method, response.status)
+        } else {
+            format!("← {target}.{}  ok", step.method)
+        }
+    } else {
+        format!("← {target}.{}  error: {}", step.method, response.error)
+    };
+    recv.insert("summary".into(), summary);
+    run.trace.emit("step_recv", "test", recv);
+    Ok(eval.heap().alloc(response))
+}

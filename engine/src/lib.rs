@@ -1,0 +1,119 @@
+//! Faultbox's engine: the Starlark spec language, the runtime that starts
+//! services under `faultbox-shim` and runs tests against them, the event
+//! trace, and the reports.
+
+pub mod builtins;
+pub mod model;
+pub mod net;
+pub mod report;
+pub mod runtime;
+pub mod shim;
+pub mod spec;
+pub mod trace;
+#[allow(unsafe_code)] // derive(ProvidesStaticType) expands to an unsafe impl; see the module doc
+pub mod values;
+
+use std::time::Instant;
+
+use report::{FailureKind, Outcome, TestResult};
+use runtime::{RunConfig, TestRun};
+use spec::{BodyOutcome, Spec};
+
+/// `faultbox test <file> --test <name> --seed <seed>`.
+pub fn replay_command(spec: &Spec, name: &str, seed: u64) -> String {
+    format!(
+        "faultbox test {} --test {} --seed {seed}",
+        spec.path.display(),
+        name.strip_prefix("test_").unwrap_or(name)
+    )
+}
+
+/// Runs test `name` once: fresh services, the body, teardown, verdict.
+pub fn run_test(spec: &Spec, name: &str, seed: u64, config: &RunConfig) -> TestResult {
+    let started = Instant::now();
+    let run = TestRun::new(
+        name,
+        seed,
+        spec.services.clone(),
+        spec.intercept.clone(),
+        config.clone(),
+    );
+    let mut result = TestResult {
+        name: name.to_string(),
+        outcome: Outcome::Pass,
+        reason: None,
+        failure: None,
+        seed,
+        duration_ms: 0,
+        return_value: None,
+        replay: replay_command(spec, name, seed),
+        faults: Vec::new(),
+        assertions: 0,
+        assertion: None,
+        crashes: Vec::new(),
+        healthcheck_timeout: false,
+        events: Vec::new(),
+        diagnostics: Vec::new(),
+    };
+    match run.start_services(&spec.dir) {
+        Err(e) => {
+            result.outcome = Outcome::Error;
+            result.failure = Some(FailureKind::ServiceStart);
+            result.healthcheck_timeout = e.healthcheck_timeout;
+            result.reason = Some(e.message);
+        }
+        Ok(()) => match spec.run_body(name, std::sync::Arc::clone(&run), config.test_timeout) {
+            BodyOutcome::Returned(value) => result.return_value = value,
+            BodyOutcome::Failed { message, location } => {
+                result.outcome = Outcome::Fail;
+                result.failure = Some(if run.assertion().is_some() {
+                    FailureKind::Assertion
+                } else {
+                    FailureKind::Error
+                });
+                result.reason = Some(match location {
+                    Some(at) if run.assertion().is_none() => format!("{message} (at {at})"),
+                    _ => message,
+                });
+            }
+            BodyOutcome::TimedOut => {
+                result.outcome = Outcome::Error;
+                result.failure = Some(FailureKind::Timeout);
+                result.reason = Some(format!(
+                    "test timed out after {:?} (raise it with --timeout)",
+                    config.test_timeout
+                ));
+            }
+        },
+    }
+    run.close_all_windows();
+    run.sync_all();
+    let crashes = run.unexpected_crashes();
+    let busy = run.stop_services();
+    if result.outcome == Outcome::Pass
+        && let Some(c) = crashes.first()
+    {
+        result.outcome = Outcome::Error;
+        result.failure = Some(FailureKind::ServiceCrashed);
+        result.reason = Some(format!(
+            "service '{}' exited with code {} during the test",
+            c.service,
+            c.exit.shell_code()
+        ));
+    }
+    if result.outcome == Outcome::Pass && !busy.is_empty() {
+        result.outcome = Outcome::Error;
+        result.reason = Some(format!(
+            "ports still taken after the services stopped: {} (a child process may have escaped)",
+            busy.join(", ")
+        ));
+    }
+    result.crashes = crashes;
+    result.faults = run.faults();
+    result.assertions = run.assertions.load(std::sync::atomic::Ordering::SeqCst);
+    result.assertion = run.assertion();
+    result.events = run.events();
+    result.duration_ms = started.elapsed().as_millis() as u64;
+    result.diagnose();
+    result
+}

@@ -1,0 +1,68 @@
+//! The topology a spec declares, as plain data.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// One declared service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceDef {
+    pub name: String,
+    /// The program, as written in the spec.
+    pub binary: String,
+    pub args: Vec<String>,
+    /// Spec environment; wins over the inherited one.
+    pub env: Vec<(String, String)>,
+    pub interfaces: Vec<InterfaceDef>,
+    pub depends_on: Vec<String>,
+    pub healthcheck: Option<Healthcheck>,
+    pub ops: BTreeMap<String, OpDef>,
+    /// Account to run as (`user=`).
+    pub user: Option<String>,
+    /// Where the spec declared it, `file:line`.
+    pub declared_at: String,
+}
+
+/// One interface of a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InterfaceDef {
+    pub name: String,
+    pub protocol: String,
+    pub port: u16,
+}
+
+/// A named operation: syscalls (families allowed) and an optional path glob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpDef {
+    pub syscalls: Vec<String>,
+    pub path: Option<String>,
+}
+
+/// A readiness probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Healthcheck {
+    /// Ready when a TCP connection to `addr` succeeds.
+    Tcp { addr: String, timeout: Duration },
+    /// Ready when `GET url` answers `expect_status` (or any 2xx/3xx).
+    Http {
+        url: String,
+        timeout: Duration,
+        expect_status: Option<u16>,
+    },
+}
+
+impl Healthcheck {
+    /// `tcp://localhost:5432`, `http://localhost:8080/health`.
+    pub fn describe(&self) -> String {
+        match self {
+            Healthcheck::Tcp { addr, .. } => format!("tcp://{addr}"),
+            Healthcheck::Http { url, .. } => url.clone(),
+        }
+    }
+
+    /// How long the probe may take to pass.
+    pub fn timeout(&self) -> Duration {
+        match self {
+            Healthcheck::Tcp { timeout, .. } | Healthcheck::Http { timeout, .. } => *timeout,
+        }
+    }
+}

@@ -1,0 +1,381 @@
+//! The clients steps and healthchecks use: HTTP/1.1, line-oriented TCP and
+//! PostgreSQL's simple query protocol. Small and blocking on purpose: a
+//! step is one request from the test body, and every read has a deadline.
+
+use std::collections::BTreeMap;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value as Json, json};
+
+/// Resolves `host:port`, preferring IPv4 for `localhost` (servers commonly
+/// bind 127.0.0.1 only, and a refused ::1 first costs a round trip).
+pub fn resolve(addr: &str) -> io::Result<Vec<SocketAddr>> {
+    let mut addrs: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
+    addrs.sort_by_key(|a| !a.is_ipv4());
+    if addrs.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{addr} resolves to nothing"),
+        ));
+    }
+    Ok(addrs)
+}
+
+/// Connects to the first address of `addr` that answers within `timeout`.
+pub fn connect(addr: &str, timeout: Duration) -> io::Result<TcpStream> {
+    let mut last = None;
+    for a in resolve(addr)? {
+        match TcpStream::connect_timeout(&a, timeout) {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("no address")))
+}
+
+/// An HTTP response.
+#[derive(Debug, Clone, Default)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: BTreeMap<String, String>,
+    pub body: Vec<u8>,
+}
+
+/// Splits `http://host:port/path` into (`host:port`, `/path`).
+pub fn split_url(url: &str) -> Result<(String, String), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{url:?}: only http:// URLs are supported"))?;
+    let (host, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let host = if host.contains(':') {
+        host.to_string()
+    } else {
+        format!("{host}:80")
+    };
+    Ok((host, path.to_string()))
+}
+
+/// Sends one request on a fresh connection and reads the whole answer.
+pub fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+    timeout: Duration,
+) -> io::Result<HttpResponse> {
+    let deadline = Instant::now() + timeout;
+    let mut stream = connect(addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let mut has_type = false;
+    for (k, v) in headers {
+        has_type |= k.eq_ignore_ascii_case("content-type");
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() && !has_type {
+        let looks_json = matches!(body.first(), Some(b'{') | Some(b'['));
+        req.push_str(if looks_json {
+            "Content-Type: application/json\r\n"
+        } else {
+            "Content-Type: text/plain\r\n"
+        });
+    }
+    req.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    stream.write_all(req.as_bytes())?;
+    stream.write_all(body)?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("not an HTTP response: {:?}", line.trim_end()),
+            )
+        })?;
+    let mut headers = BTreeMap::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            break;
+        }
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+    }
+    let mut body = Vec::new();
+    let chunked = headers
+        .get("transfer-encoding")
+        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+    if method == "HEAD" || status == 204 || status == 304 {
+    } else if chunked {
+        loop {
+            line.clear();
+            reader.read_line(&mut line)?;
+            let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad chunk size"))?;
+            if size == 0 {
+                break;
+            }
+            let mut chunk = vec![0; size];
+            reader.read_exact(&mut chunk)?;
+            body.extend_from_slice(&chunk);
+            line.clear();
+            reader.read_line(&mut line)?;
+            if Instant::now() > deadline {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "response too slow"));
+            }
+        }
+    } else if let Some(len) = headers.get("content-length").and_then(|l| l.parse().ok()) {
+        body.resize(len, 0);
+        reader.read_exact(&mut body)?;
+    } else {
+        reader.read_to_end(&mut body)?;
+    }
+    Ok(HttpResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// Sends `data` plus a newline and returns the first line of the answer.
+pub fn tcp_send(addr: &str, data: &str, timeout: Duration) -> io::Result<String> {
+    let mut stream = connect(addr, timeout.min(Duration::from_secs(5)))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    stream.write_all(data.as_bytes())?;
+    stream.write_all(b"\n")?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    if line.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "connection closed without an answer",
+        ));
+    }
+    Ok(line.trim_end_matches(['\r', '\n']).to_string())
+}
+
+/// The result of one SQL statement.
+#[derive(Debug, Clone, Default)]
+pub struct SqlResult {
+    /// Rows as column → text value (NULL as JSON null).
+    pub rows: Vec<Json>,
+    /// `INSERT 0 1`, `SELECT 3`, ...
+    pub tag: String,
+    /// The server's error, `SQLSTATE: message`.
+    pub error: Option<String>,
+}
+
+/// Runs `sql` over PostgreSQL's simple query protocol (trust or cleartext
+/// password authentication).
+pub fn pg_query(
+    addr: &str,
+    user: &str,
+    password: &str,
+    database: &str,
+    sql: &str,
+    timeout: Duration,
+) -> io::Result<SqlResult> {
+    let mut s = connect(addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let mut startup = Vec::new();
+    startup.extend_from_slice(&196608u32.to_be_bytes());
+    for (k, v) in [("user", user), ("database", database)] {
+        startup.extend_from_slice(k.as_bytes());
+        startup.push(0);
+        startup.extend_from_slice(v.as_bytes());
+        startup.push(0);
+    }
+    startup.push(0);
+    let mut msg = ((startup.len() + 4) as u32).to_be_bytes().to_vec();
+    msg.extend_from_slice(&startup);
+    s.write_all(&msg)?;
+    let mut r = BufReader::new(s.try_clone()?);
+    let mut result = SqlResult::default();
+    let mut columns: Vec<String> = Vec::new();
+    let mut sent_query = false;
+    loop {
+        let (tag, body) = pg_message(&mut r)?;
+        match tag {
+            b'R' => match body
+                .get(..4)
+                .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+            {
+                Some(0) => {}
+                Some(3) => {
+                    let mut p = password.as_bytes().to_vec();
+                    p.push(0);
+                    let mut m = vec![b'p'];
+                    m.extend_from_slice(&((p.len() + 4) as u32).to_be_bytes());
+                    m.extend_from_slice(&p);
+                    s.write_all(&m)?;
+                }
+                other => {
+                    return Err(io::Error::other(format!(
+                        "unsupported PostgreSQL authentication method {other:?} (use trust or password)"
+                    )));
+                }
+            },
+            b'Z' if !sent_query => {
+                let mut q = sql.as_bytes().to_vec();
+                q.push(0);
+                let mut m = vec![b'Q'];
+                m.extend_from_slice(&((q.len() + 4) as u32).to_be_bytes());
+                m.extend_from_slice(&q);
+                s.write_all(&m)?;
+                sent_query = true;
+            }
+            b'Z' => {
+                let _ = s.write_all(&[b'X', 0, 0, 0, 4]);
+                return Ok(result);
+            }
+            b'T' => columns = pg_row_description(&body),
+            b'D' => result.rows.push(pg_data_row(&body, &columns)),
+            b'C' => result.tag = cstr(&body).0,
+            b'E' => {
+                let fields = pg_error_fields(&body);
+                let code = fields.get(&b'C').cloned().unwrap_or_default();
+                let text = fields.get(&b'M').cloned().unwrap_or_default();
+                let err = format!("{code}: {text}");
+                if !sent_query {
+                    return Err(io::Error::other(err));
+                }
+                result.error = Some(err);
+            }
+            _ => {}
+        }
+    }
+}
+
+fn pg_message(r: &mut impl Read) -> io::Result<(u8, Vec<u8>)> {
+    let mut head = [0u8; 5];
+    r.read_exact(&mut head)?;
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    if !(4..=64 << 20).contains(&len) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "bad PostgreSQL message length",
+        ));
+    }
+    let mut body = vec![0; len - 4];
+    r.read_exact(&mut body)?;
+    Ok((head[0], body))
+}
+
+fn cstr(b: &[u8]) -> (String, usize) {
+    let end = b.iter().position(|c| *c == 0).unwrap_or(b.len());
+    (String::from_utf8_lossy(&b[..end]).into_owned(), end + 1)
+}
+
+fn pg_row_description(b: &[u8]) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut at = 2;
+    let n = b
+        .get(..2)
+        .map(|x| u16::from_be_bytes([x[0], x[1]]))
+        .unwrap_or(0);
+    for _ in 0..n {
+        let Some(rest) = b.get(at..) else { break };
+        let (name, used) = cstr(rest);
+        names.push(name);
+        at += used + 18;
+    }
+    names
+}
+
+fn pg_data_row(b: &[u8], columns: &[String]) -> Json {
+    let mut row = serde_json::Map::new();
+    let mut at = 2;
+    for (i, name) in columns.iter().enumerate() {
+        let Some(len) = b.get(at..at + 4) else { break };
+        let len = i32::from_be_bytes([len[0], len[1], len[2], len[3]]);
+        at += 4;
+        let value = if len < 0 {
+            Json::Null
+        } else {
+            let end = at + len as usize;
+            let v = b
+                .get(at..end)
+                .map(String::from_utf8_lossy)
+                .unwrap_or_default();
+            at = end;
+            json!(v)
+        };
+        let key = if name.is_empty() {
+            format!("col{i}")
+        } else {
+            name.clone()
+        };
+        row.insert(key, value);
+    }
+    Json::Object(row)
+}
+
+fn pg_error_fields(b: &[u8]) -> BTreeMap<u8, String> {
+    let mut out = BTreeMap::new();
+    let mut at = 0;
+    while let Some(&code) = b.get(at) {
+        if code == 0 {
+            break;
+        }
+        let (text, used) = cstr(&b[at + 1..]);
+        out.insert(code, text);
+        at += 1 + used;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_split_into_address_and_path() {
+        assert_eq!(
+            split_url("http://localhost:8080/health").expect("url"),
+            ("localhost:8080".into(), "/health".into())
+        );
+        assert_eq!(
+            split_url("http://example").expect("url"),
+            ("example:80".into(), "/".into())
+        );
+        assert!(split_url("https://x").is_err());
+    }
+
+    #[test]
+    fn postgres_rows_decode_with_nulls() {
+        let mut desc = vec![0, 2];
+        for name in ["id", "note"] {
+            desc.extend_from_slice(name.as_bytes());
+            desc.push(0);
+            desc.extend_from_slice(&[0; 18]);
+        }
+        let cols = pg_row_description(&desc);
+        assert_eq!(cols, ["id", "note"]);
+        let mut row = vec![0, 2];
+        row.extend_from_slice(&1i32.to_be_bytes());
+        row.push(b'7');
+        row.extend_from_slice(&(-1i32).to_be_bytes());
+        assert_eq!(pg_data_row(&row, &cols), json!({"id": "7", "note": null}));
+    }
+}

@@ -1,0 +1,951 @@
+//! One test, run for real: services started under their shims in
+//! dependency order, healthchecks, the body with its fault windows and
+//! steps, then everything stopped and the ports confirmed free.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use faultbox_agent::engine::is_system_path;
+use faultbox_agent::glob::Glob;
+use faultbox_agent::process;
+use faultbox_agent::rule::{Action, Rule};
+use faultbox_agent::syscalls::Arch;
+use faultbox_agent::wire::{Isolation, LaunchSpec, OnDisconnect};
+
+use crate::model::{Healthcheck, ServiceDef};
+use crate::net;
+use crate::shim::{ExitInfo, Shim, ShimEvent};
+use crate::trace::{Event, Trace, fields};
+use crate::values::FaultValue;
+
+/// Settings shared by every test of a run.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// The `faultbox-shim` binary.
+    pub shim: PathBuf,
+    /// Where service output goes, one file per service and test.
+    pub log_dir: PathBuf,
+    /// Longest a test body may run.
+    pub test_timeout: Duration,
+    /// SIGTERM → SIGKILL grace when stopping services.
+    pub stop_grace: Duration,
+}
+
+/// A failed assertion, recorded where it happened.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AssertionDetail {
+    pub func: String,
+    pub expected: Option<String>,
+    pub actual: Option<String>,
+    pub message: Option<String>,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+}
+
+/// One fault rule's record, for reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FaultRecord {
+    pub service: String,
+    /// The keyword as written: a syscall, a family or an op name.
+    pub syscall: String,
+    /// `deny`, `delay`, `allow`, `trace`.
+    pub action: String,
+    /// The rule as written: `deny(EIO)`, `delay(500ms)`.
+    pub rule: String,
+    pub errno: Option<String>,
+    pub label: Option<String>,
+    /// Calls the rule changed.
+    pub hits: u64,
+    /// Calls the rule could see (its syscalls, on paths it cares about).
+    pub matched: u64,
+    /// A `trace` window, not a fault.
+    pub trace: bool,
+}
+
+/// A service that stopped while the test was running.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Crash {
+    pub service: String,
+    pub exit: ExitInfo,
+    /// The last lines of its output.
+    pub log_tail: String,
+}
+
+/// Why services could not be started.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StartError {
+    pub service: String,
+    pub message: String,
+    /// The healthcheck did not pass in time (HEALTHCHECK_TIMEOUT).
+    pub healthcheck_timeout: bool,
+}
+
+struct WindowRule {
+    keyword: String,
+    rule: Rule,
+    fault: FaultValue,
+    glob: Option<Glob>,
+}
+
+struct Window {
+    id: u64,
+    service: String,
+    trace: bool,
+    from_start: bool,
+    start_seq: u64,
+    rules: Vec<WindowRule>,
+}
+
+struct Running {
+    shim: Option<Shim>,
+    log: PathBuf,
+}
+
+/// The state of one test while it runs; shared by the body, the shim
+/// readers and the supervising thread.
+pub struct TestRun {
+    pub name: String,
+    pub seed: u64,
+    pub trace: Arc<Trace>,
+    config: RunConfig,
+    services: Vec<ServiceDef>,
+    intercept: Vec<String>,
+    running: Mutex<BTreeMap<String, Running>>,
+    windows: Mutex<Vec<Window>>,
+    next_window: AtomicU64,
+    faults: Mutex<Vec<FaultRecord>>,
+    crashes: Arc<Mutex<Vec<Crash>>>,
+    acknowledged: Mutex<BTreeSet<String>>,
+    stopping: Arc<AtomicBool>,
+    /// Assertions evaluated by the body.
+    pub assertions: AtomicU64,
+    assertion: Mutex<Option<AssertionDetail>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Resolves a service's program: a bare name through `PATH`, a relative
+/// path against the spec's directory (so a spec runs from any directory).
+pub fn resolve_binary(binary: &str, spec_dir: &Path) -> Result<PathBuf, String> {
+    if binary.contains('/') {
+        let p = Path::new(binary);
+        let path = if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            spec_dir.join(p)
+        };
+        if !path.exists() {
+            return Err(format!("{} does not exist", path.display()));
+        }
+        if !process::is_executable(&path) {
+            return Err(format!(
+                "{} is not executable (chmod +x it, or check the path)",
+                path.display()
+            ));
+        }
+        return Ok(path);
+    }
+    process::resolve_program(binary, std::env::var("PATH").ok().as_deref())
+        .map(PathBuf::from)
+        .ok_or_else(|| format!("{binary:?} was not found on PATH (install it or give a path)"))
+}
+
+/// Orders services so that each comes after what it depends on.
+pub fn start_order(services: &[ServiceDef]) -> Result<Vec<usize>, String> {
+    let index = |name: &str| services.iter().position(|s| s.name == name);
+    let mut order = Vec::new();
+    let mut state = vec![0u8; services.len()]; // 0 new, 1 visiting, 2 done
+    fn visit(
+        i: usize,
+        services: &[ServiceDef],
+        index: &dyn Fn(&str) -> Option<usize>,
+        state: &mut [u8],
+        order: &mut Vec<usize>,
+        path: &mut Vec<String>,
+    ) -> Result<(), String> {
+        match state[i] {
+            2 => return Ok(()),
+            1 => {
+                path.push(services[i].name.clone());
+                return Err(format!(
+                    "depends_on cycle: {} (break one of these dependencies)",
+                    path.join(" → ")
+                ));
+            }
+            _ => {}
+        }
+        state[i] = 1;
+        path.push(services[i].name.clone());
+        for dep in &services[i].depends_on {
+            let j = index(dep).ok_or_else(|| {
+                format!(
+                    "service {:?} depends on {dep:?}, which is not declared",
+                    services[i].name
+                )
+            })?;
+            visit(j, services, index, state, order, path)?;
+        }
+        path.pop();
+        state[i] = 2;
+        order.push(i);
+        Ok(())
+    }
+    for i in 0..services.len() {
+        visit(i, services, &index, &mut state, &mut order, &mut Vec::new())?;
+    }
+    Ok(order)
+}
+
+fn service_seed(seed: u64, service: &str) -> u64 {
+    // FNV-1a over the name, mixed with the run's seed: each service draws
+    // from its own stream, and the same seed replays all of them.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in service.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+impl TestRun {
+    /// A test about to run `services` (with the spec's syscall filter).
+    pub fn new(
+        name: &str,
+        seed: u64,
+        services: Vec<ServiceDef>,
+        intercept: Vec<String>,
+        config: RunConfig,
+    ) -> Arc<TestRun> {
+        Arc::new(TestRun {
+            name: name.to_string(),
+            seed,
+            trace: Arc::new(Trace::new()),
+            config,
+            services,
+            intercept,
+            running: Mutex::new(BTreeMap::new()),
+            windows: Mutex::new(Vec::new()),
+            next_window: AtomicU64::new(1),
+            faults: Mutex::new(Vec::new()),
+            crashes: Arc::new(Mutex::new(Vec::new())),
+            acknowledged: Mutex::new(BTreeSet::new()),
+            stopping: Arc::new(AtomicBool::new(false)),
+            assertions: AtomicU64::new(0),
+            assertion: Mutex::new(None),
+        })
+    }
+
+    /// The declared service called `name`.
+    pub fn service(&self, name: &str) -> Option<&ServiceDef> {
+        self.services.iter().find(|s| s.name == name)
+    }
+
+    /// Starts every service in dependency order and waits for its
+    /// healthcheck.
+    pub fn start_services(&self, spec_dir: &Path) -> Result<(), StartError> {
+        let order = start_order(&self.services).map_err(|message| StartError {
+            service: String::new(),
+            message,
+            healthcheck_timeout: false,
+        })?;
+        for i in order {
+            let def = &self.services[i];
+            self.start_one(def, spec_dir)?;
+        }
+        Ok(())
+    }
+
+    fn start_one(&self, def: &ServiceDef, spec_dir: &Path) -> Result<(), StartError> {
+        let err = |message: String| StartError {
+            service: def.name.clone(),
+            message,
+            healthcheck_timeout: false,
+        };
+        let program = resolve_binary(&def.binary, spec_dir)
+            .map_err(|e| err(format!("service {:?}: {e}", def.name)))?;
+        for iface in &def.interfaces {
+            if port_open(iface.port, Duration::from_millis(200)) {
+                return Err(err(format!(
+                    "port {} of {}.{} is already in use by another process (stop it, or declare another port)",
+                    iface.port, def.name, iface.name
+                )));
+            }
+        }
+        let mut env: BTreeMap<String, String> = std::env::vars().collect();
+        for (k, v) in &def.env {
+            env.insert(k.clone(), v.clone());
+        }
+        let program_text = program.to_string_lossy().into_owned();
+        let mut argv = vec![program_text.clone()];
+        argv.extend(def.args.iter().cloned());
+        let spec = LaunchSpec {
+            program: program_text,
+            argv,
+            env: env.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            cwd: None,
+            intercept: self.intercept.clone(),
+            rules: Vec::new(),
+            seed: service_seed(self.seed, &def.name),
+            // Services must reach each other and be reached by steps, so
+            // they keep the host network.
+            isolation: Isolation {
+                namespaces: true,
+                network: false,
+            },
+            on_disconnect: OnDisconnect::StopTarget,
+            stop_grace_ms: self.config.stop_grace.as_millis() as u64,
+            user: def.user.clone(),
+        };
+        let log = self
+            .config
+            .log_dir
+            .join(format!("{}.{}.log", self.name, def.name));
+        let callback = self.event_sink(def);
+        let shim = Shim::launch(&self.config.shim, spec, &log, callback).map_err(|e| {
+            err(format!(
+                "service {:?} did not start: {}",
+                def.name, e.message
+            ))
+        })?;
+        self.trace.emit(
+            "service_started",
+            &def.name,
+            fields([("pid", shim.pid.to_string())]),
+        );
+        lock(&self.running).insert(
+            def.name.clone(),
+            Running {
+                shim: Some(shim),
+                log: log.clone(),
+            },
+        );
+        if let Some(check) = &def.healthcheck {
+            self.wait_healthy(def, check, &log)?;
+            self.trace.emit(
+                "service_ready",
+                &def.name,
+                fields([("healthcheck", check.describe())]),
+            );
+        }
+        Ok(())
+    }
+
+    fn wait_healthy(
+        &self,
+        def: &ServiceDef,
+        check: &Healthcheck,
+        log: &Path,
+    ) -> Result<(), StartError> {
+        let started = Instant::now();
+        let timeout = check.timeout();
+        let mut last_error;
+        loop {
+            if let Some(exit) = self.exit_of(&def.name) {
+                let out = tail(log, 15);
+                return Err(StartError {
+                    service: def.name.clone(),
+                    message: format!(
+                        "service {:?} exited with code {} before its healthcheck {} passed{}",
+                        def.name,
+                        exit.shell_code(),
+                        check.describe(),
+                        if out.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; its last output:\n{out}")
+                        }
+                    ),
+                    healthcheck_timeout: false,
+                });
+            }
+            let left = timeout.saturating_sub(started.elapsed());
+            let attempt = left.min(Duration::from_secs(2));
+            match probe(check, attempt) {
+                Ok(()) => return Ok(()),
+                Err(e) => last_error = e,
+            }
+            if started.elapsed() >= timeout {
+                let out = tail(log, 15);
+                return Err(StartError {
+                    service: def.name.clone(),
+                    message: format!(
+                        "service {:?}: healthcheck {} did not pass within {:?} (last attempt: {last_error}); check the port and the service's output{}",
+                        def.name,
+                        check.describe(),
+                        timeout,
+                        if out.is_empty() {
+                            String::new()
+                        } else {
+                            format!(":\n{out}")
+                        }
+                    ),
+                    healthcheck_timeout: true,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn exit_of(&self, service: &str) -> Option<ExitInfo> {
+        lock(&self.running)
+            .get(service)
+            .and_then(|r| r.shim.as_ref())
+            .and_then(Shim::exited)
+    }
+
+    fn event_sink(&self, def: &ServiceDef) -> Box<dyn Fn(ShimEvent) + Send> {
+        let trace = Arc::clone(&self.trace);
+        let service = def.name.clone();
+        let ops: BTreeSet<String> = def.ops.keys().cloned().collect();
+        let stopping = Arc::clone(&self.stopping);
+        let crashes = Arc::clone(&self.crashes);
+        let log = self
+            .config
+            .log_dir
+            .join(format!("{}.{}.log", self.name, def.name));
+        Box::new(move |event| match event {
+            ShimEvent::Syscall(e) => {
+                let keyword = e
+                    .rule
+                    .as_deref()
+                    .and_then(|r| r.split_once(':'))
+                    .map(|(_, k)| k.to_string())
+                    .unwrap_or_default();
+                let op = if ops.contains(&keyword) {
+                    keyword.clone()
+                } else {
+                    String::new()
+                };
+                let connect_allowed = e.syscall == "connect" && e.decision == "allow";
+                trace.emit_at(
+                    e.time_ns,
+                    "syscall",
+                    &service,
+                    fields([
+                        ("syscall", e.syscall),
+                        ("pid", e.pid.to_string()),
+                        ("decision", e.decision),
+                        ("path", e.path.unwrap_or_default()),
+                        (
+                            "latency_ms",
+                            e.latency_ns
+                                .map(|n| (n / 1_000_000).to_string())
+                                .unwrap_or_default(),
+                        ),
+                        ("label", e.label.unwrap_or_default()),
+                        ("op", op),
+                        ("rule", e.rule.unwrap_or_default()),
+                    ]),
+                );
+                if connect_allowed {
+                    // A connection may reach any other service: order it
+                    // after everything they did (conservative causality).
+                    trace.merge(&service, "test");
+                }
+            }
+            ShimEvent::Exited(exit) => {
+                let expected = stopping.load(Ordering::SeqCst);
+                trace.emit(
+                    "service_exited",
+                    &service,
+                    fields([
+                        ("exit_code", exit.shell_code().to_string()),
+                        (
+                            "signal",
+                            exit.signal.map(|s| s.to_string()).unwrap_or_default(),
+                        ),
+                        ("expected", expected.to_string()),
+                    ]),
+                );
+                if !expected {
+                    lock(&crashes).push(Crash {
+                        service: service.clone(),
+                        exit,
+                        log_tail: tail(&log, 15),
+                    });
+                }
+            }
+        })
+    }
+
+    /// Waits until every shim has delivered the events decided so far.
+    pub fn sync_all(&self) {
+        let running = lock(&self.running);
+        for r in running.values() {
+            if let Some(shim) = &r.shim
+                && shim.exited().is_none()
+            {
+                shim.sync(Duration::from_secs(2));
+            }
+        }
+    }
+
+    /// Opens a fault (or trace) window on `service` and returns its id.
+    pub fn open_window(
+        &self,
+        service: &str,
+        faults: Vec<(String, FaultValue)>,
+        trace: bool,
+        from_start: bool,
+    ) -> Result<u64, String> {
+        let def = self
+            .service(service)
+            .ok_or_else(|| format!("no service named {service:?}"))?;
+        let arch = Arch::native();
+        let id = self.next_window.fetch_add(1, Ordering::SeqCst);
+        let mut rules = Vec::new();
+        for (keyword, fault) in faults {
+            let (syscalls, path) = expand_keyword(arch, def, &keyword)?;
+            if let Some(missing) = syscalls.iter().find(|s| !self.intercept.contains(s)) {
+                return Err(format!(
+                    "FAULT_NOT_FILTERABLE: {keyword} on {service:?} needs {missing}, which is not in the service's seccomp filter; the filter is fixed when the service starts, from the syscall names the spec spells out, so write the syscall as a keyword (for example {missing}=deny(\"EIO\")) rather than building it at run time"
+                ));
+            }
+            let glob = match &path {
+                Some(p) => Some(Glob::new(p).map_err(|e| format!("{keyword}: path {p:?}: {e}"))?),
+                None => None,
+            };
+            let rule = Rule {
+                id: format!("w{id}:{keyword}"),
+                syscalls,
+                action: fault.action,
+                probability: fault.probability,
+                path,
+                trigger: fault.trigger,
+                label: fault.label.clone(),
+            };
+            rules.push(WindowRule {
+                keyword,
+                rule,
+                fault,
+                glob,
+            });
+        }
+        let start_seq = self.trace.last_seq();
+        let mut windows = lock(&self.windows);
+        windows.push(Window {
+            id,
+            service: service.to_string(),
+            trace,
+            from_start,
+            start_seq,
+            rules,
+        });
+        if let Err(e) = self.push_rules(service, &windows) {
+            windows.pop();
+            return Err(e);
+        }
+        let kind = if trace {
+            "trace_applied"
+        } else {
+            "fault_applied"
+        };
+        let mut f = BTreeMap::new();
+        if let Some(w) = windows.last() {
+            for r in &w.rules {
+                let mut text = format!(
+                    "{} → filter:[{}]",
+                    if trace {
+                        "trace".to_string()
+                    } else {
+                        r.fault.summary()
+                    },
+                    r.rule.syscalls.join(",")
+                );
+                if let Some(l) = &r.fault.label {
+                    text.push_str(&format!(" label={l:?}"));
+                }
+                f.insert(r.keyword.clone(), text);
+            }
+        }
+        drop(windows);
+        self.trace.emit(kind, service, f);
+        Ok(id)
+    }
+
+    fn push_rules(&self, service: &str, windows: &[Window]) -> Result<(), String> {
+        // Latest window first: the first rule that fires decides, so an
+        // inner window overrides an outer one while it is open. Trace
+        // rules come last so they never shadow a fault.
+        let mut rules = Vec::new();
+        for trace in [false, true] {
+            for w in windows.iter().rev() {
+                if w.service == service && w.trace == trace {
+                    rules.extend(w.rules.iter().map(|r| r.rule.clone()));
+                }
+            }
+        }
+        let running = lock(&self.running);
+        let shim = running
+            .get(service)
+            .and_then(|r| r.shim.as_ref())
+            .ok_or_else(|| format!("service {service:?} is not running"))?;
+        if shim.exited().is_some() {
+            return Err(format!("service {service:?} has exited"));
+        }
+        shim.set_rules(rules)
+            .map_err(|e| format!("service {service:?} refused the rules: {e}"))
+    }
+
+    /// The id of the most recent `fault_start` window on `service`.
+    pub fn latest_started_window(&self, service: &str, trace: bool) -> Option<u64> {
+        lock(&self.windows)
+            .iter()
+            .rev()
+            .find(|w| w.service == service && w.from_start && w.trace == trace)
+            .map(|w| w.id)
+    }
+
+    /// Closes a window: its rules stop, its hits are counted, and a rule
+    /// that saw no traffic is reported.
+    pub fn close_window(&self, id: u64) -> Result<(), String> {
+        let service = match lock(&self.windows).iter().find(|w| w.id == id) {
+            Some(w) => w.service.clone(),
+            None => return Ok(()),
+        };
+        let mut windows = lock(&self.windows);
+        let Some(at) = windows.iter().position(|w| w.id == id) else {
+            return Ok(());
+        };
+        let window = windows.remove(at);
+        let push = self.push_rules(&service, &windows);
+        drop(windows);
+        // The rules are out; now every event they decided is in the log.
+        if let Some(shim) = lock(&self.running)
+            .get(&service)
+            .and_then(|r| r.shim.as_ref())
+        {
+            shim.sync(Duration::from_secs(2));
+        }
+        let events = self.trace.events_after(window.start_seq);
+        for r in &window.rules {
+            let (hits, matched) = count(&events, &service, r);
+            if matched == 0 && !window.trace {
+                self.trace.emit(
+                    "fault_zero_traffic",
+                    &service,
+                    fields([
+                        ("syscall", r.keyword.clone()),
+                        ("action", r.fault.kind().to_string()),
+                        ("label", r.fault.label.clone().unwrap_or_default()),
+                        ("path", r.rule.path.clone().unwrap_or_default()),
+                    ]),
+                );
+            }
+            lock(&self.faults).push(FaultRecord {
+                service: service.clone(),
+                syscall: r.keyword.clone(),
+                action: if window.trace {
+                    "trace".into()
+                } else {
+                    r.fault.kind().into()
+                },
+                errno: r.fault.errno.clone(),
+                rule: r.fault.summary(),
+                label: r.fault.label.clone(),
+                hits,
+                matched,
+                trace: window.trace,
+            });
+        }
+        let kind = if window.trace {
+            "trace_removed"
+        } else {
+            "fault_removed"
+        };
+        self.trace.emit(kind, &service, BTreeMap::new());
+        // A service that died mid-window cannot take new rules; that is
+        // reported as a crash, not as a failure to close the window.
+        match push {
+            Err(_) if self.exit_of(&service).is_some() => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Closes every window still open (a `fault_start` without its
+    /// `fault_stop`), oldest last.
+    pub fn close_all_windows(&self) {
+        let ids: Vec<u64> = lock(&self.windows).iter().rev().map(|w| w.id).collect();
+        for id in ids {
+            let _ = self.close_window(id);
+        }
+    }
+
+    /// Records a failed assertion (the first one wins).
+    pub fn record_assertion(&self, detail: AssertionDetail) {
+        let mut slot = lock(&self.assertion);
+        if slot.is_none() {
+            *slot = Some(detail);
+        }
+    }
+
+    /// The failed assertion, if any.
+    pub fn assertion(&self) -> Option<AssertionDetail> {
+        lock(&self.assertion).clone()
+    }
+
+    /// Marks a service's exit as something the test asserted on.
+    pub fn acknowledge_exit(&self, service: &str) {
+        lock(&self.acknowledged).insert(service.to_string());
+    }
+
+    /// Faults and traces of the test, in the order their windows closed.
+    pub fn faults(&self) -> Vec<FaultRecord> {
+        lock(&self.faults).clone()
+    }
+
+    /// Services that exited during the test and that the test did not
+    /// assert on.
+    pub fn unexpected_crashes(&self) -> Vec<Crash> {
+        let ack = lock(&self.acknowledged).clone();
+        lock(&self.crashes)
+            .iter()
+            .filter(|c| !ack.contains(&c.service))
+            .cloned()
+            .collect()
+    }
+
+    /// Every service exit seen during the test.
+    pub fn crashes(&self) -> Vec<Crash> {
+        lock(&self.crashes).clone()
+    }
+
+    /// Stops every service, dependents first, and waits for their ports
+    /// to close. Returns ports still taken afterwards.
+    pub fn stop_services(&self) -> Vec<String> {
+        self.stopping.store(true, Ordering::SeqCst);
+        let order = start_order(&self.services).unwrap_or_default();
+        for i in order.into_iter().rev() {
+            let def = &self.services[i];
+            let shim = lock(&self.running)
+                .get_mut(&def.name)
+                .and_then(|r| r.shim.take());
+            if let Some(shim) = shim {
+                shim.stop(self.config.stop_grace);
+            }
+        }
+        let mut busy = Vec::new();
+        for def in &self.services {
+            if !lock(&self.running).contains_key(&def.name) {
+                continue;
+            }
+            for iface in &def.interfaces {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while port_open(iface.port, Duration::from_millis(100)) {
+                    if Instant::now() > deadline {
+                        busy.push(format!("{}.{} (port {})", def.name, iface.name, iface.port));
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        busy
+    }
+
+    /// The output file of a service in this test.
+    pub fn log_of(&self, service: &str) -> Option<PathBuf> {
+        lock(&self.running).get(service).map(|r| r.log.clone())
+    }
+
+    /// A snapshot of the log.
+    pub fn events(&self) -> Vec<Event> {
+        self.trace.events()
+    }
+}
+
+fn count(events: &[Event], service: &str, r: &WindowRule) -> (u64, u64) {
+    let mut hits = 0;
+    let mut matched = 0;
+    for e in events {
+        if e.kind != "syscall" || e.service != service {
+            continue;
+        }
+        if e.fields.get("rule") == Some(&r.rule.id) && r.rule.action != Action::Allow {
+            hits += 1;
+        }
+        let Some(name) = e.fields.get("syscall") else {
+            continue;
+        };
+        if !r.rule.syscalls.contains(name) {
+            continue;
+        }
+        let path = e.fields.get("path");
+        let sees = match (&r.glob, path) {
+            (Some(g), Some(p)) => g.matches(p),
+            (Some(_), None) => false,
+            (None, Some(p)) => !is_system_path(p),
+            (None, None) => true,
+        };
+        if sees {
+            matched += 1;
+        }
+    }
+    if r.rule.action == Action::Allow {
+        hits = 0;
+    }
+    (hits, matched)
+}
+
+/// Expands a fault keyword: an op of the service, a family, or a syscall.
+pub fn expand_keyword(
+    arch: Arch,
+    def: &ServiceDef,
+    keyword: &str,
+) -> Result<(Vec<String>, Option<String>), String> {
+    let mut out: Vec<String> = Vec::new();
+    let (names, path) = match def.ops.get(keyword) {
+        Some(op) => (op.syscalls.clone(), op.path.clone()),
+        None => (vec![keyword.to_string()], None),
+    };
+    for name in &names {
+        let expanded = faultbox_agent::syscalls::expand_family(arch, name);
+        for s in expanded {
+            if arch.number(s).is_none() {
+                let suggestion = faultbox_agent::errno::closest(name, arch.all_names())
+                    .map(|c| format!(" (did you mean {c}?)"))
+                    .unwrap_or_default();
+                let ops = if def.ops.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; {:?} declares ops: {}",
+                        def.name,
+                        def.ops.keys().cloned().collect::<Vec<_>>().join(", ")
+                    )
+                };
+                return Err(format!(
+                    "{name:?} is neither a syscall nor an op of service {:?}{suggestion}{ops}",
+                    def.name
+                ));
+            }
+            let s = s.to_string();
+            if !out.contains(&s) {
+                out.push(s);
+            }
+        }
+    }
+    Ok((out, path))
+}
+
+/// Whether something accepts connections on 127.0.0.1:`port`.
+pub fn port_open(port: u16, timeout: Duration) -> bool {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    std::net::TcpStream::connect_timeout(&addr, timeout).is_ok()
+}
+
+/// One healthcheck attempt.
+pub fn probe(check: &Healthcheck, timeout: Duration) -> Result<(), String> {
+    let timeout = timeout.max(Duration::from_millis(50));
+    match check {
+        Healthcheck::Tcp { addr, .. } => net::connect(addr, timeout)
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        Healthcheck::Http {
+            url, expect_status, ..
+        } => {
+            let (addr, path) = net::split_url(url)?;
+            let r = net::http_request(&addr, "GET", &path, &[], &[], timeout)
+                .map_err(|e| e.to_string())?;
+            let good = match expect_status {
+                Some(want) => r.status == *want,
+                None => (200..400).contains(&r.status),
+            };
+            if good {
+                Ok(())
+            } else {
+                Err(format!("status {}", r.status))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::OpDef;
+
+    fn svc(name: &str, deps: &[&str]) -> ServiceDef {
+        ServiceDef {
+            name: name.into(),
+            binary: "/bin/true".into(),
+            args: vec![],
+            env: vec![],
+            interfaces: vec![],
+            depends_on: deps.iter().map(|d| d.to_string()).collect(),
+            healthcheck: None,
+            ops: BTreeMap::new(),
+            user: None,
+            declared_at: String::new(),
+        }
+    }
+
+    #[test]
+    fn dependencies_start_first() {
+        let s = vec![
+            svc("api", &["db", "cache"]),
+            svc("db", &[]),
+            svc("cache", &["db"]),
+        ];
+        let order: Vec<&str> = start_order(&s)
+            .expect("order")
+            .into_iter()
+            .map(|i| s[i].name.as_str())
+            .collect();
+        assert_eq!(order, ["db", "cache", "api"]);
+    }
+
+    #[test]
+    fn cycles_are_named() {
+        let s = vec![svc("a", &["b"]), svc("b", &["a"])];
+        let e = start_order(&s).expect_err("cycle");
+        assert!(e.contains("a → b → a"), "{e}");
+        let e = start_order(&[svc("a", &["ghost"])]).expect_err("missing");
+        assert!(e.contains("\"ghost\""), "{e}");
+    }
+
+    #[test]
+    fn keywords_expand_ops_and_families() {
+        let arch = Arch::native();
+        let mut s = svc("db", &[]);
+        s.ops.insert(
+            "persist".into(),
+            OpDef {
+                syscalls: vec!["write".into(), "fsync".into()],
+                path: Some("*.wal".into()),
+            },
+        );
+        let (sc, path) = expand_keyword(arch, &s, "persist").expect("op");
+        assert_eq!(
+            sc,
+            [
+                "write",
+                "writev",
+                "pwrite64",
+                "pwritev",
+                "pwritev2",
+                "fsync",
+                "fdatasync"
+            ]
+        );
+        assert_eq!(path.as_deref(), Some("*.wal"));
+        let (sc, _) = expand_keyword(arch, &s, "connect").expect("raw");
+        assert_eq!(sc, ["connect"]);
+        let e = expand_keyword(arch, &s, "fsyncc").expect_err("typo");
+        assert!(
+            e.contains("did you mean fsync?") && e.contains("persist"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,320 @@
+//! The controller's side of one `faultbox-shim`: start it, launch the
+//! target, stream its events, change rules, wait for barriers, stop it.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use faultbox_agent::process;
+use faultbox_agent::rule::Rule;
+use faultbox_agent::wire::{self, ControlMessage, LaunchSpec, ShimMessage, SyscallEvent};
+
+/// What a shim reports while its target runs.
+#[derive(Debug, Clone)]
+pub enum ShimEvent {
+    /// One intercepted syscall.
+    Syscall(SyscallEvent),
+    /// The target exited (on its own or because it was stopped).
+    Exited(ExitInfo),
+}
+
+/// How the target ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitInfo {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+impl ExitInfo {
+    /// Shell convention: the code, or 128 + signal.
+    pub fn shell_code(self) -> i32 {
+        self.code.unwrap_or_else(|| 128 + self.signal.unwrap_or(0))
+    }
+}
+
+#[derive(Default)]
+struct State {
+    exited: Option<ExitInfo>,
+    reader_done: bool,
+    synced: u64,
+    rejected: Vec<(u64, String)>,
+}
+
+#[derive(Default)]
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Finds `faultbox-shim`: `$FAULTBOX_SHIM`, else next to the running binary.
+pub fn locate() -> Result<PathBuf, String> {
+    if let Some(path) = std::env::var_os("FAULTBOX_SHIM") {
+        let path = PathBuf::from(path);
+        return if process::is_executable(&path) {
+            Ok(path)
+        } else {
+            Err(format!(
+                "FAULTBOX_SHIM={} is not an executable file",
+                path.display()
+            ))
+        };
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("locate faultbox itself: {e}"))?;
+    let path = exe.with_file_name("faultbox-shim");
+    if process::is_executable(&path) {
+        Ok(path)
+    } else {
+        Err(format!(
+            "faultbox-shim not found at {} (build it with scripts/build, or set FAULTBOX_SHIM)",
+            path.display()
+        ))
+    }
+}
+
+/// A running shim and its target.
+pub struct Shim {
+    child: Child,
+    writer: Mutex<BufWriter<UnixStream>>,
+    shared: Arc<Shared>,
+    reader: Option<JoinHandle<()>>,
+    /// The target's pid in the shim's namespace.
+    pub pid: u32,
+    tokens: AtomicU64,
+}
+
+/// Why a target did not start.
+#[derive(Debug)]
+pub struct LaunchFailure {
+    pub message: String,
+}
+
+impl Shim {
+    /// Starts `shim`, launches the target described by `spec` with its
+    /// output in `log`, and calls `on_event` (from a reader thread) for
+    /// every intercepted syscall and for the target's exit.
+    pub fn launch(
+        shim: &Path,
+        spec: LaunchSpec,
+        log: &Path,
+        on_event: Box<dyn Fn(ShimEvent) + Send>,
+    ) -> Result<Shim, LaunchFailure> {
+        let fail = |message: String| LaunchFailure { message };
+        let out = File::create(log).map_err(|e| fail(format!("create {}: {e}", log.display())))?;
+        let err = out
+            .try_clone()
+            .map_err(|e| fail(format!("open {}: {e}", log.display())))?;
+        let (ours, theirs) = UnixStream::pair().map_err(|e| fail(format!("socketpair: {e}")))?;
+        process::make_inheritable(&theirs).map_err(|e| fail(format!("control socket: {e}")))?;
+        let mut child = Command::new(shim)
+            .arg("--control")
+            .arg(format!("fd:{}", theirs.as_raw_fd()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .map_err(|e| fail(format!("start {}: {e}", shim.display())))?;
+        drop(theirs);
+        let kill = |child: &mut Child| {
+            let _ = child.kill();
+            let _ = child.wait();
+        };
+        // A shim that hangs before answering must not hang the test run.
+        let _ = ours.set_read_timeout(Some(Duration::from_secs(15)));
+        let clone = match ours.try_clone() {
+            Ok(c) => c,
+            Err(e) => {
+                kill(&mut child);
+                return Err(fail(format!("control socket: {e}")));
+            }
+        };
+        let mut reader = BufReader::new(clone);
+        let mut writer = BufWriter::new(ours);
+        match wire::recv::<_, ShimMessage>(&mut reader) {
+            Ok(Some(ShimMessage::Hello { version, .. })) if version == wire::PROTOCOL_VERSION => {}
+            other => {
+                kill(&mut child);
+                return Err(fail(format!(
+                    "{} did not greet properly ({other:?}); rebuild it with this faultbox",
+                    shim.display()
+                )));
+            }
+        }
+        if let Err(e) = wire::send(&mut writer, &ControlMessage::Launch(Box::new(spec)))
+            .and_then(|_| writer.flush())
+        {
+            kill(&mut child);
+            return Err(fail(format!("send the launch request: {e}")));
+        }
+        let pid = loop {
+            match wire::recv::<_, ShimMessage>(&mut reader) {
+                Ok(Some(ShimMessage::Started { pid })) => break pid,
+                Ok(Some(ShimMessage::LaunchFailed { message, .. })) => {
+                    let _ = child.wait();
+                    return Err(fail(message));
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    let _ = child.wait();
+                    return Err(fail("the shim exited before starting the target".into()));
+                }
+                Err(e) => {
+                    kill(&mut child);
+                    return Err(fail(format!("waiting for the target to start: {e}")));
+                }
+            }
+        };
+        let _ = reader.get_ref().set_read_timeout(None);
+        let shared = Arc::new(Shared::default());
+        let reader = {
+            let shared = Arc::clone(&shared);
+            std::thread::spawn(move || read_loop(reader, &shared, on_event))
+        };
+        Ok(Shim {
+            child,
+            writer: Mutex::new(writer),
+            shared,
+            reader: Some(reader),
+            pid,
+            tokens: AtomicU64::new(0),
+        })
+    }
+
+    fn send(&self, message: &ControlMessage) -> Result<(), String> {
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        wire::send(&mut *w, message)
+            .and_then(|_| w.flush())
+            .map_err(|e| format!("the shim is gone ({e})"))
+    }
+
+    /// How the target ended, if it has.
+    pub fn exited(&self) -> Option<ExitInfo> {
+        self.shared.lock().exited
+    }
+
+    /// Waits until every event decided so far has been delivered to
+    /// `on_event`. Returns false when the shim is gone or slow.
+    pub fn sync(&self, timeout: Duration) -> bool {
+        let token = self.tokens.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.send(&ControlMessage::Sync { token }).is_err() {
+            return false;
+        }
+        let deadline = Instant::now() + timeout;
+        let mut state = self.shared.lock();
+        while state.synced < token && !state.reader_done {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            state = match self.shared.changed.wait_timeout(state, left) {
+                Ok((s, _)) => s,
+                Err(p) => p.into_inner().0,
+            };
+        }
+        state.synced >= token
+    }
+
+    /// Replaces the target's rules; an error carries the shim's reason.
+    pub fn set_rules(&self, rules: Vec<Rule>) -> Result<(), String> {
+        let before = self.tokens.load(Ordering::SeqCst);
+        self.send(&ControlMessage::SetRules { rules })?;
+        if !self.sync(Duration::from_secs(5)) {
+            if self.exited().is_some() {
+                return Err("the service has exited".into());
+            }
+            return Err("the shim did not confirm the new rules within 5s".into());
+        }
+        let state = self.shared.lock();
+        match state.rejected.iter().rev().find(|(t, _)| *t > before) {
+            Some((_, reason)) => Err(reason.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops the target (SIGTERM, SIGKILL after `grace`) and the shim, and
+    /// waits for both. Returns how the target ended.
+    pub fn stop(mut self, grace: Duration) -> Option<ExitInfo> {
+        if self.exited().is_none() {
+            let _ = self.send(&ControlMessage::Stop);
+        }
+        let deadline = Instant::now() + grace + Duration::from_secs(2);
+        {
+            let mut state = self.shared.lock();
+            while !state.reader_done {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                state = match self.shared.changed.wait_timeout(state, left) {
+                    Ok((s, _)) => s,
+                    Err(p) => p.into_inner().0,
+                };
+            }
+        }
+        // The shim kills its target if it dies itself (parent-death signal).
+        if self.shared.lock().reader_done {
+            let _ = self.child.wait();
+        } else {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        self.exited()
+    }
+}
+
+impl Drop for Shim {
+    fn drop(&mut self) {
+        // Only reached when `stop` was not called (a panic, an early
+        // return): never leave the shim or its target behind.
+        if self.reader.is_some() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn read_loop(
+    mut reader: BufReader<UnixStream>,
+    shared: &Shared,
+    on_event: Box<dyn Fn(ShimEvent) + Send>,
+) {
+    let mut last_token = 0;
+    loop {
+        match wire::recv::<_, ShimMessage>(&mut reader) {
+            Ok(Some(ShimMessage::Syscall(e))) => on_event(ShimEvent::Syscall(e)),
+            Ok(Some(ShimMessage::Synced { token })) => {
+                last_token = token;
+                shared.lock().synced = token;
+                shared.changed.notify_all();
+            }
+            Ok(Some(ShimMessage::RulesRejected { message })) => {
+                shared.lock().rejected.push((last_token + 1, message));
+            }
+            Ok(Some(ShimMessage::Exited { code, signal, .. })) => {
+                let info = ExitInfo { code, signal };
+                on_event(ShimEvent::Exited(info));
+                shared.lock().exited = Some(info);
+                shared.changed.notify_all();
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => break,
+        }
+    }
+    shared.lock().reader_done = true;
+    shared.changed.notify_all();
+}

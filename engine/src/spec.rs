@@ -1,0 +1,452 @@
+//! Loading a spec: parse and evaluate the `.star` file (and what it
+//! `load()`s), collect the topology, discover the tests, and work out the
+//! syscall filter every service needs.
+
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use faultbox_agent::syscalls::{self, Arch};
+use starlark::environment::{FrozenModule, Globals, GlobalsBuilder, LibraryExtension, Module};
+use starlark::eval::{Evaluator, FileLoader};
+use starlark::syntax::{AstModule, Dialect};
+
+use crate::builtins;
+use crate::model::ServiceDef;
+use crate::runtime::TestRun;
+use crate::values::Ctx;
+
+/// A spec that could not be loaded; the message carries `file:line:col`
+/// and the offending line when Starlark knows them.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct SpecError {
+    pub message: String,
+}
+
+fn spec_error(e: starlark::Error) -> SpecError {
+    SpecError {
+        message: format!("{e}").trim_end().to_string(),
+    }
+}
+
+/// A loaded spec.
+pub struct Spec {
+    /// The file as given on the command line.
+    pub path: PathBuf,
+    /// Its directory (relative binaries and loads resolve against it).
+    pub dir: PathBuf,
+    /// Declared services, in declaration order.
+    pub services: Vec<ServiceDef>,
+    /// Test function names, sorted.
+    pub tests: Vec<String>,
+    /// Syscalls every service's filter intercepts (empty: no filter).
+    pub intercept: Vec<String>,
+    module: Arc<FrozenModule>,
+    globals: Arc<Globals>,
+}
+
+/// The globals every spec sees.
+pub fn globals() -> Globals {
+    GlobalsBuilder::extended_by(&[
+        LibraryExtension::StructType,
+        LibraryExtension::Print,
+        LibraryExtension::Json,
+        LibraryExtension::Map,
+        LibraryExtension::Filter,
+    ])
+    .with(builtins::topology)
+    .with(builtins::faults)
+    .with(builtins::assertions)
+    .with(builtins::files)
+    .build()
+}
+
+fn dialect() -> Dialect {
+    Dialect {
+        enable_top_level_stmt: true,
+        ..Dialect::Extended
+    }
+}
+
+struct Loader<'a> {
+    dir: PathBuf,
+    ctx: &'a Ctx,
+    globals: &'a Globals,
+    cache: &'a RefCell<HashMap<PathBuf, FrozenModule>>,
+    loading: &'a RefCell<Vec<PathBuf>>,
+    sources: &'a RefCell<Vec<String>>,
+}
+
+impl Loader<'_> {
+    fn eval_file(&self, path: &Path, source: String) -> starlark::Result<FrozenModule> {
+        let name = path.to_string_lossy().into_owned();
+        let ast = AstModule::parse(&name, source.clone(), &dialect())?;
+        self.sources.borrow_mut().push(source);
+        let child = Loader {
+            dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+            ctx: self.ctx,
+            globals: self.globals,
+            cache: self.cache,
+            loading: self.loading,
+            sources: self.sources,
+        };
+        Module::with_temp_heap(|module| {
+            {
+                let mut eval = Evaluator::new(&module);
+                eval.extra = Some(self.ctx);
+                eval.set_loader(&child);
+                eval.eval_module(ast, self.globals)?;
+            }
+            module
+                .freeze()
+                .map_err(|e| starlark::Error::new_other(anyhow::anyhow!("{e:?}")))
+        })
+    }
+}
+
+impl FileLoader for Loader<'_> {
+    fn load(&self, path: &str) -> starlark::Result<FrozenModule> {
+        let fail = |m: String| starlark::Error::new_other(anyhow::anyhow!(m));
+        if path.starts_with("@faultbox/") {
+            return Err(fail(format!(
+                "load({path:?}): no embedded module by that name in this build (SPEC_RECIPE_NOT_FOUND)"
+            )));
+        }
+        // Relative to the loading file, as a reader expects.
+        let full = self.dir.join(path);
+        let key = full
+            .canonicalize()
+            .map_err(|e| fail(format!("load({path:?}): {}: {e}", full.display())))?;
+        if let Some(m) = self.cache.borrow().get(&key) {
+            return Ok(m.clone());
+        }
+        if self.loading.borrow().contains(&key) {
+            return Err(fail(format!(
+                "load({path:?}): {} loads itself (a load cycle)",
+                key.display()
+            )));
+        }
+        let source = std::fs::read_to_string(&key)
+            .map_err(|e| fail(format!("load({path:?}): {}: {e}", key.display())))?;
+        self.loading.borrow_mut().push(key.clone());
+        let result = self.eval_file(&key, source);
+        self.loading.borrow_mut().pop();
+        let module = result?;
+        self.cache.borrow_mut().insert(key, module.clone());
+        Ok(module)
+    }
+}
+
+/// Loads and evaluates `path`.
+pub fn load(path: &Path) -> Result<Spec, SpecError> {
+    let source = std::fs::read_to_string(path).map_err(|e| SpecError {
+        message: format!("cannot read spec {}: {e}", path.display()),
+    })?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let globals = globals();
+    let ctx = Ctx::default();
+    let cache = RefCell::new(HashMap::new());
+    let loading = RefCell::new(Vec::new());
+    let sources = RefCell::new(Vec::new());
+    let loader = Loader {
+        dir: dir.clone(),
+        ctx: &ctx,
+        globals: &globals,
+        cache: &cache,
+        loading: &loading,
+        sources: &sources,
+    };
+    let module = loader.eval_file(path, source).map_err(spec_error)?;
+    let services = ctx.services.take();
+    for s in &services {
+        for dep in &s.depends_on {
+            if !services.iter().any(|x| &x.name == dep) {
+                return Err(SpecError {
+                    message: format!(
+                        "{}: service {:?} depends on {dep:?}, which is not declared",
+                        s.declared_at, s.name
+                    ),
+                });
+            }
+        }
+    }
+    crate::runtime::start_order(&services).map_err(|message| SpecError { message })?;
+    let mut tests: Vec<String> = module
+        .names()
+        .map(|n| n.as_str().to_string())
+        .filter(|n| n.starts_with("test_"))
+        .filter(|n| {
+            module
+                .get(n)
+                .map(|v| v.value().get_type() == "function")
+                .unwrap_or(false)
+        })
+        .collect();
+    tests.sort();
+    let intercept = filter_syscalls(Arch::native(), &sources.borrow(), &services);
+    Ok(Spec {
+        path: path.to_path_buf(),
+        dir,
+        services,
+        tests,
+        intercept,
+        module: Arc::new(module),
+        globals: Arc::new(globals),
+    })
+}
+
+/// What a test body ended with.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BodyOutcome {
+    /// Returned; the repr of a non-None value.
+    Returned(Option<String>),
+    /// Raised: the message and where (`file:line:col`).
+    Failed {
+        message: String,
+        location: Option<String>,
+    },
+    /// Still running when the test timed out.
+    TimedOut,
+}
+
+impl Spec {
+    /// Runs test `name`'s body against `run`, giving up after `timeout`.
+    /// A body that times out is left to finish on its own thread; the
+    /// caller stops the services, which makes its pending step fail.
+    pub fn run_body(&self, name: &str, run: Arc<TestRun>, timeout: Duration) -> BodyOutcome {
+        let (tx, rx) = mpsc::channel();
+        let module = Arc::clone(&self.module);
+        let globals = Arc::clone(&self.globals);
+        let name = name.to_string();
+        let spawned = std::thread::Builder::new()
+            .name(format!("test {name}"))
+            .spawn(move || {
+                let outcome = Module::with_temp_heap(|heap_module| {
+                    // Calling the frozen function through a one-line module
+                    // that imports the spec keeps every value on a heap the
+                    // evaluator owns.
+                    heap_module.import_public_symbols(&module);
+                    let call = match AstModule::parse("<test>", format!("{name}()"), &dialect()) {
+                        Ok(ast) => ast,
+                        Err(e) => {
+                            return BodyOutcome::Failed {
+                                message: e.to_string(),
+                                location: None,
+                            };
+                        }
+                    };
+                    let ctx = Ctx {
+                        run: Some(run),
+                        ..Ctx::default()
+                    };
+                    let mut eval = Evaluator::new(&heap_module);
+                    eval.extra = Some(&ctx);
+                    match eval.eval_module(call, &globals) {
+                        Ok(v) if v.is_none() => BodyOutcome::Returned(None),
+                        Ok(v) => BodyOutcome::Returned(Some(v.to_str())),
+                        Err(e) => BodyOutcome::Failed {
+                            message: e.without_diagnostic().to_string(),
+                            location: e.span().map(|s| s.to_string()),
+                        },
+                    }
+                });
+                let _ = tx.send(outcome);
+            });
+        if let Err(e) = spawned {
+            return BodyOutcome::Failed {
+                message: format!("cannot start the test thread: {e}"),
+                location: None,
+            };
+        }
+        rx.recv_timeout(timeout).unwrap_or(BodyOutcome::TimedOut)
+    }
+}
+
+/// The syscalls the spec can target, from the names it spells out: a
+/// keyword argument (`write=deny(...)`), a dict key (`{"fsync": ...}`) or
+/// an entry of a `syscalls=[...]` list, when the name is a syscall, a
+/// family or an op. Faults are applied at run time, but the filter is
+/// fixed when a service starts, so the set is decided from the text; a
+/// rule built from a computed name is refused at run time instead of
+/// silently never firing.
+pub fn filter_syscalls(arch: Arch, sources: &[String], services: &[ServiceDef]) -> Vec<String> {
+    let mut names = BTreeSet::new();
+    for source in sources {
+        names.extend(candidate_names(source));
+    }
+    let mut out: Vec<String> = Vec::new();
+    let mut add = |name: &str| {
+        for s in syscalls::expand_family(arch, name) {
+            if arch.number(s).is_some() && !out.iter().any(|o| o == s) {
+                out.push(s.to_string());
+            }
+        }
+    };
+    for name in &names {
+        add(name);
+        for svc in services {
+            if let Some(op) = svc.ops.get(name) {
+                for s in &op.syscalls {
+                    add(s);
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[derive(Debug, PartialEq)]
+enum Tok {
+    Ident(String),
+    Str(String),
+    Punct(char),
+    EqEq,
+}
+
+fn tokenize(src: &str) -> Vec<Tok> {
+    let chars: Vec<char> = src.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if c == '#' {
+            while i < chars.len() && chars[i] != '\n' {
+                i += 1;
+            }
+        } else if c.is_alphabetic() || c == '_' {
+            let start = i;
+            while i < chars.len() && (chars[i].is_alphanumeric() || chars[i] == '_') {
+                i += 1;
+            }
+            out.push(Tok::Ident(chars[start..i].iter().collect()));
+        } else if c == '"' || c == '\'' {
+            let triple = i + 2 < chars.len() && chars[i + 1] == c && chars[i + 2] == c;
+            let quote_len = if triple { 3 } else { 1 };
+            i += quote_len;
+            let mut s = String::new();
+            while i < chars.len() {
+                if chars[i] == '\\' {
+                    i += 2;
+                    continue;
+                }
+                if chars[i] == c
+                    && (!triple || (i + 2 < chars.len() && chars[i + 1] == c && chars[i + 2] == c))
+                {
+                    i += quote_len;
+                    break;
+                }
+                if !triple && chars[i] == '\n' {
+                    break;
+                }
+                s.push(chars[i]);
+                i += 1;
+            }
+            out.push(Tok::Str(s));
+        } else if c == '=' && chars.get(i + 1) == Some(&'=') {
+            out.push(Tok::EqEq);
+            i += 2;
+        } else if c.is_whitespace() || c.is_ascii_digit() {
+            i += 1;
+        } else {
+            out.push(Tok::Punct(c));
+            i += 1;
+        }
+    }
+    out
+}
+
+fn candidate_names(src: &str) -> BTreeSet<String> {
+    let toks = tokenize(src);
+    let mut out = BTreeSet::new();
+    let mut in_syscalls_list = 0usize;
+    for (i, t) in toks.iter().enumerate() {
+        let next = toks.get(i + 1);
+        match t {
+            Tok::Ident(name) if next == Some(&Tok::Punct('=')) => {
+                out.insert(name.clone());
+                if name == "syscalls" && toks.get(i + 2) == Some(&Tok::Punct('[')) {
+                    in_syscalls_list = i + 2;
+                }
+            }
+            Tok::Str(s) if next == Some(&Tok::Punct(':')) => {
+                out.insert(s.clone());
+            }
+            Tok::Str(s) if in_syscalls_list > 0 => {
+                out.insert(s.clone());
+            }
+            Tok::Punct(']') => in_syscalls_list = 0,
+            _ => {}
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_covers_keywords_dict_keys_and_syscall_lists() {
+        let src = r#"
+def test_a():
+    fault(db, write=deny("EIO"), run=lambda: None)   # read=deny in a comment
+    fault_all([db], **{"connect": deny("ECONNREFUSED")}, run=f)
+    trace(db, syscalls=["openat", 'fsync'], run=f)
+    x = "unlinkat"
+    if a == b: pass
+"#;
+        let got = filter_syscalls(Arch::native(), &[src.to_string()], &[]);
+        assert_eq!(
+            got,
+            [
+                "connect",
+                "fdatasync",
+                "fsync",
+                "openat",
+                "pwrite64",
+                "pwritev",
+                "pwritev2",
+                "write",
+                "writev"
+            ]
+        );
+    }
+
+    #[test]
+    fn ops_bring_their_syscalls() {
+        let mut svc = ServiceDef {
+            name: "db".into(),
+            binary: "x".into(),
+            args: vec![],
+            env: vec![],
+            interfaces: vec![],
+            depends_on: vec![],
+            healthcheck: None,
+            ops: Default::default(),
+            user: None,
+            declared_at: String::new(),
+        };
+        svc.ops.insert(
+            "persist".into(),
+            crate::model::OpDef {
+                syscalls: vec!["fsync".into()],
+                path: None,
+            },
+        );
+        let got = filter_syscalls(
+            Arch::native(),
+            &["fault(db, persist=deny(\"EIO\"))".into()],
+            &[svc],
+        );
+        assert_eq!(got, ["fdatasync", "fsync"]);
+    }
+}

@@ -1,0 +1,452 @@
+//! The Starlark value types a spec works with: services, interfaces and
+//! their references, fault rules, operations, healthchecks, step responses
+//! and trace events.
+//!
+//! They are plain data (no references into the Starlark heap), so they
+//! freeze with the module and can be shared by every test.
+//!
+//! `unsafe_code` is allowed for this module only because starlark's
+//! `derive(ProvidesStaticType)` expands to an `unsafe impl`; nothing here
+//! is written unsafe by hand.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use allocative::Allocative;
+use faultbox_agent::rule::{Action, Trigger};
+use serde_json::Value as Json;
+use starlark::starlark_simple_value;
+use starlark::values::dict::AllocDict;
+use starlark::values::{
+    Heap, NoSerialize, ProvidesStaticType, StarlarkValue, Value, starlark_value,
+};
+
+use crate::model::{Healthcheck, InterfaceDef, OpDef, ServiceDef};
+use crate::runtime::TestRun;
+use crate::trace::Event;
+
+/// What builtins can reach: the topology being declared (while the spec
+/// loads) or the running test.
+#[derive(ProvidesStaticType, Default)]
+pub struct Ctx {
+    /// Services declared so far, in declaration order.
+    pub services: std::cell::RefCell<Vec<ServiceDef>>,
+    /// The test being run; `None` while the spec loads.
+    pub run: Option<std::sync::Arc<TestRun>>,
+}
+
+/// `service(...)`: a declared service.
+#[derive(Debug, Clone, ProvidesStaticType, NoSerialize, Allocative)]
+pub struct ServiceValue {
+    #[allocative(skip)]
+    pub def: ServiceDef,
+}
+starlark_simple_value!(ServiceValue);
+
+impl fmt::Display for ServiceValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<service {}>", self.def.name)
+    }
+}
+
+/// Step methods each protocol offers, for `svc.iface.<method>(...)`.
+pub fn step_methods(protocol: &str) -> &'static [&'static str] {
+    match protocol {
+        "http" => &["get", "post", "put", "delete", "patch"],
+        "tcp" => &["send"],
+        "postgres" => &["query", "exec"],
+        _ => &[],
+    }
+}
+
+#[starlark_value(type = "service")]
+impl<'v> StarlarkValue<'v> for ServiceValue {
+    fn get_attr(&self, attribute: &str, heap: Heap<'v>) -> Option<Value<'v>> {
+        if attribute == "name" {
+            return Some(heap.alloc(self.def.name.as_str()));
+        }
+        if let Some(iface) = self.def.interfaces.iter().find(|i| i.name == attribute) {
+            return Some(heap.alloc(InterfaceRef {
+                service: self.def.name.clone(),
+                iface: iface.clone(),
+            }));
+        }
+        // Shorthand steps on a service with one interface (or one named
+        // "default"): `svc.get(path=...)`.
+        let single = match self.def.interfaces.as_slice() {
+            [only] => Some(only),
+            many => many.iter().find(|i| i.name == "default"),
+        }?;
+        step_methods(&single.protocol)
+            .contains(&attribute)
+            .then(|| {
+                heap.alloc(StepMethod {
+                    service: self.def.name.clone(),
+                    iface: single.clone(),
+                    method: attribute.to_string(),
+                })
+            })
+    }
+
+    fn dir_attr(&self) -> Vec<String> {
+        let mut names = vec!["name".to_string()];
+        names.extend(self.def.interfaces.iter().map(|i| i.name.clone()));
+        names
+    }
+}
+
+/// `interface(...)` before it is attached to a service.
+#[derive(Debug, Clone, ProvidesStaticType, NoSerialize, Allocative)]
+pub struct InterfaceValue {
+    #[allocative(skip)]
+    pub def: InterfaceDef,
+}
+starlark_simple_value!(InterfaceValue);
+
+impl fmt::Display for InterfaceValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "<interface {} {} :{}>",
+            self.def.name, self.def.protocol, self.def.port
+        )
+    }
+}
+
+#[starlark_value(type = "interface")]
+impl<'v> StarlarkValue<'v> for InterfaceValue {
+    fn get_attr(&self, attribute: &str, heap: Heap<'v>) -> Option<Value<'v>> {
+        match attribute {
+            "name" => Some(heap.alloc(self.def.name.as_str())),
+            "protocol" => Some(heap.alloc(self.def.protocol.as_str())),
+            "port" => Some(heap.alloc(i32::from(self.def.port))),
+            _ => None,
+        }
+    }
+}
+
+/// `svc.iface`: where an interface of a service can be reached.
+#[derive(Debug, Clone, ProvidesStaticType, NoSerialize, Allocative)]
+pub struct InterfaceRef {
+    pub service: String,
+    #[allocative(skip)]
+    pub iface: InterfaceDef,
+}
+starlark_simple_value!(InterfaceRef);
+
+impl fmt::Display for InterfaceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<interface_ref {}.{}>", self.service, self.iface.name)
+    }
+}
+
+#[starlark_value(type = "interface_ref")]
+impl<'v> StarlarkValue<'v> for InterfaceRef {
+    fn get_attr(&self, attribute: &str, heap: Heap<'v>) -> Option<Value<'v>> {
+        let port = self.iface.port;
+        match attribute {
+            "addr" | "internal_addr" => Some(heap.alloc(format!("localhost:{port}"))),
+            "host" => Some(heap.alloc("localhost")),
+            "port" => Some(heap.alloc(i32::from(port))),
+            "name" => Some(heap.alloc(self.iface.name.as_str())),
+            "protocol" => Some(heap.alloc(self.iface.protocol.as_str())),
+            "service" => Some(heap.alloc(self.service.as_str())),
+            m if step_methods(&self.iface.protocol).contains(&m) => Some(heap.alloc(StepMethod {
+                service: self.service.clone(),
+                iface: self.iface.clone(),
+                method: m.to_string(),
+            })),
+            _ => None,
+        }
+    }
+
+    fn dir_attr(&self) -> Vec<String> {
+        let mut names: Vec<String> = [
+            "addr",
+            "host",
+            "port",
+            "internal_addr",
+            "name",
+            "protocol",
+            "service",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        names.extend(
+            step_methods(&self.iface.protocol)
+                .iter()
+                .map(|s| s.to_string()),
+        );
+        names
+    }
+}
+
+/// `svc.iface.post`: a step method, called by the test body.
+#[derive(Debug, Clone, ProvidesStaticType, NoSerialize, Allocative)]
+pub struct StepMethod {
+    pub service: String,
+    #[allocative(skip)]
+    pub iface: InterfaceDef,
+    pub method: String,
+}
+starlark_simple_value!(StepMethod);
+
+impl fmt::Display for StepMethod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "<step {}.{}.{}>",
+            self.service, self.iface.name, self.method
+        )
+    }
+}
+
+#[starlark_value(type = "step_method")]
+impl<'v> StarlarkValue<'v> for StepMethod {
+    fn invoke(
+        &self,
+        _me: Value<'v>,
+        args: &starlark::eval::Arguments<'v, '_>,
+        eval: &mut starlark::eval::Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<Value<'v>> {
+        crate::builtins::call_step(self, args, eval)
+    }
+}
+
+/// What a syscall fault does: `deny(...)`, `delay(...)`, `allow()`.
+#[derive(Debug, Clone, PartialEq, ProvidesStaticType, NoSerialize, Allocative)]
+pub struct FaultValue {
+    #[allocative(skip)]
+    pub action: Action,
+    pub probability: f64,
+    pub label: Option<String>,
+    #[allocative(skip)]
+    pub trigger: Trigger,
+    /// The errno name as written (upper-cased), for reports.
+    pub errno: Option<String>,
+}
+starlark_simple_value!(FaultValue);
+
+impl FaultValue {
+    /// `deny(EIO)`, `delay(500ms)`, `allow`: the action as reports show it.
+    pub fn summary(&self) -> String {
+        match (&self.action, &self.errno) {
+            (Action::Deny { .. }, Some(name)) => format!("deny({name})"),
+            (action, _) => action.describe(),
+        }
+    }
+
+    /// `deny`, `delay` or `allow`.
+    pub fn kind(&self) -> &'static str {
+        match self.action {
+            Action::Allow => "allow",
+            Action::Deny { .. } => "deny",
+            Action::Delay { .. } => "delay",
+        }
+    }
+}
+
+impl fmt::Display for FaultValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.summary())?;
+        if self.probability < 1.0 {
+            write!(f, " {}%", self.probability * 100.0)?;
+        }
+        if self.trigger != Trigger::Always {
+            write!(f, " {}", self.trigger)?;
+        }
+        Ok(())
+    }
+}
+
+#[starlark_value(type = "fault")]
+impl<'v> StarlarkValue<'v> for FaultValue {
+    fn get_attr(&self, attribute: &str, heap: Heap<'v>) -> Option<Value<'v>> {
+        match attribute {
+            "action" => Some(heap.alloc(self.kind())),
+            "probability" => Some(heap.alloc(self.probability)),
+            "label" => Some(heap.alloc(self.label.clone().unwrap_or_default())),
+            "errno" => Some(heap.alloc(self.errno.clone().unwrap_or_default())),
+            _ => None,
+        }
+    }
+}
+
+/// `op(syscalls=[...], path=...)`: a named group of syscalls.
+#[derive(Debug, Clone, ProvidesStaticType, NoSerialize, Allocative)]
+pub struct OpValue {
+    #[allocative(skip)]
+    pub def: OpDef,
+}
+starlark_simple_value!(OpValue);
+
+impl fmt::Display for OpValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<op {}>", self.def.syscalls.join(","))
+    }
+}
+
+#[starlark_value(type = "op")]
+impl<'v> StarlarkValue<'v> for OpValue {}
+
+/// `tcp(...)` / `http(...)`: a readiness probe.
+#[derive(Debug, Clone, ProvidesStaticType, NoSerialize, Allocative)]
+pub struct HealthcheckValue {
+    #[allocative(skip)]
+    pub check: Healthcheck,
+}
+starlark_simple_value!(HealthcheckValue);
+
+impl fmt::Display for HealthcheckValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<healthcheck {}>", self.check.describe())
+    }
+}
+
+#[starlark_value(type = "healthcheck")]
+impl<'v> StarlarkValue<'v> for HealthcheckValue {}
+
+/// What a step returned.
+#[derive(Debug, Clone, Default, ProvidesStaticType, NoSerialize, Allocative)]
+pub struct ResponseValue {
+    pub status: i64,
+    pub body: String,
+    pub headers: BTreeMap<String, String>,
+    pub ok: bool,
+    pub error: String,
+    pub duration_ms: i64,
+    /// Structured data, when the protocol has it (SQL rows).
+    #[allocative(skip)]
+    pub data: Option<Json>,
+}
+starlark_simple_value!(ResponseValue);
+
+impl fmt::Display for ResponseValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.error.is_empty() {
+            return write!(f, "response(error={:?})", self.error);
+        }
+        write!(f, "response(status={}", self.status)?;
+        if !self.body.is_empty() {
+            let short: String = self.body.chars().take(60).collect();
+            write!(f, ", body={short:?}")?;
+        }
+        write!(f, ", duration_ms={})", self.duration_ms)
+    }
+}
+
+#[starlark_value(type = "response")]
+impl<'v> StarlarkValue<'v> for ResponseValue {
+    fn get_attr(&self, attribute: &str, heap: Heap<'v>) -> Option<Value<'v>> {
+        match attribute {
+            "status" => Some(heap.alloc(self.status)),
+            "body" => Some(heap.alloc(self.body.as_str())),
+            "ok" | "success" => Some(Value::new_bool(self.ok)),
+            "error" => Some(heap.alloc(self.error.as_str())),
+            "duration_ms" => Some(heap.alloc(self.duration_ms)),
+            "headers" => Some(
+                heap.alloc(AllocDict(
+                    self.headers
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                        .collect::<Vec<_>>(),
+                )),
+            ),
+            "data" => Some(match &self.data {
+                Some(data) => json_to_value(data, heap),
+                None => match serde_json::from_str::<Json>(&self.body) {
+                    Ok(data) => json_to_value(&data, heap),
+                    Err(_) => heap.alloc(self.body.as_str()),
+                },
+            }),
+            _ => None,
+        }
+    }
+
+    fn dir_attr(&self) -> Vec<String> {
+        [
+            "status",
+            "body",
+            "data",
+            "headers",
+            "ok",
+            "error",
+            "duration_ms",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    fn to_bool(&self) -> bool {
+        self.ok
+    }
+}
+
+/// One trace event, as `where=` predicates and `events()` see it.
+#[derive(Debug, Clone, ProvidesStaticType, NoSerialize, Allocative)]
+pub struct EventValue {
+    #[allocative(skip)]
+    pub event: Event,
+}
+starlark_simple_value!(EventValue);
+
+impl fmt::Display for EventValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "<event #{} {} {}>",
+            self.event.seq, self.event.kind, self.event.service
+        )
+    }
+}
+
+#[starlark_value(type = "event")]
+impl<'v> StarlarkValue<'v> for EventValue {
+    fn get_attr(&self, attribute: &str, heap: Heap<'v>) -> Option<Value<'v>> {
+        let e = &self.event;
+        Some(match attribute {
+            "seq" => heap.alloc(e.seq),
+            "service" => heap.alloc(e.service.as_str()),
+            "type" => heap.alloc(e.kind.as_str()),
+            "event_type" => heap.alloc(e.event_type()),
+            "fields" | "data" => heap.alloc(AllocDict(
+                e.fields
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect::<Vec<_>>(),
+            )),
+            // Any field by name; absent fields read as "".
+            field => heap.alloc(e.fields.get(field).map(String::as_str).unwrap_or("")),
+        })
+    }
+
+    fn has_attr(&self, _attribute: &str, _heap: Heap<'v>) -> bool {
+        true
+    }
+}
+
+/// Converts decoded JSON (or YAML) into Starlark values.
+pub fn json_to_value<'v>(json: &Json, heap: Heap<'v>) -> Value<'v> {
+    match json {
+        Json::Null => Value::new_none(),
+        Json::Bool(b) => Value::new_bool(*b),
+        Json::Number(n) => match n.as_i64() {
+            Some(i) => heap.alloc(i),
+            None => heap.alloc(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Json::String(s) => heap.alloc(s.as_str()),
+        Json::Array(items) => heap.alloc(
+            items
+                .iter()
+                .map(|i| json_to_value(i, heap))
+                .collect::<Vec<_>>(),
+        ),
+        Json::Object(map) => heap.alloc(AllocDict(
+            map.iter()
+                .map(|(k, v)| (heap.alloc(k.as_str()), json_to_value(v, heap)))
+                .collect::<Vec<_>>(),
+        )),
+    }
+}
