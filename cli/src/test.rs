@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use faultbox_agent::seccomp;
 use faultbox_engine::report::{self, Outcome, TestResult};
-use faultbox_engine::runtime::{RunConfig, resolve_binary};
+use faultbox_engine::runtime::{RunConfig, port_open, resolve_binary};
 use faultbox_engine::trace::wildcard;
 use faultbox_engine::{run_test, shim, spec};
 use serde_json::json;
@@ -176,6 +176,18 @@ pub fn run(args: TestArgs) -> Result<i32> {
     for s in &spec.services {
         resolve_binary(&s.binary, &spec.dir)
             .map_err(|e| anyhow::anyhow!("service {:?} ({}): {e}", s.name, s.declared_at))?;
+    }
+    for s in &spec.services {
+        for i in &s.interfaces {
+            if port_open(i.port, Duration::from_millis(200)) {
+                bail!(
+                    "port {} of {}.{} is already in use by another process (stop it, or declare another port)",
+                    i.port,
+                    s.name,
+                    i.name
+                );
+            }
+        }
     }
     if !spec.intercept.is_empty() && !seccomp::user_notification_available() {
         bail!(

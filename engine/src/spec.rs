@@ -28,8 +28,11 @@ pub struct SpecError {
 }
 
 fn spec_error(e: starlark::Error) -> SpecError {
+    let text = e.to_string();
+    // Starlark's rendering starts with its own "error: "; the CLI adds one.
+    let text = text.strip_prefix("error: ").unwrap_or(&text);
     SpecError {
-        message: format!("{e}").trim_end().to_string(),
+        message: text.trim_end().to_string(),
     }
 }
 

@@ -179,6 +179,8 @@ fn main() {
                 line.clear();
             }
         }
+        // serve PORT [WAL] : a line-protocol TCP server (see `serve`)
+        "serve" => serve(arg(&args, 1, "port"), args.get(2).cloned()),
         // exit N : exit with code N
         "exit" => std::process::exit(arg(&args, 1, "code")),
         // pid : print our pid as the target sees it
@@ -187,9 +189,118 @@ fn main() {
         }
         _ => {
             eprintln!(
-                "usage: fbhelper open|write|fsync|connect|connect-self|sendto-self|two-threads|open-stdin|exit|pid ..."
+                "usage: fbhelper open|write|fsync|connect|connect-self|sendto-self|two-threads|open-stdin|serve|exit|pid ..."
             );
             std::process::exit(2);
         }
     }
+}
+
+/// A service for spec tests, on 127.0.0.1:PORT. One command per line,
+/// one answer line each:
+///
+/// - `PING` → `PONG`
+/// - `PERSIST TEXT` → append TEXT to the WAL, fsync → `OK` or `ERR <errno>`
+/// - `OPEN PATH` → open PATH for reading → `OK` or `ERR <errno>`
+/// - `CONNECT PORT` → connect to 127.0.0.1:PORT → `OK` or `ERR <errno>`
+/// - `ENV NAME` → the variable's value
+/// - `WHOAMI` → `uid=N pid=N`
+/// - `SLEEP MS` → wait, then `OK`
+/// - `EXIT CODE` → exit the process
+///
+/// A line starting with `GET ` gets an HTTP 200 answer, so the same
+/// server serves `http(...)` healthchecks and HTTP steps; `GET /exit`
+/// makes the process exit with code 3 without answering; `GET /env/NAME`
+/// answers the variable's value in the `env` field.
+fn serve(port: u16, wal: Option<String>) {
+    use std::io::{BufRead, BufReader};
+    let listener = must("bind", TcpListener::bind(("127.0.0.1", port)));
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let wal = wal.clone();
+        thread::spawn(move || {
+            let Ok(reader) = conn.try_clone() else { return };
+            let mut conn = conn;
+            for line in BufReader::new(reader).lines() {
+                let Ok(line) = line else { return };
+                if let Some(rest) = line.strip_prefix("GET ") {
+                    let path = rest.split_whitespace().next().unwrap_or("/");
+                    if path == "/exit" {
+                        std::process::exit(3);
+                    }
+                    let status = if path == "/missing" {
+                        "404 Not Found"
+                    } else {
+                        "200 OK"
+                    };
+                    let env = path
+                        .strip_prefix("/env/")
+                        .map(|name| std::env::var(name).unwrap_or_else(|_| "<unset>".into()))
+                        .unwrap_or_default();
+                    let body = format!("{{\"path\": \"{path}\", \"env\": \"{env}\"}}");
+                    let _ = write!(
+                        conn,
+                        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    return;
+                }
+                let (cmd, arg) = line.split_once(' ').unwrap_or((line.as_str(), ""));
+                let reply = match cmd {
+                    "PING" => "PONG".to_string(),
+                    "PERSIST" => match &wal {
+                        None => "ERR no wal".to_string(),
+                        Some(path) => {
+                            let r = OpenOptions::new()
+                                .create(true)
+                                .append(true)
+                                .open(path)
+                                .and_then(|mut f| {
+                                    f.write_all(arg.as_bytes())?;
+                                    f.write_all(b"\n")?;
+                                    f.sync_all()
+                                });
+                            match r {
+                                Ok(()) => "OK".to_string(),
+                                Err(e) => format!("ERR {}", errno_name(&e)),
+                            }
+                        }
+                    },
+                    "OPEN" => match File::open(arg) {
+                        Ok(_) => "OK".to_string(),
+                        Err(e) => format!("ERR {}", errno_name(&e)),
+                    },
+                    "CONNECT" => match arg.parse::<u16>() {
+                        Ok(p) => match TcpStream::connect(("127.0.0.1", p)) {
+                            Ok(_) => "OK".to_string(),
+                            Err(e) => format!("ERR {}", errno_name(&e)),
+                        },
+                        Err(_) => "ERR bad port".to_string(),
+                    },
+                    "ENV" => std::env::var(arg).unwrap_or_else(|_| "<unset>".into()),
+                    "WHOAMI" => format!("uid={} pid={}", whoami(), std::process::id()),
+                    "SLEEP" => {
+                        thread::sleep(Duration::from_millis(arg.parse().unwrap_or(0)));
+                        "OK".to_string()
+                    }
+                    "EXIT" => std::process::exit(arg.parse().unwrap_or(1)),
+                    _ => format!("ERR unknown command {cmd:?}"),
+                };
+                if writeln!(conn, "{reply}").is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+fn whoami() -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|u| u.split_whitespace().next().map(str::to_string))
+        })
+        .unwrap_or_default()
 }

@@ -1,0 +1,873 @@
+//! `faultbox test` end to end: specs against real services (the helper's
+//! `serve` mode, the demo services, and bad input), checked through the
+//! exit code, the JSON document and the human summary.
+//!
+//! Run serially (`--test-threads=1`): every test starts real processes
+//! under seccomp and some bind fixed ports.
+
+mod support;
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+use support::{Run, Scratch, faultbox, finish, helper};
+
+/// A free TCP port on loopback.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A spec with one helper service `svc` on a fresh port, its WAL in the
+/// scratch dir, followed by `body`.
+fn spec_with_service(dir: &Scratch, extra_kwargs: &str, body: &str) -> (String, u16) {
+    let port = free_port();
+    let wal = dir.path("data/svc.wal");
+    let text = format!(
+        r#"
+svc = service(
+    "svc",
+    "{helper}",
+    interface("main", "tcp", {port}),
+    args = ["serve", "{port}", "{wal}"],
+    healthcheck = tcp("localhost:{port}", timeout = "5s"),
+    {extra_kwargs}
+)
+
+def persist():
+    return svc.main.send(data = "PERSIST x")
+
+{body}
+"#,
+        helper = helper(),
+    );
+    (text, port)
+}
+
+/// Writes `text` as `spec.star` in `dir` and runs `faultbox test` on it.
+fn run_spec(dir: &Scratch, text: &str, args: &[&str]) -> Run {
+    let path = dir.path("spec.star");
+    std::fs::write(&path, text).expect("write spec");
+    run_file(&path, args)
+}
+
+fn run_file(path: &str, args: &[&str]) -> Run {
+    let mut cmd = Command::new("timeout");
+    cmd.args(["-k", "5", "120"])
+        .arg(faultbox())
+        .arg("test")
+        .arg(path)
+        .args(args);
+    finish(cmd.output().expect("run faultbox test"))
+}
+
+fn json(run: &Run) -> Value {
+    serde_json::from_str(&run.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}):\n{}\nstderr:\n{}",
+            run.stdout, run.stderr
+        )
+    })
+}
+
+fn test_named<'a>(doc: &'a Value, name: &str) -> &'a Value {
+    doc["tests"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["name"] == name))
+        .unwrap_or_else(|| panic!("no test {name} in {doc:#}"))
+}
+
+fn codes(test: &Value) -> Vec<String> {
+    test["diagnostics"]
+        .as_array()
+        .map(|d| {
+            d.iter()
+                .filter_map(|x| x["code"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn demo_spec_passes_every_story_with_faults_that_fire() {
+    let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo.star");
+    let run = run_file(
+        &spec.to_string_lossy(),
+        &["--format", "json", "--seed", "7"],
+    );
+    assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
+    let doc = json(&run);
+    assert_eq!(doc["version"], 1);
+    assert_eq!(doc["pass"], 5);
+    assert_eq!(doc["fail"], 0);
+    let fsync = test_named(&doc, "test_wal_fsync_failure");
+    assert_eq!(fsync["result"], "pass");
+    assert_eq!(fsync["seed"], 7);
+    assert_eq!(fsync["faults"][0]["service"], "inventory");
+    assert_eq!(fsync["faults"][0]["syscall"], "fsync");
+    assert_eq!(fsync["faults"][0]["action"], "deny");
+    assert_eq!(fsync["faults"][0]["errno"], "EIO");
+    assert_eq!(fsync["faults"][0]["hits"], 1);
+    assert_eq!(fsync["faults"][0]["label"], "disk failure");
+    let unreachable = test_named(&doc, "test_inventory_unreachable");
+    assert_eq!(unreachable["faults"][0]["hits"], 1);
+    let slow = test_named(&doc, "test_inventory_slow");
+    let delayed: Vec<&Value> = slow["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["type"] == "syscall" && e["fields"]["decision"] == "delay(500ms)")
+        .collect();
+    assert_eq!(delayed.len(), 1, "{slow:#}");
+    assert_eq!(delayed[0]["fields"]["latency_ms"], "500");
+    // Every test ran against fresh services: the stock check in the fsync
+    // test saw the full 100 although other tests reserved before it.
+    assert!(
+        run.stderr.contains("--- PASS: test_happy_path"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn fsync_fault_reaches_the_service_and_is_counted() {
+    let dir = Scratch::new("spec-fsync");
+    let (text, _) = spec_with_service(
+        &dir,
+        "",
+        r#"
+def test_fsync_eio():
+    r = fault(svc, fsync = deny("EIO"), run = persist)
+    assert_eq(r, "ERR EIO")
+    assert_eq(persist(), "OK", "the fault window is closed")
+"#,
+    );
+    let run = run_spec(&dir, &text, &["--format", "json"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let doc = json(&run);
+    let t = test_named(&doc, "test_fsync_eio");
+    assert_eq!(t["faults"][0]["hits"], 1);
+    assert_eq!(t["assertions"], 2);
+    let denied: Vec<&Value> = t["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["type"] == "syscall" && e["fields"]["decision"] == "deny(input/output error)")
+        .collect();
+    assert_eq!(denied.len(), 1);
+    assert_eq!(denied[0]["fields"]["syscall"], "fsync");
+    assert!(
+        denied[0]["fields"]["path"]
+            .as_str()
+            .unwrap_or("")
+            .ends_with("svc.wal")
+    );
+    assert!(denied[0]["vector_clock"]["svc"].as_u64().unwrap_or(0) > 0);
+    let kinds: Vec<&str> = t["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["type"].as_str())
+        .filter(|k| *k != "syscall")
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "service_started",
+            "service_ready",
+            "fault_applied",
+            "step_send",
+            "step_recv",
+            "fault_removed",
+            "step_send",
+            "step_recv",
+            "service_exited"
+        ]
+    );
+}
+
+#[test]
+fn nth_trigger_and_stacked_windows_keep_their_counts() {
+    let dir = Scratch::new("spec-stack");
+    let (text, _) = spec_with_service(
+        &dir,
+        "",
+        r#"
+def test_nth():
+    got = fault(svc, fsync = deny("EIO", trigger = "nth=3"), run = lambda: [persist() for _ in range(4)])
+    assert_eq(got, ["OK", "OK", "ERR EIO", "OK"])
+
+def test_after():
+    got = fault(svc, fsync = deny("EIO", trigger = "after=2"), run = lambda: [persist() for _ in range(4)])
+    assert_eq(got, ["OK", "OK", "ERR EIO", "ERR EIO"])
+
+def test_stack():
+    fault_start(svc, fsync = deny("EIO", trigger = "nth=2"))
+    first = persist()
+    inner = fault(svc, fsync = deny("ENOSPC"), run = persist)
+    second = persist()
+    fault_stop(svc)
+    after = persist()
+    assert_eq([first, inner, second, after], ["OK", "ERR ENOSPC", "ERR EIO", "OK"])
+"#,
+    );
+    let run = run_spec(&dir, &text, &["--format", "json"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let doc = json(&run);
+    assert_eq!(test_named(&doc, "test_nth")["faults"][0]["hits"], 1);
+    assert_eq!(test_named(&doc, "test_after")["faults"][0]["hits"], 2);
+    let stack = test_named(&doc, "test_stack");
+    let hits: Vec<u64> = stack["faults"]
+        .as_array()
+        .expect("faults")
+        .iter()
+        .map(|f| f["hits"].as_u64().unwrap_or(99))
+        .collect();
+    assert_eq!(hits, [1, 1], "inner then outer: {stack:#}");
+}
+
+#[test]
+fn probabilities_replay_for_the_same_seed() {
+    let dir = Scratch::new("spec-seed");
+    let (text, _) = spec_with_service(
+        &dir,
+        "",
+        r#"
+def test_flaky():
+    got = fault(svc, fsync = deny("EIO", probability = "50%"), run = lambda: [persist() for _ in range(24)])
+    print("RESULTS " + ",".join(got))
+    return got
+"#,
+    );
+    let results = |seed: &str| {
+        let run = run_spec(&dir, &text, &["--seed", seed]);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        run.stderr
+            .lines()
+            .find(|l| l.starts_with("RESULTS "))
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no RESULTS line in {}", run.stderr))
+    };
+    let a = results("11");
+    assert_eq!(a, results("11"), "same seed, same decisions");
+    assert!(a.contains("ERR EIO") && a.contains("OK"), "{a}");
+    assert_ne!(a, results("12"), "another seed, other decisions");
+}
+
+#[test]
+fn ops_with_a_path_glob_fault_only_those_files() {
+    let dir = Scratch::new("spec-ops");
+    let other = dir.file("data/config.txt");
+    let (text, _) = spec_with_service(
+        &dir,
+        r#"ops = {"persist": op(syscalls = ["write", "fsync"], path = "*.wal"), "read_config": op(syscalls = ["open"])},"#,
+        &format!(
+            r#"
+def test_ops():
+    def body():
+        return [persist(), svc.main.send(data = "OPEN {other}")]
+    assert_eq(fault(svc, persist = deny("ENOSPC"), run = body), ["ERR ENOSPC", "OK"])
+    assert_eq(fault(svc, read_config = deny("EACCES"), run = body)[1], "ERR EACCES")
+"#
+        ),
+    );
+    let run = run_spec(&dir, &text, &["--format", "json"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let doc = json(&run);
+    let t = test_named(&doc, "test_ops");
+    let op_events: Vec<&Value> = t["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["fields"]["op"] == "persist")
+        .collect();
+    assert_eq!(op_events.len(), 1, "{t:#}");
+    assert_eq!(op_events[0]["fields"]["syscall"], "write");
+}
+
+#[test]
+fn failing_assertion_is_reported_with_location_reason_and_replay() {
+    let dir = Scratch::new("spec-fail");
+    let (text, _) = spec_with_service(
+        &dir,
+        "",
+        r#"
+def test_expects_too_much():
+    r = fault(svc, fsync = deny("EIO"), run = persist)
+    assert_eq(r, "OK", "writes must survive")
+"#,
+    );
+    let run = run_spec(&dir, &text, &["--format", "json", "--seed", "3"]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    let doc = json(&run);
+    let t = test_named(&doc, "test_expects_too_much");
+    assert_eq!(t["result"], "fail");
+    assert_eq!(t["failure_type"], "assertion");
+    assert_eq!(
+        t["reason"],
+        "assert_eq failed: \"ERR EIO\" != \"OK\" (writes must survive)"
+    );
+    assert_eq!(t["assertion"]["func"], "assert_eq");
+    assert_eq!(t["assertion"]["expected"], "\"OK\"");
+    assert!(
+        t["assertion"]["line"].as_u64().is_some_and(|l| l > 10),
+        "{t:#}"
+    );
+    assert!(codes(t).contains(&"ASSERTION_MISMATCH".to_string()));
+    let spec = dir.path("spec.star");
+    let replay = format!("faultbox test {spec} --test expects_too_much --seed 3");
+    assert_eq!(t["replay_command"], replay.as_str());
+    assert!(
+        run.stderr.contains("--- FAIL: test_expects_too_much ("),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains(&format!("  replay: {replay}")),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("0 passed, 1 failed"), "{}", run.stderr);
+}
+
+#[test]
+fn event_assertions_filter_and_order_the_trace() {
+    let dir = Scratch::new("spec-events");
+    let (text, _) = spec_with_service(
+        &dir,
+        "",
+        r#"
+def test_events():
+    fault(svc, fsync = deny("EIO", label = "disk"), run = persist)
+    persist()
+    assert_eventually(service = "svc", syscall = "fsync", decision = "deny*")
+    assert_eventually(where = lambda e: e.label == "disk")
+    assert_never(service = "svc", syscall = "fsync", decision = "delay*")
+    assert_before(first = {"type": "fault_applied"}, then = {"syscall": "fsync", "decision": "allow"})
+    denied = events(syscall = "fsync", where = lambda e: e.decision.startswith("deny"))
+    assert_eq(len(denied), 1)
+    assert_eq(denied[0].service, "svc")
+    assert_true(denied[0].path.endswith(".wal"), message = denied[0].path)
+
+def test_never_fails():
+    fault(svc, fsync = deny("EIO"), run = persist)
+    assert_never(syscall = "fsync", decision = "deny*")
+"#,
+    );
+    let run = run_spec(&dir, &text, &["--format", "json"]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    let doc = json(&run);
+    let ok = test_named(&doc, "test_events");
+    assert_eq!(ok["result"], "pass", "{ok:#}");
+    assert_eq!(ok["assertions"], 7);
+    let never = test_named(&doc, "test_never_fails");
+    assert!(
+        never["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("assert_never: found matching event #")),
+        "{never:#}"
+    );
+}
+
+#[test]
+fn http_steps_healthchecks_env_and_loaded_modules_work_together() {
+    let dir = Scratch::new("spec-http");
+    let port = free_port();
+    std::fs::write(
+        dir.path("lib.star"),
+        "def greet(name):\n    return struct(text = \"hi \" + name)\n",
+    )
+    .expect("lib");
+    std::fs::create_dir_all(dir.path("conf")).expect("conf dir");
+    std::fs::write(
+        dir.path("conf/settings.json"),
+        r#"{"mode": "strict", "n": 3}"#,
+    )
+    .expect("json");
+    std::fs::write(
+        dir.path("conf/settings.yaml"),
+        "mode: relaxed\nlist: [1, 2]\n",
+    )
+    .expect("yaml");
+    std::fs::write(
+        dir.path("conf/helpers.star"),
+        "settings = load_json(\"settings.json\")\n",
+    )
+    .expect("helpers");
+    let text = format!(
+        r#"
+load("lib.star", "greet")
+load("conf/helpers.star", "settings")
+yaml = load_yaml("conf/settings.yaml")
+
+web = service(
+    "web",
+    "{helper}",
+    interface("http", "http", {port}),
+    args = ["serve", "{port}"],
+    env = {{"GREETING": "from-spec", "COUNT": 3}},
+    healthcheck = http("localhost:{port}/health", expect_status = 200),
+)
+
+def test_http():
+    r = web.get(path = "/orders/7")
+    assert_eq(r.status, 200)
+    assert_eq(r.data["path"], "/orders/7")
+    assert_true(r.ok)
+    missing = web.http.get(path = "/missing")
+    assert_eq(missing.status, 404)
+    assert_eq(web.http.addr, "localhost:{port}")
+    assert_eq(web.http.port, {port})
+    assert_eq(greet("x").text, "hi x")
+    assert_eq(settings["mode"], "strict")
+    assert_eq(yaml["list"], [1, 2])
+
+def test_env_wins_over_inherited():
+    assert_eq(web.get(path = "/env/GREETING").data["env"], "from-spec")
+    assert_eq(web.get(path = "/env/COUNT").data["env"], "3")
+    assert_eq(web.get(path = "/env/OUTER_ONLY").data["env"], "kept")
+"#,
+        helper = helper(),
+    );
+    let path = dir.path("spec.star");
+    std::fs::write(&path, text).expect("spec");
+    let out = Command::new(faultbox())
+        .args(["test", &path, "--format", "json"])
+        .env("GREETING", "from-shell")
+        .env("OUTER_ONLY", "kept")
+        .output()
+        .expect("run");
+    let run = finish(out);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let doc = json(&run);
+    let t = test_named(&doc, "test_http");
+    assert_eq!(t["result"], "pass");
+    let recv: Vec<&Value> = t["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["type"] == "step_recv")
+        .collect();
+    assert_eq!(recv[0]["fields"]["status_code"], "200");
+    assert_eq!(recv[0]["event_type"], "step_recv.web");
+    // The test's clock absorbed the service's after the step.
+    assert!(
+        recv[0]["vector_clock"]["web"].as_u64().unwrap_or(0) >= 2,
+        "{:#}",
+        recv[0]
+    );
+}
+
+fn http_service_spec(body: &str) -> (String, u16) {
+    let port = free_port();
+    let text = format!(
+        r#"
+web = service(
+    "web",
+    "{helper}",
+    interface("api", "http", {port}),
+    args = ["serve", "{port}"],
+    healthcheck = http("localhost:{port}/health"),
+)
+{body}
+"#,
+        helper = helper(),
+    );
+    (text, port)
+}
+
+#[test]
+fn a_crashed_service_is_an_error_unless_the_test_asserts_it() {
+    let dir = Scratch::new("spec-crash");
+    let (text, _) = http_service_spec(
+        r#"
+def test_crash_unexpected():
+    r = web.get(path = "/exit")
+    assert_true(not r.ok, "the request died with the service")
+
+def test_crash_expected():
+    r = web.get(path = "/exit")
+    assert_true(not r.ok)
+    assert_eventually(type = "service_exited", service = "web", exit_code = "3", timeout = "3s")
+"#,
+    );
+    let run = run_spec(&dir, &text, &["--format", "json"]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    let doc = json(&run);
+    let t = test_named(&doc, "test_crash_unexpected");
+    assert_eq!(t["result"], "error", "{t:#}");
+    assert_eq!(t["failure_type"], "service_crashed");
+    assert_eq!(
+        t["reason"],
+        "service 'web' exited with code 3 during the test"
+    );
+    assert!(codes(t).contains(&"SERVICE_CRASHED".to_string()), "{t:#}");
+    let t = test_named(&doc, "test_crash_expected");
+    assert_eq!(t["result"], "pass", "{t:#}");
+    assert!(!codes(t).contains(&"SERVICE_CRASHED".to_string()), "{t:#}");
+}
+
+#[test]
+fn healthcheck_timeout_and_hung_body_are_distinct_errors() {
+    let dir = Scratch::new("spec-hang");
+    let port = free_port();
+    let listens = free_port();
+    // The service listens on another port than its healthcheck probes.
+    let text = format!(
+        r#"
+svc = service(
+    "svc",
+    "{helper}",
+    interface("main", "tcp", {port}),
+    args = ["serve", "{listens}"],
+    healthcheck = tcp("localhost:{port}", timeout = "700ms"),
+)
+
+def test_never_ready():
+    pass
+"#,
+        helper = helper(),
+    );
+    let started = std::time::Instant::now();
+    let run = run_spec(&dir, &text, &["--format", "json"]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    let t = test_named(&json(&run), "test_never_ready").clone();
+    assert_eq!(t["result"], "error");
+    assert_eq!(t["failure_type"], "service_start");
+    assert!(
+        codes(&t).contains(&"HEALTHCHECK_TIMEOUT".to_string()),
+        "{t:#}"
+    );
+    assert!(
+        t["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("healthcheck tcp://localhost:")
+                && r.contains("did not pass within 700ms")),
+        "{t:#}"
+    );
+
+    let (text, _) = spec_with_service(
+        &dir,
+        "",
+        r#"
+def test_hangs():
+    svc.main.send(data = "SLEEP 20000", timeout = "30s")
+"#,
+    );
+    let run = run_spec(&dir, &text, &["--format", "json", "--timeout", "1s"]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    let t = test_named(&json(&run), "test_hangs").clone();
+    assert_eq!(t["result"], "error", "{t:#}");
+    assert_eq!(t["failure_type"], "timeout");
+    assert!(
+        codes(&t).contains(&"TIMEOUT_NO_FAULTS".to_string()),
+        "{t:#}"
+    );
+    assert!(
+        started.elapsed().as_secs() < 20,
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+/// Processes whose command line contains `marker`.
+fn processes_with(marker: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("proc").flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if text.contains(marker) {
+            found.push(format!("{}: {text}", entry.file_name().to_string_lossy()));
+        }
+    }
+    found
+}
+
+#[test]
+fn no_process_is_left_behind_after_failures_and_timeouts() {
+    let dir = Scratch::new("spec-leftovers");
+    let (text, port) = spec_with_service(
+        &dir,
+        "",
+        r#"
+def test_fails():
+    fault_start(svc, fsync = deny("EIO"))
+    fail("boom")
+
+def test_hangs():
+    svc.main.send(data = "SLEEP 20000", timeout = "30s")
+"#,
+    );
+    let run = run_spec(&dir, &text, &["--timeout", "1s"]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let left = processes_with(&format!("serve {port}"));
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert!(
+        run.stderr.contains("reason: fail: boom (at "),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn runs_use_successive_seeds_and_show_fail_hides_passes() {
+    let dir = Scratch::new("spec-runs");
+    let (text, _) = spec_with_service(
+        &dir,
+        "",
+        r#"
+def test_ok():
+    assert_eq(persist(), "OK")
+"#,
+    );
+    let run = run_spec(&dir, &text, &["--format", "json", "--runs", "3"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let seeds: Vec<u64> = json(&run)["tests"]
+        .as_array()
+        .expect("tests")
+        .iter()
+        .filter_map(|t| t["seed"].as_u64())
+        .collect();
+    assert_eq!(seeds, [0, 1, 2]);
+    assert!(
+        run.stderr.contains("--- PASS: test_ok (3/3 runs) ---"),
+        "{}",
+        run.stderr
+    );
+    let run = run_spec(
+        &dir,
+        &text,
+        &["--format", "json", "--runs", "2", "--show", "fail"],
+    );
+    assert_eq!(run.code, 0);
+    assert_eq!(json(&run)["tests"].as_array().map(Vec::len), Some(0));
+    assert!(!run.stderr.contains("--- PASS"), "{}", run.stderr);
+}
+
+#[test]
+fn unfired_faults_warn_and_print_the_zero_traffic_block() {
+    let dir = Scratch::new("spec-zero");
+    let (text, _) = spec_with_service(
+        &dir,
+        "",
+        r#"
+def test_quiet():
+    fault(svc, fsync = deny("EIO"), run = lambda: svc.main.send(data = "PING"))
+"#,
+    );
+    let run = run_spec(&dir, &text, &["--format", "json"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let doc = json(&run);
+    let t = test_named(&doc, "test_quiet");
+    let c = codes(t);
+    assert!(c.contains(&"FAULT_NOT_FIRED".to_string()), "{c:?}");
+    assert!(c.contains(&"TEST_NO_ASSERTIONS".to_string()), "{c:?}");
+    assert!(
+        t["events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .any(|e| e["type"] == "fault_zero_traffic" && e["fields"]["syscall"] == "fsync")
+    );
+    assert!(
+        run.stderr
+            .contains("Zero-traffic faults (1): rule installed, matched no syscalls"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("test_quiet — svc.fsync (deny)"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn dry_run_lists_without_starting_anything() {
+    let dir = Scratch::new("spec-dry");
+    let (text, port) = spec_with_service(
+        &dir,
+        "",
+        "def test_b():\n    pass\n\ndef test_a():\n    pass\n\ndef helper_not_a_test():\n    pass\n",
+    );
+    let run = run_spec(&dir, &text, &["--dry-run"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stdout.contains("Services: 1\n  - svc"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("Tests: 2\n  - test_a\n  - test_b\n"),
+        "{}",
+        run.stdout
+    );
+    assert!(processes_with(&format!("serve {port}")).is_empty());
+    let run = run_spec(&dir, &text, &["--dry-run", "--test", "b"]);
+    assert!(
+        run.stdout.contains("Tests: 1\n  - test_b\n"),
+        "{}",
+        run.stdout
+    );
+}
+
+/// Runs a spec expected to be refused before anything starts.
+fn refused(name: &str, text: &str, args: &[&str]) -> Run {
+    let dir = Scratch::new(name);
+    let run = run_spec(&dir, text, args);
+    assert_eq!(run.code, 1, "{name}: {}\n{}", run.stdout, run.stderr);
+    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+    run
+}
+
+#[test]
+fn bad_specs_give_one_clear_error_and_exit_1() {
+    let r = refused("bad-syntax", "def test_a(:\n    pass\n", &[]);
+    assert!(r.stderr.contains("spec.star:1:"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("def test_a(:"),
+        "shows the line: {}",
+        r.stderr
+    );
+
+    let r = refused(
+        "bad-kwarg",
+        "svc = service(\"a\", \"/bin/true\", cmd = [\"x\"])\n",
+        &[],
+    );
+    assert!(r.stderr.contains("there is no cmd="), "{}", r.stderr);
+    let r = refused(
+        "bad-kwarg2",
+        "svc = service(\"a\", \"/bin/true\", helthcheck = tcp(\"localhost:1\"))\n",
+        &[],
+    );
+    assert!(
+        r.stderr.contains("service(): unknown keyword argument \"helthcheck\" (did you mean healthcheck?); accepted: name, binary, args, env, depends_on, healthcheck, ops, user"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("spec.star:1:"), "{}", r.stderr);
+
+    let r = refused("bad-errno", "x = deny(\"EIOO\")\n", &[]);
+    assert!(
+        r.stderr
+            .contains("unknown errno \"EIOO\" (did you mean EIO?)"),
+        "{}",
+        r.stderr
+    );
+    let r = refused(
+        "bad-trigger",
+        "x = deny(\"EIO\", trigger = \"nth=0\")\n",
+        &[],
+    );
+    assert!(
+        r.stderr.contains("trigger=\"nth=0\" is not valid"),
+        "{}",
+        r.stderr
+    );
+    let r = refused(
+        "bad-prob",
+        "x = deny(\"EIO\", probability = \"150%\")\n",
+        &[],
+    );
+    assert!(r.stderr.contains("outside 0%..100%"), "{}", r.stderr);
+    let r = refused(
+        "bad-type",
+        "i = interface(\"main\", \"tcp\", \"80\")\n",
+        &[],
+    );
+    assert!(
+        r.stderr
+            .contains("port must be an integer 1..65535, got \"80\""),
+        "{}",
+        r.stderr
+    );
+    let r = refused("bad-op", "o = op(syscalls = [\"fsyncc\"])\n", &[]);
+    assert!(r.stderr.contains("did you mean fsync?"), "{}", r.stderr);
+
+    let r = refused(
+        "cycle",
+        "a = service(\"a\", \"/bin/true\", depends_on = [\"b\"])\nb = service(\"b\", \"/bin/true\", depends_on = [a])\ndef test_x():\n    pass\n",
+        &[],
+    );
+    assert!(
+        r.stderr.contains("depends_on cycle: a → b → a"),
+        "{}",
+        r.stderr
+    );
+
+    let r = refused(
+        "missing-binary",
+        "a = service(\"a\", \"./no-such-program\")\ndef test_x():\n    pass\n",
+        &[],
+    );
+    assert!(r.stderr.contains("service \"a\""), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("no-such-program does not exist"),
+        "{}",
+        r.stderr
+    );
+
+    let r = refused("no-match", "def test_x():\n    pass\n", &["--test", "nope"]);
+    assert!(
+        r.stderr
+            .contains("no test matched \"nope\" (available: test_x)"),
+        "{}",
+        r.stderr
+    );
+    let run = run_file("/no/such/spec.star", &[]);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains("cannot read spec /no/such/spec.star"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn a_busy_port_is_refused_before_any_test_runs() {
+    let dir = Scratch::new("spec-busy");
+    let squatter = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = squatter.local_addr().expect("addr").port();
+    let text = format!(
+        "svc = service(\"svc\", \"{}\", interface(\"main\", \"tcp\", {port}), args = [\"serve\", \"{port}\"])\ndef test_x():\n    pass\n",
+        helper()
+    );
+    let run = run_spec(&dir, &text, &[]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains(&format!("port {port} of svc.main is already in use")),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn a_fault_outside_the_filter_is_refused_not_ignored() {
+    let dir = Scratch::new("spec-filter");
+    let (text, _) = spec_with_service(
+        &dir,
+        "",
+        r#"
+def test_computed():
+    name = "fs" + "ync"
+    fault(svc, run = persist, **{name: deny("EIO")})
+"#,
+    );
+    let run = run_spec(&dir, &text, &["--format", "json"]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    let doc = json(&run);
+    let t = test_named(&doc, "test_computed");
+    assert!(
+        t["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("FAULT_NOT_FILTERABLE") && r.contains("fsync")),
+        "{t:#}"
+    );
+}
