@@ -687,7 +687,7 @@ pub(crate) fn topology(builder: &mut GlobalsBuilder) {
                 HealthcheckValue::from_value(v)
                     .ok_or_else(|| {
                         err(format!(
-                            "service({name:?}): healthcheck must be tcp(...) or http(...), got {}",
+                            "service({name:?}): healthcheck must be tcp(...), http(...) or ready(), got {}",
                             v.get_type()
                         ))
                     })?
@@ -849,6 +849,25 @@ pub(crate) fn topology(builder: &mut GlobalsBuilder) {
                 timeout,
                 expect_status,
             },
+        }))
+    }
+
+    /// `ready(timeout="30s")`: ready when the service answers its first
+    /// interface's protocol (`SELECT 1` for postgres, `GET /` for http, a
+    /// TCP connect otherwise).
+    fn ready<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<Value<'v>> {
+        let a = Args::new("ready", args, kwargs)?;
+        a.check(0, &["timeout"])?;
+        let timeout = match a.named("timeout") {
+            Some(v) => a.duration(v, "timeout")?,
+            None => Duration::from_secs(30),
+        };
+        Ok(eval.heap().alloc(HealthcheckValue {
+            check: Healthcheck::Ready { timeout },
         }))
     }
 

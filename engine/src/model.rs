@@ -48,6 +48,9 @@ pub enum Healthcheck {
         timeout: Duration,
         expect_status: Option<u16>,
     },
+    /// Ready when the service's first interface answers its own protocol:
+    /// `SELECT 1` for postgres, `GET /` for http, a TCP connect otherwise.
+    Ready { timeout: Duration },
 }
 
 impl Healthcheck {
@@ -56,13 +59,16 @@ impl Healthcheck {
         match self {
             Healthcheck::Tcp { addr, .. } => format!("tcp://{addr}"),
             Healthcheck::Http { url, .. } => url.clone(),
+            Healthcheck::Ready { .. } => "ready()".into(),
         }
     }
 
     /// How long the probe may take to pass.
     pub fn timeout(&self) -> Duration {
         match self {
-            Healthcheck::Tcp { timeout, .. } | Healthcheck::Http { timeout, .. } => *timeout,
+            Healthcheck::Tcp { timeout, .. }
+            | Healthcheck::Http { timeout, .. }
+            | Healthcheck::Ready { timeout } => *timeout,
         }
     }
 }

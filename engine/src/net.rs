@@ -215,7 +215,13 @@ pub fn pg_query(
     let mut columns: Vec<String> = Vec::new();
     let mut sent_query = false;
     loop {
-        let (tag, body) = pg_message(&mut r)?;
+        let (tag, body) = match pg_message(&mut r) {
+            Ok(m) => m,
+            // A server that reports an error and then dies (a PANIC) has
+            // said what matters.
+            Err(_) if result.error.is_some() => return Ok(result),
+            Err(e) => return Err(e),
+        };
         match tag {
             b'R' => match body
                 .get(..4)
@@ -269,7 +275,16 @@ pub fn pg_query(
 
 fn pg_message(r: &mut impl Read) -> io::Result<(u8, Vec<u8>)> {
     let mut head = [0u8; 5];
-    r.read_exact(&mut head)?;
+    r.read_exact(&mut head).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            io::Error::new(
+                e.kind(),
+                "the server closed the connection unexpectedly (it may have crashed)",
+            )
+        } else {
+            e
+        }
+    })?;
     let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
     if !(4..=64 << 20).contains(&len) {
         return Err(io::Error::new(

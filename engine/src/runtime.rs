@@ -371,7 +371,7 @@ impl TestRun {
             }
             let left = timeout.saturating_sub(started.elapsed());
             let attempt = left.min(Duration::from_secs(2));
-            match probe(check, attempt) {
+            match probe(check, def, attempt) {
                 Ok(()) => return Ok(()),
                 Err(e) => last_error = e,
             }
@@ -846,9 +846,42 @@ pub fn port_open(port: u16, timeout: Duration) -> bool {
 }
 
 /// One healthcheck attempt.
-pub fn probe(check: &Healthcheck, timeout: Duration) -> Result<(), String> {
+pub fn probe(check: &Healthcheck, def: &ServiceDef, timeout: Duration) -> Result<(), String> {
     let timeout = timeout.max(Duration::from_millis(50));
     match check {
+        Healthcheck::Ready { .. } => {
+            let Some(iface) = def.interfaces.first() else {
+                return Err("ready() needs the service to declare an interface".into());
+            };
+            let addr = format!("127.0.0.1:{}", iface.port);
+            match iface.protocol.as_str() {
+                "postgres" => {
+                    let env =
+                        |k: &str| def.env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+                    let user = env("POSTGRES_USER").unwrap_or_else(|| "postgres".into());
+                    let password = env("POSTGRES_PASSWORD").unwrap_or_default();
+                    let database = env("POSTGRES_DB").unwrap_or_else(|| user.clone());
+                    let r = net::pg_query(&addr, &user, &password, &database, "SELECT 1", timeout)
+                        .map_err(|e| e.to_string())?;
+                    match r.error {
+                        None => Ok(()),
+                        Some(e) => Err(e),
+                    }
+                }
+                "http" => {
+                    let r = net::http_request(&addr, "GET", "/", &[], &[], timeout)
+                        .map_err(|e| e.to_string())?;
+                    if (200..400).contains(&r.status) {
+                        Ok(())
+                    } else {
+                        Err(format!("status {}", r.status))
+                    }
+                }
+                _ => net::connect(&addr, timeout)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+            }
+        }
         Healthcheck::Tcp { addr, .. } => net::connect(addr, timeout)
             .map(|_| ())
             .map_err(|e| e.to_string()),

@@ -1,0 +1,204 @@
+//! `faultbox test` against real servers from Debian packages, started as
+//! binary-mode services on free ports with their data in scratch
+//! directories: PostgreSQL (run as the `postgres` account through
+//! `user=`) and Redis.
+//!
+//! scripts/setup installs both; a missing server fails these tests with a
+//! message saying so rather than skipping them.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+use support::{Scratch, faultbox, finish};
+
+fn postgres_bin() -> String {
+    let mut found: Vec<_> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL is not installed (run scripts/setup)")
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|p| p.join("postgres").exists())
+        .collect();
+    found.sort();
+    found
+        .pop()
+        .expect("no /usr/lib/postgresql/*/bin/postgres (run scripts/setup)")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Runs `faultbox test` on `text` (written to `dir/spec.star`) with JSON
+/// on stdout; returns the exit code, the document and stderr.
+fn run(dir: &Scratch, text: &str) -> (i32, Value, String) {
+    let path = dir.path("spec.star");
+    std::fs::write(&path, text).expect("write spec");
+    let out = Command::new("timeout")
+        .args(["-k", "5", "180"])
+        .arg(faultbox())
+        .args(["test", &path, "--format", "json"])
+        .output()
+        .expect("run faultbox");
+    let run = finish(out);
+    let doc = serde_json::from_str(&run.stdout)
+        .unwrap_or_else(|e| panic!("no JSON ({e}): {}\n{}", run.stdout, run.stderr));
+    (run.code, doc, run.stderr)
+}
+
+fn test_of<'a>(doc: &'a Value, name: &str) -> &'a Value {
+    doc["tests"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["name"] == name))
+        .unwrap_or_else(|| panic!("no {name} in {doc:#}"))
+}
+
+/// A fresh cluster in `dir/pg`, owned by the postgres account.
+fn initdb(dir: &Scratch) -> String {
+    let data = dir.path("pg/data");
+    let pg = dir.path("pg");
+    std::fs::create_dir_all(&pg).expect("pg dir");
+    let status = Command::new("chown")
+        .args(["-R", "postgres:postgres", &pg])
+        .status()
+        .expect("chown");
+    assert!(status.success());
+    // The scratch dir's parents must be traversable by postgres.
+    let _ = Command::new("chmod")
+        .args(["o+x", &dir.0.to_string_lossy()])
+        .status();
+    let out = Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(Path::new(&postgres_bin()).join("initdb"))
+        .args(["-D", &data, "--auth=trust", "-U", "postgres", "--no-sync"])
+        .output()
+        .expect("initdb");
+    assert!(
+        out.status.success(),
+        "initdb failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    data
+}
+
+#[test]
+fn postgres_panics_when_its_wal_fsync_fails_and_faultbox_reports_it() {
+    let dir = Scratch::new("pg");
+    let data = initdb(&dir);
+    let text = format!(
+        r#"
+port = free_port()
+db = service(
+    "db",
+    "{bin}/postgres",
+    interface("main", "postgres", port),
+    args = ["-D", "{data}", "-p", str(port), "-k", "{sock}", "-c", "listen_addresses=127.0.0.1"],
+    user = "postgres",
+    healthcheck = ready(timeout = "30s"),
+    ops = {{"wal_sync": op(syscalls = ["fsync"], path = "**/pg_wal/**")}},
+)
+
+def test_whoami():
+    rows = db.main.query(sql = "SELECT current_user AS u, pg_backend_pid() > 0 AS ok")
+    assert_true(rows.ok, rows.error)
+    assert_eq(rows.data, [{{"u": "postgres", "ok": "t"}}])
+
+def test_wal_fsync_eio():
+    assert_true(db.main.exec(sql = "CREATE TABLE t (id int)").ok)
+    r = fault(db, wal_sync = deny("EIO"), run = lambda: db.main.exec(sql = "INSERT INTO t VALUES (1)"))
+    # PostgreSQL must not report a commit it could not make durable: it
+    # PANICs, the session dies, and the server goes into crash recovery.
+    assert_true(not r.ok, "the INSERT must fail")
+    assert_eventually(service = "db", op = "wal_sync", decision = "deny(input/output error)")
+    after = db.main.query(sql = "SELECT 1")
+    assert_true(not after.ok, "right after the PANIC the server is recovering")
+    return r.error
+"#,
+        bin = postgres_bin(),
+        sock = dir.path("pg"),
+    );
+    let (code, doc, stderr) = run(&dir, &text);
+    assert_eq!(code, 0, "{stderr}");
+    let who = test_of(&doc, "test_whoami");
+    assert_eq!(who["result"], "pass", "{who:#}");
+    let t = test_of(&doc, "test_wal_fsync_eio");
+    assert_eq!(t["result"], "pass", "{t:#}");
+    assert_eq!(t["faults"][0]["syscall"], "wal_sync");
+    assert_eq!(t["faults"][0]["hits"], 1);
+    let denied: Vec<&Value> = t["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["fields"]["decision"] == "deny(input/output error)")
+        .collect();
+    assert_eq!(denied.len(), 1);
+    assert!(
+        denied[0]["fields"]["path"]
+            .as_str()
+            .is_some_and(|p| p.contains("/pg_wal/")),
+        "{:#}",
+        denied[0]
+    );
+    assert!(
+        matches!(
+            denied[0]["fields"]["syscall"].as_str(),
+            Some("fdatasync" | "fsync")
+        ),
+        "{:#}",
+        denied[0]
+    );
+    // What the client saw: the server's PANIC or the dropped connection.
+    let seen = t["return_value"].as_str().unwrap_or_default();
+    assert!(
+        seen.contains("could not fdatasync") || seen.contains("closed the connection"),
+        "{seen}"
+    );
+}
+
+#[test]
+fn redis_refuses_writes_while_its_append_only_file_cannot_be_written() {
+    let dir = Scratch::new("redis");
+    let text = format!(
+        r#"
+port = free_port()
+redis = service(
+    "redis",
+    "/usr/bin/redis-server",
+    interface("main", "tcp", port),
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--dir", "{data}",
+            "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],
+    healthcheck = tcp("localhost:%d" % port),
+    ops = {{"aof": op(syscalls = ["write"], path = "**/appendonlydir/*")}},
+)
+
+def test_aof_enospc():
+    assert_eq(redis.main.send(data = "SET a 1"), "+OK")
+    def during():
+        # The first write is acknowledged before its AOF flush fails;
+        # from then on Redis refuses writes but still serves reads.
+        return [redis.main.send(data = "SET b 2"), redis.main.send(data = "SET c 3"), redis.main.send(data = "GET a")]
+    got = fault(redis, aof = deny("ENOSPC"), run = during)
+    assert_eq(got[0], "+OK")
+    assert_eq(got[1], "-MISCONF Errors writing to the AOF file: No space left on device")
+    assert_eq(got[2], "$1")
+    # Once the disk has room again, Redis writes its AOF and accepts writes.
+    assert_eq(redis.main.send(data = "SET d 4"), "+OK")
+"#,
+        data = dir.path("data"),
+    );
+    let (code, doc, stderr) = run(&dir, &text);
+    assert_eq!(code, 0, "{stderr}");
+    let t = test_of(&doc, "test_aof_enospc");
+    assert!(t["faults"][0]["hits"].as_u64().unwrap_or(0) >= 1, "{t:#}");
+    let paths: Vec<&str> = t["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["fields"]["op"] == "aof")
+        .filter_map(|e| e["fields"]["path"].as_str())
+        .collect();
+    assert!(
+        !paths.is_empty() && paths.iter().all(|p| p.contains("/appendonlydir/")),
+        "{paths:?}"
+    );
+}
