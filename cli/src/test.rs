@@ -220,13 +220,13 @@ pub fn run(args: TestArgs) -> Result<i32> {
         for i in 0..args.runs {
             let seed = base_seed.wrapping_add(i);
             log.log(
-                Level::Info,
+                Level::Debug,
                 "running test",
                 &[("test", json!(name)), ("seed", json!(seed))],
             );
             let result = run_test(&spec, name, seed, &config);
             log.log(
-                Level::Info,
+                Level::Debug,
                 "test completed",
                 &[
                     ("test", json!(name)),

@@ -1395,6 +1395,118 @@ pub(crate) fn files(builder: &mut GlobalsBuilder) {
     }
 }
 
+/// Builtins of the Faultbox language this build does not have: calling one
+/// says so, instead of Starlark's bare "variable not found".
+fn unsupported(name: &str, what: &str) -> starlark::Error {
+    err(format!(
+        "{name}() is not supported by this build of faultbox ({what} are not implemented yet)"
+    ))
+}
+
+#[starlark_module]
+pub(crate) fn not_in_this_build(builder: &mut GlobalsBuilder) {
+    fn scenario<'v>(
+        #[starlark(args)] _args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] _kwargs: DictRef<'v>,
+    ) -> starlark::Result<NoneType> {
+        Err(unsupported("scenario", "scenarios and faultbox generate"))
+    }
+
+    fn fault_scenario<'v>(
+        #[starlark(args)] _args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] _kwargs: DictRef<'v>,
+    ) -> starlark::Result<NoneType> {
+        Err(unsupported("fault_scenario", "fault scenarios"))
+    }
+
+    fn fault_matrix<'v>(
+        #[starlark(args)] _args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] _kwargs: DictRef<'v>,
+    ) -> starlark::Result<NoneType> {
+        Err(unsupported("fault_matrix", "fault matrices"))
+    }
+
+    fn fault_assumption<'v>(
+        #[starlark(args)] _args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] _kwargs: DictRef<'v>,
+    ) -> starlark::Result<NoneType> {
+        Err(unsupported("fault_assumption", "fault assumptions"))
+    }
+
+    fn monitor<'v>(
+        #[starlark(args)] _args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] _kwargs: DictRef<'v>,
+    ) -> starlark::Result<NoneType> {
+        Err(unsupported("monitor", "monitors"))
+    }
+
+    fn parallel<'v>(
+        #[starlark(args)] _args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] _kwargs: DictRef<'v>,
+    ) -> starlark::Result<NoneType> {
+        Err(unsupported(
+            "parallel",
+            "parallel() and interleaving exploration",
+        ))
+    }
+
+    fn partition<'v>(
+        #[starlark(args)] _args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] _kwargs: DictRef<'v>,
+    ) -> starlark::Result<NoneType> {
+        Err(unsupported("partition", "network partitions"))
+    }
+
+    fn response<'v>(
+        #[starlark(args)] _args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] _kwargs: DictRef<'v>,
+    ) -> starlark::Result<NoneType> {
+        Err(unsupported("response", "protocol-level faults (proxies)"))
+    }
+
+    fn error<'v>(
+        #[starlark(args)] _args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] _kwargs: DictRef<'v>,
+    ) -> starlark::Result<NoneType> {
+        Err(unsupported("error", "protocol-level faults (proxies)"))
+    }
+
+    fn drop<'v>(
+        #[starlark(args)] _args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] _kwargs: DictRef<'v>,
+    ) -> starlark::Result<NoneType> {
+        Err(unsupported("drop", "protocol-level faults (proxies)"))
+    }
+
+    fn duplicate<'v>(
+        #[starlark(args)] _args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] _kwargs: DictRef<'v>,
+    ) -> starlark::Result<NoneType> {
+        Err(unsupported("duplicate", "protocol-level faults (proxies)"))
+    }
+
+    fn mock_service<'v>(
+        #[starlark(args)] _args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] _kwargs: DictRef<'v>,
+    ) -> starlark::Result<NoneType> {
+        Err(unsupported("mock_service", "mock services"))
+    }
+
+    fn tls_cert<'v>(
+        #[starlark(args)] _args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] _kwargs: DictRef<'v>,
+    ) -> starlark::Result<NoneType> {
+        Err(unsupported("tls_cert", "TLS proxies"))
+    }
+
+    fn remotes<'v>(
+        #[starlark(args)] _args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] _kwargs: DictRef<'v>,
+    ) -> starlark::Result<NoneType> {
+        Err(unsupported("remotes", "remote services"))
+    }
+}
+
 /// Runs one step: `svc.iface.post(path=..., body=...)` and friends.
 pub(crate) fn call_step<'v>(
     step: &StepMethod,

@@ -29,8 +29,15 @@ pub struct SpecError {
 
 fn spec_error(e: starlark::Error) -> SpecError {
     let text = e.to_string();
-    // Starlark's rendering starts with its own "error: "; the CLI adds one.
-    let text = text.strip_prefix("error: ").unwrap_or(&text);
+    // Starlark renders runtime errors as a traceback followed by
+    // "error: <message>" and the located snippet. The message comes first
+    // here (one line that says what is wrong), then where; the CLI adds
+    // its own "error: ".
+    let text = match text.rfind("\nerror: ") {
+        Some(i) if text.contains("Traceback (most recent call last)") => &text[i + 1..],
+        _ => text.as_str(),
+    };
+    let text = text.strip_prefix("error: ").unwrap_or(text);
     SpecError {
         message: text.trim_end().to_string(),
     }
@@ -65,6 +72,7 @@ pub fn globals() -> Globals {
     .with(builtins::faults)
     .with(builtins::assertions)
     .with(builtins::files)
+    .with(builtins::not_in_this_build)
     .build()
 }
 

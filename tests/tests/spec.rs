@@ -752,6 +752,19 @@ fn bad_specs_give_one_clear_error_and_exit_1() {
         r.stderr
     );
     assert!(r.stderr.contains("spec.star:1:"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .starts_with("error: service(): unknown keyword argument"),
+        "the first line says what is wrong: {}",
+        r.stderr
+    );
+    let r = refused("unsupported", "x = fault_matrix(scenarios = [])\n", &[]);
+    assert!(
+        r.stderr
+            .contains("fault_matrix() is not supported by this build"),
+        "{}",
+        r.stderr
+    );
 
     let r = refused("bad-errno", "x = deny(\"EIOO\")\n", &[]);
     assert!(
@@ -868,6 +881,36 @@ def test_computed():
         t["reason"]
             .as_str()
             .is_some_and(|r| r.contains("FAULT_NOT_FILTERABLE") && r.contains("fsync")),
+        "{t:#}"
+    );
+}
+
+#[test]
+fn user_runs_the_service_under_another_account() {
+    let dir = Scratch::new("spec-user");
+    let (text, _) = spec_with_service(
+        &dir,
+        r#"user = "nobody","#,
+        r#"
+def test_nobody():
+    assert_true(svc.main.send(data = "WHOAMI").startswith("uid=65534 "))
+"#,
+    );
+    let run = run_spec(&dir, &text, &[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let (text, _) = spec_with_service(
+        &dir,
+        r#"user = "no-such-account","#,
+        "def test_x():\n    pass\n",
+    );
+    let run = run_spec(&dir, &text, &["--format", "json"]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    let doc = json(&run);
+    let t = test_named(&doc, "test_x");
+    assert!(
+        t["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("user=\"no-such-account\": no such account in /etc/passwd")),
         "{t:#}"
     );
 }
