@@ -350,6 +350,7 @@ impl TestRun {
         let started = Instant::now();
         let timeout = check.timeout();
         let mut last_error;
+        let mut pause = Duration::from_millis(1);
         loop {
             if let Some(exit) = self.exit_of(&def.name) {
                 let out = tail(log, 15);
@@ -393,7 +394,10 @@ impl TestRun {
                     healthcheck_timeout: true,
                 });
             }
-            std::thread::sleep(Duration::from_millis(10));
+            // Fast first retries (most services are up within a few ms),
+            // backing off to 50 ms for slow starters.
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(50));
         }
     }
 
