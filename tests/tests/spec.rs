@@ -395,9 +395,10 @@ fn http_steps_healthchecks_env_and_loaded_modules_work_together() {
     .expect("yaml");
     std::fs::write(
         dir.path("conf/helpers.star"),
-        "settings = load_json(\"settings.json\")\n",
+        "load(\"nested.star\", \"base\")\nsettings = load_json(\"settings.json\")\nassert_eq(base, 1)\n",
     )
     .expect("helpers");
+    std::fs::write(dir.path("conf/nested.star"), "base = 1\n").expect("nested");
     let text = format!(
         r#"
 load("lib.star", "greet")
@@ -912,5 +913,89 @@ def test_nobody():
             .as_str()
             .is_some_and(|r| r.contains("user=\"no-such-account\": no such account in /etc/passwd")),
         "{t:#}"
+    );
+}
+
+#[test]
+fn trace_and_fault_all_windows_record_and_fault_every_listed_service() {
+    let dir = Scratch::new("spec-trace");
+    let port2 = free_port();
+    let (text, _) = spec_with_service(
+        &dir,
+        "",
+        &format!(
+            r#"
+other = service(
+    "other",
+    "{helper}",
+    interface("main", "tcp", {port2}),
+    args = ["serve", "{port2}", "{wal}"],
+    healthcheck = tcp("localhost:{port2}"),
+)
+
+def both():
+    return [persist(), other.main.send(data = "PERSIST y")]
+
+def test_all():
+    assert_eq(fault_all([svc, other], fsync = deny("EROFS"), run = both), ["ERR errno30", "ERR errno30"])
+
+def test_trace():
+    trace(svc, syscalls = ["openat"], run = lambda: svc.main.send(data = "OPEN /etc/hostname"))
+    trace_start(other, syscalls = ["fsync"])
+    other.main.send(data = "PERSIST z")
+    trace_stop(other)
+    assert_eventually(service = "svc", syscall = "openat", path = "/etc/hostname", decision = "allow")
+    assert_eventually(service = "other", syscall = "fsync", decision = "allow")
+    return "traced"
+"#,
+            helper = helper(),
+            wal = dir.path("data/other.wal"),
+        ),
+    );
+    let out_file = dir.path("out.json");
+    let run = run_spec(
+        &dir,
+        &text,
+        &["--output", &out_file, "--debug", "--log-format=json"],
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(&out_file).expect("--output file"))
+            .expect("json");
+    let all = test_named(&doc, "test_all");
+    let services: Vec<&str> = all["faults"]
+        .as_array()
+        .expect("faults")
+        .iter()
+        .filter_map(|f| f["service"].as_str())
+        .collect();
+    assert_eq!(services.len(), 2, "{all:#}");
+    assert!(services.contains(&"svc") && services.contains(&"other"));
+    assert!(
+        all["faults"]
+            .as_array()
+            .expect("faults")
+            .iter()
+            .all(|f| f["hits"] == 1)
+    );
+    let traced = test_named(&doc, "test_trace");
+    assert_eq!(traced["return_value"], "traced");
+    assert!(
+        traced["faults"]
+            .as_array()
+            .expect("faults")
+            .iter()
+            .all(|f| f["action"] == "trace"),
+        "{traced:#}"
+    );
+    assert!(!codes(traced).contains(&"FAULT_NOT_FIRED".to_string()));
+    // --debug prints return values; the log lines are JSON.
+    assert!(run.stderr.contains("  return: traced\n"), "{}", run.stderr);
+    assert!(
+        run.logs
+            .iter()
+            .any(|l| l["msg"] == "running test" && l["test"] == "test_trace"),
+        "{}",
+        run.stderr
     );
 }
