@@ -33,8 +33,8 @@ pub enum Format {
 /// Flags of `faultbox test`.
 #[derive(Debug, Args)]
 pub struct TestArgs {
-    /// The spec to run.
-    #[arg(value_name = "FILE.star")]
+    /// The spec to run (default: ./faultbox.star).
+    #[arg(value_name = "FILE.star", default_value = "faultbox.star")]
     file: PathBuf,
     /// Run only matching tests: a name, a name without `test_`, or a glob.
     #[arg(long = "test", value_name = "NAME")]
@@ -176,6 +176,15 @@ pub fn run(args: TestArgs) -> Result<i32> {
     for s in &spec.services {
         resolve_binary(&s.binary, &spec.dir)
             .map_err(|e| anyhow::anyhow!("service {:?} ({}): {e}", s.name, s.declared_at))?;
+        if let Some(user) = &s.user
+            && !faultbox_agent::process::is_root()
+        {
+            bail!(
+                "service {:?} ({}): user={user:?} needs faultbox to run as root (switching accounts needs CAP_SETUID)",
+                s.name,
+                s.declared_at
+            );
+        }
     }
     for s in &spec.services {
         for i in &s.interfaces {

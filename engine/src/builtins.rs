@@ -1588,6 +1588,8 @@ pub(crate) fn call_step<'v>(
                 "summary".into(),
                 format!("→ {target}.{} {path}", step.method),
             );
+            // Calls the services made before the step are logged before it.
+            run.sync_all();
             run.trace.emit("step_send", "test", send);
             run.trace.merge(&target, "test");
             let method = step.method.to_ascii_uppercase();
@@ -1625,10 +1627,15 @@ pub(crate) fn call_step<'v>(
                 .unwrap_or(Duration::from_secs(10));
             send.insert("data".into(), data.chars().take(200).collect());
             send.insert("summary".into(), format!("→ {target}.send {data}"));
+            // Calls the services made before the step are logged before it.
+            run.sync_all();
             run.trace.emit("step_send", "test", send);
             run.trace.merge(&target, "test");
             let result = net::tcp_send(&addr, &data, timeout);
             let elapsed = started.elapsed().as_millis();
+            // Every call the step caused, in any service, is logged before
+            // its answer: the trace's order is the causal one.
+            run.sync_all();
             run.trace.merge("test", &target);
             match result {
                 Ok(line) => {
@@ -1701,6 +1708,8 @@ pub(crate) fn call_step<'v>(
                 "summary".into(),
                 format!("→ {target}.{} {sql}", step.method),
             );
+            // Calls the services made before the step are logged before it.
+            run.sync_all();
             run.trace.emit("step_send", "test", send);
             run.trace.merge(&target, "test");
             match net::pg_query(&addr, &user, &password, &database, &sql, timeout) {
@@ -1724,6 +1733,9 @@ pub(crate) fn call_step<'v>(
     };
     let mut response = response;
     response.duration_ms = started.elapsed().as_millis() as i64;
+    // Every call the step caused, in any service, is logged before its
+    // answer: the trace's order is the causal one.
+    run.sync_all();
     run.trace.merge("test", &target);
     let mut recv = fields([
         ("target", target.clone()),

@@ -148,7 +148,7 @@ pub fn resolve_binary(binary: &str, spec_dir: &Path) -> Result<PathBuf, String> 
                 path.display()
             ));
         }
-        return Ok(path);
+        return Ok(path.canonicalize().unwrap_or(path));
     }
     process::resolve_program(binary, std::env::var("PATH").ok().as_deref())
         .map(PathBuf::from)
@@ -484,14 +484,17 @@ impl TestRun {
     }
 
     /// Waits until every shim has delivered the events decided so far.
+    /// Requests go out to every shim first, so the waits overlap.
     pub fn sync_all(&self) {
         let running = lock(&self.running);
-        for r in running.values() {
-            if let Some(shim) = &r.shim
-                && shim.exited().is_none()
-            {
-                shim.sync(Duration::from_secs(2));
-            }
+        let pending: Vec<(&Shim, u64)> = running
+            .values()
+            .filter_map(|r| r.shim.as_ref())
+            .filter(|shim| shim.exited().is_none())
+            .filter_map(|shim| shim.request_sync().map(|t| (shim, t)))
+            .collect();
+        for (shim, token) in pending {
+            shim.wait_synced(token, Duration::from_secs(2));
         }
     }
 

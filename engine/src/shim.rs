@@ -207,10 +207,20 @@ impl Shim {
     /// Waits until every event decided so far has been delivered to
     /// `on_event`. Returns false when the shim is gone or slow.
     pub fn sync(&self, timeout: Duration) -> bool {
+        self.request_sync()
+            .is_some_and(|token| self.wait_synced(token, timeout))
+    }
+
+    /// Sends a barrier request; returns its token (None: the shim is gone).
+    pub fn request_sync(&self) -> Option<u64> {
         let token = self.tokens.fetch_add(1, Ordering::SeqCst) + 1;
-        if self.send(&ControlMessage::Sync { token }).is_err() {
-            return false;
-        }
+        self.send(&ControlMessage::Sync { token })
+            .ok()
+            .map(|_| token)
+    }
+
+    /// Waits for the answer to [`Shim::request_sync`].
+    pub fn wait_synced(&self, token: u64, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         let mut state = self.shared.lock();
         while state.synced < token && !state.reader_done {
