@@ -148,7 +148,10 @@ pub fn resolve_binary(binary: &str, spec_dir: &Path) -> Result<PathBuf, String> 
                 path.display()
             ));
         }
-        return Ok(path.canonicalize().unwrap_or(path));
+        // Absolute, but not through symlinks: some programs pick their
+        // personality from argv[0] (redis-server is a link to
+        // redis-check-rdb, busybox is everything).
+        return Ok(std::path::absolute(&path).unwrap_or(path));
     }
     process::resolve_program(binary, std::env::var("PATH").ok().as_deref())
         .map(PathBuf::from)
