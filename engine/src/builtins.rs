@@ -394,6 +394,23 @@ fn open_windows(
     Ok(ids)
 }
 
+/// `fault_stop(svc)` / `trace_stop(svc)`: closes the latest window that
+/// `fault_start` / `trace_start` opened on the service.
+fn stop_window(a: Args, eval: &Evaluator, trace: bool) -> Res<NoneType> {
+    a.check(1, &["service"])?;
+    let service = service_name(a.required(0, "service")?, a.builtin)?;
+    let run = run_of(eval, a.builtin)?;
+    let opener = if trace { "trace_start" } else { "fault_start" };
+    let id = run.latest_started_window(&service, trace).ok_or_else(|| {
+        err(format!(
+            "{}({service}): no {opener} window is open on {service:?}",
+            a.builtin
+        ))
+    })?;
+    run.close_window(id).map_err(err)?;
+    Ok(NoneType)
+}
+
 fn trace_faults(a: &Args) -> Res<Vec<(String, FaultValue)>> {
     let syscalls = match a.named("syscalls") {
         Some(v) => a.strings(v, "syscalls")?,
@@ -1031,17 +1048,7 @@ pub(crate) fn faults(builder: &mut GlobalsBuilder) {
         #[starlark(kwargs)] kwargs: DictRef<'v>,
         eval: &mut Evaluator<'v, '_, '_>,
     ) -> starlark::Result<NoneType> {
-        let a = Args::new("fault_stop", args, kwargs)?;
-        a.check(1, &["service"])?;
-        let service = service_name(a.required(0, "service")?, "fault_stop")?;
-        let run = run_of(eval, "fault_stop")?;
-        let id = run.latest_started_window(&service, false).ok_or_else(|| {
-            err(format!(
-                "fault_stop({service}): no fault_start window is open on {service:?}"
-            ))
-        })?;
-        run.close_window(id).map_err(err)?;
-        Ok(NoneType)
+        stop_window(Args::new("fault_stop", args, kwargs)?, eval, false)
     }
 
     /// `fault_all([svc, ...], run=fn, **faults)`: the same rules on every
@@ -1113,17 +1120,7 @@ pub(crate) fn faults(builder: &mut GlobalsBuilder) {
         #[starlark(kwargs)] kwargs: DictRef<'v>,
         eval: &mut Evaluator<'v, '_, '_>,
     ) -> starlark::Result<NoneType> {
-        let a = Args::new("trace_stop", args, kwargs)?;
-        a.check(1, &["service"])?;
-        let service = service_name(a.required(0, "service")?, "trace_stop")?;
-        let run = run_of(eval, "trace_stop")?;
-        let id = run.latest_started_window(&service, true).ok_or_else(|| {
-            err(format!(
-                "trace_stop({service}): no trace_start window is open on {service:?}"
-            ))
-        })?;
-        run.close_window(id).map_err(err)?;
-        Ok(NoneType)
+        stop_window(Args::new("trace_stop", args, kwargs)?, eval, true)
     }
 }
 
