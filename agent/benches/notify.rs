@@ -460,6 +460,11 @@ fn main() {
     }
     let quick = args.iter().any(|a| a == "--quick");
     let reps = if quick { 3 } else { 7 };
+    // --only=untargeted|intercepted|launch|hammer runs one section.
+    let only: Option<String> = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--only=").map(str::to_string));
+    let section = |name: &str| only.as_deref().is_none_or(|o| o == name);
     let have_strace = Command::new("strace")
         .arg("-V")
         .output()
@@ -470,7 +475,11 @@ fn main() {
     );
 
     // 1. Untargeted syscalls: ours vs a bare ALLOW filter vs native.
-    let untargeted_loops: &[(&str, u64)] = &[("getppid", 2_000_000), ("write", 1_000_000)];
+    let untargeted_loops: &[(&str, u64)] = if section("untargeted") {
+        &[("getppid", 2_000_000), ("write", 1_000_000)]
+    } else {
+        &[]
+    };
     for (kind, n) in untargeted_loops {
         let mut samples: BTreeMap<Setup, Vec<f64>> = BTreeMap::new();
         let mut ratios = Vec::new();
@@ -496,7 +505,11 @@ fn main() {
     }
 
     // 2. Intercepted syscalls: ours vs the minimal supervisor vs strace.
-    let intercepted_loops: &[(&str, u64)] = &[("getppid", 100_000), ("openat", 50_000)];
+    let intercepted_loops: &[(&str, u64)] = if section("intercepted") {
+        &[("getppid", 100_000), ("openat", 50_000)]
+    } else {
+        &[]
+    };
     for (kind, n) in intercepted_loops {
         let mut samples: BTreeMap<Setup, Vec<f64>> = BTreeMap::new();
         let mut allow_ratio = Vec::new();
@@ -545,132 +558,135 @@ fn main() {
         );
     }
 
-    // 3. Launch: the shim's launch path with one rule vs plain fork+exec.
-    let target = if std::path::Path::new("/bin/true").exists() {
-        "/bin/true"
-    } else {
-        "/usr/bin/true"
-    };
-    let program = CString::new(target).unwrap_or_default();
-    let faultbox = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent()?.parent().map(|d| d.join("faultbox")))
-        .filter(|p| p.exists())
-        .map(|p| p.to_string_lossy().into_owned());
-    let launches = if quick { 40 } else { 200 };
-    let mut plain = Vec::new();
-    let mut ours = Vec::new();
-    let mut ratio = Vec::new();
-    let mut cli_plain = Vec::new();
-    let mut cli_isolated = Vec::new();
-    for rep in 0..reps {
-        let mut p = Vec::new();
-        let mut o = Vec::new();
-        for i in 0..launches {
-            // Alternate so drift hits both equally.
-            if (i + rep) % 2 == 0 {
-                p.push(plain_fork_exec(&program).as_secs_f64());
-                o.push(shim_launch(target).as_secs_f64());
-            } else {
-                o.push(shim_launch(target).as_secs_f64());
-                p.push(plain_fork_exec(&program).as_secs_f64());
+    if section("launch") {
+        // 3. Launch: the shim's launch path with one rule vs plain fork+exec.
+        let target = if std::path::Path::new("/bin/true").exists() {
+            "/bin/true"
+        } else {
+            "/usr/bin/true"
+        };
+        let program = CString::new(target).unwrap_or_default();
+        let faultbox = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent()?.parent().map(|d| d.join("faultbox")))
+            .filter(|p| p.exists())
+            .map(|p| p.to_string_lossy().into_owned());
+        let launches = if quick { 40 } else { 200 };
+        let mut plain = Vec::new();
+        let mut ours = Vec::new();
+        let mut ratio = Vec::new();
+        let mut cli_plain = Vec::new();
+        let mut cli_isolated = Vec::new();
+        for rep in 0..reps {
+            let mut p = Vec::new();
+            let mut o = Vec::new();
+            for i in 0..launches {
+                // Alternate so drift hits both equally.
+                if (i + rep) % 2 == 0 {
+                    p.push(plain_fork_exec(&program).as_secs_f64());
+                    o.push(shim_launch(target).as_secs_f64());
+                } else {
+                    o.push(shim_launch(target).as_secs_f64());
+                    p.push(plain_fork_exec(&program).as_secs_f64());
+                }
+            }
+            let (mp, mo) = (median(p), median(o));
+            plain.push(mp);
+            ours.push(mo);
+            ratio.push(mo / mp);
+            if let Some(fb) = &faultbox {
+                let runs = if quick { 5 } else { 20 };
+                cli_plain.push(median(
+                    (0..runs)
+                        .map(|_| {
+                            cli_run(
+                                fb,
+                                &[
+                                    "--no-isolation",
+                                    "--fault",
+                                    "openat=ENOENT:100%:/nonexistent/*",
+                                ],
+                                target,
+                            )
+                            .as_secs_f64()
+                        })
+                        .collect(),
+                ));
+                cli_isolated.push(median(
+                    (0..runs)
+                        .map(|_| {
+                            cli_run(
+                                fb,
+                                &["--fault", "openat=ENOENT:100%:/nonexistent/*"],
+                                target,
+                            )
+                            .as_secs_f64()
+                        })
+                        .collect(),
+                ));
             }
         }
-        let (mp, mo) = (median(p), median(o));
-        plain.push(mp);
-        ours.push(mo);
-        ratio.push(mo / mp);
-        if let Some(fb) = &faultbox {
-            let runs = if quick { 5 } else { 20 };
-            cli_plain.push(median(
-                (0..runs)
-                    .map(|_| {
-                        cli_run(
-                            fb,
-                            &[
-                                "--no-isolation",
-                                "--fault",
-                                "openat=ENOENT:100%:/nonexistent/*",
-                            ],
-                            target,
-                        )
-                        .as_secs_f64()
-                    })
-                    .collect(),
-            ));
-            cli_isolated.push(median(
-                (0..runs)
-                    .map(|_| {
-                        cli_run(
-                            fb,
-                            &["--fault", "openat=ENOENT:100%:/nonexistent/*"],
-                            target,
-                        )
-                        .as_secs_f64()
-                    })
-                    .collect(),
-            ));
+        println!(
+            "launch {target}: plain fork+exec {:.0} µs | shim launch path, one rule {:.0} µs | ratio {:.2}",
+            median(plain.clone()) * 1e6,
+            median(ours) * 1e6,
+            median(ratio)
+        );
+        if faultbox.is_some() {
+            println!(
+                "launch end to end: faultbox run --no-isolation {:.2} ms | faultbox run (user+pid+mount+net namespaces) {:.2} ms | plain fork+exec {:.2} ms",
+                median(cli_plain) * 1e3,
+                median(cli_isolated) * 1e3,
+                median(plain) * 1e3
+            );
         }
     }
-    println!(
-        "launch {target}: plain fork+exec {:.0} µs | shim launch path, one rule {:.0} µs | ratio {:.2}",
-        median(plain.clone()) * 1e6,
-        median(ours) * 1e6,
-        median(ratio)
-    );
-    if faultbox.is_some() {
+    // 4. Four threads hammering an intercepted syscall.
+    if section("hammer") {
+        let millis = if quick { 500 } else { 2000 };
+        let out = scratch("hammer");
+        let argv: Vec<String> = vec![
+            "bench".into(),
+            "child".into(),
+            "hammer".into(),
+            "4".into(),
+            millis.to_string(),
+            out.clone(),
+        ];
+        let nr = ARCH.number("getppid").unwrap_or(0);
+        let spec =
+            ChildSpec::new(&exe(), &argv, &[], None, ARCH, &[nr]).unwrap_or_else(|e| panic!("{e}"));
+        let mut child = process::spawn(&spec).unwrap_or_else(|e| panic!("{e}"));
+        let (events, sink) = event_sink();
+        let listener = child
+            .listener
+            .take()
+            .unwrap_or_else(|| panic!("no listener"));
+        let rules = vec![parse_fault("getppid=EPERM:0%", ARCH).unwrap_or_else(|e| panic!("{e}"))];
+        let sup = Supervisor::start(
+            LiveKernel::new(listener),
+            ARCH,
+            1,
+            vec![nr],
+            rules,
+            Arc::clone(&events),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        child.release().unwrap_or_else(|e| panic!("{e}"));
+        process::wait_for(child.pid);
+        drop(sup);
+        close_sink(&events, sink);
+        let counts: Vec<u64> = read_result(&out)
+            .split_whitespace()
+            .filter_map(|c| c.parse().ok())
+            .collect();
+        let total: u64 = counts.iter().sum();
         println!(
-            "launch end to end: faultbox run --no-isolation {:.2} ms | faultbox run (user+pid+mount+net namespaces) {:.2} ms | plain fork+exec {:.2} ms",
-            median(cli_plain) * 1e3,
-            median(cli_isolated) * 1e3,
-            median(plain) * 1e3
+            "4 threads hammering intercepted getppid for {millis} ms: {:.0} notifications/s; per thread {:?} (min/max {:.2})",
+            total as f64 / (millis as f64 / 1000.0),
+            counts,
+            counts.iter().min().copied().unwrap_or(0) as f64
+                / counts.iter().max().copied().unwrap_or(1).max(1) as f64
         );
     }
-
-    // 4. Four threads hammering an intercepted syscall.
-    let millis = if quick { 500 } else { 2000 };
-    let out = scratch("hammer");
-    let argv: Vec<String> = vec![
-        "bench".into(),
-        "child".into(),
-        "hammer".into(),
-        "4".into(),
-        millis.to_string(),
-        out.clone(),
-    ];
-    let nr = ARCH.number("getppid").unwrap_or(0);
-    let spec =
-        ChildSpec::new(&exe(), &argv, &[], None, ARCH, &[nr]).unwrap_or_else(|e| panic!("{e}"));
-    let mut child = process::spawn(&spec).unwrap_or_else(|e| panic!("{e}"));
-    let (events, sink) = event_sink();
-    let listener = child
-        .listener
-        .take()
-        .unwrap_or_else(|| panic!("no listener"));
-    let rules = vec![parse_fault("getppid=EPERM:0%", ARCH).unwrap_or_else(|e| panic!("{e}"))];
-    let sup = Supervisor::start(
-        LiveKernel::new(listener),
-        ARCH,
-        1,
-        vec![nr],
-        rules,
-        Arc::clone(&events),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    child.release().unwrap_or_else(|e| panic!("{e}"));
-    process::wait_for(child.pid);
-    drop(sup);
-    close_sink(&events, sink);
-    let counts: Vec<u64> = read_result(&out)
-        .split_whitespace()
-        .filter_map(|c| c.parse().ok())
-        .collect();
-    let total: u64 = counts.iter().sum();
-    println!(
-        "4 threads hammering intercepted getppid for {millis} ms: {:.0} notifications/s; per thread {:?} (min/max {:.2})",
-        total as f64 / (millis as f64 / 1000.0),
-        counts,
-        counts.iter().min().copied().unwrap_or(0) as f64
-            / counts.iter().max().copied().unwrap_or(1).max(1) as f64
-    );
 }
