@@ -52,6 +52,8 @@ class Handler(BaseHTTPRequestHandler):
             answer = reserve(sku, qty)
         except OSError as e:
             return self.reply(503, {"status": "failed", "error": "inventory unreachable: %s" % e})
+        if not answer:
+            return self.reply(503, {"status": "failed", "error": "inventory closed the connection without answering"})
         if answer.startswith("OK"):
             return self.reply(200, {"status": "confirmed", "remaining": int(answer.split()[1])})
         if answer.startswith("ERR wal"):

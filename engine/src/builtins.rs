@@ -26,11 +26,12 @@ use starlark::values::{UnpackValue, Value};
 
 use crate::model::{Healthcheck, InterfaceDef, OpDef, ServiceDef};
 use crate::net;
+use crate::proxy::{ProxyAction, ProxyRuleDef};
 use crate::runtime::{AssertionDetail, TestRun};
 use crate::trace::{Event, Filter, fields};
 use crate::values::{
     Ctx, EventValue, FaultValue, HealthcheckValue, InterfaceRef, InterfaceValue, OpValue,
-    ResponseValue, ServiceValue, StepMethod, json_to_value,
+    ProxyRuleValue, ResponseValue, ServiceValue, StepMethod, json_to_value,
 };
 
 fn err(message: impl Into<String>) -> starlark::Error {
@@ -245,7 +246,7 @@ fn service_name(v: Value, builtin: &str) -> Res<String> {
     }
     if InterfaceRef::from_value(v).is_some() {
         return Err(err(format!(
-            "{builtin}(): protocol-level faults on an interface ({}) are not supported by this build; fault the service's syscalls instead, e.g. {builtin}(svc, connect=deny(\"ECONNREFUSED\"))",
+            "{builtin}() takes a service, not an interface ({}); protocol faults go through fault(svc.iface, ...), fault_start and fault_stop",
             v.to_str()
         )));
     }
@@ -324,6 +325,80 @@ fn fault_common(a: &Args, action: Action, errno: Option<String>) -> Res<FaultVal
         trigger,
         errno,
     })
+}
+
+const MATCHERS: &[&str] = &["method", "path", "probability", "trigger", "label"];
+
+/// Builds a protocol rule from its matcher keywords.
+fn proxy_rule(a: &Args, action: ProxyAction, extra: &[&str]) -> Res<ProxyRuleValue> {
+    for (k, _) in &a.named {
+        if matches!(
+            k.as_str(),
+            "query" | "command" | "key" | "topic" | "subject" | "collection"
+        ) {
+            return Err(err(format!(
+                "{}(): {k}= matches SQL, Redis or message-broker traffic; this build proxies http (method=, path=) and tcp (method= as a prefix of the first bytes) only",
+                a.builtin
+            )));
+        }
+    }
+    let mut accepted: Vec<&str> = MATCHERS.to_vec();
+    accepted.extend_from_slice(extra);
+    a.check(0, &accepted)?;
+    let f = fault_common(a, Action::Allow, None)?;
+    Ok(ProxyRuleValue {
+        def: ProxyRuleDef {
+            action,
+            method: a
+                .named("method")
+                .map(|v| a.string(v, "method"))
+                .transpose()?,
+            path: a.named("path").map(|v| a.string(v, "path")).transpose()?,
+            probability: f.probability,
+            trigger: f.trigger,
+            label: f.label,
+        },
+    })
+}
+
+fn status_arg(a: &Args, default: u16) -> Res<u16> {
+    match a.named("status") {
+        None => Ok(default),
+        Some(v) => v
+            .unpack_i32()
+            .filter(|s| (100..=599).contains(s))
+            .map(|s| s as u16)
+            .ok_or_else(|| {
+                err(format!(
+                    "{}(): status must be an HTTP status 100..599, got {}",
+                    a.builtin,
+                    v.to_repr()
+                ))
+            }),
+    }
+}
+
+/// `fault(svc.iface, *rules, run=fn)` and friends: the protocol rules.
+fn proxy_rules(a: &Args, from: usize) -> Res<Vec<ProxyRuleDef>> {
+    let rules: Vec<ProxyRuleDef> = a.pos[from..]
+        .iter()
+        .map(|v| {
+            ProxyRuleValue::from_value(*v).map(|r| r.def.clone()).ok_or_else(|| {
+                err(format!(
+                    "{}(): protocol rules are response(...), error(...), drop(...) or delay(delay=...), got {}",
+                    a.builtin,
+                    v.to_repr()
+                ))
+            })
+        })
+        .collect::<Res<_>>()?;
+    if rules.is_empty() {
+        return Err(err(format!(
+            "{}(): no rules given, e.g. {}(svc.api, error(path=\"/orders\", status=503), ...)",
+            a.builtin, a.builtin
+        )));
+    }
+    Ok(rules)
 }
 
 /// Collects `**faults` keywords: each value must be a fault rule.
@@ -969,9 +1044,21 @@ pub(crate) fn faults(builder: &mut GlobalsBuilder) {
     ) -> starlark::Result<Value<'v>> {
         let a = Args::new("delay", args, kwargs)?;
         if a.pos.is_empty() && a.named("duration").is_none() {
-            return Err(err(
-                "delay(): needs a duration, e.g. delay(\"500ms\"); protocol delays (delay(path=..., delay=...)) need the proxies, which this build does not have",
-            ));
+            // Without a duration it is the protocol form: delay(delay="500ms", path=...).
+            let Some(d) = a.named("delay") else {
+                return Err(err(
+                    "delay(): needs a duration: delay(\"500ms\") for a syscall, delay(delay=\"500ms\", path=...) for a protocol",
+                ));
+            };
+            let d = a.duration(d, "delay")?;
+            let r = proxy_rule(
+                &a,
+                ProxyAction::Delay {
+                    ns: d.as_nanos() as u64,
+                },
+                &["delay"],
+            )?;
+            return Ok(eval.heap().alloc(r));
         }
         a.check(1, &["duration", "probability", "label", "trigger"])?;
         let d = a.duration(a.required(0, "duration")?, "duration")?;
@@ -983,6 +1070,61 @@ pub(crate) fn faults(builder: &mut GlobalsBuilder) {
             None,
         )?;
         Ok(eval.heap().alloc(f))
+    }
+
+    /// `response(status=200, body="", method=, path=, ...)`: answer for
+    /// the upstream.
+    fn response<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<Value<'v>> {
+        let a = Args::new("response", args, kwargs)?;
+        let status = status_arg(&a, 200)?;
+        let body = a
+            .named("body")
+            .map(|v| a.string(v, "body"))
+            .transpose()?
+            .unwrap_or_default();
+        let r = proxy_rule(
+            &a,
+            ProxyAction::Respond { status, body },
+            &["status", "body"],
+        )?;
+        Ok(eval.heap().alloc(r))
+    }
+
+    /// `error(status=500, message="injected fault", method=, path=, ...)`:
+    /// answer with an error.
+    fn error<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<Value<'v>> {
+        let a = Args::new("error", args, kwargs)?;
+        let status = status_arg(&a, 500)?;
+        let message = a
+            .named("message")
+            .map(|v| a.string(v, "message"))
+            .transpose()?
+            .unwrap_or_else(|| "injected fault".into());
+        let r = proxy_rule(
+            &a,
+            ProxyAction::Error { status, message },
+            &["status", "message"],
+        )?;
+        Ok(eval.heap().alloc(r))
+    }
+
+    /// `drop(method=, path=, ...)`: close the connection without an answer.
+    fn drop<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<Value<'v>> {
+        let a = Args::new("drop", args, kwargs)?;
+        let r = proxy_rule(&a, ProxyAction::Drop, &[])?;
+        Ok(eval.heap().alloc(r))
     }
 
     /// `allow()`: intercept and let the call run (recorded in the trace).
@@ -1005,6 +1147,22 @@ pub(crate) fn faults(builder: &mut GlobalsBuilder) {
         eval: &mut Evaluator<'v, '_, '_>,
     ) -> starlark::Result<Value<'v>> {
         let a = Args::new("fault", args, kwargs)?;
+        if let Some(iface) = InterfaceRef::from_value(a.required(0, "service")?) {
+            a.check(usize::MAX, &["run"])?;
+            let f = a.callable(
+                a.named("run")
+                    .ok_or_else(|| err("fault(): missing run=fn"))?,
+                "run",
+            )?;
+            let rules = proxy_rules(&a, 1)?;
+            let run = run_of(eval, "fault")?;
+            let id = run
+                .open_proxy_window(&iface.service, &iface.iface.name, rules, false)
+                .map_err(err)?;
+            let result = eval.eval_function(f, &[], &[]);
+            run.close_proxy_window(id);
+            return result;
+        }
         let service = service_name(a.required(0, "service")?, "fault")?;
         if a.pos.len() > 1 {
             return Err(err(
@@ -1030,6 +1188,14 @@ pub(crate) fn faults(builder: &mut GlobalsBuilder) {
         eval: &mut Evaluator<'v, '_, '_>,
     ) -> starlark::Result<NoneType> {
         let a = Args::new("fault_start", args, kwargs)?;
+        if let Some(iface) = InterfaceRef::from_value(a.required(0, "service")?) {
+            a.check(usize::MAX, &[])?;
+            let rules = proxy_rules(&a, 1)?;
+            let run = run_of(eval, "fault_start")?;
+            run.open_proxy_window(&iface.service, &iface.iface.name, rules, true)
+                .map_err(err)?;
+            return Ok(NoneType);
+        }
         let service = service_name(a.required(0, "service")?, "fault_start")?;
         if a.named.iter().any(|(k, _)| k == "run") {
             return Err(err(
@@ -1048,7 +1214,22 @@ pub(crate) fn faults(builder: &mut GlobalsBuilder) {
         #[starlark(kwargs)] kwargs: DictRef<'v>,
         eval: &mut Evaluator<'v, '_, '_>,
     ) -> starlark::Result<NoneType> {
-        stop_window(Args::new("fault_stop", args, kwargs)?, eval, false)
+        let a = Args::new("fault_stop", args, kwargs)?;
+        if let Some(iface) = a.pos.first().and_then(|v| InterfaceRef::from_value(*v)) {
+            a.check(1, &["service"])?;
+            let run = run_of(eval, "fault_stop")?;
+            let id = run
+                .latest_started_proxy_window(&iface.service, &iface.iface.name)
+                .ok_or_else(|| {
+                    err(format!(
+                        "fault_stop({}.{}): no fault_start window is open on it",
+                        iface.service, iface.iface.name
+                    ))
+                })?;
+            run.close_proxy_window(id);
+            return Ok(NoneType);
+        }
+        stop_window(a, eval, false)
     }
 
     /// `fault_all([svc, ...], run=fn, **faults)`: the same rules on every
@@ -1479,27 +1660,6 @@ pub(crate) fn not_in_this_build(builder: &mut GlobalsBuilder) {
         Err(unsupported("partition", "network partitions"))
     }
 
-    fn response<'v>(
-        #[starlark(args)] _args: UnpackTuple<Value<'v>>,
-        #[starlark(kwargs)] _kwargs: DictRef<'v>,
-    ) -> starlark::Result<NoneType> {
-        Err(unsupported("response", "protocol-level faults (proxies)"))
-    }
-
-    fn error<'v>(
-        #[starlark(args)] _args: UnpackTuple<Value<'v>>,
-        #[starlark(kwargs)] _kwargs: DictRef<'v>,
-    ) -> starlark::Result<NoneType> {
-        Err(unsupported("error", "protocol-level faults (proxies)"))
-    }
-
-    fn drop<'v>(
-        #[starlark(args)] _args: UnpackTuple<Value<'v>>,
-        #[starlark(kwargs)] _kwargs: DictRef<'v>,
-    ) -> starlark::Result<NoneType> {
-        Err(unsupported("drop", "protocol-level faults (proxies)"))
-    }
-
     fn duplicate<'v>(
         #[starlark(args)] _args: UnpackTuple<Value<'v>>,
         #[starlark(kwargs)] _kwargs: DictRef<'v>,
@@ -1545,7 +1705,7 @@ pub(crate) fn call_step<'v>(
         eval,
         &format!("{}.{}.{}", step.service, step.iface.name, step.method),
     )?;
-    let addr = format!("127.0.0.1:{}", step.iface.port);
+    let addr = run.step_addr(&step.service, &step.iface.name, step.iface.port);
     let target = step.service.clone();
     let mut send = fields([
         ("target", target.clone()),

@@ -5,6 +5,7 @@
 pub mod builtins;
 pub mod model;
 pub mod net;
+pub mod proxy;
 pub mod report;
 pub mod runtime;
 pub mod shim;

@@ -254,6 +254,9 @@ impl TestResult {
             .map(|f| {
                 let mut x = serde_json::Map::new();
                 x.insert("service".into(), json!(f.service));
+                if let Some(i) = &f.interface {
+                    x.insert("interface".into(), json!(i));
+                }
                 x.insert("syscall".into(), json!(f.syscall));
                 x.insert("action".into(), json!(f.action));
                 if let Some(e) = &f.errno {
@@ -404,11 +407,18 @@ impl TestResult {
         for f in &self.faults {
             let kind = if f.trace { "trace" } else { "fault" };
             let rule = if f.trace { "trace" } else { f.rule.as_str() };
-            let _ = writeln!(
-                s,
-                "  {kind} rule on {}: {}={rule} ({} hits)",
-                f.service, f.syscall, f.hits
-            );
+            let _ = match &f.interface {
+                Some(i) => writeln!(
+                    s,
+                    "  protocol rule on {}.{i}: {rule} ({} hits)",
+                    f.service, f.hits
+                ),
+                None => writeln!(
+                    s,
+                    "  {kind} rule on {}: {}={rule} ({} hits)",
+                    f.service, f.syscall, f.hits
+                ),
+            };
         }
         if !self.faults.is_empty()
             && self.faults.iter().filter(|f| !f.trace).all(|f| f.hits == 0)

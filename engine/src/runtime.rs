@@ -17,6 +17,7 @@ use faultbox_agent::wire::{Isolation, LaunchSpec, OnDisconnect};
 
 use crate::model::{Healthcheck, ServiceDef};
 use crate::net;
+use crate::proxy::{Proxy, ProxyRuleDef};
 use crate::shim::{ExitInfo, Shim, ShimEvent};
 use crate::trace::{Event, Trace, fields};
 use crate::values::FaultValue;
@@ -49,6 +50,8 @@ pub struct AssertionDetail {
 #[derive(Debug, Clone, PartialEq)]
 pub struct FaultRecord {
     pub service: String,
+    /// For protocol faults: the interface.
+    pub interface: Option<String>,
     /// The keyword as written: a syscall, a family or an op name.
     pub syscall: String,
     /// `deny`, `delay`, `allow`, `trace`.
@@ -99,6 +102,14 @@ struct Window {
     rules: Vec<WindowRule>,
 }
 
+struct ProxyWindow {
+    id: u64,
+    service: String,
+    interface: String,
+    from_start: bool,
+    rules: Vec<(String, ProxyRuleDef)>,
+}
+
 struct Running {
     shim: Option<Shim>,
     log: PathBuf,
@@ -115,6 +126,8 @@ pub struct TestRun {
     intercept: Vec<String>,
     running: Mutex<BTreeMap<String, Running>>,
     windows: Mutex<Vec<Window>>,
+    proxy_windows: Mutex<Vec<ProxyWindow>>,
+    proxies: Mutex<BTreeMap<(String, String), Proxy>>,
     next_window: AtomicU64,
     faults: Mutex<Vec<FaultRecord>>,
     crashes: Arc<Mutex<Vec<Crash>>>,
@@ -239,6 +252,8 @@ impl TestRun {
             intercept,
             running: Mutex::new(BTreeMap::new()),
             windows: Mutex::new(Vec::new()),
+            proxy_windows: Mutex::new(Vec::new()),
+            proxies: Mutex::new(BTreeMap::new()),
             next_window: AtomicU64::new(1),
             faults: Mutex::new(Vec::new()),
             crashes: Arc::new(Mutex::new(Vec::new())),
@@ -287,8 +302,9 @@ impl TestRun {
         }
         let mut env: BTreeMap<String, String> = std::env::vars().collect();
         for (k, v) in &def.env {
-            env.insert(k.clone(), v.clone());
+            env.insert(k.clone(), self.rewrite_env_value(&def.name, v));
         }
+        env.extend(self.address_vars());
         let program_text = program.to_string_lossy().into_owned();
         let mut argv = vec![program_text.clone()];
         argv.extend(def.args.iter().cloned());
@@ -341,7 +357,180 @@ impl TestRun {
                 fields([("healthcheck", check.describe())]),
             );
         }
+        // Proxies start once the service is ready, before anything that
+        // depends on it, so dependents are pointed at them from the start.
+        for iface in &def.interfaces {
+            if !crate::proxy::proxied(&iface.protocol) {
+                continue;
+            }
+            let upstream = std::net::SocketAddr::from(([127, 0, 0, 1], iface.port));
+            let proxy = Proxy::start(
+                &def.name,
+                &iface.name,
+                &iface.protocol,
+                upstream,
+                Arc::clone(&self.trace),
+            )
+            .map_err(|e| err(format!("proxy for {}.{}: {e}", def.name, iface.name)))?;
+            lock(&self.proxies).insert((def.name.clone(), iface.name.clone()), proxy);
+        }
         Ok(())
+    }
+
+    /// Where the test reaches `service.interface`: its proxy when one
+    /// runs, the service itself otherwise.
+    pub fn step_addr(&self, service: &str, interface: &str, port: u16) -> String {
+        match lock(&self.proxies).get(&(service.to_string(), interface.to_string())) {
+            Some(p) => p.listen.to_string(),
+            None => format!("127.0.0.1:{port}"),
+        }
+    }
+
+    /// Points another service's address in an env value at its proxy:
+    /// `localhost:PORT` and `127.0.0.1:PORT` become the proxy's address,
+    /// and `.proxy_addr/.proxy_host/.proxy_port` placeholders resolve.
+    fn rewrite_env_value(&self, own: &str, value: &str) -> String {
+        let mut out = value.to_string();
+        for ((svc, iface), proxy) in lock(&self.proxies).iter() {
+            let addr = proxy.listen.to_string();
+            let port = proxy.listen.port().to_string();
+            out = out
+                .replace(&crate::values::proxy_placeholder("ADDR", svc, iface), &addr)
+                .replace(
+                    &crate::values::proxy_placeholder("HOST", svc, iface),
+                    "127.0.0.1",
+                )
+                .replace(&crate::values::proxy_placeholder("PORT", svc, iface), &port);
+            if svc == own {
+                continue;
+            }
+            let upstream = proxy.upstream.port();
+            for host in ["localhost", "127.0.0.1"] {
+                out = replace_addr(&out, &format!("{host}:{upstream}"), &addr);
+            }
+        }
+        out
+    }
+
+    /// `FAULTBOX_<SVC>_<IFACE>_ADDR/HOST/PORT` for every interface.
+    fn address_vars(&self) -> Vec<(String, String)> {
+        let proxies = lock(&self.proxies);
+        let mut out = Vec::new();
+        for s in &self.services {
+            for i in &s.interfaces {
+                let key = format!("FAULTBOX_{}_{}", env_name(&s.name), env_name(&i.name));
+                let (host, port) = match proxies.get(&(s.name.clone(), i.name.clone())) {
+                    Some(p) => ("127.0.0.1".to_string(), p.listen.port()),
+                    None => ("localhost".to_string(), i.port),
+                };
+                out.push((format!("{key}_ADDR"), format!("{host}:{port}")));
+                out.push((format!("{key}_HOST"), host));
+                out.push((format!("{key}_PORT"), port.to_string()));
+            }
+        }
+        out
+    }
+
+    /// Opens a protocol fault window on `service.interface`.
+    pub fn open_proxy_window(
+        &self,
+        service: &str,
+        interface: &str,
+        rules: Vec<ProxyRuleDef>,
+        from_start: bool,
+    ) -> Result<u64, String> {
+        let id = self.next_window.fetch_add(1, Ordering::SeqCst);
+        let proxies = lock(&self.proxies);
+        let proxy = proxies
+            .get(&(service.to_string(), interface.to_string()))
+            .ok_or_else(|| {
+                format!("{service}.{interface} has no proxy (is the service running?)")
+            })?;
+        for r in &rules {
+            r.check(&proxy.protocol)
+                .map_err(|e| format!("{service}.{interface}: {e}"))?;
+        }
+        let named: Vec<(String, ProxyRuleDef)> = rules
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| (format!("w{id}:{i}"), r))
+            .collect();
+        proxy.rules().push_front(
+            service_seed(self.seed, &format!("{service}.{interface}")),
+            named.clone(),
+        )?;
+        let described: Vec<String> = named
+            .iter()
+            .map(|(_, r)| format!("{}({})", r.action.kind(), r.matcher()))
+            .collect();
+        self.trace.emit(
+            "proxy_fault_applied",
+            service,
+            fields([
+                ("interface", interface.to_string()),
+                ("protocol", proxy.protocol.clone()),
+                ("proxy", proxy.listen.to_string()),
+                ("rules", described.join(", ")),
+            ]),
+        );
+        drop(proxies);
+        lock(&self.proxy_windows).push(ProxyWindow {
+            id,
+            service: service.to_string(),
+            interface: interface.to_string(),
+            from_start,
+            rules: named,
+        });
+        Ok(id)
+    }
+
+    /// The most recent `fault_start` window on `service.interface`.
+    pub fn latest_started_proxy_window(&self, service: &str, interface: &str) -> Option<u64> {
+        lock(&self.proxy_windows)
+            .iter()
+            .rev()
+            .find(|w| w.service == service && w.interface == interface && w.from_start)
+            .map(|w| w.id)
+    }
+
+    /// Closes a protocol window and records its hits.
+    pub fn close_proxy_window(&self, id: u64) {
+        let window = {
+            let mut windows = lock(&self.proxy_windows);
+            let Some(at) = windows.iter().position(|w| w.id == id) else {
+                return;
+            };
+            windows.remove(at)
+        };
+        if let Some(p) =
+            lock(&self.proxies).get(&(window.service.clone(), window.interface.clone()))
+        {
+            p.rules().remove(&format!("w{id}:"));
+        }
+        let events = self.trace.events();
+        for (rule_id, r) in &window.rules {
+            let hits = events
+                .iter()
+                .filter(|e| e.kind == "proxy" && e.fields.get("rule") == Some(rule_id))
+                .count() as u64;
+            lock(&self.faults).push(FaultRecord {
+                service: window.service.clone(),
+                interface: Some(window.interface.clone()),
+                syscall: r.matcher(),
+                action: r.action.kind().into(),
+                rule: format!("{}({})", r.action.kind(), r.matcher()),
+                errno: None,
+                label: r.label.clone(),
+                hits,
+                matched: hits,
+                trace: false,
+            });
+        }
+        self.trace.emit(
+            "proxy_fault_removed",
+            &window.service,
+            fields([("interface", window.interface.clone())]),
+        );
     }
 
     fn wait_healthy(
@@ -655,6 +844,7 @@ impl TestRun {
             }
             lock(&self.faults).push(FaultRecord {
                 service: service.clone(),
+                interface: None,
                 syscall: r.keyword.clone(),
                 action: if window.trace {
                     "trace".into()
@@ -689,6 +879,14 @@ impl TestRun {
         let ids: Vec<u64> = lock(&self.windows).iter().rev().map(|w| w.id).collect();
         for id in ids {
             let _ = self.close_window(id);
+        }
+        let ids: Vec<u64> = lock(&self.proxy_windows)
+            .iter()
+            .rev()
+            .map(|w| w.id)
+            .collect();
+        for id in ids {
+            self.close_proxy_window(id);
         }
     }
 
@@ -738,6 +936,18 @@ impl TestRun {
         let order = start_order(&self.services).unwrap_or_default();
         for i in order.into_iter().rev() {
             let def = &self.services[i];
+            let proxies: Vec<Proxy> = {
+                let mut all = lock(&self.proxies);
+                let keys: Vec<(String, String)> = all
+                    .keys()
+                    .filter(|(s, _)| s == &def.name)
+                    .cloned()
+                    .collect();
+                keys.iter().filter_map(|k| all.remove(k)).collect()
+            };
+            for p in proxies {
+                p.stop();
+            }
             let shim = lock(&self.running)
                 .get_mut(&def.name)
                 .and_then(|r| r.shim.take());
@@ -847,6 +1057,37 @@ pub fn expand_keyword(
         }
     }
     Ok((out, path))
+}
+
+/// Replaces `from` (a `host:port`) in `text` unless more digits follow,
+/// so `localhost:80` does not rewrite `localhost:8080`.
+fn replace_addr(text: &str, from: &str, to: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find(from) {
+        let after = &rest[i + from.len()..];
+        out.push_str(&rest[..i]);
+        if after.starts_with(|c: char| c.is_ascii_digit()) {
+            out.push_str(from);
+        } else {
+            out.push_str(to);
+        }
+        rest = after;
+    }
+    out.push_str(rest);
+    out
+}
+
+fn env_name(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// Whether something accepts connections on 127.0.0.1:`port`.

@@ -125,6 +125,12 @@ impl<'v> StarlarkValue<'v> for InterfaceValue {
     }
 }
 
+/// The text `.proxy_addr` (and `_host`, `_port`) stand for until the
+/// proxy's port is known: it is replaced in service environments.
+pub fn proxy_placeholder(part: &str, service: &str, interface: &str) -> String {
+    format!("__FB_PROXY_{part}_{service}__{interface}__")
+}
+
 /// `svc.iface`: where an interface of a service can be reached.
 #[derive(Debug, Clone, ProvidesStaticType, NoSerialize, Allocative)]
 pub struct InterfaceRef {
@@ -151,6 +157,15 @@ impl<'v> StarlarkValue<'v> for InterfaceRef {
             "name" => Some(heap.alloc(self.iface.name.as_str())),
             "protocol" => Some(heap.alloc(self.iface.protocol.as_str())),
             "service" => Some(heap.alloc(self.service.as_str())),
+            "proxy_addr" => {
+                Some(heap.alloc(proxy_placeholder("ADDR", &self.service, &self.iface.name)))
+            }
+            "proxy_host" => {
+                Some(heap.alloc(proxy_placeholder("HOST", &self.service, &self.iface.name)))
+            }
+            "proxy_port" => {
+                Some(heap.alloc(proxy_placeholder("PORT", &self.service, &self.iface.name)))
+            }
             m if step_methods(&self.iface.protocol).contains(&m) => Some(heap.alloc(StepMethod {
                 service: self.service.clone(),
                 iface: self.iface.clone(),
@@ -169,6 +184,9 @@ impl<'v> StarlarkValue<'v> for InterfaceRef {
             "name",
             "protocol",
             "service",
+            "proxy_addr",
+            "proxy_host",
+            "proxy_port",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -272,6 +290,24 @@ impl<'v> StarlarkValue<'v> for FaultValue {
         }
     }
 }
+
+/// `response(...)`, `error(...)`, `drop(...)`, `delay(delay=...)`: a
+/// protocol-level rule for `fault(svc.iface, ...)`.
+#[derive(Debug, Clone, ProvidesStaticType, NoSerialize, Allocative)]
+pub struct ProxyRuleValue {
+    #[allocative(skip)]
+    pub def: crate::proxy::ProxyRuleDef,
+}
+starlark_simple_value!(ProxyRuleValue);
+
+impl fmt::Display for ProxyRuleValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}({})", self.def.action.kind(), self.def.matcher())
+    }
+}
+
+#[starlark_value(type = "proxy_fault")]
+impl<'v> StarlarkValue<'v> for ProxyRuleValue {}
 
 /// `op(syscalls=[...], path=...)`: a named group of syscalls.
 #[derive(Debug, Clone, ProvidesStaticType, NoSerialize, Allocative)]

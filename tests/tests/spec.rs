@@ -102,7 +102,7 @@ fn demo_spec_passes_every_story_with_faults_that_fire() {
     assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
     let doc = json(&run);
     assert_eq!(doc["version"], 1);
-    assert_eq!(doc["pass"], 5);
+    assert_eq!(doc["pass"], 6);
     assert_eq!(doc["fail"], 0);
     let fsync = test_named(&doc, "test_wal_fsync_failure");
     assert_eq!(fsync["result"], "pass");
@@ -172,13 +172,14 @@ def test_fsync_eio():
         .expect("events")
         .iter()
         .filter_map(|e| e["type"].as_str())
-        .filter(|k| *k != "syscall")
+        .filter(|k| *k != "syscall" && !k.starts_with("proxy_conn"))
         .collect();
     assert_eq!(
         kinds,
         [
             "service_started",
             "service_ready",
+            "proxy_started",
             "fault_applied",
             "step_send",
             "step_recv",
@@ -998,4 +999,131 @@ def test_trace():
         "{}",
         run.stderr
     );
+}
+
+#[test]
+fn protocol_faults_answer_for_the_upstream_on_matching_requests_only() {
+    let dir = Scratch::new("spec-proxy");
+    let (text, port) = http_service_spec(
+        r#"
+def test_error_on_post_orders():
+    def calls():
+        return [web.post(path = "/orders", body = "{}"), web.get(path = "/orders"), web.get(path = "/health")]
+    got = fault(web.api, error(method = "POST", path = "/orders", status = 503, message = "overloaded"), run = calls)
+    assert_eq(got[0].status, 503)
+    assert_eq(got[0].data["error"], "overloaded")
+    assert_eq(got[1].status, 200, "GET is not matched")
+    assert_eq(got[2].data["path"], "/health")
+    assert_eq(web.post(path = "/orders").status, 200, "the window is closed")
+
+def test_response_delay_and_drop():
+    r = fault(web.api, delay(delay = "300ms", path = "/slow/*"), response(path = "/slow/*", status = 201, body = "made up"), run = lambda: web.get(path = "/slow/x"))
+    assert_eq(r.status, 201)
+    assert_eq(r.body, "made up")
+    assert_true(r.duration_ms >= 300, str(r.duration_ms))
+    d = fault(web.api, drop(path = "/gone"), run = lambda: web.get(path = "/gone"))
+    assert_true(not d.ok, "a dropped request has no response")
+
+def test_unfired():
+    fault(web.api, error(path = "/never"), run = lambda: web.get(path = "/"))
+
+def test_env_points_at_the_proxy():
+    fault_start(web.api, error(path = "/x", status = 418))
+    assert_eq(web.get(path = "/x").status, 418)
+    fault_stop(web.api)
+    assert_eq(web.get(path = "/x").status, 200)
+"#,
+    );
+    let run = run_spec(&dir, &text, &["--format", "json"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let doc = json(&run);
+    let t = test_named(&doc, "test_error_on_post_orders");
+    assert_eq!(t["faults"][0]["interface"], "api");
+    assert_eq!(t["faults"][0]["action"], "error");
+    assert_eq!(t["faults"][0]["syscall"], "POST /orders");
+    assert_eq!(t["faults"][0]["hits"], 1);
+    let kinds: Vec<&str> = t["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["type"].as_str())
+        .filter(|k| k.starts_with("proxy"))
+        .collect();
+    assert!(kinds.contains(&"proxy_started"), "{kinds:?}");
+    assert!(kinds.contains(&"proxy_fault_applied") && kinds.contains(&"proxy_fault_removed"));
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "proxy").count(),
+        1,
+        "{kinds:?}"
+    );
+    let closed: Vec<&Value> = t["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["type"] == "proxy_conn_close")
+        .collect();
+    assert!(
+        closed
+            .iter()
+            .all(|e| e["fields"]["bytes_c2s"].as_str().unwrap_or("0") != "0"),
+        "{closed:?}"
+    );
+    let unfired = test_named(&doc, "test_unfired");
+    assert!(
+        codes(unfired).contains(&"FAULT_NOT_FIRED".to_string()),
+        "{unfired:#}"
+    );
+    let _ = port;
+}
+
+#[test]
+fn protocol_rules_a_protocol_cannot_apply_are_refused() {
+    let dir = Scratch::new("spec-proxy-bad");
+    let (text, _) = spec_with_service(
+        &dir,
+        "",
+        r#"
+def test_error_on_tcp():
+    fault(svc.main, error(status = 503), run = persist)
+"#,
+    );
+    let run = run_spec(&dir, &text, &["--format", "json"]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    let doc = json(&run);
+    let t = test_named(&doc, "test_error_on_tcp");
+    assert!(
+        t["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("error() does not apply to tcp interfaces")),
+        "{t:#}"
+    );
+    let r = refused("proxy-query", "x = error(query = \"SELECT*\")\n", &[]);
+    assert!(r.stderr.contains("query= matches SQL"), "{}", r.stderr);
+}
+
+#[test]
+fn dependents_reach_services_through_their_proxies() {
+    let dir = Scratch::new("spec-proxy-env");
+    let (port_a, port_b) = (free_port(), free_port());
+    let text = format!(
+        r#"
+a = service("a", "{helper}", interface("main", "tcp", {port_a}), args = ["serve", "{port_a}"], healthcheck = tcp("localhost:{port_a}"))
+b = service(
+    "b", "{helper}", interface("api", "http", {port_b}), args = ["serve", "{port_b}"],
+    env = {{"A_ADDR": a.main.addr, "A_PROXY": a.main.proxy_addr, "LITERAL": "127.0.0.1:{port_a}0"}},
+    depends_on = [a],
+    healthcheck = http("localhost:{port_b}/"),
+)
+
+def test_env():
+    addr = b.get(path = "/env/A_ADDR").data["env"]
+    assert_true(addr.startswith("127.0.0.1:") and addr != "127.0.0.1:{port_a}", addr)
+    assert_eq(b.get(path = "/env/A_PROXY").data["env"], addr)
+    assert_eq(b.get(path = "/env/FAULTBOX_A_MAIN_ADDR").data["env"], addr)
+    assert_eq(b.get(path = "/env/LITERAL").data["env"], "127.0.0.1:{port_a}0", "a longer port is left alone")
+"#,
+        helper = helper(),
+    );
+    let run = run_spec(&dir, &text, &[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
 }

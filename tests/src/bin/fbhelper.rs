@@ -208,7 +208,7 @@ fn main() {
 /// - `SLEEP MS` → wait, then `OK`
 /// - `EXIT CODE` → exit the process
 ///
-/// A line starting with `GET ` gets an HTTP 200 answer, so the same
+/// An HTTP/1.x request line (any method) gets an HTTP 200 answer, so the same
 /// server serves `http(...)` healthchecks and HTTP steps; `GET /exit`
 /// makes the process exit with code 3 without answering; `GET /env/NAME`
 /// answers the variable's value in the `env` field.
@@ -221,9 +221,32 @@ fn serve(port: u16, wal: Option<String>) {
         thread::spawn(move || {
             let Ok(reader) = conn.try_clone() else { return };
             let mut conn = conn;
-            for line in BufReader::new(reader).lines() {
-                let Ok(line) = line else { return };
-                if let Some(rest) = line.strip_prefix("GET ") {
+            let mut reader = BufReader::new(reader);
+            loop {
+                let mut line = String::new();
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                let line = line.trim_end().to_string();
+                let http = line.ends_with(" HTTP/1.1") || line.ends_with(" HTTP/1.0");
+                if http {
+                    // Skip the headers, keep Content-Length, drop the body.
+                    let mut length = 0usize;
+                    loop {
+                        let mut h = String::new();
+                        if reader.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+                            break;
+                        }
+                        if let Some((k, v)) = h.split_once(':')
+                            && k.trim().eq_ignore_ascii_case("content-length")
+                        {
+                            length = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0u8; length];
+                    let _ = std::io::Read::read_exact(&mut reader, &mut body);
+                    let rest = line.split_once(' ').map(|(_, r)| r).unwrap_or("/");
                     let path = rest.split_whitespace().next().unwrap_or("/");
                     if path == "/exit" {
                         std::process::exit(3);

@@ -1,0 +1,893 @@
+//! Protocol-level faults: a proxy in front of each interface.
+//!
+//! Every declared `tcp` or `http` interface gets a proxy on a free loopback
+//! port once its service is ready. Other services' environments and the
+//! test's steps are pointed at the proxy, so both see the same faults. A
+//! proxy relays bytes untouched until a rule matches: then it answers for
+//! the upstream (`response`, `error`), holds the request (`delay`) or cuts
+//! the connection (`drop`).
+//!
+//! Threads and blocking sockets on purpose: a relay thread per direction
+//! is the fastest plain relay on these machines (see docs/benchmarks.md),
+//! and a test's traffic is a handful of connections.
+
+use std::collections::BTreeMap;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use faultbox_agent::glob::Glob;
+use faultbox_agent::rule::Trigger;
+use rand::rngs::ChaCha8Rng;
+use rand::{Rng, SeedableRng};
+
+use crate::trace::{Trace, fields};
+
+/// Whether interfaces of `protocol` get a proxy.
+pub fn proxied(protocol: &str) -> bool {
+    matches!(protocol, "tcp" | "http")
+}
+
+/// What a protocol rule does when it fires.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProxyAction {
+    /// Answer for the upstream: HTTP status and body; raw bytes on tcp.
+    Respond { status: u16, body: String },
+    /// Answer with an error: HTTP status (default 500) and a JSON body.
+    Error { status: u16, message: String },
+    /// Hold the request, then go on (later rules still apply).
+    Delay { ns: u64 },
+    /// Close the client's connection without an answer.
+    Drop,
+}
+
+impl ProxyAction {
+    /// `respond`, `error`, `delay`, `drop`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProxyAction::Respond { .. } => "respond",
+            ProxyAction::Error { .. } => "error",
+            ProxyAction::Delay { .. } => "delay",
+            ProxyAction::Drop => "drop",
+        }
+    }
+}
+
+/// A protocol rule as the spec wrote it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProxyRuleDef {
+    pub action: ProxyAction,
+    /// HTTP method (case-insensitive), or on tcp a prefix of the first
+    /// bytes the client sends.
+    pub method: Option<String>,
+    /// HTTP path glob (query string excluded).
+    pub path: Option<String>,
+    pub probability: f64,
+    pub trigger: Trigger,
+    pub label: Option<String>,
+}
+
+impl ProxyRuleDef {
+    /// `POST /orders`, `*`: what the rule matches, for reports.
+    pub fn matcher(&self) -> String {
+        match (&self.method, &self.path) {
+            (None, None) => "*".into(),
+            (Some(m), None) => m.clone(),
+            (None, Some(p)) => p.clone(),
+            (Some(m), Some(p)) => format!("{m} {p}"),
+        }
+    }
+
+    /// Refuses what `protocol` cannot apply, naming what it supports.
+    pub fn check(&self, protocol: &str) -> Result<(), String> {
+        match protocol {
+            "http" => Ok(()),
+            "tcp" => {
+                if self.path.is_some() {
+                    return Err("path= does not apply to tcp interfaces (tcp rules match method=, a prefix of the first bytes the client sends)".into());
+                }
+                if matches!(self.action, ProxyAction::Error { .. }) {
+                    return Err("error() does not apply to tcp interfaces (raw bytes have no error form); use response(body=...), drop() or delay(delay=...)".into());
+                }
+                Ok(())
+            }
+            other => Err(format!(
+                "protocol faults on {other} interfaces are not supported by this build (tcp and http are)"
+            )),
+        }
+    }
+}
+
+struct Active {
+    id: String,
+    def: ProxyRuleDef,
+    path: Option<Glob>,
+    rng: ChaCha8Rng,
+    matched: u64,
+}
+
+/// What one request looks like to the rules.
+pub struct Request<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    /// On tcp: the first bytes of the connection.
+    pub first_bytes: &'a [u8],
+}
+
+/// The rules' verdict on one request.
+#[derive(Debug, Default, PartialEq)]
+pub struct Verdict {
+    /// Total delay before acting.
+    pub delay_ns: u64,
+    /// The action that ends the request, if any.
+    pub action: Option<ProxyAction>,
+    /// Ids of the rules that fired, in order.
+    pub fired: Vec<(String, &'static str)>,
+}
+
+/// The rules of one proxy, in the order their windows opened (newest
+/// window first).
+#[derive(Default)]
+pub struct RuleSet {
+    rules: Vec<Active>,
+}
+
+fn seed_for(seed: u64, id: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
+    for b in id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+fn method_matches(want: &str, have: &str) -> bool {
+    if want.contains('*') {
+        crate::trace::wildcard(&want.to_ascii_uppercase(), &have.to_ascii_uppercase())
+    } else {
+        want.eq_ignore_ascii_case(have)
+    }
+}
+
+impl RuleSet {
+    /// Adds `rules` in front (a newer window wins while it is open).
+    pub fn push_front(
+        &mut self,
+        seed: u64,
+        rules: Vec<(String, ProxyRuleDef)>,
+    ) -> Result<(), String> {
+        let mut fresh = Vec::new();
+        for (id, def) in rules {
+            let path = match &def.path {
+                Some(p) => Some(Glob::new(p).map_err(|e| format!("path {p:?}: {e}"))?),
+                None => None,
+            };
+            fresh.push(Active {
+                rng: ChaCha8Rng::seed_from_u64(seed_for(seed, &id)),
+                id,
+                def,
+                path,
+                matched: 0,
+            });
+        }
+        fresh.append(&mut self.rules);
+        self.rules = fresh;
+        Ok(())
+    }
+
+    /// Removes the rules whose id starts with `prefix`.
+    pub fn remove(&mut self, prefix: &str) {
+        self.rules.retain(|r| !r.id.starts_with(prefix));
+    }
+
+    /// Whether any rule looks at the first bytes of a tcp connection.
+    pub fn wants_first_bytes(&self) -> bool {
+        self.rules.iter().any(|r| r.def.method.is_some())
+    }
+
+    /// Decides one request. Delays add up and let later rules apply; the
+    /// first other action that fires ends the evaluation.
+    pub fn decide(&mut self, req: &Request) -> Verdict {
+        let mut v = Verdict::default();
+        for r in &mut self.rules {
+            let method_ok = match &r.def.method {
+                None => true,
+                Some(m) if !req.first_bytes.is_empty() => req.first_bytes.starts_with(m.as_bytes()),
+                Some(m) => method_matches(m, req.method),
+            };
+            let path_ok = match &r.path {
+                None => true,
+                Some(g) => g.matches(req.path.split('?').next().unwrap_or("")),
+            };
+            if !method_ok || !path_ok {
+                continue;
+            }
+            r.matched += 1;
+            if !r.def.trigger.allows(r.matched) {
+                continue;
+            }
+            if r.def.probability < 1.0 {
+                let draw = (r.rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+                if draw >= r.def.probability {
+                    continue;
+                }
+            }
+            v.fired.push((r.id.clone(), r.def.action.kind()));
+            match &r.def.action {
+                ProxyAction::Delay { ns } => v.delay_ns += ns,
+                other => {
+                    v.action = Some(other.clone());
+                    break;
+                }
+            }
+        }
+        v
+    }
+}
+
+/// A running proxy.
+pub struct Proxy {
+    pub service: String,
+    pub interface: String,
+    pub protocol: String,
+    /// Where clients connect.
+    pub listen: SocketAddr,
+    /// Where it relays to.
+    pub upstream: SocketAddr,
+    rules: Arc<Mutex<RuleSet>>,
+    stop: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+    accept: Option<JoinHandle<()>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct Ctx {
+    service: String,
+    interface: String,
+    protocol: String,
+    upstream: SocketAddr,
+    rules: Arc<Mutex<RuleSet>>,
+    trace: Arc<Trace>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+    next_conn: AtomicU64,
+    stop: Arc<AtomicBool>,
+}
+
+impl Ctx {
+    fn fired(&self, v: &Verdict, what: &str) {
+        for (id, action) in &v.fired {
+            self.trace.emit(
+                "proxy",
+                &self.service,
+                fields([
+                    ("interface", self.interface.clone()),
+                    ("protocol", self.protocol.clone()),
+                    ("action", action.to_string()),
+                    ("rule", id.clone()),
+                    ("request", what.to_string()),
+                ]),
+            );
+        }
+    }
+}
+
+impl Proxy {
+    /// Starts a proxy for `service.interface` relaying to `upstream`.
+    pub fn start(
+        service: &str,
+        interface: &str,
+        protocol: &str,
+        upstream: SocketAddr,
+        trace: Arc<Trace>,
+    ) -> io::Result<Proxy> {
+        let listener = TcpListener::bind(("127.0.0.1", 0))?;
+        let listen = listener.local_addr()?;
+        let rules = Arc::new(Mutex::new(RuleSet::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns = Arc::new(Mutex::new(Vec::new()));
+        let ctx = Arc::new(Ctx {
+            service: service.to_string(),
+            interface: interface.to_string(),
+            protocol: protocol.to_string(),
+            upstream,
+            rules: Arc::clone(&rules),
+            trace: Arc::clone(&trace),
+            conns: Arc::clone(&conns),
+            next_conn: AtomicU64::new(1),
+            stop: Arc::clone(&stop),
+        });
+        trace.emit(
+            "proxy_started",
+            service,
+            fields([
+                ("interface", interface.to_string()),
+                ("protocol", protocol.to_string()),
+                ("listen", listen.to_string()),
+                ("target", upstream.to_string()),
+                ("mode", "passthrough".to_string()),
+            ]),
+        );
+        let accept = std::thread::Builder::new()
+            .name(format!("proxy {service}.{interface}"))
+            .spawn(move || accept_loop(listener, ctx))?;
+        Ok(Proxy {
+            service: service.to_string(),
+            interface: interface.to_string(),
+            protocol: protocol.to_string(),
+            listen,
+            upstream,
+            rules,
+            stop,
+            conns,
+            accept: Some(accept),
+        })
+    }
+
+    /// The rules, to add or remove a window.
+    pub fn rules(&self) -> MutexGuard<'_, RuleSet> {
+        lock(&self.rules)
+    }
+
+    /// Stops accepting and cuts every open connection.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop.
+        let _ = TcpStream::connect_timeout(&self.listen, Duration::from_millis(200));
+        for c in lock(&self.conns).drain(..) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+        if let Some(a) = self.accept.take() {
+            let _ = a.join();
+        }
+    }
+}
+
+fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>) {
+    for conn in listener.incoming() {
+        if ctx.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(client) = conn else { continue };
+        let _ = client.set_nodelay(true);
+        let ctx = Arc::clone(&ctx);
+        let _ = std::thread::Builder::new()
+            .name("proxy conn".into())
+            .spawn(move || serve(client, &ctx));
+    }
+}
+
+fn serve(client: TcpStream, ctx: &Ctx) {
+    let id = ctx.next_conn.fetch_add(1, Ordering::SeqCst);
+    let peer = client
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    if let Ok(c) = client.try_clone() {
+        lock(&ctx.conns).push(c);
+    }
+    ctx.trace.emit(
+        "proxy_conn_open",
+        &ctx.service,
+        fields([
+            ("interface", ctx.interface.clone()),
+            ("protocol", ctx.protocol.clone()),
+            ("client", peer),
+            ("conn_id", id.to_string()),
+        ]),
+    );
+    let started = Instant::now();
+    let (up, down, reason) = match ctx.protocol.as_str() {
+        "http" => serve_http(client, ctx),
+        _ => serve_tcp(client, ctx),
+    };
+    ctx.trace.emit(
+        "proxy_conn_close",
+        &ctx.service,
+        fields([
+            ("interface", ctx.interface.clone()),
+            ("conn_id", id.to_string()),
+            ("bytes_c2s", up.to_string()),
+            ("bytes_s2c", down.to_string()),
+            ("duration_ms", started.elapsed().as_millis().to_string()),
+            ("reason", reason.to_string()),
+        ]),
+    );
+}
+
+const BUF: usize = 64 << 10;
+
+/// Copies until EOF; half-closes the destination so the other side sees
+/// the end too. Returns the bytes copied.
+fn pump(mut from: TcpStream, mut to: TcpStream) -> u64 {
+    let mut buf = vec![0u8; BUF];
+    let mut total = 0;
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                total += n as u64;
+            }
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+    total
+}
+
+fn serve_tcp(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
+    let mut first = Vec::new();
+    let peek = lock(&ctx.rules).wants_first_bytes();
+    if peek {
+        // Only rules that match on the first bytes make the proxy wait for
+        // them; a server-speaks-first protocol is never held otherwise.
+        let mut buf = vec![0u8; 4096];
+        let _ = client.set_read_timeout(Some(Duration::from_secs(2)));
+        if let Ok(n) = (&client).read(&mut buf) {
+            first.extend_from_slice(&buf[..n]);
+        }
+        let _ = client.set_read_timeout(None);
+    }
+    let verdict = lock(&ctx.rules).decide(&Request {
+        method: "",
+        path: "",
+        first_bytes: if peek { &first } else { &[] },
+    });
+    ctx.fired(
+        &verdict,
+        &String::from_utf8_lossy(&first[..first.len().min(64)]),
+    );
+    if verdict.delay_ns > 0 {
+        std::thread::sleep(Duration::from_nanos(verdict.delay_ns));
+    }
+    match verdict.action {
+        Some(ProxyAction::Drop) => {
+            let _ = client.shutdown(Shutdown::Both);
+            return (first.len() as u64, 0, "dropped");
+        }
+        Some(ProxyAction::Respond { body, .. })
+        | Some(ProxyAction::Error { message: body, .. }) => {
+            let _ = (&client).write_all(body.as_bytes());
+            let _ = client.shutdown(Shutdown::Both);
+            return (first.len() as u64, body.len() as u64, "answered");
+        }
+        _ => {}
+    }
+    let Ok(mut upstream) = TcpStream::connect_timeout(&ctx.upstream, Duration::from_secs(5)) else {
+        let _ = client.shutdown(Shutdown::Both);
+        return (0, 0, "upstream unreachable");
+    };
+    let _ = upstream.set_nodelay(true);
+    if !first.is_empty() && upstream.write_all(&first).is_err() {
+        return (0, 0, "upstream closed");
+    }
+    let (Ok(c2), Ok(u2)) = (client.try_clone(), upstream.try_clone()) else {
+        return (0, 0, "clone failed");
+    };
+    let up = std::thread::spawn(move || pump(c2, u2));
+    let down = pump(upstream, client);
+    let up = up.join().unwrap_or(0) + first.len() as u64;
+    (up, down, "closed")
+}
+
+/// One HTTP/1.1 message: its head as received and its body bytes as
+/// framed on the wire (chunked framing kept).
+struct Message {
+    head: Vec<u8>,
+    start: String,
+    headers: BTreeMap<String, String>,
+    body: Vec<u8>,
+    /// The body ran to the end of the connection.
+    until_close: bool,
+}
+
+fn read_message(
+    r: &mut BufReader<TcpStream>,
+    request: bool,
+    head_only_body: bool,
+) -> io::Result<Option<Message>> {
+    let mut head = Vec::new();
+    let mut start = String::new();
+    let mut headers = BTreeMap::new();
+    loop {
+        let mut line = Vec::new();
+        if r.read_until(b'\n', &mut line)? == 0 {
+            return if head.is_empty() {
+                Ok(None)
+            } else {
+                Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed mid-message",
+                ))
+            };
+        }
+        head.extend_from_slice(&line);
+        let text = String::from_utf8_lossy(&line).trim_end().to_string();
+        if start.is_empty() {
+            if text.is_empty() {
+                continue;
+            }
+            start = text;
+            continue;
+        }
+        if text.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = text.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+        if head.len() > 64 << 10 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "HTTP head over 64 KiB",
+            ));
+        }
+    }
+    let mut body = Vec::new();
+    let mut until_close = false;
+    let chunked = headers
+        .get("transfer-encoding")
+        .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+    if head_only_body {
+    } else if chunked {
+        loop {
+            let mut line = Vec::new();
+            r.read_until(b'\n', &mut line)?;
+            body.extend_from_slice(&line);
+            let size = usize::from_str_radix(
+                String::from_utf8_lossy(&line)
+                    .trim()
+                    .split(';')
+                    .next()
+                    .unwrap_or(""),
+                16,
+            )
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad chunk size"))?;
+            if size == 0 {
+                // Trailers, up to the empty line.
+                loop {
+                    let mut t = Vec::new();
+                    r.read_until(b'\n', &mut t)?;
+                    body.extend_from_slice(&t);
+                    if t.is_empty() || t == b"\r\n" || t == b"\n" {
+                        break;
+                    }
+                }
+                break;
+            }
+            let mut chunk = vec![0; size + 2];
+            r.read_exact(&mut chunk)?;
+            body.extend_from_slice(&chunk);
+        }
+    } else if let Some(len) = headers
+        .get("content-length")
+        .and_then(|l| l.parse::<usize>().ok())
+    {
+        body.resize(len, 0);
+        r.read_exact(&mut body)?;
+    } else if !request {
+        r.read_to_end(&mut body)?;
+        until_close = true;
+    }
+    Ok(Some(Message {
+        head,
+        start,
+        headers,
+        body,
+        until_close,
+    }))
+}
+
+fn write_response(
+    to: &mut TcpStream,
+    status: u16,
+    body: &str,
+    content_type: &str,
+) -> io::Result<usize> {
+    let reason = match status {
+        200 => "OK",
+        201 => "Created",
+        204 => "No Content",
+        400 => "Bad Request",
+        404 => "Not Found",
+        409 => "Conflict",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Injected",
+    };
+    let text = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nX-Faultbox: injected\r\n\r\n{body}",
+        body.len()
+    );
+    to.write_all(text.as_bytes())?;
+    Ok(text.len())
+}
+
+fn serve_http(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
+    let Ok(read_half) = client.try_clone() else {
+        return (0, 0, "clone failed");
+    };
+    let mut reader = BufReader::new(read_half);
+    let mut client = client;
+    let mut upstream: Option<(TcpStream, BufReader<TcpStream>)> = None;
+    let (mut up, mut down) = (0u64, 0u64);
+    loop {
+        let req = match read_message(&mut reader, true, false) {
+            Ok(Some(m)) => m,
+            Ok(None) => return (up, down, "closed"),
+            Err(_) => return (up, down, "bad request"),
+        };
+        up += (req.head.len() + req.body.len()) as u64;
+        let mut parts = req.start.split_whitespace();
+        let method = parts.next().unwrap_or("").to_string();
+        let path = parts.next().unwrap_or("/").to_string();
+        let what = format!("{method} {path}");
+        let verdict = lock(&ctx.rules).decide(&Request {
+            method: &method,
+            path: &path,
+            first_bytes: &[],
+        });
+        ctx.fired(&verdict, &what);
+        if verdict.delay_ns > 0 {
+            std::thread::sleep(Duration::from_nanos(verdict.delay_ns));
+        }
+        match verdict.action {
+            Some(ProxyAction::Drop) => {
+                let _ = client.shutdown(Shutdown::Both);
+                return (up, down, "dropped");
+            }
+            Some(ProxyAction::Respond { status, body }) => {
+                let ctype = if body.trim_start().starts_with(['{', '[']) {
+                    "application/json"
+                } else {
+                    "text/plain"
+                };
+                match write_response(&mut client, status, &body, ctype) {
+                    Ok(n) => down += n as u64,
+                    Err(_) => return (up, down, "client closed"),
+                }
+                continue;
+            }
+            Some(ProxyAction::Error { status, message }) => {
+                let body = serde_json::json!({ "error": message }).to_string();
+                match write_response(&mut client, status, &body, "application/json") {
+                    Ok(n) => down += n as u64,
+                    Err(_) => return (up, down, "client closed"),
+                }
+                continue;
+            }
+            _ => {}
+        }
+        if upstream.is_none() {
+            let Ok(s) = TcpStream::connect_timeout(&ctx.upstream, Duration::from_secs(5)) else {
+                // A transparent proxy answers nothing the upstream did not: the
+                // client sees its connection end, as without the proxy.
+                let _ = client.shutdown(Shutdown::Both);
+                return (up, down, "upstream unreachable");
+            };
+            let _ = s.set_nodelay(true);
+            let Ok(r) = s.try_clone() else {
+                return (up, down, "clone failed");
+            };
+            upstream = Some((s, BufReader::new(r)));
+        }
+        let Some((ustream, ureader)) = upstream.as_mut() else {
+            return (up, down, "no upstream");
+        };
+        if ustream
+            .write_all(&req.head)
+            .and_then(|_| ustream.write_all(&req.body))
+            .is_err()
+        {
+            return (up, down, "upstream closed");
+        }
+        let head_only = method.eq_ignore_ascii_case("HEAD");
+        let resp = loop {
+            match read_message(ureader, false, head_only) {
+                Ok(Some(m)) => {
+                    // 1xx answers are forwarded and followed by the real one.
+                    let informational = m
+                        .start
+                        .split_whitespace()
+                        .nth(1)
+                        .is_some_and(|s| s.starts_with('1'));
+                    if informational {
+                        let _ = client.write_all(&m.head);
+                        continue;
+                    }
+                    break m;
+                }
+                _ => {
+                    let _ = client.shutdown(Shutdown::Both);
+                    return (up, down, "upstream closed");
+                }
+            }
+        };
+        if client
+            .write_all(&resp.head)
+            .and_then(|_| client.write_all(&resp.body))
+            .is_err()
+        {
+            return (up, down, "client closed");
+        }
+        down += (resp.head.len() + resp.body.len()) as u64;
+        let close = resp.until_close
+            || resp
+                .headers
+                .get("connection")
+                .is_some_and(|c| c.eq_ignore_ascii_case("close"))
+            || req
+                .headers
+                .get("connection")
+                .is_some_and(|c| c.eq_ignore_ascii_case("close"));
+        if close {
+            let _ = client.shutdown(Shutdown::Write);
+            return (up, down, "closed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(action: ProxyAction, method: Option<&str>, path: Option<&str>) -> ProxyRuleDef {
+        ProxyRuleDef {
+            action,
+            method: method.map(str::to_string),
+            path: path.map(str::to_string),
+            probability: 1.0,
+            trigger: Trigger::Always,
+            label: None,
+        }
+    }
+
+    fn req<'a>(method: &'a str, path: &'a str) -> Request<'a> {
+        Request {
+            method,
+            path,
+            first_bytes: &[],
+        }
+    }
+
+    #[test]
+    fn first_terminal_rule_wins_and_delays_stack() {
+        let mut set = RuleSet::default();
+        set.push_front(
+            1,
+            vec![
+                (
+                    "w1:0".into(),
+                    rule(ProxyAction::Delay { ns: 5 }, None, None),
+                ),
+                (
+                    "w1:1".into(),
+                    rule(
+                        ProxyAction::Error {
+                            status: 503,
+                            message: "down".into(),
+                        },
+                        Some("post"),
+                        Some("/orders"),
+                    ),
+                ),
+                ("w1:2".into(), rule(ProxyAction::Drop, None, None)),
+            ],
+        )
+        .expect("rules");
+        let v = set.decide(&req("POST", "/orders?x=1"));
+        assert_eq!(v.delay_ns, 5);
+        assert_eq!(
+            v.action,
+            Some(ProxyAction::Error {
+                status: 503,
+                message: "down".into()
+            })
+        );
+        assert_eq!(v.fired.len(), 2);
+        let v = set.decide(&req("GET", "/orders"));
+        assert_eq!(v.action, Some(ProxyAction::Drop));
+    }
+
+    #[test]
+    fn paths_use_the_spec_glob_dialect() {
+        let mut set = RuleSet::default();
+        set.push_front(
+            1,
+            vec![(
+                "w1:0".into(),
+                rule(ProxyAction::Drop, None, Some("/api/**")),
+            )],
+        )
+        .expect("rules");
+        assert!(set.decide(&req("GET", "/api/v1/items")).action.is_some());
+        assert!(set.decide(&req("GET", "/health")).action.is_none());
+    }
+
+    #[test]
+    fn newer_windows_come_first_and_leave_cleanly() {
+        let mut set = RuleSet::default();
+        set.push_front(
+            1,
+            vec![("w1:0".into(), rule(ProxyAction::Drop, None, None))],
+        )
+        .expect("rules");
+        set.push_front(
+            1,
+            vec![(
+                "w2:0".into(),
+                rule(
+                    ProxyAction::Respond {
+                        status: 200,
+                        body: "x".into(),
+                    },
+                    None,
+                    None,
+                ),
+            )],
+        )
+        .expect("rules");
+        assert_eq!(
+            set.decide(&req("GET", "/")).action.map(|a| a.kind()),
+            Some("respond")
+        );
+        set.remove("w2:");
+        assert_eq!(
+            set.decide(&req("GET", "/")).action.map(|a| a.kind()),
+            Some("drop")
+        );
+    }
+
+    #[test]
+    fn probability_replays_for_a_seed() {
+        let draws = |seed| {
+            let mut set = RuleSet::default();
+            let mut r = rule(ProxyAction::Drop, None, None);
+            r.probability = 0.5;
+            set.push_front(seed, vec![("w1:0".into(), r)])
+                .expect("rules");
+            (0..40)
+                .map(|_| set.decide(&req("GET", "/")).action.is_some())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draws(7), draws(7));
+        assert_ne!(draws(7), draws(8));
+        assert!(draws(7).iter().any(|d| *d) && draws(7).iter().any(|d| !*d));
+    }
+
+    #[test]
+    fn tcp_refuses_what_it_cannot_apply() {
+        let e = rule(
+            ProxyAction::Error {
+                status: 500,
+                message: "x".into(),
+            },
+            None,
+            None,
+        )
+        .check("tcp")
+        .expect_err("error on tcp");
+        assert!(e.contains("error() does not apply to tcp"), "{e}");
+        assert!(
+            rule(ProxyAction::Drop, None, Some("/x"))
+                .check("tcp")
+                .is_err()
+        );
+        assert!(rule(ProxyAction::Drop, None, None).check("redis").is_err());
+        assert!(
+            rule(ProxyAction::Drop, Some("GET"), Some("/x"))
+                .check("http")
+                .is_ok()
+        );
+    }
+}
