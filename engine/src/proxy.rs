@@ -11,7 +11,6 @@
 //! is the fastest plain relay on these machines (see docs/benchmarks.md),
 //! and a test's traffic is a handful of connections.
 
-use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -198,11 +197,14 @@ impl RuleSet {
                 Some(m) if !req.first_bytes.is_empty() => req.first_bytes.starts_with(m.as_bytes()),
                 Some(m) => method_matches(m, req.method),
             };
+            if !method_ok {
+                continue;
+            }
             let path_ok = match &r.path {
                 None => true,
                 Some(g) => g.matches(req.path.split('?').next().unwrap_or("")),
             };
-            if !method_ok || !path_ok {
+            if !path_ok {
                 continue;
             }
             r.matched += 1;
@@ -405,6 +407,11 @@ const BUF: usize = 64 << 10;
 /// Copies until EOF; half-closes the destination so the other side sees
 /// the end too. Returns the bytes copied.
 fn pump(mut from: TcpStream, mut to: TcpStream) -> u64 {
+    // splice first: the bytes never enter user space.
+    if let Ok(n) = faultbox_agent::pipe::splice_all(&from, &to) {
+        let _ = to.shutdown(Shutdown::Write);
+        return n;
+    }
     let mut buf = vec![0u8; BUF];
     let mut total = 0;
     loop {
@@ -477,29 +484,46 @@ fn serve_tcp(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
     (up, down, "closed")
 }
 
-/// One HTTP/1.1 message: its head as received and its body bytes as
-/// framed on the wire (chunked framing kept).
+/// One HTTP/1.1 request exactly as it came: head and body (chunked
+/// framing kept) in one buffer, so relaying it is one write.
 struct Message {
-    head: Vec<u8>,
+    wire: Vec<u8>,
     start: String,
-    headers: BTreeMap<String, String>,
-    body: Vec<u8>,
-    /// The body ran to the end of the connection.
-    until_close: bool,
 }
 
-fn read_message(
-    r: &mut BufReader<TcpStream>,
-    request: bool,
-    head_only_body: bool,
-) -> io::Result<Option<Message>> {
-    let mut head = Vec::new();
+/// If `buf` holds a whole request without a chunked body: its length and
+/// where its head ends.
+fn buffered_request(buf: &[u8]) -> Option<(usize, usize)> {
+    let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let mut length = 0usize;
+    for line in buf[..head_end].split(|c| *c == b'\n').skip(1) {
+        let line = line.trim_ascii();
+        if let Some(v) = header_value(line, b"content-length") {
+            length = std::str::from_utf8(v).ok()?.parse().ok()?;
+        } else if header_value(line, b"transfer-encoding").is_some() {
+            return None;
+        }
+    }
+    let total = head_end.checked_add(length)?;
+    (total <= buf.len()).then_some((total, head_end))
+}
+
+fn header_value<'a>(line: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    let colon = line.iter().position(|c| *c == b':')?;
+    if !line[..colon].trim_ascii().eq_ignore_ascii_case(name) {
+        return None;
+    }
+    Some(line[colon + 1..].trim_ascii())
+}
+
+fn read_message(r: &mut BufReader<TcpStream>) -> io::Result<Option<Message>> {
+    let mut wire = Vec::with_capacity(512);
     let mut start = String::new();
-    let mut headers = BTreeMap::new();
+    let (mut length, mut chunked) = (None, false);
     loop {
-        let mut line = Vec::new();
-        if r.read_until(b'\n', &mut line)? == 0 {
-            return if head.is_empty() {
+        let at = wire.len();
+        if r.read_until(b'\n', &mut wire)? == 0 {
+            return if wire.is_empty() {
                 Ok(None)
             } else {
                 Err(io::Error::new(
@@ -508,81 +532,59 @@ fn read_message(
                 ))
             };
         }
-        head.extend_from_slice(&line);
-        let text = String::from_utf8_lossy(&line).trim_end().to_string();
+        let line = wire[at..].trim_ascii();
         if start.is_empty() {
-            if text.is_empty() {
-                continue;
+            if !line.is_empty() {
+                start = String::from_utf8_lossy(line).into_owned();
             }
-            start = text;
             continue;
         }
-        if text.is_empty() {
+        if line.is_empty() {
             break;
         }
-        if let Some((k, v)) = text.split_once(':') {
-            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        if let Some(v) = header_value(line, b"content-length") {
+            length = std::str::from_utf8(v)
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok());
+        } else if let Some(v) = header_value(line, b"transfer-encoding") {
+            chunked = v.to_ascii_lowercase().windows(7).any(|w| w == b"chunked");
         }
-        if head.len() > 64 << 10 {
+        if wire.len() > 64 << 10 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "HTTP head over 64 KiB",
             ));
         }
     }
-    let mut body = Vec::new();
-    let mut until_close = false;
-    let chunked = headers
-        .get("transfer-encoding")
-        .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
-    if head_only_body {
-    } else if chunked {
+    // A request without a length has no body.
+    if chunked {
         loop {
-            let mut line = Vec::new();
-            r.read_until(b'\n', &mut line)?;
-            body.extend_from_slice(&line);
-            let size = usize::from_str_radix(
-                String::from_utf8_lossy(&line)
-                    .trim()
-                    .split(';')
-                    .next()
-                    .unwrap_or(""),
-                16,
-            )
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad chunk size"))?;
+            let at = wire.len();
+            r.read_until(b'\n', &mut wire)?;
+            let size = std::str::from_utf8(wire[at..].trim_ascii())
+                .ok()
+                .and_then(|l| usize::from_str_radix(l.split(';').next().unwrap_or(""), 16).ok())
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad chunk size"))?;
             if size == 0 {
                 // Trailers, up to the empty line.
                 loop {
-                    let mut t = Vec::new();
-                    r.read_until(b'\n', &mut t)?;
-                    body.extend_from_slice(&t);
-                    if t.is_empty() || t == b"\r\n" || t == b"\n" {
+                    let at = wire.len();
+                    if r.read_until(b'\n', &mut wire)? == 0 || wire[at..].trim_ascii().is_empty() {
                         break;
                     }
                 }
                 break;
             }
-            let mut chunk = vec![0; size + 2];
-            r.read_exact(&mut chunk)?;
-            body.extend_from_slice(&chunk);
+            let at = wire.len();
+            wire.resize(at + size + 2, 0);
+            r.read_exact(&mut wire[at..])?;
         }
-    } else if let Some(len) = headers
-        .get("content-length")
-        .and_then(|l| l.parse::<usize>().ok())
-    {
-        body.resize(len, 0);
-        r.read_exact(&mut body)?;
-    } else if !request {
-        r.read_to_end(&mut body)?;
-        until_close = true;
+    } else if let Some(len) = length {
+        let at = wire.len();
+        wire.resize(at + len, 0);
+        r.read_exact(&mut wire[at..])?;
     }
-    Ok(Some(Message {
-        head,
-        start,
-        headers,
-        body,
-        until_close,
-    }))
+    Ok(Some(Message { wire, start }))
 }
 
 fn write_response(
@@ -613,38 +615,78 @@ fn write_response(
     Ok(text.len())
 }
 
+/// HTTP with a thread per direction, like the fastest plain relay: this
+/// thread reads requests, applies the rules and forwards what passes; a
+/// second thread copies the upstream's answers back byte for byte. A rule
+/// that answers for the upstream writes to the client from this thread,
+/// which keeps responses in order for clients that wait for each answer
+/// before the next request (all common ones); a pipelining client could
+/// see an injected answer overtake a real one.
 fn serve_http(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
     let Ok(read_half) = client.try_clone() else {
         return (0, 0, "clone failed");
     };
-    let mut reader = BufReader::new(read_half);
+    let mut reader = BufReader::with_capacity(64 << 10, read_half);
     let mut client = client;
-    let mut upstream: Option<(TcpStream, BufReader<TcpStream>)> = None;
-    let (mut up, mut down) = (0u64, 0u64);
-    loop {
-        let req = match read_message(&mut reader, true, false) {
-            Ok(Some(m)) => m,
-            Ok(None) => return (up, down, "closed"),
-            Err(_) => return (up, down, "bad request"),
+    let Ok(mut upstream) = TcpStream::connect_timeout(&ctx.upstream, Duration::from_secs(5)) else {
+        // A transparent proxy answers nothing the upstream did not: the
+        // client sees its connection end, as without the proxy.
+        let _ = client.shutdown(Shutdown::Both);
+        return (0, 0, "upstream unreachable");
+    };
+    let _ = upstream.set_nodelay(true);
+    let (Ok(up_read), Ok(client_write)) = (upstream.try_clone(), client.try_clone()) else {
+        return (0, 0, "clone failed");
+    };
+    let answers = std::thread::spawn(move || pump(up_read, client_write));
+    let mut up = 0u64;
+    let mut injected = 0u64;
+    let reason = loop {
+        // Fast path: a whole request already in the buffer (the usual case
+        // for small requests) is parsed and relayed in place.
+        let whole = match reader.fill_buf() {
+            Ok([]) => break "closed",
+            Ok(buf) => buffered_request(buf),
+            Err(_) => break "closed",
         };
-        up += (req.head.len() + req.body.len()) as u64;
-        let mut parts = req.start.split_whitespace();
-        let method = parts.next().unwrap_or("").to_string();
-        let path = parts.next().unwrap_or("/").to_string();
-        let what = format!("{method} {path}");
+        let owned;
+        let (wire, start): (&[u8], &str) = match whole {
+            Some((len, head_end)) => {
+                let buf = reader.buffer();
+                let line_end = buf.iter().position(|c| *c == b'\n').unwrap_or(head_end);
+                let start = std::str::from_utf8(buf[..line_end].trim_ascii()).unwrap_or("");
+                (&buf[..len], start)
+            }
+            None => match read_message(&mut reader) {
+                Ok(Some(m)) => {
+                    owned = m;
+                    (&owned.wire, owned.start.as_str())
+                }
+                Ok(None) => break "closed",
+                Err(_) => break "bad request",
+            },
+        };
+        let wire_len = wire.len();
+        up += wire_len as u64;
+        let mut parts = start.split_whitespace();
+        let method = parts.next().unwrap_or("");
+        let path = parts.next().unwrap_or("/");
         let verdict = lock(&ctx.rules).decide(&Request {
-            method: &method,
-            path: &path,
+            method,
+            path,
             first_bytes: &[],
         });
-        ctx.fired(&verdict, &what);
+        if !verdict.fired.is_empty() {
+            ctx.fired(&verdict, &format!("{method} {path}"));
+        }
         if verdict.delay_ns > 0 {
             std::thread::sleep(Duration::from_nanos(verdict.delay_ns));
         }
-        match verdict.action {
+        let answer = match verdict.action {
             Some(ProxyAction::Drop) => {
                 let _ = client.shutdown(Shutdown::Both);
-                return (up, down, "dropped");
+                let _ = upstream.shutdown(Shutdown::Both);
+                break "dropped";
             }
             Some(ProxyAction::Respond { status, body }) => {
                 let ctype = if body.trim_start().starts_with(['{', '[']) {
@@ -652,89 +694,36 @@ fn serve_http(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
                 } else {
                     "text/plain"
                 };
-                match write_response(&mut client, status, &body, ctype) {
-                    Ok(n) => down += n as u64,
-                    Err(_) => return (up, down, "client closed"),
-                }
-                continue;
+                Some(write_response(&mut client, status, &body, ctype))
             }
             Some(ProxyAction::Error { status, message }) => {
                 let body = serde_json::json!({ "error": message }).to_string();
-                match write_response(&mut client, status, &body, "application/json") {
-                    Ok(n) => down += n as u64,
-                    Err(_) => return (up, down, "client closed"),
-                }
-                continue;
+                Some(write_response(
+                    &mut client,
+                    status,
+                    &body,
+                    "application/json",
+                ))
             }
-            _ => {}
-        }
-        if upstream.is_none() {
-            let Ok(s) = TcpStream::connect_timeout(&ctx.upstream, Duration::from_secs(5)) else {
-                // A transparent proxy answers nothing the upstream did not: the
-                // client sees its connection end, as without the proxy.
-                let _ = client.shutdown(Shutdown::Both);
-                return (up, down, "upstream unreachable");
-            };
-            let _ = s.set_nodelay(true);
-            let Ok(r) = s.try_clone() else {
-                return (up, down, "clone failed");
-            };
-            upstream = Some((s, BufReader::new(r)));
-        }
-        let Some((ustream, ureader)) = upstream.as_mut() else {
-            return (up, down, "no upstream");
+            _ => None,
         };
-        if ustream
-            .write_all(&req.head)
-            .and_then(|_| ustream.write_all(&req.body))
-            .is_err()
-        {
-            return (up, down, "upstream closed");
-        }
-        let head_only = method.eq_ignore_ascii_case("HEAD");
-        let resp = loop {
-            match read_message(ureader, false, head_only) {
-                Ok(Some(m)) => {
-                    // 1xx answers are forwarded and followed by the real one.
-                    let informational = m
-                        .start
-                        .split_whitespace()
-                        .nth(1)
-                        .is_some_and(|s| s.starts_with('1'));
-                    if informational {
-                        let _ = client.write_all(&m.head);
-                        continue;
-                    }
-                    break m;
-                }
-                _ => {
-                    let _ = client.shutdown(Shutdown::Both);
-                    return (up, down, "upstream closed");
+        match answer {
+            Some(Ok(n)) => injected += n as u64,
+            Some(Err(_)) => break "client closed",
+            None => {
+                if upstream.write_all(wire).is_err() {
+                    break "upstream closed";
                 }
             }
-        };
-        if client
-            .write_all(&resp.head)
-            .and_then(|_| client.write_all(&resp.body))
-            .is_err()
-        {
-            return (up, down, "client closed");
         }
-        down += (resp.head.len() + resp.body.len()) as u64;
-        let close = resp.until_close
-            || resp
-                .headers
-                .get("connection")
-                .is_some_and(|c| c.eq_ignore_ascii_case("close"))
-            || req
-                .headers
-                .get("connection")
-                .is_some_and(|c| c.eq_ignore_ascii_case("close"));
-        if close {
-            let _ = client.shutdown(Shutdown::Write);
-            return (up, down, "closed");
+        if whole.is_some() {
+            reader.consume(wire_len);
         }
-    }
+    };
+    // The upstream sees the end of the requests; its answers end after.
+    let _ = upstream.shutdown(Shutdown::Write);
+    let down = answers.join().unwrap_or(0) + injected;
+    (up, down, reason)
 }
 
 #[cfg(test)]

@@ -1,0 +1,393 @@
+//! The protocol proxy in pass-through (no rule, and 20 rules that never
+//! match) against a direct connection and against socat, all in one run:
+//!
+//! 1. TCP 64-byte ping-pong: p50 round trip, and what each relay adds;
+//! 2. TCP bulk: throughput of a 256 MiB one-way stream;
+//! 3. HTTP/1.1 keep-alive requests per second (4 connections) through the
+//!    HTTP proxy.
+//!
+//! Echo and HTTP servers are threads of this process; socat is Debian's.
+//! `cargo bench -p faultbox-engine --bench proxy -- [--quick]`
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use faultbox_agent::rule::Trigger;
+use faultbox_engine::proxy::{Proxy, ProxyAction, ProxyRuleDef};
+use faultbox_engine::trace::Trace;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn echo_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            let _ = c.set_nodelay(true);
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if c.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn sink_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 256 << 10];
+                let mut total = 0u64;
+                loop {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => total += n as u64,
+                    }
+                }
+                let _ = c.write_all(&total.to_le_bytes());
+            });
+        }
+    });
+    addr
+}
+
+fn http_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            let _ = c.set_nodelay(true);
+            std::thread::spawn(move || {
+                let Ok(w) = c.try_clone() else { return };
+                let mut w = w;
+                let mut r = BufReader::new(c);
+                let body = b"{\"ok\": true}";
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                );
+                let mut out = resp.into_bytes();
+                out.extend_from_slice(body);
+                loop {
+                    let mut line = String::new();
+                    // Request line and headers up to the blank line.
+                    loop {
+                        line.clear();
+                        match r.read_line(&mut line) {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) if line == "\r\n" => break,
+                            Ok(_) => {}
+                        }
+                    }
+                    if w.write_all(&out).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+struct Socat(Child);
+
+impl Drop for Socat {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn socat(upstream: SocketAddr) -> Option<(Socat, SocketAddr)> {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .ok()?
+        .local_addr()
+        .ok()?
+        .port();
+    let child = Command::new("socat")
+        .arg(format!(
+            "TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,nodelay"
+        ))
+        .arg(format!("TCP:{upstream},nodelay"))
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while TcpStream::connect(addr).is_err() {
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Some((Socat(child), addr))
+}
+
+fn ping_pong(addr: SocketAddr, rounds: usize) -> f64 {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_nodelay(true).expect("nodelay");
+    let msg = [7u8; 64];
+    let mut back = [0u8; 64];
+    let mut rtts = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let t = Instant::now();
+        s.write_all(&msg).expect("write");
+        s.read_exact(&mut back).expect("read");
+        rtts.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    median(rtts)
+}
+
+fn bulk(addr: SocketAddr, bytes: u64) -> f64 {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    let chunk = vec![1u8; 256 << 10];
+    let t = Instant::now();
+    let mut sent = 0;
+    while sent < bytes {
+        s.write_all(&chunk).expect("write");
+        sent += chunk.len() as u64;
+    }
+    s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    let mut total = [0u8; 8];
+    s.read_exact(&mut total).expect("total");
+    assert_eq!(u64::from_le_bytes(total), sent);
+    sent as f64 / t.elapsed().as_secs_f64() / (1 << 20) as f64
+}
+
+fn http_rps(addr: SocketAddr, conns: usize, duration: Duration) -> f64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..conns)
+        .map(|_| {
+            let (stop, count) = (Arc::clone(&stop), Arc::clone(&count));
+            std::thread::spawn(move || {
+                let s = TcpStream::connect(addr).expect("connect");
+                s.set_nodelay(true).expect("nodelay");
+                let mut w = s.try_clone().expect("clone");
+                let mut r = BufReader::new(s);
+                let req = format!("GET /items/1 HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+                let mut line = String::new();
+                while !stop.load(Ordering::Relaxed) {
+                    w.write_all(req.as_bytes()).expect("write");
+                    let mut length = 0;
+                    loop {
+                        line.clear();
+                        r.read_line(&mut line).expect("read");
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0u8; length];
+                    r.read_exact(&mut body).expect("body");
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(duration);
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        let _ = w.join();
+    }
+    count.load(Ordering::Relaxed) as f64 / duration.as_secs_f64()
+}
+
+/// Requests per second measured by Debian's wrk (a separate, efficient
+/// load generator, as in shared/reference/performance.md); `None` when
+/// wrk is not installed.
+fn wrk_rps(addr: SocketAddr, conns: usize, duration: Duration) -> Option<f64> {
+    let out = Command::new("wrk")
+        .args(["-t", "1", "-c", &conns.to_string(), "-d"])
+        .arg(format!("{}s", duration.as_secs().max(1)))
+        .arg(format!("http://{addr}/items/1"))
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn non_matching_rules() -> Vec<(String, ProxyRuleDef)> {
+    (0..20)
+        .map(|i| {
+            (
+                format!("w1:{i}"),
+                ProxyRuleDef {
+                    action: ProxyAction::Error {
+                        status: 503,
+                        message: "never".into(),
+                    },
+                    method: Some("DELETE".into()),
+                    path: Some(format!("/never/{i}/**")),
+                    probability: 1.0,
+                    trigger: Trigger::Always,
+                    label: None,
+                },
+            )
+        })
+        .collect()
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let reps = if quick { 3 } else { 7 };
+    let trace = Arc::new(Trace::new());
+    let echo = echo_server();
+    let sink = sink_server();
+    let http = http_server();
+    let start = |protocol: &str, upstream, rules: bool| {
+        let p =
+            Proxy::start("bench", "main", protocol, upstream, Arc::clone(&trace)).expect("proxy");
+        if rules {
+            p.rules()
+                .push_front(1, non_matching_rules())
+                .expect("rules");
+        }
+        p
+    };
+    let (tcp_plain, tcp_rules) = (start("tcp", echo, false), start("tcp", echo, true));
+    let (bulk_plain, bulk_rules) = (start("tcp", sink, false), start("tcp", sink, true));
+    let (http_plain, http_rules) = (start("http", http, false), start("http", http, true));
+    let http_as_tcp = start("tcp", http, false);
+    let socat_echo = socat(echo);
+    let socat_sink = socat(sink);
+    let socat_http = socat(http);
+    if socat_echo.is_none() {
+        println!("(socat not found: its columns are empty; scripts/setup installs it)");
+    }
+
+    let rounds = if quick { 2_000 } else { 10_000 };
+    let mut rows: Vec<(&str, Vec<f64>)> = vec![
+        ("direct", vec![]),
+        ("faultbox", vec![]),
+        ("faultbox+20 rules", vec![]),
+        ("socat", vec![]),
+    ];
+    for _ in 0..reps {
+        rows[0].1.push(ping_pong(echo, rounds));
+        rows[1].1.push(ping_pong(tcp_plain.listen, rounds));
+        rows[2].1.push(ping_pong(tcp_rules.listen, rounds));
+        if let Some((_, a)) = &socat_echo {
+            rows[3].1.push(ping_pong(*a, rounds));
+        }
+    }
+    let direct = median(rows[0].1.clone());
+    println!("TCP 64-byte ping-pong, p50 round trip ({reps} reps x {rounds} rounds, medians):");
+    for (name, v) in &rows {
+        if v.is_empty() {
+            continue;
+        }
+        let m = median(v.clone());
+        println!("  {name:<18} {m:7.1} µs  (adds {:6.1} µs)", m - direct);
+    }
+
+    let bytes: u64 = if quick { 128 << 20 } else { 256 << 20 };
+    let mut rows: Vec<(&str, Vec<f64>)> = vec![
+        ("direct", vec![]),
+        ("faultbox", vec![]),
+        ("faultbox+20 rules", vec![]),
+        ("socat", vec![]),
+    ];
+    for _ in 0..reps {
+        rows[0].1.push(bulk(sink, bytes));
+        rows[1].1.push(bulk(bulk_plain.listen, bytes));
+        rows[2].1.push(bulk(bulk_rules.listen, bytes));
+        if let Some((_, a)) = &socat_sink {
+            rows[3].1.push(bulk(*a, bytes));
+        }
+    }
+    let direct = median(rows[0].1.clone());
+    println!(
+        "TCP bulk, {} MiB one way ({reps} reps, medians):",
+        bytes >> 20
+    );
+    for (name, v) in &rows {
+        if v.is_empty() {
+            continue;
+        }
+        let m = median(v.clone());
+        println!(
+            "  {name:<18} {m:8.0} MiB/s  ({:5.1}% of direct)",
+            m / direct * 100.0
+        );
+    }
+
+    let secs = Duration::from_secs(if quick { 1 } else { 3 });
+    let mut rows: Vec<(&str, Vec<f64>)> = vec![
+        ("direct", vec![]),
+        ("faultbox", vec![]),
+        ("faultbox+20 rules", vec![]),
+        ("socat", vec![]),
+        ("faultbox tcp relay", vec![]),
+    ];
+    let have_wrk = wrk_rps(http, 1, Duration::from_secs(1)).is_some();
+    let rps = |addr| {
+        if have_wrk {
+            wrk_rps(addr, 4, secs).unwrap_or(0.0)
+        } else {
+            http_rps(addr, 4, secs)
+        }
+    };
+    for _ in 0..reps {
+        rows[0].1.push(rps(http));
+        rows[1].1.push(rps(http_plain.listen));
+        rows[2].1.push(rps(http_rules.listen));
+        if let Some((_, a)) = &socat_http {
+            rows[3].1.push(rps(*a));
+        }
+        rows[4].1.push(rps(http_as_tcp.listen));
+    }
+    let direct = median(rows[0].1.clone());
+    println!(
+        "HTTP/1.1 keep-alive GET, 4 connections, load from {} ({reps} reps, medians):",
+        if have_wrk {
+            "wrk -t1 -c4"
+        } else {
+            "in-process clients (wrk not installed)"
+        }
+    );
+    for (name, v) in &rows {
+        if v.is_empty() {
+            continue;
+        }
+        let m = median(v.clone());
+        println!(
+            "  {name:<18} {m:8.0} req/s  ({:5.1}% of direct)",
+            m / direct * 100.0
+        );
+    }
+    for p in [
+        tcp_plain,
+        tcp_rules,
+        bulk_plain,
+        bulk_rules,
+        http_plain,
+        http_rules,
+        http_as_tcp,
+    ] {
+        p.stop();
+    }
+}
