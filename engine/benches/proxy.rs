@@ -242,6 +242,8 @@ fn non_matching_rules() -> Vec<(String, ProxyRuleDef)> {
                     },
                     method: Some("DELETE".into()),
                     path: Some(format!("/never/{i}/**")),
+                    command: None,
+                    key: None,
                     probability: 1.0,
                     trigger: Trigger::Always,
                     label: None,

@@ -327,17 +327,22 @@ fn fault_common(a: &Args, action: Action, errno: Option<String>) -> Res<FaultVal
     })
 }
 
-const MATCHERS: &[&str] = &["method", "path", "probability", "trigger", "label"];
+const MATCHERS: &[&str] = &[
+    "method",
+    "path",
+    "command",
+    "key",
+    "probability",
+    "trigger",
+    "label",
+];
 
 /// Builds a protocol rule from its matcher keywords.
 fn proxy_rule(a: &Args, action: ProxyAction, extra: &[&str]) -> Res<ProxyRuleValue> {
     for (k, _) in &a.named {
-        if matches!(
-            k.as_str(),
-            "query" | "command" | "key" | "topic" | "subject" | "collection"
-        ) {
+        if matches!(k.as_str(), "query" | "topic" | "subject" | "collection") {
             return Err(err(format!(
-                "{}(): {k}= matches SQL, Redis or message-broker traffic; this build proxies http (method=, path=) and tcp (method= as a prefix of the first bytes) only",
+                "{}(): {k}= matches SQL or message-broker traffic; this build proxies http (method=, path=), redis (command=, key=) and tcp (method= as a prefix of the first bytes) only",
                 a.builtin
             )));
         }
@@ -354,6 +359,11 @@ fn proxy_rule(a: &Args, action: ProxyAction, extra: &[&str]) -> Res<ProxyRuleVal
                 .map(|v| a.string(v, "method"))
                 .transpose()?,
             path: a.named("path").map(|v| a.string(v, "path")).transpose()?,
+            command: a
+                .named("command")
+                .map(|v| a.string(v, "command"))
+                .transpose()?,
+            key: a.named("key").map(|v| a.string(v, "key")).transpose()?,
             probability: f.probability,
             trigger: f.trigger,
             label: f.label,
@@ -1697,7 +1707,7 @@ pub(crate) fn call_step<'v>(
 ) -> starlark::Result<Value<'v>> {
     let builtin: &'static str = match step.iface.protocol.as_str() {
         "http" => "http step",
-        "tcp" => "tcp step",
+        "tcp" | "redis" => "tcp step",
         _ => "postgres step",
     };
     let a = Args::from_arguments(builtin, args, eval)?;
@@ -1774,7 +1784,7 @@ pub(crate) fn call_step<'v>(
                 },
             }
         }
-        "tcp" => {
+        "tcp" | "redis" => {
             a.check(1, &["data", "timeout"])?;
             let data = a.string(a.required(0, "data")?, "data")?;
             let timeout = a

@@ -27,7 +27,7 @@ use crate::trace::{Trace, fields};
 
 /// Whether interfaces of `protocol` get a proxy.
 pub fn proxied(protocol: &str) -> bool {
-    matches!(protocol, "tcp" | "http")
+    matches!(protocol, "tcp" | "http" | "redis")
 }
 
 /// What a protocol rule does when it fires.
@@ -64,6 +64,10 @@ pub struct ProxyRuleDef {
     pub method: Option<String>,
     /// HTTP path glob (query string excluded).
     pub path: Option<String>,
+    /// Redis command name (case-insensitive, `*` allowed).
+    pub command: Option<String>,
+    /// Redis key (the command's first argument), `*` allowed.
+    pub key: Option<String>,
     pub probability: f64,
     pub trigger: Trigger,
     pub label: Option<String>,
@@ -72,18 +76,35 @@ pub struct ProxyRuleDef {
 impl ProxyRuleDef {
     /// `POST /orders`, `*`: what the rule matches, for reports.
     pub fn matcher(&self) -> String {
-        match (&self.method, &self.path) {
-            (None, None) => "*".into(),
-            (Some(m), None) => m.clone(),
-            (None, Some(p)) => p.clone(),
-            (Some(m), Some(p)) => format!("{m} {p}"),
+        let parts: Vec<&str> = [&self.method, &self.path, &self.command, &self.key]
+            .into_iter()
+            .flatten()
+            .map(String::as_str)
+            .collect();
+        if parts.is_empty() {
+            "*".into()
+        } else {
+            parts.join(" ")
         }
     }
 
     /// Refuses what `protocol` cannot apply, naming what it supports.
     pub fn check(&self, protocol: &str) -> Result<(), String> {
+        let redis_keys = self.command.is_some() || self.key.is_some();
         match protocol {
+            "http" if redis_keys => Err(
+                "command= and key= apply to redis interfaces; http rules match method= and path=".into(),
+            ),
             "http" => Ok(()),
+            "redis" => {
+                if self.method.is_some() || self.path.is_some() {
+                    return Err("method= and path= do not apply to redis interfaces; redis rules match command= and key=".into());
+                }
+                Ok(())
+            }
+            "tcp" if redis_keys => Err(
+                "command= and key= apply to redis interfaces; tcp rules match method= (a prefix of the first bytes)".into(),
+            ),
             "tcp" => {
                 if self.path.is_some() {
                     return Err("path= does not apply to tcp interfaces (tcp rules match method=, a prefix of the first bytes the client sends)".into());
@@ -94,7 +115,7 @@ impl ProxyRuleDef {
                 Ok(())
             }
             other => Err(format!(
-                "protocol faults on {other} interfaces are not supported by this build (tcp and http are)"
+                "protocol faults on {other} interfaces are not supported by this build (tcp, http and redis are)"
             )),
         }
     }
@@ -112,6 +133,9 @@ struct Active {
 pub struct Request<'a> {
     pub method: &'a str,
     pub path: &'a str,
+    /// Redis: the command (upper case) and its first argument.
+    pub command: &'a str,
+    pub key: &'a str,
     /// On tcp: the first bytes of the connection.
     pub first_bytes: &'a [u8],
 }
@@ -198,6 +222,18 @@ impl RuleSet {
                 Some(m) => method_matches(m, req.method),
             };
             if !method_ok {
+                continue;
+            }
+            let redis_ok = r
+                .def
+                .command
+                .as_ref()
+                .is_none_or(|c| crate::trace::wildcard(&c.to_ascii_uppercase(), req.command))
+                && r.def
+                    .key
+                    .as_ref()
+                    .is_none_or(|k| crate::trace::wildcard(k, req.key));
+            if !redis_ok {
                 continue;
             }
             let path_ok = match &r.path {
@@ -386,6 +422,7 @@ fn serve(client: TcpStream, ctx: &Ctx) {
     let started = Instant::now();
     let (up, down, reason) = match ctx.protocol.as_str() {
         "http" => serve_http(client, ctx),
+        "redis" => serve_redis(client, ctx),
         _ => serve_tcp(client, ctx),
     };
     ctx.trace.emit(
@@ -445,6 +482,8 @@ fn serve_tcp(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
     let verdict = lock(&ctx.rules).decide(&Request {
         method: "",
         path: "",
+        command: "",
+        key: "",
         first_bytes: if peek { &first } else { &[] },
     });
     ctx.fired(
@@ -674,6 +713,8 @@ fn serve_http(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
         let verdict = lock(&ctx.rules).decide(&Request {
             method,
             path,
+            command: "",
+            key: "",
             first_bytes: &[],
         });
         if !verdict.fired.is_empty() {
@@ -726,6 +767,115 @@ fn serve_http(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
     (up, down, reason)
 }
 
+/// One Redis command as the client sent it: its bytes and its words.
+fn read_resp_command(r: &mut BufReader<TcpStream>) -> io::Result<Option<(Vec<u8>, Vec<String>)>> {
+    let mut wire = Vec::new();
+    if r.read_until(b'\n', &mut wire)? == 0 {
+        return Ok(None);
+    }
+    let first = String::from_utf8_lossy(wire.trim_ascii()).into_owned();
+    let Some(count) = first.strip_prefix('*') else {
+        // An inline command: words on one line.
+        let words = first.split_whitespace().map(str::to_string).collect();
+        return Ok(Some((wire, words)));
+    };
+    let count: usize = count
+        .parse()
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad RESP array"))?;
+    let mut words = Vec::with_capacity(count.min(64));
+    for _ in 0..count {
+        let at = wire.len();
+        r.read_until(b'\n', &mut wire)?;
+        let len: usize = std::str::from_utf8(wire[at..].trim_ascii())
+            .ok()
+            .and_then(|l| l.strip_prefix('$'))
+            .and_then(|l| l.parse().ok())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad RESP bulk string"))?;
+        let at = wire.len();
+        wire.resize(at + len + 2, 0);
+        r.read_exact(&mut wire[at..])?;
+        words.push(String::from_utf8_lossy(&wire[at..at + len]).into_owned());
+    }
+    Ok(Some((wire, words)))
+}
+
+/// Redis, a thread per direction as for HTTP: commands are parsed and
+/// matched on their name and key; answers are copied back untouched.
+fn serve_redis(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
+    let Ok(read_half) = client.try_clone() else {
+        return (0, 0, "clone failed");
+    };
+    let mut reader = BufReader::with_capacity(64 << 10, read_half);
+    let mut client = client;
+    let Ok(mut upstream) = TcpStream::connect_timeout(&ctx.upstream, Duration::from_secs(5)) else {
+        let _ = client.shutdown(Shutdown::Both);
+        return (0, 0, "upstream unreachable");
+    };
+    let _ = upstream.set_nodelay(true);
+    let (Ok(up_read), Ok(client_write)) = (upstream.try_clone(), client.try_clone()) else {
+        return (0, 0, "clone failed");
+    };
+    let answers = std::thread::spawn(move || pump(up_read, client_write));
+    let (mut up, mut injected) = (0u64, 0u64);
+    let reason = loop {
+        let (wire, words) = match read_resp_command(&mut reader) {
+            Ok(Some(c)) => c,
+            Ok(None) => break "closed",
+            Err(_) => break "bad command",
+        };
+        up += wire.len() as u64;
+        let command = words
+            .first()
+            .map(|w| w.to_ascii_uppercase())
+            .unwrap_or_default();
+        let key = words.get(1).map(String::as_str).unwrap_or("");
+        let verdict = lock(&ctx.rules).decide(&Request {
+            method: "",
+            path: "",
+            command: &command,
+            key,
+            first_bytes: &[],
+        });
+        if !verdict.fired.is_empty() {
+            ctx.fired(&verdict, &format!("{command} {key}").trim_end().to_string());
+        }
+        if verdict.delay_ns > 0 {
+            std::thread::sleep(Duration::from_nanos(verdict.delay_ns));
+        }
+        let reply = match verdict.action {
+            Some(ProxyAction::Drop) => {
+                let _ = client.shutdown(Shutdown::Both);
+                let _ = upstream.shutdown(Shutdown::Both);
+                break "dropped";
+            }
+            Some(ProxyAction::Error { message, .. }) => Some(format!("-{message}\r\n")),
+            Some(ProxyAction::Respond { body, .. }) if body.is_empty() => {
+                Some("$-1\r\n".to_string())
+            }
+            Some(ProxyAction::Respond { body, .. }) => {
+                Some(format!("${}\r\n{body}\r\n", body.len()))
+            }
+            _ => None,
+        };
+        match reply {
+            Some(text) => {
+                if client.write_all(text.as_bytes()).is_err() {
+                    break "client closed";
+                }
+                injected += text.len() as u64;
+            }
+            None => {
+                if upstream.write_all(&wire).is_err() {
+                    break "upstream closed";
+                }
+            }
+        }
+    };
+    let _ = upstream.shutdown(Shutdown::Write);
+    let down = answers.join().unwrap_or(0) + injected;
+    (up, down, reason)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -735,6 +885,8 @@ mod tests {
             action,
             method: method.map(str::to_string),
             path: path.map(str::to_string),
+            command: None,
+            key: None,
             probability: 1.0,
             trigger: Trigger::Always,
             label: None,
@@ -745,6 +897,8 @@ mod tests {
         Request {
             method,
             path,
+            command: "",
+            key: "",
             first_bytes: &[],
         }
     }
@@ -872,7 +1026,16 @@ mod tests {
                 .check("tcp")
                 .is_err()
         );
-        assert!(rule(ProxyAction::Drop, None, None).check("redis").is_err());
+        assert!(
+            rule(ProxyAction::Drop, None, None)
+                .check("postgres")
+                .is_err()
+        );
+        assert!(
+            rule(ProxyAction::Drop, Some("GET"), None)
+                .check("redis")
+                .is_err()
+        );
         assert!(
             rule(ProxyAction::Drop, Some("GET"), Some("/x"))
                 .check("http")

@@ -53,7 +53,7 @@ impl fmt::Display for ServiceValue {
 pub fn step_methods(protocol: &str) -> &'static [&'static str] {
     match protocol {
         "http" => &["get", "post", "put", "delete", "patch"],
-        "tcp" => &["send"],
+        "tcp" | "redis" => &["send"],
         "postgres" => &["query", "exec"],
         _ => &[],
     }

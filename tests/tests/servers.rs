@@ -202,3 +202,54 @@ def test_aof_enospc():
         "{paths:?}"
     );
 }
+
+#[test]
+fn redis_protocol_faults_answer_chosen_commands_for_the_server() {
+    let dir = Scratch::new("redis-proxy");
+    let text = format!(
+        r#"
+port = free_port()
+redis = service(
+    "redis",
+    "/usr/bin/redis-server",
+    interface("main", "redis", port),
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--dir", "{data}", "--save", ""],
+    healthcheck = tcp("localhost:%d" % port),
+)
+
+OOM = "OOM command not allowed when used memory > 'maxmemory'."
+
+def test_oom_on_writes_only():
+    assert_eq(redis.main.send(data = "SET a 1"), "+OK")
+    def during():
+        return [redis.main.send(data = "SET b 2"), redis.main.send(data = "GET a"), redis.main.send(data = "DEL a")]
+    got = fault(redis.main, error(command = "SET", message = OOM), error(command = "DEL", key = "other"), run = during)
+    assert_eq(got, ["-" + OOM, "$1", ":1"])
+    assert_eq(redis.main.send(data = "GET b"), "$-1", "the refused SET never reached the server")
+
+def test_cache_miss():
+    redis.main.send(data = "SET user:1 alice")
+    got = fault(redis.main, response(command = "get", key = "user:*"), run = lambda: redis.main.send(data = "GET user:1"))
+    assert_eq(got, "$-1")
+    assert_eq(redis.main.send(data = "GET user:1"), "$5")
+"#,
+        data = dir.path("data"),
+    );
+    let (code, doc, stderr) = run(&dir, &text);
+    assert_eq!(code, 0, "{stderr}");
+    let t = test_of(&doc, "test_oom_on_writes_only");
+    let hits: Vec<u64> = t["faults"]
+        .as_array()
+        .expect("faults")
+        .iter()
+        .map(|f| f["hits"].as_u64().unwrap_or(99))
+        .collect();
+    assert_eq!(hits, [1, 0], "{t:#}");
+    assert_eq!(t["faults"][0]["syscall"], "SET");
+    assert!(
+        t["diagnostics"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|x| x["code"] == "FAULT_NOT_FIRED")),
+        "{t:#}"
+    );
+}
