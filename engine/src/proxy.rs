@@ -837,7 +837,7 @@ fn serve_redis(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
             first_bytes: &[],
         });
         if !verdict.fired.is_empty() {
-            ctx.fired(&verdict, &format!("{command} {key}").trim_end().to_string());
+            ctx.fired(&verdict, format!("{command} {key}").trim_end());
         }
         if verdict.delay_ns > 0 {
             std::thread::sleep(Duration::from_nanos(verdict.delay_ns));
