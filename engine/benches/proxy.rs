@@ -239,11 +239,13 @@ fn non_matching_rules() -> Vec<(String, ProxyRuleDef)> {
                     action: ProxyAction::Error {
                         status: 503,
                         message: "never".into(),
+                        code: None,
                     },
                     method: Some("DELETE".into()),
                     path: Some(format!("/never/{i}/**")),
                     command: None,
                     key: None,
+                    query: None,
                     probability: 1.0,
                     trigger: Trigger::Always,
                     label: None,

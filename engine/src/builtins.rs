@@ -332,6 +332,7 @@ const MATCHERS: &[&str] = &[
     "path",
     "command",
     "key",
+    "query",
     "probability",
     "trigger",
     "label",
@@ -340,9 +341,9 @@ const MATCHERS: &[&str] = &[
 /// Builds a protocol rule from its matcher keywords.
 fn proxy_rule(a: &Args, action: ProxyAction, extra: &[&str]) -> Res<ProxyRuleValue> {
     for (k, _) in &a.named {
-        if matches!(k.as_str(), "query" | "topic" | "subject" | "collection") {
+        if matches!(k.as_str(), "topic" | "subject" | "collection") {
             return Err(err(format!(
-                "{}(): {k}= matches SQL or message-broker traffic; this build proxies http (method=, path=), redis (command=, key=) and tcp (method= as a prefix of the first bytes) only",
+                "{}(): {k}= matches message-broker traffic; this build proxies http (method=, path=), redis (command=, key=), postgres (query=) and tcp (method= as a prefix of the first bytes) only",
                 a.builtin
             )));
         }
@@ -364,6 +365,7 @@ fn proxy_rule(a: &Args, action: ProxyAction, extra: &[&str]) -> Res<ProxyRuleVal
                 .map(|v| a.string(v, "command"))
                 .transpose()?,
             key: a.named("key").map(|v| a.string(v, "key")).transpose()?,
+            query: a.named("query").map(|v| a.string(v, "query")).transpose()?,
             probability: f.probability,
             trigger: f.trigger,
             label: f.label,
@@ -1118,10 +1120,22 @@ pub(crate) fn faults(builder: &mut GlobalsBuilder) {
             .map(|v| a.string(v, "message"))
             .transpose()?
             .unwrap_or_else(|| "injected fault".into());
+        let code = a.named("code").map(|v| a.string(v, "code")).transpose()?;
+        if let Some(c) = &code
+            && (c.len() != 5 || !c.chars().all(|ch| ch.is_ascii_alphanumeric()))
+        {
+            return Err(err(format!(
+                "error(): code={c:?} is not a SQLSTATE (five letters or digits, e.g. 53100)"
+            )));
+        }
         let r = proxy_rule(
             &a,
-            ProxyAction::Error { status, message },
-            &["status", "message"],
+            ProxyAction::Error {
+                status,
+                message,
+                code,
+            },
+            &["status", "message", "code"],
         )?;
         Ok(eval.heap().alloc(r))
     }

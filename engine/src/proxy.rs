@@ -27,7 +27,7 @@ use crate::trace::{Trace, fields};
 
 /// Whether interfaces of `protocol` get a proxy.
 pub fn proxied(protocol: &str) -> bool {
-    matches!(protocol, "tcp" | "http" | "redis")
+    matches!(protocol, "tcp" | "http" | "redis" | "postgres")
 }
 
 /// What a protocol rule does when it fires.
@@ -35,8 +35,13 @@ pub fn proxied(protocol: &str) -> bool {
 pub enum ProxyAction {
     /// Answer for the upstream: HTTP status and body; raw bytes on tcp.
     Respond { status: u16, body: String },
-    /// Answer with an error: HTTP status (default 500) and a JSON body.
-    Error { status: u16, message: String },
+    /// Answer with an error: HTTP status (default 500) and a JSON body;
+    /// on postgres an ErrorResponse with SQLSTATE `code` (default XX000).
+    Error {
+        status: u16,
+        message: String,
+        code: Option<String>,
+    },
     /// Hold the request, then go on (later rules still apply).
     Delay { ns: u64 },
     /// Close the client's connection without an answer.
@@ -68,6 +73,8 @@ pub struct ProxyRuleDef {
     pub command: Option<String>,
     /// Redis key (the command's first argument), `*` allowed.
     pub key: Option<String>,
+    /// SQL statement pattern (postgres), compared after canonicalization.
+    pub query: Option<String>,
     pub probability: f64,
     pub trigger: Trigger,
     pub label: Option<String>,
@@ -76,11 +83,17 @@ pub struct ProxyRuleDef {
 impl ProxyRuleDef {
     /// `POST /orders`, `*`: what the rule matches, for reports.
     pub fn matcher(&self) -> String {
-        let parts: Vec<&str> = [&self.method, &self.path, &self.command, &self.key]
-            .into_iter()
-            .flatten()
-            .map(String::as_str)
-            .collect();
+        let parts: Vec<&str> = [
+            &self.method,
+            &self.path,
+            &self.command,
+            &self.key,
+            &self.query,
+        ]
+        .into_iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
         if parts.is_empty() {
             "*".into()
         } else {
@@ -91,7 +104,27 @@ impl ProxyRuleDef {
     /// Refuses what `protocol` cannot apply, naming what it supports.
     pub fn check(&self, protocol: &str) -> Result<(), String> {
         let redis_keys = self.command.is_some() || self.key.is_some();
+        if self.query.is_some() && protocol != "postgres" {
+            return Err(format!(
+                "query= applies to postgres interfaces, not {protocol}"
+            ));
+        }
+        if matches!(self.action, ProxyAction::Error { code: Some(_), .. }) && protocol != "postgres"
+        {
+            return Err(format!(
+                "code= (a SQLSTATE) applies to postgres interfaces, not {protocol}"
+            ));
+        }
         match protocol {
+            "postgres" => {
+                if self.method.is_some() || self.path.is_some() || redis_keys {
+                    return Err("postgres rules match query= only".into());
+                }
+                if matches!(self.action, ProxyAction::Respond { .. }) {
+                    return Err("response() does not apply to postgres interfaces (a made-up result set would need its column types); use error(code=..., message=...), drop() or delay(delay=...)".into());
+                }
+                Ok(())
+            }
             "http" if redis_keys => Err(
                 "command= and key= apply to redis interfaces; http rules match method= and path=".into(),
             ),
@@ -115,7 +148,7 @@ impl ProxyRuleDef {
                 Ok(())
             }
             other => Err(format!(
-                "protocol faults on {other} interfaces are not supported by this build (tcp, http and redis are)"
+                "protocol faults on {other} interfaces are not supported by this build (tcp, http, redis and postgres are)"
             )),
         }
     }
@@ -136,6 +169,8 @@ pub struct Request<'a> {
     /// Redis: the command (upper case) and its first argument.
     pub command: &'a str,
     pub key: &'a str,
+    /// Postgres: the statement, canonicalized.
+    pub query: &'a str,
     /// On tcp: the first bytes of the connection.
     pub first_bytes: &'a [u8],
 }
@@ -234,6 +269,11 @@ impl RuleSet {
                     .as_ref()
                     .is_none_or(|k| crate::trace::wildcard(k, req.key));
             if !redis_ok {
+                continue;
+            }
+            if let Some(q) = &r.def.query
+                && !crate::trace::wildcard(&canonical_sql(q), req.query)
+            {
                 continue;
             }
             let path_ok = match &r.path {
@@ -423,6 +463,7 @@ fn serve(client: TcpStream, ctx: &Ctx) {
     let (up, down, reason) = match ctx.protocol.as_str() {
         "http" => serve_http(client, ctx),
         "redis" => serve_redis(client, ctx),
+        "postgres" => serve_postgres(client, ctx),
         _ => serve_tcp(client, ctx),
     };
     ctx.trace.emit(
@@ -484,6 +525,7 @@ fn serve_tcp(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
         path: "",
         command: "",
         key: "",
+        query: "",
         first_bytes: if peek { &first } else { &[] },
     });
     ctx.fired(
@@ -715,6 +757,7 @@ fn serve_http(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
             path,
             command: "",
             key: "",
+            query: "",
             first_bytes: &[],
         });
         if !verdict.fired.is_empty() {
@@ -737,7 +780,9 @@ fn serve_http(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
                 };
                 Some(write_response(&mut client, status, &body, ctype))
             }
-            Some(ProxyAction::Error { status, message }) => {
+            Some(ProxyAction::Error {
+                status, message, ..
+            }) => {
                 let body = serde_json::json!({ "error": message }).to_string();
                 Some(write_response(
                     &mut client,
@@ -834,6 +879,7 @@ fn serve_redis(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
             path: "",
             command: &command,
             key,
+            query: "",
             first_bytes: &[],
         });
         if !verdict.fired.is_empty() {
@@ -876,6 +922,252 @@ fn serve_redis(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
     (up, down, reason)
 }
 
+/// SQL as rules compare it: outside string literals lower-cased, `?` and
+/// `$N` parameters as `$?`, operators and punctuation spaced, whitespace
+/// collapsed, trailing `;` dropped. So `UPDATE users SET role = ?` matches
+/// `update users set role=$1;`.
+pub fn canonical_sql(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut chars = sql.trim().trim_end_matches(';').trim().chars().peekable();
+    let mut in_literal = false;
+    while let Some(c) = chars.next() {
+        if in_literal {
+            out.push(c);
+            if c == '\'' {
+                in_literal = false;
+            }
+            continue;
+        }
+        match c {
+            '\'' => {
+                in_literal = true;
+                out.push(c);
+            }
+            '?' => out.push_str("$?"),
+            '$' if chars.peek().is_some_and(|d| d.is_ascii_digit()) => {
+                while chars.peek().is_some_and(|d| d.is_ascii_digit()) {
+                    chars.next();
+                }
+                out.push_str("$?");
+            }
+            '=' | '<' | '>' | '!' | ',' | '(' | ')' => {
+                out.push(' ');
+                out.push(c);
+                while let Some(&n) = chars.peek() {
+                    if matches!(n, '=' | '>') && matches!(c, '<' | '>' | '!' | '=') {
+                        out.push(n);
+                        chars.next();
+                    } else {
+                        break;
+                    }
+                }
+                out.push(' ');
+            }
+            c => out.push(c.to_ascii_lowercase()),
+        }
+    }
+    let mut collapsed = String::with_capacity(out.len());
+    let mut literal = false;
+    let mut space = false;
+    for c in out.chars() {
+        if c == '\'' {
+            literal = !literal;
+        }
+        if c.is_whitespace() && !literal {
+            space = true;
+            continue;
+        }
+        if space && !collapsed.is_empty() {
+            collapsed.push(' ');
+        }
+        space = false;
+        collapsed.push(c);
+    }
+    collapsed
+}
+
+fn pg_frame(r: &mut impl Read, typed: bool) -> io::Result<Option<Vec<u8>>> {
+    let head = if typed { 5 } else { 4 };
+    let mut wire = vec![0u8; head];
+    match r.read_exact(&mut wire) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let l = &wire[head - 4..];
+    let len = u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize;
+    if !(4..=256 << 20).contains(&len) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "bad PostgreSQL message length",
+        ));
+    }
+    wire.resize(head + len - 4, 0);
+    r.read_exact(&mut wire[head..])?;
+    Ok(Some(wire))
+}
+
+fn pg_error(code: &str, message: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (t, v) in [
+        (b'S', "ERROR"),
+        (b'V', "ERROR"),
+        (b'C', code),
+        (b'M', message),
+    ] {
+        body.push(t);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut out = vec![b'E'];
+    out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+const PG_READY_IDLE: [u8; 6] = [b'Z', 0, 0, 0, 5, b'I'];
+
+fn finish_relay(
+    upstream: &TcpStream,
+    answers: JoinHandle<u64>,
+    up: u64,
+    injected: u64,
+    reason: &'static str,
+) -> (u64, u64, &'static str) {
+    // The upstream sees the end of the requests; its answers end after.
+    let _ = upstream.shutdown(Shutdown::Write);
+    let down = answers.join().unwrap_or(0) + injected;
+    (up, down, reason)
+}
+
+/// PostgreSQL: the startup exchange is relayed as it is; then simple
+/// queries (`Q`) and parses (`P`) are matched on their SQL. An injected
+/// error answers the query with an ErrorResponse (SQLSTATE included) and
+/// ReadyForQuery; after a failed Parse, the rest of that extended-query
+/// batch is discarded up to its Sync, as a server would. A session that
+/// switches to TLS is relayed untouched.
+fn serve_postgres(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
+    let Ok(read_half) = client.try_clone() else {
+        return (0, 0, "clone failed");
+    };
+    let mut reader = BufReader::with_capacity(64 << 10, read_half);
+    let mut client = client;
+    let Ok(mut upstream) = TcpStream::connect_timeout(&ctx.upstream, Duration::from_secs(5)) else {
+        let _ = client.shutdown(Shutdown::Both);
+        return (0, 0, "upstream unreachable");
+    };
+    let _ = upstream.set_nodelay(true);
+    let (Ok(up_read), Ok(client_write)) = (upstream.try_clone(), client.try_clone()) else {
+        return (0, 0, "clone failed");
+    };
+    let answers = std::thread::spawn(move || pump(up_read, client_write));
+    let (mut up, mut injected) = (0u64, 0u64);
+    // Untyped messages first: SSL/GSS requests, then the startup message.
+    loop {
+        let Ok(Some(msg)) = pg_frame(&mut reader, false) else {
+            return finish_relay(&upstream, answers, up, injected, "closed");
+        };
+        up += msg.len() as u64;
+        if upstream.write_all(&msg).is_err() {
+            return finish_relay(&upstream, answers, up, injected, "upstream closed");
+        }
+        let code = u32::from_be_bytes([msg[4], msg[5], msg[6], msg[7]]);
+        if code != 80_877_103 && code != 80_877_104 {
+            break;
+        }
+        // After an SSL request, a TLS handshake (0x16) means the session
+        // is encrypted from here: relay it blind.
+        if let Ok(buf) = reader.fill_buf()
+            && buf.first() == Some(&0x16)
+        {
+            let rest = reader.buffer().to_vec();
+            let _ = upstream.write_all(&rest);
+            let inner = reader.into_inner();
+            let n = pump(inner, upstream.try_clone().unwrap_or(upstream));
+            return (up + n, answers.join().unwrap_or(0), "tls passthrough");
+        }
+    }
+    let mut discarding = false;
+    let reason = loop {
+        let msg = match pg_frame(&mut reader, true) {
+            Ok(Some(m)) => m,
+            Ok(None) => break "closed",
+            Err(_) => break "bad message",
+        };
+        up += msg.len() as u64;
+        let tag = msg[0];
+        if discarding {
+            if tag == b'S' {
+                discarding = false;
+                if client.write_all(&PG_READY_IDLE).is_err() {
+                    break "client closed";
+                }
+                injected += PG_READY_IDLE.len() as u64;
+            }
+            continue;
+        }
+        let sql = match tag {
+            b'Q' => Some(&msg[5..]),
+            // Parse: statement name, then the query, both NUL-terminated.
+            b'P' => msg[5..]
+                .iter()
+                .position(|c| *c == 0)
+                .map(|i| &msg[5 + i + 1..]),
+            _ => None,
+        };
+        let Some(sql) = sql else {
+            if upstream.write_all(&msg).is_err() {
+                break "upstream closed";
+            }
+            continue;
+        };
+        let end = sql.iter().position(|c| *c == 0).unwrap_or(sql.len());
+        let text = String::from_utf8_lossy(&sql[..end]).into_owned();
+        let canonical = canonical_sql(&text);
+        let verdict = lock(&ctx.rules).decide(&Request {
+            method: "",
+            path: "",
+            command: "",
+            key: "",
+            query: &canonical,
+            first_bytes: &[],
+        });
+        if !verdict.fired.is_empty() {
+            let short: String = text.chars().take(120).collect();
+            ctx.fired(&verdict, &short);
+        }
+        if verdict.delay_ns > 0 {
+            std::thread::sleep(Duration::from_nanos(verdict.delay_ns));
+        }
+        match verdict.action {
+            Some(ProxyAction::Drop) => {
+                let _ = client.shutdown(Shutdown::Both);
+                let _ = upstream.shutdown(Shutdown::Both);
+                break "dropped";
+            }
+            Some(ProxyAction::Error { message, code, .. }) => {
+                let mut reply = pg_error(code.as_deref().unwrap_or("XX000"), &message);
+                if tag == b'Q' {
+                    reply.extend_from_slice(&PG_READY_IDLE);
+                } else {
+                    discarding = true;
+                }
+                if client.write_all(&reply).is_err() {
+                    break "client closed";
+                }
+                injected += reply.len() as u64;
+            }
+            _ => {
+                if upstream.write_all(&msg).is_err() {
+                    break "upstream closed";
+                }
+            }
+        }
+    };
+    finish_relay(&upstream, answers, up, injected, reason)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -887,6 +1179,7 @@ mod tests {
             path: path.map(str::to_string),
             command: None,
             key: None,
+            query: None,
             probability: 1.0,
             trigger: Trigger::Always,
             label: None,
@@ -899,6 +1192,7 @@ mod tests {
             path,
             command: "",
             key: "",
+            query: "",
             first_bytes: &[],
         }
     }
@@ -919,6 +1213,7 @@ mod tests {
                         ProxyAction::Error {
                             status: 503,
                             message: "down".into(),
+                            code: None,
                         },
                         Some("post"),
                         Some("/orders"),
@@ -934,7 +1229,8 @@ mod tests {
             v.action,
             Some(ProxyAction::Error {
                 status: 503,
-                message: "down".into()
+                message: "down".into(),
+                code: None,
             })
         );
         assert_eq!(v.fired.len(), 2);
@@ -992,6 +1288,23 @@ mod tests {
     }
 
     #[test]
+    fn sql_canonicalization_makes_equivalent_statements_equal() {
+        assert_eq!(
+            canonical_sql("UPDATE users SET role = ? WHERE id = ?"),
+            canonical_sql("update users set role=$1 where id=$2;")
+        );
+        assert_eq!(
+            canonical_sql("SELECT 'A  B' FROM t"),
+            "select 'A  B' from t"
+        );
+        assert_eq!(canonical_sql("a<>b"), "a <> b");
+        assert!(crate::trace::wildcard(
+            &canonical_sql("INSERT*"),
+            &canonical_sql("insert into t values (1)")
+        ));
+    }
+
+    #[test]
     fn probability_replays_for_a_seed() {
         let draws = |seed| {
             let mut set = RuleSet::default();
@@ -1014,6 +1327,7 @@ mod tests {
             ProxyAction::Error {
                 status: 500,
                 message: "x".into(),
+                code: None,
             },
             None,
             None,
@@ -1026,11 +1340,12 @@ mod tests {
                 .check("tcp")
                 .is_err()
         );
-        assert!(
-            rule(ProxyAction::Drop, None, None)
-                .check("postgres")
-                .is_err()
-        );
+        assert!(rule(ProxyAction::Drop, None, None).check("mysql").is_err());
+        let respond = ProxyAction::Respond {
+            status: 200,
+            body: String::new(),
+        };
+        assert!(rule(respond, None, None).check("postgres").is_err());
         assert!(
             rule(ProxyAction::Drop, Some("GET"), None)
                 .check("redis")

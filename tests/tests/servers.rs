@@ -98,6 +98,18 @@ db = service(
     ops = {{"wal_sync": op(syscalls = ["fsync"], path = "**/pg_wal/**")}},
 )
 
+def test_disk_full_on_insert():
+    assert_true(db.main.exec(sql = "CREATE TABLE IF NOT EXISTS items (id int)").ok)
+    r = fault(
+        db.main,
+        error(query = "insert into items*", code = "53100", message = "could not extend file: No space left on device"),
+        run = lambda: db.main.exec(sql = "INSERT INTO items VALUES ($1)".replace("$1", "7")),
+    )
+    assert_eq(r.error, "53100: could not extend file: No space left on device")
+    # The session is still usable, and the row never reached the server.
+    assert_eq(db.main.query(sql = "SELECT count(*) AS n FROM items WHERE id = 7").data, [{{"n": "0"}}])
+    assert_true(db.main.exec(sql = "INSERT INTO items VALUES (8)").ok, "other statements pass")
+
 def test_whoami():
     rows = db.main.query(sql = "SELECT current_user AS u, pg_backend_pid() > 0 AS ok")
     assert_true(rows.ok, rows.error)
@@ -119,6 +131,10 @@ def test_wal_fsync_eio():
     );
     let (code, doc, stderr) = run(&dir, &text);
     assert_eq!(code, 0, "{stderr}");
+    let disk = test_of(&doc, "test_disk_full_on_insert");
+    assert_eq!(disk["result"], "pass", "{disk:#}");
+    assert_eq!(disk["faults"][0]["interface"], "main");
+    assert_eq!(disk["faults"][0]["hits"], 1);
     let who = test_of(&doc, "test_whoami");
     assert_eq!(who["result"], "pass", "{who:#}");
     let t = test_of(&doc, "test_wal_fsync_eio");
