@@ -146,11 +146,17 @@ pub fn run(args: TestArgs) -> Result<i32> {
                 .iter()
                 .map(|i| format!("{}:{}/{}", i.name, i.port, i.protocol))
                 .collect();
+            let what = if s.is_remote() {
+                let addrs: Vec<&str> = s.remote.values().map(String::as_str).collect();
+                format!("remote {}", addrs.join(", "))
+            } else {
+                s.binary.clone()
+            };
             writeln!(
                 out,
                 "  - {} ({}{}{})",
                 s.name,
-                s.binary,
+                what,
                 if ports.is_empty() { "" } else { "; " },
                 ports.join(", ")
             )?;
@@ -173,7 +179,7 @@ pub fn run(args: TestArgs) -> Result<i32> {
     }
     // Everything that can be checked before starting anything.
     let shim_path = shim::locate().map_err(anyhow::Error::msg)?;
-    for s in &spec.services {
+    for s in spec.services.iter().filter(|s| !s.is_remote()) {
         resolve_binary(&s.binary, &spec.dir)
             .map_err(|e| anyhow::anyhow!("service {:?} ({}): {e}", s.name, s.declared_at))?;
         if let Some(user) = &s.user
@@ -186,7 +192,7 @@ pub fn run(args: TestArgs) -> Result<i32> {
             );
         }
     }
-    for s in &spec.services {
+    for s in spec.services.iter().filter(|s| !s.is_remote()) {
         for i in &s.interfaces {
             if port_open(i.port, Duration::from_millis(200)) {
                 bail!(

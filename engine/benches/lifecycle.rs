@@ -188,6 +188,7 @@ fn bench_restart(reps: usize, shim: &Path) {
             }),
             ops: Default::default(),
             user: None,
+            remote: Default::default(),
             declared_at: String::new(),
         };
         let run = TestRun::new(

@@ -222,6 +222,73 @@ impl<'v> Args<'v> {
     }
 }
 
+/// `remote="host[:port]"` or `remote=remotes({iface: "host[:port]"})`:
+/// each interface's upstream; a bare host takes the interface's port.
+fn remote_upstreams(
+    name: &str,
+    v: Value,
+    interfaces: &[InterfaceDef],
+) -> Res<BTreeMap<String, String>> {
+    if interfaces.is_empty() {
+        return Err(err(format!(
+            "service({name:?}): a remote service needs at least one interface(...) to proxy"
+        )));
+    }
+    let with_port = |addr: &str, port: u16| {
+        if addr
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        {
+            addr.to_string()
+        } else {
+            format!("{addr}:{port}")
+        }
+    };
+    let mut out = BTreeMap::new();
+    if let Some(addr) = v.unpack_str() {
+        if addr.is_empty() {
+            return Err(err(format!("service({name:?}): remote=\"\" is empty")));
+        }
+        let has_port = with_port(addr, 0) == addr;
+        if has_port && interfaces.len() > 1 {
+            return Err(err(format!(
+                "service({name:?}): remote={addr:?} names one port for {} interfaces; give a bare host (each interface keeps its port) or remotes({{iface: \"host:port\"}})",
+                interfaces.len()
+            )));
+        }
+        for i in interfaces {
+            out.insert(i.name.clone(), with_port(addr, i.port));
+        }
+        return Ok(out);
+    }
+    let d = DictRef::from_value(v).ok_or_else(|| {
+        err(format!(
+            "service({name:?}): remote= must be \"host[:port]\" or remotes({{iface: \"host[:port]\"}}), got {}",
+            v.get_type()
+        ))
+    })?;
+    for (k, val) in d.iter() {
+        let (Some(k), Some(addr)) = (k.unpack_str(), val.unpack_str()) else {
+            return Err(err(format!(
+                "service({name:?}): remotes() maps interface names to \"host[:port]\" strings"
+            )));
+        };
+        let iface = interfaces.iter().find(|i| i.name == k).ok_or_else(|| {
+            err(format!(
+                "service({name:?}): remotes() names {k:?}, which is not one of its interfaces"
+            ))
+        })?;
+        out.insert(k.to_string(), with_port(addr, iface.port));
+    }
+    if let Some(missing) = interfaces.iter().find(|i| !out.contains_key(&i.name)) {
+        return Err(err(format!(
+            "service({name:?}): remotes() gives no address for interface {:?}",
+            missing.name
+        )));
+    }
+    Ok(out)
+}
+
 const PROTOCOLS: &[&str] = &[
     "http",
     "http2",
@@ -662,10 +729,6 @@ pub(crate) fn topology(builder: &mut GlobalsBuilder) {
                 "container mode (build=) is not supported by this build; build the binary yourself and pass its path",
             ),
             (
-                "remote",
-                "remote services (remote=) are not supported by this build yet",
-            ),
-            (
                 "cmd",
                 "there is no cmd=; put the program in binary= and its arguments in args=[...]",
             ),
@@ -689,6 +752,7 @@ pub(crate) fn topology(builder: &mut GlobalsBuilder) {
                 "healthcheck",
                 "ops",
                 "user",
+                "remote",
             ],
         )?;
         let c = ctx(eval)?;
@@ -736,9 +800,38 @@ pub(crate) fn topology(builder: &mut GlobalsBuilder) {
                 )));
             }
         }
-        let binary = binary.ok_or_else(|| {
-            err(format!("service({name:?}): no binary; give the program to run, e.g. service({name:?}, \"./bin/{name}\", ...)"))
-        })?;
+        let remote = match a.named("remote") {
+            Some(v) => remote_upstreams(&name, v, &interfaces)?,
+            None => BTreeMap::new(),
+        };
+        if !remote.is_empty() {
+            if binary.is_some() {
+                return Err(err(format!(
+                    "service({name:?}): a remote service runs nothing here; drop the binary, or drop remote="
+                )));
+            }
+            for k in ["args", "env", "ops", "user"] {
+                if a.named(k).is_some() {
+                    return Err(err(format!(
+                        "service({name:?}): {k}= needs a process Faultbox starts, and a remote service has none; fault it at the protocol level instead (fault({name}.<interface>, error(...), ...))"
+                    )));
+                }
+            }
+            if a.named("healthcheck").is_none() {
+                return Err(err(format!(
+                    "service({name:?}): a remote service needs healthcheck= (e.g. tcp(\"host:port\")), so a test never starts against an unreachable upstream"
+                )));
+            }
+        }
+        let binary = match (binary, remote.is_empty()) {
+            (Some(b), _) => b,
+            (None, false) => String::new(),
+            (None, true) => {
+                return Err(err(format!(
+                    "service({name:?}): no binary; give the program to run, e.g. service({name:?}, \"./bin/{name}\", ...), or remote=\"host:port\" for a service that runs elsewhere"
+                )));
+            }
+        };
         let args_list = match a.named("args") {
             Some(v) => a.strings(v, "args")?,
             None => Vec::new(),
@@ -827,6 +920,7 @@ pub(crate) fn topology(builder: &mut GlobalsBuilder) {
             healthcheck,
             ops,
             user,
+            remote,
             declared_at: format!("{}:{}", file.unwrap_or_default(), line.unwrap_or(0)),
         };
         let mut services = c.services.borrow_mut();
@@ -1009,6 +1103,27 @@ pub(crate) fn topology(builder: &mut GlobalsBuilder) {
         Ok(eval.heap().alloc(OpValue {
             def: OpDef { syscalls, path },
         }))
+    }
+
+    /// `remotes({iface: "host[:port]"})`: per-interface upstreams for
+    /// `service(remote=...)`.
+    fn remotes<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+    ) -> starlark::Result<Value<'v>> {
+        let a = Args::new("remotes", args, kwargs)?;
+        a.check(1, &["mapping"])?;
+        let m = a.required(0, "mapping")?;
+        let d = DictRef::from_value(m)
+            .ok_or_else(|| err("remotes(): takes a dict {interface: \"host[:port]\"}"))?;
+        for (k, v) in d.iter() {
+            if k.unpack_str().is_none() || v.unpack_str().is_none() {
+                return Err(err(
+                    "remotes(): keys are interface names and values \"host[:port]\" strings",
+                ));
+            }
+        }
+        Ok(m)
     }
 
     /// `free_port()`: a TCP port nothing listens on right now, for specs
@@ -1703,13 +1818,6 @@ pub(crate) fn not_in_this_build(builder: &mut GlobalsBuilder) {
         #[starlark(kwargs)] _kwargs: DictRef<'v>,
     ) -> starlark::Result<NoneType> {
         Err(unsupported("tls_cert", "TLS proxies"))
-    }
-
-    fn remotes<'v>(
-        #[starlark(args)] _args: UnpackTuple<Value<'v>>,
-        #[starlark(kwargs)] _kwargs: DictRef<'v>,
-    ) -> starlark::Result<NoneType> {
-        Err(unsupported("remotes", "remote services"))
     }
 }
 

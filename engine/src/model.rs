@@ -18,8 +18,18 @@ pub struct ServiceDef {
     pub ops: BTreeMap<String, OpDef>,
     /// Account to run as (`user=`).
     pub user: Option<String>,
+    /// For a remote service (`remote=`): each interface's upstream
+    /// `host:port`. Empty for a service Faultbox starts.
+    pub remote: BTreeMap<String, String>,
     /// Where the spec declared it, `file:line`.
     pub declared_at: String,
+}
+
+impl ServiceDef {
+    /// Whether the service runs elsewhere (nothing is launched).
+    pub fn is_remote(&self) -> bool {
+        !self.remote.is_empty()
+    }
 }
 
 /// One interface of a service.

@@ -290,6 +290,9 @@ impl TestRun {
             message,
             healthcheck_timeout: false,
         };
+        if def.is_remote() {
+            return self.attach_remote(def);
+        }
         let program = resolve_binary(&def.binary, spec_dir)
             .map_err(|e| err(format!("service {:?}: {e}", def.name)))?;
         for iface in &def.interfaces {
@@ -357,13 +360,69 @@ impl TestRun {
                 fields([("healthcheck", check.describe())]),
             );
         }
+        self.start_proxies(def)
+    }
+
+    /// A remote service: nothing to launch; its healthcheck runs against
+    /// the remote address, then its interfaces are proxied to it.
+    fn attach_remote(&self, def: &ServiceDef) -> Result<(), StartError> {
+        let targets: Vec<String> = def.remote.values().cloned().collect();
+        self.trace.emit(
+            "service_started",
+            &def.name,
+            fields([("remote", targets.join(","))]),
+        );
+        if let Some(check) = &def.healthcheck {
+            let log = self
+                .config
+                .log_dir
+                .join(format!("{}.{}.log", self.name, def.name));
+            self.wait_healthy(def, check, &log).map_err(|mut e| {
+                e.message.push_str(
+                    "; a remote service must be reachable from this machine (kubectl port-forward, a VPN, or running faultbox in the cluster)",
+                );
+                e
+            })?;
+            self.trace.emit(
+                "service_ready",
+                &def.name,
+                fields([("healthcheck", check.describe())]),
+            );
+        }
+        lock(&self.running).insert(
+            def.name.clone(),
+            Running {
+                shim: None,
+                log: PathBuf::new(),
+            },
+        );
+        self.start_proxies(def)
+    }
+
+    fn start_proxies(&self, def: &ServiceDef) -> Result<(), StartError> {
+        let err = |message: String| StartError {
+            service: def.name.clone(),
+            message,
+            healthcheck_timeout: false,
+        };
         // Proxies start once the service is ready, before anything that
         // depends on it, so dependents are pointed at them from the start.
         for iface in &def.interfaces {
             if !crate::proxy::proxied(&iface.protocol) {
                 continue;
             }
-            let upstream = std::net::SocketAddr::from(([127, 0, 0, 1], iface.port));
+            let upstream = match def.remote.get(&iface.name) {
+                Some(addr) => net::resolve(addr)
+                    .ok()
+                    .and_then(|a| a.first().copied())
+                    .ok_or_else(|| {
+                        err(format!(
+                            "{}.{}: remote address {addr} does not resolve",
+                            def.name, iface.name
+                        ))
+                    })?,
+                None => std::net::SocketAddr::from(([127, 0, 0, 1], iface.port)),
+            };
             let proxy = Proxy::start(
                 &def.name,
                 &iface.name,
@@ -404,9 +463,15 @@ impl TestRun {
             if svc == own {
                 continue;
             }
-            let upstream = proxy.upstream.port();
-            for host in ["localhost", "127.0.0.1"] {
-                out = replace_addr(&out, &format!("{host}:{upstream}"), &addr);
+            let remote = self.service(svc).and_then(|d| d.remote.get(iface)).cloned();
+            match remote {
+                Some(r) => out = replace_addr(&out, &r, &addr),
+                None => {
+                    let upstream = proxy.upstream.port();
+                    for host in ["localhost", "127.0.0.1"] {
+                        out = replace_addr(&out, &format!("{host}:{upstream}"), &addr);
+                    }
+                }
             }
         }
         out
@@ -701,6 +766,11 @@ impl TestRun {
         let def = self
             .service(service)
             .ok_or_else(|| format!("no service named {service:?}"))?;
+        if def.is_remote() {
+            return Err(format!(
+                "{service:?} is a remote service: syscall faults need a process Faultbox starts; use protocol faults (fault({service}.<interface>, error(...), ...))"
+            ));
+        }
         let arch = Arch::native();
         let id = self.next_window.fetch_add(1, Ordering::SeqCst);
         let mut rules = Vec::new();
@@ -957,7 +1027,7 @@ impl TestRun {
         }
         let mut busy = Vec::new();
         for def in &self.services {
-            if !lock(&self.running).contains_key(&def.name) {
+            if def.is_remote() || !lock(&self.running).contains_key(&def.name) {
                 continue;
             }
             for iface in &def.interfaces {
@@ -1171,6 +1241,7 @@ mod tests {
             healthcheck: None,
             ops: BTreeMap::new(),
             user: None,
+            remote: Default::default(),
             declared_at: String::new(),
         }
     }

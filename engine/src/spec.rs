@@ -19,6 +19,12 @@ use crate::model::ServiceDef;
 use crate::runtime::TestRun;
 use crate::values::Ctx;
 
+/// Modules embedded in the binary, loaded with `load("@faultbox/...")`.
+pub const STDLIB: &[(&str, &str)] = &[(
+    "@faultbox/discovery/k8s.star",
+    include_str!("../stdlib/discovery/k8s.star"),
+)];
+
 /// A spec that could not be loaded; the message carries `file:line:col`
 /// and the offending line when Starlark knows them.
 #[derive(Debug, thiserror::Error)]
@@ -123,9 +129,20 @@ impl FileLoader for Loader<'_> {
     fn load(&self, path: &str) -> starlark::Result<FrozenModule> {
         let fail = |m: String| starlark::Error::new_other(anyhow::anyhow!(m));
         if path.starts_with("@faultbox/") {
-            return Err(fail(format!(
-                "load({path:?}): no embedded module by that name in this build (SPEC_RECIPE_NOT_FOUND)"
-            )));
+            let Some((_, source)) = STDLIB.iter().find(|(name, _)| *name == path) else {
+                let known: Vec<&str> = STDLIB.iter().map(|(n, _)| *n).collect();
+                return Err(fail(format!(
+                    "load({path:?}): no embedded module by that name (SPEC_RECIPE_NOT_FOUND); embedded: {}",
+                    known.join(", ")
+                )));
+            };
+            let key = PathBuf::from(path);
+            if let Some(m) = self.cache.borrow().get(&key) {
+                return Ok(m.clone());
+            }
+            let module = self.eval_file(&key, source.to_string())?;
+            self.cache.borrow_mut().insert(key, module.clone());
+            return Ok(module);
         }
         // Relative to the loading file, as a reader expects.
         let full = self.dir.join(path);
@@ -444,6 +461,7 @@ def test_a():
             healthcheck: None,
             ops: Default::default(),
             user: None,
+            remote: Default::default(),
             declared_at: String::new(),
         };
         svc.ops.insert(

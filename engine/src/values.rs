@@ -69,6 +69,7 @@ impl<'v> StarlarkValue<'v> for ServiceValue {
             return Some(heap.alloc(InterfaceRef {
                 service: self.def.name.clone(),
                 iface: iface.clone(),
+                remote: self.def.remote.get(&iface.name).cloned(),
             }));
         }
         // Shorthand steps on a service with one interface (or one named
@@ -137,6 +138,8 @@ pub struct InterfaceRef {
     pub service: String,
     #[allocative(skip)]
     pub iface: InterfaceDef,
+    /// The upstream of a remote service's interface.
+    pub remote: Option<String>,
 }
 starlark_simple_value!(InterfaceRef);
 
@@ -151,8 +154,21 @@ impl<'v> StarlarkValue<'v> for InterfaceRef {
     fn get_attr(&self, attribute: &str, heap: Heap<'v>) -> Option<Value<'v>> {
         let port = self.iface.port;
         match attribute {
-            "addr" | "internal_addr" => Some(heap.alloc(format!("localhost:{port}"))),
-            "host" => Some(heap.alloc("localhost")),
+            "addr" | "internal_addr" => Some(
+                heap.alloc(
+                    self.remote
+                        .clone()
+                        .unwrap_or_else(|| format!("localhost:{port}")),
+                ),
+            ),
+            "host" => Some(
+                heap.alloc(
+                    self.remote
+                        .as_deref()
+                        .and_then(|r| r.rsplit_once(':').map(|(h, _)| h.to_string()))
+                        .unwrap_or_else(|| "localhost".to_string()),
+                ),
+            ),
             "port" => Some(heap.alloc(i32::from(port))),
             "name" => Some(heap.alloc(self.iface.name.as_str())),
             "protocol" => Some(heap.alloc(self.iface.protocol.as_str())),

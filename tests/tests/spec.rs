@@ -1127,3 +1127,76 @@ def test_env():
     let run = run_spec(&dir, &text, &[]);
     assert_eq!(run.code, 0, "{}", run.stderr);
 }
+
+#[test]
+fn remote_services_are_proxied_not_launched() {
+    let dir = Scratch::new("spec-remote");
+    let remote_port = free_port();
+    // The "remote" service: started by the test, not by faultbox.
+    let mut server = Command::new(helper())
+        .args(["serve", &remote_port.to_string()])
+        .spawn()
+        .expect("start the remote");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::net::TcpStream::connect(("127.0.0.1", remote_port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "remote did not start");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let local = free_port();
+    let text = format!(
+        r#"
+load("@faultbox/discovery/k8s.star", "k8s")
+
+api = service(
+    "api",
+    interface("http", "http", {remote_port}),
+    remote = "127.0.0.1",
+    healthcheck = tcp("127.0.0.1:{remote_port}"),
+)
+client = service(
+    "client", "{helper}", interface("main", "http", {local}),
+    args = ["serve", "{local}"],
+    env = {{"API": api.http.addr}},
+    depends_on = [api],
+    healthcheck = tcp("localhost:{local}"),
+)
+
+def test_remote():
+    assert_eq(k8s.endpoint("db", 5432, namespace = "dev"), "db.dev.svc.cluster.local:5432")
+    assert_eq(k8s.local("db", 5432), "db.default:5432")
+    assert_eq(api.http.addr, "127.0.0.1:{remote_port}")
+    assert_eq(api.get(path = "/x").status, 200)
+    r = fault(api.http, error(path = "/x", status = 503), run = lambda: api.get(path = "/x"))
+    assert_eq(r.status, 503)
+    proxied = client.get(path = "/env/API").data["env"]
+    assert_true(proxied != "127.0.0.1:{remote_port}" and proxied.startswith("127.0.0.1:"), proxied)
+
+def test_no_syscall_faults_on_remote():
+    fault(api, write = deny("EIO"), run = lambda: None)
+"#,
+        helper = helper(),
+    );
+    let run = run_spec(&dir, &text, &["--format", "json"]);
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    let doc = json(&run);
+    assert_eq!(test_named(&doc, "test_remote")["result"], "pass", "{}", run.stderr);
+    let t = test_named(&doc, "test_no_syscall_faults_on_remote");
+    assert!(
+        t["reason"].as_str().is_some_and(|r| r.contains("is a remote service: syscall faults need a process")),
+        "{t:#}"
+    );
+    let r = refused(
+        "remote-args",
+        "x = service(\"x\", interface(\"m\", \"tcp\", 1), remote = \"db\", args = [\"-v\"], healthcheck = tcp(\"db:1\"))\n",
+        &[],
+    );
+    assert!(r.stderr.contains("args= needs a process Faultbox starts"), "{}", r.stderr);
+    let r = refused(
+        "remote-health",
+        "x = service(\"x\", interface(\"m\", \"tcp\", 1), remote = \"db\")\n",
+        &[],
+    );
+    assert!(r.stderr.contains("a remote service needs healthcheck="), "{}", r.stderr);
+}
