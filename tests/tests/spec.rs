@@ -1097,8 +1097,21 @@ def test_error_on_tcp():
             .is_some_and(|r| r.contains("error() does not apply to tcp interfaces")),
         "{t:#}"
     );
-    let r = refused("proxy-query", "x = error(query = \"SELECT*\")\n", &[]);
-    assert!(r.stderr.contains("query= matches SQL"), "{}", r.stderr);
+    let r = refused("proxy-topic", "x = drop(topic = \"orders\")\n", &[]);
+    assert!(r.stderr.contains("topic= matches message-broker traffic"), "{}", r.stderr);
+    let (text, _) = http_service_spec(
+        r#"
+def test_query_on_http():
+    fault(web.api, error(query = "SELECT*"), run = lambda: None)
+"#,
+    );
+    let run = run_spec(&dir, &text, &["--format", "json"]);
+    let doc = json(&run);
+    let t = test_named(&doc, "test_query_on_http");
+    assert!(
+        t["reason"].as_str().is_some_and(|r| r.contains("query= applies to postgres interfaces, not http")),
+        "{t:#}"
+    );
 }
 
 #[test]
