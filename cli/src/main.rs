@@ -1,6 +1,7 @@
 //! The `faultbox` command line.
 
 mod log;
+mod recipes;
 mod run;
 mod test;
 
@@ -28,6 +29,23 @@ enum Commands {
         after_help = "Examples:\n  faultbox test faultbox.star\n  faultbox test faultbox.star --test happy_path\n  faultbox test faultbox.star --format json\n  faultbox test faultbox.star --runs 100 --show fail\n  faultbox test faultbox.star --seed 42\n  faultbox test faultbox.star --dry-run"
     )]
     Test(test::TestArgs),
+    /// Browse the embedded recipe library: named failures with the real
+    /// servers' error codes and messages.
+    Recipes {
+        #[command(subcommand)]
+        command: recipes::RecipesCommand,
+    },
+}
+
+/// Writes `text` to stdout. A reader that went away (`| head`) is not an
+/// error: the rest of the output is simply not wanted.
+pub fn print_stdout(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
 }
 
 fn main() {
@@ -47,6 +65,7 @@ fn main() {
     let result = match cli.command {
         Commands::Run(args) => run::run(args),
         Commands::Test(args) => test::run(args),
+        Commands::Recipes { command } => recipes::run(command),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -1,6 +1,6 @@
 //! `faultbox test`: load a spec, run its tests, print verdicts.
 
-use std::io::Write;
+use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -137,9 +137,9 @@ pub fn run(args: TestArgs) -> Result<i32> {
         None => spec.tests.clone(),
     };
     if args.dry_run {
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "Dry-run: loaded {}", args.file.display())?;
-        writeln!(out, "Services: {}", spec.services.len())?;
+        let mut out = String::new();
+        let _ = writeln!(out, "Dry-run: loaded {}", args.file.display());
+        let _ = writeln!(out, "Services: {}", spec.services.len());
         for s in &spec.services {
             let ports: Vec<String> = s
                 .interfaces
@@ -152,22 +152,23 @@ pub fn run(args: TestArgs) -> Result<i32> {
             } else {
                 s.binary.clone()
             };
-            writeln!(
+            let _ = writeln!(
                 out,
                 "  - {} ({}{}{})",
                 s.name,
                 what,
                 if ports.is_empty() { "" } else { "; " },
                 ports.join(", ")
-            )?;
+            );
         }
-        writeln!(out, "Tests: {}", tests.len())?;
+        let _ = writeln!(out, "Tests: {}", tests.len());
         for t in &tests {
-            writeln!(out, "  - {t}")?;
+            let _ = writeln!(out, "  - {t}");
         }
         if !spec.intercept.is_empty() {
-            writeln!(out, "Syscall filter: {}", spec.intercept.join(", "))?;
+            let _ = writeln!(out, "Syscall filter: {}", spec.intercept.join(", "));
         }
+        crate::print_stdout(&out)?;
         return Ok(0);
     }
     if tests.is_empty() {
@@ -297,7 +298,7 @@ pub fn run(args: TestArgs) -> Result<i32> {
             .with_context(|| format!("write {}", path.display()))?;
     }
     if args.format == Some(Format::Json) {
-        println!("{text}");
+        crate::print_stdout(&format!("{text}\n"))?;
     }
     Ok(if failed > 0 { 2 } else { 0 })
 }

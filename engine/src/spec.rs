@@ -20,10 +20,80 @@ use crate::runtime::TestRun;
 use crate::values::Ctx;
 
 /// Modules embedded in the binary, loaded with `load("@faultbox/...")`.
-pub const STDLIB: &[(&str, &str)] = &[(
-    "@faultbox/discovery/k8s.star",
-    include_str!("../stdlib/discovery/k8s.star"),
-)];
+pub const STDLIB: &[(&str, &str)] = &[
+    (
+        "@faultbox/discovery/k8s.star",
+        include_str!("../stdlib/discovery/k8s.star"),
+    ),
+    (
+        "@faultbox/recipes/http.star",
+        include_str!("../stdlib/recipes/http.star"),
+    ),
+    (
+        "@faultbox/recipes/redis.star",
+        include_str!("../stdlib/recipes/redis.star"),
+    ),
+    (
+        "@faultbox/recipes/postgres.star",
+        include_str!("../stdlib/recipes/postgres.star"),
+    ),
+];
+
+/// One named failure of the recipe library.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recipe {
+    /// `postgres`
+    pub protocol: String,
+    /// `disk_full`
+    pub name: String,
+    /// `query = None`
+    pub params: String,
+    /// The first line of its docstring.
+    pub doc: String,
+    /// Its definition, as written.
+    pub source: String,
+}
+
+/// Every recipe, in file order: `def _<name>(...)` followed by a
+/// docstring, in `@faultbox/recipes/<protocol>.star`.
+pub fn recipes() -> Vec<Recipe> {
+    let mut out = Vec::new();
+    for (path, source) in STDLIB {
+        let Some(protocol) = path
+            .strip_prefix("@faultbox/recipes/")
+            .and_then(|p| p.strip_suffix(".star"))
+        else {
+            continue;
+        };
+        let lines: Vec<&str> = source.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let Some(rest) = line.strip_prefix("def _") else {
+                continue;
+            };
+            let Some((name, params)) = rest.split_once('(') else {
+                continue;
+            };
+            let params = params.trim_end_matches("):").to_string();
+            let doc = lines
+                .get(i + 1)
+                .map(|d| d.trim().trim_matches('"').to_string())
+                .unwrap_or_default();
+            let end = lines[i + 1..]
+                .iter()
+                .position(|l| !l.starts_with(' ') && !l.is_empty())
+                .map(|n| i + 1 + n)
+                .unwrap_or(lines.len());
+            out.push(Recipe {
+                protocol: protocol.to_string(),
+                name: name.to_string(),
+                params,
+                doc,
+                source: lines[i..end].join("\n").trim_end().to_string(),
+            });
+        }
+    }
+    out
+}
 
 /// A spec that could not be loaded; the message carries `file:line:col`
 /// and the offending line when Starlark knows them.

@@ -87,6 +87,8 @@ fn postgres_panics_when_its_wal_fsync_fails_and_faultbox_reports_it() {
     let data = initdb(&dir);
     let text = format!(
         r#"
+load("@faultbox/recipes/postgres.star", "postgres")
+
 port = free_port()
 db = service(
     "db",
@@ -102,10 +104,12 @@ def test_disk_full_on_insert():
     assert_true(db.main.exec(sql = "CREATE TABLE IF NOT EXISTS items (id int)").ok)
     r = fault(
         db.main,
-        error(query = "insert into items*", code = "53100", message = "could not extend file: No space left on device"),
+        postgres.disk_full(query = "insert into items*"),
         run = lambda: db.main.exec(sql = "INSERT INTO items VALUES ($1)".replace("$1", "7")),
     )
-    assert_eq(r.error, "53100: could not extend file: No space left on device")
+    assert_true(r.error.startswith("53100: could not extend file"), r.error)
+    deadlock = fault(db.main, error(query = "UPDATE*", code = "40P01", message = "deadlock detected"), run = lambda: db.main.exec(sql = "update items set id = 9"))
+    assert_eq(deadlock.error, "40P01: deadlock detected")
     # The session is still usable, and the row never reached the server.
     assert_eq(db.main.query(sql = "SELECT count(*) AS n FROM items WHERE id = 7").data, [{{"n": "0"}}])
     assert_true(db.main.exec(sql = "INSERT INTO items VALUES (8)").ok, "other statements pass")
@@ -233,13 +237,15 @@ redis = service(
     healthcheck = tcp("localhost:%d" % port),
 )
 
+load("@faultbox/recipes/redis.star", recipes = "redis")
+
 OOM = "OOM command not allowed when used memory > 'maxmemory'."
 
 def test_oom_on_writes_only():
     assert_eq(redis.main.send(data = "SET a 1"), "+OK")
     def during():
         return [redis.main.send(data = "SET b 2"), redis.main.send(data = "GET a"), redis.main.send(data = "DEL a")]
-    got = fault(redis.main, error(command = "SET", message = OOM), error(command = "DEL", key = "other"), run = during)
+    got = fault(redis.main, recipes.oom(command = "SET"), error(command = "DEL", key = "other"), run = during)
     assert_eq(got, ["-" + OOM, "$1", ":1"])
     assert_eq(redis.main.send(data = "GET b"), "$-1", "the refused SET never reached the server")
 

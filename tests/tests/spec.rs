@@ -1098,7 +1098,11 @@ def test_error_on_tcp():
         "{t:#}"
     );
     let r = refused("proxy-topic", "x = drop(topic = \"orders\")\n", &[]);
-    assert!(r.stderr.contains("topic= matches message-broker traffic"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("topic= matches message-broker traffic"),
+        "{}",
+        r.stderr
+    );
     let (text, _) = http_service_spec(
         r#"
 def test_query_on_http():
@@ -1109,7 +1113,9 @@ def test_query_on_http():
     let doc = json(&run);
     let t = test_named(&doc, "test_query_on_http");
     assert!(
-        t["reason"].as_str().is_some_and(|r| r.contains("query= applies to postgres interfaces, not http")),
+        t["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("query= applies to postgres interfaces, not http")),
         "{t:#}"
     );
 }
@@ -1194,10 +1200,17 @@ def test_no_syscall_faults_on_remote():
     let _ = server.wait();
     assert_eq!(run.code, 2, "{}", run.stderr);
     let doc = json(&run);
-    assert_eq!(test_named(&doc, "test_remote")["result"], "pass", "{}", run.stderr);
+    assert_eq!(
+        test_named(&doc, "test_remote")["result"],
+        "pass",
+        "{}",
+        run.stderr
+    );
     let t = test_named(&doc, "test_no_syscall_faults_on_remote");
     assert!(
-        t["reason"].as_str().is_some_and(|r| r.contains("is a remote service: syscall faults need a process")),
+        t["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("is a remote service: syscall faults need a process")),
         "{t:#}"
     );
     let r = refused(
@@ -1205,11 +1218,66 @@ def test_no_syscall_faults_on_remote():
         "x = service(\"x\", interface(\"m\", \"tcp\", 1), remote = \"db\", args = [\"-v\"], healthcheck = tcp(\"db:1\"))\n",
         &[],
     );
-    assert!(r.stderr.contains("args= needs a process Faultbox starts"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("args= needs a process Faultbox starts"),
+        "{}",
+        r.stderr
+    );
     let r = refused(
         "remote-health",
         "x = service(\"x\", interface(\"m\", \"tcp\", 1), remote = \"db\")\n",
         &[],
     );
-    assert!(r.stderr.contains("a remote service needs healthcheck="), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("a remote service needs healthcheck="),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn recipes_load_from_the_binary_and_are_listed() {
+    let dir = Scratch::new("spec-recipes");
+    let (text, _) = http_service_spec(
+        r#"
+load("@faultbox/recipes/http.star", http_faults = "http")
+
+def test_rate_limited():
+    r = fault(web.api, http_faults.rate_limited(path = "/orders"), run = lambda: web.post(path = "/orders"))
+    assert_eq(r.status, 429)
+    assert_true("rate limit" in r.data["error"])
+    assert_eq(web.post(path = "/health").status, 200)
+"#,
+    );
+    let run = run_spec(&dir, &text, &[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let list = support::faultbox_raw(&["recipes", "list"]);
+    assert_eq!(list.code, 0);
+    for name in ["http.rate_limited(", "redis.oom(", "postgres.disk_full("] {
+        assert!(
+            list.stdout.contains(name),
+            "{name} missing from:\n{}",
+            list.stdout
+        );
+    }
+    let show = support::faultbox_raw(&["recipes", "show", "postgres.disk_full"]);
+    assert_eq!(show.code, 0);
+    assert!(show.stdout.contains("code = \"53100\""), "{}", show.stdout);
+    assert!(
+        show.stdout
+            .starts_with("load(\"@faultbox/recipes/postgres.star\", \"postgres\")")
+    );
+    let bad = support::faultbox_raw(&["recipes", "show", "postgres.nope"]);
+    assert_eq!(bad.code, 1);
+    assert!(
+        bad.stderr.contains("no recipe named \"postgres.nope\""),
+        "{}",
+        bad.stderr
+    );
+    let r = refused(
+        "recipe-missing",
+        "load(\"@faultbox/recipes/kafka.star\", \"kafka\")\n",
+        &[],
+    );
+    assert!(r.stderr.contains("SPEC_RECIPE_NOT_FOUND"), "{}", r.stderr);
 }
