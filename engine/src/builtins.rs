@@ -1830,6 +1830,7 @@ pub(crate) fn call_step<'v>(
     let builtin: &'static str = match step.iface.protocol.as_str() {
         "http" => "http step",
         "tcp" | "redis" => "tcp step",
+        "mysql" => "mysql step",
         _ => "postgres step",
     };
     let a = Args::from_arguments(builtin, args, eval)?;
@@ -1969,24 +1970,35 @@ pub(crate) fn call_step<'v>(
             let env = |k: &str| {
                 svc.and_then(|s| s.env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))
             };
+            let mysql = step.iface.protocol == "mysql";
+            let (user_var, password_var, db_var, default_user) = if mysql {
+                ("MYSQL_USER", "MYSQL_PASSWORD", "MYSQL_DATABASE", "root")
+            } else {
+                (
+                    "POSTGRES_USER",
+                    "POSTGRES_PASSWORD",
+                    "POSTGRES_DB",
+                    "postgres",
+                )
+            };
             let user = a
                 .named("user")
                 .map(|v| a.string(v, "user"))
                 .transpose()?
-                .or_else(|| env("POSTGRES_USER"))
-                .unwrap_or_else(|| "postgres".into());
+                .or_else(|| env(user_var))
+                .unwrap_or_else(|| default_user.into());
             let password = a
                 .named("password")
                 .map(|v| a.string(v, "password"))
                 .transpose()?
-                .or_else(|| env("POSTGRES_PASSWORD"))
+                .or_else(|| env(password_var))
                 .unwrap_or_default();
             let database = a
                 .named("database")
                 .map(|v| a.string(v, "database"))
                 .transpose()?
-                .or_else(|| env("POSTGRES_DB"))
-                .unwrap_or_else(|| user.clone());
+                .or_else(|| env(db_var))
+                .unwrap_or_else(|| if mysql { String::new() } else { user.clone() });
             let timeout = a
                 .named("timeout")
                 .map(|v| a.duration(v, "timeout"))
@@ -2001,7 +2013,12 @@ pub(crate) fn call_step<'v>(
             run.sync_all();
             run.trace.emit("step_send", "test", send);
             run.trace.merge(&target, "test");
-            match net::pg_query(&addr, &user, &password, &database, &sql, timeout) {
+            let result = if mysql {
+                net::mysql_query(&addr, &user, &password, &database, &sql, timeout)
+            } else {
+                net::pg_query(&addr, &user, &password, &database, &sql, timeout)
+            };
+            match result {
                 Ok(r) => ResponseValue {
                     ok: r.error.is_none(),
                     error: r.error.unwrap_or_default(),

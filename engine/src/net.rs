@@ -360,6 +360,191 @@ fn pg_error_fields(b: &[u8]) -> BTreeMap<u8, String> {
     out
 }
 
+fn my_read_packet(r: &mut impl Read) -> io::Result<(u8, Vec<u8>)> {
+    let mut head = [0u8; 4];
+    r.read_exact(&mut head).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            io::Error::new(
+                e.kind(),
+                "the server closed the connection unexpectedly (it may have crashed)",
+            )
+        } else {
+            e
+        }
+    })?;
+    let len = u32::from_le_bytes([head[0], head[1], head[2], 0]) as usize;
+    let mut body = vec![0; len];
+    r.read_exact(&mut body)?;
+    Ok((head[3], body))
+}
+
+fn my_write_packet(w: &mut impl Write, seq: u8, body: &[u8]) -> io::Result<()> {
+    let len = (body.len() as u32).to_le_bytes();
+    let mut out = vec![len[0], len[1], len[2], seq];
+    out.extend_from_slice(body);
+    w.write_all(&out)
+}
+
+/// A length-encoded integer at `*at`.
+fn my_lenenc(b: &[u8], at: &mut usize) -> Option<u64> {
+    let first = *b.get(*at)?;
+    *at += 1;
+    let take = |at: &mut usize, n: usize| -> Option<u64> {
+        let bytes = b.get(*at..*at + n)?;
+        *at += n;
+        let mut v = [0u8; 8];
+        v[..n].copy_from_slice(bytes);
+        Some(u64::from_le_bytes(v))
+    };
+    match first {
+        0xfb => None,
+        0xfc => take(at, 2),
+        0xfd => take(at, 3),
+        0xfe => take(at, 8),
+        n => Some(u64::from(n)),
+    }
+}
+
+fn my_error(body: &[u8]) -> String {
+    // 0xFF, code (2 bytes), '#', SQLSTATE (5), message.
+    let code = body
+        .get(1..3)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .unwrap_or(0);
+    let (state, msg) = if body.get(3) == Some(&b'#') {
+        (
+            String::from_utf8_lossy(body.get(4..9).unwrap_or_default()).into_owned(),
+            String::from_utf8_lossy(body.get(9..).unwrap_or_default()).into_owned(),
+        )
+    } else {
+        (
+            String::new(),
+            String::from_utf8_lossy(body.get(3..).unwrap_or_default()).into_owned(),
+        )
+    };
+    format!("{code} ({state}): {msg}")
+}
+
+/// Runs `sql` over the MySQL/MariaDB protocol. Accounts without a
+/// password only (enough for test servers started by a spec).
+pub fn mysql_query(
+    addr: &str,
+    user: &str,
+    password: &str,
+    database: &str,
+    sql: &str,
+    timeout: Duration,
+) -> io::Result<SqlResult> {
+    if !password.is_empty() {
+        return Err(io::Error::other(
+            "mysql steps support accounts without a password only in this build",
+        ));
+    }
+    let mut s = connect(addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let mut r = BufReader::new(s.try_clone()?);
+    let (_, greeting) = my_read_packet(&mut r)?;
+    if greeting.first() == Some(&0xff) {
+        return Err(io::Error::other(my_error(&greeting)));
+    }
+    // CLIENT_PROTOCOL_41 | SECURE_CONNECTION | PLUGIN_AUTH | CONNECT_WITH_DB
+    let mut caps: u32 = 0x0000_0200 | 0x0000_8000 | 0x0008_0000;
+    if !database.is_empty() {
+        caps |= 0x0000_0008;
+    }
+    let mut resp = Vec::new();
+    resp.extend_from_slice(&caps.to_le_bytes());
+    resp.extend_from_slice(&(1u32 << 24).to_le_bytes());
+    resp.push(33); // utf8_general_ci
+    resp.extend_from_slice(&[0u8; 23]);
+    resp.extend_from_slice(user.as_bytes());
+    resp.push(0);
+    resp.push(0); // empty auth response
+    if !database.is_empty() {
+        resp.extend_from_slice(database.as_bytes());
+        resp.push(0);
+    }
+    resp.extend_from_slice(b"mysql_native_password\0");
+    my_write_packet(&mut s, 1, &resp)?;
+    loop {
+        let (seq, body) = my_read_packet(&mut r)?;
+        match body.first() {
+            Some(0x00) => break,
+            Some(0xff) => return Err(io::Error::other(my_error(&body))),
+            // Auth switch: answer with an empty password again.
+            Some(0xfe) => my_write_packet(&mut s, seq.wrapping_add(1), &[])?,
+            _ => return Err(io::Error::other("unexpected MySQL handshake packet")),
+        }
+    }
+    let mut q = vec![0x03];
+    q.extend_from_slice(sql.as_bytes());
+    my_write_packet(&mut s, 0, &q)?;
+    let mut result = SqlResult::default();
+    let (_, first) = my_read_packet(&mut r)?;
+    match first.first() {
+        Some(0xff) => {
+            result.error = Some(my_error(&first));
+            return Ok(result);
+        }
+        Some(0x00) => {
+            let mut at = 1;
+            let affected = my_lenenc(&first, &mut at).unwrap_or(0);
+            result.tag = format!("OK {affected}");
+            return Ok(result);
+        }
+        _ => {}
+    }
+    let mut at = 0;
+    let columns = my_lenenc(&first, &mut at).unwrap_or(0) as usize;
+    let mut names = Vec::with_capacity(columns);
+    for _ in 0..columns {
+        let (_, def) = my_read_packet(&mut r)?;
+        // catalog, schema, table, org_table, name, ...
+        let mut at = 0;
+        let mut fields = Vec::new();
+        for _ in 0..5 {
+            let n = my_lenenc(&def, &mut at).unwrap_or(0) as usize;
+            fields.push(
+                String::from_utf8_lossy(def.get(at..at + n).unwrap_or_default()).into_owned(),
+            );
+            at += n;
+        }
+        names.push(fields.pop().unwrap_or_default());
+    }
+    // EOF after the column definitions (no CLIENT_DEPRECATE_EOF).
+    my_read_packet(&mut r)?;
+    loop {
+        let (_, row) = my_read_packet(&mut r)?;
+        match row.first() {
+            Some(0xfe) if row.len() < 9 => break,
+            Some(0xff) => {
+                result.error = Some(my_error(&row));
+                break;
+            }
+            _ => {}
+        }
+        let mut at = 0;
+        let mut obj = serde_json::Map::new();
+        for name in &names {
+            let value = match my_lenenc(&row, &mut at) {
+                None => Json::Null,
+                Some(n) => {
+                    let n = n as usize;
+                    let v = String::from_utf8_lossy(row.get(at..at + n).unwrap_or_default())
+                        .into_owned();
+                    at += n;
+                    json!(v)
+                }
+            };
+            obj.insert(name.clone(), value);
+        }
+        result.rows.push(Json::Object(obj));
+    }
+    result.tag = format!("SELECT {}", result.rows.len());
+    Ok(result)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,7 +27,7 @@ use crate::trace::{Trace, fields};
 
 /// Whether interfaces of `protocol` get a proxy.
 pub fn proxied(protocol: &str) -> bool {
-    matches!(protocol, "tcp" | "http" | "redis" | "postgres")
+    matches!(protocol, "tcp" | "http" | "redis" | "postgres" | "mysql")
 }
 
 /// What a protocol rule does when it fires.
@@ -104,24 +104,24 @@ impl ProxyRuleDef {
     /// Refuses what `protocol` cannot apply, naming what it supports.
     pub fn check(&self, protocol: &str) -> Result<(), String> {
         let redis_keys = self.command.is_some() || self.key.is_some();
-        if self.query.is_some() && protocol != "postgres" {
+        let sql = matches!(protocol, "postgres" | "mysql");
+        if self.query.is_some() && !sql {
             return Err(format!(
-                "query= applies to postgres interfaces, not {protocol}"
+                "query= applies to postgres and mysql interfaces, not {protocol}"
             ));
         }
-        if matches!(self.action, ProxyAction::Error { code: Some(_), .. }) && protocol != "postgres"
-        {
+        if matches!(self.action, ProxyAction::Error { code: Some(_), .. }) && !sql {
             return Err(format!(
-                "code= (a SQLSTATE) applies to postgres interfaces, not {protocol}"
+                "code= (a SQLSTATE) applies to postgres and mysql interfaces, not {protocol}"
             ));
         }
         match protocol {
-            "postgres" => {
+            "postgres" | "mysql" => {
                 if self.method.is_some() || self.path.is_some() || redis_keys {
-                    return Err("postgres rules match query= only".into());
+                    return Err(format!("{protocol} rules match query= only"));
                 }
                 if matches!(self.action, ProxyAction::Respond { .. }) {
-                    return Err("response() does not apply to postgres interfaces (a made-up result set would need its column types); use error(code=..., message=...), drop() or delay(delay=...)".into());
+                    return Err(format!("response() does not apply to {protocol} interfaces (a made-up result set would need its column types); use error(code=..., message=...), drop() or delay(delay=...)"));
                 }
                 Ok(())
             }
@@ -148,7 +148,7 @@ impl ProxyRuleDef {
                 Ok(())
             }
             other => Err(format!(
-                "protocol faults on {other} interfaces are not supported by this build (tcp, http, redis and postgres are)"
+                "protocol faults on {other} interfaces are not supported by this build (tcp, http, redis, postgres and mysql are)"
             )),
         }
     }
@@ -464,6 +464,7 @@ fn serve(client: TcpStream, ctx: &Ctx) {
         "http" => serve_http(client, ctx),
         "redis" => serve_redis(client, ctx),
         "postgres" => serve_postgres(client, ctx),
+        "mysql" => serve_mysql(client, ctx),
         _ => serve_tcp(client, ctx),
     };
     ctx.trace.emit(
@@ -1160,6 +1161,96 @@ fn serve_postgres(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
             }
             _ => {
                 if upstream.write_all(&msg).is_err() {
+                    break "upstream closed";
+                }
+            }
+        }
+    };
+    finish_relay(&upstream, answers, up, injected, reason)
+}
+
+/// MySQL/MariaDB: the server speaks first and the handshake is relayed
+/// as it is. Every client packet with sequence number 0 starts a command;
+/// COM_QUERY and COM_STMT_PREPARE are matched on their SQL. An injected
+/// error answers with an ERR packet (code 1105, the SQLSTATE of `code=`,
+/// default HY000), and the connection stays usable.
+fn serve_mysql(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
+    let Ok(read_half) = client.try_clone() else {
+        return (0, 0, "clone failed");
+    };
+    let mut reader = BufReader::with_capacity(64 << 10, read_half);
+    let mut client = client;
+    let Ok(mut upstream) = TcpStream::connect_timeout(&ctx.upstream, Duration::from_secs(5)) else {
+        let _ = client.shutdown(Shutdown::Both);
+        return (0, 0, "upstream unreachable");
+    };
+    let _ = upstream.set_nodelay(true);
+    let (Ok(up_read), Ok(client_write)) = (upstream.try_clone(), client.try_clone()) else {
+        return (0, 0, "clone failed");
+    };
+    let answers = std::thread::spawn(move || pump(up_read, client_write));
+    let (mut up, mut injected) = (0u64, 0u64);
+    let reason = loop {
+        let mut head = [0u8; 4];
+        if reader.read_exact(&mut head).is_err() {
+            break "closed";
+        }
+        let len = u32::from_le_bytes([head[0], head[1], head[2], 0]) as usize;
+        let mut packet = head.to_vec();
+        packet.resize(4 + len, 0);
+        if reader.read_exact(&mut packet[4..]).is_err() {
+            break "closed";
+        }
+        up += packet.len() as u64;
+        let command = (head[3] == 0).then(|| packet.get(4).copied()).flatten();
+        let sql = match command {
+            Some(0x03) | Some(0x16) => Some(String::from_utf8_lossy(&packet[5..]).into_owned()),
+            _ => None,
+        };
+        let Some(sql) = sql else {
+            if upstream.write_all(&packet).is_err() {
+                break "upstream closed";
+            }
+            continue;
+        };
+        let canonical = canonical_sql(&sql);
+        let verdict = lock(&ctx.rules).decide(&Request {
+            method: "",
+            path: "",
+            command: "",
+            key: "",
+            query: &canonical,
+            first_bytes: &[],
+        });
+        if !verdict.fired.is_empty() {
+            let short: String = sql.chars().take(120).collect();
+            ctx.fired(&verdict, &short);
+        }
+        if verdict.delay_ns > 0 {
+            std::thread::sleep(Duration::from_nanos(verdict.delay_ns));
+        }
+        match verdict.action {
+            Some(ProxyAction::Drop) => {
+                let _ = client.shutdown(Shutdown::Both);
+                let _ = upstream.shutdown(Shutdown::Both);
+                break "dropped";
+            }
+            Some(ProxyAction::Error { message, code, .. }) => {
+                let mut body = vec![0xff];
+                body.extend_from_slice(&1105u16.to_le_bytes());
+                body.push(b'#');
+                body.extend_from_slice(code.as_deref().unwrap_or("HY000").as_bytes());
+                body.extend_from_slice(message.as_bytes());
+                let len = (body.len() as u32).to_le_bytes();
+                let mut reply = vec![len[0], len[1], len[2], 1];
+                reply.extend_from_slice(&body);
+                if client.write_all(&reply).is_err() {
+                    break "client closed";
+                }
+                injected += reply.len() as u64;
+            }
+            _ => {
+                if upstream.write_all(&packet).is_err() {
                     break "upstream closed";
                 }
             }

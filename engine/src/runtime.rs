@@ -1189,6 +1189,17 @@ pub fn probe(check: &Healthcheck, def: &ServiceDef, timeout: Duration) -> Result
                         Some(e) => Err(e),
                     }
                 }
+                "mysql" => {
+                    let env =
+                        |k: &str| def.env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+                    let user = env("MYSQL_USER").unwrap_or_else(|| "root".into());
+                    let r = net::mysql_query(&addr, &user, "", "", "SELECT 1", timeout)
+                        .map_err(|e| e.to_string())?;
+                    match r.error {
+                        None => Ok(()),
+                        Some(e) => Err(e),
+                    }
+                }
                 "http" => {
                     let r = net::http_request(&addr, "GET", "/", &[], &[], timeout)
                         .map_err(|e| e.to_string())?;

@@ -275,3 +275,60 @@ def test_cache_miss():
         "{t:#}"
     );
 }
+
+#[test]
+fn mariadb_errors_injected_on_matching_statements_leave_the_session_usable() {
+    let dir = Scratch::new("mariadb");
+    let data = dir.path("mysql");
+    let out = Command::new("mariadb-install-db")
+        .args([
+            "--no-defaults",
+            &format!("--datadir={data}"),
+            "--user=mysql",
+            "--auth-root-authentication-method=normal",
+            "--skip-test-db",
+        ])
+        .output()
+        .expect("mariadb-install-db (run scripts/setup)");
+    assert!(
+        out.status.success(),
+        "mariadb-install-db failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = Command::new("chown")
+        .args(["-R", "mysql:mysql", &data])
+        .status();
+    let _ = Command::new("chmod")
+        .args(["o+x", &dir.0.to_string_lossy()])
+        .status();
+    let text = format!(
+        r#"
+port = free_port()
+db = service(
+    "db",
+    "/usr/sbin/mariadbd",
+    interface("main", "mysql", port),
+    args = ["--no-defaults", "--datadir={data}", "--port=%d" % port, "--bind-address=127.0.0.1",
+            "--socket={data}/mysqld.sock", "--skip-grant-tables", "--skip-log-bin"],
+    user = "mysql",
+    healthcheck = ready(timeout = "60s"),
+)
+
+def test_table_full():
+    assert_true(db.main.exec(sql = "CREATE DATABASE IF NOT EXISTS shop").ok)
+    assert_true(db.main.exec(sql = "CREATE TABLE IF NOT EXISTS shop.items (id INT)").ok)
+    r = fault(
+        db.main,
+        error(query = "insert into shop.items*", code = "HY000", message = "The table 'items' is full"),
+        run = lambda: db.main.exec(sql = "INSERT INTO shop.items VALUES (1)"),
+    )
+    assert_eq(r.error, "1105 (HY000): The table 'items' is full")
+    assert_eq(db.main.query(sql = "SELECT COUNT(*) AS n FROM shop.items").data, [{{"n": "0"}}])
+    assert_true(db.main.exec(sql = "INSERT INTO shop.items VALUES (2)").ok, "other statements pass")
+"#
+    );
+    let (code, doc, stderr) = run(&dir, &text);
+    assert_eq!(code, 0, "{stderr}");
+    let t = test_of(&doc, "test_table_full");
+    assert_eq!(t["faults"][0]["hits"], 1, "{t:#}");
+}
