@@ -180,6 +180,7 @@ fn bench_restart(reps: usize, shim: &Path) {
                 name: "main".into(),
                 protocol: "tcp".into(),
                 port,
+                tls: None,
             }],
             depends_on: Vec::new(),
             healthcheck: Some(Healthcheck::Tcp {

@@ -28,10 +28,11 @@ use crate::model::{Healthcheck, InterfaceDef, OpDef, ServiceDef};
 use crate::net;
 use crate::proxy::{ProxyAction, ProxyRuleDef};
 use crate::runtime::{AssertionDetail, TestRun};
+use crate::tls::TlsSpec;
 use crate::trace::{Event, Filter, fields};
 use crate::values::{
     Ctx, EventValue, FaultValue, HealthcheckValue, InterfaceRef, InterfaceValue, OpValue,
-    ProxyRuleValue, ResponseValue, ServiceValue, StepMethod, json_to_value,
+    ProxyRuleValue, ResponseValue, ServiceValue, StepMethod, TlsValue, json_to_value,
 };
 
 fn err(message: impl Into<String>) -> starlark::Error {
@@ -930,8 +931,11 @@ pub(crate) fn topology(builder: &mut GlobalsBuilder) {
                 other.declared_at
             )));
         }
-        for iface in &def.interfaces {
-            for other in services.iter() {
+        // Remote services' ports are on other machines: only local ones
+        // can collide.
+        let local = |d: &ServiceDef| !d.is_remote();
+        for iface in def.interfaces.iter().filter(|_| local(&def)) {
+            for other in services.iter().filter(|o| local(o)) {
                 if let Some(o) = other.interfaces.iter().find(|o| o.port == iface.port) {
                     return Err(err(format!(
                         "service({name:?}): port {} of interface {:?} is already used by {}.{}",
@@ -951,12 +955,7 @@ pub(crate) fn topology(builder: &mut GlobalsBuilder) {
         eval: &mut Evaluator<'v, '_, '_>,
     ) -> starlark::Result<Value<'v>> {
         let a = Args::new("interface", args, kwargs)?;
-        if a.named.iter().any(|(k, _)| k == "tls") {
-            return Err(err(
-                "interface(): tls= needs the protocol proxies, which this build does not have yet",
-            ));
-        }
-        a.check(3, &["name", "protocol", "port"])?;
+        a.check(3, &["name", "protocol", "port", "tls"])?;
         let name = a.string(a.required(0, "name")?, "name")?;
         let protocol = a.string(a.required(1, "protocol")?, "protocol")?;
         if !PROTOCOLS.contains(&protocol.as_str()) {
@@ -975,11 +974,33 @@ pub(crate) fn topology(builder: &mut GlobalsBuilder) {
                     port_v.to_repr()
                 ))
             })?;
+        let tls = match a.named("tls") {
+            None => None,
+            Some(v) if v.unpack_bool() == Some(false) => None,
+            Some(v) if v.unpack_bool() == Some(true) => Some(TlsSpec::default()),
+            Some(v) => Some(
+                TlsValue::from_value(v)
+                    .ok_or_else(|| {
+                        err(format!(
+                            "interface({name:?}): tls= must be tls_cert(...) or True, got {}",
+                            v.get_type()
+                        ))
+                    })?
+                    .spec
+                    .clone(),
+            ),
+        };
+        if tls.is_some() && !matches!(protocol.as_str(), "http" | "tcp" | "redis") {
+            return Err(err(format!(
+                "interface({name:?}): tls= is supported on http, tcp and redis interfaces in this build, not {protocol} (its TLS starts inside the protocol)"
+            )));
+        }
         Ok(eval.heap().alloc(InterfaceValue {
             def: InterfaceDef {
                 name,
                 protocol,
                 port: port as u16,
+                tls,
             },
         }))
     }
@@ -1124,6 +1145,47 @@ pub(crate) fn topology(builder: &mut GlobalsBuilder) {
             }
         }
         Ok(m)
+    }
+
+    /// `tls_cert(proxy_cert=, proxy_key=, client_cert=, client_key=, ca=,
+    /// insecure=False)`: TLS for `interface(..., tls=...)`. Paths are
+    /// relative to the calling file; nothing given = a generated CA.
+    fn tls_cert<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<Value<'v>> {
+        let a = Args::new("tls_cert", args, kwargs)?;
+        a.check(
+            0,
+            &[
+                "proxy_cert",
+                "proxy_key",
+                "client_cert",
+                "client_key",
+                "ca",
+                "insecure",
+            ],
+        )?;
+        let path = |k: &str| -> Res<Option<std::path::PathBuf>> {
+            a.named(k)
+                .map(|v| a.string(v, k).map(|p| resolve_relative(eval, &p)))
+                .transpose()
+        };
+        let spec = TlsSpec {
+            proxy_cert: path("proxy_cert")?,
+            proxy_key: path("proxy_key")?,
+            client_cert: path("client_cert")?,
+            client_key: path("client_key")?,
+            ca: path("ca")?,
+            insecure: a
+                .named("insecure")
+                .and_then(|v| v.unpack_bool())
+                .unwrap_or(false),
+        };
+        spec.validate()
+            .map_err(|e| err(format!("tls_cert(): {e}")))?;
+        Ok(eval.heap().alloc(TlsValue { spec }))
     }
 
     /// `free_port()`: a TCP port nothing listens on right now, for specs
@@ -1812,13 +1874,6 @@ pub(crate) fn not_in_this_build(builder: &mut GlobalsBuilder) {
     ) -> starlark::Result<NoneType> {
         Err(unsupported("mock_service", "mock services"))
     }
-
-    fn tls_cert<'v>(
-        #[starlark(args)] _args: UnpackTuple<Value<'v>>,
-        #[starlark(kwargs)] _kwargs: DictRef<'v>,
-    ) -> starlark::Result<NoneType> {
-        Err(unsupported("tls_cert", "TLS proxies"))
-    }
 }
 
 /// Runs one step: `svc.iface.post(path=..., body=...)` and friends.
@@ -1883,7 +1938,16 @@ pub(crate) fn call_step<'v>(
             run.trace.emit("step_send", "test", send);
             run.trace.merge(&target, "test");
             let method = step.method.to_ascii_uppercase();
-            match net::http_request(&addr, &method, &path, &headers, body.as_bytes(), timeout) {
+            let tls = run.step_tls(&step.service, &step.iface.name);
+            match net::http_request(
+                &addr,
+                &method,
+                &path,
+                &headers,
+                body.as_bytes(),
+                timeout,
+                tls.as_ref(),
+            ) {
                 Ok(r) => {
                     let mut body = String::from_utf8_lossy(&r.body).into_owned();
                     if body.len() > 64 << 10 {
@@ -1921,7 +1985,8 @@ pub(crate) fn call_step<'v>(
             run.sync_all();
             run.trace.emit("step_send", "test", send);
             run.trace.merge(&target, "test");
-            let result = net::tcp_send(&addr, &data, timeout);
+            let tls = run.step_tls(&step.service, &step.iface.name);
+            let result = net::tcp_send(&addr, &data, timeout, tls.as_ref());
             let elapsed = started.elapsed().as_millis();
             // Every call the step caused, in any service, is logged before
             // its answer: the trace's order is the causal one.

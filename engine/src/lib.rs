@@ -10,6 +10,7 @@ pub mod report;
 pub mod runtime;
 pub mod shim;
 pub mod spec;
+pub mod tls;
 pub mod trace;
 #[allow(unsafe_code)] // derive(ProvidesStaticType) expands to an unsafe impl; see the module doc
 pub mod values;

@@ -38,6 +38,8 @@ pub struct InterfaceDef {
     pub name: String,
     pub protocol: String,
     pub port: u16,
+    /// `tls=`: the proxy terminates and re-originates TLS.
+    pub tls: Option<crate::tls::TlsSpec>,
 }
 
 /// A named operation: syscalls (families allowed) and an optional path glob.

@@ -38,6 +38,57 @@ pub fn connect(addr: &str, timeout: Duration) -> io::Result<TcpStream> {
     Err(last.unwrap_or_else(|| io::Error::other("no address")))
 }
 
+/// A step's connection: plain, or TLS to a proxy front.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// Connects for a step, with TLS when `tls` is given (trusting its roots,
+/// checking the name `localhost`).
+pub fn open(
+    addr: &str,
+    timeout: Duration,
+    tls: Option<&std::sync::Arc<rustls::ClientConfig>>,
+) -> io::Result<Stream> {
+    let sock = connect(addr, timeout)?;
+    sock.set_read_timeout(Some(timeout))?;
+    sock.set_write_timeout(Some(timeout))?;
+    match tls {
+        None => Ok(Stream::Plain(sock)),
+        Some(config) => Ok(Stream::Tls(Box::new(crate::tls::connect_client(
+            sock,
+            std::sync::Arc::clone(config),
+            "localhost",
+        )?))),
+    }
+}
+
 /// An HTTP response.
 #[derive(Debug, Clone, Default)]
 pub struct HttpResponse {
@@ -64,6 +115,7 @@ pub fn split_url(url: &str) -> Result<(String, String), String> {
 }
 
 /// Sends one request on a fresh connection and reads the whole answer.
+#[allow(clippy::too_many_arguments)]
 pub fn http_request(
     addr: &str,
     method: &str,
@@ -71,11 +123,10 @@ pub fn http_request(
     headers: &[(String, String)],
     body: &[u8],
     timeout: Duration,
+    tls: Option<&std::sync::Arc<rustls::ClientConfig>>,
 ) -> io::Result<HttpResponse> {
     let deadline = Instant::now() + timeout;
-    let mut stream = connect(addr, timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
+    let mut stream = open(addr, timeout, tls)?;
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     let mut has_type = false;
     for (k, v) in headers {
@@ -157,10 +208,13 @@ pub fn http_request(
 }
 
 /// Sends `data` plus a newline and returns the first line of the answer.
-pub fn tcp_send(addr: &str, data: &str, timeout: Duration) -> io::Result<String> {
-    let mut stream = connect(addr, timeout.min(Duration::from_secs(5)))?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
+pub fn tcp_send(
+    addr: &str,
+    data: &str,
+    timeout: Duration,
+    tls: Option<&std::sync::Arc<rustls::ClientConfig>>,
+) -> io::Result<String> {
+    let mut stream = open(addr, timeout.min(Duration::from_secs(10)), tls)?;
     stream.write_all(data.as_bytes())?;
     stream.write_all(b"\n")?;
     let mut line = String::new();

@@ -110,6 +110,12 @@ struct ProxyWindow {
     rules: Vec<(String, ProxyRuleDef)>,
 }
 
+struct TlsRelays {
+    front: crate::tls::Relay,
+    back: crate::tls::Relay,
+    setup: Arc<crate::tls::TlsSetup>,
+}
+
 struct Running {
     shim: Option<Shim>,
     log: PathBuf,
@@ -128,6 +134,12 @@ pub struct TestRun {
     windows: Mutex<Vec<Window>>,
     proxy_windows: Mutex<Vec<ProxyWindow>>,
     proxies: Mutex<BTreeMap<(String, String), Proxy>>,
+    /// TLS interfaces: the front and back relays around their proxy, and
+    /// the configuration steps use.
+    tls: Mutex<BTreeMap<(String, String), TlsRelays>>,
+    /// TLS setups by declaration, so every interface with a generated
+    /// certificate shares one CA per test.
+    tls_setups: Mutex<Vec<(crate::tls::TlsSpec, Arc<crate::tls::TlsSetup>)>>,
     next_window: AtomicU64,
     faults: Mutex<Vec<FaultRecord>>,
     crashes: Arc<Mutex<Vec<Crash>>>,
@@ -254,6 +266,8 @@ impl TestRun {
             windows: Mutex::new(Vec::new()),
             proxy_windows: Mutex::new(Vec::new()),
             proxies: Mutex::new(BTreeMap::new()),
+            tls: Mutex::new(BTreeMap::new()),
+            tls_setups: Mutex::new(Vec::new()),
             next_window: AtomicU64::new(1),
             faults: Mutex::new(Vec::new()),
             crashes: Arc::new(Mutex::new(Vec::new())),
@@ -423,26 +437,105 @@ impl TestRun {
                     })?,
                 None => std::net::SocketAddr::from(([127, 0, 0, 1], iface.port)),
             };
+            let key = (def.name.clone(), iface.name.clone());
+            let Some(tls) = &iface.tls else {
+                let proxy = Proxy::start(
+                    &def.name,
+                    &iface.name,
+                    &iface.protocol,
+                    upstream,
+                    Arc::clone(&self.trace),
+                )
+                .map_err(|e| err(format!("proxy for {}.{}: {e}", def.name, iface.name)))?;
+                lock(&self.proxies).insert(key, proxy);
+                continue;
+            };
+            let setup = self
+                .tls_setup(tls)
+                .map_err(|e| err(format!("TLS for {}.{}: {e}", def.name, iface.name)))?;
+            let host = def
+                .remote
+                .get(&iface.name)
+                .and_then(|r| r.rsplit_once(':').map(|(h, _)| h.to_string()))
+                .unwrap_or_else(|| "localhost".to_string());
+            let name = rustls::pki_types::ServerName::try_from(host)
+                .map_err(|e| err(format!("TLS for {}.{}: {e}", def.name, iface.name)))?;
+            let io =
+                |e: std::io::Error| err(format!("TLS relay for {}.{}: {e}", def.name, iface.name));
+            let back =
+                crate::tls::Relay::back(upstream, name, Arc::clone(&setup.upstream)).map_err(io)?;
             let proxy = Proxy::start(
                 &def.name,
                 &iface.name,
                 &iface.protocol,
-                upstream,
+                back.listen,
                 Arc::clone(&self.trace),
             )
             .map_err(|e| err(format!("proxy for {}.{}: {e}", def.name, iface.name)))?;
-            lock(&self.proxies).insert((def.name.clone(), iface.name.clone()), proxy);
+            let front =
+                crate::tls::Relay::front(proxy.listen, Arc::clone(&setup.server)).map_err(io)?;
+            self.trace.emit(
+                "proxy_started",
+                &def.name,
+                fields([
+                    ("interface", iface.name.clone()),
+                    ("protocol", iface.protocol.clone()),
+                    ("listen", front.listen.to_string()),
+                    ("target", upstream.to_string()),
+                    ("mode", "tls".to_string()),
+                ]),
+            );
+            lock(&self.proxies).insert(key.clone(), proxy);
+            lock(&self.tls).insert(key, TlsRelays { front, back, setup });
         }
         Ok(())
+    }
+
+    fn tls_setup(&self, spec: &crate::tls::TlsSpec) -> Result<Arc<crate::tls::TlsSetup>, String> {
+        let mut setups = lock(&self.tls_setups);
+        if let Some((_, s)) = setups.iter().find(|(k, _)| k == spec) {
+            return Ok(Arc::clone(s));
+        }
+        // The generated certificate covers every name a client may use.
+        let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        for s in &self.services {
+            for r in s.remote.values() {
+                if let Some((h, _)) = r.rsplit_once(':') {
+                    names.push(h.to_string());
+                }
+            }
+        }
+        let tag = format!("{}.tls{}", self.name, setups.len());
+        let setup = Arc::new(crate::tls::setup(spec, &names, &self.config.log_dir, &tag)?);
+        setups.push((spec.clone(), Arc::clone(&setup)));
+        Ok(setup)
+    }
+
+    /// The address clients use for `service.interface`: the TLS front, the
+    /// proxy, or nothing (no proxy).
+    fn public_addr(&self, service: &str, interface: &str) -> Option<std::net::SocketAddr> {
+        let key = (service.to_string(), interface.to_string());
+        if let Some(t) = lock(&self.tls).get(&key) {
+            return Some(t.front.listen);
+        }
+        lock(&self.proxies).get(&key).map(|p| p.listen)
     }
 
     /// Where the test reaches `service.interface`: its proxy when one
     /// runs, the service itself otherwise.
     pub fn step_addr(&self, service: &str, interface: &str, port: u16) -> String {
-        match lock(&self.proxies).get(&(service.to_string(), interface.to_string())) {
-            Some(p) => p.listen.to_string(),
+        match self.public_addr(service, interface) {
+            Some(a) => a.to_string(),
             None => format!("127.0.0.1:{port}"),
         }
+    }
+
+    /// The TLS configuration steps use for `service.interface`, if it has
+    /// TLS.
+    pub fn step_tls(&self, service: &str, interface: &str) -> Option<Arc<rustls::ClientConfig>> {
+        lock(&self.tls)
+            .get(&(service.to_string(), interface.to_string()))
+            .map(|t| Arc::clone(&t.setup.steps))
     }
 
     /// Points another service's address in an env value at its proxy:
@@ -450,9 +543,16 @@ impl TestRun {
     /// and `.proxy_addr/.proxy_host/.proxy_port` placeholders resolve.
     fn rewrite_env_value(&self, own: &str, value: &str) -> String {
         let mut out = value.to_string();
-        for ((svc, iface), proxy) in lock(&self.proxies).iter() {
-            let addr = proxy.listen.to_string();
-            let port = proxy.listen.port().to_string();
+        let proxies: Vec<(String, String, u16)> = lock(&self.proxies)
+            .iter()
+            .map(|((s, i), p)| (s.clone(), i.clone(), p.upstream.port()))
+            .collect();
+        for (svc, iface, upstream_port) in &proxies {
+            let Some(public) = self.public_addr(svc, iface) else {
+                continue;
+            };
+            let addr = public.to_string();
+            let port = public.port().to_string();
             out = out
                 .replace(&crate::values::proxy_placeholder("ADDR", svc, iface), &addr)
                 .replace(
@@ -467,9 +567,14 @@ impl TestRun {
             match remote {
                 Some(r) => out = replace_addr(&out, &r, &addr),
                 None => {
-                    let upstream = proxy.upstream.port();
+                    // The real port: a TLS proxy's upstream is its back relay.
+                    let real = self
+                        .service(svc)
+                        .and_then(|d| d.interfaces.iter().find(|i| &i.name == iface))
+                        .map(|i| i.port)
+                        .unwrap_or(*upstream_port);
                     for host in ["localhost", "127.0.0.1"] {
-                        out = replace_addr(&out, &format!("{host}:{upstream}"), &addr);
+                        out = replace_addr(&out, &format!("{host}:{real}"), &addr);
                     }
                 }
             }
@@ -479,13 +584,18 @@ impl TestRun {
 
     /// `FAULTBOX_<SVC>_<IFACE>_ADDR/HOST/PORT` for every interface.
     fn address_vars(&self) -> Vec<(String, String)> {
-        let proxies = lock(&self.proxies);
         let mut out = Vec::new();
+        if let Some((_, setup)) = lock(&self.tls_setups).first() {
+            out.push((
+                "FAULTBOX_CA_FILE".to_string(),
+                setup.ca_file.to_string_lossy().into_owned(),
+            ));
+        }
         for s in &self.services {
             for i in &s.interfaces {
                 let key = format!("FAULTBOX_{}_{}", env_name(&s.name), env_name(&i.name));
-                let (host, port) = match proxies.get(&(s.name.clone(), i.name.clone())) {
-                    Some(p) => ("127.0.0.1".to_string(), p.listen.port()),
+                let (host, port) = match self.public_addr(&s.name, &i.name) {
+                    Some(a) => ("127.0.0.1".to_string(), a.port()),
                     None => ("localhost".to_string(), i.port),
                 };
                 out.push((format!("{key}_ADDR"), format!("{host}:{port}")));
@@ -1018,6 +1128,19 @@ impl TestRun {
             for p in proxies {
                 p.stop();
             }
+            let relays: Vec<TlsRelays> = {
+                let mut all = lock(&self.tls);
+                let keys: Vec<(String, String)> = all
+                    .keys()
+                    .filter(|(s, _)| s == &def.name)
+                    .cloned()
+                    .collect();
+                keys.iter().filter_map(|k| all.remove(k)).collect()
+            };
+            for r in relays {
+                r.front.stop();
+                r.back.stop();
+            }
             let shim = lock(&self.running)
                 .get_mut(&def.name)
                 .and_then(|r| r.shim.take());
@@ -1201,7 +1324,7 @@ pub fn probe(check: &Healthcheck, def: &ServiceDef, timeout: Duration) -> Result
                     }
                 }
                 "http" => {
-                    let r = net::http_request(&addr, "GET", "/", &[], &[], timeout)
+                    let r = net::http_request(&addr, "GET", "/", &[], &[], timeout, None)
                         .map_err(|e| e.to_string())?;
                     if (200..400).contains(&r.status) {
                         Ok(())
@@ -1221,7 +1344,7 @@ pub fn probe(check: &Healthcheck, def: &ServiceDef, timeout: Duration) -> Result
             url, expect_status, ..
         } => {
             let (addr, path) = net::split_url(url)?;
-            let r = net::http_request(&addr, "GET", &path, &[], &[], timeout)
+            let r = net::http_request(&addr, "GET", &path, &[], &[], timeout, None)
                 .map_err(|e| e.to_string())?;
             let good = match expect_status {
                 Some(want) => r.status == *want,

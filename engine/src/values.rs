@@ -325,6 +325,23 @@ impl fmt::Display for ProxyRuleValue {
 #[starlark_value(type = "proxy_fault")]
 impl<'v> StarlarkValue<'v> for ProxyRuleValue {}
 
+/// `tls_cert(...)`: TLS material for `interface(tls=...)`.
+#[derive(Debug, Clone, ProvidesStaticType, NoSerialize, Allocative)]
+pub struct TlsValue {
+    #[allocative(skip)]
+    pub spec: crate::tls::TlsSpec,
+}
+starlark_simple_value!(TlsValue);
+
+impl fmt::Display for TlsValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<tls_cert>")
+    }
+}
+
+#[starlark_value(type = "tls_cert")]
+impl<'v> StarlarkValue<'v> for TlsValue {}
+
 /// `op(syscalls=[...], path=...)`: a named group of syscalls.
 #[derive(Debug, Clone, ProvidesStaticType, NoSerialize, Allocative)]
 pub struct OpValue {

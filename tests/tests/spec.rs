@@ -1281,3 +1281,97 @@ def test_rate_limited():
     );
     assert!(r.stderr.contains("SPEC_RECIPE_NOT_FOUND"), "{}", r.stderr);
 }
+
+#[test]
+fn tls_interfaces_terminate_and_reoriginate_tls_with_rules_on_the_plaintext() {
+    let dir = Scratch::new("spec-tls");
+    let (cert, key) = (dir.path("up.pem"), dir.path("up.key"));
+    let out = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        // CA:FALSE: webpki (rustls) refuses a CA certificate as a server's.
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .args(["-keyout", &key, "-out", &cert])
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let port = free_port();
+    let mut server = Command::new("openssl")
+        .args([
+            "s_server",
+            "-quiet",
+            "-www",
+            "-accept",
+            &port.to_string(),
+            "-cert",
+            &cert,
+            "-key",
+            &key,
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("openssl s_server");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "s_server did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let text = format!(
+        r#"
+verified = service(
+    "verified",
+    interface("https", "http", {port}, tls = tls_cert(ca = "up.pem")),
+    remote = "localhost",
+    healthcheck = tcp("127.0.0.1:{port}"),
+)
+unverified = service(
+    "unverified",
+    interface("https", "http", {port}, tls = True),
+    remote = "127.0.0.1",
+    healthcheck = tcp("127.0.0.1:{port}"),
+)
+
+def test_tls_both_legs():
+    ok = verified.get(path = "/")
+    assert_eq(ok.status, 200, ok.error)
+    r = fault(verified.https, error(path = "/orders", status = 503), run = lambda: verified.get(path = "/orders"))
+    assert_eq(r.status, 503)
+
+def test_untrusted_upstream_is_refused():
+    r = unverified.get(path = "/")
+    assert_true(not r.ok, "the upstream's self-signed certificate is not in the system store")
+"#
+    );
+    let run = run_spec(&dir, &text, &["--format", "json"]);
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let doc = json(&run);
+    let t = test_named(&doc, "test_tls_both_legs");
+    assert!(
+        t["events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .any(|e| e["type"] == "proxy_started" && e["fields"]["mode"] == "tls"),
+        "{t:#}"
+    );
+    let r = refused("tls-bad", "x = tls_cert(proxy_cert = \"a.pem\")\n", &[]);
+    assert!(r.stderr.contains("give both or neither"), "{}", r.stderr);
+}

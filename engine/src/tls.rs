@@ -1,0 +1,530 @@
+//! TLS around the protocol proxies. An interface declared with
+//! `tls=tls_cert(...)` is served as
+//!
+//! ```text
+//! client ─TLS─▶ front ─plain─▶ proxy (rules) ─plain─▶ back ─TLS─▶ upstream
+//! ```
+//!
+//! so every rule of the plaintext proxy applies between the two TLS legs,
+//! and the proxies themselves know nothing about TLS. Without a proxy
+//! certificate, a CA and a leaf for `localhost`/`127.0.0.1` (and the
+//! upstream's name) are generated per test; the CA's file is given to
+//! services (`FAULTBOX_CA_FILE`) and trusted by steps.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, Connection, DigitallySignedStruct, RootCertStore, ServerConfig};
+
+/// What `tls_cert(...)` declared.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsSpec {
+    pub proxy_cert: Option<PathBuf>,
+    pub proxy_key: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+    pub insecure: bool,
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no PEM certificate in it", path.display()));
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+impl TlsSpec {
+    /// Checks what can be checked when the spec loads: pairs complete,
+    /// files readable, the CA parses, `insecure` without `ca`.
+    pub fn validate(&self) -> Result<(), String> {
+        for (a, b, what) in [
+            (
+                &self.proxy_cert,
+                &self.proxy_key,
+                "proxy_cert and proxy_key",
+            ),
+            (
+                &self.client_cert,
+                &self.client_key,
+                "client_cert and client_key",
+            ),
+        ] {
+            if a.is_some() != b.is_some() {
+                return Err(format!("{what} go together: give both or neither"));
+            }
+        }
+        if self.insecure && self.ca.is_some() {
+            return Err("insecure=True skips verifying the upstream, so ca= would be ignored: give one or the other".into());
+        }
+        for p in [&self.proxy_cert, &self.client_cert, &self.ca]
+            .into_iter()
+            .flatten()
+        {
+            read_certs(p)?;
+        }
+        for p in [&self.proxy_key, &self.client_key].into_iter().flatten() {
+            read_key(p)?;
+        }
+        Ok(())
+    }
+}
+
+/// The TLS configuration of one interface for one test.
+pub struct TlsSetup {
+    /// What the front presents to clients.
+    pub server: Arc<ServerConfig>,
+    /// How the back talks to the upstream.
+    pub upstream: Arc<ClientConfig>,
+    /// How steps talk to the front.
+    pub steps: Arc<ClientConfig>,
+    /// A PEM file clients can trust the front with.
+    pub ca_file: PathBuf,
+}
+
+/// Builds the configurations; `names` are the names the front's generated
+/// certificate covers; generated files go in `dir`.
+pub fn setup(spec: &TlsSpec, names: &[String], dir: &Path, tag: &str) -> Result<TlsSetup, String> {
+    let (chain, key, ca_file) = match (&spec.proxy_cert, &spec.proxy_key) {
+        (Some(c), Some(k)) => (read_certs(c)?, read_key(k)?, c.clone()),
+        _ => {
+            let (chain, key, ca_pem) = generate(names)?;
+            let ca_file = dir.join(format!("{tag}.ca.pem"));
+            std::fs::write(&ca_file, ca_pem).map_err(|e| format!("{}: {e}", ca_file.display()))?;
+            (chain, key, ca_file)
+        }
+    };
+    let server = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("proxy certificate: {e}"))?;
+    let mut step_roots = RootCertStore::empty();
+    for c in read_certs(&ca_file)? {
+        step_roots
+            .add(c)
+            .map_err(|e| format!("{}: {e}", ca_file.display()))?;
+    }
+    let steps = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(step_roots)
+        .with_no_client_auth();
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let mut roots = RootCertStore::empty();
+    match &spec.ca {
+        Some(ca) => {
+            for c in read_certs(ca)? {
+                roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
+            }
+        }
+        None => {
+            // The system's store, as the service's own clients would use.
+            for path in [
+                "/etc/ssl/certs/ca-certificates.crt",
+                "/etc/pki/tls/certs/ca-bundle.crt",
+            ] {
+                if let Ok(certs) = read_certs(Path::new(path)) {
+                    for c in certs {
+                        let _ = roots.add(c);
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    let with_roots = builder.with_root_certificates(roots);
+    let mut upstream = match (&spec.client_cert, &spec.client_key) {
+        (Some(c), Some(k)) => with_roots
+            .with_client_auth_cert(read_certs(c)?, read_key(k)?)
+            .map_err(|e| format!("client certificate: {e}"))?,
+        _ => with_roots.with_no_client_auth(),
+    };
+    if spec.insecure {
+        upstream
+            .dangerous()
+            .set_certificate_verifier(Arc::new(AcceptAnything(provider())));
+    }
+    Ok(TlsSetup {
+        server: Arc::new(server),
+        upstream: Arc::new(upstream),
+        steps: Arc::new(steps),
+        ca_file,
+    })
+}
+
+type Chain = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>, String);
+
+/// A CA and a leaf signed by it, for `names`.
+fn generate(names: &[String]) -> Result<Chain, String> {
+    let fail = |e: rcgen::Error| format!("generate a certificate: {e}");
+    let ca_key = rcgen::KeyPair::generate().map_err(fail)?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(fail)?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Faultbox test CA");
+    ca_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let ca_cert = ca_params.self_signed(&ca_key).map_err(fail)?;
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf_key = rcgen::KeyPair::generate().map_err(fail)?;
+    let leaf_params = rcgen::CertificateParams::new(names.to_vec()).map_err(fail)?;
+    let leaf = leaf_params.signed_by(&leaf_key, &issuer).map_err(fail)?;
+    let key = PrivateKeyDer::try_from(leaf_key.serialize_der())
+        .map_err(|e| format!("generated key: {e}"))?;
+    Ok((
+        vec![leaf.der().clone(), ca_cert.der().clone()],
+        key,
+        ca_cert.pem(),
+    ))
+}
+
+/// `insecure=True`: the upstream's certificate is not checked.
+#[derive(Debug)]
+struct AcceptAnything(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnything {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// One TLS connection shared by its two relay threads. Socket writes
+/// happen under the lock, so TLS records from both threads never
+/// interleave.
+struct Shared {
+    conn: Mutex<Connection>,
+    sock: TcpStream,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn flush(&self, conn: &mut Connection) -> io::Result<()> {
+        while conn.wants_write() {
+            let mut out = Vec::new();
+            conn.write_tls(&mut out)?;
+            (&self.sock).write_all(&out)?;
+        }
+        Ok(())
+    }
+}
+
+/// Decrypts from the TLS side into `plain` until either side ends.
+fn tls_to_plain(shared: &Shared, mut raw: TcpStream, mut plain: TcpStream) {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut net = vec![0u8; 64 << 10];
+    'outer: loop {
+        // Everything already decrypted first.
+        loop {
+            let got = shared.lock().reader().read(&mut buf);
+            match got {
+                Ok(0) => break 'outer,
+                Ok(n) => {
+                    if plain.write_all(&buf[..n]).is_err() {
+                        break 'outer;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => break 'outer,
+            }
+        }
+        let n = match raw.read(&mut net) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let mut conn = shared.lock();
+        let mut slice = &net[..n];
+        while !slice.is_empty() {
+            if conn.read_tls(&mut slice).is_err() || conn.process_new_packets().is_err() {
+                break 'outer;
+            }
+        }
+        if shared.flush(&mut conn).is_err() {
+            break;
+        }
+    }
+    let _ = plain.shutdown(Shutdown::Write);
+}
+
+/// Encrypts what `plain` sends onto the TLS side.
+fn plain_to_tls(shared: &Shared, mut plain: TcpStream) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match plain.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let mut conn = shared.lock();
+        if conn.writer().write_all(&buf[..n]).is_err() || shared.flush(&mut conn).is_err() {
+            break;
+        }
+    }
+    let mut conn = shared.lock();
+    conn.send_close_notify();
+    let _ = shared.flush(&mut conn);
+    let _ = shared.sock.shutdown(Shutdown::Write);
+}
+
+fn handshake(conn: &mut Connection, sock: &mut TcpStream) -> io::Result<()> {
+    sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+    while conn.is_handshaking() {
+        conn.complete_io(sock)?;
+    }
+    sock.set_read_timeout(None)
+}
+
+fn relay(mut conn: Connection, mut sock: TcpStream, plain: TcpStream) {
+    if handshake(&mut conn, &mut sock).is_err() {
+        let _ = sock.shutdown(Shutdown::Both);
+        return;
+    }
+    let (Ok(raw), Ok(plain_w), Ok(sock_w)) =
+        (sock.try_clone(), plain.try_clone(), sock.try_clone())
+    else {
+        return;
+    };
+    let shared = Arc::new(Shared {
+        conn: Mutex::new(conn),
+        sock: sock_w,
+    });
+    let other = Arc::clone(&shared);
+    let up = std::thread::spawn(move || plain_to_tls(&other, plain));
+    tls_to_plain(&shared, raw, plain_w);
+    let _ = up.join();
+}
+
+/// A running front or back relay.
+pub struct Relay {
+    pub listen: SocketAddr,
+    stop: Arc<AtomicBool>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl Relay {
+    /// Terminates TLS from clients and forwards plaintext to `plain`.
+    pub fn front(plain: SocketAddr, config: Arc<ServerConfig>) -> io::Result<Relay> {
+        Relay::start(move |client: TcpStream| {
+            let Ok(inner) = TcpStream::connect_timeout(&plain, Duration::from_secs(5)) else {
+                return;
+            };
+            let _ = inner.set_nodelay(true);
+            if let Ok(conn) = rustls::ServerConnection::new(Arc::clone(&config)) {
+                relay(conn.into(), client, inner);
+            }
+        })
+    }
+
+    /// Accepts plaintext and re-originates TLS to `upstream` as `name`.
+    pub fn back(
+        upstream: SocketAddr,
+        name: ServerName<'static>,
+        config: Arc<ClientConfig>,
+    ) -> io::Result<Relay> {
+        Relay::start(move |plain: TcpStream| {
+            let Ok(sock) = TcpStream::connect_timeout(&upstream, Duration::from_secs(5)) else {
+                let _ = plain.shutdown(Shutdown::Both);
+                return;
+            };
+            let _ = sock.set_nodelay(true);
+            if let Ok(conn) = rustls::ClientConnection::new(Arc::clone(&config), name.clone()) {
+                relay(conn.into(), sock, plain);
+            }
+        })
+    }
+
+    fn start(serve: impl Fn(TcpStream) + Send + Sync + 'static) -> io::Result<Relay> {
+        let listener = TcpListener::bind(("127.0.0.1", 0))?;
+        let listen = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let serve = Arc::new(serve);
+        let accept = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if flag.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(conn) = conn else { continue };
+                let _ = conn.set_nodelay(true);
+                let serve = Arc::clone(&serve);
+                std::thread::spawn(move || serve(conn));
+            }
+        });
+        Ok(Relay {
+            listen,
+            stop,
+            accept: Some(accept),
+        })
+    }
+
+    /// Stops accepting.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect_timeout(&self.listen, Duration::from_millis(200));
+        if let Some(a) = self.accept.take() {
+            let _ = a.join();
+        }
+    }
+}
+
+/// Opens a TLS connection to `addr` for a step.
+pub fn connect_client(
+    sock: TcpStream,
+    config: Arc<ClientConfig>,
+    name: &str,
+) -> io::Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>> {
+    let name = ServerName::try_from(name.to_string())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let conn = rustls::ClientConnection::new(config, name).map_err(io::Error::other)?;
+    let mut stream = rustls::StreamOwned::new(conn, sock);
+    while stream.conn.is_handshaking() {
+        stream.conn.complete_io(&mut stream.sock)?;
+    }
+    Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_front_and_back_relay_plaintext_between_verified_tls_legs() {
+        let dir = std::env::temp_dir().join(format!("faultbox-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        // A TLS echo server, with a certificate from a generated CA.
+        let up = setup(
+            &TlsSpec::default(),
+            &["localhost".into(), "127.0.0.1".into()],
+            &dir,
+            "up",
+        )
+        .expect("upstream tls");
+        let echo = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let echo_addr = echo.local_addr().expect("addr");
+        let up_server = Arc::clone(&up.server);
+        std::thread::spawn(move || {
+            for c in echo.incoming().flatten() {
+                let conn = rustls::ServerConnection::new(Arc::clone(&up_server)).expect("conn");
+                let mut s = rustls::StreamOwned::new(conn, c);
+                let mut buf = [0u8; 5];
+                if s.read_exact(&mut buf).is_ok() {
+                    let _ = s.write_all(&buf);
+                    let _ = s.flush();
+                }
+            }
+        });
+        // The proxy chain: front (its own CA) → plain → back (trusts the
+        // upstream's CA).
+        let spec = TlsSpec {
+            ca: Some(up.ca_file.clone()),
+            ..TlsSpec::default()
+        };
+        let mine = setup(
+            &spec,
+            &["localhost".into(), "127.0.0.1".into()],
+            &dir,
+            "front",
+        )
+        .expect("front tls");
+        let back = Relay::back(
+            echo_addr,
+            ServerName::try_from("localhost".to_string()).expect("name"),
+            Arc::clone(&mine.upstream),
+        )
+        .expect("back");
+        let front = Relay::front(back.listen, Arc::clone(&mine.server)).expect("front");
+        let sock = TcpStream::connect(front.listen).expect("connect");
+        let mut s = connect_client(sock, Arc::clone(&mine.steps), "localhost").expect("tls");
+        s.write_all(b"hello").expect("write");
+        let mut got = [0u8; 5];
+        s.read_exact(&mut got).expect("read");
+        assert_eq!(&got, b"hello");
+        front.stop();
+        back.stop();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn incomplete_tls_declarations_are_refused() {
+        let spec = TlsSpec {
+            proxy_cert: Some("/nonexistent.pem".into()),
+            ..TlsSpec::default()
+        };
+        let e = spec.validate().expect_err("half a pair");
+        assert!(e.contains("give both or neither"), "{e}");
+        let spec = TlsSpec {
+            ca: Some("/etc/hostname".into()),
+            insecure: true,
+            ..TlsSpec::default()
+        };
+        let e = spec.validate().expect_err("insecure and ca");
+        assert!(e.contains("insecure=True"), "{e}");
+    }
+}
