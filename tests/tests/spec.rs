@@ -1113,9 +1113,9 @@ def test_query_on_http():
     let doc = json(&run);
     let t = test_named(&doc, "test_query_on_http");
     assert!(
-        t["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("query= applies to postgres interfaces, not http")),
+        t["reason"].as_str().is_some_and(
+            |r| r.contains("query= applies to postgres and mysql interfaces, not http")
+        ),
         "{t:#}"
     );
 }
