@@ -697,6 +697,60 @@ fn write_response(
     Ok(text.len())
 }
 
+/// A client connection of a protocol-aware relay: its buffered reader, the
+/// upstream connection, and the thread copying the upstream's answers back
+/// to the client untouched.
+struct Session {
+    reader: BufReader<TcpStream>,
+    client: TcpStream,
+    upstream: TcpStream,
+    answers: JoinHandle<u64>,
+}
+
+impl Session {
+    fn open(client: TcpStream, ctx: &Ctx) -> Result<Session, &'static str> {
+        let read_half = client.try_clone().map_err(|_| "clone failed")?;
+        let Ok(upstream) = TcpStream::connect_timeout(&ctx.upstream, Duration::from_secs(5)) else {
+            // A transparent proxy answers nothing the upstream did not:
+            // the client sees its connection end, as without the proxy.
+            let _ = client.shutdown(Shutdown::Both);
+            return Err("upstream unreachable");
+        };
+        let _ = upstream.set_nodelay(true);
+        let (Ok(up_read), Ok(client_write)) = (upstream.try_clone(), client.try_clone()) else {
+            return Err("clone failed");
+        };
+        Ok(Session {
+            reader: BufReader::with_capacity(64 << 10, read_half),
+            client,
+            upstream,
+            answers: std::thread::spawn(move || pump(up_read, client_write)),
+        })
+    }
+}
+
+/// Decides one SQL statement (postgres, mysql): canonicalizes it, records
+/// the rules that fire, and waits out their delays.
+fn sql_verdict(ctx: &Ctx, sql: &str) -> Verdict {
+    let canonical = canonical_sql(sql);
+    let verdict = lock(&ctx.rules).decide(&Request {
+        method: "",
+        path: "",
+        command: "",
+        key: "",
+        query: &canonical,
+        first_bytes: &[],
+    });
+    if !verdict.fired.is_empty() {
+        let short: String = sql.chars().take(120).collect();
+        ctx.fired(&verdict, &short);
+    }
+    if verdict.delay_ns > 0 {
+        std::thread::sleep(Duration::from_nanos(verdict.delay_ns));
+    }
+    verdict
+}
+
 /// HTTP with a thread per direction, like the fastest plain relay: this
 /// thread reads requests, applies the rules and forwards what passes; a
 /// second thread copies the upstream's answers back byte for byte. A rule
@@ -705,22 +759,15 @@ fn write_response(
 /// before the next request (all common ones); a pipelining client could
 /// see an injected answer overtake a real one.
 fn serve_http(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
-    let Ok(read_half) = client.try_clone() else {
-        return (0, 0, "clone failed");
+    let Session {
+        mut reader,
+        mut client,
+        mut upstream,
+        answers,
+    } = match Session::open(client, ctx) {
+        Ok(session) => session,
+        Err(reason) => return (0, 0, reason),
     };
-    let mut reader = BufReader::with_capacity(64 << 10, read_half);
-    let mut client = client;
-    let Ok(mut upstream) = TcpStream::connect_timeout(&ctx.upstream, Duration::from_secs(5)) else {
-        // A transparent proxy answers nothing the upstream did not: the
-        // client sees its connection end, as without the proxy.
-        let _ = client.shutdown(Shutdown::Both);
-        return (0, 0, "upstream unreachable");
-    };
-    let _ = upstream.set_nodelay(true);
-    let (Ok(up_read), Ok(client_write)) = (upstream.try_clone(), client.try_clone()) else {
-        return (0, 0, "clone failed");
-    };
-    let answers = std::thread::spawn(move || pump(up_read, client_write));
     let mut up = 0u64;
     let mut injected = 0u64;
     let reason = loop {
@@ -848,20 +895,15 @@ fn read_resp_command(r: &mut BufReader<TcpStream>) -> io::Result<Option<(Vec<u8>
 /// Redis, a thread per direction as for HTTP: commands are parsed and
 /// matched on their name and key; answers are copied back untouched.
 fn serve_redis(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
-    let Ok(read_half) = client.try_clone() else {
-        return (0, 0, "clone failed");
+    let Session {
+        mut reader,
+        mut client,
+        mut upstream,
+        answers,
+    } = match Session::open(client, ctx) {
+        Ok(session) => session,
+        Err(reason) => return (0, 0, reason),
     };
-    let mut reader = BufReader::with_capacity(64 << 10, read_half);
-    let mut client = client;
-    let Ok(mut upstream) = TcpStream::connect_timeout(&ctx.upstream, Duration::from_secs(5)) else {
-        let _ = client.shutdown(Shutdown::Both);
-        return (0, 0, "upstream unreachable");
-    };
-    let _ = upstream.set_nodelay(true);
-    let (Ok(up_read), Ok(client_write)) = (upstream.try_clone(), client.try_clone()) else {
-        return (0, 0, "clone failed");
-    };
-    let answers = std::thread::spawn(move || pump(up_read, client_write));
     let (mut up, mut injected) = (0u64, 0u64);
     let reason = loop {
         let (wire, words) = match read_resp_command(&mut reader) {
@@ -1049,20 +1091,15 @@ fn finish_relay(
 /// batch is discarded up to its Sync, as a server would. A session that
 /// switches to TLS is relayed untouched.
 fn serve_postgres(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
-    let Ok(read_half) = client.try_clone() else {
-        return (0, 0, "clone failed");
+    let Session {
+        mut reader,
+        mut client,
+        mut upstream,
+        answers,
+    } = match Session::open(client, ctx) {
+        Ok(session) => session,
+        Err(reason) => return (0, 0, reason),
     };
-    let mut reader = BufReader::with_capacity(64 << 10, read_half);
-    let mut client = client;
-    let Ok(mut upstream) = TcpStream::connect_timeout(&ctx.upstream, Duration::from_secs(5)) else {
-        let _ = client.shutdown(Shutdown::Both);
-        return (0, 0, "upstream unreachable");
-    };
-    let _ = upstream.set_nodelay(true);
-    let (Ok(up_read), Ok(client_write)) = (upstream.try_clone(), client.try_clone()) else {
-        return (0, 0, "clone failed");
-    };
-    let answers = std::thread::spawn(move || pump(up_read, client_write));
     let (mut up, mut injected) = (0u64, 0u64);
     // Untyped messages first: SSL/GSS requests, then the startup message.
     loop {
@@ -1124,23 +1161,7 @@ fn serve_postgres(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
             continue;
         };
         let end = sql.iter().position(|c| *c == 0).unwrap_or(sql.len());
-        let text = String::from_utf8_lossy(&sql[..end]).into_owned();
-        let canonical = canonical_sql(&text);
-        let verdict = lock(&ctx.rules).decide(&Request {
-            method: "",
-            path: "",
-            command: "",
-            key: "",
-            query: &canonical,
-            first_bytes: &[],
-        });
-        if !verdict.fired.is_empty() {
-            let short: String = text.chars().take(120).collect();
-            ctx.fired(&verdict, &short);
-        }
-        if verdict.delay_ns > 0 {
-            std::thread::sleep(Duration::from_nanos(verdict.delay_ns));
-        }
+        let verdict = sql_verdict(ctx, &String::from_utf8_lossy(&sql[..end]));
         match verdict.action {
             Some(ProxyAction::Drop) => {
                 let _ = client.shutdown(Shutdown::Both);
@@ -1175,20 +1196,15 @@ fn serve_postgres(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
 /// error answers with an ERR packet (code 1105, the SQLSTATE of `code=`,
 /// default HY000), and the connection stays usable.
 fn serve_mysql(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
-    let Ok(read_half) = client.try_clone() else {
-        return (0, 0, "clone failed");
+    let Session {
+        mut reader,
+        mut client,
+        mut upstream,
+        answers,
+    } = match Session::open(client, ctx) {
+        Ok(session) => session,
+        Err(reason) => return (0, 0, reason),
     };
-    let mut reader = BufReader::with_capacity(64 << 10, read_half);
-    let mut client = client;
-    let Ok(mut upstream) = TcpStream::connect_timeout(&ctx.upstream, Duration::from_secs(5)) else {
-        let _ = client.shutdown(Shutdown::Both);
-        return (0, 0, "upstream unreachable");
-    };
-    let _ = upstream.set_nodelay(true);
-    let (Ok(up_read), Ok(client_write)) = (upstream.try_clone(), client.try_clone()) else {
-        return (0, 0, "clone failed");
-    };
-    let answers = std::thread::spawn(move || pump(up_read, client_write));
     let (mut up, mut injected) = (0u64, 0u64);
     let reason = loop {
         let mut head = [0u8; 4];
@@ -1213,22 +1229,7 @@ fn serve_mysql(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
             }
             continue;
         };
-        let canonical = canonical_sql(&sql);
-        let verdict = lock(&ctx.rules).decide(&Request {
-            method: "",
-            path: "",
-            command: "",
-            key: "",
-            query: &canonical,
-            first_bytes: &[],
-        });
-        if !verdict.fired.is_empty() {
-            let short: String = sql.chars().take(120).collect();
-            ctx.fired(&verdict, &short);
-        }
-        if verdict.delay_ns > 0 {
-            std::thread::sleep(Duration::from_nanos(verdict.delay_ns));
-        }
+        let verdict = sql_verdict(ctx, &sql);
         match verdict.action {
             Some(ProxyAction::Drop) => {
                 let _ = client.shutdown(Shutdown::Both);
@@ -1431,7 +1432,7 @@ mod tests {
                 .check("tcp")
                 .is_err()
         );
-        assert!(rule(ProxyAction::Drop, None, None).check("mysql").is_err());
+        assert!(rule(ProxyAction::Drop, None, None).check("amqp").is_err());
         let respond = ProxyAction::Respond {
             status: 200,
             body: String::new(),
