@@ -325,7 +325,11 @@ impl Session {
             s.detach();
         }
         if self.policy == OnDisconnect::StopTarget {
-            self.stop_target();
+            // The polite path even for a PID 1 that ignores SIGTERM: the
+            // calls just released get the grace period to complete, so the
+            // target sees them succeed rather than dying mid-call.
+            self.target.signal(libc::SIGTERM);
+            self.escalate_after_grace();
         }
     }
 }
