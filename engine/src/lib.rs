@@ -90,6 +90,7 @@ pub fn run_test(spec: &Spec, name: &str, seed: u64, config: &RunConfig) -> TestR
     }
     run.close_all_windows();
     run.sync_all();
+    run.settle_exits();
     let crashes = run.unexpected_crashes();
     let busy = run.stop_services();
     if result.outcome == Outcome::Pass

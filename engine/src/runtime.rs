@@ -1093,6 +1093,21 @@ impl TestRun {
         lock(&self.faults).clone()
     }
 
+    /// Waits for exits that happened but are not reported yet: a service
+    /// that died during the body's last step must count as a crash even
+    /// if its shim's `exited` message is still on the way.
+    pub fn settle_exits(&self) {
+        let running = lock(&self.running);
+        for r in running.values() {
+            if let Some(shim) = &r.shim
+                && shim.exited().is_none()
+                && shim.target_gone()
+            {
+                shim.wait_exited(Duration::from_secs(2));
+            }
+        }
+    }
+
     /// Services that exited during the test and that the test did not
     /// assert on.
     pub fn unexpected_crashes(&self) -> Vec<Crash> {

@@ -204,6 +204,35 @@ impl Shim {
         self.shared.lock().exited
     }
 
+    /// Whether the target process is gone (or a zombie), whether or not
+    /// its exit has been reported yet.
+    pub fn target_gone(&self) -> bool {
+        match std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) {
+            Err(_) => true,
+            Ok(stat) => stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        }
+    }
+
+    /// Waits up to `timeout` for the target's exit to be reported.
+    pub fn wait_exited(&self, timeout: Duration) -> Option<ExitInfo> {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.shared.lock();
+        while state.exited.is_none() && !state.reader_done {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            state = match self.shared.changed.wait_timeout(state, left) {
+                Ok((s, _)) => s,
+                Err(p) => p.into_inner().0,
+            };
+        }
+        state.exited
+    }
+
     /// Waits until every event decided so far has been delivered to
     /// `on_event`. Returns false when the shim is gone or slow.
     pub fn sync(&self, timeout: Duration) -> bool {
