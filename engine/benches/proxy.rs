@@ -240,6 +240,7 @@ fn non_matching_rules() -> Vec<(String, ProxyRuleDef)> {
                         status: 503,
                         message: "never".into(),
                         code: None,
+                        number: None,
                     },
                     method: Some("DELETE".into()),
                     path: Some(format!("/never/{i}/**")),

@@ -1305,14 +1305,28 @@ pub(crate) fn faults(builder: &mut GlobalsBuilder) {
                 "error(): code={c:?} is not a SQLSTATE (five letters or digits, e.g. 53100)"
             )));
         }
+        let number = match a.named("number") {
+            None => None,
+            Some(v) => Some(
+                v.unpack_i32()
+                    .and_then(|n| u16::try_from(n).ok())
+                    .ok_or_else(|| {
+                        err(format!(
+                            "error(): number= must be a MySQL error number (1..65535), got {}",
+                            v.to_repr()
+                        ))
+                    })?,
+            ),
+        };
         let r = proxy_rule(
             &a,
             ProxyAction::Error {
                 status,
                 message,
                 code,
+                number,
             },
-            &["status", "message", "code"],
+            &["status", "message", "code", "number"],
         )?;
         Ok(eval.heap().alloc(r))
     }

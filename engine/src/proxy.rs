@@ -41,6 +41,8 @@ pub enum ProxyAction {
         status: u16,
         message: String,
         code: Option<String>,
+        /// MySQL's error number (default 1105, ER_UNKNOWN_ERROR).
+        number: Option<u16>,
     },
     /// Hold the request, then go on (later rules still apply).
     Delay { ns: u64 },
@@ -108,6 +110,18 @@ impl ProxyRuleDef {
         if self.query.is_some() && !sql {
             return Err(format!(
                 "query= applies to postgres and mysql interfaces, not {protocol}"
+            ));
+        }
+        if matches!(
+            self.action,
+            ProxyAction::Error {
+                number: Some(_),
+                ..
+            }
+        ) && protocol != "mysql"
+        {
+            return Err(format!(
+                "number= (a MySQL error number) applies to mysql interfaces, not {protocol}"
             ));
         }
         if matches!(self.action, ProxyAction::Error { code: Some(_), .. }) && !sql {
@@ -1236,9 +1250,14 @@ fn serve_mysql(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
                 let _ = upstream.shutdown(Shutdown::Both);
                 break "dropped";
             }
-            Some(ProxyAction::Error { message, code, .. }) => {
+            Some(ProxyAction::Error {
+                message,
+                code,
+                number,
+                ..
+            }) => {
                 let mut body = vec![0xff];
-                body.extend_from_slice(&1105u16.to_le_bytes());
+                body.extend_from_slice(&number.unwrap_or(1105).to_le_bytes());
                 body.push(b'#');
                 body.extend_from_slice(code.as_deref().unwrap_or("HY000").as_bytes());
                 body.extend_from_slice(message.as_bytes());
@@ -1306,6 +1325,7 @@ mod tests {
                             status: 503,
                             message: "down".into(),
                             code: None,
+                            number: None,
                         },
                         Some("post"),
                         Some("/orders"),
@@ -1323,6 +1343,7 @@ mod tests {
                 status: 503,
                 message: "down".into(),
                 code: None,
+                number: None,
             })
         );
         assert_eq!(v.fired.len(), 2);
@@ -1420,6 +1441,7 @@ mod tests {
                 status: 500,
                 message: "x".into(),
                 code: None,
+                number: None,
             },
             None,
             None,

@@ -37,6 +37,10 @@ pub const STDLIB: &[(&str, &str)] = &[
         "@faultbox/recipes/postgres.star",
         include_str!("../stdlib/recipes/postgres.star"),
     ),
+    (
+        "@faultbox/recipes/mysql.star",
+        include_str!("../stdlib/recipes/mysql.star"),
+    ),
 ];
 
 /// One named failure of the recipe library.

@@ -303,6 +303,8 @@ fn mariadb_errors_injected_on_matching_statements_leave_the_session_usable() {
         .status();
     let text = format!(
         r#"
+load("@faultbox/recipes/mysql.star", "mysql")
+
 port = free_port()
 db = service(
     "db",
@@ -323,6 +325,8 @@ def test_table_full():
         run = lambda: db.main.exec(sql = "INSERT INTO shop.items VALUES (1)"),
     )
     assert_eq(r.error, "1105 (HY000): The table 'items' is full")
+    d = fault(db.main, mysql.deadlock(query = "update shop.items*"), run = lambda: db.main.exec(sql = "UPDATE shop.items SET id = 3"))
+    assert_eq(d.error, "1213 (40001): Deadlock found when trying to get lock; try restarting transaction")
     assert_eq(db.main.query(sql = "SELECT COUNT(*) AS n FROM shop.items").data, [{{"n": "0"}}])
     assert_true(db.main.exec(sql = "INSERT INTO shop.items VALUES (2)").ok, "other statements pass")
 "#
