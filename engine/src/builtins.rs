@@ -1331,6 +1331,18 @@ pub(crate) fn faults(builder: &mut GlobalsBuilder) {
         Ok(eval.heap().alloc(r))
     }
 
+    /// `duplicate(method=, path=, command=, key=, ...)`: the upstream gets
+    /// the request twice (http, redis); the client sees one answer.
+    fn duplicate<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<Value<'v>> {
+        let a = Args::new("duplicate", args, kwargs)?;
+        let r = proxy_rule(&a, ProxyAction::Duplicate, &[])?;
+        Ok(eval.heap().alloc(r))
+    }
+
     /// `drop(method=, path=, ...)`: close the connection without an answer.
     fn drop<'v>(
         #[starlark(args)] args: UnpackTuple<Value<'v>>,
@@ -1873,13 +1885,6 @@ pub(crate) fn not_in_this_build(builder: &mut GlobalsBuilder) {
         #[starlark(kwargs)] _kwargs: DictRef<'v>,
     ) -> starlark::Result<NoneType> {
         Err(unsupported("partition", "network partitions"))
-    }
-
-    fn duplicate<'v>(
-        #[starlark(args)] _args: UnpackTuple<Value<'v>>,
-        #[starlark(kwargs)] _kwargs: DictRef<'v>,
-    ) -> starlark::Result<NoneType> {
-        Err(unsupported("duplicate", "protocol-level faults (proxies)"))
     }
 
     fn mock_service<'v>(

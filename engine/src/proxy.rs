@@ -48,6 +48,10 @@ pub enum ProxyAction {
     Delay { ns: u64 },
     /// Close the client's connection without an answer.
     Drop,
+    /// Forward the request as usual, and send it a second time on a
+    /// connection of its own (its answer discarded): the upstream sees a
+    /// retry the client never made.
+    Duplicate,
 }
 
 impl ProxyAction {
@@ -58,6 +62,7 @@ impl ProxyAction {
             ProxyAction::Error { .. } => "error",
             ProxyAction::Delay { .. } => "delay",
             ProxyAction::Drop => "drop",
+            ProxyAction::Duplicate => "duplicate",
         }
     }
 }
@@ -129,6 +134,11 @@ impl ProxyRuleDef {
                 "code= (a SQLSTATE) applies to postgres and mysql interfaces, not {protocol}"
             ));
         }
+        if matches!(self.action, ProxyAction::Duplicate) && !matches!(protocol, "http" | "redis") {
+            return Err(format!(
+                "duplicate() applies to http and redis interfaces (a copy needs a connection of its own), not {protocol}"
+            ));
+        }
         match protocol {
             "postgres" | "mysql" => {
                 if self.method.is_some() || self.path.is_some() || redis_keys {
@@ -196,6 +206,8 @@ pub struct Verdict {
     pub delay_ns: u64,
     /// The action that ends the request, if any.
     pub action: Option<ProxyAction>,
+    /// Send the request once more on a connection of its own.
+    pub duplicate: bool,
     /// Ids of the rules that fired, in order.
     pub fired: Vec<(String, &'static str)>,
 }
@@ -310,6 +322,7 @@ impl RuleSet {
             v.fired.push((r.id.clone(), r.def.action.kind()));
             match &r.def.action {
                 ProxyAction::Delay { ns } => v.delay_ns += ns,
+                ProxyAction::Duplicate => v.duplicate = true,
                 other => {
                     v.action = Some(other.clone());
                     break;
@@ -743,6 +756,20 @@ impl Session {
     }
 }
 
+/// Sends `request` once more to the upstream on a new connection, reads
+/// and discards what comes back.
+fn send_duplicate(upstream: SocketAddr, request: Vec<u8>) {
+    std::thread::spawn(move || {
+        if let Ok(mut s) = TcpStream::connect_timeout(&upstream, Duration::from_secs(5)) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+            if s.write_all(&request).is_ok() {
+                let _ = s.shutdown(Shutdown::Write);
+                let _ = io::copy(&mut s, &mut io::sink());
+            }
+        }
+    });
+}
+
 /// Decides one SQL statement (postgres, mysql): canonicalizes it, records
 /// the rules that fire, and waits out their delays.
 fn sql_verdict(ctx: &Ctx, sql: &str) -> Verdict {
@@ -862,6 +889,9 @@ fn serve_http(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
                 if upstream.write_all(wire).is_err() {
                     break "upstream closed";
                 }
+                if verdict.duplicate {
+                    send_duplicate(ctx.upstream, wire.to_vec());
+                }
             }
         }
         if whole.is_some() {
@@ -970,6 +1000,9 @@ fn serve_redis(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
             None => {
                 if upstream.write_all(&wire).is_err() {
                     break "upstream closed";
+                }
+                if verdict.duplicate {
+                    send_duplicate(ctx.upstream, wire.clone());
                 }
             }
         }
@@ -1455,6 +1488,8 @@ mod tests {
                 .is_err()
         );
         assert!(rule(ProxyAction::Drop, None, None).check("amqp").is_err());
+        assert!(rule(ProxyAction::Duplicate, None, None).check("tcp").is_err());
+        assert!(rule(ProxyAction::Duplicate, None, None).check("http").is_ok());
         let respond = ProxyAction::Respond {
             status: 200,
             body: String::new(),

@@ -249,6 +249,13 @@ def test_oom_on_writes_only():
     assert_eq(got, ["-" + OOM, "$1", ":1"])
     assert_eq(redis.main.send(data = "GET b"), "$-1", "the refused SET never reached the server")
 
+def test_duplicated_command_runs_twice_on_the_server():
+    got = fault(redis.main, duplicate(command = "INCR"), run = lambda: redis.main.send(data = "INCR hits"))
+    assert_eq(got, ":1", "the client sees one answer")
+    # The copy travels on a connection of its own; read until it landed.
+    seen = [redis.main.send(data = "INCRBY hits 0") for _ in range(200)]
+    assert_eq(seen[-1], ":2", "the server ran INCR twice")
+
 def test_cache_miss():
     redis.main.send(data = "SET user:1 alice")
     got = fault(redis.main, response(command = "get", key = "user:*"), run = lambda: redis.main.send(data = "GET user:1"))
