@@ -1488,8 +1488,16 @@ mod tests {
                 .is_err()
         );
         assert!(rule(ProxyAction::Drop, None, None).check("amqp").is_err());
-        assert!(rule(ProxyAction::Duplicate, None, None).check("tcp").is_err());
-        assert!(rule(ProxyAction::Duplicate, None, None).check("http").is_ok());
+        assert!(
+            rule(ProxyAction::Duplicate, None, None)
+                .check("tcp")
+                .is_err()
+        );
+        assert!(
+            rule(ProxyAction::Duplicate, None, None)
+                .check("http")
+                .is_ok()
+        );
         let respond = ProxyAction::Respond {
             status: 200,
             body: String::new(),
