@@ -327,18 +327,22 @@ pub fn pg_query(
     }
 }
 
+/// A database server that hangs up mid-conversation has usually crashed
+/// (a PostgreSQL PANIC, say): say so instead of "failed to fill buffer".
+fn closed_unexpectedly(e: io::Error) -> io::Error {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        io::Error::new(
+            e.kind(),
+            "the server closed the connection unexpectedly (it may have crashed)",
+        )
+    } else {
+        e
+    }
+}
+
 fn pg_message(r: &mut impl Read) -> io::Result<(u8, Vec<u8>)> {
     let mut head = [0u8; 5];
-    r.read_exact(&mut head).map_err(|e| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            io::Error::new(
-                e.kind(),
-                "the server closed the connection unexpectedly (it may have crashed)",
-            )
-        } else {
-            e
-        }
-    })?;
+    r.read_exact(&mut head).map_err(closed_unexpectedly)?;
     let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
     if !(4..=64 << 20).contains(&len) {
         return Err(io::Error::new(
@@ -416,16 +420,7 @@ fn pg_error_fields(b: &[u8]) -> BTreeMap<u8, String> {
 
 fn my_read_packet(r: &mut impl Read) -> io::Result<(u8, Vec<u8>)> {
     let mut head = [0u8; 4];
-    r.read_exact(&mut head).map_err(|e| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            io::Error::new(
-                e.kind(),
-                "the server closed the connection unexpectedly (it may have crashed)",
-            )
-        } else {
-            e
-        }
-    })?;
+    r.read_exact(&mut head).map_err(closed_unexpectedly)?;
     let len = u32::from_le_bytes([head[0], head[1], head[2], 0]) as usize;
     let mut body = vec![0; len];
     r.read_exact(&mut body)?;
