@@ -383,7 +383,9 @@ impl Ctx {
 }
 
 impl Proxy {
-    /// Starts a proxy for `service.interface` relaying to `upstream`.
+    /// Starts a proxy for `service.interface` relaying to `upstream`. The
+    /// caller announces it (`proxy_started`): behind a TLS front, the
+    /// address clients use is the front's.
     pub fn start(
         service: &str,
         interface: &str,
@@ -407,17 +409,6 @@ impl Proxy {
             next_conn: AtomicU64::new(1),
             stop: Arc::clone(&stop),
         });
-        trace.emit(
-            "proxy_started",
-            service,
-            fields([
-                ("interface", interface.to_string()),
-                ("protocol", protocol.to_string()),
-                ("listen", listen.to_string()),
-                ("target", upstream.to_string()),
-                ("mode", "passthrough".to_string()),
-            ]),
-        );
         let accept = std::thread::Builder::new()
             .name(format!("proxy {service}.{interface}"))
             .spawn(move || accept_loop(listener, ctx))?;

@@ -447,6 +447,17 @@ impl TestRun {
                     Arc::clone(&self.trace),
                 )
                 .map_err(|e| err(format!("proxy for {}.{}: {e}", def.name, iface.name)))?;
+                self.trace.emit(
+                    "proxy_started",
+                    &def.name,
+                    fields([
+                        ("interface", iface.name.clone()),
+                        ("protocol", iface.protocol.clone()),
+                        ("listen", proxy.listen.to_string()),
+                        ("target", upstream.to_string()),
+                        ("mode", "passthrough".to_string()),
+                    ]),
+                );
                 lock(&self.proxies).insert(key, proxy);
                 continue;
             };

@@ -1372,6 +1372,17 @@ def test_untrusted_upstream_is_refused():
             .any(|e| e["type"] == "proxy_started" && e["fields"]["mode"] == "tls"),
         "{t:#}"
     );
+    let announced: Vec<&Value> = t["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["type"] == "proxy_started")
+        .collect();
+    assert_eq!(announced.len(), 2, "one per TLS interface: {announced:?}");
+    assert!(
+        announced.iter().all(|e| e["fields"]["mode"] == "tls"),
+        "{announced:?}"
+    );
     let r = refused("tls-bad", "x = tls_cert(proxy_cert = \"a.pem\")\n", &[]);
     assert!(r.stderr.contains("give both or neither"), "{}", r.stderr);
 }
