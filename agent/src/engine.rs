@@ -160,7 +160,7 @@ impl Engine {
                 })?),
                 None => None,
             };
-            let rng = ChaCha8Rng::seed_from_u64(rule_seed(self.seed, &rule.id));
+            let rng = ChaCha8Rng::seed_from_u64(derive_seed(self.seed, &rule.id));
             Ok(Compiled {
                 rule,
                 nrs,
@@ -253,7 +253,10 @@ fn draw(rng: &mut ChaCha8Rng, p: f64) -> bool {
 }
 
 /// Derives a rule's RNG seed from the run seed and the rule id.
-fn rule_seed(seed: u64, id: &str) -> u64 {
+/// A seed for one named stream (a rule, a service, a proxy rule) derived
+/// from the run's seed: each stream is independent, and the same run seed
+/// replays all of them.
+pub fn derive_seed(seed: u64, id: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in id.bytes() {
         h ^= u64::from(b);

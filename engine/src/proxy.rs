@@ -219,15 +219,6 @@ pub struct RuleSet {
     rules: Vec<Active>,
 }
 
-fn seed_for(seed: u64, id: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
-    for b in id.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
-
 fn method_matches(want: &str, have: &str) -> bool {
     if want.contains('*') {
         crate::trace::wildcard(&want.to_ascii_uppercase(), &have.to_ascii_uppercase())
@@ -250,7 +241,7 @@ impl RuleSet {
                 None => None,
             };
             fresh.push(Active {
-                rng: ChaCha8Rng::seed_from_u64(seed_for(seed, &id)),
+                rng: ChaCha8Rng::seed_from_u64(faultbox_agent::engine::derive_seed(seed, &id)),
                 id,
                 def,
                 path,

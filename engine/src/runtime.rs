@@ -229,17 +229,6 @@ pub fn start_order(services: &[ServiceDef]) -> Result<Vec<usize>, String> {
     Ok(order)
 }
 
-fn service_seed(seed: u64, service: &str) -> u64 {
-    // FNV-1a over the name, mixed with the run's seed: each service draws
-    // from its own stream, and the same seed replays all of them.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in service.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)
-}
-
 fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
@@ -332,7 +321,7 @@ impl TestRun {
             cwd: None,
             intercept: self.intercept.clone(),
             rules: Vec::new(),
-            seed: service_seed(self.seed, &def.name),
+            seed: faultbox_agent::engine::derive_seed(self.seed, &def.name),
             // Services must reach each other and be reached by steps, so
             // they keep the host network.
             isolation: Isolation {
@@ -642,7 +631,7 @@ impl TestRun {
             .map(|(i, r)| (format!("w{id}:{i}"), r))
             .collect();
         proxy.rules().push_front(
-            service_seed(self.seed, &format!("{service}.{interface}")),
+            faultbox_agent::engine::derive_seed(self.seed, &format!("{service}.{interface}")),
             named.clone(),
         )?;
         let described: Vec<String> = named
