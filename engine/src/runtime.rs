@@ -154,6 +154,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Removes and returns every entry of `service`'s interfaces.
+fn take_service<T>(map: &Mutex<BTreeMap<(String, String), T>>, service: &str) -> Vec<T> {
+    let mut all = lock(map);
+    let keys: Vec<(String, String)> = all.keys().filter(|(s, _)| s == service).cloned().collect();
+    keys.iter().filter_map(|k| all.remove(k)).collect()
+}
+
 /// Resolves a service's program: a bare name through `PATH`, a relative
 /// path against the spec's directory (so a spec runs from any directory).
 pub fn resolve_binary(binary: &str, spec_dir: &Path) -> Result<PathBuf, String> {
@@ -1131,28 +1138,10 @@ impl TestRun {
         let order = start_order(&self.services).unwrap_or_default();
         for i in order.into_iter().rev() {
             let def = &self.services[i];
-            let proxies: Vec<Proxy> = {
-                let mut all = lock(&self.proxies);
-                let keys: Vec<(String, String)> = all
-                    .keys()
-                    .filter(|(s, _)| s == &def.name)
-                    .cloned()
-                    .collect();
-                keys.iter().filter_map(|k| all.remove(k)).collect()
-            };
-            for p in proxies {
+            for p in take_service(&self.proxies, &def.name) {
                 p.stop();
             }
-            let relays: Vec<TlsRelays> = {
-                let mut all = lock(&self.tls);
-                let keys: Vec<(String, String)> = all
-                    .keys()
-                    .filter(|(s, _)| s == &def.name)
-                    .cloned()
-                    .collect();
-                keys.iter().filter_map(|k| all.remove(k)).collect()
-            };
-            for r in relays {
+            for r in take_service(&self.tls, &def.name) {
                 r.front.stop();
                 r.back.stop();
             }

@@ -57,6 +57,24 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Waits until `done` holds or the reader has ended, for at most
+    /// `timeout`; returns the state as it then is.
+    fn wait_for(&self, timeout: Duration, done: impl Fn(&State) -> bool) -> MutexGuard<'_, State> {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        while !done(&state) && !state.reader_done {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            state = match self.changed.wait_timeout(state, left) {
+                Ok((s, _)) => s,
+                Err(p) => p.into_inner().0,
+            };
+        }
+        state
+    }
 }
 
 /// Finds `faultbox-shim`: `$FAULTBOX_SHIM`, else next to the running binary.
@@ -218,19 +236,7 @@ impl Shim {
 
     /// Waits up to `timeout` for the target's exit to be reported.
     pub fn wait_exited(&self, timeout: Duration) -> Option<ExitInfo> {
-        let deadline = Instant::now() + timeout;
-        let mut state = self.shared.lock();
-        while state.exited.is_none() && !state.reader_done {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            state = match self.shared.changed.wait_timeout(state, left) {
-                Ok((s, _)) => s,
-                Err(p) => p.into_inner().0,
-            };
-        }
-        state.exited
+        self.shared.wait_for(timeout, |s| s.exited.is_some()).exited
     }
 
     /// Waits until every event decided so far has been delivered to
@@ -250,19 +256,7 @@ impl Shim {
 
     /// Waits for the answer to [`Shim::request_sync`].
     pub fn wait_synced(&self, token: u64, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut state = self.shared.lock();
-        while state.synced < token && !state.reader_done {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            state = match self.shared.changed.wait_timeout(state, left) {
-                Ok((s, _)) => s,
-                Err(p) => p.into_inner().0,
-            };
-        }
-        state.synced >= token
+        self.shared.wait_for(timeout, |s| s.synced >= token).synced >= token
     }
 
     /// Replaces the target's rules; an error carries the shim's reason.
@@ -288,22 +282,12 @@ impl Shim {
         if self.exited().is_none() {
             let _ = self.send(&ControlMessage::Stop);
         }
-        let deadline = Instant::now() + grace + Duration::from_secs(2);
-        {
-            let mut state = self.shared.lock();
-            while !state.reader_done {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    break;
-                }
-                state = match self.shared.changed.wait_timeout(state, left) {
-                    Ok((s, _)) => s,
-                    Err(p) => p.into_inner().0,
-                };
-            }
-        }
+        let ended = self
+            .shared
+            .wait_for(grace + Duration::from_secs(2), |_| false)
+            .reader_done;
         // The shim kills its target if it dies itself (parent-death signal).
-        if self.shared.lock().reader_done {
+        if ended {
             let _ = self.child.wait();
         } else {
             let _ = self.child.kill();
