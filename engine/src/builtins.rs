@@ -2050,39 +2050,18 @@ pub(crate) fn call_step<'v>(
         _ => {
             a.check(1, &["sql", "user", "password", "database", "timeout"])?;
             let sql = a.string(a.required(0, "sql")?, "sql")?;
-            let svc = run.service(&target);
-            let env = |k: &str| {
-                svc.and_then(|s| s.env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))
-            };
-            let mysql = step.iface.protocol == "mysql";
-            let (user_var, password_var, db_var, default_user) = if mysql {
-                ("MYSQL_USER", "MYSQL_PASSWORD", "MYSQL_DATABASE", "root")
-            } else {
-                (
-                    "POSTGRES_USER",
-                    "POSTGRES_PASSWORD",
-                    "POSTGRES_DB",
-                    "postgres",
-                )
-            };
-            let user = a
-                .named("user")
-                .map(|v| a.string(v, "user"))
-                .transpose()?
-                .or_else(|| env(user_var))
-                .unwrap_or_else(|| default_user.into());
-            let password = a
-                .named("password")
-                .map(|v| a.string(v, "password"))
-                .transpose()?
-                .or_else(|| env(password_var))
+            let opt = |k: &str| a.named(k).map(|v| a.string(v, k)).transpose();
+            let env = run
+                .service(&target)
+                .map(|s| s.env.clone())
                 .unwrap_or_default();
-            let database = a
-                .named("database")
-                .map(|v| a.string(v, "database"))
-                .transpose()?
-                .or_else(|| env(db_var))
-                .unwrap_or_else(|| if mysql { String::new() } else { user.clone() });
+            let login = net::SqlLogin::resolve(
+                &step.iface.protocol,
+                &env,
+                opt("user")?,
+                opt("password")?,
+                opt("database")?,
+            );
             let timeout = a
                 .named("timeout")
                 .map(|v| a.duration(v, "timeout"))
@@ -2097,12 +2076,7 @@ pub(crate) fn call_step<'v>(
             run.sync_all();
             run.trace.emit("step_send", "test", send);
             run.trace.merge(&target, "test");
-            let result = if mysql {
-                net::mysql_query(&addr, &user, &password, &database, &sql, timeout)
-            } else {
-                net::pg_query(&addr, &user, &password, &database, &sql, timeout)
-            };
-            match result {
+            match net::sql_query(&step.iface.protocol, &addr, &login, &sql, timeout) {
                 Ok(r) => ResponseValue {
                     ok: r.error.is_none(),
                     error: r.error.unwrap_or_default(),

@@ -239,6 +239,71 @@ pub struct SqlResult {
     pub error: Option<String>,
 }
 
+/// Who a SQL step or probe logs in as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqlLogin {
+    pub user: String,
+    pub password: String,
+    pub database: String,
+}
+
+impl SqlLogin {
+    /// Explicit values win, then the service's environment (`POSTGRES_*`
+    /// or `MYSQL_*`, as the official images read them), then defaults.
+    pub fn resolve(
+        protocol: &str,
+        env: &[(String, String)],
+        user: Option<String>,
+        password: Option<String>,
+        database: Option<String>,
+    ) -> SqlLogin {
+        let mysql = protocol == "mysql";
+        let (user_var, password_var, db_var, default_user) = if mysql {
+            ("MYSQL_USER", "MYSQL_PASSWORD", "MYSQL_DATABASE", "root")
+        } else {
+            (
+                "POSTGRES_USER",
+                "POSTGRES_PASSWORD",
+                "POSTGRES_DB",
+                "postgres",
+            )
+        };
+        let var = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        let user = user
+            .or_else(|| var(user_var))
+            .unwrap_or_else(|| default_user.into());
+        let password = password.or_else(|| var(password_var)).unwrap_or_default();
+        let database = database
+            .or_else(|| var(db_var))
+            .unwrap_or_else(|| if mysql { String::new() } else { user.clone() });
+        SqlLogin {
+            user,
+            password,
+            database,
+        }
+    }
+}
+
+/// Runs `sql` on a `postgres` or `mysql` server.
+pub fn sql_query(
+    protocol: &str,
+    addr: &str,
+    login: &SqlLogin,
+    sql: &str,
+    timeout: Duration,
+) -> io::Result<SqlResult> {
+    let SqlLogin {
+        user,
+        password,
+        database,
+    } = login;
+    if protocol == "mysql" {
+        mysql_query(addr, user, password, database, sql, timeout)
+    } else {
+        pg_query(addr, user, password, database, sql, timeout)
+    }
+}
+
 /// Runs `sql` over PostgreSQL's simple query protocol (trust or cleartext
 /// password authentication).
 pub fn pg_query(

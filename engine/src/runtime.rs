@@ -1303,24 +1303,9 @@ pub fn probe(check: &Healthcheck, def: &ServiceDef, timeout: Duration) -> Result
             };
             let addr = format!("127.0.0.1:{}", iface.port);
             match iface.protocol.as_str() {
-                "postgres" => {
-                    let env =
-                        |k: &str| def.env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-                    let user = env("POSTGRES_USER").unwrap_or_else(|| "postgres".into());
-                    let password = env("POSTGRES_PASSWORD").unwrap_or_default();
-                    let database = env("POSTGRES_DB").unwrap_or_else(|| user.clone());
-                    let r = net::pg_query(&addr, &user, &password, &database, "SELECT 1", timeout)
-                        .map_err(|e| e.to_string())?;
-                    match r.error {
-                        None => Ok(()),
-                        Some(e) => Err(e),
-                    }
-                }
-                "mysql" => {
-                    let env =
-                        |k: &str| def.env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-                    let user = env("MYSQL_USER").unwrap_or_else(|| "root".into());
-                    let r = net::mysql_query(&addr, &user, "", "", "SELECT 1", timeout)
+                "postgres" | "mysql" => {
+                    let login = net::SqlLogin::resolve(&iface.protocol, &def.env, None, None, None);
+                    let r = net::sql_query(&iface.protocol, &addr, &login, "SELECT 1", timeout)
                         .map_err(|e| e.to_string())?;
                     match r.error {
                         None => Ok(()),
