@@ -237,7 +237,7 @@ fn non_matching_rules() -> Vec<(String, ProxyRuleDef)> {
                 format!("w1:{i}"),
                 ProxyRuleDef {
                     action: ProxyAction::Error {
-                        status: 503,
+                        status: Some(503),
                         message: "never".into(),
                         code: None,
                         number: None,

@@ -441,26 +441,45 @@ fn proxy_rule(a: &Args, action: ProxyAction, extra: &[&str]) -> Res<ProxyRuleVal
     })
 }
 
-fn status_arg(a: &Args, default: u16) -> Res<u16> {
-    match a.named("status") {
-        None => Ok(default),
-        Some(v) => v
-            .unpack_i32()
-            .filter(|s| (100..=599).contains(s))
-            .map(|s| s as u16)
-            .ok_or_else(|| {
-                err(format!(
-                    "{}(): status must be an HTTP status 100..599, got {}",
-                    a.builtin,
-                    v.to_repr()
-                ))
-            }),
+/// `status=`: an HTTP status, a gRPC code, or a gRPC code's name
+/// (`"UNAVAILABLE"`). Which of them fits is checked against the
+/// interface's protocol when the rule is applied.
+fn status_arg(a: &Args) -> Res<Option<u16>> {
+    let Some(v) = a.named("status") else {
+        return Ok(None);
+    };
+    if let Some(name) = v.unpack_str() {
+        return crate::h2::grpc_code(name).map(Some).ok_or_else(|| {
+            err(format!(
+                "{}(): status={name:?} is not a gRPC code name (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, ...); HTTP statuses are numbers",
+                a.builtin
+            ))
+        });
     }
+    v.unpack_i32()
+        .filter(|s| (0..=599).contains(s))
+        .map(|s| Some(s as u16))
+        .ok_or_else(|| {
+            err(format!(
+                "{}(): status must be an HTTP status 100..599 or a gRPC code (1..16 or a name such as \"UNAVAILABLE\"), got {}",
+                a.builtin,
+                v.to_repr()
+            ))
+        })
 }
 
 /// `fault(svc.iface, *rules, run=fn)` and friends: the protocol rules.
 fn proxy_rules(a: &Args, from: usize) -> Res<Vec<ProxyRuleDef>> {
-    let rules: Vec<ProxyRuleDef> = a.pos[from..]
+    // A list of rules (what a recipe such as grpc.retryable() returns)
+    // counts as its rules in order.
+    let mut values = Vec::new();
+    for v in &a.pos[from..] {
+        match ListRef::from_value(*v) {
+            Some(list) => values.extend(list.iter()),
+            None => values.push(*v),
+        }
+    }
+    let rules: Vec<ProxyRuleDef> = values
         .iter()
         .map(|v| {
             ProxyRuleValue::from_value(*v).map(|r| r.def.clone()).ok_or_else(|| {
@@ -990,9 +1009,9 @@ pub(crate) fn topology(builder: &mut GlobalsBuilder) {
                     .clone(),
             ),
         };
-        if tls.is_some() && !matches!(protocol.as_str(), "http" | "tcp" | "redis") {
+        if tls.is_some() && !crate::proxy::proxied(&protocol) {
             return Err(err(format!(
-                "interface({name:?}): tls= is supported on http, tcp and redis interfaces in this build, not {protocol} (its TLS starts inside the protocol)"
+                "interface({name:?}): tls= needs a proxy, and {protocol} interfaces have none in this build (http, grpc, tcp, redis, postgres and mysql do)"
             )));
         }
         Ok(eval.heap().alloc(InterfaceValue {
@@ -1269,7 +1288,7 @@ pub(crate) fn faults(builder: &mut GlobalsBuilder) {
         eval: &mut Evaluator<'v, '_, '_>,
     ) -> starlark::Result<Value<'v>> {
         let a = Args::new("response", args, kwargs)?;
-        let status = status_arg(&a, 200)?;
+        let status = status_arg(&a)?;
         let body = a
             .named("body")
             .map(|v| a.string(v, "body"))
@@ -1291,7 +1310,7 @@ pub(crate) fn faults(builder: &mut GlobalsBuilder) {
         eval: &mut Evaluator<'v, '_, '_>,
     ) -> starlark::Result<Value<'v>> {
         let a = Args::new("error", args, kwargs)?;
-        let status = status_arg(&a, 500)?;
+        let status = status_arg(&a)?;
         let message = a
             .named("message")
             .map(|v| a.string(v, "message"))
@@ -1903,6 +1922,7 @@ pub(crate) fn call_step<'v>(
 ) -> starlark::Result<Value<'v>> {
     let builtin: &'static str = match step.iface.protocol.as_str() {
         "http" => "http step",
+        "grpc" => "grpc step",
         "tcp" | "redis" => "tcp step",
         "mysql" => "mysql step",
         _ => "postgres step",
@@ -1984,6 +2004,56 @@ pub(crate) fn call_step<'v>(
                         ..Default::default()
                     }
                 }
+                Err(e) => ResponseValue {
+                    error: e.to_string(),
+                    ..Default::default()
+                },
+            }
+        }
+        "grpc" => {
+            a.check(1, &["method", "body", "timeout"])?;
+            let method = a.string(a.required(0, "method")?, "method")?;
+            if !method.starts_with('/') || method.matches('/').count() != 2 {
+                return Err(err(format!(
+                    "grpc step: method={method:?} is not a full gRPC method path such as \"/shop.Orders/Create\""
+                )));
+            }
+            let body = a
+                .named("body")
+                .map(|v| a.string(v, "body"))
+                .transpose()?
+                .unwrap_or_default();
+            let timeout = a
+                .named("timeout")
+                .map(|v| a.duration(v, "timeout"))
+                .transpose()?
+                .unwrap_or(Duration::from_secs(30));
+            send.insert("path".into(), method.clone());
+            send.insert("summary".into(), format!("→ {target}.call {method}"));
+            // Calls the services made before the step are logged before it.
+            run.sync_all();
+            run.trace.emit("step_send", "test", send);
+            run.trace.merge(&target, "test");
+            let tls = run.step_tls(&step.service, &step.iface.name);
+            match crate::h2::grpc_call(&addr, &method, body.as_bytes(), timeout, tls.as_ref()) {
+                Ok(r) => ResponseValue {
+                    status: i64::from(r.code),
+                    ok: r.code == 0,
+                    error: if r.code == 0 {
+                        String::new()
+                    } else {
+                        format!("{}: {}", crate::h2::grpc_code_name(r.code), r.message)
+                    },
+                    body: String::from_utf8_lossy(&r.body).into_owned(),
+                    headers: r.headers,
+                    data: Some(serde_json::json!({
+                        "code": r.code,
+                        "code_name": crate::h2::grpc_code_name(r.code),
+                        "message": r.message,
+                        "messages": r.messages,
+                    })),
+                    ..Default::default()
+                },
                 Err(e) => ResponseValue {
                     error: e.to_string(),
                     ..Default::default()

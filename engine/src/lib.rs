@@ -3,6 +3,7 @@
 //! trace, and the reports.
 
 pub mod builtins;
+pub mod h2;
 pub mod model;
 pub mod net;
 pub mod proxy;

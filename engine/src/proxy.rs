@@ -27,18 +27,23 @@ use crate::trace::{Trace, fields};
 
 /// Whether interfaces of `protocol` get a proxy.
 pub fn proxied(protocol: &str) -> bool {
-    matches!(protocol, "tcp" | "http" | "redis" | "postgres" | "mysql")
+    matches!(
+        protocol,
+        "tcp" | "http" | "grpc" | "redis" | "postgres" | "mysql"
+    )
 }
 
 /// What a protocol rule does when it fires.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ProxyAction {
-    /// Answer for the upstream: HTTP status and body; raw bytes on tcp.
-    Respond { status: u16, body: String },
+    /// Answer for the upstream: HTTP status (default 200) and body; raw
+    /// bytes on tcp; an OK gRPC answer carrying `body` on grpc.
+    Respond { status: Option<u16>, body: String },
     /// Answer with an error: HTTP status (default 500) and a JSON body;
-    /// on postgres an ErrorResponse with SQLSTATE `code` (default XX000).
+    /// a gRPC status (default 13, INTERNAL); on postgres an ErrorResponse
+    /// with SQLSTATE `code` (default XX000).
     Error {
-        status: u16,
+        status: Option<u16>,
         message: String,
         code: Option<String>,
         /// MySQL's error number (default 1105, ER_UNKNOWN_ERROR).
@@ -110,7 +115,6 @@ impl ProxyRuleDef {
 
     /// Refuses what `protocol` cannot apply, naming what it supports.
     pub fn check(&self, protocol: &str) -> Result<(), String> {
-        let redis_keys = self.command.is_some() || self.key.is_some();
         let sql = matches!(protocol, "postgres" | "mysql");
         if self.query.is_some() && !sql {
             return Err(format!(
@@ -134,11 +138,19 @@ impl ProxyRuleDef {
                 "code= (a SQLSTATE) applies to postgres and mysql interfaces, not {protocol}"
             ));
         }
-        if matches!(self.action, ProxyAction::Duplicate) && !matches!(protocol, "http" | "redis") {
+        if matches!(self.action, ProxyAction::Duplicate)
+            && !matches!(protocol, "http" | "grpc" | "redis")
+        {
             return Err(format!(
-                "duplicate() applies to http and redis interfaces (a copy needs a connection of its own), not {protocol}"
+                "duplicate() applies to http, grpc and redis interfaces (where a request can be sent twice), not {protocol}"
             ));
         }
+        self.check_matchers(protocol)?;
+        self.check_status(protocol)
+    }
+
+    fn check_matchers(&self, protocol: &str) -> Result<(), String> {
+        let redis_keys = self.command.is_some() || self.key.is_some();
         match protocol {
             "postgres" | "mysql" => {
                 if self.method.is_some() || self.path.is_some() || redis_keys {
@@ -153,6 +165,12 @@ impl ProxyRuleDef {
                 "command= and key= apply to redis interfaces; http rules match method= and path=".into(),
             ),
             "http" => Ok(()),
+            "grpc" => {
+                if redis_keys || self.path.is_some() {
+                    return Err("grpc rules match method= (the full method path, e.g. \"/shop.Orders/Create\", * allowed); path=, command= and key= do not apply".into());
+                }
+                Ok(())
+            }
             "redis" => {
                 if self.method.is_some() || self.path.is_some() {
                     return Err("method= and path= do not apply to redis interfaces; redis rules match command= and key=".into());
@@ -172,9 +190,38 @@ impl ProxyRuleDef {
                 Ok(())
             }
             other => Err(format!(
-                "protocol faults on {other} interfaces are not supported by this build (tcp, http, redis, postgres and mysql are)"
+                "protocol faults on {other} interfaces are not supported by this build (tcp, http, grpc, redis, postgres and mysql are)"
             )),
         }
+    }
+
+    fn check_status(&self, protocol: &str) -> Result<(), String> {
+        let status = match &self.action {
+            ProxyAction::Respond { status, .. } | ProxyAction::Error { status, .. } => *status,
+            _ => None,
+        };
+        if let Some(s) = status {
+            match protocol {
+                "http" if !(100..=599).contains(&s) => {
+                    return Err(format!("status={s} is not an HTTP status (100..599)"));
+                }
+                "grpc" if matches!(self.action, ProxyAction::Respond { .. }) => {
+                    return Err("response() on grpc interfaces answers OK with body= (the raw message bytes); a failure is error(status=\"UNAVAILABLE\", ...)".into());
+                }
+                "grpc" if !(1..=16).contains(&s) => {
+                    return Err(format!(
+                        "status={s} is not a gRPC error code: use 1..16 or a name such as \"UNAVAILABLE\""
+                    ));
+                }
+                "http" | "grpc" => {}
+                other => {
+                    return Err(format!(
+                        "status= applies to http and grpc interfaces, not {other}"
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -339,16 +386,16 @@ pub struct Proxy {
     accept: Option<JoinHandle<()>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-struct Ctx {
+pub(crate) struct Ctx {
     service: String,
     interface: String,
-    protocol: String,
-    upstream: SocketAddr,
-    rules: Arc<Mutex<RuleSet>>,
+    pub(crate) protocol: String,
+    pub(crate) upstream: SocketAddr,
+    pub(crate) rules: Arc<Mutex<RuleSet>>,
     trace: Arc<Trace>,
     conns: Arc<Mutex<Vec<TcpStream>>>,
     next_conn: AtomicU64,
@@ -356,7 +403,7 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn fired(&self, v: &Verdict, what: &str) {
+    pub(crate) fn fired(&self, v: &Verdict, what: &str) {
         for (id, action) in &v.fired {
             self.trace.emit(
                 "proxy",
@@ -449,7 +496,7 @@ fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>) {
     }
 }
 
-fn serve(client: TcpStream, ctx: &Ctx) {
+fn serve(client: TcpStream, ctx: &Arc<Ctx>) {
     let id = ctx.next_conn.fetch_add(1, Ordering::SeqCst);
     let peer = client
         .peer_addr()
@@ -470,6 +517,8 @@ fn serve(client: TcpStream, ctx: &Ctx) {
     );
     let started = Instant::now();
     let (up, down, reason) = match ctx.protocol.as_str() {
+        "grpc" => crate::h2::serve(client, ctx),
+        "http" if crate::h2::starts_with_preface(&client) => crate::h2::serve(client, ctx),
         "http" => serve_http(client, ctx),
         "redis" => serve_redis(client, ctx),
         "postgres" => serve_postgres(client, ctx),
@@ -849,7 +898,12 @@ fn serve_http(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
                 } else {
                     "text/plain"
                 };
-                Some(write_response(&mut client, status, &body, ctype))
+                Some(write_response(
+                    &mut client,
+                    status.unwrap_or(200),
+                    &body,
+                    ctype,
+                ))
             }
             Some(ProxyAction::Error {
                 status, message, ..
@@ -857,7 +911,7 @@ fn serve_http(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
                 let body = serde_json::json!({ "error": message }).to_string();
                 Some(write_response(
                     &mut client,
-                    status,
+                    status.unwrap_or(500),
                     &body,
                     "application/json",
                 ))
@@ -1337,7 +1391,7 @@ mod tests {
                     "w1:1".into(),
                     rule(
                         ProxyAction::Error {
-                            status: 503,
+                            status: Some(503),
                             message: "down".into(),
                             code: None,
                             number: None,
@@ -1355,7 +1409,7 @@ mod tests {
         assert_eq!(
             v.action,
             Some(ProxyAction::Error {
-                status: 503,
+                status: Some(503),
                 message: "down".into(),
                 code: None,
                 number: None,
@@ -1395,7 +1449,7 @@ mod tests {
                 "w2:0".into(),
                 rule(
                     ProxyAction::Respond {
-                        status: 200,
+                        status: Some(200),
                         body: "x".into(),
                     },
                     None,
@@ -1453,7 +1507,7 @@ mod tests {
     fn tcp_refuses_what_it_cannot_apply() {
         let e = rule(
             ProxyAction::Error {
-                status: 500,
+                status: Some(500),
                 message: "x".into(),
                 code: None,
                 number: None,
@@ -1481,7 +1535,7 @@ mod tests {
                 .is_ok()
         );
         let respond = ProxyAction::Respond {
-            status: 200,
+            status: Some(200),
             body: String::new(),
         };
         assert!(rule(respond, None, None).check("postgres").is_err());

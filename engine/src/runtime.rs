@@ -469,8 +469,9 @@ impl TestRun {
                 .map_err(|e| err(format!("TLS for {}.{}: {e}", def.name, iface.name)))?;
             let io =
                 |e: std::io::Error| err(format!("TLS relay for {}.{}: {e}", def.name, iface.name));
+            let wire = crate::tls::Wire::of(&iface.protocol);
             let back =
-                crate::tls::Relay::back(upstream, name, Arc::clone(&setup.upstream)).map_err(io)?;
+                crate::tls::Relay::back(upstream, name, &setup.upstream, wire).map_err(io)?;
             let proxy = Proxy::start(
                 &def.name,
                 &iface.name,
@@ -479,8 +480,7 @@ impl TestRun {
                 Arc::clone(&self.trace),
             )
             .map_err(|e| err(format!("proxy for {}.{}: {e}", def.name, iface.name)))?;
-            let front =
-                crate::tls::Relay::front(proxy.listen, Arc::clone(&setup.server)).map_err(io)?;
+            let front = crate::tls::Relay::front(proxy.listen, &setup.server, wire).map_err(io)?;
             self.trace.emit(
                 "proxy_started",
                 &def.name,

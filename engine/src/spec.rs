@@ -30,6 +30,10 @@ pub const STDLIB: &[(&str, &str)] = &[
         include_str!("../stdlib/recipes/http.star"),
     ),
     (
+        "@faultbox/recipes/grpc.star",
+        include_str!("../stdlib/recipes/grpc.star"),
+    ),
+    (
         "@faultbox/recipes/redis.star",
         include_str!("../stdlib/recipes/redis.star"),
     ),

@@ -341,10 +341,23 @@ fn handshake(conn: &mut Connection, sock: &mut TcpStream) -> io::Result<()> {
     sock.set_read_timeout(None)
 }
 
-fn relay(mut conn: Connection, mut sock: TcpStream, plain: TcpStream) {
+fn relay(mut conn: Connection, mut sock: TcpStream, plain: TcpStream, pending: &[u8]) {
     if handshake(&mut conn, &mut sock).is_err() {
         let _ = sock.shutdown(Shutdown::Both);
+        let _ = plain.shutdown(Shutdown::Both);
         return;
+    }
+    if !pending.is_empty() {
+        let sent = conn.writer().write_all(pending).and_then(|()| {
+            while conn.wants_write() {
+                conn.write_tls(&mut sock)?;
+            }
+            Ok(())
+        });
+        if sent.is_err() {
+            let _ = plain.shutdown(Shutdown::Both);
+            return;
+        }
     }
     let (Ok(raw), Ok(plain_w), Ok(sock_w)) =
         (sock.try_clone(), plain.try_clone(), sock.try_clone())
@@ -361,6 +374,209 @@ fn relay(mut conn: Connection, mut sock: TcpStream, plain: TcpStream) {
     let _ = up.join();
 }
 
+/// Relays bytes untouched both ways (a client that did not ask for TLS).
+fn relay_plain(a: TcpStream, b: TcpStream) {
+    let (Ok(a2), Ok(b2)) = (a.try_clone(), b.try_clone()) else {
+        return;
+    };
+    let t = std::thread::spawn(move || copy_then_close(a2, b2));
+    copy_then_close(b, a);
+    let _ = t.join();
+}
+
+fn copy_then_close(mut from: TcpStream, mut to: TcpStream) {
+    let _ = io::copy(&mut from, &mut to);
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+/// How a protocol starts TLS, and what its legs negotiate by ALPN.
+///
+/// Most protocols start TLS on connect. PostgreSQL asks first
+/// (`SSLRequest`, answered `S`); MySQL starts in plaintext with the
+/// server's greeting and switches after the client's `SSLRequest` packet.
+/// The front and back relays speak these preambles, so the plaintext
+/// proxy between them sees the protocol as if TLS had never been there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    Direct,
+    /// Direct TLS with ALPN `h2` (gRPC).
+    H2,
+    Postgres,
+    Mysql,
+}
+
+impl Wire {
+    pub fn of(protocol: &str) -> Wire {
+        match protocol {
+            "grpc" => Wire::H2,
+            "postgres" => Wire::Postgres,
+            "mysql" => Wire::Mysql,
+            _ => Wire::Direct,
+        }
+    }
+
+    fn alpn(self) -> Vec<Vec<u8>> {
+        match self {
+            Wire::H2 => vec![b"h2".to_vec()],
+            _ => Vec::new(),
+        }
+    }
+}
+
+const PG_SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+const PG_GSS_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30];
+/// MySQL's CLIENT_SSL capability bit.
+const MYSQL_CLIENT_SSL: u32 = 0x0800;
+
+/// What the front does with a new client before TLS.
+enum Opening {
+    /// Start TLS now; `pending` is plaintext to send inward first.
+    Tls { pending: Vec<u8> },
+    /// The client did not ask for TLS: relay it as it is.
+    Plain { pending: Vec<u8> },
+}
+
+fn read_mysql_packet(sock: &mut TcpStream) -> io::Result<Vec<u8>> {
+    let mut head = [0u8; 4];
+    sock.read_exact(&mut head)?;
+    let len = u32::from_le_bytes([head[0], head[1], head[2], 0]) as usize;
+    let mut packet = head.to_vec();
+    packet.resize(4 + len, 0);
+    sock.read_exact(&mut packet[4..])?;
+    Ok(packet)
+}
+
+/// The capability flags of a greeting (protocol 10), and where their two
+/// halves are.
+fn mysql_greeting_caps(packet: &[u8]) -> Option<(u32, usize, usize)> {
+    let body = packet.get(4..)?;
+    if body.first() != Some(&10) {
+        return None;
+    }
+    let version_end = 1 + body[1..].iter().position(|b| *b == 0)?;
+    // version NUL, thread id (4), auth data part 1 (8), filler (1)
+    let low = 4 + version_end + 1 + 4 + 8 + 1;
+    // charset (1), status (2)
+    let high = low + 2 + 1 + 2;
+    let lo = u16::from_le_bytes([*packet.get(low)?, *packet.get(low + 1)?]);
+    let hi = u16::from_le_bytes([*packet.get(high)?, *packet.get(high + 1)?]);
+    Some((u32::from(lo) | u32::from(hi) << 16, low, high))
+}
+
+/// The front's side of the preamble: reads what the client opens with.
+fn front_opening(wire: Wire, client: &mut TcpStream, inner: &mut TcpStream) -> io::Result<Opening> {
+    client.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let opening = match wire {
+        Wire::Direct | Wire::H2 => Opening::Tls {
+            pending: Vec::new(),
+        },
+        Wire::Postgres => loop {
+            let mut first = [0u8; 1];
+            if client.peek(&mut first)? == 1 && first[0] == 0x16 {
+                // A TLS ClientHello straight away (sslnegotiation=direct).
+                break Opening::Tls {
+                    pending: Vec::new(),
+                };
+            }
+            let mut head = [0u8; 8];
+            client.read_exact(&mut head)?;
+            if head == PG_SSL_REQUEST {
+                client.write_all(b"S")?;
+                break Opening::Tls {
+                    pending: Vec::new(),
+                };
+            }
+            if head == PG_GSS_REQUEST {
+                // No GSSAPI encryption here; the client asks for TLS next.
+                client.write_all(b"N")?;
+                continue;
+            }
+            break Opening::Plain {
+                pending: head.to_vec(),
+            };
+        },
+        Wire::Mysql => {
+            // The greeting comes from the upstream (through the proxy and
+            // the back); it must offer TLS to this client.
+            inner.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let mut greeting = read_mysql_packet(inner)?;
+            inner.set_read_timeout(None)?;
+            if let Some((_, low, _)) = mysql_greeting_caps(&greeting) {
+                greeting[low + 1] |= (MYSQL_CLIENT_SSL >> 8) as u8;
+            }
+            client.write_all(&greeting)?;
+            let first = read_mysql_packet(client)?;
+            let caps = first
+                .get(4..8)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .unwrap_or(0);
+            if first.len() == 4 + 32 && caps & MYSQL_CLIENT_SSL != 0 {
+                // The SSLRequest stays here: the back makes its own.
+                Opening::Tls {
+                    pending: Vec::new(),
+                }
+            } else {
+                Opening::Plain { pending: first }
+            }
+        }
+    };
+    client.set_read_timeout(None)?;
+    Ok(opening)
+}
+
+/// The back's side of the preamble towards the upstream. Returns the
+/// plaintext to send over TLS once it is up, or `None` when the client
+/// chose plaintext and the connection is to be relayed as it is.
+fn back_opening(
+    wire: Wire,
+    plain: &mut TcpStream,
+    upstream: &mut TcpStream,
+) -> io::Result<Option<Vec<u8>>> {
+    upstream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let refused = |what: &str| io::Error::new(io::ErrorKind::ConnectionRefused, what.to_string());
+    plain.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let pending = match wire {
+        Wire::Direct | Wire::H2 => Some(Vec::new()),
+        Wire::Postgres => {
+            upstream.write_all(&PG_SSL_REQUEST)?;
+            let mut answer = [0u8; 1];
+            upstream.read_exact(&mut answer)?;
+            if answer[0] != b'S' {
+                return Err(refused("the postgres upstream refused TLS"));
+            }
+            Some(Vec::new())
+        }
+        Wire::Mysql => {
+            let greeting = read_mysql_packet(upstream)?;
+            plain.write_all(&greeting)?;
+            let response = read_mysql_packet(plain)?;
+            // After the front swallowed the client's SSLRequest, the
+            // handshake response is packet 2 and asks for TLS.
+            let caps = response
+                .get(4..8)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .unwrap_or(0);
+            if response[3] == 2 && caps & MYSQL_CLIENT_SSL != 0 && response.len() >= 4 + 32 {
+                let offers = mysql_greeting_caps(&greeting).map_or(0, |(c, _, _)| c);
+                if offers & MYSQL_CLIENT_SSL == 0 {
+                    return Err(refused("the mysql upstream does not offer TLS"));
+                }
+                // SSLRequest: the response's first 32 bytes, as packet 1.
+                let mut request = vec![32, 0, 0, 1];
+                request.extend_from_slice(&response[4..36]);
+                upstream.write_all(&request)?;
+                Some(response)
+            } else {
+                upstream.write_all(&response)?;
+                None
+            }
+        }
+    };
+    upstream.set_read_timeout(None)?;
+    plain.set_read_timeout(None)?;
+    Ok(pending)
+}
+
 /// A running front or back relay.
 pub struct Relay {
     pub listen: SocketAddr,
@@ -370,14 +586,33 @@ pub struct Relay {
 
 impl Relay {
     /// Terminates TLS from clients and forwards plaintext to `plain`.
-    pub fn front(plain: SocketAddr, config: Arc<ServerConfig>) -> io::Result<Relay> {
-        Relay::start(move |client: TcpStream| {
-            let Ok(inner) = TcpStream::connect_timeout(&plain, Duration::from_secs(5)) else {
+    pub fn front(plain: SocketAddr, config: &ServerConfig, wire: Wire) -> io::Result<Relay> {
+        let mut config = config.clone();
+        config.alpn_protocols = wire.alpn();
+        let config = Arc::new(config);
+        Relay::start(move |mut client: TcpStream| {
+            let Ok(mut inner) = TcpStream::connect_timeout(&plain, Duration::from_secs(5)) else {
+                let _ = client.shutdown(Shutdown::Both);
                 return;
             };
             let _ = inner.set_nodelay(true);
-            if let Ok(conn) = rustls::ServerConnection::new(Arc::clone(&config)) {
-                relay(conn.into(), client, inner);
+            match front_opening(wire, &mut client, &mut inner) {
+                Ok(Opening::Tls { pending }) => {
+                    if let Ok(conn) = rustls::ServerConnection::new(Arc::clone(&config))
+                        && inner.write_all(&pending).is_ok()
+                    {
+                        relay(conn.into(), client, inner, &[]);
+                    }
+                }
+                Ok(Opening::Plain { pending }) => {
+                    if inner.write_all(&pending).is_ok() {
+                        relay_plain(client, inner);
+                    }
+                }
+                Err(_) => {
+                    let _ = client.shutdown(Shutdown::Both);
+                    let _ = inner.shutdown(Shutdown::Both);
+                }
             }
         })
     }
@@ -386,16 +621,31 @@ impl Relay {
     pub fn back(
         upstream: SocketAddr,
         name: ServerName<'static>,
-        config: Arc<ClientConfig>,
+        config: &ClientConfig,
+        wire: Wire,
     ) -> io::Result<Relay> {
-        Relay::start(move |plain: TcpStream| {
-            let Ok(sock) = TcpStream::connect_timeout(&upstream, Duration::from_secs(5)) else {
+        let mut config = config.clone();
+        config.alpn_protocols = wire.alpn();
+        let config = Arc::new(config);
+        Relay::start(move |mut plain: TcpStream| {
+            let Ok(mut sock) = TcpStream::connect_timeout(&upstream, Duration::from_secs(5)) else {
                 let _ = plain.shutdown(Shutdown::Both);
                 return;
             };
             let _ = sock.set_nodelay(true);
-            if let Ok(conn) = rustls::ClientConnection::new(Arc::clone(&config), name.clone()) {
-                relay(conn.into(), sock, plain);
+            match back_opening(wire, &mut plain, &mut sock) {
+                Ok(Some(pending)) => {
+                    if let Ok(conn) =
+                        rustls::ClientConnection::new(Arc::clone(&config), name.clone())
+                    {
+                        relay(conn.into(), sock, plain, &pending);
+                    }
+                }
+                Ok(None) => relay_plain(plain, sock),
+                Err(_) => {
+                    let _ = plain.shutdown(Shutdown::Both);
+                    let _ = sock.shutdown(Shutdown::Both);
+                }
             }
         })
     }
@@ -496,10 +746,11 @@ mod tests {
         let back = Relay::back(
             echo_addr,
             ServerName::try_from("localhost".to_string()).expect("name"),
-            Arc::clone(&mine.upstream),
+            &mine.upstream,
+            Wire::Direct,
         )
         .expect("back");
-        let front = Relay::front(back.listen, Arc::clone(&mine.server)).expect("front");
+        let front = Relay::front(back.listen, &mine.server, Wire::Direct).expect("front");
         let sock = TcpStream::connect(front.listen).expect("connect");
         let mut s = connect_client(sock, Arc::clone(&mine.steps), "localhost").expect("tls");
         s.write_all(b"hello").expect("write");

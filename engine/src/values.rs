@@ -54,6 +54,7 @@ pub fn step_methods(protocol: &str) -> &'static [&'static str] {
     match protocol {
         "http" => &["get", "post", "put", "delete", "patch"],
         "tcp" | "redis" => &["send"],
+        "grpc" => &["call"],
         "postgres" | "mysql" => &["query", "exec"],
         _ => &[],
     }

@@ -1386,3 +1386,187 @@ def test_untrusted_upstream_is_refused():
     let r = refused("tls-bad", "x = tls_cert(proxy_cert = \"a.pem\")\n", &[]);
     assert!(r.stderr.contains("give both or neither"), "{}", r.stderr);
 }
+
+/// `fbgrpc serve` (tonic) behind a grpc interface, and `fbgrpc front`,
+/// an HTTP service calling it with tonic's client through the proxy.
+fn grpc_spec(dir: &Scratch, tls: &str, body: &str) -> String {
+    let dir = dir.path("");
+    let (rpc, web) = (free_port(), free_port());
+    let bin = env!("CARGO_BIN_EXE_fbgrpc");
+    let (serve_args, iface_tls, front_env) = if tls.is_empty() {
+        (format!(r#"["serve", "{rpc}"]"#), String::new(), "")
+    } else {
+        (
+            format!(r#"["serve", "{rpc}", "{dir}/up.pem", "{dir}/up.key"]"#),
+            format!(", tls = {tls}"),
+            r#", "ECHO_TLS": "1""#,
+        )
+    };
+    format!(
+        r#"
+load("@faultbox/recipes/grpc.star", "grpc")
+
+echo = service(
+    "echo",
+    "{bin}",
+    interface("rpc", "grpc", {rpc}{iface_tls}),
+    args = {serve_args},
+    healthcheck = tcp("localhost:{rpc}"),
+)
+front = service(
+    "front",
+    "{bin}",
+    interface("http", "http", {web}),
+    args = ["front", "{web}"],
+    env = {{"ECHO_ADDR": "localhost:{rpc}"{front_env}}},
+    depends_on = [echo],
+    healthcheck = tcp("localhost:{web}"),
+)
+
+SAY = "/faultbox.test.Echo/Say"
+
+# EchoRequest{{text: "hi"}} in protobuf: field 1, length 2.
+HI = "\x0a\x02hi"
+
+def say(text):
+    return front.http.get(path = "/say/" + text).body
+{body}
+"#
+    )
+}
+
+#[test]
+fn grpc_faults_reach_a_real_grpc_client_as_real_statuses() {
+    let dir = Scratch::new("spec-grpc");
+    let text = grpc_spec(
+        &dir,
+        "",
+        r#"
+def test_error_is_a_grpc_status_and_never_reaches_the_server():
+    got = fault(echo.rpc, error(method = SAY, status = "UNAVAILABLE", message = "pool exhausted: 100%"), run = lambda: say("hi"))
+    assert_eq(got, "grpc 14 pool exhausted: 100%")
+    assert_eq(say("after"), "ok echo: after 1", "the injected call never reached the server")
+
+def test_step_calls_and_method_matching():
+    r = echo.rpc.call(method = SAY, body = HI)
+    assert_eq(r.status, 0, r.error)
+    assert_true("echo: hi" in r.body, r.body)
+    other = fault(echo.rpc, error(method = "/faultbox.test.Echo/Other", status = 5), run = lambda: echo.rpc.call(method = SAY, body = HI))
+    assert_eq(other.status, 0, "another method's rule does not fire")
+    g = fault(echo.rpc, error(method = "/faultbox.test.*", status = 8, message = "quota"), run = lambda: echo.rpc.call(method = SAY, body = HI))
+    assert_eq(g.status, 8)
+    assert_eq(g.data["code_name"], "RESOURCE_EXHAUSTED")
+    assert_eq(g.data["message"], "quota")
+    assert_true(not g.ok)
+
+def test_delay_drop_response_and_recipes():
+    slow = fault(echo.rpc, delay(method = SAY, delay = "300ms"), run = lambda: front.http.get(path = "/say/slow"))
+    assert_true(slow.duration_ms >= 300, str(slow.duration_ms))
+    assert_eq(slow.body, "ok echo: slow 1")
+    cut = fault(echo.rpc, drop(method = SAY), run = lambda: say("x"))
+    # A cut connection: tonic reports UNKNOWN "transport error", grpc-go
+    # UNAVAILABLE.
+    assert_true(cut.startswith("grpc 2 ") or cut.startswith("grpc 14 "), cut)
+    fake = fault(echo.rpc, response(method = SAY, body = "\x0a\x04fake"), run = lambda: say("y"))
+    assert_eq(fake, "ok fake 0")
+    late = fault(echo.rpc, grpc.deadline_exceeded(method = SAY), run = lambda: say("z"))
+    assert_eq(late, "grpc 4 deadline passed before the call finished")
+    assert_eq(say("fail"), "grpc 9 asked to fail", "the server's own statuses pass through")
+    # retryable() at probability 1: always one of the three retryable codes.
+    for i in range(5):
+        r = fault(echo.rpc, grpc.retryable(method = SAY, probability = 1.0), run = lambda: say("r"))
+        assert_true(r.split(" ")[1] in ["14", "4", "10"], r)
+
+def test_unfired():
+    fault(echo.rpc, grpc.unavailable(method = "/faultbox.test.Echo/Never"), run = lambda: say("a"))
+"#,
+    );
+    let run = run_spec(&dir, &text, &["--format", "json", "--seed", "7"]);
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    let doc = json(&run);
+    let t = test_named(
+        &doc,
+        "test_error_is_a_grpc_status_and_never_reaches_the_server",
+    );
+    assert_eq!(t["faults"][0]["interface"], "rpc");
+    assert_eq!(t["faults"][0]["syscall"], "/faultbox.test.Echo/Say");
+    assert_eq!(t["faults"][0]["hits"], 1);
+    let fired: Vec<&Value> = t["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["type"] == "proxy")
+        .collect();
+    assert_eq!(fired.len(), 1, "{fired:?}");
+    assert_eq!(fired[0]["fields"]["request"], "/faultbox.test.Echo/Say");
+    assert_eq!(fired[0]["fields"]["protocol"], "grpc");
+    let unfired = test_named(&doc, "test_unfired");
+    assert!(
+        codes(unfired).contains(&"FAULT_NOT_FIRED".to_string()),
+        "{unfired:#}"
+    );
+    // Rules grpc cannot apply fail their test, naming what grpc matches.
+    let bad = format!(
+        "{text}\n{}",
+        r#"
+def test_bad_path():
+    fault(echo.rpc, error(path = "/x"), run = lambda: None)
+
+def test_bad_status():
+    fault(echo.rpc, error(status = 503), run = lambda: None)
+"#
+    );
+    let run = run_spec(&dir, &bad, &["--format", "json", "--test", "bad_*"]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    let doc = json(&run);
+    for (name, want) in [
+        ("test_bad_path", "grpc rules match method="),
+        ("test_bad_status", "status=503 is not a gRPC error code"),
+    ] {
+        let t = test_named(&doc, name);
+        assert!(
+            t["reason"].as_str().is_some_and(|r| r.contains(want)),
+            "{t:#}"
+        );
+    }
+    let r = refused("grpc-name", "x = error(status = \"UNAVAIL\")\n", &[]);
+    assert!(r.stderr.contains("is not a gRPC code name"), "{}", r.stderr);
+}
+
+#[test]
+fn grpc_over_tls_keeps_h2_on_both_legs_and_rules_on_the_plaintext() {
+    let dir = Scratch::new("spec-grpc-tls");
+    let (cert, key) = (dir.path("up.pem"), dir.path("up.key"));
+    let out = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .args(["-keyout", &key, "-out", &cert])
+        .output()
+        .expect("openssl");
+    assert!(out.status.success());
+    let text = grpc_spec(
+        &dir,
+        r#"tls_cert(ca = "up.pem")"#,
+        r#"
+def test_tls():
+    assert_eq(say("a"), "ok echo: a 1")
+    got = fault(echo.rpc, grpc.unavailable(method = SAY), run = lambda: say("b"))
+    assert_eq(got, "grpc 14 service is not accepting calls right now")
+    r = echo.rpc.call(method = SAY, body = HI)
+    assert_eq(r.status, 0, r.error)
+    assert_true("echo: hi" in r.body, r.body)
+"#,
+    );
+    let path = dir.path("spec.star");
+    std::fs::write(&path, &text).expect("write spec");
+    let run = run_file(&path, &["--format", "json"]);
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+}
