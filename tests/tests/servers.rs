@@ -283,9 +283,8 @@ def test_cache_miss():
     );
 }
 
-#[test]
-fn mariadb_errors_injected_on_matching_statements_leave_the_session_usable() {
-    let dir = Scratch::new("mariadb");
+/// A fresh MariaDB data directory in `dir/mysql`, owned by mysql.
+fn install_mariadb(dir: &Scratch) -> String {
     let data = dir.path("mysql");
     let out = Command::new("mariadb-install-db")
         .args([
@@ -308,6 +307,13 @@ fn mariadb_errors_injected_on_matching_statements_leave_the_session_usable() {
     let _ = Command::new("chmod")
         .args(["o+x", &dir.0.to_string_lossy()])
         .status();
+    data
+}
+
+#[test]
+fn mariadb_errors_injected_on_matching_statements_leave_the_session_usable() {
+    let dir = Scratch::new("mariadb");
+    let data = install_mariadb(&dir);
     let text = format!(
         r#"
 load("@faultbox/recipes/mysql.star", "mysql")
@@ -341,5 +347,154 @@ def test_table_full():
     let (code, doc, stderr) = run(&dir, &text);
     assert_eq!(code, 0, "{stderr}");
     let t = test_of(&doc, "test_table_full");
+    assert_eq!(t["faults"][0]["hits"], 1, "{t:#}");
+}
+
+#[test]
+fn postgres_over_tls_psql_verify_full_sees_injected_errors_and_the_server_sees_tls() {
+    let dir = Scratch::new("pg-tls");
+    let data = initdb(&dir);
+    let (cert, key) = support::server_cert(&dir, "pg/server");
+    for (mode, path) in [("644", &cert), ("600", &key)] {
+        let _ = Command::new("chown")
+            .args(["postgres:postgres", path])
+            .status();
+        let _ = Command::new("chmod").args([mode, path]).status();
+    }
+    let bin = postgres_bin();
+    let text = format!(
+        r#"
+port = free_port()
+db = service(
+    "db",
+    "{bin}/postgres",
+    interface("main", "postgres", port, tls = tls_cert(ca = "{cert}")),
+    args = ["-D", "{data}", "-p", str(port), "-k", "{sock}", "-c", "listen_addresses=127.0.0.1",
+            "-c", "ssl=on", "-c", "ssl_cert_file={cert}", "-c", "ssl_key_file={key}"],
+    user = "postgres",
+    healthcheck = ready(timeout = "30s"),
+)
+
+# psql, run on demand: "SH <sql>" runs it against the proxy's TLS front
+# with full certificate and host name checks, trusting only the CA
+# Faultbox generates for the run (FAULTBOX_CA_FILE).
+cport = free_port()
+client = service(
+    "client",
+    "{helper}",
+    interface("main", "tcp", cport),
+    args = ["serve", str(cport)],
+    env = {{
+        "DB_PORT": db.main.proxy_port,
+        "FBHELPER_SH": "{bin}/psql \"host=127.0.0.1 port=$DB_PORT user=postgres dbname=postgres sslmode=verify-full sslrootcert=$FAULTBOX_CA_FILE\" -XAtc \"$ARG\"",
+    }},
+    depends_on = [db],
+    healthcheck = tcp("localhost:%d" % cport),
+)
+
+def psql(sql):
+    return client.main.send(data = "SH " + sql)
+
+def test_tls_both_legs():
+    # The server sees its own connection from the proxy as TLS.
+    ssl = psql("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+    assert_eq(ssl, "exit 0: t")
+    assert_eq(psql("CREATE TABLE items (id int)"), "exit 0: CREATE TABLE")
+    full = fault(db.main, error(query = "INSERT INTO items*", code = "53100", message = "could not extend file: No space left on device"), run = lambda: psql("INSERT INTO items VALUES (1)"))
+    assert_true(full.startswith("exit 1: ERROR:  could not extend file: No space left on device"), full)
+    assert_eq(psql("SELECT count(*) FROM items"), "exit 0: 0")
+    # Steps speak plaintext to the front; the upstream leg is still TLS.
+    step = db.main.query(sql = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+    assert_eq(step.data, [{{"ssl": "t"}}])
+"#,
+        sock = dir.path("pg"),
+        helper = support::helper(),
+    );
+    let (code, doc, stderr) = run(&dir, &text);
+    assert_eq!(code, 0, "{stderr}\n{doc:#}");
+    let t = test_of(&doc, "test_tls_both_legs");
+    assert_eq!(t["faults"][0]["hits"], 1, "{t:#}");
+
+    // The same client trusting the upstream's certificate instead of
+    // Faultbox's CA is refused: the checks are real.
+    let wrong = text.replace(
+        "sslrootcert=$FAULTBOX_CA_FILE",
+        &format!("sslrootcert={cert}"),
+    );
+    let wrong = wrong.replace(
+        r#"    ssl = psql("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+    assert_eq(ssl, "exit 0: t")"#,
+        r#"    bad = psql("SELECT 1")
+    assert_true(bad.startswith("exit 2:") and "certificate verify failed" in bad, bad)
+    return bad"#,
+    );
+    let (code, doc, stderr) = run(&dir, &wrong);
+    assert_eq!(code, 0, "{stderr}\n{doc:#}");
+    let seen = &test_of(&doc, "test_tls_both_legs")["return_value"];
+    assert!(
+        seen.as_str()
+            .is_some_and(|r| r.contains("certificate verify failed")),
+        "{seen}"
+    );
+}
+
+#[test]
+fn mariadb_over_tls_the_client_verifies_faultbox_and_errors_still_apply() {
+    let dir = Scratch::new("mariadb-tls");
+    let data = install_mariadb(&dir);
+    let (cert, key) = support::server_cert(&dir, "mysql/server");
+    let _ = Command::new("chown")
+        .args(["mysql:mysql", &cert, &key])
+        .status();
+    let text = format!(
+        r#"
+port = free_port()
+db = service(
+    "db",
+    "/usr/sbin/mariadbd",
+    interface("main", "mysql", port, tls = tls_cert(ca = "{cert}")),
+    args = ["--no-defaults", "--datadir={data}", "--port=%d" % port, "--bind-address=127.0.0.1",
+            "--socket={data}/mysqld.sock", "--skip-grant-tables", "--skip-log-bin",
+            "--ssl-cert={cert}", "--ssl-key={key}"],
+    user = "mysql",
+    healthcheck = ready(timeout = "60s"),
+)
+
+# The mariadb client, run on demand against the proxy's TLS front, checking
+# the certificate and host name against the CA Faultbox generates.
+cport = free_port()
+client = service(
+    "client",
+    "{helper}",
+    interface("main", "tcp", cport),
+    args = ["serve", str(cport)],
+    env = {{
+        "DB_PORT": db.main.proxy_port,
+        "FBHELPER_SH": "mariadb --no-defaults -h 127.0.0.1 -P $DB_PORT -u root --ssl --ssl-ca=$FAULTBOX_CA_FILE --ssl-verify-server-cert -N -B -e \"$ARG\"",
+    }},
+    depends_on = [db],
+    healthcheck = tcp("localhost:%d" % cport),
+)
+
+def sql(text):
+    return client.main.send(data = "SH " + text)
+
+def test_tls_both_legs():
+    # The client insists on a verified TLS front (--ssl-verify-server-cert);
+    # the server reports a cipher for its own session, so the back is TLS.
+    cipher = sql("SHOW SESSION STATUS LIKE 'Ssl_cipher'")
+    assert_true(cipher.startswith("exit 0: Ssl_cipher\t") and len(cipher) > len("exit 0: Ssl_cipher\t"), cipher)
+    assert_eq(sql("CREATE DATABASE shop; CREATE TABLE shop.items (id INT)"), "exit 0: ")
+    full = fault(db.main, error(query = "INSERT INTO shop.items*", number = 1114, code = "HY000", message = "The table 'items' is full"), run = lambda: sql("INSERT INTO shop.items VALUES (1)"))
+    assert_true("ERROR 1114 (HY000)" in full and "The table 'items' is full" in full, full)
+    assert_eq(sql("SELECT COUNT(*) FROM shop.items"), "exit 0: 0")
+    step = db.main.query(sql = "SELECT COUNT(*) AS n FROM shop.items")
+    assert_eq(step.data, [{{"n": "0"}}], step.error)
+"#,
+        helper = support::helper(),
+    );
+    let (code, doc, stderr) = run(&dir, &text);
+    assert_eq!(code, 0, "{stderr}\n{doc:#}");
+    let t = test_of(&doc, "test_tls_both_legs");
     assert_eq!(t["faults"][0]["hits"], 1, "{t:#}");
 }

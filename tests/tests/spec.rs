@@ -1285,27 +1285,7 @@ def test_rate_limited():
 #[test]
 fn tls_interfaces_terminate_and_reoriginate_tls_with_rules_on_the_plaintext() {
     let dir = Scratch::new("spec-tls");
-    let (cert, key) = (dir.path("up.pem"), dir.path("up.key"));
-    let out = Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-        ])
-        // CA:FALSE: webpki (rustls) refuses a CA certificate as a server's.
-        .args([
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        ])
-        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-        .args(["-keyout", &key, "-out", &cert])
-        .output()
-        .expect("openssl");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (cert, key) = support::server_cert(&dir, "up");
     let port = free_port();
     let mut server = Command::new("openssl")
         .args([
@@ -1536,22 +1516,7 @@ def test_bad_status():
 #[test]
 fn grpc_over_tls_keeps_h2_on_both_legs_and_rules_on_the_plaintext() {
     let dir = Scratch::new("spec-grpc-tls");
-    let (cert, key) = (dir.path("up.pem"), dir.path("up.key"));
-    let out = Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-        ])
-        .args([
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        ])
-        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-        .args(["-keyout", &key, "-out", &cert])
-        .output()
-        .expect("openssl");
-    assert!(out.status.success());
+    support::server_cert(&dir, "up");
     let text = grpc_spec(
         &dir,
         r#"tls_cert(ca = "up.pem")"#,

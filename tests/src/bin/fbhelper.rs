@@ -207,6 +207,9 @@ fn main() {
 /// - `WHOAMI` → `uid=N pid=N`
 /// - `SLEEP MS` → wait, then `OK`
 /// - `EXIT CODE` → exit the process
+/// - `SH TEXT` → run `sh -c "$FBHELPER_SH"` with `ARG=TEXT` →
+///   `exit N: <its stdout and stderr, lines joined by " | ">` (a real
+///   client, such as psql, run on demand)
 ///
 /// An HTTP/1.x request line (any method) gets an HTTP 200 answer, so the same
 /// server serves `http(...)` healthchecks and HTTP steps; `GET /exit`
@@ -307,6 +310,7 @@ fn serve(port: u16, wal: Option<String>) {
                         "OK".to_string()
                     }
                     "EXIT" => std::process::exit(arg.parse().unwrap_or(1)),
+                    "SH" => run_sh(arg),
                     _ => format!("ERR unknown command {cmd:?}"),
                 };
                 if writeln!(conn, "{reply}").is_err() {
@@ -314,6 +318,37 @@ fn serve(port: u16, wal: Option<String>) {
                 }
             }
         });
+    }
+}
+
+fn run_sh(arg: &str) -> String {
+    let Ok(script) = std::env::var("FBHELPER_SH") else {
+        return "ERR FBHELPER_SH is not set".to_string();
+    };
+    match std::process::Command::new("sh")
+        .args(["-c", &script])
+        .env("ARG", arg)
+        .stdin(std::process::Stdio::null())
+        .output()
+    {
+        Ok(out) => {
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let lines: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            format!(
+                "exit {}: {}",
+                out.status.code().unwrap_or(-1),
+                lines.join(" | ")
+            )
+        }
+        Err(e) => format!("ERR sh: {e}"),
     }
 }
 

@@ -180,3 +180,29 @@ pub fn children(pid: u32) -> Vec<u32> {
         })
         .collect()
 }
+
+/// A self-signed server certificate for `localhost` and 127.0.0.1 made
+/// by openssl in `dir`: the paths of the certificate and its key.
+pub fn server_cert(dir: &Scratch, name: &str) -> (String, String) {
+    let (cert, key) = (
+        dir.path(&format!("{name}.pem")),
+        dir.path(&format!("{name}.key")),
+    );
+    let out = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args(["-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        // CA:FALSE: webpki (rustls) refuses a CA certificate as a server's.
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .args(["-keyout", &key, "-out", &cert])
+        .output()
+        .expect("openssl (scripts/setup installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
+}
