@@ -20,6 +20,10 @@ pub struct Glob {
     source: String,
     tokens: Vec<Token>,
     basename_only: bool,
+    /// The literal characters every match starts with: most subjects
+    /// (paths a target opens, requests a proxy sees) fail here without
+    /// the allocations of the full match.
+    prefix: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,10 +117,18 @@ impl Glob {
             }
             i += 1;
         }
+        let prefix = tokens
+            .iter()
+            .map_while(|t| match t {
+                Token::Char(c) => Some(*c),
+                _ => None,
+            })
+            .collect();
         Ok(Glob {
             source: pattern.to_string(),
             tokens,
             basename_only: !pattern.contains('/'),
+            prefix,
         })
     }
 
@@ -132,6 +144,9 @@ impl Glob {
         } else {
             path
         };
+        if !subject.starts_with(&self.prefix) {
+            return false;
+        }
         let text: Vec<char> = subject.chars().collect();
         let mut memo = vec![None; (self.tokens.len() + 1) * (text.len() + 1)];
         self.match_from(0, 0, &text, &mut memo)
