@@ -360,8 +360,10 @@ fn plain_fork_exec(path: &CString) -> Duration {
     start.elapsed()
 }
 
-/// The shim's launch path with one rule: spawn (filter + hand-off), serve,
-/// release, wait, stop serving.
+/// The shim's launch path with one rule, in the shim's order: the event
+/// writer exists before the fork; spawn (filter + hand-off); the
+/// supervisor is prepared and the child released; the launching thread
+/// serves the notifications itself until the target is gone; reap.
 fn shim_launch(program: &str) -> Duration {
     let start = Instant::now();
     let mut marks: Vec<(&str, Instant)> = Vec::new();
@@ -372,16 +374,16 @@ fn shim_launch(program: &str) -> Duration {
     let nrs = rules[0].validate(ARCH).unwrap_or_default();
     let spec =
         ChildSpec::new(program, &argv, &[], None, ARCH, &nrs).unwrap_or_else(|e| panic!("{e}"));
-    marks.push(("spec", Instant::now()));
-    // The shim's order: fork and hand-off, then threads.
+    let (events, sink) = event_sink();
+    marks.push(("spec+writer", Instant::now()));
     let mut child = process::spawn(&spec).unwrap_or_else(|e| panic!("{e}"));
     marks.push(("spawn", Instant::now()));
-    let (events, sink) = event_sink();
     let listener = child
         .listener
         .take()
         .unwrap_or_else(|| panic!("no listener"));
-    let sup = Supervisor::start(
+    child.go().unwrap_or_else(|e| panic!("{e}"));
+    let sup = Supervisor::new(
         LiveKernel::new(listener),
         ARCH,
         1,
@@ -390,9 +392,11 @@ fn shim_launch(program: &str) -> Duration {
         Arc::clone(&events),
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    marks.push(("threads", Instant::now()));
-    child.release().unwrap_or_else(|e| panic!("{e}"));
-    marks.push(("release", Instant::now()));
+    marks.push(("go+supervisor", Instant::now()));
+    child.exec_result().unwrap_or_else(|e| panic!("{e}"));
+    marks.push(("exec", Instant::now()));
+    sup.serve();
+    marks.push(("serve", Instant::now()));
     process::wait_for(child.pid);
     marks.push(("wait", Instant::now()));
     // What the shim does before reporting the exit; it never joins.

@@ -56,9 +56,9 @@ pub struct Decision {
 
 impl Decision {
     /// The decision text used in events and logs.
-    pub fn describe(&self) -> String {
+    pub fn describe(&self) -> std::borrow::Cow<'static, str> {
         match self.action {
-            Action::Allow if self.system_path => "allow (system path)".to_string(),
+            Action::Allow if self.system_path => "allow (system path)".into(),
             action => action.describe(),
         }
     }
@@ -298,6 +298,7 @@ mod tests {
             path: Some(path),
         })
         .describe()
+        .into_owned()
     }
 
     #[test]

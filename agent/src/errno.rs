@@ -99,7 +99,13 @@ pub fn lookup(name: &str) -> Option<&'static Errno> {
 
 /// Looks up an errno by number.
 pub fn by_number(number: i32) -> Option<&'static Errno> {
-    ERRNOS.iter().find(|e| e.number == number)
+    // Called for every denied call: an index, not a scan of the table.
+    static BY_NUMBER: std::sync::OnceLock<std::collections::HashMap<i32, &'static Errno>> =
+        std::sync::OnceLock::new();
+    BY_NUMBER
+        .get_or_init(|| ERRNOS.iter().map(|e| (e.number, e)).collect())
+        .get(&number)
+        .copied()
 }
 
 /// The candidate closest to `input` by edit distance, if it is close enough

@@ -316,17 +316,34 @@ fn child_error(payload: [u8; 4]) -> LaunchError {
 }
 
 impl Spawned {
-    /// Lets the child exec, and reports whether `execve` succeeded. Call it
-    /// once the listener is being served.
+    /// Lets the child exec, and reports whether `execve` succeeded.
     pub fn release(&self) -> Result<(), LaunchError> {
-        let parent = |step, source| LaunchError::Parent { step, source };
+        self.go()?;
+        self.exec_result()
+    }
+
+    /// Lets the child exec (the acknowledgement it waits for after the
+    /// hand-off). Its intercepted calls wait in the kernel until someone
+    /// serves the listener, so the supervisor may be prepared after this,
+    /// while the child execs.
+    pub fn go(&self) -> Result<(), LaunchError> {
         // SAFETY: writing one byte from a valid buffer.
         let n = unsafe { libc::write(self.handoff.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
         if n != 1 {
             let err = io::Error::last_os_error();
             reap(self.pid);
-            return Err(parent("release the target", err));
+            return Err(LaunchError::Parent {
+                step: "release the target",
+                source: err,
+            });
         }
+        Ok(())
+    }
+
+    /// Waits until the child's `execve` succeeded (its end of the hand-off
+    /// socket closes on exec) or failed (it reports the errno).
+    pub fn exec_result(&self) -> Result<(), LaunchError> {
+        let parent = |step, source| LaunchError::Parent { step, source };
         match seccomp::recv_handoff(&self.handoff) {
             Ok(None) => Ok(()),
             Ok(Some(m)) if m.tag == TAG_EXEC_ERROR => {
@@ -416,10 +433,17 @@ fn child_main(
     // After the hand-off, so that a rule on setuid and friends is answered
     // by the supervisor instead of parking the child forever.
     if let Some((uid, gid)) = spec.credentials {
-        // SAFETY: plain credential syscalls on local values; the child is
-        // single-threaded, so glibc's setxid broadcast has nobody to signal.
+        // Raw syscalls, not glibc's wrappers: those broadcast the change
+        // to every thread glibc believes exists, and after a fork from a
+        // multi-threaded shim (its threads start before the fork) the
+        // child waited forever on that broadcast's lock. Credentials are
+        // per thread in the kernel, and the child has one thread.
+        // SAFETY: credential syscalls on local values.
         unsafe {
-            if libc::setgroups(1, &gid) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
+            if libc::syscall(libc::SYS_setgroups, 1, &gid as *const libc::gid_t) != 0
+                || libc::syscall(libc::SYS_setgid, gid) != 0
+                || libc::syscall(libc::SYS_setuid, uid) != 0
+            {
                 report(b'u', errno());
             }
             // Changing credentials clears the parent-death signal.
@@ -429,7 +453,7 @@ fn child_main(
         }
     }
     let mut ack = [0u8; 1];
-    if seccomp::read_with_cookie(sock, &mut ack, cookie) != 1 {
+    if seccomp::read_spinning_with_cookie(sock, &mut ack, cookie) != 1 {
         // SAFETY: _exit is async-signal-safe.
         unsafe { libc::_exit(126) }
     }
@@ -703,6 +727,44 @@ pub fn install_wake_handler() -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The calling thread's handle, for [`wake_thread`].
+pub fn current_thread() -> libc::pthread_t {
+    // SAFETY: pthread_self has no preconditions.
+    unsafe { libc::pthread_self() }
+}
+
+/// Whether `pid` (a child) has exited, without reaping it.
+pub fn has_exited(pid: i32) -> bool {
+    // SAFETY: an all-zero siginfo is valid for waitid to fill.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid writes into the siginfo we own; WNOWAIT leaves the
+    // child to be reaped by its waiter.
+    let rc = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    // SAFETY: si_pid is valid to read for a CLD_* siginfo, and zero when
+    // WNOHANG found nothing.
+    rc == 0 && unsafe { info.si_pid() } == pid
+}
+
+/// Reaps every exited child of this process except `keep`, without
+/// blocking: orphans of a target tree are reparented to the shim (the
+/// subreaper), and nobody else would wait for them.
+pub fn reap_orphans(keep: i32) {
+    for pid in children_of(std::process::id()) {
+        if pid != keep {
+            let mut status = 0;
+            // SAFETY: waitpid writes the status into a valid int.
+            unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        }
+    }
 }
 
 /// Interrupts the thread `thread` with [`WAKE_SIGNAL`].

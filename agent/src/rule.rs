@@ -7,6 +7,7 @@
 //! TRIGGER = nth=N | after=N
 //! ```
 
+use std::borrow::Cow;
 use std::fmt;
 use std::time::Duration;
 
@@ -92,17 +93,37 @@ impl fmt::Display for Trigger {
 }
 
 impl Action {
-    /// The decision text for this action: `deny(input/output error)`, `delay(200ms)`.
-    pub fn describe(self) -> String {
+    /// The decision text for this action: `deny(input/output error)`,
+    /// `delay(200ms)`. Allow and deny texts are static (no allocation on
+    /// the notification path).
+    pub fn describe(self) -> Cow<'static, str> {
         match self {
-            Action::Allow => "allow".to_string(),
-            Action::Deny { errno } => match errno::by_number(errno) {
-                Some(e) => format!("deny({})", e.text),
-                None => format!("deny(errno {errno})"),
+            Action::Allow => Cow::Borrowed("allow"),
+            Action::Deny { errno } => match deny_text(errno) {
+                Some(text) => Cow::Borrowed(text),
+                None => Cow::Owned(format!("deny(errno {errno})")),
             },
-            Action::Delay { ns } => format!("delay({})", format_duration(Duration::from_nanos(ns))),
+            Action::Delay { ns } => Cow::Owned(format!(
+                "delay({})",
+                format_duration(Duration::from_nanos(ns))
+            )),
         }
     }
+}
+
+/// `deny(<text>)` for every errno of the table, built once.
+fn deny_text(errno: i32) -> Option<&'static str> {
+    static TEXTS: std::sync::OnceLock<std::collections::HashMap<i32, String>> =
+        std::sync::OnceLock::new();
+    TEXTS
+        .get_or_init(|| {
+            errno::ERRNOS
+                .iter()
+                .map(|e| (e.number, format!("deny({})", e.text)))
+                .collect()
+        })
+        .get(&errno)
+        .map(String::as_str)
 }
 
 /// A rule the shim or the controller cannot use, with the reason.

@@ -13,6 +13,7 @@
 //! A line that does not parse ends the session: both sides are ours and
 //! built together, so a mismatch is a bug to report, not to tolerate.
 
+use std::borrow::Cow;
 use std::io::{self, BufRead, Write};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
@@ -121,13 +122,14 @@ pub struct SyscallEvent {
     pub time_ns: u64,
     /// Process id of the caller, in the shim's PID namespace.
     pub pid: u32,
-    /// Syscall name.
-    pub syscall: String,
+    /// Syscall name. The text fields are `Cow` so that the supervisor
+    /// fills them from static tables without allocating per call.
+    pub syscall: Cow<'static, str>,
     /// Decision text: `allow`, `allow (system path)`, `deny(...)`, `delay(...)`.
-    pub decision: String,
+    pub decision: Cow<'static, str>,
     /// The errno name, for denies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub errno: Option<String>,
+    pub errno: Option<Cow<'static, str>>,
     /// The path the call touched, when it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,

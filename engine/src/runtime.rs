@@ -811,9 +811,9 @@ impl TestRun {
                     "syscall",
                     &service,
                     fields([
-                        ("syscall", e.syscall),
+                        ("syscall", e.syscall.into_owned()),
                         ("pid", e.pid.to_string()),
-                        ("decision", e.decision),
+                        ("decision", e.decision.into_owned()),
                         ("path", e.path.unwrap_or_default()),
                         (
                             "latency_ms",

@@ -268,7 +268,7 @@ impl FaultValue {
     pub fn summary(&self) -> String {
         match (&self.action, &self.errno) {
             (Action::Deny { .. }, Some(name)) => format!("deny({name})"),
-            (action, _) => action.describe(),
+            (action, _) => action.describe().into_owned(),
         }
     }
 

@@ -12,8 +12,8 @@
 
 use std::io::{BufReader, BufWriter, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::Duration;
 
@@ -63,8 +63,10 @@ fn connect() -> Result<UnixStream, String> {
 
 fn run() -> Result<i32, String> {
     // Before any thread exists, so every thread inherits the mask and only
-    // the forwarding thread sees these signals.
-    let signals = SignalSet::block(FORWARDED).map_err(|e| format!("block signals: {e}"))?;
+    // the signal thread sees these signals (SIGCHLD included: it reaps
+    // orphans and notices the target's exit).
+    let signals = SignalSet::block(&[FORWARDED, &[libc::SIGCHLD]].concat())
+        .map_err(|e| format!("block signals: {e}"))?;
     let stream = connect()?;
     let mut reader = BufReader::new(
         stream
@@ -89,26 +91,43 @@ fn run() -> Result<i32, String> {
         Ok(None) => return Err("controller closed the connection before launching".into()),
         Err(e) => return Err(format!("control socket: {e}")),
     };
-    let failed = |early: &mut BufWriter<UnixStream>, message: String, exit_code: i32| {
-        let _ = wire::send(early, &ShimMessage::LaunchFailed { message, exit_code });
-        let _ = early.flush();
-        Ok(exit_code)
+    // Every thread the session needs exists before the fork: a thread
+    // created while the child sets itself up or execs competes with it
+    // (copy-on-write faults, a busy second CPU) and made launches slower
+    // (docs/benchmarks.md). The control and signal threads get the session
+    // once the target runs.
+    let events = Arc::new(EventQueue::new());
+    let writer = {
+        let events = Arc::clone(&events);
+        thread::spawn(move || write_loop(early, &events))
     };
+    let (to_control, control_session) = mpsc::channel::<Arc<Session>>();
+    thread::spawn(move || {
+        if let Ok(session) = control_session.recv() {
+            control_loop(&session, reader);
+        }
+    });
+    let (to_signals, signal_session) = mpsc::channel::<Arc<Session>>();
+    thread::spawn(move || {
+        if let Ok(session) = signal_session.recv() {
+            signal_loop(&session, &signals);
+        }
+    });
 
     let arch = Arch::native();
     let nrs = match intercepted(arch, &spec) {
         Ok(nrs) => nrs,
-        Err(message) => return failed(&mut early, message, 1),
+        Err(message) => return finish_failed(events, writer, message, 1),
     };
     let credentials = match spec.user.as_deref().map(lookup_user).transpose() {
         Ok(c) => c,
-        Err(message) => return failed(&mut early, message, 1),
+        Err(message) => return finish_failed(events, writer, message, 1),
     };
     if let Err(e) = process::isolate(spec.isolation) {
-        return failed(&mut early, e.to_string(), 1);
+        return finish_failed(events, writer, e.to_string(), 1);
     }
     if let Err(e) = process::become_subreaper() {
-        return failed(&mut early, format!("become the subreaper: {e}"), 1);
+        return finish_failed(events, writer, format!("become the subreaper: {e}"), 1);
     }
     let mut child = match ChildSpec::new(
         &spec.program,
@@ -125,20 +144,15 @@ fn run() -> Result<i32, String> {
     .and_then(|c| process::spawn(&c.in_new_pid_namespace(spec.isolation.namespaces)))
     {
         Ok(child) => child,
-        Err(e) => return failed(&mut early, e.to_string(), 1),
+        Err(e) => return finish_failed(events, writer, e.to_string(), 1),
     };
-    // Threads start after the hand-off. Measured on 2 vCPUs: creating them
-    // before the fork made the target's first notifications slower (launch
-    // 1.85x plain fork+exec against 1.55x), and creating them while the
-    // child installs its filter was slower still (1.66x): the parent's
-    // copy-on-write faults compete with the child for the CPUs.
-    let events = Arc::new(EventQueue::new());
-    let writer = {
-        let events = Arc::clone(&events);
-        thread::spawn(move || write_loop(early, &events))
-    };
+    // The child execs on the go-ahead while the supervisor is prepared:
+    // its intercepted calls wait in the kernel until `serve` below.
+    if let Err(e) = child.go() {
+        return finish_failed(events, writer, e.to_string(), 1);
+    }
     let supervisor = match child.listener.take() {
-        Some(listener) => match Supervisor::start(
+        Some(listener) => match Supervisor::new(
             LiveKernel::new(listener),
             arch,
             spec.seed,
@@ -162,10 +176,8 @@ fn run() -> Result<i32, String> {
             .collect(),
         wait_killable: child.wait_killable,
     });
-    if let Err(e) = child.release() {
-        if let Some(s) = &supervisor {
-            s.stop();
-        }
+    if let Err(e) = child.exec_result() {
+        // The child is gone: nothing can be parked on the listener.
         let message = match &e {
             LaunchError::Exec { program, errno }
                 if *errno == libc::ENOENT && std::path::Path::new(program).exists() =>
@@ -197,27 +209,15 @@ fn run() -> Result<i32, String> {
         lost: AtomicBool::new(false),
         events: Arc::clone(&events),
     });
-    {
-        let session = Arc::clone(&session);
-        thread::spawn(move || control_loop(&session, reader));
-    }
-    {
-        let session = Arc::clone(&session);
-        thread::spawn(move || {
-            loop {
-                // A terminal's Ctrl-C reached the target already (same process
-                // group); forwarding it again would deliver it twice.
-                let (sig, explicit) = signals.wait();
-                if explicit {
-                    session.target.signal(sig);
-                }
-                if sig != libc::SIGHUP {
-                    session.escalate_after_grace();
-                }
-            }
-        });
-    }
+    let _ = to_control.send(Arc::clone(&session));
+    let _ = to_signals.send(Arc::clone(&session));
 
+    // This thread serves the notifications until every filtered task is
+    // gone, or the target exits (the signal thread sees its SIGCHLD and
+    // calls `leave`) while descendants still run.
+    if let Some(s) = &session.supervisor {
+        s.serve();
+    }
     let status = loop {
         match process::wait_any() {
             Some((pid, status)) if pid == child.pid => break status,
@@ -249,6 +249,32 @@ fn run() -> Result<i32, String> {
     });
     let _ = writer.join();
     Ok(status.shell_code())
+}
+
+/// Forwards signals sent to the shim, and watches the target's children:
+/// orphans reparented to the shim are reaped as they exit, and the
+/// target's own exit ends `serve` even while its descendants live on.
+fn signal_loop(session: &Arc<Session>, signals: &SignalSet) {
+    loop {
+        let (sig, explicit) = signals.wait();
+        if sig == libc::SIGCHLD {
+            process::reap_orphans(session.target_pid);
+            if process::has_exited(session.target_pid)
+                && let Some(s) = &session.supervisor
+            {
+                s.leave();
+            }
+            continue;
+        }
+        // A terminal's Ctrl-C reached the target already (same process
+        // group); forwarding it again would deliver it twice.
+        if explicit {
+            session.target.signal(sig);
+        }
+        if sig != libc::SIGHUP {
+            session.escalate_after_grace();
+        }
+    }
 }
 
 /// The syscall numbers the filter intercepts: every syscall a rule names,
