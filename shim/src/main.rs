@@ -85,22 +85,35 @@ fn run() -> Result<i32, String> {
     wire::send(&mut early, &hello)
         .and_then(|_| early.flush())
         .map_err(|e| format!("control socket: {e}"))?;
+    // The event writer starts with the session, before the launch message.
+    let events = Arc::new(EventQueue::new());
+    let writer = {
+        let events = Arc::clone(&events);
+        thread::spawn(move || write_loop(early, &events))
+    };
     let spec = match wire::recv::<_, ControlMessage>(&mut reader) {
         Ok(Some(ControlMessage::Launch(spec))) => spec,
-        Ok(Some(other)) => return Err(format!("expected a launch message first, got {other:?}")),
-        Ok(None) => return Err("controller closed the connection before launching".into()),
-        Err(e) => return Err(format!("control socket: {e}")),
+        Ok(Some(other)) => {
+            let message = format!("expected a launch message first, got {other:?}");
+            let _ = finish_failed(events, writer, message.clone(), 1);
+            return Err(message);
+        }
+        Ok(None) => {
+            let message = "controller closed the connection before launching".to_string();
+            let _ = finish_failed(events, writer, message.clone(), 1);
+            return Err(message);
+        }
+        Err(e) => {
+            let message = format!("control socket: {e}");
+            let _ = finish_failed(events, writer, message.clone(), 1);
+            return Err(message);
+        }
     };
     // Every thread the session needs exists before the fork: a thread
     // created while the child sets itself up or execs competes with it
     // (copy-on-write faults, a busy second CPU) and made launches slower
     // (docs/benchmarks.md). The control and signal threads get the session
     // once the target runs.
-    let events = Arc::new(EventQueue::new());
-    let writer = {
-        let events = Arc::clone(&events);
-        thread::spawn(move || write_loop(early, &events))
-    };
     let (to_control, control_session) = mpsc::channel::<Arc<Session>>();
     thread::spawn(move || {
         if let Ok(session) = control_session.recv() {
