@@ -225,45 +225,22 @@ fn measure(setup: Setup, kind: &str, n: u64) -> f64 {
         Minimal(thread::JoinHandle<()>),
         Ours(Supervisor<LiveKernel>),
     }
+    let ours = |l: Listener, nrs: Vec<u32>, rules| {
+        Server::Ours(
+            Supervisor::new(LiveKernel::new(l), ARCH, 1, nrs, rules, Arc::clone(&events))
+                .and_then(Supervisor::start)
+                .unwrap_or_else(|e| panic!("{e}")),
+        )
+    };
     let server = match (setup, listener) {
         (Setup::MinimalSupervisor, Some(l)) => Server::Minimal(thread::spawn(move || minimal(l))),
         // Startup calls (mmap, brk, …) are among the 24 and are served with
         // no rules; the loop's own syscall is not intercepted at all.
-        (Setup::OursUntargeted, Some(l)) => Server::Ours(
-            Supervisor::start(
-                LiveKernel::new(l),
-                ARCH,
-                1,
-                nrs.clone(),
-                Vec::new(),
-                Arc::clone(&events),
-            )
-            .unwrap_or_else(|e| panic!("{e}")),
-        ),
-        (Setup::OursAllow, Some(l)) => Server::Ours(
-            Supervisor::start(
-                LiveKernel::new(l),
-                ARCH,
-                1,
-                vec![nr],
-                rule(&format!("{kind}=EPERM:0%")),
-                Arc::clone(&events),
-            )
-            .unwrap_or_else(|e| panic!("{e}")),
-        ),
+        (Setup::OursUntargeted, Some(l)) => ours(l, nrs.clone(), Vec::new()),
+        (Setup::OursAllow, Some(l)) => ours(l, vec![nr], rule(&format!("{kind}=EPERM:0%"))),
         // The errno rule for openat is limited to the loop's file, or the
         // child could not write its result.
-        (Setup::OursErrno, Some(l)) => Server::Ours(
-            Supervisor::start(
-                LiveKernel::new(l),
-                ARCH,
-                1,
-                vec![nr],
-                rule(&errno_rule(kind)),
-                Arc::clone(&events),
-            )
-            .unwrap_or_else(|e| panic!("{e}")),
-        ),
+        (Setup::OursErrno, Some(l)) => ours(l, vec![nr], rule(&errno_rule(kind))),
         (_, l) => {
             drop(l);
             Server::None
@@ -670,7 +647,7 @@ fn main() {
             .take()
             .unwrap_or_else(|| panic!("no listener"));
         let rules = vec![parse_fault("getppid=EPERM:0%", ARCH).unwrap_or_else(|e| panic!("{e}"))];
-        let sup = Supervisor::start(
+        let sup = Supervisor::new(
             LiveKernel::new(listener),
             ARCH,
             1,
@@ -678,6 +655,7 @@ fn main() {
             rules,
             Arc::clone(&events),
         )
+        .and_then(Supervisor::start)
         .unwrap_or_else(|e| panic!("{e}"));
         child.release().unwrap_or_else(|e| panic!("{e}"));
         process::wait_for(child.pid);

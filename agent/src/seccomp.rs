@@ -462,6 +462,15 @@ fn syscall3_with_cookie(nr: libc::c_long, a0: usize, a1: usize, a2: usize, cooki
 /// (non-blocking reads and `sched_yield`) for up to [`HANDSHAKE_SPIN`]
 /// before sleeping. Async-signal-safe: raw syscalls and the vDSO clock.
 pub fn read_spinning_with_cookie(fd: RawFd, buf: &mut [u8], cookie: u64) -> isize {
+    let set_flags = |flags: usize| {
+        syscall3_with_cookie(
+            libc::SYS_fcntl,
+            fd as usize,
+            libc::F_SETFL as usize,
+            flags,
+            cookie,
+        )
+    };
     let flags = syscall3_with_cookie(
         libc::SYS_fcntl,
         fd as usize,
@@ -469,42 +478,23 @@ pub fn read_spinning_with_cookie(fd: RawFd, buf: &mut [u8], cookie: u64) -> isiz
         0,
         cookie,
     );
-    if flags >= 0 {
-        let nonblocking = (flags as usize) | libc::O_NONBLOCK as usize;
-        syscall3_with_cookie(
-            libc::SYS_fcntl,
-            fd as usize,
-            libc::F_SETFL as usize,
-            nonblocking,
-            cookie,
-        );
-        let start = monotonic_ns();
-        loop {
-            let n = read_with_cookie(fd, buf, cookie);
-            if n >= 0 || last_errno() != libc::EAGAIN {
-                syscall3_with_cookie(
-                    libc::SYS_fcntl,
-                    fd as usize,
-                    libc::F_SETFL as usize,
-                    flags as usize,
-                    cookie,
-                );
-                return n;
-            }
-            if monotonic_ns().saturating_sub(start) > HANDSHAKE_SPIN.as_nanos() as u64 {
-                break;
-            }
-            syscall3_with_cookie(libc::SYS_sched_yield, 0, 0, 0, cookie);
-        }
-        syscall3_with_cookie(
-            libc::SYS_fcntl,
-            fd as usize,
-            libc::F_SETFL as usize,
-            flags as usize,
-            cookie,
-        );
+    if flags < 0 {
+        return read_with_cookie(fd, buf, cookie);
     }
-    read_with_cookie(fd, buf, cookie)
+    set_flags(flags as usize | libc::O_NONBLOCK as usize);
+    let start = monotonic_ns();
+    let got = loop {
+        let n = read_with_cookie(fd, buf, cookie);
+        if n >= 0 || last_errno() != libc::EAGAIN {
+            break Some(n);
+        }
+        if monotonic_ns().saturating_sub(start) > HANDSHAKE_SPIN.as_nanos() as u64 {
+            break None;
+        }
+        syscall3_with_cookie(libc::SYS_sched_yield, 0, 0, 0, cookie);
+    };
+    set_flags(flags as usize);
+    got.unwrap_or_else(|| read_with_cookie(fd, buf, cookie))
 }
 
 fn monotonic_ns() -> u64 {

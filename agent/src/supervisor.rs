@@ -200,16 +200,9 @@ impl<K: Kernel> Supervisor<K> {
         })
     }
 
-    /// [`Supervisor::new`], served by a thread of its own.
-    pub fn start(
-        kernel: K,
-        arch: Arch,
-        seed: u64,
-        intercepted: Vec<u32>,
-        rules: Vec<Rule>,
-        events: Arc<EventQueue>,
-    ) -> Result<Supervisor<K>, RuleError> {
-        let sup = Supervisor::new(kernel, arch, seed, intercepted, rules, events)?;
+    /// Serves on a thread of its own: `Supervisor::new(...)?.start()`.
+    pub fn start(self) -> Result<Supervisor<K>, RuleError> {
+        let sup = self;
         let recv_shared = Arc::clone(&sup.shared);
         let (done_tx, done_rx) = mpsc::channel::<()>();
         let recv_thread = thread::Builder::new()
@@ -681,7 +674,8 @@ mod tests {
             .filter_map(|n| X86.number(n))
             .collect();
         let queue = Arc::new(EventQueue::new());
-        let sup = Supervisor::start(Arc::clone(fake), X86, 1, all, rules, Arc::clone(&queue))
+        let sup = Supervisor::new(Arc::clone(fake), X86, 1, all, rules, Arc::clone(&queue))
+            .and_then(Supervisor::start)
             .expect("start");
         (sup, queue)
     }

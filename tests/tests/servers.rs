@@ -350,6 +350,32 @@ def test_table_full():
     assert_eq!(t["faults"][0]["hits"], 1, "{t:#}");
 }
 
+/// A `client` service running `command` (a shell command line; `$ARG` is
+/// the SQL, `$DB_PORT` the db proxy's port) when sent `SH <sql>`, and
+/// `sh(sql)` to do that: a real SQL client run on demand against the
+/// proxy's TLS front, trusting only the CA Faultbox generates for the run
+/// (`FAULTBOX_CA_FILE`).
+fn sql_client(command: &str) -> String {
+    format!(
+        r#"
+cport = free_port()
+client = service(
+    "client",
+    "{helper}",
+    interface("main", "tcp", cport),
+    args = ["serve", str(cport)],
+    env = {{"DB_PORT": db.main.proxy_port, "FBHELPER_SH": "{command}"}},
+    depends_on = [db],
+    healthcheck = tcp("localhost:%d" % cport),
+)
+
+def sh(sql):
+    return client.main.send(data = "SH " + sql)
+"#,
+        helper = support::helper(),
+    )
+}
+
 #[test]
 fn postgres_over_tls_psql_verify_full_sees_injected_errors_and_the_server_sees_tls() {
     let dir = Scratch::new("pg-tls");
@@ -375,40 +401,23 @@ db = service(
     healthcheck = ready(timeout = "30s"),
 )
 
-# psql, run on demand: "SH <sql>" runs it against the proxy's TLS front
-# with full certificate and host name checks, trusting only the CA
-# Faultbox generates for the run (FAULTBOX_CA_FILE).
-cport = free_port()
-client = service(
-    "client",
-    "{helper}",
-    interface("main", "tcp", cport),
-    args = ["serve", str(cport)],
-    env = {{
-        "DB_PORT": db.main.proxy_port,
-        "FBHELPER_SH": "{bin}/psql \"host=127.0.0.1 port=$DB_PORT user=postgres dbname=postgres sslmode=verify-full sslrootcert=$FAULTBOX_CA_FILE\" -XAtc \"$ARG\"",
-    }},
-    depends_on = [db],
-    healthcheck = tcp("localhost:%d" % cport),
-)
-
-def psql(sql):
-    return client.main.send(data = "SH " + sql)
-
+{client}
 def test_tls_both_legs():
     # The server sees its own connection from the proxy as TLS.
-    ssl = psql("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+    ssl = sh("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
     assert_eq(ssl, "exit 0: t")
-    assert_eq(psql("CREATE TABLE items (id int)"), "exit 0: CREATE TABLE")
-    full = fault(db.main, error(query = "INSERT INTO items*", code = "53100", message = "could not extend file: No space left on device"), run = lambda: psql("INSERT INTO items VALUES (1)"))
+    assert_eq(sh("CREATE TABLE items (id int)"), "exit 0: CREATE TABLE")
+    full = fault(db.main, error(query = "INSERT INTO items*", code = "53100", message = "could not extend file: No space left on device"), run = lambda: sh("INSERT INTO items VALUES (1)"))
     assert_true(full.startswith("exit 1: ERROR:  could not extend file: No space left on device"), full)
-    assert_eq(psql("SELECT count(*) FROM items"), "exit 0: 0")
+    assert_eq(sh("SELECT count(*) FROM items"), "exit 0: 0")
     # Steps speak plaintext to the front; the upstream leg is still TLS.
     step = db.main.query(sql = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
     assert_eq(step.data, [{{"ssl": "t"}}])
 "#,
         sock = dir.path("pg"),
-        helper = support::helper(),
+        client = sql_client(&format!(
+            "{bin}/psql \\\"host=127.0.0.1 port=$DB_PORT user=postgres dbname=postgres sslmode=verify-full sslrootcert=$FAULTBOX_CA_FILE\\\" -XAtc \\\"$ARG\\\""
+        )),
     );
     let (code, doc, stderr) = run(&dir, &text);
     assert_eq!(code, 0, "{stderr}\n{doc:#}");
@@ -422,9 +431,9 @@ def test_tls_both_legs():
         &format!("sslrootcert={cert}"),
     );
     let wrong = wrong.replace(
-        r#"    ssl = psql("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        r#"    ssl = sh("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
     assert_eq(ssl, "exit 0: t")"#,
-        r#"    bad = psql("SELECT 1")
+        r#"    bad = sh("SELECT 1")
     assert_true(bad.startswith("exit 2:") and "certificate verify failed" in bad, bad)
     return bad"#,
     );
@@ -460,38 +469,22 @@ db = service(
     healthcheck = ready(timeout = "60s"),
 )
 
-# The mariadb client, run on demand against the proxy's TLS front, checking
-# the certificate and host name against the CA Faultbox generates.
-cport = free_port()
-client = service(
-    "client",
-    "{helper}",
-    interface("main", "tcp", cport),
-    args = ["serve", str(cport)],
-    env = {{
-        "DB_PORT": db.main.proxy_port,
-        "FBHELPER_SH": "mariadb --no-defaults -h 127.0.0.1 -P $DB_PORT -u root --ssl --ssl-ca=$FAULTBOX_CA_FILE --ssl-verify-server-cert -N -B -e \"$ARG\"",
-    }},
-    depends_on = [db],
-    healthcheck = tcp("localhost:%d" % cport),
-)
-
-def sql(text):
-    return client.main.send(data = "SH " + text)
-
+{client}
 def test_tls_both_legs():
     # The client insists on a verified TLS front (--ssl-verify-server-cert);
     # the server reports a cipher for its own session, so the back is TLS.
-    cipher = sql("SHOW SESSION STATUS LIKE 'Ssl_cipher'")
+    cipher = sh("SHOW SESSION STATUS LIKE 'Ssl_cipher'")
     assert_true(cipher.startswith("exit 0: Ssl_cipher\t") and len(cipher) > len("exit 0: Ssl_cipher\t"), cipher)
-    assert_eq(sql("CREATE DATABASE shop; CREATE TABLE shop.items (id INT)"), "exit 0: ")
-    full = fault(db.main, error(query = "INSERT INTO shop.items*", number = 1114, code = "HY000", message = "The table 'items' is full"), run = lambda: sql("INSERT INTO shop.items VALUES (1)"))
+    assert_eq(sh("CREATE DATABASE shop; CREATE TABLE shop.items (id INT)"), "exit 0: ")
+    full = fault(db.main, error(query = "INSERT INTO shop.items*", number = 1114, code = "HY000", message = "The table 'items' is full"), run = lambda: sh("INSERT INTO shop.items VALUES (1)"))
     assert_true("ERROR 1114 (HY000)" in full and "The table 'items' is full" in full, full)
-    assert_eq(sql("SELECT COUNT(*) FROM shop.items"), "exit 0: 0")
+    assert_eq(sh("SELECT COUNT(*) FROM shop.items"), "exit 0: 0")
     step = db.main.query(sql = "SELECT COUNT(*) AS n FROM shop.items")
     assert_eq(step.data, [{{"n": "0"}}], step.error)
 "#,
-        helper = support::helper(),
+        client = sql_client(
+            "mariadb --no-defaults -h 127.0.0.1 -P $DB_PORT -u root --ssl --ssl-ca=$FAULTBOX_CA_FILE --ssl-verify-server-cert -N -B -e \\\"$ARG\\\""
+        ),
     );
     let (code, doc, stderr) = run(&dir, &text);
     assert_eq!(code, 0, "{stderr}\n{doc:#}");
