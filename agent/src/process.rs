@@ -76,6 +76,7 @@ pub enum LaunchError {
 }
 
 /// Everything the child needs, prepared before `fork`.
+#[derive(Clone)]
 pub struct ChildSpec {
     program: CString,
     argv: Vec<CString>,
@@ -166,6 +167,18 @@ pub struct Spawned {
     pub wait_killable: bool,
     handoff: OwnedFd,
     program: String,
+    /// What the child reads until it execs (see [`ChildMemory`]).
+    memory: Option<Box<ChildMemory>>,
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        // The child may still run on `memory`: it must be gone first.
+        if self.memory.is_some() {
+            kill(self.pid, libc::SIGKILL);
+            reap(self.pid);
+        }
+    }
 }
 
 const TAG_LISTENER: u8 = b'F';
@@ -190,6 +203,7 @@ struct Forked {
     pid: i32,
     handoff: OwnedFd,
     program: String,
+    memory: Option<Box<ChildMemory>>,
 }
 
 /// Forks the child, which installs the filter and hands its listener over,
@@ -198,38 +212,87 @@ pub fn spawn(spec: &ChildSpec) -> Result<Spawned, LaunchError> {
     fork_child(spec)?.handoff()
 }
 
-/// The first half of [`spawn`]: fork, and let the child set itself up.
+/// What the launching child reads until it execs. The child shares the
+/// parent's memory (`CLONE_VM`), so all of it is owned here, at a fixed
+/// address, until the child has exec'd or exited: [`Spawned`] keeps it
+/// until [`Spawned::exec_result`], and kills and reaps the child before
+/// freeing it otherwise.
+struct ChildMemory {
+    spec: ChildSpec,
+    sock: i32,
+    parent_pid: libc::pid_t,
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+    stack: Vec<u8>,
+}
+
+// SAFETY: the raw pointers point into `spec`'s CStrings, owned by the same
+// struct; nothing here is tied to the thread that built it.
+#[allow(unsafe_code)]
+unsafe impl Send for ChildMemory {}
+
+/// The launching child's stack: `child_main` and what it calls use a few
+/// KiB; the rest is never touched (the allocation is lazily backed).
+const CHILD_STACK: usize = 256 << 10;
+
+extern "C" fn child_entry(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the ChildMemory the parent keeps alive, unmoved,
+    // until this child has exec'd or exited.
+    let mem = unsafe { &*(arg as *const ChildMemory) };
+    child_main(&mem.spec, mem.sock, mem.parent_pid, &mem.argv, &mem.envp)
+}
+
+/// The first half of [`spawn`]: start the child, and let it set itself up.
+///
+/// `clone(CLONE_VM)` rather than `fork`, as `posix_spawn` does: the
+/// parent's page tables are neither copied nor torn down again by the
+/// child's exec, which on these machines is most of what a launch costs
+/// beyond a plain fork+exec. Unlike `vfork`, the parent goes on at once:
+/// it must serve the hand-off while the child waits.
 fn fork_child(spec: &ChildSpec) -> Result<Forked, LaunchError> {
     let (parent_end, child_end) =
         seccomp::handoff_pair().map_err(|source| LaunchError::Parent {
             step: "create the hand-off socket",
             source,
         })?;
-    let mut argv_ptrs: Vec<*const libc::c_char> = spec.argv.iter().map(|a| a.as_ptr()).collect();
-    argv_ptrs.push(std::ptr::null());
-    let mut envp_ptrs: Vec<*const libc::c_char> = spec.envp.iter().map(|e| e.as_ptr()).collect();
-    envp_ptrs.push(std::ptr::null());
-    // SAFETY: getpid has no preconditions.
-    let parent_pid = unsafe { libc::getpid() };
+    let mut mem = Box::new(ChildMemory {
+        spec: spec.clone(),
+        sock: child_end.as_raw_fd(),
+        // SAFETY: getpid has no preconditions.
+        parent_pid: unsafe { libc::getpid() },
+        argv: Vec::new(),
+        envp: Vec::new(),
+        stack: vec![0u8; CHILD_STACK],
+    });
+    mem.argv = mem.spec.argv.iter().map(|a| a.as_ptr()).collect();
+    mem.argv.push(std::ptr::null());
+    mem.envp = mem.spec.envp.iter().map(|e| e.as_ptr()).collect();
+    mem.envp.push(std::ptr::null());
+    // The stack grows down from the 16-byte aligned end of the buffer.
+    let top = {
+        let end = mem.stack.as_mut_ptr() as usize + mem.stack.len();
+        (end & !15) as *mut libc::c_void
+    };
     // The new PID namespace is made by this clone rather than by unshare in
     // the supervisor: after unshare(CLONE_NEWPID) the kernel refuses to
     // create threads in the caller (EINVAL), and the supervisor needs them.
-    // Without CLONE_VM and with a null stack, clone behaves like fork.
-    // SAFETY: after fork/clone the child only calls `child_main`, which makes
-    // raw, async-signal-safe syscalls on memory prepared before the fork.
-    let pid = unsafe {
-        if spec.new_pid_namespace {
-            libc::syscall(
-                libc::SYS_clone,
-                libc::CLONE_NEWPID | libc::SIGCHLD,
-                0,
-                0,
-                0,
-                0,
-            ) as libc::pid_t
+    let flags = libc::CLONE_VM
+        | libc::SIGCHLD
+        | if spec.new_pid_namespace {
+            libc::CLONE_NEWPID
         } else {
-            libc::fork()
-        }
+            0
+        };
+    // SAFETY: the child runs `child_entry` on its own stack, reading only
+    // `mem`, which stays alive and in place (boxed, owned by Forked and
+    // then Spawned) until the child has exec'd or been reaped.
+    let pid = unsafe {
+        libc::clone(
+            child_entry,
+            top,
+            flags,
+            &*mem as *const ChildMemory as *mut libc::c_void,
+        )
     };
     if pid < 0 {
         return Err(LaunchError::Parent {
@@ -237,30 +300,25 @@ fn fork_child(spec: &ChildSpec) -> Result<Forked, LaunchError> {
             source: io::Error::last_os_error(),
         });
     }
-    if pid == 0 {
-        child_main(
-            spec,
-            child_end.as_raw_fd(),
-            parent_pid,
-            &argv_ptrs,
-            &envp_ptrs,
-        );
-    }
+    // The child has its own descriptor table (no CLONE_FILES).
     drop(child_end);
     Ok(Forked {
         pid,
         handoff: parent_end,
         program: spec.program.to_string_lossy().into_owned(),
+        memory: Some(mem),
     })
 }
 
 impl Forked {
     /// The second half of [`spawn`]: waits for the child's listener.
     fn handoff(self) -> Result<Spawned, LaunchError> {
+        // On failure the child is reaped before `memory` is dropped.
         let Forked {
             pid,
             handoff: parent_end,
             program,
+            memory,
         } = self;
         let fail = |error: LaunchError| {
             reap(pid);
@@ -288,6 +346,7 @@ impl Forked {
                 wait_killable: rest[0] == 1,
                 handoff: parent_end,
                 program,
+                memory,
             }),
             (TAG_READY, _, _) => Ok(Spawned {
                 pid,
@@ -295,6 +354,7 @@ impl Forked {
                 wait_killable: false,
                 handoff: parent_end,
                 program,
+                memory,
             }),
             (TAG_CHILD_ERROR, rest, _) => fail(child_error(rest)),
             _ => fail(LaunchError::Child {
@@ -317,7 +377,7 @@ fn child_error(payload: [u8; 4]) -> LaunchError {
 
 impl Spawned {
     /// Lets the child exec, and reports whether `execve` succeeded.
-    pub fn release(&self) -> Result<(), LaunchError> {
+    pub fn release(&mut self) -> Result<(), LaunchError> {
         self.go()?;
         self.exec_result()
     }
@@ -326,12 +386,13 @@ impl Spawned {
     /// hand-off). Its intercepted calls wait in the kernel until someone
     /// serves the listener, so the supervisor may be prepared after this,
     /// while the child execs.
-    pub fn go(&self) -> Result<(), LaunchError> {
+    pub fn go(&mut self) -> Result<(), LaunchError> {
         // SAFETY: writing one byte from a valid buffer.
         let n = unsafe { libc::write(self.handoff.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
         if n != 1 {
             let err = io::Error::last_os_error();
             reap(self.pid);
+            self.memory = None;
             return Err(LaunchError::Parent {
                 step: "release the target",
                 source: err,
@@ -342,9 +403,11 @@ impl Spawned {
 
     /// Waits until the child's `execve` succeeded (its end of the hand-off
     /// socket closes on exec) or failed (it reports the errno).
-    pub fn exec_result(&self) -> Result<(), LaunchError> {
+    pub fn exec_result(&mut self) -> Result<(), LaunchError> {
         let parent = |step, source| LaunchError::Parent { step, source };
-        match seccomp::recv_handoff(&self.handoff) {
+        let outcome = match seccomp::recv_handoff(&self.handoff) {
+            // End of file: the child's end closed on exec. (It cannot be an
+            // exit: the child always reports before it exits.)
             Ok(None) => Ok(()),
             Ok(Some(m)) if m.tag == TAG_EXEC_ERROR => {
                 reap(self.pid);
@@ -357,15 +420,31 @@ impl Spawned {
                 reap(self.pid);
                 Err(child_error(m.payload))
             }
-            Ok(Some(_)) => Err(parent(
-                "wait for exec",
-                io::Error::from_raw_os_error(libc::EPROTO),
-            )),
-            Err(e) => Err(parent("wait for exec", e)),
-        }
+            Ok(Some(_)) => {
+                kill(self.pid, libc::SIGKILL);
+                reap(self.pid);
+                Err(parent(
+                    "wait for exec",
+                    io::Error::from_raw_os_error(libc::EPROTO),
+                ))
+            }
+            Err(e) => {
+                kill(self.pid, libc::SIGKILL);
+                reap(self.pid);
+                Err(parent("wait for exec", e))
+            }
+        };
+        // Exec'd (its own memory now) or reaped: the child no longer
+        // reads ours.
+        self.memory = None;
+        outcome
     }
 }
 
+/// The child, from `clone` to `execve`. It runs in the parent's memory
+/// on its own stack (`CLONE_VM`), so it allocates nothing, touches only
+/// what [`ChildMemory`] owns, and makes every syscall through
+/// [`seccomp::raw_syscall`] (glibc's `errno` is the parent's here).
 fn child_main(
     spec: &ChildSpec,
     sock: i32,
@@ -374,47 +453,70 @@ fn child_main(
     envp: &[*const libc::c_char],
 ) -> ! {
     let cookie = spec.cookie;
+    let exit = |code: usize| -> ! {
+        loop {
+            // SAFETY: exit takes an integer and does not return.
+            let _ = unsafe { seccomp::raw_syscall(libc::SYS_exit_group, [code, 0, 0, 0, 0, 0]) };
+        }
+    };
     let report = |step: u8, errno: i32| -> ! {
         let e = errno.to_le_bytes();
-        seccomp::write_with_cookie(sock, &[TAG_CHILD_ERROR, step, e[0], e[1], e[2]], cookie);
-        // SAFETY: _exit is async-signal-safe and never returns.
-        unsafe { libc::_exit(126) }
+        let _ =
+            seccomp::write_with_cookie(sock, &[TAG_CHILD_ERROR, step, e[0], e[1], e[2]], cookie);
+        exit(126)
     };
-    // SAFETY: raw libc calls on local data; valid between fork and exec.
-    unsafe {
-        let mut empty: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut empty);
-        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-        for sig in [
-            libc::SIGINT,
-            libc::SIGTERM,
-            libc::SIGHUP,
-            libc::SIGQUIT,
-            libc::SIGPIPE,
-            libc::SIGUSR2,
-            libc::SIGCHLD,
-        ] {
-            libc::signal(sig, libc::SIG_DFL);
-        }
-        // A target must not outlive its shim, whatever kills the shim.
-        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-            report(b'p', errno());
-        }
-        // The parent may have died before PDEATHSIG was armed. As PID 1 of a
-        // new PID namespace the child sees its parent as pid 0, and cannot
-        // tell; the shim's death still kills the whole namespace then.
-        let ppid = libc::getppid();
-        if ppid != 0 && ppid != parent_pid {
-            libc::_exit(126);
-        }
-        if let Some(cwd) = &spec.cwd
-            && libc::chdir(cwd.as_ptr()) != 0
-        {
-            report(b'c', errno());
-        }
-        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-            report(b'n', errno());
-        }
+    // SAFETY (every raw_syscall below): integer arguments, or pointers to
+    // locals and to `spec`, which outlive the calls.
+    let sys = |nr: libc::c_long, args: [usize; 6]| unsafe { seccomp::raw_syscall(nr, args) };
+    let none: u64 = 0;
+    // An empty mask, then default dispositions (one kernel sigaction, all
+    // zero: SIG_DFL, no flags, no mask, for both kernel layouts).
+    let _ = sys(
+        libc::SYS_rt_sigprocmask,
+        [
+            libc::SIG_SETMASK as usize,
+            &none as *const u64 as usize,
+            0,
+            8,
+            0,
+            0,
+        ],
+    );
+    let default_action = [0u64; 4];
+    for sig in [
+        libc::SIGINT,
+        libc::SIGTERM,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+        libc::SIGPIPE,
+        libc::SIGUSR2,
+        libc::SIGCHLD,
+    ] {
+        let _ = sys(
+            libc::SYS_rt_sigaction,
+            [sig as usize, default_action.as_ptr() as usize, 0, 8, 0, 0],
+        );
+    }
+    let prctl =
+        |option: i32, value: usize| sys(libc::SYS_prctl, [option as usize, value, 0, 0, 0, 0]);
+    // A target must not outlive its shim, whatever kills the shim.
+    if let Err(e) = prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as usize) {
+        report(b'p', e);
+    }
+    // The parent may have died before PDEATHSIG was armed. As PID 1 of a
+    // new PID namespace the child sees its parent as pid 0, and cannot
+    // tell; the shim's death still kills the whole namespace then.
+    let ppid = sys(libc::SYS_getppid, [0; 6]).unwrap_or(0) as libc::pid_t;
+    if ppid != 0 && ppid != parent_pid {
+        exit(126);
+    }
+    if let Some(cwd) = &spec.cwd
+        && let Err(e) = sys(libc::SYS_chdir, [cwd.as_ptr() as usize, 0, 0, 0, 0, 0])
+    {
+        report(b'c', e);
+    }
+    if let Err(e) = prctl(libc::PR_SET_NO_NEW_PRIVS, 1) {
+        report(b'n', e);
     }
     match &spec.filter {
         Some(filter) => match filter.install() {
@@ -427,41 +529,42 @@ fn child_main(
             Err(errno) => report(b's', errno),
         },
         None => {
-            seccomp::write_with_cookie(sock, &[TAG_READY], cookie);
+            let _ = seccomp::write_with_cookie(sock, &[TAG_READY], cookie);
         }
     }
     // After the hand-off, so that a rule on setuid and friends is answered
-    // by the supervisor instead of parking the child forever.
+    // by the supervisor instead of parking the child forever. Raw
+    // syscalls: glibc's wrappers broadcast the change to every thread they
+    // believe exists, and waited forever on that broadcast's lock in a
+    // child of the multi-threaded shim. Credentials are per thread in the
+    // kernel, and the child is one thread.
     if let Some((uid, gid)) = spec.credentials {
-        // Raw syscalls, not glibc's wrappers: those broadcast the change
-        // to every thread glibc believes exists, and after a fork from a
-        // multi-threaded shim (its threads start before the fork) the
-        // child waited forever on that broadcast's lock. Credentials are
-        // per thread in the kernel, and the child has one thread.
-        // SAFETY: credential syscalls on local values.
-        unsafe {
-            if libc::syscall(libc::SYS_setgroups, 1, &gid as *const libc::gid_t) != 0
-                || libc::syscall(libc::SYS_setgid, gid) != 0
-                || libc::syscall(libc::SYS_setuid, uid) != 0
-            {
-                report(b'u', errno());
+        let groups = [gid];
+        for (nr, args) in [
+            (
+                libc::SYS_setgroups,
+                [1, groups.as_ptr() as usize, 0, 0, 0, 0],
+            ),
+            (libc::SYS_setgid, [gid as usize, 0, 0, 0, 0, 0]),
+            (libc::SYS_setuid, [uid as usize, 0, 0, 0, 0, 0]),
+        ] {
+            if let Err(e) = sys(nr, args) {
+                report(b'u', e);
             }
-            // Changing credentials clears the parent-death signal.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                report(b'p', errno());
-            }
+        }
+        // Changing credentials clears the parent-death signal.
+        if let Err(e) = prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as usize) {
+            report(b'p', e);
         }
     }
     let mut ack = [0u8; 1];
-    if seccomp::read_spinning_with_cookie(sock, &mut ack, cookie) != 1 {
-        // SAFETY: _exit is async-signal-safe.
-        unsafe { libc::_exit(126) }
+    if seccomp::read_spinning_with_cookie(sock, &mut ack, cookie) != Ok(1) {
+        exit(126);
     }
     let errno = seccomp::execve_with_cookie(&spec.program, argv, envp, cookie);
     let e = errno.to_le_bytes();
-    seccomp::write_with_cookie(sock, &[TAG_EXEC_ERROR, e[0], e[1], e[2], e[3]], cookie);
-    // SAFETY: _exit is async-signal-safe.
-    unsafe { libc::_exit(127) }
+    let _ = seccomp::write_with_cookie(sock, &[TAG_EXEC_ERROR, e[0], e[1], e[2], e[3]], cookie);
+    exit(127)
 }
 
 fn errno() -> i32 {

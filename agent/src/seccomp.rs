@@ -89,6 +89,7 @@ pub fn build_filter(arch: Arch, nrs: &[u32], cookie: u64) -> Vec<Insn> {
 
 /// A filter ready to install: built before `fork`, so the child does not
 /// allocate.
+#[derive(Clone)]
 pub struct Program {
     insns: Vec<libc::sock_filter>,
 }
@@ -127,20 +128,23 @@ impl Program {
         ] {
             // SAFETY: `prog` points at `self.insns`, which outlives the call;
             // the kernel copies the program before returning.
-            let fd = unsafe {
-                libc::syscall(
+            let rc = unsafe {
+                raw_syscall(
                     libc::SYS_seccomp,
-                    libc::SECCOMP_SET_MODE_FILTER,
-                    flags,
-                    &prog as *const libc::sock_fprog,
+                    [
+                        libc::SECCOMP_SET_MODE_FILTER as usize,
+                        flags as usize,
+                        &prog as *const libc::sock_fprog as usize,
+                        0,
+                        0,
+                        0,
+                    ],
                 )
             };
-            if fd >= 0 {
-                return Ok((fd as RawFd, killable));
-            }
-            let errno = last_errno();
-            if errno != libc::EINVAL || !killable {
-                return Err(errno);
+            match rc {
+                Ok(fd) => return Ok((fd as RawFd, killable)),
+                Err(errno) if errno == libc::EINVAL && killable => continue,
+                Err(errno) => return Err(errno),
             }
         }
         Err(libc::EINVAL)
@@ -363,10 +367,83 @@ pub fn handoff_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// Issues syscall `nr` directly and returns its result, or its error as
+/// `Err(errno)` without going through glibc's `errno`.
+///
+/// The launching child runs in the parent's address space (`CLONE_VM`,
+/// as `posix_spawn` does) until it execs, and shares the launching
+/// thread's TLS, where glibc keeps `errno`: the parent's own failing calls
+/// (a non-blocking `recvmsg`, say) would overwrite the child's. So every
+/// syscall of the child goes through here.
+///
+/// # Safety
+/// The arguments must be valid for `nr` (pointers to live memory of the
+/// right type and size).
+#[inline(always)]
+pub unsafe fn raw_syscall(nr: libc::c_long, args: [usize; 6]) -> Result<usize, i32> {
+    let ret: isize;
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the x86_64 syscall convention: number in rax, arguments in
+    // rdi, rsi, rdx, r10, r8, r9; the kernel clobbers rcx and r11.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            inlateout("rax") nr as isize => ret,
+            in("rdi") args[0],
+            in("rsi") args[1],
+            in("rdx") args[2],
+            in("r10") args[3],
+            in("r8") args[4],
+            in("r9") args[5],
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: the aarch64 syscall convention: number in x8, arguments in
+    // x0..x5, result in x0.
+    unsafe {
+        std::arch::asm!(
+            "svc 0",
+            in("x8") nr,
+            inlateout("x0") args[0] as isize => ret,
+            in("x1") args[1],
+            in("x2") args[2],
+            in("x3") args[3],
+            in("x4") args[4],
+            in("x5") args[5],
+            options(nostack),
+        );
+    }
+    if (-4095..0).contains(&ret) {
+        Err(-ret as i32)
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+/// `syscall(nr, a0, a1, a2)` with `cookie` in the sixth argument, so that
+/// the child's own filter lets it through.
+///
+/// # Safety
+/// As [`raw_syscall`]: the arguments must be valid for `nr`.
+unsafe fn with_cookie(
+    nr: libc::c_long,
+    a0: usize,
+    a1: usize,
+    a2: usize,
+    cookie: u64,
+) -> Result<usize, i32> {
+    // SAFETY: the caller's arguments are valid for `nr`; the two unused
+    // arguments are zero.
+    unsafe { raw_syscall(nr, [a0, a1, a2, 0, 0, cookie as usize]) }
+}
+
 /// Sends `fd` over `sock` with a two-byte payload, passing `cookie` in the
 /// sixth argument so the filter lets this call through.
 ///
-/// Async-signal-safe.
+/// Async-signal-safe, and safe in a `CLONE_VM` child (see [`raw_syscall`]).
 pub fn send_fd_with_cookie(
     sock: RawFd,
     fd: RawFd,
@@ -398,49 +475,43 @@ pub fn send_fd_with_cookie(
         std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
     }
     // SAFETY: `msg` and everything it points to live across the call.
-    let rc = unsafe {
-        libc::syscall(
+    unsafe {
+        with_cookie(
             libc::SYS_sendmsg,
-            sock,
-            &msg as *const libc::msghdr,
-            libc::MSG_NOSIGNAL,
-            0,
-            0,
+            sock as usize,
+            &msg as *const libc::msghdr as usize,
+            libc::MSG_NOSIGNAL as usize,
             cookie,
         )
-    };
-    if rc < 0 { Err(last_errno()) } else { Ok(()) }
+    }
+    .map(|_| ())
 }
 
-/// Writes `bytes` to `fd` with `cookie` in the sixth argument. Async-signal-safe.
-pub fn write_with_cookie(fd: RawFd, bytes: &[u8], cookie: u64) -> isize {
+/// Writes `bytes` to `fd` with `cookie` in the sixth argument.
+pub fn write_with_cookie(fd: RawFd, bytes: &[u8], cookie: u64) -> Result<usize, i32> {
     // SAFETY: the buffer is valid for `bytes.len()` bytes.
     unsafe {
-        libc::syscall(
+        with_cookie(
             libc::SYS_write,
-            fd,
-            bytes.as_ptr(),
+            fd as usize,
+            bytes.as_ptr() as usize,
             bytes.len(),
-            0,
-            0,
             cookie,
-        ) as isize
+        )
     }
 }
 
-/// Reads into `buf` from `fd` with `cookie` in the sixth argument. Async-signal-safe.
-pub fn read_with_cookie(fd: RawFd, buf: &mut [u8], cookie: u64) -> isize {
+/// Reads into `buf` from `fd` with `cookie` in the sixth argument.
+pub fn read_with_cookie(fd: RawFd, buf: &mut [u8], cookie: u64) -> Result<usize, i32> {
     // SAFETY: the buffer is valid for writes of `buf.len()` bytes.
     unsafe {
-        libc::syscall(
+        with_cookie(
             libc::SYS_read,
-            fd,
-            buf.as_mut_ptr(),
+            fd as usize,
+            buf.as_mut_ptr() as usize,
             buf.len(),
-            0,
-            0,
             cookie,
-        ) as isize
+        )
     }
 }
 
@@ -451,49 +522,31 @@ pub fn read_with_cookie(fd: RawFd, buf: &mut [u8], cookie: u64) -> isize {
 /// the CPU between polls, so spinning costs nothing when both share one.
 pub const HANDSHAKE_SPIN: std::time::Duration = std::time::Duration::from_micros(1500);
 
-/// `syscall(nr, a0, a1, a2)` with `cookie` in the sixth argument.
-fn syscall3_with_cookie(nr: libc::c_long, a0: usize, a1: usize, a2: usize, cookie: u64) -> isize {
-    // SAFETY: callers pass arguments valid for `nr`; the two unused
-    // arguments are zero and the sixth is the cookie the filter checks.
-    unsafe { libc::syscall(nr, a0, a1, a2, 0, 0, cookie) as isize }
-}
-
 /// Reads one message into `buf` like [`read_with_cookie`], but spins
 /// (non-blocking reads and `sched_yield`) for up to [`HANDSHAKE_SPIN`]
-/// before sleeping. Async-signal-safe: raw syscalls and the vDSO clock.
-pub fn read_spinning_with_cookie(fd: RawFd, buf: &mut [u8], cookie: u64) -> isize {
-    let set_flags = |flags: usize| {
-        syscall3_with_cookie(
-            libc::SYS_fcntl,
-            fd as usize,
-            libc::F_SETFL as usize,
-            flags,
-            cookie,
-        )
-    };
-    let flags = syscall3_with_cookie(
-        libc::SYS_fcntl,
-        fd as usize,
-        libc::F_GETFL as usize,
-        0,
-        cookie,
-    );
-    if flags < 0 {
+/// before sleeping. Raw syscalls and the vDSO clock only.
+pub fn read_spinning_with_cookie(fd: RawFd, buf: &mut [u8], cookie: u64) -> Result<usize, i32> {
+    let (fcntl, fd_arg) = (libc::SYS_fcntl, fd as usize);
+    // SAFETY (fcntl and sched_yield below): integer arguments only.
+    let Ok(flags) = (unsafe { with_cookie(fcntl, fd_arg, libc::F_GETFL as usize, 0, cookie) })
+    else {
         return read_with_cookie(fd, buf, cookie);
-    }
-    set_flags(flags as usize | libc::O_NONBLOCK as usize);
+    };
+    let set_flags =
+        |f: usize| unsafe { with_cookie(fcntl, fd_arg, libc::F_SETFL as usize, f, cookie) };
+    let _ = set_flags(flags | libc::O_NONBLOCK as usize);
     let start = monotonic_ns();
     let got = loop {
-        let n = read_with_cookie(fd, buf, cookie);
-        if n >= 0 || last_errno() != libc::EAGAIN {
-            break Some(n);
+        match read_with_cookie(fd, buf, cookie) {
+            Err(libc::EAGAIN) => {}
+            other => break Some(other),
         }
         if monotonic_ns().saturating_sub(start) > HANDSHAKE_SPIN.as_nanos() as u64 {
             break None;
         }
-        syscall3_with_cookie(libc::SYS_sched_yield, 0, 0, 0, cookie);
+        let _ = unsafe { with_cookie(libc::SYS_sched_yield, 0, 0, 0, cookie) };
     };
-    set_flags(flags as usize);
+    let _ = set_flags(flags);
     got.unwrap_or_else(|| read_with_cookie(fd, buf, cookie))
 }
 
@@ -502,34 +555,34 @@ fn monotonic_ns() -> u64 {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: clock_gettime writes into a valid timespec; it is
-    // async-signal-safe (POSIX) and served by the vDSO, no syscall.
+    // SAFETY: clock_gettime writes into a valid timespec; served by the
+    // vDSO (no syscall, no errno on success).
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
 }
 
 /// `execve` with `cookie` in the sixth argument. Returns only on failure,
-/// with the errno. Async-signal-safe.
+/// with the errno.
 pub fn execve_with_cookie(
     path: &CString,
     argv: &[*const libc::c_char],
     envp: &[*const libc::c_char],
     cookie: u64,
 ) -> i32 {
-    // SAFETY: `argv` and `envp` are NULL-terminated arrays of pointers into
-    // CStrings that the caller keeps alive.
-    unsafe {
-        libc::syscall(
+    // SAFETY: `argv` and `envp` are NULL-terminated arrays of pointers
+    // into CStrings that the caller keeps alive.
+    match unsafe {
+        with_cookie(
             libc::SYS_execve,
-            path.as_ptr(),
-            argv.as_ptr(),
-            envp.as_ptr(),
-            0,
-            0,
+            path.as_ptr() as usize,
+            argv.as_ptr() as usize,
+            envp.as_ptr() as usize,
             cookie,
-        );
+        )
+    } {
+        Ok(_) => libc::EIO,
+        Err(errno) => errno,
     }
-    last_errno()
 }
 
 /// One message on the hand-off socket.
@@ -596,12 +649,6 @@ pub fn recv_handoff(sock: &OwnedFd) -> io::Result<Option<Handoff>> {
         payload: rest,
         fd,
     }))
-}
-
-fn last_errno() -> i32 {
-    io::Error::last_os_error()
-        .raw_os_error()
-        .unwrap_or(libc::EIO)
 }
 
 #[cfg(test)]
