@@ -77,6 +77,30 @@ pub fn splice_all(from: &impl AsRawFd, to: &impl AsRawFd) -> io::Result<u64> {
     }
 }
 
+/// Aborts a TCP connection: the peer gets a reset (RST), not an orderly
+/// end of stream, whatever other descriptors of the socket are open.
+/// `connect` with `AF_UNSPEC` disconnects a TCP socket, and the kernel
+/// aborts an established connection with a reset; closing with
+/// `SO_LINGER` 0 would only reset on the last close.
+pub fn reset(sock: &impl AsRawFd) -> io::Result<()> {
+    // SAFETY: an all-zero sockaddr with family AF_UNSPEC; connect reads
+    // `len` bytes of it.
+    let rc = unsafe {
+        let mut addr: libc::sockaddr = std::mem::zeroed();
+        addr.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+        libc::connect(
+            sock.as_raw_fd(),
+            &addr,
+            std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1362,14 +1362,24 @@ pub(crate) fn faults(builder: &mut GlobalsBuilder) {
         Ok(eval.heap().alloc(r))
     }
 
-    /// `drop(method=, path=, ...)`: close the connection without an answer.
+    /// `drop(reset=None, method=, path=, ...)`: end the connection without
+    /// an answer, with a reset or a close (see `ProxyAction::Drop`).
     fn drop<'v>(
         #[starlark(args)] args: UnpackTuple<Value<'v>>,
         #[starlark(kwargs)] kwargs: DictRef<'v>,
         eval: &mut Evaluator<'v, '_, '_>,
     ) -> starlark::Result<Value<'v>> {
         let a = Args::new("drop", args, kwargs)?;
-        let r = proxy_rule(&a, ProxyAction::Drop, &[])?;
+        let reset = match a.named("reset") {
+            None => None,
+            Some(v) => Some(v.unpack_bool().ok_or_else(|| {
+                err(format!(
+                    "drop(): reset= is True (end with a TCP reset) or False (an orderly close), got {}",
+                    v.to_repr()
+                ))
+            })?),
+        };
+        let r = proxy_rule(&a, ProxyAction::Drop { reset }, &["reset"])?;
         Ok(eval.heap().alloc(r))
     }
 

@@ -200,6 +200,7 @@ async fn serve_conn(client: TcpStream, ctx: Arc<Ctx>, counts: Arc<Counts>) -> &'
     let Ok(client) = tokio::net::TcpStream::from_std(client) else {
         return "socket setup failed";
     };
+    let ctx_protocol = ctx.protocol.clone();
     let upstream = match tokio::time::timeout(
         Duration::from_secs(5),
         tokio::net::TcpStream::connect(ctx.upstream),
@@ -230,7 +231,7 @@ async fn serve_conn(client: TcpStream, ctx: Arc<Ctx>, counts: Arc<Counts>) -> &'
             return "upstream handshake failed";
         }
     };
-    let dropped = Arc::new(Notify::new());
+    let dropped = Arc::new(Dropped::default());
     let service = {
         let dropped = Arc::clone(&dropped);
         hyper::service::service_fn(move |req| {
@@ -245,11 +246,19 @@ async fn serve_conn(client: TcpStream, ctx: Arc<Ctx>, counts: Arc<Counts>) -> &'
         .serve_connection(io, service);
     tokio::select! {
         r = conn => if r.is_ok() { "closed" } else { "protocol error" },
-        _ = dropped.notified() => {
-            let _ = cut.shutdown(Shutdown::Both);
+        _ = dropped.notify.notified() => {
+            let reset = *dropped.reset.lock().unwrap_or_else(|p| p.into_inner());
+            crate::proxy::cut(&cut, &ctx_protocol, reset);
             "dropped"
         }
     }
+}
+
+/// A `drop()` decided on one stream, for the connection task to carry out.
+#[derive(Default)]
+struct Dropped {
+    notify: Notify,
+    reset: std::sync::Mutex<Option<bool>>,
 }
 
 fn full(data: impl Into<Bytes>) -> Body {
@@ -341,7 +350,7 @@ async fn handle(
     req: Request<Incoming>,
     ctx: Arc<Ctx>,
     mut sender: SendRequest<Body>,
-    dropped: Arc<Notify>,
+    dropped: Arc<Dropped>,
 ) -> Result<Response<Body>, Infallible> {
     let grpc = ctx.protocol == "grpc";
     let path = req.uri().path().to_string();
@@ -366,10 +375,11 @@ async fn handle(
         tokio::time::sleep(Duration::from_nanos(verdict.delay_ns)).await;
     }
     match verdict.action {
-        Some(ProxyAction::Drop) => {
+        Some(ProxyAction::Drop { reset }) => {
             // The connection task cuts the socket; this stream never
             // answers.
-            dropped.notify_one();
+            *dropped.reset.lock().unwrap_or_else(|p| p.into_inner()) = reset;
+            dropped.notify.notify_one();
             std::future::pending::<()>().await;
         }
         Some(ProxyAction::Respond { status, body }) => {

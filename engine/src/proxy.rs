@@ -51,8 +51,11 @@ pub enum ProxyAction {
     },
     /// Hold the request, then go on (later rules still apply).
     Delay { ns: u64 },
-    /// Close the client's connection without an answer.
-    Drop,
+    /// End the client's connection without an answer: with a reset (RST)
+    /// or an orderly close (FIN). Unset: a reset on http and grpc (what a
+    /// crashed backend behind a load balancer looks like), a close on the
+    /// others.
+    Drop { reset: Option<bool> },
     /// Forward the request as usual, and send it a second time on a
     /// connection of its own (its answer discarded): the upstream sees a
     /// retry the client never made.
@@ -66,7 +69,7 @@ impl ProxyAction {
             ProxyAction::Respond { .. } => "respond",
             ProxyAction::Error { .. } => "error",
             ProxyAction::Delay { .. } => "delay",
-            ProxyAction::Drop => "drop",
+            ProxyAction::Drop { .. } => "drop",
             ProxyAction::Duplicate => "duplicate",
         }
     }
@@ -539,6 +542,16 @@ fn serve(client: TcpStream, ctx: &Arc<Ctx>) {
     );
 }
 
+/// Ends a dropped client connection (see [`ProxyAction::Drop`]).
+pub(crate) fn cut(client: &TcpStream, protocol: &str, reset: Option<bool>) {
+    if reset.unwrap_or(matches!(protocol, "http" | "grpc"))
+        && faultbox_agent::pipe::reset(client).is_ok()
+    {
+        return;
+    }
+    let _ = client.shutdown(Shutdown::Both);
+}
+
 const BUF: usize = 64 << 10;
 
 /// Copies until EOF; half-closes the destination so the other side sees
@@ -595,8 +608,8 @@ fn serve_tcp(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
         std::thread::sleep(Duration::from_nanos(verdict.delay_ns));
     }
     match verdict.action {
-        Some(ProxyAction::Drop) => {
-            let _ = client.shutdown(Shutdown::Both);
+        Some(ProxyAction::Drop { reset }) => {
+            cut(&client, &ctx.protocol, reset);
             return (first.len() as u64, 0, "dropped");
         }
         Some(ProxyAction::Respond { body, .. })
@@ -887,8 +900,8 @@ fn serve_http(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
             std::thread::sleep(Duration::from_nanos(verdict.delay_ns));
         }
         let answer = match verdict.action {
-            Some(ProxyAction::Drop) => {
-                let _ = client.shutdown(Shutdown::Both);
+            Some(ProxyAction::Drop { reset }) => {
+                cut(&client, &ctx.protocol, reset);
                 let _ = upstream.shutdown(Shutdown::Both);
                 break "dropped";
             }
@@ -1012,8 +1025,8 @@ fn serve_redis(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
             std::thread::sleep(Duration::from_nanos(verdict.delay_ns));
         }
         let reply = match verdict.action {
-            Some(ProxyAction::Drop) => {
-                let _ = client.shutdown(Shutdown::Both);
+            Some(ProxyAction::Drop { reset }) => {
+                cut(&client, &ctx.protocol, reset);
                 let _ = upstream.shutdown(Shutdown::Both);
                 break "dropped";
             }
@@ -1246,8 +1259,8 @@ fn serve_postgres(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
         let end = sql.iter().position(|c| *c == 0).unwrap_or(sql.len());
         let verdict = sql_verdict(ctx, &String::from_utf8_lossy(&sql[..end]));
         match verdict.action {
-            Some(ProxyAction::Drop) => {
-                let _ = client.shutdown(Shutdown::Both);
+            Some(ProxyAction::Drop { reset }) => {
+                cut(&client, &ctx.protocol, reset);
                 let _ = upstream.shutdown(Shutdown::Both);
                 break "dropped";
             }
@@ -1314,8 +1327,8 @@ fn serve_mysql(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
         };
         let verdict = sql_verdict(ctx, &sql);
         match verdict.action {
-            Some(ProxyAction::Drop) => {
-                let _ = client.shutdown(Shutdown::Both);
+            Some(ProxyAction::Drop { reset }) => {
+                cut(&client, &ctx.protocol, reset);
                 let _ = upstream.shutdown(Shutdown::Both);
                 break "dropped";
             }
@@ -1400,7 +1413,10 @@ mod tests {
                         Some("/orders"),
                     ),
                 ),
-                ("w1:2".into(), rule(ProxyAction::Drop, None, None)),
+                (
+                    "w1:2".into(),
+                    rule(ProxyAction::Drop { reset: None }, None, None),
+                ),
             ],
         )
         .expect("rules");
@@ -1417,7 +1433,7 @@ mod tests {
         );
         assert_eq!(v.fired.len(), 2);
         let v = set.decide(&req("GET", "/orders"));
-        assert_eq!(v.action, Some(ProxyAction::Drop));
+        assert_eq!(v.action, Some(ProxyAction::Drop { reset: None }));
     }
 
     #[test]
@@ -1427,7 +1443,7 @@ mod tests {
             1,
             vec![(
                 "w1:0".into(),
-                rule(ProxyAction::Drop, None, Some("/api/**")),
+                rule(ProxyAction::Drop { reset: None }, None, Some("/api/**")),
             )],
         )
         .expect("rules");
@@ -1440,7 +1456,10 @@ mod tests {
         let mut set = RuleSet::default();
         set.push_front(
             1,
-            vec![("w1:0".into(), rule(ProxyAction::Drop, None, None))],
+            vec![(
+                "w1:0".into(),
+                rule(ProxyAction::Drop { reset: None }, None, None),
+            )],
         )
         .expect("rules");
         set.push_front(
@@ -1490,7 +1509,7 @@ mod tests {
     fn probability_replays_for_a_seed() {
         let draws = |seed| {
             let mut set = RuleSet::default();
-            let mut r = rule(ProxyAction::Drop, None, None);
+            let mut r = rule(ProxyAction::Drop { reset: None }, None, None);
             r.probability = 0.5;
             set.push_front(seed, vec![("w1:0".into(), r)])
                 .expect("rules");
@@ -1501,6 +1520,53 @@ mod tests {
         assert_eq!(draws(7), draws(7));
         assert_ne!(draws(7), draws(8));
         assert!(draws(7).iter().any(|d| *d) && draws(7).iter().any(|d| !*d));
+    }
+
+    #[test]
+    fn drop_resets_or_closes_as_asked() {
+        let echo = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let upstream = echo.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            for c in echo.incoming().flatten() {
+                let (Ok(mut r), mut w) = (c.try_clone(), c) else {
+                    continue;
+                };
+                std::thread::spawn(move || {
+                    let _ = io::copy(&mut r, &mut w);
+                });
+            }
+        });
+        // What a client reading from a dropped connection sees.
+        let seen = |protocol: &str, reset: Option<bool>| {
+            let proxy = Proxy::start("svc", "main", protocol, upstream, Arc::new(Trace::new()))
+                .expect("proxy");
+            proxy
+                .rules()
+                .push_front(
+                    1,
+                    vec![("w1:0".into(), rule(ProxyAction::Drop { reset }, None, None))],
+                )
+                .expect("rules");
+            let mut c = TcpStream::connect(proxy.listen).expect("connect");
+            let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+            let mut buf = [0u8; 16];
+            let got = c.read(&mut buf).map_err(|e| e.kind());
+            proxy.stop();
+            got
+        };
+        assert_eq!(seen("tcp", None), Ok(0), "tcp: an orderly close");
+        assert_eq!(
+            seen("tcp", Some(true)),
+            Err(io::ErrorKind::ConnectionReset),
+            "tcp: reset on request"
+        );
+        assert_eq!(
+            seen("http", None),
+            Err(io::ErrorKind::ConnectionReset),
+            "http: a reset by default"
+        );
+        assert_eq!(seen("http", Some(false)), Ok(0), "http: close on request");
     }
 
     #[test]
@@ -1519,11 +1585,15 @@ mod tests {
         .expect_err("error on tcp");
         assert!(e.contains("error() does not apply to tcp"), "{e}");
         assert!(
-            rule(ProxyAction::Drop, None, Some("/x"))
+            rule(ProxyAction::Drop { reset: None }, None, Some("/x"))
                 .check("tcp")
                 .is_err()
         );
-        assert!(rule(ProxyAction::Drop, None, None).check("amqp").is_err());
+        assert!(
+            rule(ProxyAction::Drop { reset: None }, None, None)
+                .check("amqp")
+                .is_err()
+        );
         assert!(
             rule(ProxyAction::Duplicate, None, None)
                 .check("tcp")
@@ -1540,12 +1610,12 @@ mod tests {
         };
         assert!(rule(respond, None, None).check("postgres").is_err());
         assert!(
-            rule(ProxyAction::Drop, Some("GET"), None)
+            rule(ProxyAction::Drop { reset: None }, Some("GET"), None)
                 .check("redis")
                 .is_err()
         );
         assert!(
-            rule(ProxyAction::Drop, Some("GET"), Some("/x"))
+            rule(ProxyAction::Drop { reset: None }, Some("GET"), Some("/x"))
                 .check("http")
                 .is_ok()
         );

@@ -1023,6 +1023,9 @@ def test_response_delay_and_drop():
     assert_true(r.duration_ms >= 300, str(r.duration_ms))
     d = fault(web.api, drop(path = "/gone"), run = lambda: web.get(path = "/gone"))
     assert_true(not d.ok, "a dropped request has no response")
+    assert_true("reset" in d.error, "an http drop is a reset: " + d.error)
+    f = fault(web.api, drop(path = "/gone", reset = False), run = lambda: web.get(path = "/gone"))
+    assert_true(not f.ok and "reset" not in f.error, "reset=False closes: " + f.error)
 
 def test_unfired():
     fault(web.api, error(path = "/never"), run = lambda: web.get(path = "/"))
