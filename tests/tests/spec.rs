@@ -1285,23 +1285,14 @@ def test_rate_limited():
     assert!(r.stderr.contains("SPEC_RECIPE_NOT_FOUND"), "{}", r.stderr);
 }
 
-#[test]
-fn tls_interfaces_terminate_and_reoriginate_tls_with_rules_on_the_plaintext() {
-    let dir = Scratch::new("spec-tls");
-    let (cert, key) = support::server_cert(&dir, "up");
+/// `openssl s_server -www` on a fresh port with `cert`/`key` (and `extra`
+/// arguments), once it accepts connections.
+fn s_server(cert: &str, key: &str, extra: &[&str]) -> (std::process::Child, u16) {
     let port = free_port();
-    let mut server = Command::new("openssl")
-        .args([
-            "s_server",
-            "-quiet",
-            "-www",
-            "-accept",
-            &port.to_string(),
-            "-cert",
-            &cert,
-            "-key",
-            &key,
-        ])
+    let server = Command::new("openssl")
+        .args(["s_server", "-quiet", "-www", "-accept", &port.to_string()])
+        .args(["-cert", cert, "-key", key])
+        .args(extra)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -1315,6 +1306,14 @@ fn tls_interfaces_terminate_and_reoriginate_tls_with_rules_on_the_plaintext() {
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    (server, port)
+}
+
+#[test]
+fn tls_interfaces_terminate_and_reoriginate_tls_with_rules_on_the_plaintext() {
+    let dir = Scratch::new("spec-tls");
+    let (cert, key) = support::server_cert(&dir, "up");
+    let (mut server, port) = s_server(&cert, &key, &[]);
     let text = format!(
         r#"
 verified = service(
@@ -1537,4 +1536,68 @@ def test_tls():
     std::fs::write(&path, &text).expect("write spec");
     let run = run_file(&path, &["--format", "json"]);
     assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+}
+
+#[test]
+fn tls_upstreams_that_demand_a_client_certificate_get_faultboxs() {
+    let dir = Scratch::new("spec-mtls");
+    let (cert, key) = support::server_cert(&dir, "up");
+    // A client CA and a client certificate it signed.
+    let script = r#"set -e
+openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=client-ca \
+  -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign \
+  -keyout cca.key -out cca.pem 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -subj /CN=faultbox-client -keyout client.key -out client.csr 2>/dev/null
+printf 'basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n' > client.ext
+openssl x509 -req -in client.csr -CA cca.pem -CAkey cca.key -CAcreateserial -days 2 \
+  -extfile client.ext -out client.pem 2>/dev/null
+"#;
+    let out = Command::new("sh")
+        .args(["-c", script])
+        .current_dir(dir.path(""))
+        .output()
+        .expect("sh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The server refuses any client without a certificate from cca.pem.
+    let cca = dir.path("cca.pem");
+    let (mut server, port) = s_server(&cert, &key, &["-Verify", "1", "-CAfile", &cca]);
+    let text = format!(
+        r#"
+def remote(name, tls):
+    return service(name, interface("https", "http", {port}, tls = tls), remote = "localhost",
+                   healthcheck = tcp("127.0.0.1:{port}"))
+
+mtls = remote("mtls", tls_cert(ca = "up.pem", client_cert = "client.pem", client_key = "client.key"))
+nocert = remote("nocert", tls_cert(ca = "up.pem"))
+blind = remote("blind", tls_cert(insecure = True, client_cert = "client.pem", client_key = "client.key"))
+
+def test_client_certificate():
+    r = mtls.get(path = "/")
+    assert_eq(r.status, 200, r.error)
+
+def test_without_one_the_upstream_refuses():
+    r = nocert.get(path = "/")
+    assert_true(not r.ok, "s_server -Verify must refuse a client without a certificate")
+
+def test_insecure_skips_the_upstream_check():
+    r = blind.get(path = "/")
+    assert_eq(r.status, 200, r.error)
+"#
+    );
+    let run = run_spec(&dir, &text, &["--format", "json"]);
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    let doc = json(&run);
+    for name in [
+        "test_client_certificate",
+        "test_without_one_the_upstream_refuses",
+        "test_insecure_skips_the_upstream_check",
+    ] {
+        assert_eq!(test_named(&doc, name)["result"], "pass", "{name}");
+    }
 }
