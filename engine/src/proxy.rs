@@ -642,6 +642,8 @@ fn serve_tcp(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
 struct Message {
     wire: Vec<u8>,
     start: String,
+    /// The `Upgrade` header's value, if any.
+    upgrade: Option<String>,
 }
 
 /// If `buf` holds a whole request without a chunked body: its length and
@@ -653,12 +655,50 @@ fn buffered_request(buf: &[u8]) -> Option<(usize, usize)> {
         let line = line.trim_ascii();
         if let Some(v) = header_value(line, b"content-length") {
             length = std::str::from_utf8(v).ok()?.parse().ok()?;
-        } else if header_value(line, b"transfer-encoding").is_some() {
+        } else if header_value(line, b"transfer-encoding").is_some()
+            || header_value(line, b"upgrade").is_some()
+        {
+            // Chunked bodies and protocol switches take the slow path.
             return None;
         }
     }
     let total = head_end.checked_add(length)?;
     (total <= buf.len()).then_some((total, head_end))
+}
+
+/// A request head without its h2c upgrade: the `Upgrade` and
+/// `HTTP2-Settings` headers, and their tokens in `Connection`.
+fn without_h2c_upgrade(wire: &[u8]) -> Vec<u8> {
+    let head_end = wire
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(wire.len(), |p| p + 4);
+    let mut out = Vec::with_capacity(wire.len());
+    for line in wire[..head_end].split_inclusive(|c| *c == b'\n') {
+        let bare = line.trim_ascii();
+        if header_value(bare, b"upgrade").is_some()
+            || header_value(bare, b"http2-settings").is_some()
+        {
+            continue;
+        }
+        if let Some(v) = header_value(bare, b"connection") {
+            let kept: Vec<&str> = std::str::from_utf8(v)
+                .unwrap_or("")
+                .split(',')
+                .map(str::trim)
+                .filter(|t| {
+                    !t.eq_ignore_ascii_case("upgrade") && !t.eq_ignore_ascii_case("http2-settings")
+                })
+                .collect();
+            if !kept.is_empty() {
+                out.extend_from_slice(format!("Connection: {}\r\n", kept.join(", ")).as_bytes());
+            }
+            continue;
+        }
+        out.extend_from_slice(line);
+    }
+    out.extend_from_slice(&wire[head_end..]);
+    out
 }
 
 fn header_value<'a>(line: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
@@ -673,6 +713,7 @@ fn read_message(r: &mut BufReader<TcpStream>) -> io::Result<Option<Message>> {
     let mut wire = Vec::with_capacity(512);
     let mut start = String::new();
     let (mut length, mut chunked) = (None, false);
+    let mut upgrade = None;
     loop {
         let at = wire.len();
         if r.read_until(b'\n', &mut wire)? == 0 {
@@ -701,6 +742,8 @@ fn read_message(r: &mut BufReader<TcpStream>) -> io::Result<Option<Message>> {
                 .and_then(|v| v.parse::<usize>().ok());
         } else if let Some(v) = header_value(line, b"transfer-encoding") {
             chunked = v.to_ascii_lowercase().windows(7).any(|w| w == b"chunked");
+        } else if let Some(v) = header_value(line, b"upgrade") {
+            upgrade = Some(String::from_utf8_lossy(v).into_owned());
         }
         if wire.len() > 64 << 10 {
             return Err(io::Error::new(
@@ -737,7 +780,11 @@ fn read_message(r: &mut BufReader<TcpStream>) -> io::Result<Option<Message>> {
         wire.resize(at + len, 0);
         r.read_exact(&mut wire[at..])?;
     }
-    Ok(Some(Message { wire, start }))
+    Ok(Some(Message {
+        wire,
+        start,
+        upgrade,
+    }))
 }
 
 fn write_response(
@@ -855,6 +902,7 @@ fn serve_http(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
     };
     let mut up = 0u64;
     let mut injected = 0u64;
+    let mut switching = false;
     let reason = loop {
         // Fast path: a whole request already in the buffer (the usual case
         // for small requests) is parsed and relayed in place.
@@ -872,7 +920,17 @@ fn serve_http(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
                 (&buf[..len], start)
             }
             None => match read_message(&mut reader) {
-                Ok(Some(m)) => {
+                Ok(Some(mut m)) => {
+                    if let Some(protocol) = &m.upgrade {
+                        if protocol.to_ascii_lowercase().contains("h2c") {
+                            // Stay on HTTP/1.1, where the rules apply per
+                            // request; the server answers as if asked plainly.
+                            m.wire = without_h2c_upgrade(&m.wire);
+                            m.upgrade = None;
+                        } else {
+                            switching = true;
+                        }
+                    }
                     owned = m;
                     (&owned.wire, owned.start.as_str())
                 }
@@ -945,6 +1003,19 @@ fn serve_http(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
         }
         if whole.is_some() {
             reader.consume(wire_len);
+        }
+        if switching {
+            // `Upgrade` (WebSocket and the like): once the server agrees,
+            // what follows is not HTTP. Relay the rest as bytes; the
+            // answers already are. (A server that declines leaves this
+            // connection without rules from here on.)
+            if upstream.write_all(reader.buffer()).is_err() {
+                break "upstream closed";
+            }
+            up += reader.buffer().len() as u64;
+            up += pump(reader.into_inner(), upstream);
+            let down = answers.join().unwrap_or(0) + injected;
+            return (up, down, "upgraded");
         }
     };
     // The upstream sees the end of the requests; its answers end after.
@@ -1567,6 +1638,95 @@ mod tests {
             "http: a reset by default"
         );
         assert_eq!(seen("http", Some(false)), Ok(0), "http: close on request");
+    }
+
+    /// A server that reads one request head, then answers with `reply`
+    /// (given the head) and, after a `101`, echoes raw bytes.
+    fn upgrade_server(reply: fn(&str) -> String) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut r = BufReader::new(c.try_clone().expect("clone"));
+                    let mut w = c;
+                    let mut head = String::new();
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                            break;
+                        }
+                        head.push_str(&line);
+                    }
+                    let answer = reply(&head);
+                    let _ = w.write_all(answer.as_bytes());
+                    if answer.starts_with("HTTP/1.1 101") {
+                        let _ = io::copy(&mut r, &mut w);
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn upgraded_connections_become_byte_streams_and_h2c_upgrades_are_declined() {
+        let ws = upgrade_server(|_| {
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n"
+                .to_string()
+        });
+        let proxy = Proxy::start("svc", "api", "http", ws, Arc::new(Trace::new())).expect("proxy");
+        let mut c = TcpStream::connect(proxy.listen).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        c.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n")
+            .expect("write");
+        let mut head =
+            vec![
+                0u8;
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n"
+                    .len()
+            ];
+        c.read_exact(&mut head).expect("101");
+        assert!(
+            head.starts_with(b"HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        // Not HTTP, and never a complete request head: a proxy still
+        // parsing requests would hold it forever.
+        let raw = b"\x00\x01 a frame with no line end";
+        c.write_all(raw).expect("raw");
+        let mut back = vec![0u8; raw.len()];
+        c.read_exact(&mut back).expect("echo");
+        assert_eq!(back, raw);
+        proxy.stop();
+
+        let mirror = upgrade_server(|head| {
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{head}",
+                head.len()
+            )
+        });
+        let proxy =
+            Proxy::start("svc", "api", "http", mirror, Arc::new(Trace::new())).expect("proxy");
+        let mut c = TcpStream::connect(proxy.listen).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        c.write_all(
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n",
+        )
+        .expect("write");
+        let mut got = vec![0u8; 4096];
+        let n = c.read(&mut got).expect("answer");
+        let got = String::from_utf8_lossy(&got[..n]).to_ascii_lowercase();
+        assert!(got.starts_with("http/1.1 200"), "{got}");
+        assert!(
+            !got.contains("upgrade") && !got.contains("http2-settings"),
+            "{got}"
+        );
+        assert!(got.contains("connection: keep-alive\r\n"), "{got}");
+        proxy.stop();
     }
 
     #[test]
