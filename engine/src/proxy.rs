@@ -1681,8 +1681,7 @@ mod tests {
             .expect("timeout");
         c.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n")
             .expect("write");
-        let mut head =
-            vec![
+        let mut head = vec![
                 0u8;
                 "HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n"
                     .len()
