@@ -530,6 +530,7 @@ where
     sender.ready().await.map_err(io::Error::other)?;
     let resp = sender.send_request(req).await.map_err(io::Error::other)?;
     let status = resp.status().as_u16();
+    let head = resp.headers().clone();
     let mut reply = GrpcReply::default();
     for (k, v) in resp.headers() {
         reply.headers.insert(
@@ -562,7 +563,7 @@ where
     let (code, message) = trailers
         .as_ref()
         .and_then(status_from)
-        .or_else(|| status_from(resp_headers(&reply.headers).as_ref()?))
+        .or_else(|| status_from(&head))
         .unwrap_or((2, "no grpc-status in the answer".into()));
     reply.code = code;
     reply.message = message;
@@ -579,16 +580,6 @@ where
         rest = &rest[5 + len..];
     }
     Ok(reply)
-}
-
-fn resp_headers(h: &BTreeMap<String, String>) -> Option<HeaderMap> {
-    let mut out = HeaderMap::new();
-    for name in ["grpc-status", "grpc-message"] {
-        if let Some(v) = h.get(name).and_then(|v| HeaderValue::from_str(v).ok()) {
-            out.insert(name, v);
-        }
-    }
-    Some(out)
 }
 
 #[cfg(test)]
