@@ -297,6 +297,9 @@ pub fn load(path: &Path) -> Result<Spec, SpecError> {
         })
         .collect();
     tests.sort();
+    if let Some(main) = sources.borrow().first() {
+        check_literal_protocol_rules(path, main, &module)?;
+    }
     let intercept = filter_syscalls(Arch::native(), &sources.borrow(), &services);
     Ok(Spec {
         path: path.to_path_buf(),
@@ -414,15 +417,25 @@ pub fn filter_syscalls(arch: Arch, sources: &[String], services: &[ServiceDef]) 
 enum Tok {
     Ident(String),
     Str(String),
+    Num(String),
     Punct(char),
     EqEq,
 }
 
 fn tokenize(src: &str) -> Vec<Tok> {
+    tokenize_lines(src).into_iter().map(|(t, _)| t).collect()
+}
+
+/// The tokens of `src`, each with its 1-based line.
+fn tokenize_lines(src: &str) -> Vec<(Tok, usize)> {
     let chars: Vec<char> = src.chars().collect();
     let mut out = Vec::new();
     let mut i = 0;
+    let mut line = 1;
+    let mut counted = 0;
     while i < chars.len() {
+        line += chars[counted..i].iter().filter(|c| **c == '\n').count();
+        counted = i;
         let c = chars[i];
         if c == '#' {
             while i < chars.len() && chars[i] != '\n' {
@@ -433,7 +446,7 @@ fn tokenize(src: &str) -> Vec<Tok> {
             while i < chars.len() && (chars[i].is_alphanumeric() || chars[i] == '_') {
                 i += 1;
             }
-            out.push(Tok::Ident(chars[start..i].iter().collect()));
+            out.push((Tok::Ident(chars[start..i].iter().collect()), line));
         } else if c == '"' || c == '\'' {
             let triple = i + 2 < chars.len() && chars[i + 1] == c && chars[i + 2] == c;
             let quote_len = if triple { 3 } else { 1 };
@@ -456,14 +469,20 @@ fn tokenize(src: &str) -> Vec<Tok> {
                 s.push(chars[i]);
                 i += 1;
             }
-            out.push(Tok::Str(s));
+            out.push((Tok::Str(s), line));
         } else if c == '=' && chars.get(i + 1) == Some(&'=') {
-            out.push(Tok::EqEq);
+            out.push((Tok::EqEq, line));
             i += 2;
-        } else if c.is_whitespace() || c.is_ascii_digit() {
+        } else if c.is_ascii_digit() {
+            let start = i;
+            while i < chars.len() && chars[i].is_ascii_digit() {
+                i += 1;
+            }
+            out.push((Tok::Num(chars[start..i].iter().collect()), line));
+        } else if c.is_whitespace() {
             i += 1;
         } else {
-            out.push(Tok::Punct(c));
+            out.push((Tok::Punct(c), line));
             i += 1;
         }
     }
@@ -494,6 +513,149 @@ fn candidate_names(src: &str) -> BTreeSet<String> {
         }
     }
     out
+}
+
+/// Protocol rules written out in a fault window on an interface of the
+/// spec's own file (`fault(db.main, error(query="..."), run=fn)`) are
+/// checked against the interface's protocol when the spec loads, so a
+/// rule the protocol cannot apply stops the run before anything starts.
+/// Rules built any other way (a variable, a recipe, a loaded file) are
+/// checked when their window opens.
+fn check_literal_protocol_rules(
+    file: &Path,
+    source: &str,
+    module: &FrozenModule,
+) -> Result<(), SpecError> {
+    const RULES: &[&str] = &["error", "response", "drop", "delay", "duplicate"];
+    let toks = tokenize_lines(source);
+    let tok = |i: usize| toks.get(i).map(|(t, _)| t);
+    let punct = |i: usize, c: char| tok(i) == Some(&Tok::Punct(c));
+    for i in 0..toks.len() {
+        let Some(Tok::Ident(window)) = tok(i) else {
+            continue;
+        };
+        if !matches!(window.as_str(), "fault" | "fault_start")
+            || (i > 0 && punct(i - 1, '.'))
+            || !punct(i + 1, '(')
+            || !punct(i + 3, '.')
+            || !(punct(i + 5, ',') || punct(i + 5, ')'))
+        {
+            continue;
+        }
+        let (Some(Tok::Ident(var)), Some(Tok::Ident(iface))) = (tok(i + 2), tok(i + 4)) else {
+            continue;
+        };
+        let Some(protocol) = module
+            .get(var)
+            .ok()
+            .and_then(|v| crate::values::ServiceValue::from_value(v.value()).map(|s| s.def.clone()))
+            .and_then(|def| {
+                def.interfaces
+                    .iter()
+                    .find(|f| &f.name == iface)
+                    .map(|f| f.protocol.clone())
+            })
+        else {
+            continue;
+        };
+        let mut depth = 1;
+        let mut j = i + 6;
+        while j < toks.len() && depth > 0 {
+            match tok(j) {
+                Some(Tok::Punct('(' | '[' | '{')) => depth += 1,
+                Some(Tok::Punct(')' | ']' | '}')) => depth -= 1,
+                Some(Tok::Ident(rule))
+                    if depth == 1
+                        && RULES.contains(&rule.as_str())
+                        && punct(j - 1, ',')
+                        && punct(j + 1, '(') =>
+                {
+                    let (def, end) = literal_rule(rule, &toks, j + 1);
+                    if let Err(message) = def.check(&protocol) {
+                        return Err(SpecError {
+                            message: format!(
+                                "{}:{}: {window}({var}.{iface}, {rule}(...)): {message}",
+                                file.display(),
+                                toks[j].1
+                            ),
+                        });
+                    }
+                    j = end;
+                    continue;
+                }
+                _ => {}
+            }
+            j += 1;
+        }
+    }
+    Ok(())
+}
+
+/// The rule a literal `name(k=v, ...)` call at `open` (its parenthesis)
+/// builds, as far as its keywords tell, and the index after the call.
+/// Values the check does not look at are placeholders.
+fn literal_rule(
+    name: &str,
+    toks: &[(Tok, usize)],
+    open: usize,
+) -> (crate::proxy::ProxyRuleDef, usize) {
+    use crate::proxy::{ProxyAction, ProxyRuleDef};
+    let mut keywords: HashMap<String, Option<&Tok>> = HashMap::new();
+    let mut depth = 0;
+    let mut j = open;
+    while j < toks.len() {
+        match &toks[j].0 {
+            Tok::Punct('(' | '[' | '{') => depth += 1,
+            Tok::Punct(')' | ']' | '}') => {
+                depth -= 1;
+                if depth == 0 {
+                    j += 1;
+                    break;
+                }
+            }
+            Tok::Ident(k)
+                if depth == 1 && toks.get(j + 1).map(|t| &t.0) == Some(&Tok::Punct('=')) =>
+            {
+                keywords.insert(k.clone(), toks.get(j + 2).map(|t| &t.0));
+            }
+            _ => {}
+        }
+        j += 1;
+    }
+    let present = |k: &str| keywords.contains_key(k).then(|| "x".to_string());
+    let status = match keywords.get("status") {
+        Some(Some(Tok::Str(code))) => crate::h2::grpc_code(code),
+        Some(Some(Tok::Num(n))) => n.parse().ok(),
+        Some(_) if name == "response" => Some(200),
+        _ => None,
+    };
+    let action = match name {
+        "error" => ProxyAction::Error {
+            status,
+            message: String::new(),
+            code: present("code"),
+            number: keywords.contains_key("number").then_some(1105),
+        },
+        "response" => ProxyAction::Respond {
+            status,
+            body: String::new(),
+        },
+        "drop" => ProxyAction::Drop { reset: None },
+        "duplicate" => ProxyAction::Duplicate,
+        _ => ProxyAction::Delay { ns: 0 },
+    };
+    let def = ProxyRuleDef {
+        action,
+        method: present("method"),
+        path: present("path"),
+        command: present("command"),
+        key: present("key"),
+        query: present("query"),
+        probability: 1.0,
+        trigger: faultbox_agent::rule::Trigger::Always,
+        label: None,
+    };
+    (def, j)
 }
 
 #[cfg(test)]

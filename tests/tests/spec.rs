@@ -1081,13 +1081,50 @@ def test_env_points_at_the_proxy():
 
 #[test]
 fn protocol_rules_a_protocol_cannot_apply_are_refused() {
+    // Written out in a fault window: refused when the spec loads (exit 1,
+    // the file and line named, nothing started).
     let dir = Scratch::new("spec-proxy-bad");
-    let (text, _) = spec_with_service(
+    let (text, port) = spec_with_service(
         &dir,
         "",
         r#"
 def test_error_on_tcp():
     fault(svc.main, error(status = 503), run = persist)
+"#,
+    );
+    let run = run_spec(&dir, &text, &["--format", "json"]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        run.stderr.contains(
+            "spec.star:16: fault(svc.main, error(...)): error() does not apply to tcp interfaces"
+        ),
+        "{}",
+        run.stderr
+    );
+    assert!(processes_with(&format!("serve {port}")).is_empty());
+    let (text, _) = http_service_spec(
+        r#"
+def test_query_on_http():
+    fault(web.api, delay(delay = "1s"), error(query = "SELECT*"), run = lambda: None)
+"#,
+    );
+    let run = run_spec(&dir, &text, &["--format", "json"]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("query= applies to postgres and mysql interfaces, not http"),
+        "{}",
+        run.stderr
+    );
+    // Built elsewhere (a variable here): refused when the window opens.
+    let (text, _) = spec_with_service(
+        &dir,
+        "",
+        r#"
+BAD = error(status = 503)
+
+def test_error_on_tcp():
+    fault(svc.main, BAD, run = persist)
 "#,
     );
     let run = run_spec(&dir, &text, &["--format", "json"]);
@@ -1105,21 +1142,6 @@ def test_error_on_tcp():
         r.stderr.contains("topic= matches message-broker traffic"),
         "{}",
         r.stderr
-    );
-    let (text, _) = http_service_spec(
-        r#"
-def test_query_on_http():
-    fault(web.api, error(query = "SELECT*"), run = lambda: None)
-"#,
-    );
-    let run = run_spec(&dir, &text, &["--format", "json"]);
-    let doc = json(&run);
-    let t = test_named(&doc, "test_query_on_http");
-    assert!(
-        t["reason"].as_str().is_some_and(
-            |r| r.contains("query= applies to postgres and mysql interfaces, not http")
-        ),
-        "{t:#}"
     );
 }
 
@@ -1487,29 +1509,21 @@ def test_unfired():
         codes(unfired).contains(&"FAULT_NOT_FIRED".to_string()),
         "{unfired:#}"
     );
-    // Rules grpc cannot apply fail their test, naming what grpc matches.
-    let bad = format!(
-        "{text}\n{}",
-        r#"
-def test_bad_path():
-    fault(echo.rpc, error(path = "/x"), run = lambda: None)
-
-def test_bad_status():
-    fault(echo.rpc, error(status = 503), run = lambda: None)
-"#
-    );
-    let run = run_spec(&dir, &bad, &["--format", "json", "--test", "bad_*"]);
-    assert_eq!(run.code, 2, "{}", run.stderr);
-    let doc = json(&run);
-    for (name, want) in [
-        ("test_bad_path", "grpc rules match method="),
-        ("test_bad_status", "status=503 is not a gRPC error code"),
+    // Rules grpc cannot apply are refused when the spec loads, naming what
+    // grpc matches.
+    for (rule, want) in [
+        ("error(path = \"/x\")", "grpc rules match method="),
+        ("error(status = 503)", "status=503 is not a gRPC error code"),
+        (
+            "response(method = SAY, status = 200)",
+            "response() on grpc interfaces answers OK",
+        ),
     ] {
-        let t = test_named(&doc, name);
-        assert!(
-            t["reason"].as_str().is_some_and(|r| r.contains(want)),
-            "{t:#}"
-        );
+        let bad =
+            format!("{text}\ndef test_bad():\n    fault(echo.rpc, {rule}, run = lambda: None)\n");
+        let run = run_spec(&dir, &bad, &["--format", "json"]);
+        assert_eq!(run.code, 1, "{rule}: {}", run.stderr);
+        assert!(run.stderr.contains(want), "{rule}: {}", run.stderr);
     }
     let r = refused("grpc-name", "x = error(status = \"UNAVAIL\")\n", &[]);
     assert!(r.stderr.contains("is not a gRPC code name"), "{}", r.stderr);
