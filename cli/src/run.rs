@@ -2,11 +2,7 @@
 //! `--fs-fault`, events logged as they happen, the target's exit code
 //! passed through.
 
-use std::io::{BufReader, BufWriter, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -15,9 +11,8 @@ use faultbox_agent::process::{self, SignalSet};
 use faultbox_agent::rule::{self, Rule};
 use faultbox_agent::seccomp;
 use faultbox_agent::syscalls::Arch;
-use faultbox_agent::wire::{
-    self, ControlMessage, Isolation, LaunchSpec, OnDisconnect, ShimMessage,
-};
+use faultbox_agent::wire::{self, Isolation, LaunchSpec, OnDisconnect, ShimMessage};
+use faultbox_engine::shim::Connection;
 use serde_json::{Value, json};
 
 use crate::log::{Level, LogFormat, Logger};
@@ -93,57 +88,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
     // the CLI while its target is still running and leave it orphaned.
     let signals = SignalSet::block(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT])
         .context("block signals")?;
-    let (ours, theirs) = UnixStream::pair().context("create the control socket")?;
-    process::make_inheritable(&theirs).context("pass the control socket")?;
-    let started = Instant::now();
-    let mut child = Command::new(&shim)
-        .arg("--control")
-        .arg(format!("fd:{}", theirs.as_raw_fd()))
-        .spawn()
-        .with_context(|| format!("start {}", shim.display()))?;
-    drop(theirs);
-    let shim_pid = child.id() as i32;
-    std::thread::spawn(move || {
-        loop {
-            let (sig, explicit) = signals.wait();
-            // Ctrl-C on a terminal already reached the shim (same process
-            // group); only a signal sent to the CLI alone needs forwarding.
-            if explicit {
-                process::kill(shim_pid, sig);
-            }
-        }
-    });
-
-    let mut reader = BufReader::new(ours.try_clone().context("control socket")?);
-    let mut writer = BufWriter::new(ours);
-    match wire::recv::<_, ShimMessage>(&mut reader) {
-        Ok(Some(ShimMessage::Hello { version, .. })) if version == wire::PROTOCOL_VERSION => {}
-        Ok(Some(ShimMessage::Hello { version, .. })) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!(
-                "{} speaks protocol {version}, this faultbox speaks {}: install the faultbox-shim built with this faultbox",
-                shim.display(),
-                wire::PROTOCOL_VERSION
-            );
-        }
-        other => {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("{} did not start properly: {other:?}", shim.display());
-        }
-    }
-    let fault_texts: Vec<&str> = rules.iter().map(|r| r.id.as_str()).collect();
-    log.log(
-        Level::Info,
-        "session starting",
-        &[
-            ("state", json!("starting")),
-            ("target", json!(program)),
-            ("seed", json!(seed)),
-            ("faults", json!(fault_texts)),
-        ],
-    );
+    let fault_texts: Vec<String> = rules.iter().map(|r| r.id.clone()).collect();
     let launch = LaunchSpec {
         program: program.clone(),
         argv,
@@ -160,9 +105,33 @@ pub fn run(args: RunArgs) -> Result<i32> {
         stop_grace_ms: 2_000,
         user: None,
     };
-    wire::send(&mut writer, &ControlMessage::Launch(Box::new(launch)))
-        .and_then(|_| writer.flush())
-        .context("send the launch request to the shim")?;
+    let started = Instant::now();
+    let Connection {
+        mut child,
+        mut reader,
+        writer: _writer,
+    } = faultbox_engine::shim::connect(&shim, launch, None).map_err(user_error)?;
+    let shim_pid = child.id() as i32;
+    std::thread::spawn(move || {
+        loop {
+            let (sig, explicit) = signals.wait();
+            // Ctrl-C on a terminal already reached the shim (same process
+            // group); only a signal sent to the CLI alone needs forwarding.
+            if explicit {
+                process::kill(shim_pid, sig);
+            }
+        }
+    });
+    log.log(
+        Level::Info,
+        "session starting",
+        &[
+            ("state", json!("starting")),
+            ("target", json!(program)),
+            ("seed", json!(seed)),
+            ("faults", json!(fault_texts)),
+        ],
+    );
 
     let mut exit_code: Option<i32> = None;
     loop {

@@ -102,6 +102,77 @@ pub fn locate() -> Result<PathBuf, String> {
     }
 }
 
+/// A shim started and greeted, with the launch request sent.
+pub struct Connection {
+    pub child: Child,
+    pub reader: BufReader<UnixStream>,
+    pub writer: BufWriter<UnixStream>,
+}
+
+/// Starts `shim` on a control socket pair, checks its greeting and sends
+/// `spec`. The target's output goes to `output`, or to this process's
+/// own stdout and stderr. The one way both `faultbox run` and
+/// `faultbox test` start a shim.
+pub fn connect(shim: &Path, spec: LaunchSpec, output: Option<File>) -> Result<Connection, String> {
+    let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+    process::make_inheritable(&theirs).map_err(|e| format!("control socket: {e}"))?;
+    let mut command = Command::new(shim);
+    command
+        .arg("--control")
+        .arg(format!("fd:{}", theirs.as_raw_fd()));
+    if let Some(out) = output {
+        let err = out.try_clone().map_err(|e| format!("log file: {e}"))?;
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err));
+    }
+    let mut child = command
+        .spawn()
+        .map_err(|e| format!("start {}: {e}", shim.display()))?;
+    drop(theirs);
+    let mut killed = |message: String| {
+        let _ = child.kill();
+        let _ = child.wait();
+        message
+    };
+    // A shim that hangs before greeting must not hang its controller.
+    let _ = ours.set_read_timeout(Some(Duration::from_secs(15)));
+    let clone = match ours.try_clone() {
+        Ok(c) => c,
+        Err(e) => return Err(killed(format!("control socket: {e}"))),
+    };
+    let mut reader = BufReader::new(clone);
+    let mut writer = BufWriter::new(ours);
+    match wire::recv::<_, ShimMessage>(&mut reader) {
+        Ok(Some(ShimMessage::Hello { version, .. })) if version == wire::PROTOCOL_VERSION => {}
+        Ok(Some(ShimMessage::Hello { version, .. })) => {
+            return Err(killed(format!(
+                "{} speaks protocol {version}, this faultbox speaks {}: install the faultbox-shim built with this faultbox",
+                shim.display(),
+                wire::PROTOCOL_VERSION
+            )));
+        }
+        other => {
+            return Err(killed(format!(
+                "{} did not start properly ({other:?}); rebuild it with this faultbox",
+                shim.display()
+            )));
+        }
+    }
+    let _ = reader.get_ref().set_read_timeout(None);
+    if let Err(e) = wire::send(&mut writer, &ControlMessage::Launch(Box::new(spec)))
+        .and_then(|_| writer.flush())
+    {
+        return Err(killed(format!("send the launch request to the shim: {e}")));
+    }
+    Ok(Connection {
+        child,
+        reader,
+        writer,
+    })
+}
+
 /// A running shim and its target.
 pub struct Shim {
     child: Child,
@@ -131,51 +202,19 @@ impl Shim {
     ) -> Result<Shim, LaunchFailure> {
         let fail = |message: String| LaunchFailure { message };
         let out = File::create(log).map_err(|e| fail(format!("create {}: {e}", log.display())))?;
-        let err = out
-            .try_clone()
-            .map_err(|e| fail(format!("open {}: {e}", log.display())))?;
-        let (ours, theirs) = UnixStream::pair().map_err(|e| fail(format!("socketpair: {e}")))?;
-        process::make_inheritable(&theirs).map_err(|e| fail(format!("control socket: {e}")))?;
-        let mut child = Command::new(shim)
-            .arg("--control")
-            .arg(format!("fd:{}", theirs.as_raw_fd()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .spawn()
-            .map_err(|e| fail(format!("start {}: {e}", shim.display())))?;
-        drop(theirs);
+        let Connection {
+            mut child,
+            mut reader,
+            writer,
+        } = connect(shim, spec, Some(out)).map_err(fail)?;
         let kill = |child: &mut Child| {
             let _ = child.kill();
             let _ = child.wait();
         };
-        // A shim that hangs before answering must not hang the test run.
-        let _ = ours.set_read_timeout(Some(Duration::from_secs(15)));
-        let clone = match ours.try_clone() {
-            Ok(c) => c,
-            Err(e) => {
-                kill(&mut child);
-                return Err(fail(format!("control socket: {e}")));
-            }
-        };
-        let mut reader = BufReader::new(clone);
-        let mut writer = BufWriter::new(ours);
-        match wire::recv::<_, ShimMessage>(&mut reader) {
-            Ok(Some(ShimMessage::Hello { version, .. })) if version == wire::PROTOCOL_VERSION => {}
-            other => {
-                kill(&mut child);
-                return Err(fail(format!(
-                    "{} did not greet properly ({other:?}); rebuild it with this faultbox",
-                    shim.display()
-                )));
-            }
-        }
-        if let Err(e) = wire::send(&mut writer, &ControlMessage::Launch(Box::new(spec)))
-            .and_then(|_| writer.flush())
-        {
-            kill(&mut child);
-            return Err(fail(format!("send the launch request: {e}")));
-        }
+        // A shim that hangs before the target starts must not hang the run.
+        let _ = reader
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_secs(15)));
         let pid = loop {
             match wire::recv::<_, ShimMessage>(&mut reader) {
                 Ok(Some(ShimMessage::Started { pid })) => break pid,
