@@ -175,8 +175,7 @@ impl Drop for Spawned {
     fn drop(&mut self) {
         // The child may still run on `memory`: it must be gone first.
         if self.memory.is_some() {
-            kill(self.pid, libc::SIGKILL);
-            reap(self.pid);
+            kill_and_reap(self.pid);
         }
     }
 }
@@ -421,16 +420,14 @@ impl Spawned {
                 Err(child_error(m.payload))
             }
             Ok(Some(_)) => {
-                kill(self.pid, libc::SIGKILL);
-                reap(self.pid);
+                kill_and_reap(self.pid);
                 Err(parent(
                     "wait for exec",
                     io::Error::from_raw_os_error(libc::EPROTO),
                 ))
             }
             Err(e) => {
-                kill(self.pid, libc::SIGKILL);
-                reap(self.pid);
+                kill_and_reap(self.pid);
                 Err(parent("wait for exec", e))
             }
         };
@@ -588,6 +585,12 @@ fn random_u64() -> u64 {
         return t ^ (u64::from(std::process::id()) << 32) ^ 0x9e37_79b9_7f4a_7c15;
     }
     u64::from_le_bytes(buf)
+}
+
+/// Kills `pid` and reaps it.
+fn kill_and_reap(pid: i32) {
+    kill(pid, libc::SIGKILL);
+    reap(pid);
 }
 
 /// Waits for `pid` and discards its status.

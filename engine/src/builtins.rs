@@ -209,6 +209,14 @@ impl<'v> Args<'v> {
             .map_err(|e| err(format!("{}(): {key}={text:?}: {e}", self.builtin)))
     }
 
+    /// `key=` as a duration, or `default` when not given.
+    fn duration_or(&self, key: &str, default: Duration) -> Res<Duration> {
+        match self.named(key) {
+            Some(v) => self.duration(v, key),
+            None => Ok(default),
+        }
+    }
+
     fn callable(&self, v: Value<'v>, key: &str) -> Res<Value<'v>> {
         if v.get_type() == "function" {
             Ok(v)
@@ -1039,10 +1047,7 @@ pub(crate) fn topology(builder: &mut GlobalsBuilder) {
                 "tcp({addr:?}): the address needs a port, like \"localhost:5432\""
             )));
         }
-        let timeout = match a.named("timeout") {
-            Some(v) => a.duration(v, "timeout")?,
-            None => Duration::from_secs(10),
-        };
+        let timeout = a.duration_or("timeout", Duration::from_secs(10))?;
         Ok(eval.heap().alloc(HealthcheckValue {
             check: Healthcheck::Tcp { addr, timeout },
         }))
@@ -1064,10 +1069,7 @@ pub(crate) fn topology(builder: &mut GlobalsBuilder) {
             format!("http://{url}")
         };
         net::split_url(&url).map_err(|e| err(format!("http(): {e}")))?;
-        let timeout = match a.named("timeout") {
-            Some(v) => a.duration(v, "timeout")?,
-            None => Duration::from_secs(10),
-        };
+        let timeout = a.duration_or("timeout", Duration::from_secs(10))?;
         let expect_status = match a.named("expect_status") {
             Some(v) => Some(
                 v.unpack_i32()
@@ -1100,10 +1102,7 @@ pub(crate) fn topology(builder: &mut GlobalsBuilder) {
     ) -> starlark::Result<Value<'v>> {
         let a = Args::new("ready", args, kwargs)?;
         a.check(0, &["timeout"])?;
-        let timeout = match a.named("timeout") {
-            Some(v) => a.duration(v, "timeout")?,
-            None => Duration::from_secs(30),
-        };
+        let timeout = a.duration_or("timeout", Duration::from_secs(30))?;
         Ok(eval.heap().alloc(HealthcheckValue {
             check: Healthcheck::Ready { timeout },
         }))
@@ -1648,11 +1647,7 @@ pub(crate) fn assertions(builder: &mut GlobalsBuilder) {
             .named("where")
             .map(|v| a.callable(v, "where"))
             .transpose()?;
-        let timeout = a
-            .named("timeout")
-            .map(|v| a.duration(v, "timeout"))
-            .transpose()?
-            .unwrap_or_default();
+        let timeout = a.duration_or("timeout", Duration::ZERO)?;
         let run = run_of(eval, "assert_eventually")?;
         run.assertions.fetch_add(1, Ordering::SeqCst);
         let deadline = Instant::now() + timeout;
@@ -1969,11 +1964,7 @@ pub(crate) fn call_step<'v>(
                     headers.push((a.string(k, "headers")?, a.string(v, "headers")?));
                 }
             }
-            let timeout = a
-                .named("timeout")
-                .map(|v| a.duration(v, "timeout"))
-                .transpose()?
-                .unwrap_or(Duration::from_secs(30));
+            let timeout = a.duration_or("timeout", Duration::from_secs(30))?;
             send.insert("path".into(), path.clone());
             if !body.is_empty() {
                 send.insert("body".into(), body.chars().take(200).collect());
@@ -2033,11 +2024,7 @@ pub(crate) fn call_step<'v>(
                 .map(|v| a.string(v, "body"))
                 .transpose()?
                 .unwrap_or_default();
-            let timeout = a
-                .named("timeout")
-                .map(|v| a.duration(v, "timeout"))
-                .transpose()?
-                .unwrap_or(Duration::from_secs(30));
+            let timeout = a.duration_or("timeout", Duration::from_secs(30))?;
             send.insert("path".into(), method.clone());
             send.insert("summary".into(), format!("→ {target}.call {method}"));
             // Calls the services made before the step are logged before it.
@@ -2073,11 +2060,7 @@ pub(crate) fn call_step<'v>(
         "tcp" | "redis" => {
             a.check(1, &["data", "timeout"])?;
             let data = a.string(a.required(0, "data")?, "data")?;
-            let timeout = a
-                .named("timeout")
-                .map(|v| a.duration(v, "timeout"))
-                .transpose()?
-                .unwrap_or(Duration::from_secs(10));
+            let timeout = a.duration_or("timeout", Duration::from_secs(10))?;
             send.insert("data".into(), data.chars().take(200).collect());
             send.insert("summary".into(), format!("→ {target}.send {data}"));
             // Calls the services made before the step are logged before it.
@@ -2142,11 +2125,7 @@ pub(crate) fn call_step<'v>(
                 opt("password")?,
                 opt("database")?,
             );
-            let timeout = a
-                .named("timeout")
-                .map(|v| a.duration(v, "timeout"))
-                .transpose()?
-                .unwrap_or(Duration::from_secs(30));
+            let timeout = a.duration_or("timeout", Duration::from_secs(30))?;
             send.insert("sql".into(), sql.chars().take(200).collect());
             send.insert(
                 "summary".into(),

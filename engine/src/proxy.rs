@@ -652,11 +652,17 @@ fn buffered_request(buf: &[u8]) -> Option<(usize, usize)> {
     let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
     let mut length = 0usize;
     for line in buf[..head_end].split(|c| *c == b'\n').skip(1) {
-        let line = line.trim_ascii();
-        if let Some(v) = header_value(line, b"content-length") {
-            length = std::str::from_utf8(v).ok()?.parse().ok()?;
-        } else if header_value(line, b"transfer-encoding").is_some()
-            || header_value(line, b"upgrade").is_some()
+        let Some(colon) = line.iter().position(|c| *c == b':') else {
+            continue;
+        };
+        let name = line[..colon].trim_ascii();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            length = std::str::from_utf8(line[colon + 1..].trim_ascii())
+                .ok()?
+                .parse()
+                .ok()?;
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding")
+            || name.eq_ignore_ascii_case(b"upgrade")
         {
             // Chunked bodies and protocol switches take the slow path.
             return None;
@@ -1374,18 +1380,11 @@ fn serve_mysql(client: TcpStream, ctx: &Ctx) -> (u64, u64, &'static str) {
     };
     let (mut up, mut injected) = (0u64, 0u64);
     let reason = loop {
-        let mut head = [0u8; 4];
-        if reader.read_exact(&mut head).is_err() {
+        let Ok(packet) = crate::tls::read_mysql_packet(&mut reader) else {
             break "closed";
-        }
-        let len = u32::from_le_bytes([head[0], head[1], head[2], 0]) as usize;
-        let mut packet = head.to_vec();
-        packet.resize(4 + len, 0);
-        if reader.read_exact(&mut packet[4..]).is_err() {
-            break "closed";
-        }
+        };
         up += packet.len() as u64;
-        let command = (head[3] == 0).then(|| packet.get(4).copied()).flatten();
+        let command = (packet[3] == 0).then(|| packet.get(4).copied()).flatten();
         let sql = match command {
             Some(0x03) | Some(0x16) => Some(String::from_utf8_lossy(&packet[5..]).into_owned()),
             _ => None,

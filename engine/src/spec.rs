@@ -297,10 +297,12 @@ pub fn load(path: &Path) -> Result<Spec, SpecError> {
         })
         .collect();
     tests.sort();
-    if let Some(main) = sources.borrow().first() {
+    // Each source is tokenized once, for both scans.
+    let tokens: Vec<Tokens> = sources.borrow().iter().map(|s| tokenize_lines(s)).collect();
+    if let Some(main) = tokens.first() {
         check_literal_protocol_rules(path, main, &module)?;
     }
-    let intercept = filter_syscalls(Arch::native(), &sources.borrow(), &services);
+    let intercept = filter_from_tokens(Arch::native(), &tokens, &services);
     Ok(Spec {
         path: path.to_path_buf(),
         dir,
@@ -387,9 +389,15 @@ impl Spec {
 /// rule built from a computed name is refused at run time instead of
 /// silently never firing.
 pub fn filter_syscalls(arch: Arch, sources: &[String], services: &[ServiceDef]) -> Vec<String> {
+    let tokens: Vec<Tokens> = sources.iter().map(|s| tokenize_lines(s)).collect();
+    filter_from_tokens(arch, &tokens, services)
+}
+
+/// [`filter_syscalls`] on sources already tokenized.
+fn filter_from_tokens(arch: Arch, sources: &[Tokens], services: &[ServiceDef]) -> Vec<String> {
     let mut names = BTreeSet::new();
-    for source in sources {
-        names.extend(candidate_names(source));
+    for toks in sources {
+        names.extend(candidate_names(toks));
     }
     let mut out: Vec<String> = Vec::new();
     let mut add = |name: &str| {
@@ -413,6 +421,9 @@ pub fn filter_syscalls(arch: Arch, sources: &[String], services: &[ServiceDef]) 
     out
 }
 
+/// A source's tokens, each with its 1-based line.
+type Tokens = Vec<(Tok, usize)>;
+
 #[derive(Debug, PartialEq)]
 enum Tok {
     Ident(String),
@@ -420,10 +431,6 @@ enum Tok {
     Num(String),
     Punct(char),
     EqEq,
-}
-
-fn tokenize(src: &str) -> Vec<Tok> {
-    tokenize_lines(src).into_iter().map(|(t, _)| t).collect()
 }
 
 /// The tokens of `src`, each with its 1-based line.
@@ -489,16 +496,15 @@ fn tokenize_lines(src: &str) -> Vec<(Tok, usize)> {
     out
 }
 
-fn candidate_names(src: &str) -> BTreeSet<String> {
-    let toks = tokenize(src);
+fn candidate_names(toks: &[(Tok, usize)]) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     let mut in_syscalls_list = 0usize;
-    for (i, t) in toks.iter().enumerate() {
-        let next = toks.get(i + 1);
+    for (i, (t, _)) in toks.iter().enumerate() {
+        let next = toks.get(i + 1).map(|(t, _)| t);
         match t {
             Tok::Ident(name) if next == Some(&Tok::Punct('=')) => {
                 out.insert(name.clone());
-                if name == "syscalls" && toks.get(i + 2) == Some(&Tok::Punct('[')) {
+                if name == "syscalls" && toks.get(i + 2).map(|(t, _)| t) == Some(&Tok::Punct('[')) {
                     in_syscalls_list = i + 2;
                 }
             }
@@ -523,11 +529,10 @@ fn candidate_names(src: &str) -> BTreeSet<String> {
 /// checked when their window opens.
 fn check_literal_protocol_rules(
     file: &Path,
-    source: &str,
+    toks: &[(Tok, usize)],
     module: &FrozenModule,
 ) -> Result<(), SpecError> {
     const RULES: &[&str] = &["error", "response", "drop", "delay", "duplicate"];
-    let toks = tokenize_lines(source);
     let tok = |i: usize| toks.get(i).map(|(t, _)| t);
     let punct = |i: usize, c: char| tok(i) == Some(&Tok::Punct(c));
     for i in 0..toks.len() {
@@ -570,7 +575,7 @@ fn check_literal_protocol_rules(
                         && punct(j - 1, ',')
                         && punct(j + 1, '(') =>
                 {
-                    let (def, end) = literal_rule(rule, &toks, j + 1);
+                    let (def, end) = literal_rule(rule, toks, j + 1);
                     if let Err(message) = def.check(&protocol) {
                         return Err(SpecError {
                             message: format!(

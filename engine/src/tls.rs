@@ -436,14 +436,23 @@ enum Opening {
     Plain { pending: Vec<u8> },
 }
 
-fn read_mysql_packet(sock: &mut TcpStream) -> io::Result<Vec<u8>> {
+/// One MySQL packet, its 4-byte header (length, sequence number) included.
+pub(crate) fn read_mysql_packet(r: &mut impl Read) -> io::Result<Vec<u8>> {
     let mut head = [0u8; 4];
-    sock.read_exact(&mut head)?;
+    r.read_exact(&mut head)?;
     let len = u32::from_le_bytes([head[0], head[1], head[2], 0]) as usize;
     let mut packet = head.to_vec();
     packet.resize(4 + len, 0);
-    sock.read_exact(&mut packet[4..])?;
+    r.read_exact(&mut packet[4..])?;
     Ok(packet)
+}
+
+/// The capability flags a client's first packet (SSLRequest or handshake
+/// response) asks for.
+fn mysql_client_caps(packet: &[u8]) -> u32 {
+    packet
+        .get(4..8)
+        .map_or(0, |c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
 }
 
 /// The capability flags of a greeting (protocol 10), and where their two
@@ -506,11 +515,7 @@ fn front_opening(wire: Wire, client: &mut TcpStream, inner: &mut TcpStream) -> i
             }
             client.write_all(&greeting)?;
             let first = read_mysql_packet(client)?;
-            let caps = first
-                .get(4..8)
-                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .unwrap_or(0);
-            if first.len() == 4 + 32 && caps & MYSQL_CLIENT_SSL != 0 {
+            if first.len() == 4 + 32 && mysql_client_caps(&first) & MYSQL_CLIENT_SSL != 0 {
                 // The SSLRequest stays here: the back makes its own.
                 Opening::Tls {
                     pending: Vec::new(),
@@ -552,11 +557,10 @@ fn back_opening(
             let response = read_mysql_packet(plain)?;
             // After the front swallowed the client's SSLRequest, the
             // handshake response is packet 2 and asks for TLS.
-            let caps = response
-                .get(4..8)
-                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .unwrap_or(0);
-            if response[3] == 2 && caps & MYSQL_CLIENT_SSL != 0 && response.len() >= 4 + 32 {
+            if response[3] == 2
+                && mysql_client_caps(&response) & MYSQL_CLIENT_SSL != 0
+                && response.len() >= 4 + 32
+            {
                 let offers = mysql_greeting_caps(&greeting).map_or(0, |(c, _, _)| c);
                 if offers & MYSQL_CLIENT_SSL == 0 {
                     return Err(refused("the mysql upstream does not offer TLS"));
