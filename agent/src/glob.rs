@@ -246,9 +246,46 @@ impl fmt::Display for Glob {
     }
 }
 
+/// Shell-style match of a whole string: `*` any run (slashes included),
+/// `?` one character. Filter values are mostly decisions and paths, where
+/// "deny*" or "*.wal" should just work.
+pub fn wildcard(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    let (mut pi, mut ti) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wildcards_cover_prefix_suffix_and_middle() {
+        assert!(wildcard("deny*", "deny(input/output error)"));
+        assert!(wildcard("*.wal", "/tmp/x/inventory.wal"));
+        assert!(wildcard("/tmp/*/x", "/tmp/a/b/x"));
+        assert!(!wildcard("write", "writev"));
+        assert!(wildcard("", ""));
+        assert!(!wildcard("", "x"));
+    }
 
     fn m(pattern: &str, path: &str) -> bool {
         Glob::new(pattern).map(|g| g.matches(path)).unwrap_or(false)

@@ -2,14 +2,12 @@
 //! families, fault rules and the pure decision engine, the controller⇄shim
 //! protocol, and the seccomp user-notification loop.
 //!
-//! Only [`seccomp`], [`process`] and [`pipe`] (zero-copy relaying for the
-//! proxies) talk to the kernel directly; they are the crate's only `unsafe`
-//! code.
+//! Only [`seccomp`] and [`process`] talk to the kernel directly; they are
+//! the crate's only `unsafe` code.
 
 pub mod engine;
 pub mod errno;
 pub mod glob;
-pub mod pipe;
 pub mod process;
 pub mod rule;
 pub mod seccomp;

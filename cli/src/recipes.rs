@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use anyhow::{Result, bail};
 use clap::Subcommand;
-use faultbox_engine::spec::recipes;
+use faultbox_spec::load::recipes;
 
 /// What to do with the recipe library.
 #[derive(Debug, Subcommand)]

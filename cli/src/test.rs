@@ -6,11 +6,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
+use faultbox_agent::glob::wildcard;
 use faultbox_agent::seccomp;
 use faultbox_engine::report::{self, Outcome, TestResult};
 use faultbox_engine::runtime::{RunConfig, port_open, resolve_binary};
-use faultbox_engine::trace::wildcard;
-use faultbox_engine::{run_test, shim, spec};
+use faultbox_engine::{run_test, shim};
+use faultbox_spec::load as spec;
 use serde_json::json;
 
 use crate::log::{Level, LogFormat, Logger};

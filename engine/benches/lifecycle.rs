@@ -18,9 +18,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use faultbox_engine::model::{Healthcheck, InterfaceDef, ServiceDef};
 use faultbox_engine::runtime::{RunConfig, TestRun};
-use faultbox_engine::spec;
+use faultbox_spec::load as spec;
+use faultbox_spec::model::{Healthcheck, InterfaceDef, ServiceDef};
 use starlark::environment::{Globals, Module};
 use starlark::eval::Evaluator;
 use starlark::syntax::{AstModule, Dialect};

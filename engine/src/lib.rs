@@ -1,26 +1,18 @@
-//! Faultbox's engine: the Starlark spec language, the runtime that starts
-//! services under `faultbox-shim` and runs tests against them, the event
-//! trace, and the reports.
+//! Faultbox's runtime: services started under `faultbox-shim`, the test
+//! body run against them with its fault windows and steps, the event
+//! trace, verdicts and reports. The language is `faultbox-spec`; the
+//! proxies are `faultbox-proxy`.
 
-pub mod builtins;
-pub mod h2;
-pub mod model;
-pub mod net;
-pub mod proxy;
 pub mod report;
 pub mod runtime;
 pub mod shim;
-pub mod spec;
-pub mod tls;
 pub mod trace;
-#[allow(unsafe_code)] // derive(ProvidesStaticType) expands to an unsafe impl; see the module doc
-pub mod values;
 
 use std::time::Instant;
 
+use faultbox_spec::load::{BodyOutcome, Spec};
 use report::{FailureKind, Outcome, TestResult};
 use runtime::{RunConfig, TestRun};
-use spec::{BodyOutcome, Spec};
 
 /// `faultbox test <file> --test <name> --seed <seed>`.
 pub fn replay_command(spec: &Spec, name: &str, seed: u64) -> String {
@@ -65,7 +57,7 @@ pub fn run_test(spec: &Spec, name: &str, seed: u64, config: &RunConfig) -> TestR
             result.healthcheck_timeout = e.healthcheck_timeout;
             result.reason = Some(e.message);
         }
-        Ok(()) => match spec.run_body(name, std::sync::Arc::clone(&run), config.test_timeout) {
+        Ok(()) => match spec.run_body(name, run.clone(), config.test_timeout) {
             BodyOutcome::Returned(value) => result.return_value = value,
             BodyOutcome::Failed { message, location } => {
                 result.outcome = Outcome::Fail;

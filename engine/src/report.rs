@@ -7,7 +7,9 @@ use std::fmt::Write as _;
 
 use serde_json::{Value as Json, json};
 
-use crate::runtime::{AssertionDetail, Crash, FaultRecord};
+use faultbox_spec::host::AssertionDetail;
+
+use crate::runtime::{Crash, FaultRecord};
 use crate::trace::Event;
 
 /// Version of the JSON document; bumped on incompatible changes.

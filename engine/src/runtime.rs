@@ -15,12 +15,18 @@ use faultbox_agent::rule::{Action, Rule};
 use faultbox_agent::syscalls::Arch;
 use faultbox_agent::wire::{Isolation, LaunchSpec, OnDisconnect};
 
-use crate::model::{Healthcheck, ServiceDef};
-use crate::net;
-use crate::proxy::{Proxy, ProxyRuleDef};
+use faultbox_proxy::TlsSpec;
+use faultbox_proxy::net;
+use faultbox_proxy::rules::ProxyRuleDef;
+use faultbox_proxy::server::Proxy;
+use faultbox_proxy::steps::{StepCall, StepResult};
+use faultbox_proxy::tls::{self, Relay, TlsSetup};
+use faultbox_spec::host::{AssertionDetail, TestHost};
+use faultbox_spec::model::{Healthcheck, ServiceDef, start_order};
+use faultbox_spec::values::{FaultValue, proxy_placeholder};
+
 use crate::shim::{ExitInfo, Shim, ShimEvent};
 use crate::trace::{Event, Trace, fields};
-use crate::values::FaultValue;
 
 /// Settings shared by every test of a run.
 #[derive(Debug, Clone)]
@@ -33,17 +39,6 @@ pub struct RunConfig {
     pub test_timeout: Duration,
     /// SIGTERM → SIGKILL grace when stopping services.
     pub stop_grace: Duration,
-}
-
-/// A failed assertion, recorded where it happened.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct AssertionDetail {
-    pub func: String,
-    pub expected: Option<String>,
-    pub actual: Option<String>,
-    pub message: Option<String>,
-    pub file: Option<String>,
-    pub line: Option<u32>,
 }
 
 /// One fault rule's record, for reports.
@@ -111,9 +106,9 @@ struct ProxyWindow {
 }
 
 struct TlsRelays {
-    front: crate::tls::Relay,
-    back: crate::tls::Relay,
-    setup: Arc<crate::tls::TlsSetup>,
+    front: Relay,
+    back: Relay,
+    setup: Arc<TlsSetup>,
 }
 
 struct Running {
@@ -139,7 +134,7 @@ pub struct TestRun {
     tls: Mutex<BTreeMap<(String, String), TlsRelays>>,
     /// TLS setups by declaration, so every interface with a generated
     /// certificate shares one CA per test.
-    tls_setups: Mutex<Vec<(crate::tls::TlsSpec, Arc<crate::tls::TlsSetup>)>>,
+    tls_setups: Mutex<Vec<(TlsSpec, Arc<TlsSetup>)>>,
     next_window: AtomicU64,
     faults: Mutex<Vec<FaultRecord>>,
     crashes: Arc<Mutex<Vec<Crash>>>,
@@ -188,52 +183,6 @@ pub fn resolve_binary(binary: &str, spec_dir: &Path) -> Result<PathBuf, String> 
     process::resolve_program(binary, std::env::var("PATH").ok().as_deref())
         .map(PathBuf::from)
         .ok_or_else(|| format!("{binary:?} was not found on PATH (install it or give a path)"))
-}
-
-/// Orders services so that each comes after what it depends on.
-pub fn start_order(services: &[ServiceDef]) -> Result<Vec<usize>, String> {
-    let index = |name: &str| services.iter().position(|s| s.name == name);
-    let mut order = Vec::new();
-    let mut state = vec![0u8; services.len()]; // 0 new, 1 visiting, 2 done
-    fn visit(
-        i: usize,
-        services: &[ServiceDef],
-        index: &dyn Fn(&str) -> Option<usize>,
-        state: &mut [u8],
-        order: &mut Vec<usize>,
-        path: &mut Vec<String>,
-    ) -> Result<(), String> {
-        match state[i] {
-            2 => return Ok(()),
-            1 => {
-                path.push(services[i].name.clone());
-                return Err(format!(
-                    "depends_on cycle: {} (break one of these dependencies)",
-                    path.join(" → ")
-                ));
-            }
-            _ => {}
-        }
-        state[i] = 1;
-        path.push(services[i].name.clone());
-        for dep in &services[i].depends_on {
-            let j = index(dep).ok_or_else(|| {
-                format!(
-                    "service {:?} depends on {dep:?}, which is not declared",
-                    services[i].name
-                )
-            })?;
-            visit(j, services, index, state, order, path)?;
-        }
-        path.pop();
-        state[i] = 2;
-        order.push(i);
-        Ok(())
-    }
-    for i in 0..services.len() {
-        visit(i, services, &index, &mut state, &mut order, &mut Vec::new())?;
-    }
-    Ok(order)
 }
 
 fn tail(path: &Path, lines: usize) -> String {
@@ -418,7 +367,7 @@ impl TestRun {
         // Proxies start once the service is ready, before anything that
         // depends on it, so dependents are pointed at them from the start.
         for iface in &def.interfaces {
-            if !crate::proxy::proxied(&iface.protocol) {
+            if !faultbox_proxy::rules::proxied(&iface.protocol) {
                 continue;
             }
             let upstream = match def.remote.get(&iface.name) {
@@ -440,7 +389,7 @@ impl TestRun {
                     &iface.name,
                     &iface.protocol,
                     upstream,
-                    Arc::clone(&self.trace),
+                    self.trace.clone(),
                 )
                 .map_err(|e| err(format!("proxy for {}.{}: {e}", def.name, iface.name)))?;
                 self.trace.emit(
@@ -469,18 +418,17 @@ impl TestRun {
                 .map_err(|e| err(format!("TLS for {}.{}: {e}", def.name, iface.name)))?;
             let io =
                 |e: std::io::Error| err(format!("TLS relay for {}.{}: {e}", def.name, iface.name));
-            let wire = crate::tls::Wire::of(&iface.protocol);
-            let back =
-                crate::tls::Relay::back(upstream, name, &setup.upstream, wire).map_err(io)?;
+            let wire = tls::Wire::of(&iface.protocol);
+            let back = Relay::back(upstream, name, &setup.upstream, wire).map_err(io)?;
             let proxy = Proxy::start(
                 &def.name,
                 &iface.name,
                 &iface.protocol,
                 back.listen,
-                Arc::clone(&self.trace),
+                self.trace.clone(),
             )
             .map_err(|e| err(format!("proxy for {}.{}: {e}", def.name, iface.name)))?;
-            let front = crate::tls::Relay::front(proxy.listen, &setup.server, wire).map_err(io)?;
+            let front = Relay::front(proxy.listen, &setup.server, wire).map_err(io)?;
             self.trace.emit(
                 "proxy_started",
                 &def.name,
@@ -498,7 +446,7 @@ impl TestRun {
         Ok(())
     }
 
-    fn tls_setup(&self, spec: &crate::tls::TlsSpec) -> Result<Arc<crate::tls::TlsSetup>, String> {
+    fn tls_setup(&self, spec: &TlsSpec) -> Result<Arc<TlsSetup>, String> {
         let mut setups = lock(&self.tls_setups);
         if let Some((_, s)) = setups.iter().find(|(k, _)| k == spec) {
             return Ok(Arc::clone(s));
@@ -513,7 +461,7 @@ impl TestRun {
             }
         }
         let tag = format!("{}.tls{}", self.name, setups.len());
-        let setup = Arc::new(crate::tls::setup(spec, &names, &self.config.log_dir, &tag)?);
+        let setup = Arc::new(tls::setup(spec, &names, &self.config.log_dir, &tag)?);
         setups.push((spec.clone(), Arc::clone(&setup)));
         Ok(setup)
     }
@@ -561,12 +509,9 @@ impl TestRun {
             let addr = public.to_string();
             let port = public.port().to_string();
             out = out
-                .replace(&crate::values::proxy_placeholder("ADDR", svc, iface), &addr)
-                .replace(
-                    &crate::values::proxy_placeholder("HOST", svc, iface),
-                    "127.0.0.1",
-                )
-                .replace(&crate::values::proxy_placeholder("PORT", svc, iface), &port);
+                .replace(&proxy_placeholder("ADDR", svc, iface), &addr)
+                .replace(&proxy_placeholder("HOST", svc, iface), "127.0.0.1")
+                .replace(&proxy_placeholder("PORT", svc, iface), &port);
             if svc == own {
                 continue;
             }
@@ -1182,6 +1127,140 @@ impl TestRun {
     }
 }
 
+impl TestHost for TestRun {
+    fn open_window(
+        &self,
+        service: &str,
+        faults: Vec<(String, FaultValue)>,
+        trace: bool,
+        from_start: bool,
+    ) -> Result<u64, String> {
+        TestRun::open_window(self, service, faults, trace, from_start)
+    }
+
+    fn close_window(&self, id: u64) -> Result<(), String> {
+        TestRun::close_window(self, id)
+    }
+
+    fn latest_started_window(&self, service: &str, trace: bool) -> Option<u64> {
+        TestRun::latest_started_window(self, service, trace)
+    }
+
+    fn open_proxy_window(
+        &self,
+        service: &str,
+        interface: &str,
+        rules: Vec<ProxyRuleDef>,
+        from_start: bool,
+    ) -> Result<u64, String> {
+        TestRun::open_proxy_window(self, service, interface, rules, from_start)
+    }
+
+    fn latest_started_proxy_window(&self, service: &str, interface: &str) -> Option<u64> {
+        TestRun::latest_started_proxy_window(self, service, interface)
+    }
+
+    fn close_proxy_window(&self, id: u64) {
+        TestRun::close_proxy_window(self, id)
+    }
+
+    fn count_assertion(&self) {
+        self.assertions.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn record_assertion(&self, detail: AssertionDetail) {
+        TestRun::record_assertion(self, detail)
+    }
+
+    fn events(&self) -> Vec<Event> {
+        self.sync_all();
+        self.trace.events()
+    }
+
+    fn acknowledge_exit(&self, service: &str) {
+        TestRun::acknowledge_exit(self, service)
+    }
+
+    fn step(&self, call: &StepCall) -> StepResult {
+        let addr = self.step_addr(&call.service, &call.interface, call.port);
+        let target = call.service.clone();
+        let mut send = fields([
+            ("target", target.clone()),
+            ("method", call.method.clone()),
+            ("interface", call.interface.clone()),
+            ("protocol", call.protocol.clone()),
+            ("spec", self.name.clone()),
+        ]);
+        send.extend(net::step_send_fields(call));
+        let started = Instant::now();
+        // Calls the services made before the step are logged before it.
+        self.sync_all();
+        self.trace.emit("step_send", "test", send);
+        self.trace.merge(&target, "test");
+        let tls = self.step_tls(&call.service, &call.interface);
+        let env = self
+            .service(&target)
+            .map(|s| s.env.clone())
+            .unwrap_or_default();
+        let mut result = net::run_step(call, &addr, tls.as_ref(), &env);
+        let elapsed = started.elapsed().as_millis() as i64;
+        // Every call the step caused, in any service, is logged before its
+        // answer: the trace's order is the causal one.
+        self.sync_all();
+        self.trace.merge("test", &target);
+        let method = call.method.clone();
+        let recv = match &mut result {
+            StepResult::Reply(r) => {
+                r.duration_ms = elapsed;
+                let mut recv = fields([
+                    ("target", target.clone()),
+                    ("method", method.clone()),
+                    ("duration_ms", elapsed.to_string()),
+                    ("success", r.ok.to_string()),
+                    ("error", r.error.clone()),
+                ]);
+                if r.status != 0 {
+                    recv.insert("status_code".into(), r.status.to_string());
+                    if !(200..300).contains(&r.status) {
+                        recv.insert("body".into(), r.body.chars().take(2048).collect());
+                    }
+                }
+                let summary = if !r.ok {
+                    format!("← {target}.{method}  error: {}", r.error)
+                } else if r.status != 0 {
+                    format!("← {target}.{method}  [{}]", r.status)
+                } else {
+                    format!("← {target}.{method}  ok")
+                };
+                recv.insert("summary".into(), summary);
+                recv
+            }
+            StepResult::Text(line) => fields([
+                ("target", target.clone()),
+                ("method", method.clone()),
+                ("body", line.chars().take(2048).collect()),
+                ("duration_ms", elapsed.to_string()),
+                ("success", "true".into()),
+                ("summary", format!("← {target}.{method} {line}")),
+            ]),
+            StepResult::Raise(e) => fields([
+                ("target", target.clone()),
+                ("method", method.clone()),
+                ("duration_ms", elapsed.to_string()),
+                ("success", "false".into()),
+                ("error", e.clone()),
+                ("summary", format!("← {target}.{method} error")),
+            ]),
+        };
+        self.trace.emit("step_recv", "test", recv);
+        result
+    }
+
+    fn proxy_addr(&self, service: &str, interface: &str) -> Option<String> {
+        self.public_addr(service, interface).map(|a| a.to_string())
+    }
+}
+
 fn count(events: &[Event], service: &str, r: &WindowRule) -> (u64, u64) {
     let mut hits = 0;
     let mut matched = 0;
@@ -1332,7 +1411,7 @@ pub fn probe(check: &Healthcheck, def: &ServiceDef, timeout: Duration) -> Result
         Healthcheck::Http {
             url, expect_status, ..
         } => {
-            let (addr, path) = net::split_url(url)?;
+            let (addr, path) = faultbox_proxy::steps::split_url(url)?;
             let r = net::http_request(&addr, "GET", &path, &[], &[], timeout, None)
                 .map_err(|e| e.to_string())?;
             let good = match expect_status {
@@ -1351,7 +1430,7 @@ pub fn probe(check: &Healthcheck, def: &ServiceDef, timeout: Duration) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::OpDef;
+    use faultbox_spec::model::OpDef;
 
     fn svc(name: &str, deps: &[&str]) -> ServiceDef {
         ServiceDef {

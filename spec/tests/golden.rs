@@ -1,6 +1,6 @@
 //! Golden tests of spec error messages: every `tests/golden/NAME.star`
 //! must fail to load with exactly the text in `NAME.err`. Regenerate with
-//! `FAULTBOX_UPDATE_GOLDEN=1 cargo test -p faultbox-engine --test golden`
+//! `FAULTBOX_UPDATE_GOLDEN=1 cargo test -p faultbox-spec --test golden`
 //! and review the diff.
 
 use std::path::Path;
@@ -19,7 +19,7 @@ fn spec_errors_match_their_golden_files() {
     assert!(specs.len() >= 8, "golden specs are missing");
     let mut mismatches = Vec::new();
     for spec in specs {
-        let message = match faultbox_engine::spec::load(&spec) {
+        let message = match faultbox_spec::load::load(&spec) {
             Ok(_) => panic!("{} loaded, but it must fail", spec.display()),
             Err(e) => e.message.replace(&format!("{}/", dir.display()), ""),
         };

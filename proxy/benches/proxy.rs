@@ -17,8 +17,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use faultbox_agent::rule::Trigger;
-use faultbox_engine::proxy::{Proxy, ProxyAction, ProxyRuleDef};
-use faultbox_engine::trace::Trace;
+use faultbox_proxy::rules::{ProxyAction, ProxyRuleDef};
+use faultbox_proxy::server::Proxy;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -259,7 +259,7 @@ fn non_matching_rules() -> Vec<(String, ProxyRuleDef)> {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let reps = if quick { 3 } else { 7 };
-    let trace = Arc::new(Trace::new());
+    let trace: Arc<dyn faultbox_proxy::EventSink> = Arc::new(faultbox_proxy::NoEvents);
     let echo = echo_server();
     let sink = sink_server();
     let http = http_server();

@@ -15,8 +15,8 @@ use starlark::eval::{Evaluator, FileLoader};
 use starlark::syntax::{AstModule, Dialect};
 
 use crate::builtins;
+use crate::host::TestHost;
 use crate::model::ServiceDef;
-use crate::runtime::TestRun;
 use crate::values::Ctx;
 
 /// Modules embedded in the binary, loaded with `load("@faultbox/...")`.
@@ -284,7 +284,7 @@ pub fn load(path: &Path) -> Result<Spec, SpecError> {
             }
         }
     }
-    crate::runtime::start_order(&services).map_err(|message| SpecError { message })?;
+    crate::model::start_order(&services).map_err(|message| SpecError { message })?;
     let mut tests: Vec<String> = module
         .names()
         .map(|n| n.as_str().to_string())
@@ -332,7 +332,7 @@ impl Spec {
     /// Runs test `name`'s body against `run`, giving up after `timeout`.
     /// A body that times out is left to finish on its own thread; the
     /// caller stops the services, which makes its pending step fail.
-    pub fn run_body(&self, name: &str, run: Arc<TestRun>, timeout: Duration) -> BodyOutcome {
+    pub fn run_body(&self, name: &str, run: Arc<dyn TestHost>, timeout: Duration) -> BodyOutcome {
         let (tx, rx) = mpsc::channel();
         let module = Arc::clone(&self.module);
         let globals = Arc::clone(&self.globals);
@@ -603,8 +603,8 @@ fn literal_rule(
     name: &str,
     toks: &[(Tok, usize)],
     open: usize,
-) -> (crate::proxy::ProxyRuleDef, usize) {
-    use crate::proxy::{ProxyAction, ProxyRuleDef};
+) -> (faultbox_proxy::rules::ProxyRuleDef, usize) {
+    use faultbox_proxy::rules::{ProxyAction, ProxyRuleDef};
     let mut keywords: HashMap<String, Option<&Tok>> = HashMap::new();
     let mut depth = 0;
     let mut j = open;
@@ -629,7 +629,7 @@ fn literal_rule(
     }
     let present = |k: &str| keywords.contains_key(k).then(|| "x".to_string());
     let status = match keywords.get("status") {
-        Some(Some(Tok::Str(code))) => crate::h2::grpc_code(code),
+        Some(Some(Tok::Str(code))) => faultbox_proxy::rules::grpc_code(code),
         Some(Some(Tok::Num(n))) => n.parse().ok(),
         Some(_) if name == "response" => Some(200),
         _ => None,

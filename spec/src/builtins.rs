@@ -8,7 +8,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use faultbox_agent::errno;
@@ -24,16 +23,16 @@ use starlark::values::none::NoneType;
 use starlark::values::tuple::UnpackTuple;
 use starlark::values::{UnpackValue, Value};
 
+use crate::event::{Event, Filter};
+use crate::host::{AssertionDetail, TestHost};
 use crate::model::{Healthcheck, InterfaceDef, OpDef, ServiceDef};
-use crate::net;
-use crate::proxy::{ProxyAction, ProxyRuleDef};
-use crate::runtime::{AssertionDetail, TestRun};
-use crate::tls::TlsSpec;
-use crate::trace::{Event, Filter, fields};
 use crate::values::{
     Ctx, EventValue, FaultValue, HealthcheckValue, InterfaceRef, InterfaceValue, OpValue,
     ProxyRuleValue, ResponseValue, ServiceValue, StepMethod, TlsValue, json_to_value,
 };
+use faultbox_proxy::TlsSpec;
+use faultbox_proxy::rules::{ProxyAction, ProxyRuleDef};
+use faultbox_proxy::steps::{self, Arg as StepArg, Kind, StepCall, StepResult};
 
 fn err(message: impl Into<String>) -> starlark::Error {
     starlark::Error::new_other(anyhow::anyhow!(message.into()))
@@ -47,7 +46,7 @@ fn ctx<'a>(eval: &'a Evaluator<'_, '_, '_>) -> Res<&'a Ctx> {
         .ok_or_else(|| err("internal: builtin called outside a Faultbox evaluation"))
 }
 
-fn run_of(eval: &Evaluator<'_, '_, '_>, builtin: &str) -> Res<Arc<TestRun>> {
+fn run_of(eval: &Evaluator<'_, '_, '_>, builtin: &str) -> Res<Arc<dyn TestHost>> {
     ctx(eval)?.run.clone().ok_or_else(|| {
         err(format!(
             "{builtin}() can only be called inside a test function (def test_...)"
@@ -177,10 +176,6 @@ impl<'v> Args<'v> {
                 v.to_repr()
             ))
         })
-    }
-
-    fn opt_string(&self, i: usize, key: &str) -> Res<Option<String>> {
-        self.arg(i, key)?.map(|v| self.string(v, key)).transpose()
     }
 
     fn strings(&self, v: Value<'v>, key: &str) -> Res<Vec<String>> {
@@ -457,7 +452,7 @@ fn status_arg(a: &Args) -> Res<Option<u16>> {
         return Ok(None);
     };
     if let Some(name) = v.unpack_str() {
-        return crate::h2::grpc_code(name).map(Some).ok_or_else(|| {
+        return faultbox_proxy::rules::grpc_code(name).map(Some).ok_or_else(|| {
             err(format!(
                 "{}(): status={name:?} is not a gRPC code name (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, ...); HTTP statuses are numbers",
                 a.builtin
@@ -536,7 +531,7 @@ fn fault_kwargs(a: &Args, skip: &[&str]) -> Res<Vec<(String, FaultValue)>> {
 /// Runs `f` with a window open, closing it whatever `f` does.
 fn with_windows<'v>(
     eval: &mut Evaluator<'v, '_, '_>,
-    run: &TestRun,
+    run: &dyn TestHost,
     ids: Vec<u64>,
     f: Value<'v>,
 ) -> Res<Value<'v>> {
@@ -555,7 +550,7 @@ fn with_windows<'v>(
 }
 
 fn open_windows(
-    run: &TestRun,
+    run: &dyn TestHost,
     services: &[String],
     faults: &[(String, FaultValue)],
     trace: bool,
@@ -668,15 +663,15 @@ fn matching<'v>(
     Ok(out)
 }
 
-fn count_assertion(eval: &Evaluator) -> Option<Arc<TestRun>> {
+fn count_assertion(eval: &Evaluator) -> Option<Arc<dyn TestHost>> {
     let run = ctx(eval).ok()?.run.clone()?;
-    run.assertions.fetch_add(1, Ordering::SeqCst);
+    run.count_assertion();
     Some(run)
 }
 
 fn assertion_failed(
     eval: &Evaluator,
-    run: Option<&Arc<TestRun>>,
+    run: Option<&Arc<dyn TestHost>>,
     mut detail: AssertionDetail,
     message: String,
 ) -> starlark::Error {
@@ -1017,7 +1012,7 @@ pub(crate) fn topology(builder: &mut GlobalsBuilder) {
                     .clone(),
             ),
         };
-        if tls.is_some() && !crate::proxy::proxied(&protocol) {
+        if tls.is_some() && !faultbox_proxy::rules::proxied(&protocol) {
             return Err(err(format!(
                 "interface({name:?}): tls= needs a proxy, and {protocol} interfaces have none in this build (http, grpc, tcp, redis, postgres and mysql do)"
             )));
@@ -1068,7 +1063,7 @@ pub(crate) fn topology(builder: &mut GlobalsBuilder) {
         } else {
             format!("http://{url}")
         };
-        net::split_url(&url).map_err(|e| err(format!("http(): {e}")))?;
+        steps::split_url(&url).map_err(|e| err(format!("http(): {e}")))?;
         let timeout = a.duration_or("timeout", Duration::from_secs(10))?;
         let expect_status = match a.named("expect_status") {
             Some(v) => Some(
@@ -1432,8 +1427,8 @@ pub(crate) fn faults(builder: &mut GlobalsBuilder) {
         )?;
         let faults = fault_kwargs(&a, &["run", "service"])?;
         let run = run_of(eval, "fault")?;
-        let ids = open_windows(&run, &[service], &faults, false, false)?;
-        with_windows(eval, &run, ids, f)
+        let ids = open_windows(&*run, &[service], &faults, false, false)?;
+        with_windows(eval, &*run, ids, f)
     }
 
     /// `fault_start(service, **faults)`: opens a window until `fault_stop`.
@@ -1459,7 +1454,7 @@ pub(crate) fn faults(builder: &mut GlobalsBuilder) {
         }
         let faults = fault_kwargs(&a, &["service"])?;
         let run = run_of(eval, "fault_start")?;
-        open_windows(&run, &[service], &faults, false, true)?;
+        open_windows(&*run, &[service], &faults, false, true)?;
         Ok(NoneType)
     }
 
@@ -1510,8 +1505,8 @@ pub(crate) fn faults(builder: &mut GlobalsBuilder) {
         )?;
         let faults = fault_kwargs(&a, &["run", "services"])?;
         let run = run_of(eval, "fault_all")?;
-        let ids = open_windows(&run, &services, &faults, false, false)?;
-        with_windows(eval, &run, ids, f)
+        let ids = open_windows(&*run, &services, &faults, false, false)?;
+        with_windows(eval, &*run, ids, f)
     }
 
     /// `trace(service, syscalls=[...], run=fn)`: records the syscalls
@@ -1531,8 +1526,8 @@ pub(crate) fn faults(builder: &mut GlobalsBuilder) {
         )?;
         let faults = trace_faults(&a)?;
         let run = run_of(eval, "trace")?;
-        let ids = open_windows(&run, &[service], &faults, true, false)?;
-        with_windows(eval, &run, ids, f)
+        let ids = open_windows(&*run, &[service], &faults, true, false)?;
+        with_windows(eval, &*run, ids, f)
     }
 
     /// `trace_start(service, syscalls=[...])`.
@@ -1546,7 +1541,7 @@ pub(crate) fn faults(builder: &mut GlobalsBuilder) {
         let service = service_name(a.required(0, "service")?, "trace_start")?;
         let faults = trace_faults(&a)?;
         let run = run_of(eval, "trace_start")?;
-        open_windows(&run, &[service], &faults, true, true)?;
+        open_windows(&*run, &[service], &faults, true, true)?;
         Ok(NoneType)
     }
 
@@ -1649,10 +1644,9 @@ pub(crate) fn assertions(builder: &mut GlobalsBuilder) {
             .transpose()?;
         let timeout = a.duration_or("timeout", Duration::ZERO)?;
         let run = run_of(eval, "assert_eventually")?;
-        run.assertions.fetch_add(1, Ordering::SeqCst);
+        run.count_assertion();
         let deadline = Instant::now() + timeout;
         loop {
-            run.sync_all();
             let found = matching(eval, run.events(), &filter, pred)?;
             if let Some(e) = found.first() {
                 if e.kind == "service_exited" {
@@ -1699,8 +1693,7 @@ pub(crate) fn assertions(builder: &mut GlobalsBuilder) {
             .map(|v| a.callable(v, "where"))
             .transpose()?;
         let run = run_of(eval, "assert_never")?;
-        run.assertions.fetch_add(1, Ordering::SeqCst);
-        run.sync_all();
+        run.count_assertion();
         let found = matching(eval, run.events(), &filter, pred)?;
         match found.first() {
             None => Ok(NoneType),
@@ -1744,8 +1737,7 @@ pub(crate) fn assertions(builder: &mut GlobalsBuilder) {
             "then",
         )?;
         let run = run_of(eval, "assert_before")?;
-        run.assertions.fetch_add(1, Ordering::SeqCst);
-        run.sync_all();
+        run.count_assertion();
         let events = run.events();
         let f = events.iter().find(|e| first.matches(e)).map(|e| e.seq);
         let t = events.iter().find(|e| then.matches(e)).map(|e| e.seq);
@@ -1787,7 +1779,6 @@ pub(crate) fn assertions(builder: &mut GlobalsBuilder) {
             .map(|v| a.callable(v, "where"))
             .transpose()?;
         let run = run_of(eval, "events")?;
-        run.sync_all();
         let found = matching(eval, run.events(), &filter, pred)?;
         let heap = eval.heap();
         Ok(heap.alloc(
@@ -1925,264 +1916,95 @@ pub(crate) fn call_step<'v>(
     args: &Arguments<'v, '_>,
     eval: &mut Evaluator<'v, '_, '_>,
 ) -> starlark::Result<Value<'v>> {
-    let builtin: &'static str = match step.iface.protocol.as_str() {
+    let protocol = step.iface.protocol.as_str();
+    let builtin: &'static str = match protocol {
         "http" => "http step",
         "grpc" => "grpc step",
-        "tcp" | "redis" => "tcp step",
         "mysql" => "mysql step",
-        _ => "postgres step",
+        "postgres" => "postgres step",
+        _ => "tcp step",
     };
+    let def = steps::step_def(protocol, &step.method).ok_or_else(|| {
+        err(format!(
+            "{}.{}: {protocol} interfaces have no step {:?}",
+            step.service, step.iface.name, step.method
+        ))
+    })?;
     let a = Args::from_arguments(builtin, args, eval)?;
+    let names: Vec<&str> = def.params.iter().map(|p| p.name).collect();
+    a.check(if def.rest.is_some() { usize::MAX } else { 1 }, &names)?;
+    let mut checked = BTreeMap::new();
+    if let Some(rest) = def.rest {
+        let items = a
+            .pos
+            .iter()
+            .map(|v| Ok(text_of(*v)))
+            .collect::<Res<Vec<String>>>()?;
+        checked.insert(rest.to_string(), StepArg::List(items));
+    }
+    for (i, p) in def.params.iter().enumerate() {
+        let given = if i == 0 && def.rest.is_none() {
+            a.arg(0, p.name)?
+        } else {
+            a.named(p.name)
+        };
+        let Some(v) = given else {
+            if p.required {
+                return Err(err(format!(
+                    "{builtin}(): missing required argument {}",
+                    p.name
+                )));
+            }
+            continue;
+        };
+        let value = match p.kind {
+            Kind::Str => StepArg::Str(a.string(v, p.name)?),
+            Kind::Int => StepArg::Int(v.unpack_i32().map(i64::from).ok_or_else(|| {
+                err(format!(
+                    "{builtin}(): {} must be an int, got {} ({})",
+                    p.name,
+                    v.get_type(),
+                    v.to_repr()
+                ))
+            })?),
+            Kind::Duration => StepArg::Duration(a.duration(v, p.name)?),
+            Kind::Headers => {
+                let d = DictRef::from_value(v).ok_or_else(|| {
+                    err(format!("{builtin}: {} must be a dict of strings", p.name))
+                })?;
+                let mut pairs = Vec::new();
+                for (k, v) in d.iter() {
+                    pairs.push((a.string(k, p.name)?, a.string(v, p.name)?));
+                }
+                StepArg::Headers(pairs)
+            }
+        };
+        checked.insert(p.name.to_string(), value);
+    }
+    let call = StepCall {
+        service: step.service.clone(),
+        interface: step.iface.name.clone(),
+        protocol: protocol.to_string(),
+        port: step.iface.port,
+        method: step.method.clone(),
+        args: checked,
+    };
+    steps::check_call(&call).map_err(err)?;
     let run = run_of(
         eval,
         &format!("{}.{}.{}", step.service, step.iface.name, step.method),
     )?;
-    let addr = run.step_addr(&step.service, &step.iface.name, step.iface.port);
-    let target = step.service.clone();
-    let mut send = fields([
-        ("target", target.clone()),
-        ("method", step.method.clone()),
-        ("interface", step.iface.name.clone()),
-        ("protocol", step.iface.protocol.clone()),
-        ("spec", run.name.clone()),
-    ]);
-    let started = Instant::now();
-    let response: ResponseValue = match step.iface.protocol.as_str() {
-        "http" => {
-            a.check(1, &["path", "body", "headers", "timeout"])?;
-            let path = a.opt_string(0, "path")?.unwrap_or_else(|| "/".into());
-            let body = a
-                .named("body")
-                .map(|v| a.string(v, "body"))
-                .transpose()?
-                .unwrap_or_default();
-            let mut headers = Vec::new();
-            if let Some(h) = a.named("headers") {
-                let d = DictRef::from_value(h)
-                    .ok_or_else(|| err("http step: headers must be a dict of strings"))?;
-                for (k, v) in d.iter() {
-                    headers.push((a.string(k, "headers")?, a.string(v, "headers")?));
-                }
-            }
-            let timeout = a.duration_or("timeout", Duration::from_secs(30))?;
-            send.insert("path".into(), path.clone());
-            if !body.is_empty() {
-                send.insert("body".into(), body.chars().take(200).collect());
-            }
-            send.insert(
-                "summary".into(),
-                format!("→ {target}.{} {path}", step.method),
-            );
-            // Calls the services made before the step are logged before it.
-            run.sync_all();
-            run.trace.emit("step_send", "test", send);
-            run.trace.merge(&target, "test");
-            let method = step.method.to_ascii_uppercase();
-            let tls = run.step_tls(&step.service, &step.iface.name);
-            match net::http_request(
-                &addr,
-                &method,
-                &path,
-                &headers,
-                body.as_bytes(),
-                timeout,
-                tls.as_ref(),
-            ) {
-                Ok(r) => {
-                    let mut body = String::from_utf8_lossy(&r.body).into_owned();
-                    if body.len() > 64 << 10 {
-                        let mut cut = 64 << 10;
-                        while !body.is_char_boundary(cut) {
-                            cut -= 1;
-                        }
-                        body.truncate(cut);
-                    }
-                    ResponseValue {
-                        status: i64::from(r.status),
-                        body: body.trim_end().to_string(),
-                        headers: r.headers,
-                        ok: true,
-                        ..Default::default()
-                    }
-                }
-                Err(e) => ResponseValue {
-                    error: e.to_string(),
-                    ..Default::default()
-                },
-            }
-        }
-        "grpc" => {
-            a.check(1, &["method", "body", "timeout"])?;
-            let method = a.string(a.required(0, "method")?, "method")?;
-            if !method.starts_with('/') || method.matches('/').count() != 2 {
-                return Err(err(format!(
-                    "grpc step: method={method:?} is not a full gRPC method path such as \"/shop.Orders/Create\""
-                )));
-            }
-            let body = a
-                .named("body")
-                .map(|v| a.string(v, "body"))
-                .transpose()?
-                .unwrap_or_default();
-            let timeout = a.duration_or("timeout", Duration::from_secs(30))?;
-            send.insert("path".into(), method.clone());
-            send.insert("summary".into(), format!("→ {target}.call {method}"));
-            // Calls the services made before the step are logged before it.
-            run.sync_all();
-            run.trace.emit("step_send", "test", send);
-            run.trace.merge(&target, "test");
-            let tls = run.step_tls(&step.service, &step.iface.name);
-            match crate::h2::grpc_call(&addr, &method, body.as_bytes(), timeout, tls.as_ref()) {
-                Ok(r) => ResponseValue {
-                    status: i64::from(r.code),
-                    ok: r.code == 0,
-                    error: if r.code == 0 {
-                        String::new()
-                    } else {
-                        format!("{}: {}", crate::h2::grpc_code_name(r.code), r.message)
-                    },
-                    body: String::from_utf8_lossy(&r.body).into_owned(),
-                    headers: r.headers,
-                    data: Some(serde_json::json!({
-                        "code": r.code,
-                        "code_name": crate::h2::grpc_code_name(r.code),
-                        "message": r.message,
-                        "messages": r.messages,
-                    })),
-                    ..Default::default()
-                },
-                Err(e) => ResponseValue {
-                    error: e.to_string(),
-                    ..Default::default()
-                },
-            }
-        }
-        "tcp" | "redis" => {
-            a.check(1, &["data", "timeout"])?;
-            let data = a.string(a.required(0, "data")?, "data")?;
-            let timeout = a.duration_or("timeout", Duration::from_secs(10))?;
-            send.insert("data".into(), data.chars().take(200).collect());
-            send.insert("summary".into(), format!("→ {target}.send {data}"));
-            // Calls the services made before the step are logged before it.
-            run.sync_all();
-            run.trace.emit("step_send", "test", send);
-            run.trace.merge(&target, "test");
-            let tls = run.step_tls(&step.service, &step.iface.name);
-            let result = net::tcp_send(&addr, &data, timeout, tls.as_ref());
-            let elapsed = started.elapsed().as_millis();
-            // Every call the step caused, in any service, is logged before
-            // its answer: the trace's order is the causal one.
-            run.sync_all();
-            run.trace.merge("test", &target);
-            match result {
-                Ok(line) => {
-                    run.trace.emit(
-                        "step_recv",
-                        "test",
-                        fields([
-                            ("target", target.clone()),
-                            ("method", "send".into()),
-                            ("body", line.chars().take(2048).collect()),
-                            ("duration_ms", elapsed.to_string()),
-                            ("success", "true".into()),
-                            ("summary", format!("← {target}.send {line}")),
-                        ]),
-                    );
-                    return Ok(eval.heap().alloc(line));
-                }
-                Err(e) => {
-                    run.trace.emit(
-                        "step_recv",
-                        "test",
-                        fields([
-                            ("target", target.clone()),
-                            ("method", "send".into()),
-                            ("duration_ms", elapsed.to_string()),
-                            ("success", "false".into()),
-                            ("error", e.to_string()),
-                            ("summary", format!("← {target}.send error")),
-                        ]),
-                    );
-                    return Err(err(format!(
-                        "tcp send failed: {target}.{} ({addr}): {e}",
-                        step.iface.name
-                    )));
-                }
-            }
-        }
-        _ => {
-            a.check(1, &["sql", "user", "password", "database", "timeout"])?;
-            let sql = a.string(a.required(0, "sql")?, "sql")?;
-            let opt = |k: &str| a.named(k).map(|v| a.string(v, k)).transpose();
-            let env = run
-                .service(&target)
-                .map(|s| s.env.clone())
-                .unwrap_or_default();
-            let login = net::SqlLogin::resolve(
-                &step.iface.protocol,
-                &env,
-                opt("user")?,
-                opt("password")?,
-                opt("database")?,
-            );
-            let timeout = a.duration_or("timeout", Duration::from_secs(30))?;
-            send.insert("sql".into(), sql.chars().take(200).collect());
-            send.insert(
-                "summary".into(),
-                format!("→ {target}.{} {sql}", step.method),
-            );
-            // Calls the services made before the step are logged before it.
-            run.sync_all();
-            run.trace.emit("step_send", "test", send);
-            run.trace.merge(&target, "test");
-            match net::sql_query(&step.iface.protocol, &addr, &login, &sql, timeout) {
-                Ok(r) => ResponseValue {
-                    ok: r.error.is_none(),
-                    error: r.error.unwrap_or_default(),
-                    body: r.tag.clone(),
-                    data: Some(if step.method == "exec" {
-                        serde_json::json!({"tag": r.tag})
-                    } else {
-                        serde_json::Value::Array(r.rows)
-                    }),
-                    ..Default::default()
-                },
-                Err(e) => ResponseValue {
-                    error: e.to_string(),
-                    ..Default::default()
-                },
-            }
-        }
-    };
-    let mut response = response;
-    response.duration_ms = started.elapsed().as_millis() as i64;
-    // Every call the step caused, in any service, is logged before its
-    // answer: the trace's order is the causal one.
-    run.sync_all();
-    run.trace.merge("test", &target);
-    let mut recv = fields([
-        ("target", target.clone()),
-        ("method", step.method.clone()),
-        ("duration_ms", response.duration_ms.to_string()),
-        ("success", response.ok.to_string()),
-        ("error", response.error.clone()),
-    ]);
-    if response.status != 0 {
-        recv.insert("status_code".into(), response.status.to_string());
-        if !(200..300).contains(&response.status) {
-            recv.insert("body".into(), response.body.chars().take(2048).collect());
-        }
+    match run.step(&call) {
+        StepResult::Reply(r) => Ok(eval.heap().alloc(ResponseValue {
+            status: r.status,
+            body: r.body,
+            headers: r.headers,
+            ok: r.ok,
+            error: r.error,
+            duration_ms: r.duration_ms,
+            data: r.data,
+        })),
+        StepResult::Text(line) => Ok(eval.heap().alloc(line)),
+        StepResult::Raise(message) => Err(err(message)),
     }
-    let summary = if response.ok {
-        if response.status != 0 {
-            format!("← {target}.{}  [{}]", step.method, response.status)
-        } else {
-            format!("← {target}.{}  ok", step.method)
-        }
-    } else {
-        format!("← {target}.{}  error: {}", step.method, response.error)
-    };
-    recv.insert("summary".into(), summary);
-    run.trace.emit("step_recv", "test", recv);
-    Ok(eval.heap().alloc(response))
 }

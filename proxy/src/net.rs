@@ -9,6 +9,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value as Json, json};
 
+use crate::Fields;
+use crate::rules::grpc_code_name;
+use crate::steps::{StepCall, StepReply, StepResult};
+
 /// Resolves `host:port`, preferring IPv4 for `localhost` (servers commonly
 /// bind 127.0.0.1 only, and a refused ::1 first costs a round trip).
 pub fn resolve(addr: &str) -> io::Result<Vec<SocketAddr>> {
@@ -95,23 +99,6 @@ pub struct HttpResponse {
     pub status: u16,
     pub headers: BTreeMap<String, String>,
     pub body: Vec<u8>,
-}
-
-/// Splits `http://host:port/path` into (`host:port`, `/path`).
-pub fn split_url(url: &str) -> Result<(String, String), String> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("{url:?}: only http:// URLs are supported"))?;
-    let (host, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let host = if host.contains(':') {
-        host.to_string()
-    } else {
-        format!("{host}:80")
-    };
-    Ok((host, path.to_string()))
 }
 
 /// Sends one request on a fresh connection and reads the whole answer.
@@ -659,22 +646,157 @@ pub fn mysql_query(
     Ok(result)
 }
 
+/// What a step sends, for its `step_send` event: the fields that say what
+/// the call carries and a one-line summary.
+pub fn step_send_fields(call: &StepCall) -> Fields {
+    let target = &call.service;
+    let mut f = Fields::new();
+    let short = |s: &str| s.chars().take(200).collect::<String>();
+    let summary = match call.protocol.as_str() {
+        "http" => {
+            let path = call.str("path").unwrap_or("/");
+            f.insert("path".into(), path.to_string());
+            if let Some(body) = call.str("body").filter(|b| !b.is_empty()) {
+                f.insert("body".into(), short(body));
+            }
+            format!("→ {target}.{} {path}", call.method)
+        }
+        "grpc" => {
+            let method = call.str("method").unwrap_or_default();
+            f.insert("path".into(), method.to_string());
+            format!("→ {target}.call {method}")
+        }
+        "tcp" | "redis" => {
+            let data = call.str("data").unwrap_or_default();
+            f.insert("data".into(), short(data));
+            format!("→ {target}.send {data}")
+        }
+        _ => {
+            let sql = call.str("sql").unwrap_or_default();
+            f.insert("sql".into(), short(sql));
+            format!("→ {target}.{} {sql}", call.method)
+        }
+    };
+    f.insert("summary".into(), summary);
+    f
+}
+
+fn failed(e: impl std::fmt::Display) -> StepResult {
+    StepResult::Reply(StepReply {
+        error: e.to_string(),
+        ..Default::default()
+    })
+}
+
+/// Carries out `call` against `addr` (the interface's proxy, or the
+/// service itself when it has none). `env` is the service's environment,
+/// where SQL steps find their login.
+pub fn run_step(
+    call: &StepCall,
+    addr: &str,
+    tls: Option<&std::sync::Arc<rustls::ClientConfig>>,
+    env: &[(String, String)],
+) -> StepResult {
+    match call.protocol.as_str() {
+        "http" => {
+            let method = call.method.to_ascii_uppercase();
+            let body = call.str("body").unwrap_or_default();
+            match http_request(
+                addr,
+                &method,
+                call.str("path").unwrap_or("/"),
+                call.headers("headers"),
+                body.as_bytes(),
+                call.timeout(Duration::from_secs(30)),
+                tls,
+            ) {
+                Ok(r) => {
+                    let mut body = String::from_utf8_lossy(&r.body).into_owned();
+                    if body.len() > 64 << 10 {
+                        let mut cut = 64 << 10;
+                        while !body.is_char_boundary(cut) {
+                            cut -= 1;
+                        }
+                        body.truncate(cut);
+                    }
+                    StepResult::Reply(StepReply {
+                        status: i64::from(r.status),
+                        body: body.trim_end().to_string(),
+                        headers: r.headers,
+                        ok: true,
+                        ..Default::default()
+                    })
+                }
+                Err(e) => failed(e),
+            }
+        }
+        "grpc" => {
+            let method = call.str("method").unwrap_or_default();
+            let body = call.str("body").unwrap_or_default();
+            let timeout = call.timeout(Duration::from_secs(30));
+            match crate::h2::grpc_call(addr, method, body.as_bytes(), timeout, tls) {
+                Ok(r) => StepResult::Reply(StepReply {
+                    status: i64::from(r.code),
+                    ok: r.code == 0,
+                    error: if r.code == 0 {
+                        String::new()
+                    } else {
+                        format!("{}: {}", grpc_code_name(r.code), r.message)
+                    },
+                    body: String::from_utf8_lossy(&r.body).into_owned(),
+                    headers: r.headers,
+                    data: Some(json!({
+                        "code": r.code,
+                        "code_name": grpc_code_name(r.code),
+                        "message": r.message,
+                        "messages": r.messages,
+                    })),
+                    ..Default::default()
+                }),
+                Err(e) => failed(e),
+            }
+        }
+        "tcp" | "redis" => {
+            let data = call.str("data").unwrap_or_default();
+            match tcp_send(addr, data, call.timeout(Duration::from_secs(10)), tls) {
+                Ok(line) => StepResult::Text(line),
+                Err(e) => StepResult::Raise(format!(
+                    "tcp send failed: {}.{} ({addr}): {e}",
+                    call.service, call.interface
+                )),
+            }
+        }
+        protocol => {
+            let login = SqlLogin::resolve(
+                protocol,
+                env,
+                call.str("user").map(str::to_string),
+                call.str("password").map(str::to_string),
+                call.str("database").map(str::to_string),
+            );
+            let sql = call.str("sql").unwrap_or_default();
+            let timeout = call.timeout(Duration::from_secs(30));
+            match sql_query(protocol, addr, &login, sql, timeout) {
+                Ok(r) => StepResult::Reply(StepReply {
+                    ok: r.error.is_none(),
+                    error: r.error.unwrap_or_default(),
+                    body: r.tag.clone(),
+                    data: Some(if call.method == "exec" {
+                        json!({"tag": r.tag})
+                    } else {
+                        Json::Array(r.rows)
+                    }),
+                    ..Default::default()
+                }),
+                Err(e) => failed(e),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls_split_into_address_and_path() {
-        assert_eq!(
-            split_url("http://localhost:8080/health").expect("url"),
-            ("localhost:8080".into(), "/health".into())
-        );
-        assert_eq!(
-            split_url("http://example").expect("url"),
-            ("example:80".into(), "/".into())
-        );
-        assert!(split_url("https://x").is_err());
-    }
 
     #[test]
     fn postgres_rows_decode_with_nulls() {

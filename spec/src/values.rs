@@ -21,9 +21,9 @@ use starlark::values::{
     Heap, NoSerialize, ProvidesStaticType, StarlarkValue, Value, starlark_value,
 };
 
+use crate::event::Event;
+use crate::host::TestHost;
 use crate::model::{Healthcheck, InterfaceDef, OpDef, ServiceDef};
-use crate::runtime::TestRun;
-use crate::trace::Event;
 
 /// What builtins can reach: the topology being declared (while the spec
 /// loads) or the running test.
@@ -32,7 +32,7 @@ pub struct Ctx {
     /// Services declared so far, in declaration order.
     pub services: std::cell::RefCell<Vec<ServiceDef>>,
     /// The test being run; `None` while the spec loads.
-    pub run: Option<std::sync::Arc<TestRun>>,
+    pub run: Option<std::sync::Arc<dyn TestHost>>,
 }
 
 /// `service(...)`: a declared service.
@@ -50,14 +50,8 @@ impl fmt::Display for ServiceValue {
 }
 
 /// Step methods each protocol offers, for `svc.iface.<method>(...)`.
-pub fn step_methods(protocol: &str) -> &'static [&'static str] {
-    match protocol {
-        "http" => &["get", "post", "put", "delete", "patch"],
-        "tcp" | "redis" => &["send"],
-        "grpc" => &["call"],
-        "postgres" | "mysql" => &["query", "exec"],
-        _ => &[],
-    }
+fn has_step(protocol: &str, method: &str) -> bool {
+    faultbox_proxy::steps::step_def(protocol, method).is_some()
 }
 
 #[starlark_value(type = "service")]
@@ -79,15 +73,13 @@ impl<'v> StarlarkValue<'v> for ServiceValue {
             [only] => Some(only),
             many => many.iter().find(|i| i.name == "default"),
         }?;
-        step_methods(&single.protocol)
-            .contains(&attribute)
-            .then(|| {
-                heap.alloc(StepMethod {
-                    service: self.def.name.clone(),
-                    iface: single.clone(),
-                    method: attribute.to_string(),
-                })
+        has_step(&single.protocol, attribute).then(|| {
+            heap.alloc(StepMethod {
+                service: self.def.name.clone(),
+                iface: single.clone(),
+                method: attribute.to_string(),
             })
+        })
     }
 
     fn dir_attr(&self) -> Vec<String> {
@@ -183,7 +175,7 @@ impl<'v> StarlarkValue<'v> for InterfaceRef {
             "proxy_port" => {
                 Some(heap.alloc(proxy_placeholder("PORT", &self.service, &self.iface.name)))
             }
-            m if step_methods(&self.iface.protocol).contains(&m) => Some(heap.alloc(StepMethod {
+            m if has_step(&self.iface.protocol, m) => Some(heap.alloc(StepMethod {
                 service: self.service.clone(),
                 iface: self.iface.clone(),
                 method: m.to_string(),
@@ -209,9 +201,9 @@ impl<'v> StarlarkValue<'v> for InterfaceRef {
         .map(|s| s.to_string())
         .collect();
         names.extend(
-            step_methods(&self.iface.protocol)
+            faultbox_proxy::steps::step_defs(&self.iface.protocol)
                 .iter()
-                .map(|s| s.to_string()),
+                .map(|d| d.method.to_string()),
         );
         names
     }
@@ -313,7 +305,7 @@ impl<'v> StarlarkValue<'v> for FaultValue {
 #[derive(Debug, Clone, ProvidesStaticType, NoSerialize, Allocative)]
 pub struct ProxyRuleValue {
     #[allocative(skip)]
-    pub def: crate::proxy::ProxyRuleDef,
+    pub def: faultbox_proxy::rules::ProxyRuleDef,
 }
 starlark_simple_value!(ProxyRuleValue);
 
@@ -330,7 +322,7 @@ impl<'v> StarlarkValue<'v> for ProxyRuleValue {}
 #[derive(Debug, Clone, ProvidesStaticType, NoSerialize, Allocative)]
 pub struct TlsValue {
     #[allocative(skip)]
-    pub spec: crate::tls::TlsSpec,
+    pub spec: faultbox_proxy::TlsSpec,
 }
 starlark_simple_value!(TlsValue);
 

@@ -39,46 +39,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 
-use crate::proxy::{Ctx, ProxyAction, Request as RuleRequest, lock};
+use crate::rules::{ProxyAction, Request as RuleRequest};
+use crate::server::{Ctx, lock};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
 /// The client connection preface of HTTP/2 (RFC 9113 §3.4).
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// gRPC status codes by name, in code order (0..=16).
-pub const GRPC_CODES: [&str; 17] = [
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-];
-
-/// The gRPC code of `name` (`UNAVAILABLE`, `unavailable`).
-pub fn grpc_code(name: &str) -> Option<u16> {
-    GRPC_CODES
-        .iter()
-        .position(|c| c.eq_ignore_ascii_case(name))
-        .map(|i| i as u16)
-}
-
-/// The name of gRPC code `code`.
-pub fn grpc_code_name(code: u32) -> &'static str {
-    GRPC_CODES.get(code as usize).copied().unwrap_or("UNKNOWN")
-}
 
 /// Whether the client on `sock` opened with the HTTP/2 preface. Waits
 /// (up to 5 s) only while what arrived so far is still a prefix of it.
@@ -248,7 +215,7 @@ async fn serve_conn(client: TcpStream, ctx: Arc<Ctx>, counts: Arc<Counts>) -> &'
         r = conn => if r.is_ok() { "closed" } else { "protocol error" },
         _ = dropped.notify.notified() => {
             let reset = *dropped.reset.lock().unwrap_or_else(|p| p.into_inner());
-            crate::proxy::cut(&cut, &ctx_protocol, reset);
+            crate::server::cut(&cut, &ctx_protocol, reset);
             "dropped"
         }
     }
@@ -632,10 +599,10 @@ mod tests {
     #[test]
     fn h2c_on_an_http_interface_applies_rules_per_stream() {
         let upstream = h2_upstream();
-        let trace = Arc::new(crate::trace::Trace::new());
+        let trace = Arc::new(crate::NoEvents);
         let proxy =
-            crate::proxy::Proxy::start("web", "api", "http", upstream, trace).expect("proxy");
-        let rule = crate::proxy::ProxyRuleDef {
+            crate::server::Proxy::start("web", "api", "http", upstream, trace).expect("proxy");
+        let rule = crate::rules::ProxyRuleDef {
             action: ProxyAction::Error {
                 status: Some(503),
                 message: "overloaded".into(),
@@ -695,14 +662,5 @@ mod tests {
         assert_eq!(answers.0.0, 503);
         assert_eq!(answers.1, (200, "hello /fine/2".to_string()));
         proxy.stop();
-    }
-
-    #[test]
-    fn codes_have_their_names() {
-        assert_eq!(grpc_code("unavailable"), Some(14));
-        assert_eq!(grpc_code("UNAUTHENTICATED"), Some(16));
-        assert_eq!(grpc_code("nope"), None);
-        assert_eq!(grpc_code_name(4), "DEADLINE_EXCEEDED");
-        assert_eq!(grpc_code_name(99), "UNKNOWN");
     }
 }

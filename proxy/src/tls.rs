@@ -19,75 +19,13 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::{TlsSpec, read_certs, read_key};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, Connection, DigitallySignedStruct, RootCertStore, ServerConfig};
 
-/// What `tls_cert(...)` declared.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TlsSpec {
-    pub proxy_cert: Option<PathBuf>,
-    pub proxy_key: Option<PathBuf>,
-    pub client_cert: Option<PathBuf>,
-    pub client_key: Option<PathBuf>,
-    pub ca: Option<PathBuf>,
-    pub insecure: bool,
-}
-
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
-}
-
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{}: no PEM certificate in it", path.display()));
-    }
-    Ok(certs)
-}
-
-fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| format!("{}: {e}", path.display()))
-}
-
-impl TlsSpec {
-    /// Checks what can be checked when the spec loads: pairs complete,
-    /// files readable, the CA parses, `insecure` without `ca`.
-    pub fn validate(&self) -> Result<(), String> {
-        for (a, b, what) in [
-            (
-                &self.proxy_cert,
-                &self.proxy_key,
-                "proxy_cert and proxy_key",
-            ),
-            (
-                &self.client_cert,
-                &self.client_key,
-                "client_cert and client_key",
-            ),
-        ] {
-            if a.is_some() != b.is_some() {
-                return Err(format!("{what} go together: give both or neither"));
-            }
-        }
-        if self.insecure && self.ca.is_some() {
-            return Err("insecure=True skips verifying the upstream, so ca= would be ignored: give one or the other".into());
-        }
-        for p in [&self.proxy_cert, &self.client_cert, &self.ca]
-            .into_iter()
-            .flatten()
-        {
-            read_certs(p)?;
-        }
-        for p in [&self.proxy_key, &self.client_key].into_iter().flatten() {
-            read_key(p)?;
-        }
-        Ok(())
-    }
 }
 
 /// The TLS configuration of one interface for one test.

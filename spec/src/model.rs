@@ -39,7 +39,7 @@ pub struct InterfaceDef {
     pub protocol: String,
     pub port: u16,
     /// `tls=`: the proxy terminates and re-originates TLS.
-    pub tls: Option<crate::tls::TlsSpec>,
+    pub tls: Option<faultbox_proxy::TlsSpec>,
 }
 
 /// A named operation: syscalls (families allowed) and an optional path glob.
@@ -83,4 +83,50 @@ impl Healthcheck {
             | Healthcheck::Ready { timeout } => *timeout,
         }
     }
+}
+
+/// Orders services so that each comes after what it depends on.
+pub fn start_order(services: &[ServiceDef]) -> Result<Vec<usize>, String> {
+    let index = |name: &str| services.iter().position(|s| s.name == name);
+    let mut order = Vec::new();
+    let mut state = vec![0u8; services.len()]; // 0 new, 1 visiting, 2 done
+    fn visit(
+        i: usize,
+        services: &[ServiceDef],
+        index: &dyn Fn(&str) -> Option<usize>,
+        state: &mut [u8],
+        order: &mut Vec<usize>,
+        path: &mut Vec<String>,
+    ) -> Result<(), String> {
+        match state[i] {
+            2 => return Ok(()),
+            1 => {
+                path.push(services[i].name.clone());
+                return Err(format!(
+                    "depends_on cycle: {} (break one of these dependencies)",
+                    path.join(" → ")
+                ));
+            }
+            _ => {}
+        }
+        state[i] = 1;
+        path.push(services[i].name.clone());
+        for dep in &services[i].depends_on {
+            let j = index(dep).ok_or_else(|| {
+                format!(
+                    "service {:?} depends on {dep:?}, which is not declared",
+                    services[i].name
+                )
+            })?;
+            visit(j, services, index, state, order, path)?;
+        }
+        path.pop();
+        state[i] = 2;
+        order.push(i);
+        Ok(())
+    }
+    for i in 0..services.len() {
+        visit(i, services, &index, &mut state, &mut order, &mut Vec::new())?;
+    }
+    Ok(order)
 }

@@ -1,0 +1,115 @@
+//! Faultbox's protocol proxies: what a protocol rule is and how a request
+//! is decided (no IO, always built), and, with the `serve` feature, the
+//! proxies themselves, TLS around them, and the clients that steps use.
+//!
+//! The spec crate links this crate without `serve`: loading a spec needs
+//! the rule model and the protocols' rules of what applies, never a
+//! socket. The runtime turns `serve` on.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+pub mod rules;
+pub mod steps;
+
+#[cfg(feature = "serve")]
+pub mod h2;
+#[cfg(feature = "serve")]
+pub mod net;
+#[cfg(feature = "serve")]
+pub mod pipe;
+#[cfg(feature = "serve")]
+pub mod server;
+#[cfg(feature = "serve")]
+pub mod tls;
+
+/// An event's fields, by name.
+pub type Fields = BTreeMap<String, String>;
+
+/// Where proxies report what they see (`proxy_conn_open`, `proxy`, ...):
+/// the runtime's trace.
+pub trait EventSink: Send + Sync {
+    /// Records one event of `service`.
+    fn emit(&self, kind: &str, service: &str, fields: Fields);
+}
+
+/// A sink that drops everything (benchmarks and unit tests).
+pub struct NoEvents;
+
+impl EventSink for NoEvents {
+    fn emit(&self, _kind: &str, _service: &str, _fields: Fields) {}
+}
+
+/// Builds a field map from pairs, leaving out empty values.
+pub fn fields<const N: usize>(pairs: [(&str, String); N]) -> Fields {
+    pairs
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+}
+
+/// What `tls_cert(...)` declared.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsSpec {
+    pub proxy_cert: Option<PathBuf>,
+    pub proxy_key: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+    pub insecure: bool,
+}
+
+pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no PEM certificate in it", path.display()));
+    }
+    Ok(certs)
+}
+
+pub(crate) fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+impl TlsSpec {
+    /// Checks what can be checked when the spec loads: pairs complete,
+    /// files readable, the CA parses, `insecure` without `ca`.
+    pub fn validate(&self) -> Result<(), String> {
+        for (a, b, what) in [
+            (
+                &self.proxy_cert,
+                &self.proxy_key,
+                "proxy_cert and proxy_key",
+            ),
+            (
+                &self.client_cert,
+                &self.client_key,
+                "client_cert and client_key",
+            ),
+        ] {
+            if a.is_some() != b.is_some() {
+                return Err(format!("{what} go together: give both or neither"));
+            }
+        }
+        if self.insecure && self.ca.is_some() {
+            return Err("insecure=True skips verifying the upstream, so ca= would be ignored: give one or the other".into());
+        }
+        for p in [&self.proxy_cert, &self.client_cert, &self.ca]
+            .into_iter()
+            .flatten()
+        {
+            read_certs(p)?;
+        }
+        for p in [&self.proxy_key, &self.client_key].into_iter().flatten() {
+            read_key(p)?;
+        }
+        Ok(())
+    }
+}
