@@ -65,7 +65,7 @@ impl Decision {
 
     /// Whether the call was changed (denied or delayed).
     pub fn is_fault(&self) -> bool {
-        !matches!(self.action, Action::Allow)
+        !matches!(self.action, Action::Allow | Action::Trace)
     }
 }
 
@@ -250,6 +250,21 @@ fn draw(rng: &mut ChaCha8Rng, p: f64) -> bool {
         let threshold = (p * 18_446_744_073_709_551_616.0) as u64;
         rng.next_u64() < threshold
     }
+}
+
+/// A fresh seed from the kernel's random pool (the clock if that fails).
+pub fn random_seed() -> u64 {
+    let mut buf = [0u8; 8];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))
+        .is_err()
+    {
+        return std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+    }
+    u64::from_le_bytes(buf)
 }
 
 /// Derives a rule's RNG seed from the run seed and the rule id.
@@ -437,7 +452,7 @@ mod tests {
             {
                 Action::Deny { .. } => refused += 1,
                 Action::Delay { .. } => delayed += 1,
-                Action::Allow => {}
+                Action::Allow | Action::Trace => {}
             }
         }
         assert!((2_700..3_300).contains(&refused), "{refused}");

@@ -42,10 +42,13 @@ pub struct Rule {
 
 /// What a rule does to a call when it fires.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
 pub enum Action {
-    /// Let the call run (used to record calls without changing them).
+    /// Let the call run.
     Allow,
+    /// Let the call run and record it: a `trace()` window. Decided like
+    /// [`Action::Allow`], reported as `trace`.
+    Trace,
     /// Fail the call with `errno` without running it.
     Deny {
         /// The errno number returned to the target.
@@ -60,7 +63,7 @@ pub enum Action {
 
 /// Which of a rule's matching calls may fire, counted from 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(tag = "kind", content = "n", rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
 pub enum Trigger {
     /// Every matching call.
     #[default]
@@ -99,6 +102,7 @@ impl Action {
     pub fn describe(self) -> Cow<'static, str> {
         match self {
             Action::Allow => Cow::Borrowed("allow"),
+            Action::Trace => Cow::Borrowed("trace"),
             Action::Deny { errno } => match deny_text(errno) {
                 Some(text) => Cow::Borrowed(text),
                 None => Cow::Owned(format!("deny(errno {errno})")),

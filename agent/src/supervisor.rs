@@ -427,7 +427,7 @@ fn handle<K: Kernel>(shared: &Arc<Shared<K>>, kernel: &K, n: Notification) {
         label,
     };
     let response = match decision.action {
-        Action::Allow => Response::Continue,
+        Action::Allow | Action::Trace => Response::Continue,
         Action::Deny { errno } => Response::Errno(errno),
         Action::Delay { ns } => {
             let started = Instant::now();

@@ -12,6 +12,16 @@
 //!
 //! A line that does not parse ends the session: both sides are ours and
 //! built together, so a mismatch is a bug to report, not to tolerate.
+//!
+//! Messages are externally tagged (`{"set_rules": {...}}`, `"stop"`), and
+//! so are the rule enums inside them. serde decodes an internally tagged
+//! enum by buffering it first, and under serde_json's `arbitrary_precision`
+//! a buffered number can no longer be read as `f64` or `u64`. starlark
+//! turns that feature on, and cargo's feature unification hands it to
+//! every crate of a whole-workspace build, the shim included: with
+//! internally tagged messages, `cargo build --workspace` made a shim that
+//! refused every launch. Externally tagged enums decode straight from the
+//! stream, whatever the features.
 
 use std::borrow::Cow;
 use std::io::{self, BufRead, Write};
@@ -23,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use crate::rule::Rule;
 
 /// Protocol version; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// What the shim does when its controller goes away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -48,7 +58,7 @@ pub struct Isolation {
 }
 
 /// Everything the shim needs to start a target.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct LaunchSpec {
     /// Path of the program to execute.
     pub program: String,
@@ -89,7 +99,7 @@ fn default_stop_grace_ms() -> u64 {
 
 /// Messages from the controller to the shim.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum ControlMessage {
     /// Start the target.
     Launch(Box<LaunchSpec>),
@@ -146,7 +156,7 @@ pub struct SyscallEvent {
 
 /// Messages from the shim to the controller.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum ShimMessage {
     /// First message of a session.
     Hello {
@@ -310,10 +320,77 @@ mod tests {
             label: None,
         });
         let json = serde_json::to_value(&event).expect("json");
-        assert_eq!(json["type"], "syscall");
+        let json = &json["syscall"];
         assert_eq!(json["syscall"], "openat");
         assert_eq!(json["path"], "/data/x");
         assert!(json.get("latency_ns").is_none());
+    }
+
+    /// The agent's tests build serde_json with `arbitrary_precision` (a
+    /// dev-dependency), as a whole-workspace build does.
+    #[test]
+    fn every_message_decodes_under_arbitrary_precision() {
+        use crate::rule::{Action, Trigger};
+        let rule = Rule {
+            id: "w1:write".into(),
+            syscalls: vec!["write".into()],
+            action: Action::Delay { ns: 500_000_000 },
+            probability: 0.3,
+            path: Some("/tmp/*.wal".into()),
+            trigger: Trigger::Nth(2),
+            label: Some("slow".into()),
+        };
+        let control = [
+            ControlMessage::Launch(Box::new(LaunchSpec {
+                program: "/bin/true".into(),
+                rules: vec![rule.clone()],
+                ..LaunchSpec::default()
+            })),
+            ControlMessage::SetRules {
+                rules: vec![
+                    rule,
+                    Rule {
+                        id: "deny".into(),
+                        syscalls: vec!["fsync".into()],
+                        action: Action::Deny { errno: 5 },
+                        probability: 1.0,
+                        path: None,
+                        trigger: Trigger::After(1),
+                        label: None,
+                    },
+                ],
+            },
+            ControlMessage::Signal { signal: 15 },
+            ControlMessage::Stop,
+            ControlMessage::Sync { token: u64::MAX },
+        ];
+        let shim = [
+            ShimMessage::Hello { version: 3, pid: 1 },
+            ShimMessage::Exited {
+                code: Some(0),
+                signal: None,
+                interrupted: 2,
+            },
+            ShimMessage::Synced { token: 7 },
+        ];
+        let mut buf = Vec::new();
+        for m in &control {
+            send(&mut buf, m).expect("write");
+        }
+        let mut input = Cursor::new(buf);
+        for m in &control {
+            let got: Option<ControlMessage> = recv(&mut input).expect("read");
+            assert_eq!(got.as_ref(), Some(m));
+        }
+        let mut buf = Vec::new();
+        for m in &shim {
+            send(&mut buf, m).expect("write");
+        }
+        let mut input = Cursor::new(buf);
+        for m in &shim {
+            let got: Option<ShimMessage> = recv(&mut input).expect("read");
+            assert_eq!(got.as_ref(), Some(m));
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! `--fs-fault`, events logged as they happen, the target's exit code
 //! passed through.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -76,9 +76,11 @@ pub fn run(args: RunArgs) -> Result<i32> {
             "this kernel does not support seccomp user notification, so faults cannot be injected (needs Linux 5.0+ built with CONFIG_SECCOMP_FILTER; check: grep SECCOMP /boot/config-$(uname -r))"
         );
     }
-    let shim = locate_shim()?;
-    let seed = args.seed.unwrap_or_else(random_seed);
-    let session_id = format!("{:016x}", random_seed());
+    let shim = faultbox_engine::shim::locate().map_err(anyhow::Error::msg)?;
+    let seed = args
+        .seed
+        .unwrap_or_else(faultbox_agent::engine::random_seed);
+    let session_id = format!("{:016x}", faultbox_agent::engine::random_seed());
     let log = Logger::new(args.log_format, args.debug, session_id);
     let cwd = std::env::current_dir()
         .ok()
@@ -320,41 +322,4 @@ fn build_env(overrides: &[String]) -> Result<Vec<String>> {
         env.push((key.to_string(), value.to_string()));
     }
     Ok(env.into_iter().map(|(k, v)| format!("{k}={v}")).collect())
-}
-
-/// Finds `faultbox-shim`: `$FAULTBOX_SHIM`, then next to this executable.
-pub fn locate_shim() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("FAULTBOX_SHIM") {
-        let path = PathBuf::from(path);
-        if process::is_executable(&path) {
-            return Ok(path);
-        }
-        bail!(
-            "FAULTBOX_SHIM={} is not an executable file (unset it, or point it at a built faultbox-shim)",
-            path.display()
-        );
-    }
-    let exe = std::env::current_exe().context("locate the faultbox executable")?;
-    let beside = exe.with_file_name("faultbox-shim");
-    if process::is_executable(&beside) {
-        return Ok(beside);
-    }
-    bail!(
-        "faultbox-shim not found next to {} (build it with ./scripts/build, or set FAULTBOX_SHIM to its path)",
-        exe.display()
-    )
-}
-
-fn random_seed() -> u64 {
-    let mut buf = [0u8; 8];
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))
-        .is_err()
-    {
-        return std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1);
-    }
-    u64::from_le_bytes(buf)
 }

@@ -227,7 +227,10 @@ pub fn run(args: TestArgs) -> Result<i32> {
     let (base_seed, seed_source) = match args.seed {
         Some(s) => (s, "cli"),
         None if args.runs > 1 => (0, "runs"),
-        None => (random_seed(), "generated"),
+        None => (
+            faultbox_agent::engine::random_seed() % 1_000_000,
+            "generated",
+        ),
     };
     eprintln!("Seed: {base_seed} ({seed_source})");
     let mut results: Vec<TestResult> = Vec::new();
@@ -302,14 +305,6 @@ pub fn run(args: TestArgs) -> Result<i32> {
         crate::print_stdout(&format!("{text}\n"))?;
     }
     Ok(if failed > 0 { 2 } else { 0 })
-}
-
-fn random_seed() -> u64 {
-    let mut buf = [0u8; 8];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = std::io::Read::read_exact(&mut f, &mut buf);
-    }
-    u64::from_le_bytes(buf) % 1_000_000
 }
 
 #[cfg(test)]

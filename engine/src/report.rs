@@ -16,6 +16,11 @@ use crate::trace::Event;
 pub const JSON_VERSION: u32 = 1;
 
 /// A test's verdict.
+/// Whether a decision changed the call (not `allow...` or `trace`).
+fn changed(decision: &str) -> bool {
+    !(decision.starts_with("allow") || decision == "trace")
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Pass,
@@ -212,10 +217,7 @@ impl TestResult {
         for e in self.events.iter().filter(|e| e.kind == "syscall") {
             let entry = out.entry(e.service.clone()).or_default();
             entry.0 += 1;
-            if e.fields
-                .get("decision")
-                .is_some_and(|d| !d.starts_with("allow"))
-            {
+            if e.fields.get("decision").is_some_and(|d| changed(d)) {
                 entry.1 += 1;
             }
             if let Some(s) = e.fields.get("syscall") {
@@ -368,7 +370,7 @@ impl TestResult {
                 debug
                     || e.fields
                         .get("decision")
-                        .is_some_and(|d| !d.starts_with("allow"))
+                        .is_some_and(|d| changed(d) || d == "trace")
             })
             .collect();
         let total = self.events.iter().filter(|e| e.kind == "syscall").count();

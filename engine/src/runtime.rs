@@ -1261,6 +1261,11 @@ impl TestHost for TestRun {
     }
 }
 
+/// Rules that let the call run count no hits.
+fn is_pass_through(action: Action) -> bool {
+    matches!(action, Action::Allow | Action::Trace)
+}
+
 fn count(events: &[Event], service: &str, r: &WindowRule) -> (u64, u64) {
     let mut hits = 0;
     let mut matched = 0;
@@ -1268,7 +1273,7 @@ fn count(events: &[Event], service: &str, r: &WindowRule) -> (u64, u64) {
         if e.kind != "syscall" || e.service != service {
             continue;
         }
-        if e.fields.get("rule") == Some(&r.rule.id) && r.rule.action != Action::Allow {
+        if e.fields.get("rule") == Some(&r.rule.id) && !is_pass_through(r.rule.action) {
             hits += 1;
         }
         let Some(name) = e.fields.get("syscall") else {
@@ -1288,7 +1293,7 @@ fn count(events: &[Event], service: &str, r: &WindowRule) -> (u64, u64) {
             matched += 1;
         }
     }
-    if r.rule.action == Action::Allow {
+    if is_pass_through(r.rule.action) {
         hits = 0;
     }
     (hits, matched)

@@ -85,7 +85,7 @@ pub fn locate() -> Result<PathBuf, String> {
             Ok(path)
         } else {
             Err(format!(
-                "FAULTBOX_SHIM={} is not an executable file",
+                "FAULTBOX_SHIM={} is not an executable file (unset it, or point it at a built faultbox-shim)",
                 path.display()
             ))
         };

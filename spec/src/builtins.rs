@@ -599,9 +599,9 @@ fn trace_faults(a: &Args) -> Res<Vec<(String, FaultValue)>> {
             (
                 s,
                 FaultValue {
-                    action: Action::Allow,
+                    action: Action::Trace,
                     probability: 1.0,
-                    label: Some("trace".into()),
+                    label: None,
                     trigger: Trigger::Always,
                     errno: None,
                 },

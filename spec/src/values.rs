@@ -268,6 +268,7 @@ impl FaultValue {
     pub fn kind(&self) -> &'static str {
         match self.action {
             Action::Allow => "allow",
+            Action::Trace => "trace",
             Action::Deny { .. } => "deny",
             Action::Delay { .. } => "delay",
         }

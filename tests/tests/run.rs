@@ -61,6 +61,42 @@ fn deny_every_open_spares_the_dynamic_linker() {
     );
 }
 
+/// `scripts/build` builds `faultbox` and `faultbox-shim` in one cargo
+/// invocation (as `cargo build --workspace` does), so the shim gets the
+/// features the CLI's dependencies turn on, serde_json's
+/// `arbitrary_precision` among them. That shim must launch and fault.
+#[test]
+fn shim_built_with_the_whole_workspace_runs_a_fault() {
+    let unified = bin_dir().join("faultbox-shim-unified");
+    assert!(
+        unified.exists(),
+        "{} is missing: scripts/build makes it",
+        unified.display()
+    );
+    let dir = Scratch::new("unified-shim");
+    let conf = dir.file("app.conf");
+    let out = Command::new("timeout")
+        .args(["-k", "5", "60"])
+        .arg(faultbox())
+        .args([
+            "run",
+            "--log-format=json",
+            "--fault",
+            "openat=ENOENT:100%",
+            "--",
+        ])
+        .args([helper(), "open", &conf])
+        .env("FAULTBOX_SHIM", &unified)
+        .output()
+        .expect("run faultbox");
+    let run = finish(out);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(
+        run.lines("open"),
+        vec![format!("open {conf} ENOENT ms={}", millis(&run.stdout))]
+    );
+}
+
 #[test]
 fn deny_opens_only_under_the_glob() {
     // faultbox run --fault "openat=ENOENT:100%:/data/*" ./my-service

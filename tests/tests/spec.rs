@@ -945,9 +945,13 @@ def test_trace():
     trace_start(other, syscalls = ["fsync"])
     other.main.send(data = "PERSIST z")
     trace_stop(other)
-    assert_eventually(service = "svc", syscall = "openat", path = "/etc/hostname", decision = "allow")
-    assert_eventually(service = "other", syscall = "fsync", decision = "allow")
+    assert_eventually(service = "svc", syscall = "openat", path = "/etc/hostname", decision = "trace")
+    assert_eventually(service = "other", syscall = "fsync", decision = "trace")
     return "traced"
+
+def test_system_path_spared():
+    fault(svc, openat = deny("ENOENT"), run = lambda: svc.main.send(data = "OPEN /etc/ld.so.cache"))
+    assert_eventually(service = "svc", syscall = "openat", path = "/etc/ld.so.cache", decision = "allow (system path)")
 "#,
             helper = helper(),
             wal = dir.path("data/other.wal"),
