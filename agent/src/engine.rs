@@ -13,7 +13,7 @@
 use rand::{Rng, SeedableRng, rngs::ChaCha8Rng};
 
 use crate::glob::Glob;
-use crate::rule::{Action, Rule, RuleError};
+use crate::rule::{Action, Rule, RuleError, RuleId, Trigger};
 use crate::syscalls::Arch;
 
 /// Path prefixes that a rule without a path glob never faults, so the
@@ -69,20 +69,85 @@ impl Decision {
     }
 }
 
+/// What every kind of rule shares once a call or request has matched it:
+/// its trigger count, its seeded stream, and how many times it fired.
+/// Syscall rules (here) and protocol rules (the proxies) decide with this
+/// one type, so `nth=`, `after=` and probabilities mean the same for both.
+#[derive(Debug)]
+pub struct Odds {
+    rng: ChaCha8Rng,
+    /// Calls that reached the rule's trigger.
+    pub matched: u64,
+    /// Calls on which the rule fired.
+    pub fired: u64,
+}
+
+/// The share of calls the rules considered so far have left: rules on
+/// the same call split it in order ("30% refused, delay the rest").
+#[derive(Debug, Clone, Copy)]
+pub struct Shares(f64);
+
+impl Default for Shares {
+    fn default() -> Shares {
+        Shares(1.0)
+    }
+}
+
+impl Odds {
+    /// A rule's state, its stream derived from the run's seed and its id.
+    pub fn new(seed: u64, id: &str) -> Odds {
+        Odds {
+            rng: ChaCha8Rng::seed_from_u64(derive_seed(seed, id)),
+            matched: 0,
+            fired: 0,
+        }
+    }
+
+    /// Counts a call that matched the rule and says whether the rule
+    /// fires on it: the trigger allows this count, and the draw falls in
+    /// the rule's share (`probability`, 0..1) of what `shares` has left.
+    pub fn consider(&mut self, trigger: Trigger, probability: f64, shares: &mut Shares) -> bool {
+        self.matched += 1;
+        if !trigger.allows(self.matched) {
+            return false;
+        }
+        let conditional = if shares.0 <= 0.0 {
+            0.0
+        } else {
+            (probability / shares.0).min(1.0)
+        };
+        shares.0 -= probability;
+        if draw(&mut self.rng, conditional) {
+            self.fired += 1;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 struct Compiled {
     rule: Rule,
     nrs: Vec<u32>,
     glob: Option<Glob>,
-    rng: ChaCha8Rng,
-    matched: u64,
-    fired: u64,
+    odds: Odds,
+}
+
+impl Compiled {
+    fn stats(&self) -> RuleStats {
+        RuleStats {
+            id: self.rule.id.clone(),
+            matched: self.odds.matched,
+            fired: self.odds.fired,
+        }
+    }
 }
 
 /// Per-rule counters, for reporting hits.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RuleStats {
     /// The rule's id.
-    pub id: String,
+    pub id: RuleId,
     /// Calls that reached the rule's trigger (path and syscall matched).
     pub matched: u64,
     /// Calls on which the rule fired.
@@ -117,8 +182,8 @@ impl Engine {
     /// Replaces the rules. A rule that was already in force (same id, same
     /// content) keeps its counters and RNG, so opening a second fault window
     /// does not restart the `nth=` count of the first; every other rule
-    /// starts fresh.
-    pub fn set_rules(&mut self, rules: Vec<Rule>) -> Result<(), RuleError> {
+    /// starts fresh. Returns the final counters of the rules that are gone.
+    pub fn set_rules(&mut self, rules: Vec<Rule>) -> Result<Vec<RuleStats>, RuleError> {
         let mut fresh = Vec::new();
         for rule in &rules {
             if !self.rules.iter().any(|c| &c.rule == rule) {
@@ -137,7 +202,7 @@ impl Engine {
             };
             self.rules.push(next);
         }
-        Ok(())
+        Ok(previous.iter().map(Compiled::stats).collect())
     }
 
     fn compile(&self, rule: Rule) -> Result<Compiled, RuleError> {
@@ -149,39 +214,29 @@ impl Engine {
                 let name = self.arch.name(*missing).unwrap_or("?");
                 return Err(RuleError {
                     reason: format!(
-                        "rule {:?} targets {name}, which this target's seccomp filter does not intercept (the filter is fixed at launch: declare the syscall when the service starts)",
+                        "rule \"{}\" targets {name}, which this target's seccomp filter does not intercept (the filter is fixed at launch: declare the syscall when the service starts)",
                         rule.id
                     ),
                 });
             }
             let glob = match &rule.path {
                 Some(p) => Some(Glob::new(p).map_err(|e| RuleError {
-                    reason: format!("rule {:?}: {e}", rule.id),
+                    reason: format!("rule \"{}\": {e}", rule.id),
                 })?),
                 None => None,
             };
-            let rng = ChaCha8Rng::seed_from_u64(derive_seed(self.seed, &rule.id));
             Ok(Compiled {
+                odds: Odds::new(self.seed, &rule.id.to_string()),
                 rule,
                 nrs,
                 glob,
-                rng,
-                matched: 0,
-                fired: 0,
             })
         }
     }
 
     /// The rules' counters, in rule order.
     pub fn stats(&self) -> Vec<RuleStats> {
-        self.rules
-            .iter()
-            .map(|c| RuleStats {
-                id: c.rule.id.clone(),
-                matched: c.matched,
-                fired: c.fired,
-            })
-            .collect()
+        self.rules.iter().map(Compiled::stats).collect()
     }
 
     /// The rule at `index`.
@@ -192,7 +247,7 @@ impl Engine {
     /// Decides one call and advances the counters and RNGs it touched.
     pub fn decide(&mut self, call: Call<'_>) -> Decision {
         let mut system_path = false;
-        let mut share_left = 1.0_f64;
+        let mut shares = Shares::default();
         for (index, c) in self.rules.iter_mut().enumerate() {
             if !c.nrs.contains(&call.nr) {
                 continue;
@@ -209,19 +264,9 @@ impl Engine {
                 }
                 (None, _) => {}
             }
-            c.matched += 1;
-            if !c.rule.trigger.allows(c.matched) {
-                continue;
-            }
-            let share = c.rule.probability;
-            let conditional = if share_left <= 0.0 {
-                0.0
-            } else {
-                (share / share_left).min(1.0)
-            };
-            share_left -= share;
-            if draw(&mut c.rng, conditional) {
-                c.fired += 1;
+            if c.odds
+                .consider(c.rule.trigger, c.rule.probability, &mut shares)
+            {
                 return Decision {
                     action: c.rule.action,
                     rule: Some(index),

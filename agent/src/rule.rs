@@ -18,11 +18,51 @@ use crate::errno;
 use crate::glob::Glob;
 use crate::syscalls::{self, Arch};
 
+/// A rule's identity: the fault window that opened it (none for the
+/// rules of `faultbox run`) and the name it was written under (a syscall,
+/// a family or an op in a spec; the `--fault` text on the command line).
+/// It names the rule in events and seeds its RNG, so it must be stable.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RuleId {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<u64>,
+    pub name: String,
+}
+
+impl RuleId {
+    /// The id of rule `name` of fault window `window`.
+    pub fn in_window(window: u64, name: impl Into<String>) -> RuleId {
+        RuleId {
+            window: Some(window),
+            name: name.into(),
+        }
+    }
+}
+
+impl From<&str> for RuleId {
+    fn from(name: &str) -> RuleId {
+        RuleId {
+            window: None,
+            name: name.to_string(),
+        }
+    }
+}
+
+/// `w3:fsync` for a window's rule, the bare name otherwise (the text its
+/// RNG stream is derived from).
+impl std::fmt::Display for RuleId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.window {
+            Some(w) => write!(f, "w{w}:{}", self.name),
+            None => f.write_str(&self.name),
+        }
+    }
+}
+
 /// One fault rule, as the controller sends it to the shim.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Rule {
-    /// A stable key: it names the rule in events and seeds its RNG.
-    pub id: String,
+    pub id: RuleId,
     /// The syscalls the rule targets, already expanded from families.
     pub syscalls: Vec<String>,
     /// What happens when the rule fires.
@@ -144,20 +184,20 @@ impl Rule {
     pub fn validate(&self, arch: Arch) -> Result<Vec<u32>, RuleError> {
         let err = |reason: String| Err(RuleError { reason });
         if self.syscalls.is_empty() {
-            return err(format!("rule {:?} targets no syscall", self.id));
+            return err(format!("rule \"{}\" targets no syscall", self.id));
         }
         if !(0.0..=1.0).contains(&self.probability) || self.probability.is_nan() {
             return err(format!(
-                "rule {:?}: probability {} is outside 0..1",
+                "rule \"{}\": probability {} is outside 0..1",
                 self.id, self.probability
             ));
         }
         if let Trigger::Nth(0) = self.trigger {
-            return err(format!("rule {:?}: nth must be at least 1", self.id));
+            return err(format!("rule \"{}\": nth must be at least 1", self.id));
         }
         if let Some(pattern) = &self.path {
             Glob::new(pattern).map_err(|e| RuleError {
-                reason: format!("rule {:?}: {e}", self.id),
+                reason: format!("rule \"{}\": {e}", self.id),
             })?;
             if let Some(name) = self
                 .syscalls
@@ -165,7 +205,7 @@ impl Rule {
                 .find(|s| syscalls::path_source(s).is_none())
             {
                 return err(format!(
-                    "rule {:?}: a path glob only applies to file and fd syscalls, and {name:?} has no path",
+                    "rule \"{}\": a path glob only applies to file and fd syscalls, and {name:?} has no path",
                     self.id
                 ));
             }
@@ -334,7 +374,7 @@ fn parse_with(
         }
     }
     let rule = Rule {
-        id: spec.to_string(),
+        id: RuleId::from(spec),
         syscalls,
         action,
         probability,
@@ -344,7 +384,7 @@ fn parse_with(
     };
     rule.validate(arch).map_err(|e| {
         let reason = e.reason;
-        let prefix = format!("rule {:?}: ", rule.id);
+        let prefix = format!("rule \"{}\": ", rule.id);
         fail(reason.strip_prefix(&prefix).unwrap_or(&reason).to_string())
     })?;
     Ok(rule)
@@ -374,20 +414,40 @@ fn parse_trigger(part: &str) -> Option<Result<Trigger, String>> {
     })
 }
 
-/// Parses `25%`, `25` or `0.5%` into a fraction of 1.
+/// Parses a probability into a fraction of 1, with one reading
+/// everywhere (`--fault`, `deny()`, protocol rules): `30%` is a
+/// percentage (0 to 100), `0.3` a fraction (0 to 1). Plain decimal digits
+/// only: no sign, no exponent. A bare number above 1 is refused rather
+/// than guessed to be a percentage.
 pub fn parse_probability(text: &str) -> Result<f64, String> {
-    let number = text.trim().strip_suffix('%').unwrap_or(text.trim());
-    let value: f64 = number.parse().map_err(|_| {
-        format!(
-            "invalid probability {text:?} (write a number from 0 to 100 followed by %, like 25%)"
-        )
-    })?;
-    if !(0.0..=100.0).contains(&value) {
-        return Err(format!(
-            "probability {text:?} is out of range (use 0% to 100%)"
-        ));
+    let t = text.trim();
+    let (number, percent) = match t.strip_suffix('%') {
+        Some(n) => (n, true),
+        None => (t, false),
+    };
+    let digits = |d: &str| d.bytes().all(|b| b.is_ascii_digit());
+    let plain = match number.split_once('.') {
+        Some((int, frac)) => digits(int) && digits(frac) && !(int.is_empty() && frac.is_empty()),
+        None => !number.is_empty() && digits(number),
+    };
+    let value: f64 = match number.parse() {
+        Ok(v) if plain => v,
+        _ => {
+            return Err(format!(
+                "invalid probability {text:?} (write a percentage like 25% or a fraction like 0.25)"
+            ));
+        }
+    };
+    match (percent, value) {
+        (true, v) if v <= 100.0 => Ok(v / 100.0),
+        (true, _) => Err(format!(
+            "probability {text:?} is out of range (outside 0%..100%)"
+        )),
+        (false, v) if v <= 1.0 => Ok(v),
+        (false, _) => Err(format!(
+            "probability {text:?} is a bare number above 1: write \"{number}%\" for a percentage, or a fraction from 0 to 1"
+        )),
     }
-    Ok(value / 100.0)
 }
 
 /// Parses a Go-style duration (`500us`, `200ms`, `1.5s`, `1m30s`) into nanoseconds.
@@ -479,10 +539,27 @@ mod tests {
     }
 
     #[test]
-    fn errno_is_case_insensitive_and_percent_is_optional() {
-        let rule = parse_fault("write=eio:20", X86).expect("valid");
+    fn errno_is_case_insensitive_and_a_probability_is_a_percentage_or_a_fraction() {
+        let rule = parse_fault("write=eio:20%", X86).expect("valid");
         assert_eq!(rule.action, Action::Deny { errno: libc::EIO });
         assert!((rule.probability - 0.2).abs() < 1e-9);
+        let rule = parse_fault("write=EIO:0.2", X86).expect("valid");
+        assert!((rule.probability - 0.2).abs() < 1e-9);
+        assert_eq!(parse_probability("1").expect("one"), 1.0);
+        assert_eq!(parse_probability(".5").expect("fraction"), 0.5);
+        assert_eq!(parse_probability("12.5%").expect("percent"), 0.125);
+    }
+
+    #[test]
+    fn probabilities_outside_the_plain_grammar_are_refused() {
+        let e = parse_probability("20").expect_err("bare 20");
+        assert!(e.contains("write \"20%\""), "{e}");
+        for bad in [
+            "1e2%", "1e-400%", "+50%", "-0%", "50 %", "0x10%", ".%", "", "%", "inf", "NaN%",
+            "101%", "1.5",
+        ] {
+            assert!(parse_probability(bad).is_err(), "{bad:?} was accepted");
+        }
     }
 
     #[test]
@@ -511,7 +588,7 @@ mod tests {
         );
         assert_eq!(
             err("write=EIO:150%"),
-            r#"--fault "write=EIO:150%": probability "150%" is out of range (use 0% to 100%)"#
+            r#"--fault "write=EIO:150%": probability "150%" is out of range (outside 0%..100%)"#
         );
         assert!(err("fsync=EIO:100%:nth=0").contains("nth counts calls from 1"));
         assert!(err("connect=delay:fast:100%").contains(r#"invalid duration "fast""#));

@@ -253,8 +253,9 @@ impl<K: Kernel> Supervisor<K> {
         self.server.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Replaces the rules; on error the old rules stay.
-    pub fn set_rules(&self, rules: Vec<Rule>) -> Result<(), RuleError> {
+    /// Replaces the rules; on error the old rules stay. Returns the final
+    /// counters of the rules that are gone.
+    pub fn set_rules(&self, rules: Vec<Rule>) -> Result<Vec<crate::engine::RuleStats>, RuleError> {
         self.shared.engine().set_rules(rules)
     }
 

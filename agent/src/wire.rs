@@ -30,7 +30,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::rule::Rule;
+use crate::engine::RuleStats;
+use crate::rule::{Rule, RuleId};
 
 /// Protocol version; bumped on any incompatible change.
 pub const PROTOCOL_VERSION: u32 = 3;
@@ -148,7 +149,7 @@ pub struct SyscallEvent {
     pub latency_ns: Option<u64>,
     /// Id of the rule that fired.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rule: Option<String>,
+    pub rule: Option<RuleId>,
     /// The firing rule's label.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label: Option<String>,
@@ -195,6 +196,16 @@ pub enum ShimMessage {
     Synced {
         /// The token of the request.
         token: u64,
+        /// The counters of the rules in force.
+        #[serde(default)]
+        stats: Vec<RuleStats>,
+    },
+    /// A [`ControlMessage::SetRules`] replaced these rules: their final
+    /// counters, every call they decided included (a held call's event
+    /// may still be on its way).
+    RulesRetired {
+        /// One entry per rule that is gone.
+        stats: Vec<RuleStats>,
     },
     /// The target exited.
     Exited {
@@ -371,7 +382,21 @@ mod tests {
                 signal: None,
                 interrupted: 2,
             },
-            ShimMessage::Synced { token: 7 },
+            ShimMessage::Synced {
+                token: 7,
+                stats: vec![RuleStats {
+                    id: RuleId::in_window(2, "fsync"),
+                    matched: 3,
+                    fired: 1,
+                }],
+            },
+            ShimMessage::RulesRetired {
+                stats: vec![RuleStats {
+                    id: "fsync=EIO:100%".into(),
+                    matched: u64::MAX,
+                    fired: 0,
+                }],
+            },
         ];
         let mut buf = Vec::new();
         for m in &control {

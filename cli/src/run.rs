@@ -90,7 +90,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
     // the CLI while its target is still running and leave it orphaned.
     let signals = SignalSet::block(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT])
         .context("block signals")?;
-    let fault_texts: Vec<String> = rules.iter().map(|r| r.id.clone()).collect();
+    let fault_texts: Vec<String> = rules.iter().map(|r| r.id.to_string()).collect();
     let launch = LaunchSpec {
         program: program.clone(),
         argv,
@@ -150,7 +150,9 @@ pub fn run(args: RunArgs) -> Result<i32> {
             }
         };
         match message {
-            ShimMessage::Hello { .. } | ShimMessage::Synced { .. } => {}
+            ShimMessage::Hello { .. }
+            | ShimMessage::Synced { .. }
+            | ShimMessage::RulesRetired { .. } => {}
             ShimMessage::FilterInstalled {
                 syscalls,
                 wait_killable,
@@ -184,7 +186,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
                     fields.push(("latency_ms", json!(ns / 1_000_000)));
                 }
                 if let Some(rule) = &e.rule {
-                    fields.push(("rule", json!(rule)));
+                    fields.push(("rule", json!(rule.to_string())));
                 }
                 fields.push(("seq", json!(e.seq)));
                 let level = if faulted { Level::Info } else { Level::Debug };
@@ -259,10 +261,10 @@ fn parse_rules(args: &RunArgs, arch: Arch) -> Result<Vec<Rule>> {
         // Two identical flags are two rules: give each its own RNG stream.
         let copies = rules
             .iter()
-            .filter(|r| r.id.split('#').next() == Some(&rule.id))
+            .filter(|r| r.id.name.split('#').next() == Some(rule.id.name.as_str()))
             .count();
         if copies > 0 {
-            rule.id = format!("{}#{}", rule.id, copies + 1);
+            rule.id.name = format!("{}#{}", rule.id.name, copies + 1);
         }
         rules.push(rule);
     }

@@ -8,10 +8,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use faultbox_agent::engine::is_system_path;
+use faultbox_agent::engine::RuleStats;
 use faultbox_agent::glob::Glob;
 use faultbox_agent::process;
-use faultbox_agent::rule::{Action, Rule};
+use faultbox_agent::rule::{Rule, RuleId};
 use faultbox_agent::syscalls::Arch;
 use faultbox_agent::wire::{Isolation, LaunchSpec, OnDisconnect};
 
@@ -85,7 +85,6 @@ struct WindowRule {
     keyword: String,
     rule: Rule,
     fault: FaultValue,
-    glob: Option<Glob>,
 }
 
 struct Window {
@@ -93,7 +92,6 @@ struct Window {
     service: String,
     trace: bool,
     from_start: bool,
-    start_seq: u64,
     rules: Vec<WindowRule>,
 }
 
@@ -102,7 +100,7 @@ struct ProxyWindow {
     service: String,
     interface: String,
     from_start: bool,
-    rules: Vec<(String, ProxyRuleDef)>,
+    rules: Vec<(RuleId, ProxyRuleDef)>,
 }
 
 struct TlsRelays {
@@ -577,10 +575,10 @@ impl TestRun {
             r.check(&proxy.protocol)
                 .map_err(|e| format!("{service}.{interface}: {e}"))?;
         }
-        let named: Vec<(String, ProxyRuleDef)> = rules
+        let named: Vec<(RuleId, ProxyRuleDef)> = rules
             .into_iter()
             .enumerate()
-            .map(|(i, r)| (format!("w{id}:{i}"), r))
+            .map(|(i, r)| (RuleId::in_window(id, i.to_string()), r))
             .collect();
         proxy.rules().push_front(
             faultbox_agent::engine::derive_seed(self.seed, &format!("{service}.{interface}")),
@@ -629,17 +627,17 @@ impl TestRun {
             };
             windows.remove(at)
         };
-        if let Some(p) =
-            lock(&self.proxies).get(&(window.service.clone(), window.interface.clone()))
-        {
-            p.rules().remove(&format!("w{id}:"));
-        }
-        let events = self.trace.events();
+        // The proxy's own counters: every request decided while the
+        // window was open, whenever its connection ends.
+        let stats = lock(&self.proxies)
+            .get(&(window.service.clone(), window.interface.clone()))
+            .map(|p| p.rules().remove(id))
+            .unwrap_or_default();
         for (rule_id, r) in &window.rules {
-            let hits = events
+            let (matched, hits) = stats
                 .iter()
-                .filter(|e| e.kind == "proxy" && e.fields.get("rule") == Some(rule_id))
-                .count() as u64;
+                .find(|s| &s.id == rule_id)
+                .map_or((0, 0), |s| (s.matched, s.fired));
             lock(&self.faults).push(FaultRecord {
                 service: window.service.clone(),
                 interface: Some(window.interface.clone()),
@@ -649,7 +647,7 @@ impl TestRun {
                 errno: None,
                 label: r.label.clone(),
                 hits,
-                matched: hits,
+                matched,
                 trace: false,
             });
         }
@@ -739,12 +737,7 @@ impl TestRun {
             .join(format!("{}.{}.log", self.name, def.name));
         Box::new(move |event| match event {
             ShimEvent::Syscall(e) => {
-                let keyword = e
-                    .rule
-                    .as_deref()
-                    .and_then(|r| r.split_once(':'))
-                    .map(|(_, k)| k.to_string())
-                    .unwrap_or_default();
+                let keyword = e.rule.as_ref().map(|r| r.name.clone()).unwrap_or_default();
                 let op = if ops.contains(&keyword) {
                     keyword.clone()
                 } else {
@@ -768,7 +761,7 @@ impl TestRun {
                         ),
                         ("label", e.label.unwrap_or_default()),
                         ("op", op),
-                        ("rule", e.rule.unwrap_or_default()),
+                        ("rule", e.rule.map(|r| r.to_string()).unwrap_or_default()),
                     ]),
                 );
                 if connect_allowed {
@@ -843,12 +836,11 @@ impl TestRun {
                     "FAULT_NOT_FILTERABLE: {keyword} on {service:?} needs {missing}, which is not in the service's seccomp filter; the filter is fixed when the service starts, from the syscall names the spec spells out, so write the syscall as a keyword (for example {missing}=deny(\"EIO\")) rather than building it at run time"
                 ));
             }
-            let glob = match &path {
-                Some(p) => Some(Glob::new(p).map_err(|e| format!("{keyword}: path {p:?}: {e}"))?),
-                None => None,
-            };
+            if let Some(p) = &path {
+                Glob::new(p).map_err(|e| format!("{keyword}: path {p:?}: {e}"))?;
+            }
             let rule = Rule {
-                id: format!("w{id}:{keyword}"),
+                id: RuleId::in_window(id, keyword.clone()),
                 syscalls,
                 action: fault.action,
                 probability: fault.probability,
@@ -860,17 +852,14 @@ impl TestRun {
                 keyword,
                 rule,
                 fault,
-                glob,
             });
         }
-        let start_seq = self.trace.last_seq();
         let mut windows = lock(&self.windows);
         windows.push(Window {
             id,
             service: service.to_string(),
             trace,
             from_start,
-            start_seq,
             rules,
         });
         if let Err(e) = self.push_rules(service, &windows) {
@@ -952,16 +941,23 @@ impl TestRun {
         let window = windows.remove(at);
         let push = self.push_rules(&service, &windows);
         drop(windows);
-        // The rules are out; now every event they decided is in the log.
-        if let Some(shim) = lock(&self.running)
-            .get(&service)
-            .and_then(|r| r.shim.as_ref())
-        {
-            shim.sync(Duration::from_secs(2));
-        }
-        let events = self.trace.events_after(window.start_seq);
-        for r in &window.rules {
-            let (hits, matched) = count(&events, &service, r);
+        // The rules are out, and the shim has reported their final
+        // counters (and every event decided so far).
+        let stats: Vec<Option<RuleStats>> = {
+            let running = lock(&self.running);
+            let shim = running.get(&service).and_then(|r| r.shim.as_ref());
+            if let Some(shim) = shim {
+                shim.sync(Duration::from_secs(2));
+            }
+            window
+                .rules
+                .iter()
+                .map(|r| shim.and_then(|s| s.rule_stats(&r.rule.id)))
+                .collect()
+        };
+        for (r, stats) in window.rules.iter().zip(stats) {
+            let (fired, matched) = stats.map_or((0, 0), |s| (s.fired, s.matched));
+            let hits = if window.trace { 0 } else { fired };
             if matched == 0 && !window.trace {
                 self.trace.emit(
                     "fault_zero_traffic",
@@ -1259,44 +1255,6 @@ impl TestHost for TestRun {
     fn proxy_addr(&self, service: &str, interface: &str) -> Option<String> {
         self.public_addr(service, interface).map(|a| a.to_string())
     }
-}
-
-/// Rules that let the call run count no hits.
-fn is_pass_through(action: Action) -> bool {
-    matches!(action, Action::Allow | Action::Trace)
-}
-
-fn count(events: &[Event], service: &str, r: &WindowRule) -> (u64, u64) {
-    let mut hits = 0;
-    let mut matched = 0;
-    for e in events {
-        if e.kind != "syscall" || e.service != service {
-            continue;
-        }
-        if e.fields.get("rule") == Some(&r.rule.id) && !is_pass_through(r.rule.action) {
-            hits += 1;
-        }
-        let Some(name) = e.fields.get("syscall") else {
-            continue;
-        };
-        if !r.rule.syscalls.contains(name) {
-            continue;
-        }
-        let path = e.fields.get("path");
-        let sees = match (&r.glob, path) {
-            (Some(g), Some(p)) => g.matches(p),
-            (Some(_), None) => false,
-            (None, Some(p)) => !is_system_path(p),
-            (None, None) => true,
-        };
-        if sees {
-            matched += 1;
-        }
-    }
-    if is_pass_through(r.rule.action) {
-        hits = 0;
-    }
-    (hits, matched)
 }
 
 /// Expands a fault keyword: an op of the service, a family, or a syscall.

@@ -12,8 +12,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use faultbox_agent::engine::RuleStats;
 use faultbox_agent::process;
-use faultbox_agent::rule::Rule;
+use faultbox_agent::rule::{Rule, RuleId};
 use faultbox_agent::wire::{self, ControlMessage, LaunchSpec, ShimMessage, SyscallEvent};
 
 /// What a shim reports while its target runs.
@@ -45,6 +46,10 @@ struct State {
     reader_done: bool,
     synced: u64,
     rejected: Vec<(u64, String)>,
+    /// Counters of the rules in force at the last barrier.
+    stats: Vec<RuleStats>,
+    /// Final counters of rules a rule change removed.
+    retired: Vec<RuleStats>,
 }
 
 #[derive(Default)]
@@ -315,6 +320,20 @@ impl Shim {
         }
     }
 
+    /// The counters of rule `id`: final if a rule change removed it, else
+    /// as of the last barrier. A held call is counted when it is decided,
+    /// not when its event arrives.
+    pub fn rule_stats(&self, id: &RuleId) -> Option<RuleStats> {
+        let state = self.shared.lock();
+        state
+            .retired
+            .iter()
+            .rev()
+            .chain(state.stats.iter())
+            .find(|s| &s.id == id)
+            .cloned()
+    }
+
     /// Stops the target (SIGTERM, SIGKILL after `grace`) and the shim, and
     /// waits for both. Returns how the target ended.
     pub fn stop(mut self, grace: Duration) -> Option<ExitInfo> {
@@ -359,10 +378,16 @@ fn read_loop(
     loop {
         match wire::recv::<_, ShimMessage>(&mut reader) {
             Ok(Some(ShimMessage::Syscall(e))) => on_event(ShimEvent::Syscall(e)),
-            Ok(Some(ShimMessage::Synced { token })) => {
+            Ok(Some(ShimMessage::Synced { token, stats })) => {
                 last_token = token;
-                shared.lock().synced = token;
+                let mut state = shared.lock();
+                state.synced = token;
+                state.stats = stats;
+                drop(state);
                 shared.changed.notify_all();
+            }
+            Ok(Some(ShimMessage::RulesRetired { stats })) => {
+                shared.lock().retired.extend(stats);
             }
             Ok(Some(ShimMessage::RulesRejected { message })) => {
                 shared.lock().rejected.push((last_token + 1, message));

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use faultbox_agent::rule::Trigger;
+use faultbox_agent::rule::{RuleId, Trigger};
 use faultbox_proxy::rules::{ProxyAction, ProxyRuleDef};
 use faultbox_proxy::server::Proxy;
 
@@ -230,11 +230,11 @@ fn wrk_rps(addr: SocketAddr, conns: usize, duration: Duration) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-fn non_matching_rules() -> Vec<(String, ProxyRuleDef)> {
+fn non_matching_rules() -> Vec<(RuleId, ProxyRuleDef)> {
     (0..20)
         .map(|i| {
             (
-                format!("w1:{i}"),
+                RuleId::in_window(1, i.to_string()),
                 ProxyRuleDef {
                     action: ProxyAction::Error {
                         status: Some(503),

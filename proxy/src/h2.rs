@@ -620,7 +620,10 @@ mod tests {
         };
         proxy
             .rules()
-            .push_front(1, vec![("r1".into(), rule)])
+            .push_front(
+                1,
+                vec![(faultbox_agent::rule::RuleId::in_window(1, "0"), rule)],
+            )
             .expect("rules");
         let base = format!("http://{}", proxy.listen);
         // Both requests on one HTTP/2 connection: one passes, one is

@@ -4,10 +4,9 @@
 //! `duplicate()` build; [`ProxyRuleDef::check`] refuses what a protocol
 //! cannot apply; [`RuleSet::decide`] answers one request.
 
+use faultbox_agent::engine::{Odds, RuleStats, Shares};
 use faultbox_agent::glob::{Glob, wildcard};
-use faultbox_agent::rule::Trigger;
-use rand::rngs::ChaCha8Rng;
-use rand::{Rng, SeedableRng};
+use faultbox_agent::rule::{RuleId, Trigger};
 
 /// Whether interfaces of `protocol` get a proxy.
 pub fn proxied(protocol: &str) -> bool {
@@ -213,11 +212,10 @@ impl ProxyRuleDef {
 }
 
 struct Active {
-    id: String,
+    id: RuleId,
     def: ProxyRuleDef,
     path: Option<Glob>,
-    rng: ChaCha8Rng,
-    matched: u64,
+    odds: Odds,
 }
 
 /// What one request looks like to the rules.
@@ -243,7 +241,7 @@ pub struct Verdict {
     /// Send the request once more on a connection of its own.
     pub duplicate: bool,
     /// Ids of the rules that fired, in order.
-    pub fired: Vec<(String, &'static str)>,
+    pub fired: Vec<(RuleId, &'static str)>,
 }
 
 /// The rules of one proxy, in the order their windows opened (newest
@@ -266,7 +264,7 @@ impl RuleSet {
     pub fn push_front(
         &mut self,
         seed: u64,
-        rules: Vec<(String, ProxyRuleDef)>,
+        rules: Vec<(RuleId, ProxyRuleDef)>,
     ) -> Result<(), String> {
         let mut fresh = Vec::new();
         for (id, def) in rules {
@@ -275,11 +273,10 @@ impl RuleSet {
                 None => None,
             };
             fresh.push(Active {
-                rng: ChaCha8Rng::seed_from_u64(faultbox_agent::engine::derive_seed(seed, &id)),
+                odds: Odds::new(seed, &id.to_string()),
                 id,
                 def,
                 path,
-                matched: 0,
             });
         }
         fresh.append(&mut self.rules);
@@ -287,9 +284,23 @@ impl RuleSet {
         Ok(())
     }
 
-    /// Removes the rules whose id starts with `prefix`.
-    pub fn remove(&mut self, prefix: &str) {
-        self.rules.retain(|r| !r.id.starts_with(prefix));
+    /// Removes the rules of fault window `window`, and returns their
+    /// final counters.
+    pub fn remove(&mut self, window: u64) -> Vec<RuleStats> {
+        let mut gone = Vec::new();
+        self.rules.retain(|r| {
+            if r.id.window == Some(window) {
+                gone.push(RuleStats {
+                    id: r.id.clone(),
+                    matched: r.odds.matched,
+                    fired: r.odds.fired,
+                });
+                false
+            } else {
+                true
+            }
+        });
+        gone
     }
 
     /// Whether any rule looks at the first bytes of a tcp connection.
@@ -301,6 +312,7 @@ impl RuleSet {
     /// first other action that fires ends the evaluation.
     pub fn decide(&mut self, req: &Request) -> Verdict {
         let mut v = Verdict::default();
+        let mut shares = Shares::default();
         for r in &mut self.rules {
             let method_ok = match &r.def.method {
                 None => true,
@@ -331,15 +343,17 @@ impl RuleSet {
             if !path_ok {
                 continue;
             }
-            r.matched += 1;
-            if !r.def.trigger.allows(r.matched) {
+            // Rules that end the request split the traffic in shares, as
+            // syscall rules do ("30% error, 20% drop"); a delay or a
+            // duplicate adds to the request whatever else fires, so each
+            // draws against the whole.
+            let mut own = Shares::default();
+            let pool = match r.def.action {
+                ProxyAction::Delay { .. } | ProxyAction::Duplicate => &mut own,
+                _ => &mut shares,
+            };
+            if !r.odds.consider(r.def.trigger, r.def.probability, pool) {
                 continue;
-            }
-            if r.def.probability < 1.0 {
-                let draw = (r.rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-                if draw >= r.def.probability {
-                    continue;
-                }
             }
             v.fired.push((r.id.clone(), r.def.action.kind()));
             match &r.def.action {
@@ -488,11 +502,11 @@ mod tests {
             1,
             vec![
                 (
-                    "w1:0".into(),
+                    RuleId::in_window(1, "0"),
                     rule(ProxyAction::Delay { ns: 5 }, None, None),
                 ),
                 (
-                    "w1:1".into(),
+                    RuleId::in_window(1, "1"),
                     rule(
                         ProxyAction::Error {
                             status: Some(503),
@@ -505,7 +519,7 @@ mod tests {
                     ),
                 ),
                 (
-                    "w1:2".into(),
+                    RuleId::in_window(1, "2"),
                     rule(ProxyAction::Drop { reset: None }, None, None),
                 ),
             ],
@@ -533,7 +547,7 @@ mod tests {
         set.push_front(
             1,
             vec![(
-                "w1:0".into(),
+                RuleId::in_window(1, "0"),
                 rule(ProxyAction::Drop { reset: None }, None, Some("/api/**")),
             )],
         )
@@ -548,7 +562,7 @@ mod tests {
         set.push_front(
             1,
             vec![(
-                "w1:0".into(),
+                RuleId::in_window(1, "0"),
                 rule(ProxyAction::Drop { reset: None }, None, None),
             )],
         )
@@ -556,7 +570,7 @@ mod tests {
         set.push_front(
             1,
             vec![(
-                "w2:0".into(),
+                RuleId::in_window(2, "0"),
                 rule(
                     ProxyAction::Respond {
                         status: Some(200),
@@ -572,7 +586,7 @@ mod tests {
             set.decide(&req("GET", "/")).action.map(|a| a.kind()),
             Some("respond")
         );
-        set.remove("w2:");
+        set.remove(2);
         assert_eq!(
             set.decide(&req("GET", "/")).action.map(|a| a.kind()),
             Some("drop")
@@ -602,7 +616,7 @@ mod tests {
             let mut set = RuleSet::default();
             let mut r = rule(ProxyAction::Drop { reset: None }, None, None);
             r.probability = 0.5;
-            set.push_front(seed, vec![("w1:0".into(), r)])
+            set.push_front(seed, vec![(RuleId::in_window(1, "0"), r)])
                 .expect("rules");
             (0..40)
                 .map(|_| set.decide(&req("GET", "/")).action.is_some())

@@ -62,7 +62,7 @@ impl Ctx {
                     ("interface", self.interface.clone()),
                     ("protocol", self.protocol.clone()),
                     ("action", action.to_string()),
-                    ("rule", id.clone()),
+                    ("rule", id.to_string()),
                     ("request", what.to_string()),
                 ]),
             );
@@ -1054,7 +1054,10 @@ mod tests {
                 .rules()
                 .push_front(
                     1,
-                    vec![("w1:0".into(), rule(ProxyAction::Drop { reset }, None, None))],
+                    vec![(
+                        faultbox_agent::rule::RuleId::in_window(1, "0"),
+                        rule(ProxyAction::Drop { reset }, None, None),
+                    )],
                 )
                 .expect("rules");
             let mut c = TcpStream::connect(proxy.listen).expect("connect");

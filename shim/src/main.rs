@@ -381,10 +381,12 @@ fn control_loop(session: &Arc<Session>, mut reader: BufReader<UnixStream>) {
                     Some(s) => s.set_rules(rules).map_err(|e| e.reason),
                     None => Err("this target runs without a seccomp filter (no syscall was declared at launch), so syscall rules cannot apply".to_string()),
                 };
-                if let Err(message) = result {
-                    session
+                match result {
+                    Ok(stats) if stats.is_empty() => {}
+                    Ok(stats) => session.events.push_now(ShimMessage::RulesRetired { stats }),
+                    Err(message) => session
                         .events
-                        .push_now(ShimMessage::RulesRejected { message });
+                        .push_now(ShimMessage::RulesRejected { message }),
                 }
             }
             Ok(Some(ControlMessage::Signal { signal })) => session.target.signal(signal),
@@ -392,7 +394,14 @@ fn control_loop(session: &Arc<Session>, mut reader: BufReader<UnixStream>) {
             Ok(Some(ControlMessage::Sync { token })) => {
                 // Events are queued before the target sees its answer, so
                 // this lands after every call decided so far.
-                session.events.push_now(ShimMessage::Synced { token });
+                let stats = session
+                    .supervisor
+                    .as_ref()
+                    .map(|s| s.stats())
+                    .unwrap_or_default();
+                session
+                    .events
+                    .push_now(ShimMessage::Synced { token, stats });
             }
             Ok(Some(ControlMessage::Launch(_))) => {
                 session.events.push_now(ShimMessage::RulesRejected {

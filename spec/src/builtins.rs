@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use faultbox_agent::errno;
-use faultbox_agent::rule::{Action, Trigger, parse_duration};
+use faultbox_agent::rule::{self, Action, Trigger, parse_duration};
 use faultbox_agent::syscalls::{self, Arch};
 use starlark::environment::GlobalsBuilder;
 use starlark::eval::{Arguments, Evaluator};
@@ -328,40 +328,34 @@ fn service_name(v: Value, builtin: &str) -> Res<String> {
     )))
 }
 
+/// `probability=`: `"30%"` or `0.3` (the agent's one reading); a bare
+/// number above 1 is refused with the percentage to write instead.
 fn parse_probability(builtin: &str, v: Value) -> Res<f64> {
-    let value = if let Some(s) = v.unpack_str() {
-        let t = s.trim();
-        let (num, percent) = match t.strip_suffix('%') {
-            Some(n) => (n.trim(), true),
-            None => (t, false),
-        };
-        let x: f64 = num.parse().map_err(|_| {
-            err(format!(
-                "{builtin}(): probability={s:?} is not a number (use \"30%\" or 0.3)"
-            ))
-        })?;
-        if percent || x > 1.0 { x / 100.0 } else { x }
-    } else if let Some(i) = v.unpack_i32() {
-        if i > 1 {
-            f64::from(i) / 100.0
+    let fraction = |x: f64, shown: String| {
+        if (0.0..=1.0).contains(&x) {
+            Ok(x)
+        } else if x > 1.0 && x <= 100.0 {
+            Err(err(format!(
+                "{builtin}(): probability={shown} is a bare number above 1: write \"{shown}%\" for a percentage, or a fraction from 0 to 1"
+            )))
         } else {
-            f64::from(i)
+            Err(err(format!(
+                "{builtin}(): probability {shown} is outside 0%..100%"
+            )))
         }
+    };
+    if let Some(text) = v.unpack_str() {
+        rule::parse_probability(text).map_err(|e| err(format!("{builtin}(): {e}")))
+    } else if let Some(i) = v.unpack_i32() {
+        fraction(f64::from(i), i.to_string())
     } else if let Ok(Some(f)) = UnpackFloat::unpack_value(v) {
-        if f.0 > 1.0 { f.0 / 100.0 } else { f.0 }
+        fraction(f.0, v.to_repr())
     } else {
-        return Err(err(format!(
+        Err(err(format!(
             "{builtin}(): probability must be like \"30%\" or 0.3, got {}",
             v.to_repr()
-        )));
-    };
-    if !(0.0..=1.0).contains(&value) || value.is_nan() {
-        return Err(err(format!(
-            "{builtin}(): probability {} is outside 0%..100%",
-            v.to_repr()
-        )));
+        )))
     }
-    Ok(value)
 }
 
 fn parse_trigger(builtin: &str, text: &str) -> Res<Trigger> {

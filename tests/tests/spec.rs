@@ -191,6 +191,42 @@ def test_fsync_eio():
     );
 }
 
+/// A call the window decided belongs to it even when its event comes
+/// after the window closed: a delayed fsync still held when `fault()`
+/// returns is counted from the shim's own counters, not from the trace.
+#[test]
+fn a_call_still_held_when_its_window_closes_counts_as_a_hit() {
+    let dir = Scratch::new("spec-late");
+    let (text, _) = spec_with_service(
+        &dir,
+        "",
+        r#"
+def test_late():
+    r = fault(svc, fsync = delay("600ms"), run = lambda: svc.main.send(data = "PERSIST_LATER a"))
+    assert_eq(r, "OK")
+    svc.main.send(data = "SLEEP 900")
+    assert_eventually(service = "svc", syscall = "fsync", decision = "delay*")
+"#,
+    );
+    let run = run_spec(&dir, &text, &["--format", "json"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let doc = json(&run);
+    let t = test_named(&doc, "test_late");
+    assert_eq!(t["faults"][0]["hits"], 1, "{t:#}");
+    assert!(!codes(t).contains(&"FAULT_NOT_FIRED".to_string()), "{t:#}");
+    let kinds: Vec<&str> = t["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| {
+            e["type"] == "fault_removed"
+                || (e["type"] == "syscall" && e["fields"]["syscall"] == "fsync")
+        })
+        .filter_map(|e| e["type"].as_str())
+        .collect();
+    assert_eq!(kinds, ["fault_removed", "syscall"], "the event came late");
+}
+
 #[test]
 fn nth_trigger_and_stacked_windows_keep_their_counts() {
     let dir = Scratch::new("spec-stack");

@@ -201,6 +201,7 @@ fn main() {
 ///
 /// - `PING` → `PONG`
 /// - `PERSIST TEXT` → append TEXT to the WAL, fsync → `OK` or `ERR <errno>`
+/// - `PERSIST_LATER TEXT` → `OK` at once; a thread appends and fsyncs
 /// - `OPEN PATH` → open PATH for reading → `OK` or `ERR <errno>`
 /// - `CONNECT PORT` → connect to 127.0.0.1:PORT → `OK` or `ERR <errno>`
 /// - `ENV NAME` → the variable's value
@@ -215,6 +216,13 @@ fn main() {
 /// server serves `http(...)` healthchecks and HTTP steps; `GET /exit`
 /// makes the process exit with code 3 without answering; `GET /env/NAME`
 /// answers the variable's value in the `env` field.
+fn append_synced(path: &str, text: &str) -> std::io::Result<()> {
+    let mut f = OpenOptions::new().create(true).append(true).open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()
+}
+
 fn serve(port: u16, wal: Option<String>) {
     use std::io::{BufRead, BufReader};
     let listener = must("bind", TcpListener::bind(("127.0.0.1", port)));
@@ -276,20 +284,17 @@ fn serve(port: u16, wal: Option<String>) {
                     "PING" => "PONG".to_string(),
                     "PERSIST" => match &wal {
                         None => "ERR no wal".to_string(),
+                        Some(path) => match append_synced(path, arg) {
+                            Ok(()) => "OK".to_string(),
+                            Err(e) => format!("ERR {}", errno_name(&e)),
+                        },
+                    },
+                    "PERSIST_LATER" => match &wal {
+                        None => "ERR no wal".to_string(),
                         Some(path) => {
-                            let r = OpenOptions::new()
-                                .create(true)
-                                .append(true)
-                                .open(path)
-                                .and_then(|mut f| {
-                                    f.write_all(arg.as_bytes())?;
-                                    f.write_all(b"\n")?;
-                                    f.sync_all()
-                                });
-                            match r {
-                                Ok(()) => "OK".to_string(),
-                                Err(e) => format!("ERR {}", errno_name(&e)),
-                            }
+                            let (path, text) = (path.clone(), arg.to_string());
+                            thread::spawn(move || append_synced(&path, &text));
+                            "OK".to_string()
                         }
                     },
                     "OPEN" => match File::open(arg) {
