@@ -17,6 +17,7 @@ use faultbox_agent::wire::{Isolation, LaunchSpec, OnDisconnect};
 
 use faultbox_proxy::TlsSpec;
 use faultbox_proxy::net;
+use faultbox_proxy::protocol::{Target, Wire};
 use faultbox_proxy::rules::ProxyRuleDef;
 use faultbox_proxy::server::Proxy;
 use faultbox_proxy::steps::{StepCall, StepResult};
@@ -416,7 +417,8 @@ impl TestRun {
                 .map_err(|e| err(format!("TLS for {}.{}: {e}", def.name, iface.name)))?;
             let io =
                 |e: std::io::Error| err(format!("TLS relay for {}.{}: {e}", def.name, iface.name));
-            let wire = tls::Wire::of(&iface.protocol);
+            let wire =
+                faultbox_proxy::protocol::get(&iface.protocol).map_or(Wire::Direct, |p| p.wire());
             let back = Relay::back(upstream, name, &setup.upstream, wire).map_err(io)?;
             let proxy = Proxy::start(
                 &def.name,
@@ -1187,7 +1189,13 @@ impl TestHost for TestRun {
             ("protocol", call.protocol.clone()),
             ("spec", self.name.clone()),
         ]);
-        send.extend(net::step_send_fields(call));
+        let Some(proto) = faultbox_proxy::protocol::get(&call.protocol) else {
+            return StepResult::Raise(format!(
+                "{}.{}: no steps for protocol {:?}",
+                call.service, call.interface, call.protocol
+            ));
+        };
+        send.extend(proto.describe_step(call));
         let started = Instant::now();
         // Calls the services made before the step are logged before it.
         self.sync_all();
@@ -1198,7 +1206,14 @@ impl TestHost for TestRun {
             .service(&target)
             .map(|s| s.env.clone())
             .unwrap_or_default();
-        let mut result = net::run_step(call, &addr, tls.as_ref(), &env);
+        let mut result = proto.step(
+            call,
+            &Target {
+                addr: &addr,
+                tls: tls.as_ref(),
+                env: &env,
+            },
+        );
         let elapsed = started.elapsed().as_millis() as i64;
         // Every call the step caused, in any service, is logged before its
         // answer: the trace's order is the causal one.
@@ -1344,28 +1359,17 @@ pub fn probe(check: &Healthcheck, def: &ServiceDef, timeout: Duration) -> Result
                 return Err("ready() needs the service to declare an interface".into());
             };
             let addr = format!("127.0.0.1:{}", iface.port);
-            match iface.protocol.as_str() {
-                "postgres" | "mysql" => {
-                    let login = net::SqlLogin::resolve(&iface.protocol, &def.env, None, None, None);
-                    let r = net::sql_query(&iface.protocol, &addr, &login, "SELECT 1", timeout)
-                        .map_err(|e| e.to_string())?;
-                    match r.error {
-                        None => Ok(()),
-                        Some(e) => Err(e),
-                    }
-                }
-                "http" => {
-                    let r = net::http_request(&addr, "GET", "/", &[], &[], timeout, None)
-                        .map_err(|e| e.to_string())?;
-                    if (200..400).contains(&r.status) {
-                        Ok(())
-                    } else {
-                        Err(format!("status {}", r.status))
-                    }
-                }
-                _ => net::connect(&addr, timeout)
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
+            let target = Target {
+                addr: &addr,
+                tls: None,
+                env: &def.env,
+            };
+            match faultbox_proxy::protocol::get(&iface.protocol) {
+                Some(p) => p.ready(&target, timeout),
+                None => Err(format!(
+                    "ready(): no probe for protocol {:?}",
+                    iface.protocol
+                )),
             }
         }
         Healthcheck::Tcp { addr, .. } => net::connect(addr, timeout)

@@ -39,8 +39,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 
+use crate::protocol::Target;
 use crate::rules::{ProxyAction, Request as RuleRequest};
-use crate::server::{Ctx, lock};
+use crate::server::{Closed, Ctx, lock};
+use crate::steps::{StepCall, StepReply, StepResult};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -144,13 +146,13 @@ fn runtime() -> io::Result<tokio::runtime::Runtime> {
 
 /// Serves one HTTP/2 client connection; returns the bytes each way and
 /// why it ended.
-pub(crate) fn serve(client: TcpStream, ctx: &Arc<Ctx>) -> (u64, u64, &'static str) {
+pub(crate) fn serve(client: TcpStream, ctx: &Arc<Ctx>) -> Closed {
     let Ok(rt) = runtime() else {
-        return (0, 0, "runtime failed");
+        return Closed::new(0, 0, "runtime failed");
     };
     let counts = Arc::new(Counts::default());
     let reason = rt.block_on(serve_conn(client, Arc::clone(ctx), Arc::clone(&counts)));
-    (
+    Closed::new(
         counts.read.load(Ordering::Relaxed),
         counts.written.load(Ordering::Relaxed),
         reason,
@@ -167,7 +169,7 @@ async fn serve_conn(client: TcpStream, ctx: Arc<Ctx>, counts: Arc<Counts>) -> &'
     let Ok(client) = tokio::net::TcpStream::from_std(client) else {
         return "socket setup failed";
     };
-    let ctx_protocol = ctx.protocol.clone();
+    let ctx_protocol = ctx.protocol;
     let upstream = match tokio::time::timeout(
         Duration::from_secs(5),
         tokio::net::TcpStream::connect(ctx.upstream),
@@ -215,7 +217,7 @@ async fn serve_conn(client: TcpStream, ctx: Arc<Ctx>, counts: Arc<Counts>) -> &'
         r = conn => if r.is_ok() { "closed" } else { "protocol error" },
         _ = dropped.notify.notified() => {
             let reset = *dropped.reset.lock().unwrap_or_else(|p| p.into_inner());
-            crate::server::cut(&cut, &ctx_protocol, reset);
+            crate::server::cut(&cut, ctx_protocol, reset);
             "dropped"
         }
     }
@@ -319,7 +321,7 @@ async fn handle(
     mut sender: SendRequest<Body>,
     dropped: Arc<Dropped>,
 ) -> Result<Response<Body>, Infallible> {
-    let grpc = ctx.protocol == "grpc";
+    let grpc = ctx.protocol.name() == "grpc";
     let path = req.uri().path().to_string();
     let method = req.method().as_str().to_string();
     let verdict = lock(&ctx.rules).decide(&RuleRequest {
@@ -546,6 +548,93 @@ where
         reply.messages += 1;
         rest = &rest[5 + len..];
     }
+    Ok(reply)
+}
+
+/// An `http2` interface's step: one request over HTTP/2 with prior
+/// knowledge (h2c), or over TLS with ALPN `h2`.
+pub(crate) fn http2_step(call: &StepCall, to: &Target) -> StepResult {
+    let timeout = call.timeout(Duration::from_secs(30));
+    let method = call.method.to_ascii_uppercase();
+    let path = call.str("path").unwrap_or("/").to_string();
+    let body = call.str("body").unwrap_or_default().as_bytes().to_vec();
+    let headers = call.headers("headers").to_vec();
+    let addr = to.addr.to_string();
+    let tls = to.tls.cloned();
+    let Ok(rt) = runtime() else {
+        return crate::net::failed("cannot start an HTTP/2 client");
+    };
+    let request = async move {
+        let target: SocketAddr = crate::net::resolve(&addr)?[0];
+        let sock = tokio::net::TcpStream::connect(target).await?;
+        let _ = sock.set_nodelay(true);
+        match tls {
+            None => h2_request(sock, "http", &addr, &method, &path, &headers, body).await,
+            Some(config) => {
+                let mut config = (*config).clone();
+                config.alpn_protocols = vec![b"h2".to_vec()];
+                let name = rustls::pki_types::ServerName::try_from("localhost")
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+                let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+                    .connect(name, sock)
+                    .await?;
+                h2_request(stream, "https", &addr, &method, &path, &headers, body).await
+            }
+        }
+    };
+    match rt.block_on(async { tokio::time::timeout(timeout, request).await }) {
+        Ok(Ok(reply)) => StepResult::Reply(reply),
+        Ok(Err(e)) => crate::net::failed(e),
+        Err(_) => crate::net::failed(format!("no answer within {timeout:?}")),
+    }
+}
+
+async fn h2_request<T>(
+    io: T,
+    scheme: &str,
+    authority: &str,
+    method: &str,
+    path: &str,
+    headers: &[(String, String)],
+    body: Vec<u8>,
+) -> io::Result<StepReply>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake::<_, _, Body>(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .map_err(io::Error::other)?;
+    tokio::spawn(conn);
+    let mut req = Request::builder()
+        .method(method)
+        .uri(format!("{scheme}://{authority}{path}"));
+    for (k, v) in headers {
+        req = req.header(k.as_str(), v.as_str());
+    }
+    let req = req
+        .body(full(Bytes::from(body)))
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    sender.ready().await.map_err(io::Error::other)?;
+    let resp = sender.send_request(req).await.map_err(io::Error::other)?;
+    let mut reply = StepReply {
+        status: i64::from(resp.status().as_u16()),
+        ok: true,
+        ..StepReply::default()
+    };
+    for (k, v) in resp.headers() {
+        reply.headers.insert(
+            k.as_str().to_string(),
+            String::from_utf8_lossy(v.as_bytes()).into_owned(),
+        );
+    }
+    let data = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(io::Error::other)?
+        .to_bytes();
+    reply.body = String::from_utf8_lossy(&data).trim_end().to_string();
     Ok(reply)
 }
 

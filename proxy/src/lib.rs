@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+pub mod protocol;
+pub mod protocols;
 pub mod rules;
 pub mod steps;
 

@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value as Json, json};
 
-use crate::Fields;
-use crate::rules::grpc_code_name;
+use crate::protocol::Target;
 use crate::steps::{StepCall, StepReply, StepResult};
 
 /// Resolves `host:port`, preferring IPv4 for `localhost` (servers commonly
@@ -395,13 +394,8 @@ fn closed_unexpectedly(e: io::Error) -> io::Error {
 fn pg_message(r: &mut impl Read) -> io::Result<(u8, Vec<u8>)> {
     let mut head = [0u8; 5];
     r.read_exact(&mut head).map_err(closed_unexpectedly)?;
-    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-    if !(4..=64 << 20).contains(&len) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "bad PostgreSQL message length",
-        ));
-    }
+    let len = crate::protocols::postgres::length([head[1], head[2], head[3], head[4]])
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     let mut body = vec![0; len - 4];
     r.read_exact(&mut body)?;
     Ok((head[0], body))
@@ -473,8 +467,7 @@ fn pg_error_fields(b: &[u8]) -> BTreeMap<u8, String> {
 fn my_read_packet(r: &mut impl Read) -> io::Result<(u8, Vec<u8>)> {
     let mut head = [0u8; 4];
     r.read_exact(&mut head).map_err(closed_unexpectedly)?;
-    let len = u32::from_le_bytes([head[0], head[1], head[2], 0]) as usize;
-    let mut body = vec![0; len];
+    let mut body = vec![0; crate::protocols::mysql::length(head) - 4];
     r.read_exact(&mut body)?;
     Ok((head[3], body))
 }
@@ -646,151 +639,49 @@ pub fn mysql_query(
     Ok(result)
 }
 
-/// What a step sends, for its `step_send` event: the fields that say what
-/// the call carries and a one-line summary.
-pub fn step_send_fields(call: &StepCall) -> Fields {
-    let target = &call.service;
-    let mut f = Fields::new();
-    let short = |s: &str| s.chars().take(200).collect::<String>();
-    let summary = match call.protocol.as_str() {
-        "http" => {
-            let path = call.str("path").unwrap_or("/");
-            f.insert("path".into(), path.to_string());
-            if let Some(body) = call.str("body").filter(|b| !b.is_empty()) {
-                f.insert("body".into(), short(body));
-            }
-            format!("→ {target}.{} {path}", call.method)
-        }
-        "grpc" => {
-            let method = call.str("method").unwrap_or_default();
-            f.insert("path".into(), method.to_string());
-            format!("→ {target}.call {method}")
-        }
-        "tcp" | "redis" => {
-            let data = call.str("data").unwrap_or_default();
-            f.insert("data".into(), short(data));
-            format!("→ {target}.send {data}")
-        }
-        _ => {
-            let sql = call.str("sql").unwrap_or_default();
-            f.insert("sql".into(), short(sql));
-            format!("→ {target}.{} {sql}", call.method)
-        }
-    };
-    f.insert("summary".into(), summary);
-    f
-}
-
-fn failed(e: impl std::fmt::Display) -> StepResult {
+/// A step that failed before any answer: the reason, as the step's error.
+pub(crate) fn failed(e: impl std::fmt::Display) -> StepResult {
     StepResult::Reply(StepReply {
         error: e.to_string(),
         ..Default::default()
     })
 }
 
-/// Carries out `call` against `addr` (the interface's proxy, or the
-/// service itself when it has none). `env` is the service's environment,
-/// where SQL steps find their login.
-pub fn run_step(
-    call: &StepCall,
-    addr: &str,
-    tls: Option<&std::sync::Arc<rustls::ClientConfig>>,
-    env: &[(String, String)],
-) -> StepResult {
-    match call.protocol.as_str() {
-        "http" => {
-            let method = call.method.to_ascii_uppercase();
-            let body = call.str("body").unwrap_or_default();
-            match http_request(
-                addr,
-                &method,
-                call.str("path").unwrap_or("/"),
-                call.headers("headers"),
-                body.as_bytes(),
-                call.timeout(Duration::from_secs(30)),
-                tls,
-            ) {
-                Ok(r) => {
-                    let mut body = String::from_utf8_lossy(&r.body).into_owned();
-                    if body.len() > 64 << 10 {
-                        let mut cut = 64 << 10;
-                        while !body.is_char_boundary(cut) {
-                            cut -= 1;
-                        }
-                        body.truncate(cut);
-                    }
-                    StepResult::Reply(StepReply {
-                        status: i64::from(r.status),
-                        body: body.trim_end().to_string(),
-                        headers: r.headers,
-                        ok: true,
-                        ..Default::default()
-                    })
-                }
-                Err(e) => failed(e),
-            }
-        }
-        "grpc" => {
-            let method = call.str("method").unwrap_or_default();
-            let body = call.str("body").unwrap_or_default();
-            let timeout = call.timeout(Duration::from_secs(30));
-            match crate::h2::grpc_call(addr, method, body.as_bytes(), timeout, tls) {
-                Ok(r) => StepResult::Reply(StepReply {
-                    status: i64::from(r.code),
-                    ok: r.code == 0,
-                    error: if r.code == 0 {
-                        String::new()
-                    } else {
-                        format!("{}: {}", grpc_code_name(r.code), r.message)
-                    },
-                    body: String::from_utf8_lossy(&r.body).into_owned(),
-                    headers: r.headers,
-                    data: Some(json!({
-                        "code": r.code,
-                        "code_name": grpc_code_name(r.code),
-                        "message": r.message,
-                        "messages": r.messages,
-                    })),
-                    ..Default::default()
-                }),
-                Err(e) => failed(e),
-            }
-        }
-        "tcp" | "redis" => {
-            let data = call.str("data").unwrap_or_default();
-            match tcp_send(addr, data, call.timeout(Duration::from_secs(10)), tls) {
-                Ok(line) => StepResult::Text(line),
-                Err(e) => StepResult::Raise(format!(
-                    "tcp send failed: {}.{} ({addr}): {e}",
-                    call.service, call.interface
-                )),
-            }
-        }
-        protocol => {
-            let login = SqlLogin::resolve(
-                protocol,
-                env,
-                call.str("user").map(str::to_string),
-                call.str("password").map(str::to_string),
-                call.str("database").map(str::to_string),
-            );
-            let sql = call.str("sql").unwrap_or_default();
-            let timeout = call.timeout(Duration::from_secs(30));
-            match sql_query(protocol, addr, &login, sql, timeout) {
-                Ok(r) => StepResult::Reply(StepReply {
-                    ok: r.error.is_none(),
-                    error: r.error.unwrap_or_default(),
-                    body: r.tag.clone(),
-                    data: Some(if call.method == "exec" {
-                        json!({"tag": r.tag})
-                    } else {
-                        Json::Array(r.rows)
-                    }),
-                    ..Default::default()
-                }),
-                Err(e) => failed(e),
-            }
-        }
+/// A `query` or `exec` step on a `postgres` or `mysql` interface; the
+/// login comes from the step's arguments, then the service's environment.
+pub(crate) fn sql_step(protocol: &str, call: &StepCall, to: &Target) -> StepResult {
+    let login = SqlLogin::resolve(
+        protocol,
+        to.env,
+        call.str("user").map(str::to_string),
+        call.str("password").map(str::to_string),
+        call.str("database").map(str::to_string),
+    );
+    let sql = call.str("sql").unwrap_or_default();
+    let timeout = call.timeout(Duration::from_secs(30));
+    match sql_query(protocol, to.addr, &login, sql, timeout) {
+        Ok(r) => StepResult::Reply(StepReply {
+            ok: r.error.is_none(),
+            error: r.error.unwrap_or_default(),
+            body: r.tag.clone(),
+            data: Some(if call.method == "exec" {
+                json!({"tag": r.tag})
+            } else {
+                Json::Array(r.rows)
+            }),
+            ..Default::default()
+        }),
+        Err(e) => failed(e),
+    }
+}
+
+/// `ready()` on a SQL interface: `SELECT 1` succeeds.
+pub(crate) fn sql_ready(protocol: &str, to: &Target, timeout: Duration) -> Result<(), String> {
+    let login = SqlLogin::resolve(protocol, to.env, None, None, None);
+    let r = sql_query(protocol, to.addr, &login, "SELECT 1", timeout).map_err(|e| e.to_string())?;
+    match r.error {
+        None => Ok(()),
+        Some(e) => Err(e),
     }
 }
 

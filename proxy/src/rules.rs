@@ -10,10 +10,7 @@ use faultbox_agent::rule::{RuleId, Trigger};
 
 /// Whether interfaces of `protocol` get a proxy.
 pub fn proxied(protocol: &str) -> bool {
-    matches!(
-        protocol,
-        "tcp" | "http" | "grpc" | "redis" | "postgres" | "mysql"
-    )
+    crate::protocol::get(protocol).is_some()
 }
 
 /// What a protocol rule does when it fires.
@@ -101,111 +98,68 @@ impl ProxyRuleDef {
 
     /// Refuses what `protocol` cannot apply, naming what it supports.
     pub fn check(&self, protocol: &str) -> Result<(), String> {
-        let sql = matches!(protocol, "postgres" | "mysql");
-        if self.query.is_some() && !sql {
+        let Some(p) = crate::protocol::get(protocol) else {
             return Err(format!(
-                "query= applies to postgres and mysql interfaces, not {protocol}"
+                "protocol faults on {protocol} interfaces are not supported by this build ({} are)",
+                crate::protocol::names().join(", ")
             ));
-        }
-        if matches!(
-            self.action,
-            ProxyAction::Error {
-                number: Some(_),
-                ..
-            }
-        ) && protocol != "mysql"
-        {
-            return Err(format!(
-                "number= (a MySQL error number) applies to mysql interfaces, not {protocol}"
-            ));
-        }
-        if matches!(self.action, ProxyAction::Error { code: Some(_), .. }) && !sql {
-            return Err(format!(
-                "code= (a SQLSTATE) applies to postgres and mysql interfaces, not {protocol}"
-            ));
-        }
-        if matches!(self.action, ProxyAction::Duplicate)
-            && !matches!(protocol, "http" | "grpc" | "redis")
-        {
-            return Err(format!(
-                "duplicate() applies to http, grpc and redis interfaces (where a request can be sent twice), not {protocol}"
-            ));
-        }
-        self.check_matchers(protocol)?;
-        self.check_status(protocol)
-    }
-
-    fn check_matchers(&self, protocol: &str) -> Result<(), String> {
-        let redis_keys = self.command.is_some() || self.key.is_some();
-        match protocol {
-            "postgres" | "mysql" => {
-                if self.method.is_some() || self.path.is_some() || redis_keys {
-                    return Err(format!("{protocol} rules match query= only"));
-                }
-                if matches!(self.action, ProxyAction::Respond { .. }) {
-                    return Err(format!("response() does not apply to {protocol} interfaces (a made-up result set would need its column types); use error(code=..., message=...), drop() or delay(delay=...)"));
-                }
-                Ok(())
-            }
-            "http" if redis_keys => Err(
-                "command= and key= apply to redis interfaces; http rules match method= and path=".into(),
-            ),
-            "http" => Ok(()),
-            "grpc" => {
-                if redis_keys || self.path.is_some() {
-                    return Err("grpc rules match method= (the full method path, e.g. \"/shop.Orders/Create\", * allowed); path=, command= and key= do not apply".into());
-                }
-                Ok(())
-            }
-            "redis" => {
-                if self.method.is_some() || self.path.is_some() {
-                    return Err("method= and path= do not apply to redis interfaces; redis rules match command= and key=".into());
-                }
-                Ok(())
-            }
-            "tcp" if redis_keys => Err(
-                "command= and key= apply to redis interfaces; tcp rules match method= (a prefix of the first bytes)".into(),
-            ),
-            "tcp" => {
-                if self.path.is_some() {
-                    return Err("path= does not apply to tcp interfaces (tcp rules match method=, a prefix of the first bytes the client sends)".into());
-                }
-                if matches!(self.action, ProxyAction::Error { .. }) {
-                    return Err("error() does not apply to tcp interfaces (raw bytes have no error form); use response(body=...), drop() or delay(delay=...)".into());
-                }
-                Ok(())
-            }
-            other => Err(format!(
-                "protocol faults on {other} interfaces are not supported by this build (tcp, http, grpc, redis, postgres and mysql are)"
-            )),
-        }
-    }
-
-    fn check_status(&self, protocol: &str) -> Result<(), String> {
-        let status = match &self.action {
-            ProxyAction::Respond { status, .. } | ProxyAction::Error { status, .. } => *status,
-            _ => None,
         };
-        if let Some(s) = status {
-            match protocol {
-                "http" if !(100..=599).contains(&s) => {
-                    return Err(format!("status={s} is not an HTTP status (100..599)"));
-                }
-                "grpc" if matches!(self.action, ProxyAction::Respond { .. }) => {
-                    return Err("response() on grpc interfaces answers OK with body= (the raw message bytes); a failure is error(status=\"UNAVAILABLE\", ...)".into());
-                }
-                "grpc" if !(1..=16).contains(&s) => {
-                    return Err(format!(
-                        "status={s} is not a gRPC error code: use 1..16 or a name such as \"UNAVAILABLE\""
-                    ));
-                }
-                "http" | "grpc" => {}
-                other => {
-                    return Err(format!(
-                        "status= applies to http and grpc interfaces, not {other}"
-                    ));
-                }
+        let owners = |pick: &dyn Fn(&dyn crate::protocol::Protocol) -> bool| {
+            let names: Vec<&str> = crate::protocol::REGISTRY
+                .iter()
+                .filter(|q| pick(**q))
+                .map(|q| q.name())
+                .collect();
+            match names.as_slice() {
+                [] => "no".to_string(),
+                [one] => one.to_string(),
+                [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
             }
+        };
+        let given = [
+            ("method", self.method.is_some()),
+            ("path", self.path.is_some()),
+            ("command", self.command.is_some()),
+            ("key", self.key.is_some()),
+            ("query", self.query.is_some()),
+        ];
+        for (m, set) in given {
+            if set && !p.matchers().contains(&m) {
+                return Err(format!(
+                    "{m}= applies to {} interfaces, not {protocol}; {protocol} rules match {}",
+                    owners(&|q| q.matchers().contains(&m)),
+                    p.matcher_help()
+                ));
+            }
+        }
+        p.check(self)?;
+        let fields: &[(&str, &str, bool)] = match &self.action {
+            ProxyAction::Respond { status, .. } => &[("status", "", status.is_some())],
+            ProxyAction::Error {
+                status,
+                code,
+                number,
+                ..
+            } => &[
+                ("status", "", status.is_some()),
+                ("code", " (a SQLSTATE)", code.is_some()),
+                ("number", " (a MySQL error number)", number.is_some()),
+            ],
+            _ => &[],
+        };
+        for (f, what, set) in fields {
+            if *set && !p.error_fields().contains(f) {
+                return Err(format!(
+                    "{f}={what} applies to {} interfaces, not {protocol}",
+                    owners(&|q| q.error_fields().contains(f))
+                ));
+            }
+        }
+        if matches!(self.action, ProxyAction::Duplicate) && !p.duplicates() {
+            return Err(format!(
+                "duplicate() applies to {} interfaces (where a request can be sent twice), not {protocol}",
+                owners(&|q| q.duplicates())
+            ));
         }
         Ok(())
     }
@@ -219,6 +173,7 @@ struct Active {
 }
 
 /// What one request looks like to the rules.
+#[derive(Default)]
 pub struct Request<'a> {
     pub method: &'a str,
     pub path: &'a str,

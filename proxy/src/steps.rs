@@ -25,19 +25,23 @@ pub struct Param {
     pub required: bool,
 }
 
-const fn opt(name: &'static str, kind: Kind) -> Param {
-    Param {
-        name,
-        kind,
-        required: false,
+impl Param {
+    /// An optional argument.
+    pub const fn opt(name: &'static str, kind: Kind) -> Param {
+        Param {
+            name,
+            kind,
+            required: false,
+        }
     }
-}
 
-const fn req(name: &'static str, kind: Kind) -> Param {
-    Param {
-        name,
-        kind,
-        required: true,
+    /// A required argument.
+    pub const fn req(name: &'static str, kind: Kind) -> Param {
+        Param {
+            name,
+            kind,
+            required: true,
+        }
     }
 }
 
@@ -50,6 +54,30 @@ pub struct StepDef {
     pub params: &'static [Param],
     /// Positional arguments are collected as a list under this name.
     pub rest: Option<&'static str>,
+}
+
+impl StepDef {
+    /// Method `method` with `params`.
+    pub const fn new(method: &'static str, params: &'static [Param]) -> StepDef {
+        StepDef {
+            method,
+            params,
+            rest: None,
+        }
+    }
+
+    /// A method whose positional arguments are a list of strings.
+    pub const fn with_rest(
+        method: &'static str,
+        rest: &'static str,
+        params: &'static [Param],
+    ) -> StepDef {
+        StepDef {
+            method,
+            params,
+            rest: Some(rest),
+        }
+    }
 }
 
 /// A checked argument value.
@@ -143,54 +171,9 @@ pub enum StepResult {
     Raise(String),
 }
 
-const HTTP: &[Param] = &[
-    opt("path", Kind::Str),
-    opt("body", Kind::Str),
-    opt("headers", Kind::Headers),
-    opt("timeout", Kind::Duration),
-];
-const GRPC: &[Param] = &[
-    req("method", Kind::Str),
-    opt("body", Kind::Str),
-    opt("timeout", Kind::Duration),
-];
-const SEND: &[Param] = &[req("data", Kind::Str), opt("timeout", Kind::Duration)];
-const SQL: &[Param] = &[
-    req("sql", Kind::Str),
-    opt("user", Kind::Str),
-    opt("password", Kind::Str),
-    opt("database", Kind::Str),
-    opt("timeout", Kind::Duration),
-];
-
-const fn step(method: &'static str, params: &'static [Param]) -> StepDef {
-    StepDef {
-        method,
-        params,
-        rest: None,
-    }
-}
-
-const HTTP_STEPS: &[StepDef] = &[
-    step("get", HTTP),
-    step("post", HTTP),
-    step("put", HTTP),
-    step("delete", HTTP),
-    step("patch", HTTP),
-];
-const GRPC_STEPS: &[StepDef] = &[step("call", GRPC)];
-const TCP_STEPS: &[StepDef] = &[step("send", SEND)];
-const SQL_STEPS: &[StepDef] = &[step("query", SQL), step("exec", SQL)];
-
 /// The step methods of `protocol`'s interfaces.
 pub fn step_defs(protocol: &str) -> &'static [StepDef] {
-    match protocol {
-        "http" => HTTP_STEPS,
-        "grpc" => GRPC_STEPS,
-        "tcp" | "redis" => TCP_STEPS,
-        "postgres" | "mysql" => SQL_STEPS,
-        _ => &[],
-    }
+    crate::protocol::get(protocol).map_or(&[], |p| p.steps())
 }
 
 /// `protocol`'s step method `method`.
@@ -198,17 +181,12 @@ pub fn step_def(protocol: &str, method: &str) -> Option<&'static StepDef> {
     step_defs(protocol).iter().find(|d| d.method == method)
 }
 
-/// Checks what an argument's type cannot: a gRPC method is a full path.
+/// Checks what an argument's type cannot (a gRPC method is a full path).
 pub fn check_call(call: &StepCall) -> Result<(), String> {
-    if call.protocol == "grpc" {
-        let method = call.str("method").unwrap_or_default();
-        if !method.starts_with('/') || method.matches('/').count() != 2 {
-            return Err(format!(
-                "grpc step: method={method:?} is not a full gRPC method path such as \"/shop.Orders/Create\""
-            ));
-        }
+    match crate::protocol::get(&call.protocol) {
+        Some(p) => p.check_step(call),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Splits `http://host:port/path` into (`host:port`, `/path`).

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::protocol::Wire;
 use crate::{TlsSpec, read_certs, read_key};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
@@ -327,37 +328,11 @@ fn copy_then_close(mut from: TcpStream, mut to: TcpStream) {
     let _ = to.shutdown(Shutdown::Write);
 }
 
-/// How a protocol starts TLS, and what its legs negotiate by ALPN.
-///
-/// Most protocols start TLS on connect. PostgreSQL asks first
-/// (`SSLRequest`, answered `S`); MySQL starts in plaintext with the
-/// server's greeting and switches after the client's `SSLRequest` packet.
-/// The front and back relays speak these preambles, so the plaintext
-/// proxy between them sees the protocol as if TLS had never been there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Wire {
-    Direct,
-    /// Direct TLS with ALPN `h2` (gRPC).
-    H2,
-    Postgres,
-    Mysql,
-}
-
-impl Wire {
-    pub fn of(protocol: &str) -> Wire {
-        match protocol {
-            "grpc" => Wire::H2,
-            "postgres" => Wire::Postgres,
-            "mysql" => Wire::Mysql,
-            _ => Wire::Direct,
-        }
-    }
-
-    fn alpn(self) -> Vec<Vec<u8>> {
-        match self {
-            Wire::H2 => vec![b"h2".to_vec()],
-            _ => Vec::new(),
-        }
+/// The ALPN protocols the TLS legs offer for `wire`.
+fn alpn(wire: Wire) -> Vec<Vec<u8>> {
+    match wire {
+        Wire::H2 => vec![b"h2".to_vec()],
+        _ => Vec::new(),
     }
 }
 
@@ -374,13 +349,13 @@ enum Opening {
     Plain { pending: Vec<u8> },
 }
 
-/// One MySQL packet, its 4-byte header (length, sequence number) included.
+/// One MySQL packet, its 4-byte header (length, sequence number)
+/// included, read exactly (what follows is not read: it may be TLS).
 pub(crate) fn read_mysql_packet(r: &mut impl Read) -> io::Result<Vec<u8>> {
     let mut head = [0u8; 4];
     r.read_exact(&mut head)?;
-    let len = u32::from_le_bytes([head[0], head[1], head[2], 0]) as usize;
     let mut packet = head.to_vec();
-    packet.resize(4 + len, 0);
+    packet.resize(crate::protocols::mysql::length(head), 0);
     r.read_exact(&mut packet[4..])?;
     Ok(packet)
 }
@@ -530,7 +505,7 @@ impl Relay {
     /// Terminates TLS from clients and forwards plaintext to `plain`.
     pub fn front(plain: SocketAddr, config: &ServerConfig, wire: Wire) -> io::Result<Relay> {
         let mut config = config.clone();
-        config.alpn_protocols = wire.alpn();
+        config.alpn_protocols = alpn(wire);
         let config = Arc::new(config);
         Relay::start(move |mut client: TcpStream| {
             let Ok(mut inner) = TcpStream::connect_timeout(&plain, Duration::from_secs(5)) else {
@@ -567,7 +542,7 @@ impl Relay {
         wire: Wire,
     ) -> io::Result<Relay> {
         let mut config = config.clone();
-        config.alpn_protocols = wire.alpn();
+        config.alpn_protocols = alpn(wire);
         let config = Arc::new(config);
         Relay::start(move |mut plain: TcpStream| {
             let Ok(mut sock) = TcpStream::connect_timeout(&upstream, Duration::from_secs(5)) else {

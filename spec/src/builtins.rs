@@ -293,21 +293,15 @@ fn remote_upstreams(
     Ok(out)
 }
 
-const PROTOCOLS: &[&str] = &[
-    "http",
-    "http2",
-    "tcp",
+/// Protocols the original project names that this build has no proxy,
+/// steps or probe for: refused at load, with a way out.
+const NOT_IN_THIS_BUILD: &[&str] = &[
     "udp",
-    "grpc",
-    "postgres",
-    "mysql",
-    "redis",
     "kafka",
     "nats",
     "mongodb",
     "cassandra",
     "clickhouse",
-    "memcached",
     "amqp",
 ];
 
@@ -408,8 +402,9 @@ fn proxy_rule(a: &Args, action: ProxyAction, extra: &[&str]) -> Res<ProxyRuleVal
     for (k, _) in &a.named {
         if matches!(k.as_str(), "topic" | "subject" | "collection") {
             return Err(err(format!(
-                "{}(): {k}= matches message-broker traffic; this build proxies http (method=, path=), redis (command=, key=), postgres (query=) and tcp (method= as a prefix of the first bytes) only",
-                a.builtin
+                "{}(): {k}= matches message-broker traffic; this build proxies {} only",
+                a.builtin,
+                faultbox_proxy::protocol::names().join(", ")
             )));
         }
     }
@@ -974,11 +969,17 @@ pub(crate) fn topology(builder: &mut GlobalsBuilder) {
         a.check(3, &["name", "protocol", "port", "tls"])?;
         let name = a.string(a.required(0, "name")?, "name")?;
         let protocol = a.string(a.required(1, "protocol")?, "protocol")?;
-        if !PROTOCOLS.contains(&protocol.as_str()) {
-            return Err(err(format!(
-                "interface({name:?}): unknown protocol {protocol:?}; known: {}",
-                PROTOCOLS.join(", ")
-            )));
+        if faultbox_proxy::protocol::get(&protocol).is_none() {
+            let supported = faultbox_proxy::protocol::names().join(", ");
+            return Err(err(if NOT_IN_THIS_BUILD.contains(&protocol.as_str()) {
+                format!(
+                    "interface({name:?}): protocol {protocol:?} is not supported by this build (supported: {supported}); declare it \"tcp\" to proxy its bytes with connection-level faults"
+                )
+            } else {
+                format!(
+                    "interface({name:?}): unknown protocol {protocol:?}; supported: {supported}"
+                )
+            }));
         }
         let port_v = a.required(2, "port")?;
         let port = port_v
@@ -1277,15 +1278,21 @@ pub(crate) fn faults(builder: &mut GlobalsBuilder) {
     ) -> starlark::Result<Value<'v>> {
         let a = Args::new("response", args, kwargs)?;
         let status = status_arg(&a)?;
+        // `value=` reads better for caches (memcached's item, a Redis
+        // bulk string); it is the same answer as `body=`.
+        if a.named("body").is_some() && a.named("value").is_some() {
+            return Err(err("response(): give body= or value=, not both"));
+        }
         let body = a
             .named("body")
+            .or_else(|| a.named("value"))
             .map(|v| a.string(v, "body"))
             .transpose()?
             .unwrap_or_default();
         let r = proxy_rule(
             &a,
             ProxyAction::Respond { status, body },
-            &["status", "body"],
+            &["status", "body", "value"],
         )?;
         Ok(eval.heap().alloc(r))
     }
@@ -1911,13 +1918,7 @@ pub(crate) fn call_step<'v>(
     eval: &mut Evaluator<'v, '_, '_>,
 ) -> starlark::Result<Value<'v>> {
     let protocol = step.iface.protocol.as_str();
-    let builtin: &'static str = match protocol {
-        "http" => "http step",
-        "grpc" => "grpc step",
-        "mysql" => "mysql step",
-        "postgres" => "postgres step",
-        _ => "tcp step",
-    };
+    let builtin = faultbox_proxy::protocol::get(protocol).map_or("step", |p| p.step_label());
     let def = steps::step_def(protocol, &step.method).ok_or_else(|| {
         err(format!(
             "{}.{}: {protocol} interfaces have no step {:?}",

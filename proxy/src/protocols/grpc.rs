@@ -1,0 +1,139 @@
+//! `grpc`: HTTP/2 streams decided one by one on their method path
+//! (`/pkg.Service/Method`); errors are gRPC statuses in trailers. The
+//! proxy and the step client are the hyper-based code in `h2.rs`.
+
+use crate::Fields;
+use crate::protocol::{Protocol, Wire};
+use crate::rules::{ProxyAction, ProxyRuleDef};
+use crate::steps::{Kind, Param, StepCall, StepDef};
+
+/// The `grpc` protocol.
+pub struct Grpc;
+
+const CALL: &[Param] = &[
+    Param::req("method", Kind::Str),
+    Param::opt("body", Kind::Str),
+    Param::opt("timeout", Kind::Duration),
+];
+const STEPS: &[StepDef] = &[StepDef::new("call", CALL)];
+
+impl Protocol for Grpc {
+    fn name(&self) -> &'static str {
+        "grpc"
+    }
+
+    fn steps(&self) -> &'static [StepDef] {
+        STEPS
+    }
+
+    fn step_label(&self) -> &'static str {
+        "grpc step"
+    }
+
+    fn matchers(&self) -> &'static [&'static str] {
+        &["method"]
+    }
+
+    fn matcher_help(&self) -> &'static str {
+        "method= (the full method path, e.g. \"/shop.Orders/Create\", * allowed)"
+    }
+
+    fn error_fields(&self) -> &'static [&'static str] {
+        &["status"]
+    }
+
+    fn duplicates(&self) -> bool {
+        true
+    }
+
+    fn resets_on_drop(&self) -> bool {
+        true
+    }
+
+    fn wire(&self) -> Wire {
+        Wire::H2
+    }
+
+    fn check(&self, rule: &ProxyRuleDef) -> Result<(), String> {
+        match rule.action {
+            ProxyAction::Respond { status: Some(_), .. } => Err("response() on grpc interfaces answers OK with body= (the raw message bytes); a failure is error(status=\"UNAVAILABLE\", ...)".into()),
+            ProxyAction::Error {
+                status: Some(s), ..
+            } if !(1..=16).contains(&s) => Err(format!(
+                "status={s} is not a gRPC error code: use 1..16 or a name such as \"UNAVAILABLE\""
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn check_step(&self, call: &StepCall) -> Result<(), String> {
+        let method = call.str("method").unwrap_or_default();
+        if !method.starts_with('/') || method.matches('/').count() != 2 {
+            return Err(format!(
+                "grpc step: method={method:?} is not a full gRPC method path such as \"/shop.Orders/Create\""
+            ));
+        }
+        Ok(())
+    }
+
+    fn describe_step(&self, call: &StepCall) -> Fields {
+        let method = call.str("method").unwrap_or_default();
+        Fields::from([
+            ("path".to_string(), method.to_string()),
+            (
+                "summary".to_string(),
+                format!("→ {}.call {method}", call.service),
+            ),
+        ])
+    }
+
+    #[cfg(feature = "serve")]
+    fn serve(
+        &self,
+        client: std::net::TcpStream,
+        ctx: &std::sync::Arc<crate::server::Ctx>,
+    ) -> crate::server::Closed {
+        crate::h2::serve(client, ctx)
+    }
+
+    #[cfg(feature = "serve")]
+    fn step(&self, call: &StepCall, to: &crate::protocol::Target) -> crate::steps::StepResult {
+        use crate::rules::grpc_code_name;
+        use crate::steps::{StepReply, StepResult};
+        let method = call.str("method").unwrap_or_default();
+        let body = call.str("body").unwrap_or_default();
+        let timeout = call.timeout(std::time::Duration::from_secs(30));
+        match crate::h2::grpc_call(to.addr, method, body.as_bytes(), timeout, to.tls) {
+            Ok(r) => StepResult::Reply(StepReply {
+                status: i64::from(r.code),
+                ok: r.code == 0,
+                error: if r.code == 0 {
+                    String::new()
+                } else {
+                    format!("{}: {}", grpc_code_name(r.code), r.message)
+                },
+                body: String::from_utf8_lossy(&r.body).into_owned(),
+                headers: r.headers,
+                data: Some(serde_json::json!({
+                    "code": r.code,
+                    "code_name": grpc_code_name(r.code),
+                    "message": r.message,
+                    "messages": r.messages,
+                })),
+                ..Default::default()
+            }),
+            Err(e) => crate::net::failed(e),
+        }
+    }
+
+    #[cfg(feature = "serve")]
+    fn ready(
+        &self,
+        to: &crate::protocol::Target,
+        timeout: std::time::Duration,
+    ) -> Result<(), String> {
+        crate::net::connect(to.addr, timeout)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,323 @@
+//! `postgres`: the frontend/backend protocol v3. The startup exchange is
+//! relayed as it is; simple queries (`Q`) and parses (`P`) are matched on
+//! their SQL (`query=`, compared canonicalized). An injected error is an
+//! ErrorResponse with a SQLSTATE, then ReadyForQuery.
+
+use crate::Fields;
+use crate::protocol::{Frame, FrameError, MAX_FRAME, Protocol, Wire};
+use crate::rules::{ProxyAction, ProxyRuleDef};
+use crate::steps::{Kind, Param, StepCall, StepDef};
+
+/// The `postgres` protocol.
+pub struct Postgres;
+
+pub(crate) const SQL: &[Param] = &[
+    Param::req("sql", Kind::Str),
+    Param::opt("user", Kind::Str),
+    Param::opt("password", Kind::Str),
+    Param::opt("database", Kind::Str),
+    Param::opt("timeout", Kind::Duration),
+];
+pub(crate) const STEPS: &[StepDef] = &[StepDef::new("query", SQL), StepDef::new("exec", SQL)];
+
+/// `SSLRequest` and `GSSENCRequest` codes: the client asks to encrypt.
+pub const SSL_REQUEST: u32 = 80_877_103;
+pub const GSS_REQUEST: u32 = 80_877_104;
+
+/// The length a message's 4-byte length field announces (itself
+/// included), checked against what a proxy will hold.
+pub fn length(field: [u8; 4]) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(field) as usize;
+    if len < 4 {
+        return Err(FrameError(format!(
+            "PostgreSQL message length {len} is under 4"
+        )));
+    }
+    if len > MAX_FRAME {
+        return Err(FrameError(format!(
+            "a PostgreSQL message of {len} bytes is over the proxy's limit"
+        )));
+    }
+    Ok(len)
+}
+
+fn sized(buf: &[u8], at: usize) -> Frame {
+    let Some(f) = buf.get(at..at + 4) else {
+        return Ok(None);
+    };
+    let total = at + length([f[0], f[1], f[2], f[3]])?;
+    Ok((buf.len() >= total).then_some(total))
+}
+
+/// One message from the client. Startup-phase messages (startup,
+/// SSLRequest, CancelRequest) have no type byte and start with their
+/// length, whose first byte is 0 for any length a proxy holds; typed
+/// messages start with a letter. So one parser frames the whole stream.
+pub fn frontend_frame(buf: &[u8]) -> Frame {
+    match buf.first() {
+        None => Ok(None),
+        Some(0) => sized(buf, 0),
+        Some(_) => sized(buf, 1),
+    }
+}
+
+/// One message from the server (always typed; the one-byte answer to an
+/// SSLRequest is read by the TLS front, not framed).
+pub fn backend_frame(buf: &[u8]) -> Frame {
+    sized(buf, 1)
+}
+
+/// The SQL of a `Q` or `P` message.
+pub fn sql_of(message: &[u8]) -> Option<&[u8]> {
+    let body = message.get(5..)?;
+    let sql = match message[0] {
+        b'Q' => body,
+        // Parse: statement name, then the query, both NUL-terminated.
+        b'P' => &body[body.iter().position(|c| *c == 0)? + 1..],
+        _ => return None,
+    };
+    Some(&sql[..sql.iter().position(|c| *c == 0).unwrap_or(sql.len())])
+}
+
+/// An ErrorResponse with SQLSTATE `code`.
+pub fn error_response(code: &str, message: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (t, v) in [
+        (b'S', "ERROR"),
+        (b'V', "ERROR"),
+        (b'C', code),
+        (b'M', message),
+    ] {
+        body.push(t);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut out = vec![b'E'];
+    out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// ReadyForQuery, idle.
+pub const READY_IDLE: [u8; 6] = [b'Z', 0, 0, 0, 5, b'I'];
+
+/// What SQL protocols refuse (postgres and mysql share it).
+pub(crate) fn check_sql(protocol: &str, rule: &ProxyRuleDef) -> Result<(), String> {
+    if matches!(rule.action, ProxyAction::Respond { .. }) {
+        return Err(format!(
+            "response() does not apply to {protocol} interfaces (a made-up result set would need its column types); use error(code=..., message=...), drop() or delay(delay=...)"
+        ));
+    }
+    Ok(())
+}
+
+/// The `step_send` fields of a SQL step.
+pub(crate) fn sql_fields(call: &StepCall) -> Fields {
+    let sql = call.str("sql").unwrap_or_default();
+    Fields::from([
+        ("sql".to_string(), sql.chars().take(200).collect()),
+        (
+            "summary".to_string(),
+            format!("→ {}.{} {sql}", call.service, call.method),
+        ),
+    ])
+}
+
+impl Protocol for Postgres {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn steps(&self) -> &'static [StepDef] {
+        STEPS
+    }
+
+    fn step_label(&self) -> &'static str {
+        "postgres step"
+    }
+
+    fn matchers(&self) -> &'static [&'static str] {
+        &["query"]
+    }
+
+    fn matcher_help(&self) -> &'static str {
+        "query= only"
+    }
+
+    fn error_fields(&self) -> &'static [&'static str] {
+        &["code"]
+    }
+
+    fn wire(&self) -> Wire {
+        Wire::Postgres
+    }
+
+    fn check(&self, rule: &ProxyRuleDef) -> Result<(), String> {
+        check_sql("postgres", rule)
+    }
+
+    fn describe_step(&self, call: &StepCall) -> Fields {
+        sql_fields(call)
+    }
+
+    #[cfg(feature = "serve")]
+    fn serve(
+        &self,
+        client: std::net::TcpStream,
+        ctx: &std::sync::Arc<crate::server::Ctx>,
+    ) -> crate::server::Closed {
+        io::serve(client, ctx)
+    }
+
+    #[cfg(feature = "serve")]
+    fn step(&self, call: &StepCall, to: &crate::protocol::Target) -> crate::steps::StepResult {
+        crate::net::sql_step("postgres", call, to)
+    }
+
+    #[cfg(feature = "serve")]
+    fn ready(
+        &self,
+        to: &crate::protocol::Target,
+        timeout: std::time::Duration,
+    ) -> Result<(), String> {
+        crate::net::sql_ready("postgres", to, timeout)
+    }
+}
+
+#[cfg(feature = "serve")]
+mod io {
+    use std::io::Write;
+    use std::net::TcpStream;
+
+    use super::{GSS_REQUEST, READY_IDLE, SSL_REQUEST, error_response, frontend_frame, sql_of};
+    use crate::rules::ProxyAction;
+    use crate::server::{Closed, Ctx, Session, pump, sql_verdict};
+
+    /// After a failed Parse, the rest of that extended-query batch is
+    /// discarded up to its Sync, as a server would. A session that
+    /// switches to TLS is relayed untouched.
+    pub(super) fn serve(client: TcpStream, ctx: &Ctx) -> Closed {
+        let mut s = match Session::open(client, ctx) {
+            Ok(s) => s,
+            Err(reason) => return Closed::new(0, 0, reason),
+        };
+        let mut discarding = false;
+        let reason = loop {
+            let message = match s.reader.next(frontend_frame) {
+                Ok(Some(m)) => m.to_vec(),
+                Ok(None) => break "closed",
+                Err(_) => break "bad message",
+            };
+            s.up += message.len() as u64;
+            if message[0] == 0 {
+                // Startup phase: relayed as it is.
+                if s.upstream.write_all(&message).is_err() {
+                    break "upstream closed";
+                }
+                let code = u32::from_be_bytes([message[4], message[5], message[6], message[7]]);
+                // After an SSL request, a TLS handshake (0x16) means the
+                // session is encrypted from here: relay it blind.
+                if matches!(code, SSL_REQUEST | GSS_REQUEST) {
+                    while s.reader.buffered().is_empty() {
+                        if !matches!(s.reader.fill(), Ok(n) if n > 0) {
+                            break;
+                        }
+                    }
+                    if s.reader.buffered().first() == Some(&0x16) {
+                        let (client, rest) = s.reader.into_parts();
+                        let _ = s.upstream.write_all(&rest);
+                        let Ok(upstream) = s.upstream.try_clone() else {
+                            return Closed::new(s.up, 0, "clone failed");
+                        };
+                        let n = pump(client, upstream);
+                        return Closed::new(
+                            s.up + rest.len() as u64 + n,
+                            s.answers.join().unwrap_or(0),
+                            "tls passthrough",
+                        );
+                    }
+                }
+                continue;
+            }
+            let tag = message[0];
+            if discarding {
+                if tag == b'S' {
+                    discarding = false;
+                    if let Err(r) = s.answer(&READY_IDLE) {
+                        break r;
+                    }
+                }
+                continue;
+            }
+            let Some(sql) = sql_of(&message) else {
+                if s.upstream.write_all(&message).is_err() {
+                    break "upstream closed";
+                }
+                continue;
+            };
+            let verdict = sql_verdict(ctx, &String::from_utf8_lossy(sql));
+            match verdict.action {
+                Some(ProxyAction::Drop { reset }) => break s.drop_client(ctx, reset),
+                Some(ProxyAction::Error {
+                    message: text,
+                    code,
+                    ..
+                }) => {
+                    let mut reply = error_response(code.as_deref().unwrap_or("XX000"), &text);
+                    if tag == b'Q' {
+                        reply.extend_from_slice(&READY_IDLE);
+                    } else {
+                        discarding = true;
+                    }
+                    if let Err(r) = s.answer(&reply) {
+                        break r;
+                    }
+                }
+                _ => {
+                    if s.upstream.write_all(&message).is_err() {
+                        break "upstream closed";
+                    }
+                }
+            }
+        };
+        s.finish(reason)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::testing::every_prefix;
+
+    #[test]
+    fn captured_sessions_frame_on_every_prefix() {
+        // extended-query, pipeline, simple-query
+        let c2s = every_prefix("postgres", "c2s", frontend_frame);
+        assert!(c2s.iter().all(|n| *n >= 3), "{c2s:?}");
+        let s2c = every_prefix("postgres", "s2c", backend_frame);
+        assert!(s2c.iter().all(|n| *n >= 5), "{s2c:?}");
+    }
+
+    #[test]
+    fn the_simple_query_capture_holds_its_statement() {
+        let (_, bytes) = crate::protocol::testing::captured("postgres", "c2s")
+            .into_iter()
+            .find(|(n, _)| n == "simple-query")
+            .expect("capture");
+        let (frames, _) = crate::protocol::split(&bytes, frontend_frame).expect("frames");
+        let sql: Vec<String> = frames
+            .iter()
+            .filter_map(|f| sql_of(f))
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .collect();
+        assert!(sql.iter().any(|s| s.contains("SELECT 1/0")), "{sql:?}");
+    }
+
+    #[test]
+    fn claimed_lengths_are_refused() {
+        assert!(frontend_frame(b"Q\xff\xff\xff\xff").is_err());
+        assert!(frontend_frame(b"Q\0\0\0\x02").is_err());
+        assert_eq!(frontend_frame(b"Q\0\0\0\x09SEL"), Ok(None));
+    }
+}
