@@ -755,4 +755,59 @@ mod tests {
         assert_eq!(answers.1, (200, "hello /fine/2".to_string()));
         proxy.stop();
     }
+
+    #[test]
+    fn http2_steps_go_over_h2c_and_see_the_rules_per_stream() {
+        let upstream = h2_upstream();
+        let proxy =
+            crate::server::Proxy::start("web", "api", "http2", upstream, Arc::new(crate::NoEvents))
+                .expect("proxy");
+        let rule = crate::rules::ProxyRuleDef {
+            action: ProxyAction::Error {
+                status: Some(503),
+                message: "overloaded".into(),
+                code: None,
+                number: None,
+            },
+            method: None,
+            path: Some("/blocked".into()),
+            command: None,
+            key: None,
+            query: None,
+            probability: 1.0,
+            trigger: faultbox_agent::rule::Trigger::Always,
+            label: None,
+        };
+        proxy
+            .rules()
+            .push_front(
+                1,
+                vec![(faultbox_agent::rule::RuleId::in_window(1, "0"), rule)],
+            )
+            .expect("rules");
+        let addr = proxy.listen.to_string();
+        let call = |path: &str| StepCall {
+            service: "web".into(),
+            interface: "api".into(),
+            protocol: "http2".into(),
+            port: 0,
+            method: "get".into(),
+            args: [("path".to_string(), crate::steps::Arg::Str(path.into()))].into(),
+        };
+        let to = Target {
+            addr: &addr,
+            tls: None,
+            env: &[],
+        };
+        let StepResult::Reply(fine) = http2_step(&call("/fine"), &to) else {
+            panic!("a reply");
+        };
+        assert_eq!((fine.status, fine.body.as_str()), (200, "hello /fine"));
+        let StepResult::Reply(blocked) = http2_step(&call("/blocked"), &to) else {
+            panic!("a reply");
+        };
+        assert_eq!(blocked.status, 503);
+        assert!(blocked.body.contains("overloaded"), "{}", blocked.body);
+        proxy.stop();
+    }
 }

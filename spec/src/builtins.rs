@@ -976,8 +976,11 @@ pub(crate) fn topology(builder: &mut GlobalsBuilder) {
                     "interface({name:?}): protocol {protocol:?} is not supported by this build (supported: {supported}); declare it \"tcp\" to proxy its bytes with connection-level faults"
                 )
             } else {
+                let hint = errno::closest(&protocol, faultbox_proxy::protocol::names().into_iter())
+                    .map(|c| format!(" (did you mean {c}?)"))
+                    .unwrap_or_default();
                 format!(
-                    "interface({name:?}): unknown protocol {protocol:?}; supported: {supported}"
+                    "interface({name:?}): unknown protocol {protocol:?}{hint}; supported: {supported}"
                 )
             }));
         }

@@ -45,6 +45,10 @@ pub const STDLIB: &[(&str, &str)] = &[
         "@faultbox/recipes/mysql.star",
         include_str!("../stdlib/recipes/mysql.star"),
     ),
+    (
+        "@faultbox/recipes/memcached.star",
+        include_str!("../stdlib/recipes/memcached.star"),
+    ),
 ];
 
 /// One named failure of the recipe library.

@@ -283,6 +283,132 @@ def test_cache_miss():
     );
 }
 
+#[test]
+fn redis_steps_speak_resp_through_the_proxy_and_see_injected_errors() {
+    let dir = Scratch::new("redis-steps");
+    let text = format!(
+        r#"
+port = free_port()
+cache = service(
+    "cache",
+    "/usr/bin/redis-server",
+    interface("main", "redis", port),
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--dir", "{data}", "--save", ""],
+    healthcheck = ready(),
+)
+
+def test_steps():
+    assert_eq(cache.main.ping().data, "PONG")
+    assert_true(cache.main.set(key = "k", value = "v", ex = 60).ok)
+    assert_eq(cache.main.get(key = "k").data, "v")
+    assert_eq(cache.main.get(key = "missing").data, None)
+    assert_eq(cache.main.incr(key = "n").data, 1)
+    assert_eq(cache.main.rpush(key = "l", value = "a").data, 1)
+    assert_eq(cache.main.lpush(key = "l", value = "b").data, 2)
+    assert_eq(cache.main.lrange(key = "l", start = 0, stop = -1).data, ["b", "a"])
+    assert_eq(cache.main.command("TTL", "k").data, 60)
+    wrong = cache.main.incr(key = "k")
+    assert_true(not wrong.ok)
+    assert_true(wrong.error.startswith("ERR value is not an integer"), wrong.error)
+    assert_eq(cache.main.delete(key = "k").data, 1)
+    assert_eq(getattr(cache.main, "del")(key = "k").data, 0)
+
+def test_injected_error_and_a_rule_that_must_not_fire():
+    def during():
+        return [cache.main.set(key = "a", value = "1"), cache.main.get(key = "b")]
+    got = fault(cache.main, error(command = "SET", message = "READONLY You can't write against a read only replica."), error(command = "GET", key = "other"), run = during)
+    assert_true(not got[0].ok)
+    assert_eq(got[0].error, "READONLY You can't write against a read only replica.")
+    assert_true(got[1].ok, "GET b does not match key=other")
+    assert_eq(cache.main.get(key = "a").data, None, "the refused SET never reached the server")
+    assert_true(cache.main.set(key = "a", value = "2").ok, "the connection and the server are fine after")
+"#,
+        data = dir.path("data"),
+    );
+    std::fs::create_dir_all(dir.path("data")).expect("data dir");
+    let (code, doc, stderr) = run(&dir, &text);
+    assert_eq!(code, 0, "{stderr}\n{doc:#}");
+    let t = test_of(&doc, "test_injected_error_and_a_rule_that_must_not_fire");
+    let hits: Vec<u64> = t["faults"]
+        .as_array()
+        .expect("faults")
+        .iter()
+        .map(|f| f["hits"].as_u64().unwrap_or(99))
+        .collect();
+    assert_eq!(hits, [1, 0], "{t:#}");
+    let sent: Vec<&str> = test_of(&doc, "test_steps")["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["type"] == "step_send")
+        .filter_map(|e| e["fields"]["data"].as_str())
+        .collect();
+    assert!(sent.contains(&"SET k v EX 60"), "{sent:?}");
+}
+
+fn memcached() -> &'static str {
+    let bin = "/usr/bin/memcached";
+    assert!(
+        Path::new(bin).exists(),
+        "memcached is not installed (run scripts/setup)"
+    );
+    bin
+}
+
+#[test]
+fn memcached_faults_answer_with_its_own_error_lines_and_the_connection_lives_on() {
+    let dir = Scratch::new("memcached");
+    let text = format!(
+        r#"
+load("@faultbox/recipes/memcached.star", mc = "memcached")
+port = free_port()
+cache = service(
+    "cache",
+    "{bin}",
+    interface("main", "memcached", port),
+    args = ["-p", str(port), "-l", "127.0.0.1", "-U", "0", "-u", "root"],
+    healthcheck = ready(),
+)
+
+def test_steps():
+    assert_eq(cache.main.set(key = "k", value = "v", ttl = 60).data, "STORED")
+    assert_eq(cache.main.get(key = "k").data, "v")
+    assert_eq(cache.main.get(key = "missing").data, None)
+    assert_eq(cache.main.set(key = "n", value = "5").data, "STORED")
+    assert_eq(cache.main.incr(key = "n", by = 3).data, 8)
+    assert_eq(cache.main.delete(key = "k").data, "DELETED")
+    assert_eq(cache.main.delete(key = "k").data, "NOT_FOUND")
+
+def test_faults():
+    cache.main.set(key = "user:1", value = "alice")
+    def during():
+        return [
+            cache.main.get(key = "user:1"),
+            cache.main.set(key = "other", value = "x"),
+            cache.main.get(key = "session:9"),
+        ]
+    got = fault(cache.main, mc.out_of_memory(command = "set"), response(command = "get", key = "session:*", value = "forged"), error(command = "delete"), run = during)
+    assert_eq(got[0].data, "alice", "get user:1 matches no rule")
+    assert_true(not got[1].ok)
+    assert_eq(got[1].error, "SERVER_ERROR out of memory storing object")
+    assert_eq(got[2].data, "forged")
+    assert_eq(cache.main.get(key = "other").data, None, "the refused set never reached the server")
+    assert_eq(cache.main.get(key = "user:1").data, "alice", "the server is fine after the window")
+"#,
+        bin = memcached(),
+    );
+    let (code, doc, stderr) = run(&dir, &text);
+    assert_eq!(code, 0, "{stderr}\n{doc:#}");
+    let t = test_of(&doc, "test_faults");
+    let hits: Vec<u64> = t["faults"]
+        .as_array()
+        .expect("faults")
+        .iter()
+        .map(|f| f["hits"].as_u64().unwrap_or(99))
+        .collect();
+    assert_eq!(hits, [1, 1, 0], "{t:#}");
+}
+
 /// A fresh MariaDB data directory in `dir/mysql`, owned by mysql.
 fn install_mariadb(dir: &Scratch) -> String {
     let data = dir.path("mysql");

@@ -1,8 +1,10 @@
 //! `memcached`: the text protocol. Commands are matched on their name and
 //! first key (`command=`, `key=`); an injected error is a
-//! `SERVER_ERROR <message>` line, an injected response the item a
-//! retrieval asked for (`VALUE ... END`) or, for other commands, the reply
-//! line given. Steps: `get`, `set`, `delete`, `incr`.
+//! `SERVER_ERROR <message>` line (or the message itself when it already is
+//! a `CLIENT_ERROR`/`SERVER_ERROR`/`ERROR` line), an injected response the
+//! item a retrieval asked for (`VALUE ... END`; a miss without `value=`)
+//! or, for other commands, the reply line given. Steps: `get`, `set`,
+//! `delete`, `incr`.
 
 use serde_json::{Value as Json, json};
 
@@ -158,6 +160,19 @@ pub fn decode(reply: &[u8]) -> Json {
     Json::Object(items)
 }
 
+/// The line `error(message=)` answers with: the message as it is when it
+/// is already one of memcached's error lines, else a `SERVER_ERROR`.
+pub fn error_line(message: &str) -> String {
+    let own = ["SERVER_ERROR", "CLIENT_ERROR", "ERROR"]
+        .iter()
+        .any(|p| message == *p || message.starts_with(&format!("{p} ")));
+    if own {
+        message.to_string()
+    } else {
+        format!("SERVER_ERROR {message}")
+    }
+}
+
 /// The command a step sends.
 fn step_command(call: &StepCall) -> Vec<u8> {
     let key = call.str("key").unwrap_or_default();
@@ -281,10 +296,13 @@ mod io {
     pub(super) fn serve(client: TcpStream, ctx: &Ctx) -> Closed {
         relay_messages(client, ctx, super::command_frame, |s, ctx, wire| {
             let (command, key) = super::command_and_key(wire);
+            // Rules compare command names upper-cased, whatever the case
+            // a protocol writes them in.
+            let upper = command.to_ascii_uppercase();
             let verdict = decide(
                 ctx,
                 &Request {
-                    command: &command,
+                    command: &upper,
                     key: &key,
                     ..Request::default()
                 },
@@ -294,7 +312,10 @@ mod io {
             let reply = match verdict.action {
                 Some(ProxyAction::Drop { reset }) => return Err(s.drop_client(ctx, reset)),
                 Some(ProxyAction::Error { message, .. }) => {
-                    Some(format!("SERVER_ERROR {message}\r\n"))
+                    Some(format!("{}\r\n", super::error_line(&message)))
+                }
+                Some(ProxyAction::Respond { body, .. }) if retrieval && body.is_empty() => {
+                    Some("END\r\n".to_string())
                 }
                 Some(ProxyAction::Respond { body, .. }) if retrieval => {
                     Some(format!("VALUE {key} 0 {}\r\n{body}\r\nEND\r\n", body.len()))

@@ -1,8 +1,9 @@
 //! `redis`: RESP. Commands are matched on their name and first argument
 //! (`command=`, `key=`); an injected error is a `-message` reply, an
 //! injected response a bulk string (or nil). Steps speak RESP too:
-//! `get`, `set`, `del`, `incr`, `ping`, `lpush`, `rpush`, `lrange`,
-//! `command(*args)`, and the raw line `send`.
+//! `get`, `set`, `delete` (Redis's DEL: `del` is a reserved word in
+//! Starlark), `incr`, `ping`, `lpush`, `rpush`, `lrange`, `command(*args)`,
+//! and the raw line `send`.
 
 use serde_json::{Value as Json, json};
 
@@ -38,6 +39,9 @@ const NONE: &[Param] = &[Param::opt("timeout", Kind::Duration)];
 const STEPS: &[StepDef] = &[
     StepDef::new("get", KEY),
     StepDef::new("set", SET),
+    // `del` is a reserved word in Starlark (`x.del(...)` does not parse):
+    // the step is `delete`, and `getattr(iface, "del")` reaches it too.
+    StepDef::new("delete", KEY),
     StepDef::new("del", KEY),
     StepDef::new("incr", KEY),
     StepDef::new("ping", NONE),
@@ -194,7 +198,8 @@ pub fn encode(args: &[String]) -> Vec<u8> {
 fn step_args(call: &StepCall) -> Vec<String> {
     let s = |k: &str| call.str(k).unwrap_or_default().to_string();
     match call.method.as_str() {
-        "get" | "del" | "incr" => vec![call.method.to_ascii_uppercase(), s("key")],
+        "get" | "incr" => vec![call.method.to_ascii_uppercase(), s("key")],
+        "delete" | "del" => vec!["DEL".into(), s("key")],
         "set" => {
             let mut a = vec!["SET".into(), s("key"), s("value")];
             if let Some(ex) = call.int("ex") {
