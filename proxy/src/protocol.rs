@@ -93,6 +93,11 @@ pub trait Protocol: Sync {
         Wire::Direct
     }
 
+    /// Whether it is carried in datagrams (UDP) rather than a stream.
+    fn datagrams(&self) -> bool {
+        false
+    }
+
     /// Whether `drop()` resets the connection unless told otherwise.
     fn resets_on_drop(&self) -> bool {
         false
@@ -134,6 +139,7 @@ pub static REGISTRY: &[&dyn Protocol] = &[
     &protocols::postgres::Postgres,
     &protocols::mysql::Mysql,
     &protocols::memcached::Memcached,
+    &protocols::udp::Udp,
 ];
 
 /// The protocol named `name`.

@@ -6,6 +6,7 @@
 //! is the fastest plain relay on these machines (see docs/benchmarks.md),
 //! and a test's traffic is a handful of connections.
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -28,8 +29,9 @@ pub struct Proxy {
     pub upstream: SocketAddr,
     rules: Arc<Mutex<RuleSet>>,
     stop: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<TcpStream>>>,
+    conns: Arc<Mutex<HashMap<u64, TcpStream>>>,
     accept: Option<JoinHandle<()>>,
+    datagrams: bool,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -44,12 +46,32 @@ pub struct Ctx {
     pub(crate) upstream: SocketAddr,
     pub(crate) rules: Arc<Mutex<RuleSet>>,
     events: Arc<dyn EventSink>,
-    conns: Arc<Mutex<Vec<TcpStream>>>,
+    /// The open client connections by id, so `stop` can cut them. Each
+    /// leaves the map when it ends: a closed connection keeps no fd.
+    conns: Arc<Mutex<HashMap<u64, TcpStream>>>,
     next_conn: AtomicU64,
-    stop: Arc<AtomicBool>,
+    pub(crate) stop: Arc<AtomicBool>,
 }
 
 impl Ctx {
+    fn conn_open(&self, id: u64, client: &str) {
+        self.events.emit(
+            "proxy_conn_open",
+            &self.service,
+            fields([
+                ("interface", self.interface.clone()),
+                ("protocol", self.protocol.name().to_string()),
+                ("client", client.to_string()),
+                ("conn_id", id.to_string()),
+            ]),
+        );
+    }
+
+    /// A datagram client seen for the first time.
+    pub(crate) fn conn_opened(&self, client: &str) {
+        self.conn_open(self.next_conn.fetch_add(1, Ordering::SeqCst), client);
+    }
+
     /// Records the rules of `v` that fired on request `what`.
     pub(crate) fn fired(&self, v: &Verdict, what: &str) {
         for (id, action) in &v.fired {
@@ -88,11 +110,10 @@ impl Proxy {
                 ),
             )
         })?;
-        let listener = TcpListener::bind(("127.0.0.1", 0))?;
-        let listen = listener.local_addr()?;
+
         let rules = Arc::new(Mutex::new(RuleSet::default()));
         let stop = Arc::new(AtomicBool::new(false));
-        let conns = Arc::new(Mutex::new(Vec::new()));
+        let conns = Arc::new(Mutex::new(HashMap::new()));
         let ctx = Arc::new(Ctx {
             service: service.to_string(),
             interface: interface.to_string(),
@@ -104,9 +125,19 @@ impl Proxy {
             next_conn: AtomicU64::new(1),
             stop: Arc::clone(&stop),
         });
-        let accept = std::thread::Builder::new()
-            .name(format!("proxy {service}.{interface}"))
-            .spawn(move || accept_loop(listener, ctx))?;
+        let thread = std::thread::Builder::new().name(format!("proxy {service}.{interface}"));
+        let (listen, accept) = if proto.datagrams() {
+            let sock = std::net::UdpSocket::bind(("127.0.0.1", 0))?;
+            let listen = sock.local_addr()?;
+            (
+                listen,
+                thread.spawn(move || crate::protocols::udp::io::relay(sock, ctx))?,
+            )
+        } else {
+            let listener = TcpListener::bind(("127.0.0.1", 0))?;
+            let listen = listener.local_addr()?;
+            (listen, thread.spawn(move || accept_loop(listener, ctx))?)
+        };
         Ok(Proxy {
             service: service.to_string(),
             interface: interface.to_string(),
@@ -117,6 +148,7 @@ impl Proxy {
             stop,
             conns,
             accept: Some(accept),
+            datagrams: proto.datagrams(),
         })
     }
 
@@ -128,9 +160,11 @@ impl Proxy {
     /// Stops accepting and cuts every open connection.
     pub fn stop(mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop.
-        let _ = TcpStream::connect_timeout(&self.listen, Duration::from_millis(200));
-        for c in lock(&self.conns).drain(..) {
+        // Wake the accept loop (a datagram relay wakes on its own tick).
+        if !self.datagrams {
+            let _ = TcpStream::connect_timeout(&self.listen, Duration::from_millis(200));
+        }
+        for (_, c) in lock(&self.conns).drain() {
             let _ = c.shutdown(Shutdown::Both);
         }
         if let Some(a) = self.accept.take() {
@@ -160,20 +194,12 @@ fn serve(client: TcpStream, ctx: &Arc<Ctx>) {
         .map(|a| a.to_string())
         .unwrap_or_default();
     if let Ok(c) = client.try_clone() {
-        lock(&ctx.conns).push(c);
+        lock(&ctx.conns).insert(id, c);
     }
-    ctx.events.emit(
-        "proxy_conn_open",
-        &ctx.service,
-        fields([
-            ("interface", ctx.interface.clone()),
-            ("protocol", ctx.protocol.name().to_string()),
-            ("client", peer),
-            ("conn_id", id.to_string()),
-        ]),
-    );
+    ctx.conn_open(id, &peer);
     let started = Instant::now();
     let Closed { up, down, reason } = ctx.protocol.serve(client, ctx);
+    lock(&ctx.conns).remove(&id);
     ctx.events.emit(
         "proxy_conn_close",
         &ctx.service,
@@ -628,5 +654,64 @@ mod tests {
         );
         assert!(got.contains("connection: keep-alive\r\n"), "{got}");
         proxy.stop();
+    }
+
+    fn open_fds() -> usize {
+        std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+    }
+
+    /// An upstream that answers every line with `+OK` (valid for the tcp
+    /// line step and as a Redis reply alike) and closes with its client.
+    fn ok_server() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            for c in listener.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut r = BufReader::new(c.try_clone().expect("clone"));
+                    let mut w = c;
+                    let mut line = String::new();
+                    while r.read_line(&mut line).is_ok_and(|n| n > 0) {
+                        if w.write_all(b"+OK\r\n").is_err() {
+                            break;
+                        }
+                        line.clear();
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn closed_connections_leave_no_descriptor_behind() {
+        let upstream = ok_server();
+        for protocol in ["tcp", "redis", "http", "memcached"] {
+            let proxy = Proxy::start("svc", "main", protocol, upstream, Arc::new(crate::NoEvents))
+                .expect("proxy");
+            let before = open_fds();
+            let request: &[u8] = if protocol == "http" {
+                b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+            } else {
+                b"PING\r\n"
+            };
+            for _ in 0..2_000 {
+                let mut c = TcpStream::connect(proxy.listen).expect("connect");
+                let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+                let _ = c.write_all(request);
+                let mut buf = [0u8; 8];
+                let _ = c.read(&mut buf);
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while open_fds() > before + 8 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert!(
+                open_fds() <= before + 8,
+                "{protocol}: {} fds open after 2,000 closed connections, {before} before",
+                open_fds()
+            );
+            proxy.stop();
+        }
     }
 }

@@ -296,7 +296,6 @@ fn remote_upstreams(
 /// Protocols the original project names that this build has no proxy,
 /// steps or probe for: refused at load, with a way out.
 const NOT_IN_THIS_BUILD: &[&str] = &[
-    "udp",
     "kafka",
     "nats",
     "mongodb",

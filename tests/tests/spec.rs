@@ -1120,6 +1120,59 @@ def test_env_points_at_the_proxy():
 }
 
 #[test]
+fn udp_interfaces_relay_datagrams_and_delay_drop_and_duplicate_them() {
+    let dir = Scratch::new("spec-udp");
+    let port = free_port();
+    let text = format!(
+        r#"
+echo = service(
+    "echo",
+    "{helper}",
+    interface("dgram", "udp", {port}),
+    args = ["udp-echo", "{port}"],
+    healthcheck = ready(),
+)
+
+def test_udp():
+    assert_eq(echo.dgram.send(data = "hi"), "echo hi")
+    slow = fault(echo.dgram, delay(delay = "300ms", method = "slow"), run = lambda: echo.dgram.send(data = "slow one"))
+    assert_eq(slow, "echo slow one")
+    # The relay decides datagrams in arrival order, so a send that waits
+    # for its answer is a barrier for the fire-and-forget one before it.
+    def then_count(data):
+        return lambda: [echo.dgram.send_no_reply(data = data), echo.dgram.send(data = "COUNT")][1]
+    fault(echo.dgram, duplicate(method = "twice"), run = then_count("twice"))
+    got = fault(echo.dgram, drop(method = "lost"), run = then_count("lost"))
+    # ready()'s empty probe datagram, hi, slow one, twice twice; lost never arrived
+    assert_eq(got, "count 5")
+"#,
+        helper = helper(),
+    );
+    let run = run_spec(&dir, &text, &["--format", "json"]);
+    assert_eq!(run.code, 0, "{}\n{}", run.stderr, run.stdout);
+    let doc = json(&run);
+    let t = test_named(&doc, "test_udp");
+    let hits: Vec<u64> = t["faults"]
+        .as_array()
+        .expect("faults")
+        .iter()
+        .map(|f| f["hits"].as_u64().unwrap_or(99))
+        .collect();
+    assert_eq!(hits, [1, 1, 1], "{t:#}");
+    let slow = t["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .find(|e| e["type"] == "step_recv" && e["fields"]["body"] == "echo slow one")
+        .expect("the slow answer");
+    let ms: u64 = slow["fields"]["duration_ms"]
+        .as_str()
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(0);
+    assert!(ms >= 300, "the datagram was held: {ms} ms");
+}
+
+#[test]
 fn protocol_rules_a_protocol_cannot_apply_are_refused() {
     // Written out in a fault window: refused when the spec loads (exit 1,
     // the file and line named, nothing started).

@@ -8,3 +8,4 @@ pub mod mysql;
 pub mod postgres;
 pub mod redis;
 pub mod tcp;
+pub mod udp;

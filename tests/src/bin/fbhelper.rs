@@ -181,6 +181,9 @@ fn main() {
         }
         // serve PORT [WAL] : a line-protocol TCP server (see `serve`)
         "serve" => serve(arg(&args, 1, "port"), args.get(2).cloned()),
+        // udp-echo PORT : answers each datagram with `echo <it>`; `COUNT`
+        // answers how many datagrams came before it
+        "udp-echo" => udp_echo(arg(&args, 1, "port")),
         // exit N : exit with code N
         "exit" => std::process::exit(arg(&args, 1, "code")),
         // pid : print our pid as the target sees it
@@ -216,6 +219,25 @@ fn main() {
 /// server serves `http(...)` healthchecks and HTTP steps; `GET /exit`
 /// makes the process exit with code 3 without answering; `GET /env/NAME`
 /// answers the variable's value in the `env` field.
+fn udp_echo(port: u16) {
+    let sock = must("bind", UdpSocket::bind(("127.0.0.1", port)));
+    let mut seen = 0u64;
+    let mut buf = [0u8; 2048];
+    loop {
+        let Ok((n, from)) = sock.recv_from(&mut buf) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&buf[..n]).trim_end().to_string();
+        let answer = if text == "COUNT" {
+            format!("count {seen}")
+        } else {
+            seen += 1;
+            format!("echo {text}")
+        };
+        let _ = sock.send_to(answer.as_bytes(), from);
+    }
+}
+
 fn append_synced(path: &str, text: &str) -> std::io::Result<()> {
     let mut f = OpenOptions::new().create(true).append(true).open(path)?;
     f.write_all(text.as_bytes())?;
