@@ -3,6 +3,7 @@
 //! trace, verdicts and reports. The language is `faultbox-spec`; the
 //! proxies are `faultbox-proxy`.
 
+pub mod backend;
 pub mod report;
 pub mod runtime;
 pub mod shim;

@@ -13,7 +13,6 @@ use faultbox_agent::glob::Glob;
 use faultbox_agent::process;
 use faultbox_agent::rule::{Rule, RuleId};
 use faultbox_agent::syscalls::Arch;
-use faultbox_agent::wire::{Isolation, LaunchSpec, OnDisconnect};
 
 use faultbox_proxy::TlsSpec;
 use faultbox_proxy::net;
@@ -26,6 +25,7 @@ use faultbox_spec::host::{AssertionDetail, TestHost};
 use faultbox_spec::model::{Healthcheck, ServiceDef, start_order};
 use faultbox_spec::values::{FaultValue, proxy_placeholder};
 
+use crate::backend::{Backend, Instance, Launch, Process, Remote};
 use crate::shim::{ExitInfo, Shim, ShimEvent};
 use crate::trace::{Event, Trace, fields};
 
@@ -111,8 +111,7 @@ struct TlsRelays {
 }
 
 struct Running {
-    shim: Option<Shim>,
-    log: PathBuf,
+    instance: Box<dyn Instance>,
 }
 
 /// The state of one test while it runs; shared by the body, the shim
@@ -248,97 +247,46 @@ impl TestRun {
             message,
             healthcheck_timeout: false,
         };
-        if def.is_remote() {
-            return self.attach_remote(def);
-        }
-        let program = resolve_binary(&def.binary, spec_dir)
-            .map_err(|e| err(format!("service {:?}: {e}", def.name)))?;
-        for iface in &def.interfaces {
-            if port_open(iface.port, Duration::from_millis(200)) {
-                return Err(err(format!(
-                    "port {} of {}.{} is already in use by another process (stop it, or declare another port)",
-                    iface.port, def.name, iface.name
-                )));
-            }
-        }
-        let mut env: BTreeMap<String, String> = std::env::vars().collect();
+        let backend: &dyn Backend = if def.is_remote() { &Remote } else { &Process };
+        let mut env = BTreeMap::new();
         for (k, v) in &def.env {
             env.insert(k.clone(), self.rewrite_env_value(&def.name, v));
         }
         env.extend(self.address_vars());
-        let program_text = program.to_string_lossy().into_owned();
-        let mut argv = vec![program_text.clone()];
-        argv.extend(def.args.iter().cloned());
-        let spec = LaunchSpec {
-            program: program_text,
-            argv,
-            env: env.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
-            cwd: None,
-            intercept: self.intercept.clone(),
-            rules: Vec::new(),
-            seed: faultbox_agent::engine::derive_seed(self.seed, &def.name),
-            // Services must reach each other and be reached by steps, so
-            // they keep the host network.
-            isolation: Isolation {
-                namespaces: true,
-                network: false,
-            },
-            on_disconnect: OnDisconnect::StopTarget,
-            stop_grace_ms: self.config.stop_grace.as_millis() as u64,
-            user: def.user.clone(),
-        };
         let log = self
             .config
             .log_dir
             .join(format!("{}.{}.log", self.name, def.name));
-        let callback = self.event_sink(def);
-        let shim = Shim::launch(&self.config.shim, spec, &log, callback).map_err(|e| {
-            err(format!(
-                "service {:?} did not start: {}",
-                def.name, e.message
-            ))
-        })?;
-        self.trace.emit(
-            "service_started",
-            &def.name,
-            fields([("pid", shim.pid.to_string())]),
-        );
-        lock(&self.running).insert(
-            def.name.clone(),
-            Running {
-                shim: Some(shim),
+        let instance = backend
+            .start(Launch {
+                def,
+                env,
                 log: log.clone(),
-            },
-        );
-        if let Some(check) = &def.healthcheck {
-            self.wait_healthy(def, check, &log)?;
-            self.trace.emit(
-                "service_ready",
-                &def.name,
-                fields([("healthcheck", check.describe())]),
-            );
-        }
-        self.start_proxies(def)
-    }
-
-    /// A remote service: nothing to launch; its healthcheck runs against
-    /// the remote address, then its interfaces are proxied to it.
-    fn attach_remote(&self, def: &ServiceDef) -> Result<(), StartError> {
-        let targets: Vec<String> = def.remote.values().cloned().collect();
+                spec_dir,
+                intercept: &self.intercept,
+                seed: faultbox_agent::engine::derive_seed(self.seed, &def.name),
+                shim: &self.config.shim,
+                stop_grace: self.config.stop_grace,
+                on_event: self.event_sink(def),
+            })
+            .map_err(err)?;
         self.trace.emit(
             "service_started",
             &def.name,
-            fields([("remote", targets.join(","))]),
+            instance
+                .started()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
         );
+        lock(&self.running).insert(def.name.clone(), Running { instance });
         if let Some(check) = &def.healthcheck {
-            let log = self
-                .config
-                .log_dir
-                .join(format!("{}.{}.log", self.name, def.name));
             self.wait_healthy(def, check, &log).map_err(|mut e| {
-                e.message.push_str(
-                    "; a remote service must be reachable from this machine (kubectl port-forward, a VPN, or running faultbox in the cluster)",
-                );
+                if def.is_remote() {
+                    e.message.push_str(
+                        "; a remote service must be reachable from this machine (kubectl port-forward, a VPN, or running faultbox in the cluster)",
+                    );
+                }
                 e
             })?;
             self.trace.emit(
@@ -347,13 +295,6 @@ impl TestRun {
                 fields([("healthcheck", check.describe())]),
             );
         }
-        lock(&self.running).insert(
-            def.name.clone(),
-            Running {
-                shim: None,
-                log: PathBuf::new(),
-            },
-        );
         self.start_proxies(def)
     }
 
@@ -369,18 +310,11 @@ impl TestRun {
             if !faultbox_proxy::rules::proxied(&iface.protocol) {
                 continue;
             }
-            let upstream = match def.remote.get(&iface.name) {
-                Some(addr) => net::resolve(addr)
-                    .ok()
-                    .and_then(|a| a.first().copied())
-                    .ok_or_else(|| {
-                        err(format!(
-                            "{}.{}: remote address {addr} does not resolve",
-                            def.name, iface.name
-                        ))
-                    })?,
-                None => std::net::SocketAddr::from(([127, 0, 0, 1], iface.port)),
-            };
+            let upstream = lock(&self.running)
+                .get(&def.name)
+                .ok_or_else(|| format!("service {:?} is not running", def.name))
+                .and_then(|r| r.instance.endpoint(iface))
+                .map_err(err)?;
             let key = (def.name.clone(), iface.name.clone());
             let Some(tls) = &iface.tls else {
                 let proxy = Proxy::start(
@@ -479,10 +413,20 @@ impl TestRun {
     /// Where the test reaches `service.interface`: its proxy when one
     /// runs, the service itself otherwise.
     pub fn step_addr(&self, service: &str, interface: &str, port: u16) -> String {
-        match self.public_addr(service, interface) {
-            Some(a) => a.to_string(),
-            None => format!("127.0.0.1:{port}"),
+        if let Some(a) = self.public_addr(service, interface) {
+            return a.to_string();
         }
+        self.endpoint(service, interface)
+            .map_or_else(|| format!("localhost:{port}"), |a| a.to_string())
+    }
+
+    /// Where the backend says `service.interface` is.
+    fn endpoint(&self, service: &str, interface: &str) -> Option<std::net::SocketAddr> {
+        let def = self.service(service)?;
+        let iface = def.interfaces.iter().find(|i| i.name == interface)?;
+        lock(&self.running)
+            .get(service)
+            .and_then(|r| r.instance.endpoint(iface).ok())
     }
 
     /// The TLS configuration steps use for `service.interface`, if it has
@@ -691,7 +635,11 @@ impl TestRun {
             }
             let left = timeout.saturating_sub(started.elapsed());
             let attempt = left.min(Duration::from_secs(2));
-            match probe(check, def, attempt) {
+            let ready_at = def
+                .interfaces
+                .first()
+                .and_then(|i| self.endpoint(&def.name, &i.name));
+            match probe(check, def, ready_at, attempt) {
                 Ok(()) => return Ok(()),
                 Err(e) => last_error = e,
             }
@@ -723,8 +671,7 @@ impl TestRun {
     fn exit_of(&self, service: &str) -> Option<ExitInfo> {
         lock(&self.running)
             .get(service)
-            .and_then(|r| r.shim.as_ref())
-            .and_then(Shim::exited)
+            .and_then(|r| r.instance.exited())
     }
 
     fn event_sink(&self, def: &ServiceDef) -> Box<dyn Fn(ShimEvent) + Send> {
@@ -803,7 +750,7 @@ impl TestRun {
         let running = lock(&self.running);
         let pending: Vec<(&Shim, u64)> = running
             .values()
-            .filter_map(|r| r.shim.as_ref())
+            .filter_map(|r| r.instance.shim())
             .filter(|shim| shim.exited().is_none())
             .filter_map(|shim| shim.request_sync().map(|t| (shim, t)))
             .collect();
@@ -911,7 +858,7 @@ impl TestRun {
         let running = lock(&self.running);
         let shim = running
             .get(service)
-            .and_then(|r| r.shim.as_ref())
+            .and_then(|r| r.instance.shim())
             .ok_or_else(|| format!("service {service:?} is not running"))?;
         if shim.exited().is_some() {
             return Err(format!("service {service:?} has exited"));
@@ -947,7 +894,7 @@ impl TestRun {
         // counters (and every event decided so far).
         let stats: Vec<Option<RuleStats>> = {
             let running = lock(&self.running);
-            let shim = running.get(&service).and_then(|r| r.shim.as_ref());
+            let shim = running.get(&service).and_then(|r| r.instance.shim());
             if let Some(shim) = shim {
                 shim.sync(Duration::from_secs(2));
             }
@@ -1049,7 +996,7 @@ impl TestRun {
     pub fn settle_exits(&self) {
         let running = lock(&self.running);
         for r in running.values() {
-            if let Some(shim) = &r.shim
+            if let Some(shim) = r.instance.shim()
                 && shim.exited().is_none()
                 && shim.target_gone()
             {
@@ -1069,16 +1016,12 @@ impl TestRun {
             .collect()
     }
 
-    /// Every service exit seen during the test.
-    pub fn crashes(&self) -> Vec<Crash> {
-        lock(&self.crashes).clone()
-    }
-
     /// Stops every service, dependents first, and waits for their ports
     /// to close. Returns ports still taken afterwards.
     pub fn stop_services(&self) -> Vec<String> {
         self.stopping.store(true, Ordering::SeqCst);
         let order = start_order(&self.services).unwrap_or_default();
+        let mut busy = Vec::new();
         for i in order.into_iter().rev() {
             let def = &self.services[i];
             for p in take_service(&self.proxies, &def.name) {
@@ -1088,35 +1031,12 @@ impl TestRun {
                 r.front.stop();
                 r.back.stop();
             }
-            let shim = lock(&self.running)
-                .get_mut(&def.name)
-                .and_then(|r| r.shim.take());
-            if let Some(shim) = shim {
-                shim.stop(self.config.stop_grace);
-            }
-        }
-        let mut busy = Vec::new();
-        for def in &self.services {
-            if def.is_remote() || !lock(&self.running).contains_key(&def.name) {
-                continue;
-            }
-            for iface in &def.interfaces {
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while port_open(iface.port, Duration::from_millis(100)) {
-                    if Instant::now() > deadline {
-                        busy.push(format!("{}.{} (port {})", def.name, iface.name, iface.port));
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
+            let running = lock(&self.running).remove(&def.name);
+            if let Some(r) = running {
+                busy.extend(r.instance.stop(self.config.stop_grace));
             }
         }
         busy
-    }
-
-    /// The output file of a service in this test.
-    pub fn log_of(&self, service: &str) -> Option<PathBuf> {
-        lock(&self.running).get(service).map(|r| r.log.clone())
     }
 
     /// A snapshot of the log.
@@ -1344,21 +1264,21 @@ fn env_name(name: &str) -> String {
         .collect()
 }
 
-/// Whether something accepts connections on 127.0.0.1:`port`.
-pub fn port_open(port: u16, timeout: Duration) -> bool {
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    std::net::TcpStream::connect_timeout(&addr, timeout).is_ok()
-}
-
-/// One healthcheck attempt.
-pub fn probe(check: &Healthcheck, def: &ServiceDef, timeout: Duration) -> Result<(), String> {
+/// One healthcheck attempt; `ready()` probes `ready_at`, where the
+/// backend says the service's first interface is.
+pub fn probe(
+    check: &Healthcheck,
+    def: &ServiceDef,
+    ready_at: Option<std::net::SocketAddr>,
+    timeout: Duration,
+) -> Result<(), String> {
     let timeout = timeout.max(Duration::from_millis(50));
     match check {
         Healthcheck::Ready { .. } => {
-            let Some(iface) = def.interfaces.first() else {
+            let (Some(iface), Some(at)) = (def.interfaces.first(), ready_at) else {
                 return Err("ready() needs the service to declare an interface".into());
             };
-            let addr = format!("127.0.0.1:{}", iface.port);
+            let addr = at.to_string();
             let target = Target {
                 addr: &addr,
                 tls: None,
