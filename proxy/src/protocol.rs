@@ -8,8 +8,6 @@
 //! accepts, its fault answers, its steps and `ready()` probe), and one
 //! line in [`REGISTRY`].
 
-use std::time::Duration;
-
 use crate::Fields;
 use crate::protocols;
 use crate::rules::ProxyRuleDef;
@@ -126,7 +124,7 @@ pub trait Protocol: Sync {
 
     /// `ready()`: whether the service answers its own protocol.
     #[cfg(feature = "serve")]
-    fn ready(&self, to: &Target, timeout: Duration) -> Result<(), String>;
+    fn ready(&self, to: &Target, timeout: std::time::Duration) -> Result<(), String>;
 }
 
 /// Every protocol of this build, in the order `interface()` lists them.

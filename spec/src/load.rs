@@ -157,7 +157,8 @@ pub fn globals() -> Globals {
         LibraryExtension::Filter,
     ])
     .with(builtins::topology)
-    .with(builtins::faults)
+    .with(builtins::syscall_faults)
+    .with(builtins::protocol_faults)
     .with(builtins::assertions)
     .with(builtins::files)
     .with(builtins::not_in_this_build)

@@ -1,0 +1,324 @@
+//! Assertions and events: `assert_true`, `assert_eq`, `assert_eventually`,
+//! `assert_never`, `assert_before`, `events`.
+
+#[allow(unused_imports)]
+use super::*;
+
+fn filter_from(a: &Args, skip: &[&str]) -> Res<Filter> {
+    let mut conditions = Vec::new();
+    for (k, v) in &a.named {
+        if skip.contains(&k.as_str()) {
+            continue;
+        }
+        let text = match v.unpack_str() {
+            Some(s) => s.to_string(),
+            None => v.to_str(),
+        };
+        conditions.push((k.clone(), text));
+    }
+    Ok(Filter { conditions })
+}
+
+fn dict_filter<'v>(a: &Args<'v>, v: Value<'v>, key: &str) -> Res<Filter> {
+    let d = DictRef::from_value(v)
+        .ok_or_else(|| err(format!("{}(): {key} must be a dict of filters", a.builtin)))?;
+    let mut conditions = Vec::new();
+    for (k, v) in d.iter() {
+        let k = a.string(k, key)?;
+        let text = v
+            .unpack_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| v.to_str());
+        conditions.push((k, text));
+    }
+    Ok(Filter { conditions })
+}
+
+/// The events that satisfy `filter` and, when given, the `where` predicate.
+fn matching<'v>(
+    eval: &mut Evaluator<'v, '_, '_>,
+    events: Vec<Event>,
+    filter: &Filter,
+    pred: Option<Value<'v>>,
+) -> Res<Vec<Event>> {
+    let mut out = Vec::new();
+    for e in events {
+        if !filter.matches(&e) {
+            continue;
+        }
+        if let Some(p) = pred {
+            let arg = eval.heap().alloc(EventValue { event: e.clone() });
+            if !eval.eval_function(p, &[arg], &[])?.to_bool() {
+                continue;
+            }
+        }
+        out.push(e);
+    }
+    Ok(out)
+}
+
+fn count_assertion(eval: &Evaluator) -> Option<Arc<dyn TestHost>> {
+    let run = ctx(eval).ok()?.run.clone()?;
+    run.count_assertion();
+    Some(run)
+}
+
+fn assertion_failed(
+    eval: &Evaluator,
+    run: Option<&Arc<dyn TestHost>>,
+    mut detail: AssertionDetail,
+    message: String,
+) -> starlark::Error {
+    let (file, line) = call_site(eval);
+    detail.file = file;
+    detail.line = line;
+    if let Some(run) = run {
+        run.record_assertion(detail);
+    }
+    err(message)
+}
+
+fn describe_event(e: &Event) -> String {
+    let mut parts = vec![format!("service={}", e.service), format!("type={}", e.kind)];
+    for k in ["syscall", "decision", "path"] {
+        if let Some(v) = e.fields.get(k) {
+            parts.push(format!("{k}={v}"));
+        }
+    }
+    parts.join(" ")
+}
+
+#[starlark_module]
+pub(crate) fn assertions(builder: &mut GlobalsBuilder) {
+    /// `assert_true(cond, message=None)`.
+    fn assert_true<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<NoneType> {
+        let a = Args::new("assert_true", args, kwargs)?;
+        a.check(2, &["cond", "message", "msg"])?;
+        let cond = a.required(0, "cond")?;
+        let message = a.arg(1, "message")?.or_else(|| a.named("msg")).map(text_of);
+        let run = count_assertion(eval);
+        if cond.to_bool() {
+            return Ok(NoneType);
+        }
+        let text = match &message {
+            Some(m) => format!("assert_true: {m}"),
+            None => format!("assert_true: {} is not true", cond.to_repr()),
+        };
+        Err(assertion_failed(
+            eval,
+            run.as_ref(),
+            AssertionDetail {
+                func: "assert_true".into(),
+                expected: Some("True".into()),
+                actual: Some(cond.to_repr()),
+                message,
+                ..Default::default()
+            },
+            text,
+        ))
+    }
+
+    /// `assert_eq(actual, expected, message=None)`.
+    fn assert_eq<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<NoneType> {
+        let a = Args::new("assert_eq", args, kwargs)?;
+        a.check(3, &["actual", "expected", "message", "msg"])?;
+        let actual = a.required(0, "actual")?;
+        let expected = a.required(1, "expected")?;
+        let message = a.arg(2, "message")?.or_else(|| a.named("msg")).map(text_of);
+        let run = count_assertion(eval);
+        if actual.equals(expected)? {
+            return Ok(NoneType);
+        }
+        let mut text = format!(
+            "assert_eq failed: {} != {}",
+            actual.to_repr(),
+            expected.to_repr()
+        );
+        if let Some(m) = &message {
+            text.push_str(&format!(" ({m})"));
+        }
+        Err(assertion_failed(
+            eval,
+            run.as_ref(),
+            AssertionDetail {
+                func: "assert_eq".into(),
+                expected: Some(expected.to_repr()),
+                actual: Some(actual.to_repr()),
+                message,
+                ..Default::default()
+            },
+            text,
+        ))
+    }
+
+    /// `assert_eventually(where=fn, timeout="0s", **filters)`: some event
+    /// matches (waiting up to `timeout` for it).
+    fn assert_eventually<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<NoneType> {
+        let a = Args::new("assert_eventually", args, kwargs)?;
+        if !a.pos.is_empty() {
+            return Err(err("assert_eventually(): takes keyword filters only"));
+        }
+        let filter = filter_from(&a, &["where", "timeout", "message"])?;
+        let pred = a
+            .named("where")
+            .map(|v| a.callable(v, "where"))
+            .transpose()?;
+        let timeout = a.duration_or("timeout", Duration::ZERO)?;
+        let run = run_of(eval, "assert_eventually")?;
+        run.count_assertion();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let found = matching(eval, run.events(), &filter, pred)?;
+            if let Some(e) = found.first() {
+                if e.kind == "service_exited" {
+                    run.acknowledge_exit(&e.service);
+                }
+                return Ok(NoneType);
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let what = if pred.is_some() {
+            format!("where=<fn>, {}", filter.describe())
+        } else {
+            filter.describe()
+        };
+        Err(assertion_failed(
+            eval,
+            Some(&run),
+            AssertionDetail {
+                func: "assert_eventually".into(),
+                expected: Some(what.clone()),
+                message: a.named("message").map(|v| v.to_str()),
+                ..Default::default()
+            },
+            format!("assert_eventually: no matching event found (filters: {what})"),
+        ))
+    }
+
+    /// `assert_never(where=fn, **filters)`: no event matches.
+    fn assert_never<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<NoneType> {
+        let a = Args::new("assert_never", args, kwargs)?;
+        if !a.pos.is_empty() {
+            return Err(err("assert_never(): takes keyword filters only"));
+        }
+        let filter = filter_from(&a, &["where", "message"])?;
+        let pred = a
+            .named("where")
+            .map(|v| a.callable(v, "where"))
+            .transpose()?;
+        let run = run_of(eval, "assert_never")?;
+        run.count_assertion();
+        let found = matching(eval, run.events(), &filter, pred)?;
+        match found.first() {
+            None => Ok(NoneType),
+            Some(e) => Err(assertion_failed(
+                eval,
+                Some(&run),
+                AssertionDetail {
+                    func: "assert_never".into(),
+                    actual: Some(describe_event(e)),
+                    message: a.named("message").map(|v| v.to_str()),
+                    ..Default::default()
+                },
+                format!(
+                    "assert_never: found matching event #{} ({})",
+                    e.seq,
+                    describe_event(e)
+                ),
+            )),
+        }
+    }
+
+    /// `assert_before(first={...}, then={...})`: the first event matching
+    /// `first` comes before the first matching `then`.
+    fn assert_before<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<NoneType> {
+        let a = Args::new("assert_before", args, kwargs)?;
+        a.check(0, &["first", "then", "message"])?;
+        let first = dict_filter(
+            &a,
+            a.named("first")
+                .ok_or_else(|| err("assert_before(): missing first={...}"))?,
+            "first",
+        )?;
+        let then = dict_filter(
+            &a,
+            a.named("then")
+                .ok_or_else(|| err("assert_before(): missing then={...}"))?,
+            "then",
+        )?;
+        let run = run_of(eval, "assert_before")?;
+        run.count_assertion();
+        let events = run.events();
+        let f = events.iter().find(|e| first.matches(e)).map(|e| e.seq);
+        let t = events.iter().find(|e| then.matches(e)).map(|e| e.seq);
+        let problem = match (f, t) {
+            (Some(f), Some(t)) if f < t => return Ok(NoneType),
+            (Some(f), Some(t)) => format!(
+                "the first event ({}) is #{f}, after the then event #{t}",
+                first.describe()
+            ),
+            (None, _) => format!("no event matches first ({})", first.describe()),
+            (_, None) => format!("no event matches then ({})", then.describe()),
+        };
+        Err(assertion_failed(
+            eval,
+            Some(&run),
+            AssertionDetail {
+                func: "assert_before".into(),
+                expected: Some(format!("{} before {}", first.describe(), then.describe())),
+                message: a.named("message").map(|v| v.to_str()),
+                ..Default::default()
+            },
+            format!("assert_before: {problem}"),
+        ))
+    }
+
+    /// `events(where=fn, **filters)`: the matching events, oldest first.
+    fn events<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<Value<'v>> {
+        let a = Args::new("events", args, kwargs)?;
+        if !a.pos.is_empty() {
+            return Err(err("events(): takes keyword filters only"));
+        }
+        let filter = filter_from(&a, &["where"])?;
+        let pred = a
+            .named("where")
+            .map(|v| a.callable(v, "where"))
+            .transpose()?;
+        let run = run_of(eval, "events")?;
+        let found = matching(eval, run.events(), &filter, pred)?;
+        let heap = eval.heap();
+        Ok(heap.alloc(
+            found
+                .into_iter()
+                .map(|e| heap.alloc(EventValue { event: e }))
+                .collect::<Vec<_>>(),
+        ))
+    }
+}

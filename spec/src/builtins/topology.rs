@@ -1,0 +1,571 @@
+//! Topology and healthchecks: `service`, `interface`, `tcp`, `http`,
+//! `ready`, `op`, `remotes`, `tls_cert`, `free_port`.
+
+use super::files::resolve_relative;
+#[allow(unused_imports)]
+use super::*;
+
+/// `remote="host[:port]"` or `remote=remotes({iface: "host[:port]"})`:
+/// each interface's upstream; a bare host takes the interface's port.
+fn remote_upstreams(
+    name: &str,
+    v: Value,
+    interfaces: &[InterfaceDef],
+) -> Res<BTreeMap<String, String>> {
+    if interfaces.is_empty() {
+        return Err(err(format!(
+            "service({name:?}): a remote service needs at least one interface(...) to proxy"
+        )));
+    }
+    let with_port = |addr: &str, port: u16| {
+        if addr
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        {
+            addr.to_string()
+        } else {
+            format!("{addr}:{port}")
+        }
+    };
+    let mut out = BTreeMap::new();
+    if let Some(addr) = v.unpack_str() {
+        if addr.is_empty() {
+            return Err(err(format!("service({name:?}): remote=\"\" is empty")));
+        }
+        let has_port = with_port(addr, 0) == addr;
+        if has_port && interfaces.len() > 1 {
+            return Err(err(format!(
+                "service({name:?}): remote={addr:?} names one port for {} interfaces; give a bare host (each interface keeps its port) or remotes({{iface: \"host:port\"}})",
+                interfaces.len()
+            )));
+        }
+        for i in interfaces {
+            out.insert(i.name.clone(), with_port(addr, i.port));
+        }
+        return Ok(out);
+    }
+    let d = DictRef::from_value(v).ok_or_else(|| {
+        err(format!(
+            "service({name:?}): remote= must be \"host[:port]\" or remotes({{iface: \"host[:port]\"}}), got {}",
+            v.get_type()
+        ))
+    })?;
+    for (k, val) in d.iter() {
+        let (Some(k), Some(addr)) = (k.unpack_str(), val.unpack_str()) else {
+            return Err(err(format!(
+                "service({name:?}): remotes() maps interface names to \"host[:port]\" strings"
+            )));
+        };
+        let iface = interfaces.iter().find(|i| i.name == k).ok_or_else(|| {
+            err(format!(
+                "service({name:?}): remotes() names {k:?}, which is not one of its interfaces"
+            ))
+        })?;
+        out.insert(k.to_string(), with_port(addr, iface.port));
+    }
+    if let Some(missing) = interfaces.iter().find(|i| !out.contains_key(&i.name)) {
+        return Err(err(format!(
+            "service({name:?}): remotes() gives no address for interface {:?}",
+            missing.name
+        )));
+    }
+    Ok(out)
+}
+
+/// Protocols the original project names that this build has no proxy,
+/// steps or probe for: refused at load, with a way out.
+const NOT_IN_THIS_BUILD: &[&str] = &[
+    "kafka",
+    "nats",
+    "mongodb",
+    "cassandra",
+    "clickhouse",
+    "amqp",
+];
+
+#[starlark_module]
+pub(crate) fn topology(builder: &mut GlobalsBuilder) {
+    /// `service(name, [binary], *interfaces, args=, env=, depends_on=,
+    /// healthcheck=, ops=, user=)`: declares a service started from a
+    /// local binary.
+    fn service<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<Value<'v>> {
+        let a = Args::new("service", args, kwargs)?;
+        for (bad, why) in [
+            (
+                "image",
+                "container mode (image=) needs a Docker engine and is not supported by this build; give the service a local binary",
+            ),
+            (
+                "build",
+                "container mode (build=) is not supported by this build; build the binary yourself and pass its path",
+            ),
+            (
+                "cmd",
+                "there is no cmd=; put the program in binary= and its arguments in args=[...]",
+            ),
+            (
+                "entrypoint",
+                "there is no entrypoint=; put the program in binary= and its arguments in args=[...]",
+            ),
+        ] {
+            if a.named.iter().any(|(k, _)| k == bad) {
+                return Err(err(format!("service(): {why}")));
+            }
+        }
+        a.check(
+            usize::MAX,
+            &[
+                "name",
+                "binary",
+                "args",
+                "env",
+                "depends_on",
+                "healthcheck",
+                "ops",
+                "user",
+                "remote",
+            ],
+        )?;
+        let c = ctx(eval)?;
+        if c.run.is_some() {
+            return Err(err(
+                "service() must be called at the top level of the spec, not inside a test",
+            ));
+        }
+        let name = a.string(a.required(0, "name")?, "name")?;
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-')
+        {
+            return Err(err(format!(
+                "service(): name {name:?} must be non-empty letters, digits, '_' or '-'"
+            )));
+        }
+        let mut binary = a
+            .named("binary")
+            .map(|v| a.string(v, "binary"))
+            .transpose()?;
+        let mut interfaces: Vec<InterfaceDef> = Vec::new();
+        for (i, v) in a.pos.iter().enumerate().skip(1) {
+            if let Some(s) = v.unpack_str() {
+                if binary.is_some() {
+                    return Err(err(format!(
+                        "service({name:?}): the binary is given twice (positional {s:?} and another)"
+                    )));
+                }
+                binary = Some(s.to_string());
+            } else if let Some(iface) = InterfaceValue::from_value(*v) {
+                if interfaces.iter().any(|x| x.name == iface.def.name) {
+                    return Err(err(format!(
+                        "service({name:?}): two interfaces are named {:?}",
+                        iface.def.name
+                    )));
+                }
+                interfaces.push(iface.def.clone());
+            } else {
+                return Err(err(format!(
+                    "service({name:?}): positional argument {} must be the binary (a string) or an interface(...), got {}",
+                    i + 1,
+                    v.get_type()
+                )));
+            }
+        }
+        let remote = match a.named("remote") {
+            Some(v) => remote_upstreams(&name, v, &interfaces)?,
+            None => BTreeMap::new(),
+        };
+        if !remote.is_empty() {
+            if binary.is_some() {
+                return Err(err(format!(
+                    "service({name:?}): a remote service runs nothing here; drop the binary, or drop remote="
+                )));
+            }
+            for k in ["args", "env", "ops", "user"] {
+                if a.named(k).is_some() {
+                    return Err(err(format!(
+                        "service({name:?}): {k}= needs a process Faultbox starts, and a remote service has none; fault it at the protocol level instead (fault({name}.<interface>, error(...), ...))"
+                    )));
+                }
+            }
+            if a.named("healthcheck").is_none() {
+                return Err(err(format!(
+                    "service({name:?}): a remote service needs healthcheck= (e.g. tcp(\"host:port\")), so a test never starts against an unreachable upstream"
+                )));
+            }
+        }
+        let binary = match (binary, remote.is_empty()) {
+            (Some(b), _) => b,
+            (None, false) => String::new(),
+            (None, true) => {
+                return Err(err(format!(
+                    "service({name:?}): no binary; give the program to run, e.g. service({name:?}, \"./bin/{name}\", ...), or remote=\"host:port\" for a service that runs elsewhere"
+                )));
+            }
+        };
+        let args_list = match a.named("args") {
+            Some(v) => a.strings(v, "args")?,
+            None => Vec::new(),
+        };
+        let mut env = Vec::new();
+        if let Some(v) = a.named("env") {
+            let d = DictRef::from_value(v)
+                .ok_or_else(|| err(format!("service({name:?}): env must be a dict of strings")))?;
+            for (k, val) in d.iter() {
+                let k = a.string(k, "env key")?;
+                let text = if let Some(s) = val.unpack_str() {
+                    s.to_string()
+                } else if val.unpack_i32().is_some() || val.unpack_bool().is_some() {
+                    val.to_str()
+                } else {
+                    return Err(err(format!(
+                        "service({name:?}): env[{k:?}] must be a string, got {} ({})",
+                        val.get_type(),
+                        val.to_repr()
+                    )));
+                };
+                env.push((k, text));
+            }
+        }
+        let mut depends_on = Vec::new();
+        if let Some(v) = a.named("depends_on") {
+            let items = ListRef::from_value(v)
+                .map(|l| l.content().to_vec())
+                .ok_or_else(|| {
+                    err(format!(
+                        "service({name:?}): depends_on must be a list of services"
+                    ))
+                })?;
+            for item in items {
+                let dep = match (ServiceValue::from_value(item), item.unpack_str()) {
+                    (Some(s), _) => s.def.name.clone(),
+                    (None, Some(s)) => s.to_string(),
+                    _ => {
+                        return Err(err(format!(
+                            "service({name:?}): depends_on items must be services, got {}",
+                            item.get_type()
+                        )));
+                    }
+                };
+                depends_on.push(dep);
+            }
+        }
+        let healthcheck = match a.named("healthcheck") {
+            Some(v) => Some(
+                HealthcheckValue::from_value(v)
+                    .ok_or_else(|| {
+                        err(format!(
+                            "service({name:?}): healthcheck must be tcp(...), http(...) or ready(), got {}",
+                            v.get_type()
+                        ))
+                    })?
+                    .check
+                    .clone(),
+            ),
+            None => None,
+        };
+        let mut ops = BTreeMap::new();
+        if let Some(v) = a.named("ops") {
+            let d = DictRef::from_value(v)
+                .ok_or_else(|| err(format!("service({name:?}): ops must be a dict of op(...)")))?;
+            for (k, val) in d.iter() {
+                let k = a.string(k, "ops key")?;
+                let op = OpValue::from_value(val).ok_or_else(|| {
+                    err(format!(
+                        "service({name:?}): ops[{k:?}] must be op(...), got {}",
+                        val.get_type()
+                    ))
+                })?;
+                ops.insert(k, op.def.clone());
+            }
+        }
+        let user = a.named("user").map(|v| a.string(v, "user")).transpose()?;
+        let (file, line) = call_site(eval);
+        let def = ServiceDef {
+            name: name.clone(),
+            binary,
+            args: args_list,
+            env,
+            interfaces,
+            depends_on,
+            healthcheck,
+            ops,
+            user,
+            remote,
+            declared_at: format!("{}:{}", file.unwrap_or_default(), line.unwrap_or(0)),
+        };
+        let mut services = c.services.borrow_mut();
+        if let Some(other) = services.iter().find(|s| s.name == name) {
+            return Err(err(format!(
+                "service(): {name:?} is already declared at {}",
+                other.declared_at
+            )));
+        }
+        // Remote services' ports are on other machines: only local ones
+        // can collide.
+        let local = |d: &ServiceDef| !d.is_remote();
+        for iface in def.interfaces.iter().filter(|_| local(&def)) {
+            for other in services.iter().filter(|o| local(o)) {
+                if let Some(o) = other.interfaces.iter().find(|o| o.port == iface.port) {
+                    return Err(err(format!(
+                        "service({name:?}): port {} of interface {:?} is already used by {}.{}",
+                        iface.port, iface.name, other.name, o.name
+                    )));
+                }
+            }
+        }
+        services.push(def.clone());
+        Ok(eval.heap().alloc(ServiceValue { def }))
+    }
+
+    /// `interface(name, protocol, port)`.
+    fn interface<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<Value<'v>> {
+        let a = Args::new("interface", args, kwargs)?;
+        a.check(3, &["name", "protocol", "port", "tls"])?;
+        let name = a.string(a.required(0, "name")?, "name")?;
+        let protocol = a.string(a.required(1, "protocol")?, "protocol")?;
+        if faultbox_proxy::protocol::get(&protocol).is_none() {
+            let supported = faultbox_proxy::protocol::names().join(", ");
+            return Err(err(if NOT_IN_THIS_BUILD.contains(&protocol.as_str()) {
+                format!(
+                    "interface({name:?}): protocol {protocol:?} is not supported by this build (supported: {supported}); declare it \"tcp\" to proxy its bytes with connection-level faults"
+                )
+            } else {
+                let hint = errno::closest(&protocol, faultbox_proxy::protocol::names().into_iter())
+                    .map(|c| format!(" (did you mean {c}?)"))
+                    .unwrap_or_default();
+                format!(
+                    "interface({name:?}): unknown protocol {protocol:?}{hint}; supported: {supported}"
+                )
+            }));
+        }
+        let port_v = a.required(2, "port")?;
+        let port = port_v
+            .unpack_i32()
+            .filter(|p| (1..=65535).contains(p))
+            .ok_or_else(|| {
+                err(format!(
+                    "interface({name:?}): port must be an integer 1..65535, got {}",
+                    port_v.to_repr()
+                ))
+            })?;
+        let tls = match a.named("tls") {
+            None => None,
+            Some(v) if v.unpack_bool() == Some(false) => None,
+            Some(v) if v.unpack_bool() == Some(true) => Some(TlsSpec::default()),
+            Some(v) => Some(
+                TlsValue::from_value(v)
+                    .ok_or_else(|| {
+                        err(format!(
+                            "interface({name:?}): tls= must be tls_cert(...) or True, got {}",
+                            v.get_type()
+                        ))
+                    })?
+                    .spec
+                    .clone(),
+            ),
+        };
+        if tls.is_some() && !faultbox_proxy::rules::proxied(&protocol) {
+            return Err(err(format!(
+                "interface({name:?}): tls= needs a proxy, and {protocol} interfaces have none in this build (http, grpc, tcp, redis, postgres and mysql do)"
+            )));
+        }
+        Ok(eval.heap().alloc(InterfaceValue {
+            def: InterfaceDef {
+                name,
+                protocol,
+                port: port as u16,
+                tls,
+            },
+        }))
+    }
+
+    /// `tcp(addr, timeout="10s")`: ready when a TCP connect succeeds.
+    fn tcp<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<Value<'v>> {
+        let a = Args::new("tcp", args, kwargs)?;
+        a.check(1, &["addr", "timeout"])?;
+        let addr = a.string(a.required(0, "addr")?, "addr")?;
+        let addr = addr.strip_prefix("tcp://").unwrap_or(&addr).to_string();
+        if !addr.contains(':') {
+            return Err(err(format!(
+                "tcp({addr:?}): the address needs a port, like \"localhost:5432\""
+            )));
+        }
+        let timeout = a.duration_or("timeout", Duration::from_secs(10))?;
+        Ok(eval.heap().alloc(HealthcheckValue {
+            check: Healthcheck::Tcp { addr, timeout },
+        }))
+    }
+
+    /// `http(url, timeout="10s", expect_status=None)`: ready when `GET url`
+    /// answers `expect_status` (any 2xx/3xx when not given).
+    fn http<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<Value<'v>> {
+        let a = Args::new("http", args, kwargs)?;
+        a.check(1, &["url", "timeout", "expect_status"])?;
+        let url = a.string(a.required(0, "url")?, "url")?;
+        let url = if url.contains("://") {
+            url
+        } else {
+            format!("http://{url}")
+        };
+        steps::split_url(&url).map_err(|e| err(format!("http(): {e}")))?;
+        let timeout = a.duration_or("timeout", Duration::from_secs(10))?;
+        let expect_status = match a.named("expect_status") {
+            Some(v) => Some(
+                v.unpack_i32()
+                    .filter(|s| (100..=599).contains(s))
+                    .ok_or_else(|| {
+                        err(format!(
+                            "http(): expect_status must be an HTTP status 100..599, got {}",
+                            v.to_repr()
+                        ))
+                    })? as u16,
+            ),
+            None => None,
+        };
+        Ok(eval.heap().alloc(HealthcheckValue {
+            check: Healthcheck::Http {
+                url,
+                timeout,
+                expect_status,
+            },
+        }))
+    }
+
+    /// `ready(timeout="30s")`: ready when the service answers its first
+    /// interface's protocol (`SELECT 1` for postgres, `GET /` for http, a
+    /// TCP connect otherwise).
+    fn ready<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<Value<'v>> {
+        let a = Args::new("ready", args, kwargs)?;
+        a.check(0, &["timeout"])?;
+        let timeout = a.duration_or("timeout", Duration::from_secs(30))?;
+        Ok(eval.heap().alloc(HealthcheckValue {
+            check: Healthcheck::Ready { timeout },
+        }))
+    }
+
+    /// `op(syscalls=[...], path=None)`: a named operation for `ops=`.
+    fn op<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<Value<'v>> {
+        let a = Args::new("op", args, kwargs)?;
+        a.check(0, &["syscalls", "path"])?;
+        let syscalls = match a.named("syscalls") {
+            Some(v) => a.strings(v, "syscalls")?,
+            None => return Err(err("op(): missing syscalls=[...]")),
+        };
+        if syscalls.is_empty() {
+            return Err(err("op(): syscalls=[] is empty; list at least one syscall"));
+        }
+        let arch = Arch::native();
+        for s in &syscalls {
+            for x in syscalls::expand_family(arch, s) {
+                if arch.number(x).is_none() {
+                    let hint = errno::closest(s, arch.all_names())
+                        .map(|c| format!(" (did you mean {c}?)"))
+                        .unwrap_or_default();
+                    return Err(err(format!("op(): unknown syscall {s:?}{hint}")));
+                }
+            }
+        }
+        let path = a.named("path").map(|v| a.string(v, "path")).transpose()?;
+        if let Some(p) = &path {
+            faultbox_agent::glob::Glob::new(p)
+                .map_err(|e| err(format!("op(): path {p:?}: {e}")))?;
+        }
+        Ok(eval.heap().alloc(OpValue {
+            def: OpDef { syscalls, path },
+        }))
+    }
+
+    /// `remotes({iface: "host[:port]"})`: per-interface upstreams for
+    /// `service(remote=...)`.
+    fn remotes<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+    ) -> starlark::Result<Value<'v>> {
+        let a = Args::new("remotes", args, kwargs)?;
+        a.check(1, &["mapping"])?;
+        let m = a.required(0, "mapping")?;
+        let d = DictRef::from_value(m)
+            .ok_or_else(|| err("remotes(): takes a dict {interface: \"host[:port]\"}"))?;
+        for (k, v) in d.iter() {
+            if k.unpack_str().is_none() || v.unpack_str().is_none() {
+                return Err(err(
+                    "remotes(): keys are interface names and values \"host[:port]\" strings",
+                ));
+            }
+        }
+        Ok(m)
+    }
+
+    /// `tls_cert(proxy_cert=, proxy_key=, client_cert=, client_key=, ca=,
+    /// insecure=False)`: TLS for `interface(..., tls=...)`. Paths are
+    /// relative to the calling file; nothing given = a generated CA.
+    fn tls_cert<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<Value<'v>> {
+        let a = Args::new("tls_cert", args, kwargs)?;
+        a.check(
+            0,
+            &[
+                "proxy_cert",
+                "proxy_key",
+                "client_cert",
+                "client_key",
+                "ca",
+                "insecure",
+            ],
+        )?;
+        let path = |k: &str| -> Res<Option<std::path::PathBuf>> {
+            a.named(k)
+                .map(|v| a.string(v, k).map(|p| resolve_relative(eval, &p)))
+                .transpose()
+        };
+        let spec = TlsSpec {
+            proxy_cert: path("proxy_cert")?,
+            proxy_key: path("proxy_key")?,
+            client_cert: path("client_cert")?,
+            client_key: path("client_key")?,
+            ca: path("ca")?,
+            insecure: a
+                .named("insecure")
+                .and_then(|v| v.unpack_bool())
+                .unwrap_or(false),
+        };
+        spec.validate()
+            .map_err(|e| err(format!("tls_cert(): {e}")))?;
+        Ok(eval.heap().alloc(TlsValue { spec }))
+    }
+
+    /// `free_port()`: a TCP port nothing listens on right now, for specs
+    /// that must not collide with whatever else runs on the machine.
+    fn free_port() -> anyhow::Result<i32> {
+        let l = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+        Ok(i32::from(l.local_addr()?.port()))
+    }
+}
