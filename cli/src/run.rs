@@ -3,7 +3,8 @@
 //! passed through.
 
 use std::path::Path;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
@@ -11,8 +12,8 @@ use faultbox_agent::process::{self, SignalSet};
 use faultbox_agent::rule::{self, Rule};
 use faultbox_agent::seccomp;
 use faultbox_agent::syscalls::Arch;
-use faultbox_agent::wire::{self, Isolation, LaunchSpec, OnDisconnect, ShimMessage};
-use faultbox_engine::shim::Connection;
+use faultbox_agent::wire::{Isolation, LaunchSpec, OnDisconnect};
+use faultbox_engine::shim::{Shim, ShimEvent};
 use serde_json::{Value, json};
 
 use crate::log::{Level, LogFormat, Logger};
@@ -108,22 +109,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         user: None,
     };
     let started = Instant::now();
-    let Connection {
-        mut child,
-        mut reader,
-        writer: _writer,
-    } = faultbox_engine::shim::connect(&shim, launch, None).map_err(user_error)?;
-    let shim_pid = child.id() as i32;
-    std::thread::spawn(move || {
-        loop {
-            let (sig, explicit) = signals.wait();
-            // Ctrl-C on a terminal already reached the shim (same process
-            // group); only a signal sent to the CLI alone needs forwarding.
-            if explicit {
-                process::kill(shim_pid, sig);
-            }
-        }
-    });
+    let log = Arc::new(log);
     log.log(
         Level::Info,
         "session starting",
@@ -134,118 +120,117 @@ pub fn run(args: RunArgs) -> Result<i32> {
             ("faults", json!(fault_texts)),
         ],
     );
-
-    let mut exit_code: Option<i32> = None;
-    loop {
-        let message = match wire::recv::<_, ShimMessage>(&mut reader) {
-            Ok(Some(m)) => m,
-            Ok(None) => break,
-            Err(e) => {
-                log.log(
-                    Level::Error,
-                    "lost the shim",
-                    &[("error", json!(e.to_string()))],
-                );
-                break;
-            }
-        };
-        match message {
-            ShimMessage::Hello { .. }
-            | ShimMessage::Synced { .. }
-            | ShimMessage::RulesRetired { .. } => {}
-            ShimMessage::FilterInstalled {
-                syscalls,
-                wait_killable,
-            } => log.log(
-                Level::Debug,
-                "seccomp filter installed",
+    let events = {
+        let log = Arc::clone(&log);
+        Box::new(move |event| log_event(&log, event, started))
+    };
+    // The target writes to our own stdout and stderr.
+    let shim = match Shim::launch(&shim, launch, None, events) {
+        Ok(shim) => shim,
+        Err(failure) => {
+            log.log(
+                Level::Error,
+                "state changed",
                 &[
-                    ("syscalls", json!(syscalls)),
-                    ("wait_killable", json!(wait_killable)),
+                    ("state", json!("failed")),
+                    ("error", json!(failure.message)),
                 ],
-            ),
-            ShimMessage::Started { pid } => {
-                log.log(Level::Info, "target started", &[("pid", json!(pid))]);
-                log.log(
-                    Level::Debug,
-                    "state changed",
-                    &[("state", json!("running"))],
-                );
+            );
+            if failure.exit_code == Some(127) {
+                eprintln!("faultbox: {}", failure.message);
+                return Ok(127);
             }
-            ShimMessage::Syscall(e) => {
-                let faulted = e.decision.starts_with("deny") || e.decision.starts_with("delay");
-                let mut fields: Vec<(&str, Value)> = vec![
-                    ("name", json!(e.syscall)),
-                    ("pid", json!(e.pid)),
-                    ("decision", json!(e.decision)),
-                ];
-                if let Some(path) = &e.path {
-                    fields.push(("path", json!(path)));
-                }
-                if let Some(ns) = e.latency_ns {
-                    fields.push(("latency_ms", json!(ns / 1_000_000)));
-                }
-                if let Some(rule) = &e.rule {
-                    fields.push(("rule", json!(rule.to_string())));
-                }
-                fields.push(("seq", json!(e.seq)));
-                let level = if faulted { Level::Info } else { Level::Debug };
-                log.log(level, "syscall intercepted", &fields);
-            }
-            ShimMessage::RulesRejected { message } => {
-                log.log(Level::Error, "rules rejected", &[("error", json!(message))]);
-            }
-            ShimMessage::LaunchFailed {
-                message,
-                exit_code: code,
-            } => {
-                log.log(
-                    Level::Error,
-                    "state changed",
-                    &[("state", json!("failed")), ("error", json!(message))],
-                );
-                let _ = child.wait();
-                if code == 127 {
-                    eprintln!("faultbox: {message}");
-                    return Ok(127);
-                }
-                bail!("{message}");
-            }
-            ShimMessage::Exited {
-                code,
-                signal,
-                interrupted,
-            } => {
-                let shell = code.unwrap_or_else(|| 128 + signal.unwrap_or(0));
-                let mut fields = vec![("exit_code", json!(shell))];
-                if let Some(sig) = signal {
-                    fields.push(("signal", json!(sig)));
-                }
-                if shell == 0 {
-                    log.log(Level::Info, "target exited", &fields);
-                } else {
-                    log.log(Level::Warn, "target exited with error", &fields);
-                }
-                log.log(
-                    Level::Info,
-                    "session completed",
-                    &[
-                        ("state", json!("stopped")),
-                        ("exit_code", json!(shell)),
-                        ("duration", json!(started.elapsed().as_nanos() as u64)),
-                        ("dropped_notifications", json!(interrupted)),
-                    ],
-                );
-                exit_code = Some(shell);
+            return Err(user_error(failure.message));
+        }
+    };
+    let shim_pid = shim.shim_pid() as i32;
+    std::thread::spawn(move || {
+        loop {
+            let (sig, explicit) = signals.wait();
+            // Ctrl-C on a terminal already reached the shim (same process
+            // group); only a signal sent to the CLI alone needs forwarding.
+            if explicit {
+                process::kill(shim_pid, sig);
             }
         }
+    });
+    let exit = shim.wait_done();
+    shim.stop(Duration::from_secs(2));
+    match exit {
+        Some(exit) => Ok(exit.shell_code()),
+        None => {
+            bail!("faultbox-shim ended without reporting the target's exit; the target was stopped")
+        }
     }
-    let status = child.wait().context("wait for the shim")?;
-    match exit_code {
-        Some(code) => Ok(code),
-        None => bail!(
-            "faultbox-shim ended without reporting the target's exit ({status}); the target was stopped"
+}
+
+/// Logs one thing the shim reported, in the CLI reference's log shapes.
+fn log_event(log: &Logger, event: ShimEvent, started: Instant) {
+    match event {
+        ShimEvent::FilterInstalled {
+            syscalls,
+            wait_killable,
+        } => log.log(
+            Level::Debug,
+            "seccomp filter installed",
+            &[
+                ("syscalls", json!(syscalls)),
+                ("wait_killable", json!(wait_killable)),
+            ],
         ),
+        ShimEvent::Started { pid } => {
+            log.log(Level::Info, "target started", &[("pid", json!(pid))]);
+            log.log(
+                Level::Debug,
+                "state changed",
+                &[("state", json!("running"))],
+            );
+        }
+        ShimEvent::Syscall(e) => {
+            let faulted = e.decision.starts_with("deny") || e.decision.starts_with("delay");
+            let mut fields: Vec<(&str, Value)> = vec![
+                ("name", json!(e.syscall)),
+                ("pid", json!(e.pid)),
+                ("decision", json!(e.decision)),
+            ];
+            if let Some(path) = &e.path {
+                fields.push(("path", json!(path)));
+            }
+            if let Some(ns) = e.latency_ns {
+                fields.push(("latency_ms", json!(ns / 1_000_000)));
+            }
+            if let Some(rule) = &e.rule {
+                fields.push(("rule", json!(rule.to_string())));
+            }
+            fields.push(("seq", json!(e.seq)));
+            let level = if faulted { Level::Info } else { Level::Debug };
+            log.log(level, "syscall intercepted", &fields);
+        }
+        ShimEvent::RulesRejected(message) => {
+            log.log(Level::Error, "rules rejected", &[("error", json!(message))]);
+        }
+        ShimEvent::Exited { exit, interrupted } => {
+            let shell = exit.shell_code();
+            let mut fields = vec![("exit_code", json!(shell))];
+            if let Some(sig) = exit.signal {
+                fields.push(("signal", json!(sig)));
+            }
+            if shell == 0 {
+                log.log(Level::Info, "target exited", &fields);
+            } else {
+                log.log(Level::Warn, "target exited with error", &fields);
+            }
+            log.log(
+                Level::Info,
+                "session completed",
+                &[
+                    ("state", json!("stopped")),
+                    ("exit_code", json!(shell)),
+                    ("duration", json!(started.elapsed().as_nanos() as u64)),
+                    ("dropped_notifications", json!(interrupted)),
+                ],
+            );
+        }
     }
 }
 

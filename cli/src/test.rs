@@ -6,12 +6,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
-use faultbox_agent::glob::wildcard;
-use faultbox_agent::seccomp;
-use faultbox_engine::backend::port_open;
 use faultbox_engine::report::{self, Outcome, TestResult};
-use faultbox_engine::runtime::{RunConfig, resolve_binary};
-use faultbox_engine::{run_test, shim};
+use faultbox_engine::runtime::RunConfig;
+use faultbox_engine::suite;
 use faultbox_spec::load as spec;
 use serde_json::json;
 
@@ -83,20 +80,6 @@ pub struct TestArgs {
     normalize: Option<PathBuf>,
 }
 
-fn select(tests: &[String], pattern: &str) -> Vec<String> {
-    let with_prefix = format!("test_{pattern}");
-    let glob = pattern.contains(['*', '?']);
-    tests
-        .iter()
-        .filter(|t| {
-            *t == pattern
-                || *t == &with_prefix
-                || (glob && (wildcard(pattern, t) || wildcard(&with_prefix, t)))
-        })
-        .cloned()
-        .collect()
-}
-
 /// Runs the command and returns the exit code.
 pub fn run(args: TestArgs) -> Result<i32> {
     for (given, flag) in [
@@ -122,7 +105,7 @@ pub fn run(args: TestArgs) -> Result<i32> {
     };
     let tests = match &args.test {
         Some(p) => {
-            let chosen = select(&spec.tests, p);
+            let chosen = suite::select(&spec.tests, p);
             if chosen.is_empty() {
                 eprintln!(
                     "error: no test matched {p:?} (available: {})",
@@ -181,37 +164,7 @@ pub fn run(args: TestArgs) -> Result<i32> {
         return Ok(0);
     }
     // Everything that can be checked before starting anything.
-    let shim_path = shim::locate().map_err(anyhow::Error::msg)?;
-    for s in spec.services.iter().filter(|s| !s.is_remote()) {
-        resolve_binary(&s.binary, &spec.dir)
-            .map_err(|e| anyhow::anyhow!("service {:?} ({}): {e}", s.name, s.declared_at))?;
-        if let Some(user) = &s.user
-            && !faultbox_agent::process::is_root()
-        {
-            bail!(
-                "service {:?} ({}): user={user:?} needs faultbox to run as root (switching accounts needs CAP_SETUID)",
-                s.name,
-                s.declared_at
-            );
-        }
-    }
-    for s in spec.services.iter().filter(|s| !s.is_remote()) {
-        for i in &s.interfaces {
-            if port_open(i.port, Duration::from_millis(200)) {
-                bail!(
-                    "port {} of {}.{} is already in use by another process (stop it, or declare another port)",
-                    i.port,
-                    s.name,
-                    i.name
-                );
-            }
-        }
-    }
-    if !spec.intercept.is_empty() && !seccomp::user_notification_available() {
-        bail!(
-            "this kernel does not support seccomp user notification, so syscall faults cannot be injected (needs Linux 5.0+ with CONFIG_SECCOMP_FILTER)"
-        );
-    }
+    let shim_path = suite::preflight(&spec).map_err(anyhow::Error::msg)?;
     let log_dir = std::env::temp_dir().join(format!("faultbox-{}", std::process::id()));
     std::fs::create_dir_all(&log_dir).with_context(|| format!("create {}", log_dir.display()))?;
     let config = RunConfig {
@@ -225,63 +178,27 @@ pub fn run(args: TestArgs) -> Result<i32> {
         args.debug,
         format!("{:016x}", std::process::id()),
     );
-    let (base_seed, seed_source) = match args.seed {
-        Some(s) => (s, "cli"),
-        None if args.runs > 1 => (0, "runs"),
-        None => (
-            faultbox_agent::engine::random_seed() % 1_000_000,
-            "generated",
-        ),
-    };
+    let (base_seed, seed_source) = suite::base_seed(args.seed, args.runs);
     eprintln!("Seed: {base_seed} ({seed_source})");
-    let mut results: Vec<TestResult> = Vec::new();
-    let (mut passed, mut failed) = (0u64, 0u64);
-    for name in &tests {
-        let mut runs_passed = 0;
-        for i in 0..args.runs {
-            let seed = base_seed.wrapping_add(i);
-            log.log(
-                Level::Debug,
-                "running test",
-                &[("test", json!(name)), ("seed", json!(seed))],
-            );
-            let result = run_test(&spec, name, seed, &config);
-            log.log(
-                Level::Debug,
-                "test completed",
-                &[
-                    ("test", json!(name)),
-                    ("result", json!(result.outcome.as_str())),
-                    ("duration_ms", json!(result.duration_ms)),
-                ],
-            );
-            let ok = result.outcome == Outcome::Pass;
-            if ok {
-                runs_passed += 1;
-            }
-            let show = !ok || args.show == Show::All;
-            if show && (args.runs == 1 || !ok) {
-                eprint!("{}", result.human(args.debug));
-                if args.runs > 1 {
-                    eprintln!("  ({runs_passed}/{} runs passed before failure)", i + 1);
-                }
-            }
-            if show {
-                results.push(result);
-            }
-            if !ok {
-                break;
-            }
-        }
-        if runs_passed == args.runs {
-            passed += 1;
-            if args.runs > 1 && args.show == Show::All {
-                eprintln!("--- PASS: {name} ({runs_passed}/{} runs) ---", args.runs);
-            }
-        } else {
-            failed += 1;
-        }
-    }
+    let mut printer = Printer {
+        log: &log,
+        show: args.show,
+        runs: args.runs,
+        debug: args.debug,
+    };
+    let suite::Summary {
+        results,
+        passed,
+        failed,
+    } = suite::run(
+        &spec,
+        &tests,
+        args.runs,
+        base_seed,
+        args.show == Show::All,
+        &config,
+        &mut printer,
+    );
     eprintln!("\n{passed} passed, {failed} failed");
     let zero = report::zero_traffic(&results);
     if !zero.is_empty() {
@@ -308,22 +225,46 @@ pub fn run(args: TestArgs) -> Result<i32> {
     Ok(if failed > 0 { 2 } else { 0 })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Prints a suite's progress as the CLI reference shows it.
+struct Printer<'a> {
+    log: &'a Logger,
+    show: Show,
+    runs: u64,
+    debug: bool,
+}
 
-    #[test]
-    fn test_filter_accepts_names_with_and_without_prefix_and_globs() {
-        let tests: Vec<String> = ["test_happy_path", "test_disk_full", "test_disk_slow"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        assert_eq!(select(&tests, "happy_path"), ["test_happy_path"]);
-        assert_eq!(select(&tests, "test_disk_full"), ["test_disk_full"]);
-        assert_eq!(
-            select(&tests, "disk_*"),
-            ["test_disk_full", "test_disk_slow"]
+impl suite::Observer for Printer<'_> {
+    fn started(&mut self, name: &str, seed: u64, _run: u64) {
+        self.log.log(
+            Level::Debug,
+            "running test",
+            &[("test", json!(name)), ("seed", json!(seed))],
         );
-        assert!(select(&tests, "nope").is_empty());
+    }
+
+    fn finished(&mut self, result: &TestResult, run: u64, passed: u64) {
+        self.log.log(
+            Level::Debug,
+            "test completed",
+            &[
+                ("test", json!(result.name)),
+                ("result", json!(result.outcome.as_str())),
+                ("duration_ms", json!(result.duration_ms)),
+            ],
+        );
+        let ok = result.outcome == Outcome::Pass;
+        let show = !ok || self.show == Show::All;
+        if show && (self.runs == 1 || !ok) {
+            eprint!("{}", result.human(self.debug));
+            if self.runs > 1 {
+                eprintln!("  ({passed}/{} runs passed before failure)", run + 1);
+            }
+        }
+    }
+
+    fn test_done(&mut self, name: &str, passed: u64, runs: u64) {
+        if passed == runs && runs > 1 && self.show == Show::All {
+            eprintln!("--- PASS: {name} ({passed}/{runs} runs) ---");
+        }
     }
 }

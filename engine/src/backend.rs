@@ -116,7 +116,7 @@ impl Backend for Process {
             stop_grace_ms: launch.stop_grace.as_millis() as u64,
             user: def.user.clone(),
         };
-        let shim = Shim::launch(launch.shim, spec, &launch.log, launch.on_event)
+        let shim = Shim::launch(launch.shim, spec, Some(&launch.log), launch.on_event)
             .map_err(|e| format!("service {:?} did not start: {}", def.name, e.message))?;
         Ok(Box::new(ProcessInstance {
             shim: Some(shim),

@@ -7,6 +7,7 @@ pub mod backend;
 pub mod report;
 pub mod runtime;
 pub mod shim;
+pub mod suite;
 pub mod trace;
 
 use std::time::Instant;

@@ -719,7 +719,7 @@ impl TestRun {
                     trace.merge(&service, "test");
                 }
             }
-            ShimEvent::Exited(exit) => {
+            ShimEvent::Exited { exit, .. } => {
                 let expected = stopping.load(Ordering::SeqCst);
                 trace.emit(
                     "service_exited",
@@ -741,6 +741,11 @@ impl TestRun {
                     });
                 }
             }
+            // The launch reports its own failures; a refused rule change
+            // is returned by `Shim::set_rules`.
+            ShimEvent::FilterInstalled { .. }
+            | ShimEvent::Started { .. }
+            | ShimEvent::RulesRejected(_) => {}
         })
     }
 

@@ -20,10 +20,20 @@ use faultbox_agent::wire::{self, ControlMessage, LaunchSpec, ShimMessage, Syscal
 /// What a shim reports while its target runs.
 #[derive(Debug, Clone)]
 pub enum ShimEvent {
+    /// The filter is in place: the syscalls it intercepts.
+    FilterInstalled {
+        syscalls: Vec<String>,
+        wait_killable: bool,
+    },
+    /// The target was executed (before any of its syscalls is reported).
+    Started { pid: u32 },
     /// One intercepted syscall.
     Syscall(SyscallEvent),
-    /// The target exited (on its own or because it was stopped).
-    Exited(ExitInfo),
+    /// A rule change the shim refused; the rules before it stay.
+    RulesRejected(String),
+    /// The target exited (on its own or because it was stopped);
+    /// `interrupted` notifications lost their caller before the answer.
+    Exited { exit: ExitInfo, interrupted: u64 },
 }
 
 /// How the target ended.
@@ -108,17 +118,17 @@ pub fn locate() -> Result<PathBuf, String> {
 }
 
 /// A shim started and greeted, with the launch request sent.
-pub struct Connection {
-    pub child: Child,
-    pub reader: BufReader<UnixStream>,
-    pub writer: BufWriter<UnixStream>,
+struct Connection {
+    child: Child,
+    reader: BufReader<UnixStream>,
+    writer: BufWriter<UnixStream>,
 }
 
 /// Starts `shim` on a control socket pair, checks its greeting and sends
 /// `spec`. The target's output goes to `output`, or to this process's
 /// own stdout and stderr. The one way both `faultbox run` and
-/// `faultbox test` start a shim.
-pub fn connect(shim: &Path, spec: LaunchSpec, output: Option<File>) -> Result<Connection, String> {
+/// `faultbox test` start a shim (through [`Shim::launch`]).
+fn connect(shim: &Path, spec: LaunchSpec, output: Option<File>) -> Result<Connection, String> {
     let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
     process::make_inheritable(&theirs).map_err(|e| format!("control socket: {e}"))?;
     let mut command = Command::new(shim);
@@ -193,25 +203,37 @@ pub struct Shim {
 #[derive(Debug)]
 pub struct LaunchFailure {
     pub message: String,
+    /// The shim's exit code when it reported the failure (127: the
+    /// program could not be executed).
+    pub exit_code: Option<i32>,
 }
 
 impl Shim {
     /// Starts `shim`, launches the target described by `spec` with its
-    /// output in `log`, and calls `on_event` (from a reader thread) for
-    /// every intercepted syscall and for the target's exit.
+    /// output in `log` (or this process's own stdout and stderr), and
+    /// calls `on_event` for everything the shim reports: from this thread
+    /// until the target runs, then from a reader thread.
     pub fn launch(
         shim: &Path,
         spec: LaunchSpec,
-        log: &Path,
+        log: Option<&Path>,
         on_event: Box<dyn Fn(ShimEvent) + Send>,
     ) -> Result<Shim, LaunchFailure> {
-        let fail = |message: String| LaunchFailure { message };
-        let out = File::create(log).map_err(|e| fail(format!("create {}: {e}", log.display())))?;
+        let fail = |message: String| LaunchFailure {
+            message,
+            exit_code: None,
+        };
+        let out = match log {
+            Some(log) => Some(
+                File::create(log).map_err(|e| fail(format!("create {}: {e}", log.display())))?,
+            ),
+            None => None,
+        };
         let Connection {
             mut child,
             mut reader,
             writer,
-        } = connect(shim, spec, Some(out)).map_err(fail)?;
+        } = connect(shim, spec, out).map_err(fail)?;
         let kill = |child: &mut Child| {
             let _ = child.kill();
             let _ = child.wait();
@@ -222,10 +244,23 @@ impl Shim {
             .set_read_timeout(Some(Duration::from_secs(15)));
         let pid = loop {
             match wire::recv::<_, ShimMessage>(&mut reader) {
-                Ok(Some(ShimMessage::Started { pid })) => break pid,
-                Ok(Some(ShimMessage::LaunchFailed { message, .. })) => {
+                Ok(Some(ShimMessage::Started { pid })) => {
+                    on_event(ShimEvent::Started { pid });
+                    break pid;
+                }
+                Ok(Some(ShimMessage::FilterInstalled {
+                    syscalls,
+                    wait_killable,
+                })) => on_event(ShimEvent::FilterInstalled {
+                    syscalls,
+                    wait_killable,
+                }),
+                Ok(Some(ShimMessage::LaunchFailed { message, exit_code })) => {
                     let _ = child.wait();
-                    return Err(fail(message));
+                    return Err(LaunchFailure {
+                        message,
+                        exit_code: Some(exit_code),
+                    });
                 }
                 Ok(Some(_)) => {}
                 Ok(None) => {
@@ -259,6 +294,24 @@ impl Shim {
         wire::send(&mut *w, message)
             .and_then(|_| w.flush())
             .map_err(|e| format!("the shim is gone ({e})"))
+    }
+
+    /// The shim process's pid (signals for the target go to it).
+    pub fn shim_pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Blocks until the shim's session ends; returns how the target ended
+    /// (`None`: the shim went away without saying).
+    pub fn wait_done(&self) -> Option<ExitInfo> {
+        loop {
+            let state = self
+                .shared
+                .wait_for(Duration::from_secs(3600), |s| s.reader_done);
+            if state.reader_done {
+                return state.exited;
+            }
+        }
     }
 
     /// How the target ended, if it has.
@@ -390,11 +443,22 @@ fn read_loop(
                 shared.lock().retired.extend(stats);
             }
             Ok(Some(ShimMessage::RulesRejected { message })) => {
-                shared.lock().rejected.push((last_token + 1, message));
+                shared
+                    .lock()
+                    .rejected
+                    .push((last_token + 1, message.clone()));
+                on_event(ShimEvent::RulesRejected(message));
             }
-            Ok(Some(ShimMessage::Exited { code, signal, .. })) => {
+            Ok(Some(ShimMessage::Exited {
+                code,
+                signal,
+                interrupted,
+            })) => {
                 let info = ExitInfo { code, signal };
-                on_event(ShimEvent::Exited(info));
+                on_event(ShimEvent::Exited {
+                    exit: info,
+                    interrupted,
+                });
                 shared.lock().exited = Some(info);
                 shared.changed.notify_all();
             }

@@ -204,7 +204,8 @@ fn main() {
 ///
 /// - `PING` → `PONG`
 /// - `PERSIST TEXT` → append TEXT to the WAL, fsync → `OK` or `ERR <errno>`
-/// - `PERSIST_LATER TEXT` → `OK` at once; a thread appends and fsyncs
+/// - `PERSIST_LATER TEXT` → a thread appends and fsyncs; `OK` 200 ms
+///   later, whether or not the fsync has returned
 /// - `OPEN PATH` → open PATH for reading → `OK` or `ERR <errno>`
 /// - `CONNECT PORT` → connect to 127.0.0.1:PORT → `OK` or `ERR <errno>`
 /// - `ENV NAME` → the variable's value
@@ -316,6 +317,9 @@ fn serve(port: u16, wal: Option<String>) {
                         Some(path) => {
                             let (path, text) = (path.clone(), arg.to_string());
                             thread::spawn(move || append_synced(&path, &text));
+                            // Time for the thread to reach its fsync, so a
+                            // test's window is open when it is decided.
+                            thread::sleep(Duration::from_millis(200));
                             "OK".to_string()
                         }
                     },

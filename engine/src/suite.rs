@@ -1,0 +1,164 @@
+//! A suite: the tests a filter chose, each run `runs` times with
+//! successive seeds (stopping at its first failing run), after the checks
+//! that can be made before anything starts. The CLI prints what this
+//! reports; the cluster runner will drive the same loop.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use faultbox_agent::glob::wildcard;
+use faultbox_spec::load::Spec;
+
+use crate::backend::port_open;
+use crate::report::{Outcome, TestResult};
+use crate::runtime::{RunConfig, resolve_binary};
+
+/// The tests `pattern` selects: a name, a name without `test_`, or a
+/// glob over either.
+pub fn select(tests: &[String], pattern: &str) -> Vec<String> {
+    let with_prefix = format!("test_{pattern}");
+    let glob = pattern.contains(['*', '?']);
+    tests
+        .iter()
+        .filter(|t| {
+            *t == pattern
+                || *t == &with_prefix
+                || (glob && (wildcard(pattern, t) || wildcard(&with_prefix, t)))
+        })
+        .cloned()
+        .collect()
+}
+
+/// The first seed of a suite and where it came from: `--seed`, `0` for
+/// `--runs N` (seeds 0..N-1), or a fresh one.
+pub fn base_seed(given: Option<u64>, runs: u64) -> (u64, &'static str) {
+    match given {
+        Some(s) => (s, "cli"),
+        None if runs > 1 => (0, "runs"),
+        None => (
+            faultbox_agent::engine::random_seed() % 1_000_000,
+            "generated",
+        ),
+    }
+}
+
+/// Everything that can be checked before a service starts: the shim, each
+/// binary, accounts, free ports, and the kernel's user notification.
+/// Returns the shim to launch services with.
+pub fn preflight(spec: &Spec) -> Result<PathBuf, String> {
+    let shim = crate::shim::locate()?;
+    for s in spec.services.iter().filter(|s| !s.is_remote()) {
+        resolve_binary(&s.binary, &spec.dir)
+            .map_err(|e| format!("service {:?} ({}): {e}", s.name, s.declared_at))?;
+        if let Some(user) = &s.user
+            && !faultbox_agent::process::is_root()
+        {
+            return Err(format!(
+                "service {:?} ({}): user={user:?} needs faultbox to run as root (switching accounts needs CAP_SETUID)",
+                s.name, s.declared_at
+            ));
+        }
+    }
+    for s in spec.services.iter().filter(|s| !s.is_remote()) {
+        for i in &s.interfaces {
+            if port_open(i.port, Duration::from_millis(200)) {
+                return Err(format!(
+                    "port {} of {}.{} is already in use by another process (stop it, or declare another port)",
+                    i.port, s.name, i.name
+                ));
+            }
+        }
+    }
+    if !spec.intercept.is_empty() && !faultbox_agent::seccomp::user_notification_available() {
+        return Err("this kernel does not support seccomp user notification, so syscall faults cannot be injected (needs Linux 5.0+ with CONFIG_SECCOMP_FILTER)".into());
+    }
+    Ok(shim)
+}
+
+/// What a suite reports while it runs.
+pub trait Observer {
+    /// Run `run` (from 0) of test `name` starts with `seed`.
+    fn started(&mut self, name: &str, seed: u64, run: u64);
+    /// That run ended; `passed` runs of the test passed so far.
+    fn finished(&mut self, result: &TestResult, run: u64, passed: u64);
+    /// The test is done: `passed` of `runs` runs passed.
+    fn test_done(&mut self, name: &str, passed: u64, runs: u64);
+}
+
+/// What a suite ran.
+#[derive(Debug, Default)]
+pub struct Summary {
+    /// The results kept (every run's, or only failures when asked).
+    pub results: Vec<TestResult>,
+    /// Tests whose every run passed, and the others.
+    pub passed: u64,
+    pub failed: u64,
+}
+
+/// Runs `tests`, each `runs` times from `base_seed` on; keeps passing
+/// results only when `keep_passes`.
+pub fn run(
+    spec: &Spec,
+    tests: &[String],
+    runs: u64,
+    base_seed: u64,
+    keep_passes: bool,
+    config: &RunConfig,
+    observer: &mut dyn Observer,
+) -> Summary {
+    let mut summary = Summary::default();
+    for name in tests {
+        let mut passed = 0;
+        for i in 0..runs {
+            let seed = base_seed.wrapping_add(i);
+            observer.started(name, seed, i);
+            let result = crate::run_test(spec, name, seed, config);
+            let ok = result.outcome == Outcome::Pass;
+            if ok {
+                passed += 1;
+            }
+            observer.finished(&result, i, passed);
+            if !ok || keep_passes {
+                summary.results.push(result);
+            }
+            if !ok {
+                break;
+            }
+        }
+        observer.test_done(name, passed, runs);
+        if passed == runs {
+            summary.passed += 1;
+        } else {
+            summary.failed += 1;
+        }
+    }
+    summary
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_filter_accepts_names_with_and_without_prefix_and_globs() {
+        let tests: Vec<String> = ["test_happy_path", "test_disk_full", "test_disk_slow"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(select(&tests, "happy_path"), ["test_happy_path"]);
+        assert_eq!(select(&tests, "test_disk_full"), ["test_disk_full"]);
+        assert_eq!(
+            select(&tests, "disk_*"),
+            ["test_disk_full", "test_disk_slow"]
+        );
+        assert!(select(&tests, "nope").is_empty());
+    }
+
+    #[test]
+    fn seeds_come_from_the_flag_then_the_run_count() {
+        assert_eq!(base_seed(Some(42), 5), (42, "cli"));
+        assert_eq!(base_seed(None, 3), (0, "runs"));
+        let (s, from) = base_seed(None, 1);
+        assert!(s < 1_000_000 && from == "generated");
+    }
+}
