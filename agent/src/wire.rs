@@ -36,6 +36,50 @@ use crate::rule::{Rule, RuleId};
 /// Protocol version; bumped on any incompatible change.
 pub const PROTOCOL_VERSION: u32 = 3;
 
+/// Where a shim reaches its controller (`--control`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// An inherited socket: one end of a socket pair the controller made.
+    Fd(i32),
+    /// A Unix socket the controller listens on (a bind-mounted directory
+    /// in a container).
+    Unix(std::path::PathBuf),
+}
+
+impl Endpoint {
+    /// The shim's usage line.
+    pub const USAGE: &'static str = "usage: faultbox-shim --control fd:N | --control unix:PATH";
+
+    /// Parses `fd:N` or `unix:PATH`.
+    pub fn parse(text: &str) -> Result<Endpoint, String> {
+        if let Some(fd) = text.strip_prefix("fd:") {
+            fd.parse()
+                .ok()
+                .filter(|n: &i32| *n >= 0)
+                .map(Endpoint::Fd)
+                .ok_or_else(|| format!("bad control fd {fd:?}; {}", Endpoint::USAGE))
+        } else if let Some(path) = text.strip_prefix("unix:").filter(|p| !p.is_empty()) {
+            Ok(Endpoint::Unix(path.into()))
+        } else {
+            Err(format!(
+                "unknown control endpoint {text:?}; {}",
+                Endpoint::USAGE
+            ))
+        }
+    }
+
+    /// Connects (or adopts the inherited socket).
+    pub fn connect(&self) -> Result<std::os::unix::net::UnixStream, String> {
+        match self {
+            Endpoint::Fd(fd) => {
+                crate::process::adopt_unix_stream(*fd).map_err(|e| format!("control fd {fd}: {e}"))
+            }
+            Endpoint::Unix(path) => std::os::unix::net::UnixStream::connect(path)
+                .map_err(|e| format!("cannot connect to controller at {}: {e}", path.display())),
+        }
+    }
+}
+
 /// What the shim does when its controller goes away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -415,6 +459,19 @@ mod tests {
         for m in &shim {
             let got: Option<ShimMessage> = recv(&mut input).expect("read");
             assert_eq!(got.as_ref(), Some(m));
+        }
+    }
+
+    #[test]
+    fn control_endpoints_parse_or_say_what_is_expected() {
+        assert_eq!(Endpoint::parse("fd:3"), Ok(Endpoint::Fd(3)));
+        assert_eq!(
+            Endpoint::parse("unix:/run/fb/control.sock"),
+            Ok(Endpoint::Unix("/run/fb/control.sock".into()))
+        );
+        for bad in ["fd:-1", "fd:x", "unix:", "tcp:1.2.3.4:5", ""] {
+            let e = Endpoint::parse(bad).expect_err(bad);
+            assert!(e.contains("usage: faultbox-shim"), "{e}");
         }
     }
 

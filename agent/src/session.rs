@@ -1,0 +1,446 @@
+//! The shim's session: everything `faultbox-shim` does between reaching
+//! its controller and exiting. One target under a seccomp
+//! user-notification filter; its intercepted syscalls answered from the
+//! rules the controller sent; its process tree reaped; every event
+//! reported back.
+//!
+//! It is the same code locally (the `faultbox` CLI starts the shim over a
+//! socket pair) and as a container entrypoint (PID 1, dialling a socket).
+
+use std::io::{BufReader, BufWriter, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread;
+use std::time::Duration;
+
+use crate::process::{self, ChildSpec, ExitStatus, LaunchError, Pidfd, SignalSet};
+use crate::rule::resolve_syscall;
+use crate::supervisor::{LiveKernel, Supervisor};
+use crate::syscalls::Arch;
+use crate::wire::{
+    self, ControlMessage, Endpoint, EventQueue, LaunchSpec, OnDisconnect, ShimMessage,
+};
+
+/// Signals the shim forwards to its target.
+const FORWARDED: &[i32] = &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+
+/// Runs one session on the controller at `endpoint`: greet, take the
+/// launch, start the target under its filter, serve its notifications,
+/// stream events, obey rule changes and stops, and return the exit code
+/// the shim should exit with.
+pub fn run(endpoint: &Endpoint) -> Result<i32, String> {
+    // Before any thread exists, so every thread inherits the mask and only
+    // the signal thread sees these signals (SIGCHLD included: it reaps
+    // orphans and notices the target's exit).
+    let signals = SignalSet::block(&[FORWARDED, &[libc::SIGCHLD]].concat())
+        .map_err(|e| format!("block signals: {e}"))?;
+    let stream = endpoint.connect()?;
+    let mut reader = BufReader::new(
+        stream
+            .try_clone()
+            .map_err(|e| format!("control socket: {e}"))?,
+    );
+    let mut early = BufWriter::new(
+        stream
+            .try_clone()
+            .map_err(|e| format!("control socket: {e}"))?,
+    );
+    let hello = ShimMessage::Hello {
+        version: wire::PROTOCOL_VERSION,
+        pid: std::process::id(),
+    };
+    wire::send(&mut early, &hello)
+        .and_then(|_| early.flush())
+        .map_err(|e| format!("control socket: {e}"))?;
+    // The event writer starts with the session, before the launch message.
+    let events = Arc::new(EventQueue::new());
+    let writer = {
+        let events = Arc::clone(&events);
+        thread::spawn(move || write_loop(early, &events))
+    };
+    let spec = match wire::recv::<_, ControlMessage>(&mut reader) {
+        Ok(Some(ControlMessage::Launch(spec))) => spec,
+        Ok(Some(other)) => {
+            let message = format!("expected a launch message first, got {other:?}");
+            let _ = finish_failed(events, writer, message.clone(), 1);
+            return Err(message);
+        }
+        Ok(None) => {
+            let message = "controller closed the connection before launching".to_string();
+            let _ = finish_failed(events, writer, message.clone(), 1);
+            return Err(message);
+        }
+        Err(e) => {
+            let message = format!("control socket: {e}");
+            let _ = finish_failed(events, writer, message.clone(), 1);
+            return Err(message);
+        }
+    };
+    // Every thread the session needs exists before the fork: a thread
+    // created while the child sets itself up or execs competes with it
+    // (copy-on-write faults, a busy second CPU) and made launches slower
+    // (docs/benchmarks.md). The control and signal threads get the session
+    // once the target runs.
+    let (to_control, control_session) = mpsc::channel::<Arc<Session>>();
+    thread::spawn(move || {
+        if let Ok(session) = control_session.recv() {
+            control_loop(&session, reader);
+        }
+    });
+    let (to_signals, signal_session) = mpsc::channel::<Arc<Session>>();
+    thread::spawn(move || {
+        if let Ok(session) = signal_session.recv() {
+            signal_loop(&session, &signals);
+        }
+    });
+
+    let arch = Arch::native();
+    let nrs = match intercepted(arch, &spec) {
+        Ok(nrs) => nrs,
+        Err(message) => return finish_failed(events, writer, message, 1),
+    };
+    let credentials = match spec.user.as_deref().map(lookup_user).transpose() {
+        Ok(c) => c,
+        Err(message) => return finish_failed(events, writer, message, 1),
+    };
+    if let Err(e) = process::isolate(spec.isolation) {
+        return finish_failed(events, writer, e.to_string(), 1);
+    }
+    if let Err(e) = process::become_subreaper() {
+        return finish_failed(events, writer, format!("become the subreaper: {e}"), 1);
+    }
+    let mut child = match ChildSpec::new(
+        &spec.program,
+        &spec.argv,
+        &spec.env,
+        spec.cwd.as_deref(),
+        arch,
+        &nrs,
+    )
+    .map(|c| match credentials {
+        Some((uid, gid)) => c.with_credentials(uid, gid),
+        None => c,
+    })
+    .and_then(|c| process::spawn(&c.in_new_pid_namespace(spec.isolation.namespaces)))
+    {
+        Ok(child) => child,
+        Err(e) => return finish_failed(events, writer, e.to_string(), 1),
+    };
+    // The child execs on the go-ahead while the supervisor is prepared:
+    // its intercepted calls wait in the kernel until `serve` below.
+    if let Err(e) = child.go() {
+        return finish_failed(events, writer, e.to_string(), 1);
+    }
+    let supervisor = match child.listener.take() {
+        Some(listener) => match Supervisor::new(
+            LiveKernel::new(listener),
+            arch,
+            spec.seed,
+            nrs.clone(),
+            spec.rules.clone(),
+            Arc::clone(&events),
+        ) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                process::kill(child.pid, libc::SIGKILL);
+                let _ = process::wait_for(child.pid);
+                return finish_failed(events, writer, e.reason, 1);
+            }
+        },
+        None => None,
+    };
+    events.push_now(ShimMessage::FilterInstalled {
+        syscalls: nrs
+            .iter()
+            .filter_map(|nr| arch.name(*nr).map(str::to_string))
+            .collect(),
+        wait_killable: child.wait_killable,
+    });
+    if let Err(e) = child.exec_result() {
+        // The child is gone: nothing can be parked on the listener.
+        let message = match &e {
+            LaunchError::Exec { program, errno }
+                if *errno == libc::ENOENT && std::path::Path::new(program).exists() =>
+            {
+                format!("{e} (the file exists: its interpreter or dynamic loader is missing)")
+            }
+            _ => e.to_string(),
+        };
+        let code = if matches!(e, LaunchError::Exec { .. }) {
+            127
+        } else {
+            1
+        };
+        return finish_failed(events, writer, message, code);
+    }
+    let target = Pidfd::open(child.pid).map_err(|e| format!("pidfd_open: {e}"))?;
+    events.push_now(ShimMessage::Started {
+        pid: child.pid as u32,
+    });
+
+    let session = Arc::new(Session {
+        supervisor,
+        target,
+        target_pid: child.pid,
+        pid_one: spec.isolation.namespaces,
+        policy: spec.on_disconnect,
+        grace: Duration::from_millis(spec.stop_grace_ms),
+        escalating: AtomicBool::new(false),
+        lost: AtomicBool::new(false),
+        events: Arc::clone(&events),
+    });
+    let _ = to_control.send(Arc::clone(&session));
+    let _ = to_signals.send(Arc::clone(&session));
+
+    // This thread serves the notifications until every filtered task is
+    // gone, or the target exits (the signal thread sees its SIGCHLD and
+    // calls `leave`) while descendants still run.
+    if let Some(s) = &session.supervisor {
+        s.serve();
+    }
+    let status = loop {
+        match process::wait_any() {
+            Some((pid, status)) if pid == child.pid => break status,
+            Some(_) => continue,
+            None => break ExitStatus::Code(1),
+        }
+    };
+    // Nothing the target started may outlive it.
+    loop {
+        for pid in process::children_of(std::process::id()) {
+            process::kill(pid, libc::SIGKILL);
+        }
+        if process::wait_any().is_none() {
+            break;
+        }
+    }
+    let interrupted = session.supervisor.as_ref().map_or(0, |s| {
+        s.quiesce();
+        s.interrupted()
+    });
+    let (code, signal) = match status {
+        ExitStatus::Code(c) => (Some(c), None),
+        ExitStatus::Signal(s) => (None, Some(s)),
+    };
+    events.push_now(ShimMessage::Exited {
+        code,
+        signal,
+        interrupted,
+    });
+    let _ = writer.join();
+    Ok(status.shell_code())
+}
+
+/// Forwards signals sent to the shim, and watches the target's children:
+/// orphans reparented to the shim are reaped as they exit, and the
+/// target's own exit ends `serve` even while its descendants live on.
+fn signal_loop(session: &Arc<Session>, signals: &SignalSet) {
+    loop {
+        let (sig, explicit) = signals.wait();
+        if sig == libc::SIGCHLD {
+            process::reap_orphans(session.target_pid);
+            if process::has_exited(session.target_pid)
+                && let Some(s) = &session.supervisor
+            {
+                s.leave();
+            }
+            continue;
+        }
+        // A terminal's Ctrl-C reached the target already (same process
+        // group); forwarding it again would deliver it twice.
+        if explicit {
+            session.target.signal(sig);
+        }
+        if sig != libc::SIGHUP {
+            session.escalate_after_grace();
+        }
+    }
+}
+
+/// The syscall numbers the filter intercepts: every syscall a rule names,
+/// plus those the controller asked for so that later rules can use them.
+fn intercepted(arch: Arch, spec: &LaunchSpec) -> Result<Vec<u32>, String> {
+    let mut nrs = Vec::new();
+    for rule in &spec.rules {
+        nrs.extend(rule.validate(arch).map_err(|e| e.reason)?);
+    }
+    for name in &spec.intercept {
+        nrs.push(resolve_syscall(arch, name)?);
+    }
+    nrs.sort_unstable();
+    nrs.dedup();
+    Ok(nrs)
+}
+
+fn finish_failed(
+    events: Arc<EventQueue>,
+    writer: thread::JoinHandle<()>,
+    message: String,
+    exit_code: i32,
+) -> Result<i32, String> {
+    events.push_now(ShimMessage::LaunchFailed { message, exit_code });
+    drop(events);
+    let _ = writer.join();
+    Ok(exit_code)
+}
+
+struct Session {
+    supervisor: Option<Supervisor<LiveKernel>>,
+    target: Pidfd,
+    target_pid: i32,
+    /// The target is PID 1 of its own namespace.
+    pid_one: bool,
+    policy: OnDisconnect,
+    grace: Duration,
+    escalating: AtomicBool,
+    lost: AtomicBool,
+    events: Arc<EventQueue>,
+}
+
+impl Session {
+    /// SIGTERM now, SIGKILL after the grace period.
+    fn stop_target(self: &Arc<Self>) {
+        // The kernel drops signals a PID 1 has no handler for, so SIGTERM
+        // to a target that never asked for it would only cost the grace
+        // period (most interpreters and C servers install no handler).
+        if self.pid_one && !process::catches_signal(self.target_pid, libc::SIGTERM) {
+            self.target.signal(libc::SIGKILL);
+            return;
+        }
+        self.target.signal(libc::SIGTERM);
+        self.escalate_after_grace();
+    }
+
+    fn escalate_after_grace(self: &Arc<Self>) {
+        if self.escalating.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let session = Arc::clone(self);
+        thread::spawn(move || {
+            thread::sleep(session.grace);
+            // Through the pidfd: a recycled pid can never be hit.
+            session.target.signal(libc::SIGKILL);
+        });
+    }
+
+    fn controller_lost(self: &Arc<Self>) {
+        if self.lost.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if let Some(s) = &self.supervisor {
+            s.detach();
+        }
+        if self.policy == OnDisconnect::StopTarget {
+            // The polite path even for a PID 1 that ignores SIGTERM: the
+            // calls just released get the grace period to complete, so the
+            // target sees them succeed rather than dying mid-call.
+            self.target.signal(libc::SIGTERM);
+            self.escalate_after_grace();
+        }
+    }
+}
+
+fn control_loop(session: &Arc<Session>, mut reader: BufReader<UnixStream>) {
+    loop {
+        match wire::recv::<_, ControlMessage>(&mut reader) {
+            Ok(Some(ControlMessage::SetRules { rules })) => {
+                let result = match &session.supervisor {
+                    Some(s) => s.set_rules(rules).map_err(|e| e.reason),
+                    None => Err("this target runs without a seccomp filter (no syscall was declared at launch), so syscall rules cannot apply".to_string()),
+                };
+                match result {
+                    Ok(stats) if stats.is_empty() => {}
+                    Ok(stats) => session.events.push_now(ShimMessage::RulesRetired { stats }),
+                    Err(message) => session
+                        .events
+                        .push_now(ShimMessage::RulesRejected { message }),
+                }
+            }
+            Ok(Some(ControlMessage::Signal { signal })) => session.target.signal(signal),
+            Ok(Some(ControlMessage::Stop)) => session.stop_target(),
+            Ok(Some(ControlMessage::Sync { token })) => {
+                // Events are queued before the target sees its answer, so
+                // this lands after every call decided so far.
+                let stats = session
+                    .supervisor
+                    .as_ref()
+                    .map(|s| s.stats())
+                    .unwrap_or_default();
+                session
+                    .events
+                    .push_now(ShimMessage::Synced { token, stats });
+            }
+            Ok(Some(ControlMessage::Launch(_))) => {
+                session.events.push_now(ShimMessage::RulesRejected {
+                    message: "a shim runs one target; launch another shim".into(),
+                });
+            }
+            Ok(None) | Err(_) => {
+                session.controller_lost();
+                return;
+            }
+        }
+    }
+}
+
+/// Writes messages until the last one of a session (`Exited` or
+/// `LaunchFailed`).
+fn write_loop(mut out: BufWriter<UnixStream>, events: &EventQueue) {
+    let mut healthy = true;
+    loop {
+        let batch = events.take_batch();
+        if batch.is_empty() {
+            continue;
+        }
+        let last = batch.iter().any(|m| {
+            matches!(
+                m,
+                ShimMessage::Exited { .. } | ShimMessage::LaunchFailed { .. }
+            )
+        });
+        for message in &batch {
+            if healthy && wire::send(&mut out, message).is_err() {
+                healthy = false;
+            }
+        }
+        if healthy && out.flush().is_err() {
+            healthy = false;
+        }
+        if last {
+            return;
+        }
+    }
+}
+
+/// Finds `name` in `/etc/passwd`. A static binary has no NSS, so accounts
+/// from LDAP and the like are not visible; a numeric `uid[:gid]` works for
+/// those.
+fn lookup_user(name: &str) -> Result<(u32, u32), String> {
+    if !process::is_root() {
+        return Err(format!(
+            "user={name:?} needs faultbox to run as root (switching accounts needs CAP_SETUID)"
+        ));
+    }
+    if let Some((uid, gid)) = name.split_once(':')
+        && let (Ok(uid), Ok(gid)) = (uid.parse(), gid.parse())
+    {
+        return Ok((uid, gid));
+    }
+    if let Ok(uid) = name.parse::<u32>() {
+        return Ok((uid, uid));
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd")
+        .map_err(|e| format!("user={name:?}: cannot read /etc/passwd: {e}"))?;
+    passwd
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split(':').collect();
+            (f.len() >= 4 && f[0] == name).then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
+        })
+        .next()
+        .flatten()
+        .ok_or_else(|| {
+            format!("user={name:?}: no such account in /etc/passwd (create it, or give a numeric uid:gid)")
+        })
+}
