@@ -316,26 +316,33 @@ impl TestRun {
                 .and_then(|r| r.instance.endpoint(iface))
                 .map_err(err)?;
             let key = (def.name.clone(), iface.name.clone());
-            let Some(tls) = &iface.tls else {
-                let proxy = Proxy::start(
+            let start = |to| {
+                Proxy::start(
                     &def.name,
                     &iface.name,
                     &iface.protocol,
-                    upstream,
+                    to,
                     self.trace.clone(),
                 )
-                .map_err(|e| err(format!("proxy for {}.{}: {e}", def.name, iface.name)))?;
+                .map_err(|e| err(format!("proxy for {}.{}: {e}", def.name, iface.name)))
+            };
+            // The address clients use: the TLS front's when there is one.
+            let announce = |listen: std::net::SocketAddr, mode: &str| {
                 self.trace.emit(
                     "proxy_started",
                     &def.name,
                     fields([
                         ("interface", iface.name.clone()),
                         ("protocol", iface.protocol.clone()),
-                        ("listen", proxy.listen.to_string()),
+                        ("listen", listen.to_string()),
                         ("target", upstream.to_string()),
-                        ("mode", "passthrough".to_string()),
+                        ("mode", mode.to_string()),
                     ]),
                 );
+            };
+            let Some(tls) = &iface.tls else {
+                let proxy = start(upstream)?;
+                announce(proxy.listen, "passthrough");
                 lock(&self.proxies).insert(key, proxy);
                 continue;
             };
@@ -354,26 +361,9 @@ impl TestRun {
             let wire =
                 faultbox_proxy::protocol::get(&iface.protocol).map_or(Wire::Direct, |p| p.wire());
             let back = Relay::back(upstream, name, &setup.upstream, wire).map_err(io)?;
-            let proxy = Proxy::start(
-                &def.name,
-                &iface.name,
-                &iface.protocol,
-                back.listen,
-                self.trace.clone(),
-            )
-            .map_err(|e| err(format!("proxy for {}.{}: {e}", def.name, iface.name)))?;
+            let proxy = start(back.listen)?;
             let front = Relay::front(proxy.listen, &setup.server, wire).map_err(io)?;
-            self.trace.emit(
-                "proxy_started",
-                &def.name,
-                fields([
-                    ("interface", iface.name.clone()),
-                    ("protocol", iface.protocol.clone()),
-                    ("listen", front.listen.to_string()),
-                    ("target", upstream.to_string()),
-                    ("mode", "tls".to_string()),
-                ]),
-            );
+            announce(front.listen, "tls");
             lock(&self.proxies).insert(key.clone(), proxy);
             lock(&self.tls).insert(key, TlsRelays { front, back, setup });
         }

@@ -440,24 +440,10 @@ pub fn grpc_call(
     timeout: Duration,
     tls: Option<&Arc<rustls::ClientConfig>>,
 ) -> io::Result<GrpcReply> {
-    let target: SocketAddr = crate::net::resolve(addr)?[0];
     let rt = runtime()?;
     let call = async {
-        let sock = tokio::net::TcpStream::connect(target).await?;
-        let _ = sock.set_nodelay(true);
-        match tls {
-            None => exchange(sock, "http", addr, method, body).await,
-            Some(config) => {
-                let mut config = (**config).clone();
-                config.alpn_protocols = vec![b"h2".to_vec()];
-                let name = rustls::pki_types::ServerName::try_from("localhost")
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-                let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
-                    .connect(name, sock)
-                    .await?;
-                exchange(stream, "https", addr, method, body).await
-            }
-        }
+        let (sender, scheme) = connect_h2(addr, tls).await?;
+        exchange(sender, scheme, addr, method, body).await
     };
     Ok(
         match rt.block_on(async { tokio::time::timeout(timeout, call).await }) {
@@ -476,21 +462,48 @@ pub fn grpc_call(
     )
 }
 
-async fn exchange<T>(
-    io: T,
+/// An HTTP/2 client connection to `addr`: h2c, or TLS with ALPN `h2`
+/// when `tls` is given. Returns the sender and the URL scheme.
+async fn connect_h2(
+    addr: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> io::Result<(SendRequest<Body>, &'static str)> {
+    async fn handshake<T>(io: T) -> io::Result<SendRequest<Body>>
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, conn) = hyper::client::conn::http2::handshake::<_, _, Body>(
+            TokioExecutor::new(),
+            TokioIo::new(io),
+        )
+        .await
+        .map_err(io::Error::other)?;
+        tokio::spawn(conn);
+        Ok(sender)
+    }
+    let target: SocketAddr = crate::net::resolve(addr)?[0];
+    let sock = tokio::net::TcpStream::connect(target).await?;
+    let _ = sock.set_nodelay(true);
+    let Some(config) = tls else {
+        return Ok((handshake(sock).await?, "http"));
+    };
+    let mut config = (**config).clone();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let name = rustls::pki_types::ServerName::try_from("localhost")
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, sock)
+        .await?;
+    Ok((handshake(stream).await?, "https"))
+}
+
+async fn exchange(
+    mut sender: SendRequest<Body>,
     scheme: &str,
     authority: &str,
     method: &str,
     body: &[u8],
-) -> io::Result<GrpcReply>
-where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake::<_, _, Body>(TokioExecutor::new(), TokioIo::new(io))
-            .await
-            .map_err(io::Error::other)?;
-    tokio::spawn(conn);
+) -> io::Result<GrpcReply> {
     let req = Request::post(format!("{scheme}://{authority}{method}"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
@@ -565,22 +578,8 @@ pub(crate) fn http2_step(call: &StepCall, to: &Target) -> StepResult {
         return crate::net::failed("cannot start an HTTP/2 client");
     };
     let request = async move {
-        let target: SocketAddr = crate::net::resolve(&addr)?[0];
-        let sock = tokio::net::TcpStream::connect(target).await?;
-        let _ = sock.set_nodelay(true);
-        match tls {
-            None => h2_request(sock, "http", &addr, &method, &path, &headers, body).await,
-            Some(config) => {
-                let mut config = (*config).clone();
-                config.alpn_protocols = vec![b"h2".to_vec()];
-                let name = rustls::pki_types::ServerName::try_from("localhost")
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-                let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
-                    .connect(name, sock)
-                    .await?;
-                h2_request(stream, "https", &addr, &method, &path, &headers, body).await
-            }
-        }
+        let (sender, scheme) = connect_h2(&addr, tls.as_ref()).await?;
+        h2_request(sender, scheme, &addr, &method, &path, &headers, body).await
     };
     match rt.block_on(async { tokio::time::timeout(timeout, request).await }) {
         Ok(Ok(reply)) => StepResult::Reply(reply),
@@ -589,23 +588,15 @@ pub(crate) fn http2_step(call: &StepCall, to: &Target) -> StepResult {
     }
 }
 
-async fn h2_request<T>(
-    io: T,
+async fn h2_request(
+    mut sender: SendRequest<Body>,
     scheme: &str,
     authority: &str,
     method: &str,
     path: &str,
     headers: &[(String, String)],
     body: Vec<u8>,
-) -> io::Result<StepReply>
-where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake::<_, _, Body>(TokioExecutor::new(), TokioIo::new(io))
-            .await
-            .map_err(io::Error::other)?;
-    tokio::spawn(conn);
+) -> io::Result<StepReply> {
     let mut req = Request::builder()
         .method(method)
         .uri(format!("{scheme}://{authority}{path}"));
@@ -652,6 +643,15 @@ mod tests {
     }
 
     /// An HTTP/2 (h2c) upstream answering `hello <path>`.
+    fn overloaded() -> ProxyAction {
+        ProxyAction::Error {
+            status: Some(503),
+            message: "overloaded".into(),
+            code: None,
+            number: None,
+        }
+    }
+
     fn h2_upstream() -> SocketAddr {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -691,22 +691,7 @@ mod tests {
         let trace = Arc::new(crate::NoEvents);
         let proxy =
             crate::server::Proxy::start("web", "api", "http", upstream, trace).expect("proxy");
-        let rule = crate::rules::ProxyRuleDef {
-            action: ProxyAction::Error {
-                status: Some(503),
-                message: "overloaded".into(),
-                code: None,
-                number: None,
-            },
-            method: Some("GET".into()),
-            path: Some("/blocked/*".into()),
-            command: None,
-            key: None,
-            query: None,
-            probability: 1.0,
-            trigger: faultbox_agent::rule::Trigger::Always,
-            label: None,
-        };
+        let rule = crate::rules::test_rule(overloaded(), Some("GET"), Some("/blocked/*"));
         proxy
             .rules()
             .push_front(
@@ -762,22 +747,7 @@ mod tests {
         let proxy =
             crate::server::Proxy::start("web", "api", "http2", upstream, Arc::new(crate::NoEvents))
                 .expect("proxy");
-        let rule = crate::rules::ProxyRuleDef {
-            action: ProxyAction::Error {
-                status: Some(503),
-                message: "overloaded".into(),
-                code: None,
-                number: None,
-            },
-            method: None,
-            path: Some("/blocked".into()),
-            command: None,
-            key: None,
-            query: None,
-            probability: 1.0,
-            trigger: faultbox_agent::rule::Trigger::Always,
-            label: None,
-        };
+        let rule = crate::rules::test_rule(overloaded(), None, Some("/blocked"));
         proxy
             .rules()
             .push_front(

@@ -50,55 +50,115 @@ pub struct Target<'a> {
     pub env: &'a [(String, String)],
 }
 
-/// One wire protocol.
-pub trait Protocol: Sync {
+/// What a protocol is, as data: everything a spec is checked against.
+#[derive(Debug, Clone, Copy)]
+pub struct Traits {
     /// The name `interface()` accepts.
-    fn name(&self) -> &'static str;
+    pub name: &'static str,
+    /// The word error messages of its steps start with (`http step`).
+    pub step_label: &'static str,
+    /// The step methods its interfaces offer.
+    pub steps: &'static [StepDef],
+    /// The request matchers its rules take, of `method`, `path`,
+    /// `command`, `key` and `query`.
+    pub matchers: &'static [&'static str],
+    /// What its matchers mean, for the message refusing others.
+    pub matcher_help: &'static str,
+    /// Which of `status`, `code` and `number` its `error()` takes.
+    pub error_fields: &'static [&'static str],
+    /// Whether `duplicate()` applies (a request can be sent twice).
+    pub duplicates: bool,
+    /// Whether `drop()` resets the connection unless told otherwise.
+    pub resets_on_drop: bool,
+    /// Whether it is carried in datagrams (UDP) rather than a stream.
+    pub datagrams: bool,
+    /// How TLS starts on its connections.
+    pub wire: Wire,
+}
+
+impl Traits {
+    /// The defaults a protocol's `Traits` start from.
+    pub const DEFAULT: Traits = Traits {
+        name: "",
+        step_label: "step",
+        steps: &[],
+        matchers: &[],
+        matcher_help: "",
+        error_fields: &[],
+        duplicates: false,
+        resets_on_drop: false,
+        datagrams: false,
+        wire: Wire::Direct,
+    };
+}
+
+/// A client connection and the proxy it reached.
+#[cfg(feature = "serve")]
+pub type Client = std::net::TcpStream;
+/// What a proxy's connections share.
+#[cfg(feature = "serve")]
+pub type Shared = std::sync::Arc<crate::server::Ctx>;
+
+/// One wire protocol: its [`Traits`], the checks that need code, and (with
+/// `serve`) its proxy, step client and probe.
+pub trait Protocol: Sync {
+    /// What it is.
+    fn traits(&self) -> &'static Traits;
+
+    /// The name `interface()` accepts.
+    fn name(&self) -> &'static str {
+        self.traits().name
+    }
 
     /// The step methods its interfaces offer.
     fn steps(&self) -> &'static [StepDef] {
-        &[]
+        self.traits().steps
     }
 
-    /// The word error messages of its steps start with (`http step`).
-    fn step_label(&self) -> &'static str;
+    /// The word error messages of its steps start with.
+    fn step_label(&self) -> &'static str {
+        self.traits().step_label
+    }
 
-    /// The request matchers its rules take, of `method`, `path`,
-    /// `command`, `key` and `query`.
-    fn matchers(&self) -> &'static [&'static str];
+    /// The request matchers its rules take.
+    fn matchers(&self) -> &'static [&'static str] {
+        self.traits().matchers
+    }
 
-    /// What its matchers mean, for the message refusing others.
-    fn matcher_help(&self) -> &'static str;
+    /// What its matchers mean.
+    fn matcher_help(&self) -> &'static str {
+        self.traits().matcher_help
+    }
 
-    /// Which of `status`, `code` and `number` its `error()` takes.
+    /// Which fields its `error()` takes.
     fn error_fields(&self) -> &'static [&'static str] {
-        &[]
+        self.traits().error_fields
     }
 
-    /// Whether `duplicate()` applies (a request can be sent twice).
+    /// Whether `duplicate()` applies.
     fn duplicates(&self) -> bool {
-        false
+        self.traits().duplicates
+    }
+
+    /// Whether `drop()` resets unless told otherwise.
+    fn resets_on_drop(&self) -> bool {
+        self.traits().resets_on_drop
+    }
+
+    /// Whether it is carried in datagrams.
+    fn datagrams(&self) -> bool {
+        self.traits().datagrams
+    }
+
+    /// How TLS starts on its connections.
+    fn wire(&self) -> Wire {
+        self.traits().wire
     }
 
     /// Refuses what else this protocol cannot apply (actions, values),
     /// after the matchers and fields were checked.
     fn check(&self, _rule: &ProxyRuleDef) -> Result<(), String> {
         Ok(())
-    }
-
-    /// How TLS starts on its connections.
-    fn wire(&self) -> Wire {
-        Wire::Direct
-    }
-
-    /// Whether it is carried in datagrams (UDP) rather than a stream.
-    fn datagrams(&self) -> bool {
-        false
-    }
-
-    /// Whether `drop()` resets the connection unless told otherwise.
-    fn resets_on_drop(&self) -> bool {
-        false
     }
 
     /// Checks what a step's argument types cannot (a gRPC method path).
@@ -112,11 +172,7 @@ pub trait Protocol: Sync {
 
     /// Relays one client connection, applying the proxy's rules.
     #[cfg(feature = "serve")]
-    fn serve(
-        &self,
-        client: std::net::TcpStream,
-        ctx: &std::sync::Arc<crate::server::Ctx>,
-    ) -> crate::server::Closed;
+    fn serve(&self, client: Client, ctx: &Shared) -> crate::server::Closed;
 
     /// Carries out one step.
     #[cfg(feature = "serve")]

@@ -422,22 +422,30 @@ pub fn grpc_code_name(code: u32) -> &'static str {
     GRPC_CODES.get(code as usize).copied().unwrap_or("UNKNOWN")
 }
 
+/// A rule with only an action and HTTP matchers (unit tests).
+#[cfg(test)]
+pub(crate) fn test_rule(
+    action: ProxyAction,
+    method: Option<&str>,
+    path: Option<&str>,
+) -> ProxyRuleDef {
+    ProxyRuleDef {
+        action,
+        method: method.map(str::to_string),
+        path: path.map(str::to_string),
+        command: None,
+        key: None,
+        query: None,
+        probability: 1.0,
+        trigger: Trigger::Always,
+        label: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_rule as rule;
     use super::*;
-    fn rule(action: ProxyAction, method: Option<&str>, path: Option<&str>) -> ProxyRuleDef {
-        ProxyRuleDef {
-            action,
-            method: method.map(str::to_string),
-            path: path.map(str::to_string),
-            command: None,
-            key: None,
-            query: None,
-            probability: 1.0,
-            trigger: Trigger::Always,
-            label: None,
-        }
-    }
 
     fn req<'a>(method: &'a str, path: &'a str) -> Request<'a> {
         Request {

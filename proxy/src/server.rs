@@ -499,23 +499,8 @@ pub(crate) fn sql_verdict(ctx: &Ctx, sql: &str) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::{ProxyAction, ProxyRuleDef};
-    use faultbox_agent::rule::Trigger;
+    use crate::rules::{ProxyAction, test_rule as rule};
     use std::io::{BufRead, BufReader};
-
-    fn rule(action: ProxyAction, method: Option<&str>, path: Option<&str>) -> ProxyRuleDef {
-        ProxyRuleDef {
-            action,
-            method: method.map(str::to_string),
-            path: path.map(str::to_string),
-            command: None,
-            key: None,
-            query: None,
-            probability: 1.0,
-            trigger: Trigger::Always,
-            label: None,
-        }
-    }
 
     #[test]
     fn drop_resets_or_closes_as_asked() {

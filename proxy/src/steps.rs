@@ -181,6 +181,18 @@ pub fn step_def(protocol: &str, method: &str) -> Option<&'static StepDef> {
     step_defs(protocol).iter().find(|d| d.method == method)
 }
 
+/// The `step_send` fields of a call that sends `shown` (kept as field
+/// `key`, 200 characters at most) and its summary line.
+pub fn sent(call: &StepCall, key: &str, shown: &str) -> crate::Fields {
+    crate::Fields::from([
+        (key.to_string(), shown.chars().take(200).collect()),
+        (
+            "summary".to_string(),
+            format!("→ {}.{} {shown}", call.service, call.method),
+        ),
+    ])
+}
+
 /// Checks what an argument's type cannot (a gRPC method is a full path).
 pub fn check_call(call: &StepCall) -> Result<(), String> {
     match crate::protocol::get(&call.protocol) {

@@ -3,7 +3,7 @@
 //! proxy and the step client are the hyper-based code in `h2.rs`.
 
 use crate::Fields;
-use crate::protocol::{Protocol, Wire};
+use crate::protocol::{Protocol, Traits, Wire};
 use crate::rules::{ProxyAction, ProxyRuleDef};
 use crate::steps::{Kind, Param, StepCall, StepDef};
 
@@ -17,41 +17,22 @@ const CALL: &[Param] = &[
 ];
 const STEPS: &[StepDef] = &[StepDef::new("call", CALL)];
 
+const TRAITS: Traits = Traits {
+    name: "grpc",
+    step_label: "grpc step",
+    steps: STEPS,
+    matchers: &["method"],
+    matcher_help: "method= (the full method path, e.g. \"/shop.Orders/Create\", * allowed)",
+    error_fields: &["status"],
+    duplicates: true,
+    resets_on_drop: true,
+    wire: Wire::H2,
+    ..Traits::DEFAULT
+};
+
 impl Protocol for Grpc {
-    fn name(&self) -> &'static str {
-        "grpc"
-    }
-
-    fn steps(&self) -> &'static [StepDef] {
-        STEPS
-    }
-
-    fn step_label(&self) -> &'static str {
-        "grpc step"
-    }
-
-    fn matchers(&self) -> &'static [&'static str] {
-        &["method"]
-    }
-
-    fn matcher_help(&self) -> &'static str {
-        "method= (the full method path, e.g. \"/shop.Orders/Create\", * allowed)"
-    }
-
-    fn error_fields(&self) -> &'static [&'static str] {
-        &["status"]
-    }
-
-    fn duplicates(&self) -> bool {
-        true
-    }
-
-    fn resets_on_drop(&self) -> bool {
-        true
-    }
-
-    fn wire(&self) -> Wire {
-        Wire::H2
+    fn traits(&self) -> &'static Traits {
+        &TRAITS
     }
 
     fn check(&self, rule: &ProxyRuleDef) -> Result<(), String> {
@@ -77,21 +58,14 @@ impl Protocol for Grpc {
     }
 
     fn describe_step(&self, call: &StepCall) -> Fields {
-        let method = call.str("method").unwrap_or_default();
-        Fields::from([
-            ("path".to_string(), method.to_string()),
-            (
-                "summary".to_string(),
-                format!("→ {}.call {method}", call.service),
-            ),
-        ])
+        crate::steps::sent(call, "path", call.str("method").unwrap_or_default())
     }
 
     #[cfg(feature = "serve")]
     fn serve(
         &self,
-        client: std::net::TcpStream,
-        ctx: &std::sync::Arc<crate::server::Ctx>,
+        client: crate::protocol::Client,
+        ctx: &crate::protocol::Shared,
     ) -> crate::server::Closed {
         crate::h2::serve(client, ctx)
     }

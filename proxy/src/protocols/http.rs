@@ -3,7 +3,7 @@
 //! decided per stream by the hyper-based proxy in `h2.rs`.
 
 use crate::Fields;
-use crate::protocol::{Frame, FrameError, Protocol};
+use crate::protocol::{Frame, FrameError, Protocol, Traits};
 use crate::rules::{ProxyAction, ProxyRuleDef};
 use crate::steps::{Kind, Param, StepCall, StepDef};
 
@@ -253,37 +253,25 @@ pub fn response(status: u16, body: &str, content_type: &str) -> String {
     )
 }
 
+const HTTP: Traits = Traits {
+    name: "http",
+    step_label: "http step",
+    steps: STEPS,
+    matchers: &["method", "path"],
+    matcher_help: "method= and path=",
+    error_fields: &["status"],
+    duplicates: true,
+    resets_on_drop: true,
+    ..Traits::DEFAULT
+};
+const HTTP2: Traits = Traits {
+    name: "http2",
+    ..HTTP
+};
+
 impl Protocol for Http {
-    fn name(&self) -> &'static str {
-        if self.h2 { "http2" } else { "http" }
-    }
-
-    fn steps(&self) -> &'static [StepDef] {
-        STEPS
-    }
-
-    fn step_label(&self) -> &'static str {
-        "http step"
-    }
-
-    fn matchers(&self) -> &'static [&'static str] {
-        &["method", "path"]
-    }
-
-    fn matcher_help(&self) -> &'static str {
-        "method= and path="
-    }
-
-    fn error_fields(&self) -> &'static [&'static str] {
-        &["status"]
-    }
-
-    fn duplicates(&self) -> bool {
-        true
-    }
-
-    fn resets_on_drop(&self) -> bool {
-        true
+    fn traits(&self) -> &'static Traits {
+        if self.h2 { &HTTP2 } else { &HTTP }
     }
 
     fn check(&self, rule: &ProxyRuleDef) -> Result<(), String> {
@@ -316,8 +304,8 @@ impl Protocol for Http {
     #[cfg(feature = "serve")]
     fn serve(
         &self,
-        client: std::net::TcpStream,
-        ctx: &std::sync::Arc<crate::server::Ctx>,
+        client: crate::protocol::Client,
+        ctx: &crate::protocol::Shared,
     ) -> crate::server::Closed {
         if crate::h2::starts_with_preface(&client) {
             return crate::h2::serve(client, ctx);

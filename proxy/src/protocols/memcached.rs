@@ -9,7 +9,7 @@
 use serde_json::{Value as Json, json};
 
 use crate::Fields;
-use crate::protocol::{Frame, FrameError, MAX_FRAME, Protocol};
+use crate::protocol::{Frame, FrameError, MAX_FRAME, Protocol, Traits};
 use crate::rules::{ProxyAction, ProxyRuleDef};
 use crate::steps::{Kind, Param, StepCall, StepDef};
 
@@ -192,29 +192,19 @@ fn step_command(call: &StepCall) -> Vec<u8> {
     }
 }
 
+const TRAITS: Traits = Traits {
+    name: "memcached",
+    step_label: "memcached step",
+    steps: STEPS,
+    matchers: &["command", "key"],
+    matcher_help: "command= (get, set, delete, incr, ...) and key=",
+    duplicates: true,
+    ..Traits::DEFAULT
+};
+
 impl Protocol for Memcached {
-    fn name(&self) -> &'static str {
-        "memcached"
-    }
-
-    fn steps(&self) -> &'static [StepDef] {
-        STEPS
-    }
-
-    fn step_label(&self) -> &'static str {
-        "memcached step"
-    }
-
-    fn matchers(&self) -> &'static [&'static str] {
-        &["command", "key"]
-    }
-
-    fn matcher_help(&self) -> &'static str {
-        "command= (get, set, delete, incr, ...) and key="
-    }
-
-    fn duplicates(&self) -> bool {
-        true
+    fn traits(&self) -> &'static Traits {
+        &TRAITS
     }
 
     fn check(&self, rule: &ProxyRuleDef) -> Result<(), String> {
@@ -238,21 +228,14 @@ impl Protocol for Memcached {
 
     fn describe_step(&self, call: &StepCall) -> Fields {
         let command = String::from_utf8_lossy(&step_command(call)).into_owned();
-        let shown = command.lines().next().unwrap_or("").to_string();
-        Fields::from([
-            ("data".to_string(), shown.clone()),
-            (
-                "summary".to_string(),
-                format!("→ {}.{} {shown}", call.service, call.method),
-            ),
-        ])
+        crate::steps::sent(call, "data", command.lines().next().unwrap_or(""))
     }
 
     #[cfg(feature = "serve")]
     fn serve(
         &self,
-        client: std::net::TcpStream,
-        ctx: &std::sync::Arc<crate::server::Ctx>,
+        client: crate::protocol::Client,
+        ctx: &crate::protocol::Shared,
     ) -> crate::server::Closed {
         io::serve(client, ctx)
     }

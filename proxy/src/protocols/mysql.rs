@@ -5,9 +5,9 @@
 //! of `code=`, default HY000), and the connection stays usable.
 
 use crate::Fields;
-use crate::protocol::{Frame, Protocol, Wire};
+use crate::protocol::{Frame, Protocol, Traits, Wire};
 use crate::rules::ProxyRuleDef;
-use crate::steps::{StepCall, StepDef};
+use crate::steps::StepCall;
 
 /// The `mysql` protocol.
 pub struct Mysql;
@@ -51,33 +51,20 @@ pub fn err_packet(number: u16, sqlstate: &str, message: &str) -> Vec<u8> {
     packet
 }
 
+const TRAITS: Traits = Traits {
+    name: "mysql",
+    step_label: "mysql step",
+    steps: super::postgres::STEPS,
+    matchers: &["query"],
+    matcher_help: "query= only",
+    error_fields: &["code", "number"],
+    wire: Wire::Mysql,
+    ..Traits::DEFAULT
+};
+
 impl Protocol for Mysql {
-    fn name(&self) -> &'static str {
-        "mysql"
-    }
-
-    fn steps(&self) -> &'static [StepDef] {
-        super::postgres::STEPS
-    }
-
-    fn step_label(&self) -> &'static str {
-        "mysql step"
-    }
-
-    fn matchers(&self) -> &'static [&'static str] {
-        &["query"]
-    }
-
-    fn matcher_help(&self) -> &'static str {
-        "query= only"
-    }
-
-    fn error_fields(&self) -> &'static [&'static str] {
-        &["code", "number"]
-    }
-
-    fn wire(&self) -> Wire {
-        Wire::Mysql
+    fn traits(&self) -> &'static Traits {
+        &TRAITS
     }
 
     fn check(&self, rule: &ProxyRuleDef) -> Result<(), String> {
@@ -91,8 +78,8 @@ impl Protocol for Mysql {
     #[cfg(feature = "serve")]
     fn serve(
         &self,
-        client: std::net::TcpStream,
-        ctx: &std::sync::Arc<crate::server::Ctx>,
+        client: crate::protocol::Client,
+        ctx: &crate::protocol::Shared,
     ) -> crate::server::Closed {
         io::serve(client, ctx)
     }

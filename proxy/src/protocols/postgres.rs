@@ -4,7 +4,7 @@
 //! ErrorResponse with a SQLSTATE, then ReadyForQuery.
 
 use crate::Fields;
-use crate::protocol::{Frame, FrameError, MAX_FRAME, Protocol, Wire};
+use crate::protocol::{Frame, FrameError, MAX_FRAME, Protocol, Traits, Wire};
 use crate::rules::{ProxyAction, ProxyRuleDef};
 use crate::steps::{Kind, Param, StepCall, StepDef};
 
@@ -114,43 +114,23 @@ pub(crate) fn check_sql(protocol: &str, rule: &ProxyRuleDef) -> Result<(), Strin
 
 /// The `step_send` fields of a SQL step.
 pub(crate) fn sql_fields(call: &StepCall) -> Fields {
-    let sql = call.str("sql").unwrap_or_default();
-    Fields::from([
-        ("sql".to_string(), sql.chars().take(200).collect()),
-        (
-            "summary".to_string(),
-            format!("→ {}.{} {sql}", call.service, call.method),
-        ),
-    ])
+    crate::steps::sent(call, "sql", call.str("sql").unwrap_or_default())
 }
 
+const TRAITS: Traits = Traits {
+    name: "postgres",
+    step_label: "postgres step",
+    steps: STEPS,
+    matchers: &["query"],
+    matcher_help: "query= only",
+    error_fields: &["code"],
+    wire: Wire::Postgres,
+    ..Traits::DEFAULT
+};
+
 impl Protocol for Postgres {
-    fn name(&self) -> &'static str {
-        "postgres"
-    }
-
-    fn steps(&self) -> &'static [StepDef] {
-        STEPS
-    }
-
-    fn step_label(&self) -> &'static str {
-        "postgres step"
-    }
-
-    fn matchers(&self) -> &'static [&'static str] {
-        &["query"]
-    }
-
-    fn matcher_help(&self) -> &'static str {
-        "query= only"
-    }
-
-    fn error_fields(&self) -> &'static [&'static str] {
-        &["code"]
-    }
-
-    fn wire(&self) -> Wire {
-        Wire::Postgres
+    fn traits(&self) -> &'static Traits {
+        &TRAITS
     }
 
     fn check(&self, rule: &ProxyRuleDef) -> Result<(), String> {
@@ -164,8 +144,8 @@ impl Protocol for Postgres {
     #[cfg(feature = "serve")]
     fn serve(
         &self,
-        client: std::net::TcpStream,
-        ctx: &std::sync::Arc<crate::server::Ctx>,
+        client: crate::protocol::Client,
+        ctx: &crate::protocol::Shared,
     ) -> crate::server::Closed {
         io::serve(client, ctx)
     }

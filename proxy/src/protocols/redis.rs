@@ -8,7 +8,7 @@
 use serde_json::{Value as Json, json};
 
 use crate::Fields;
-use crate::protocol::{Frame, FrameError, MAX_FRAME, Protocol};
+use crate::protocol::{Frame, FrameError, MAX_FRAME, Protocol, Traits};
 use crate::steps::{Kind, Param, StepCall, StepDef};
 
 /// The `redis` protocol.
@@ -219,29 +219,19 @@ fn step_args(call: &StepCall) -> Vec<String> {
     }
 }
 
+const TRAITS: Traits = Traits {
+    name: "redis",
+    step_label: "redis step",
+    steps: STEPS,
+    matchers: &["command", "key"],
+    matcher_help: "command= and key=",
+    duplicates: true,
+    ..Traits::DEFAULT
+};
+
 impl Protocol for Redis {
-    fn name(&self) -> &'static str {
-        "redis"
-    }
-
-    fn steps(&self) -> &'static [StepDef] {
-        STEPS
-    }
-
-    fn step_label(&self) -> &'static str {
-        "redis step"
-    }
-
-    fn matchers(&self) -> &'static [&'static str] {
-        &["command", "key"]
-    }
-
-    fn matcher_help(&self) -> &'static str {
-        "command= and key="
-    }
-
-    fn duplicates(&self) -> bool {
-        true
+    fn traits(&self) -> &'static Traits {
+        &TRAITS
     }
 
     fn check_step(&self, call: &StepCall) -> Result<(), String> {
@@ -255,21 +245,14 @@ impl Protocol for Redis {
         if call.method == "send" {
             return super::tcp::send_fields(call);
         }
-        let words = step_args(call).join(" ");
-        Fields::from([
-            ("data".to_string(), words.chars().take(200).collect()),
-            (
-                "summary".to_string(),
-                format!("→ {}.{} {words}", call.service, call.method),
-            ),
-        ])
+        crate::steps::sent(call, "data", &step_args(call).join(" "))
     }
 
     #[cfg(feature = "serve")]
     fn serve(
         &self,
-        client: std::net::TcpStream,
-        ctx: &std::sync::Arc<crate::server::Ctx>,
+        client: crate::protocol::Client,
+        ctx: &crate::protocol::Shared,
     ) -> crate::server::Closed {
         io::serve(client, ctx)
     }

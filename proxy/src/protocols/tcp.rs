@@ -4,7 +4,7 @@
 //! writes one line and reads one line back.
 
 use crate::Fields;
-use crate::protocol::{Frame, Protocol};
+use crate::protocol::{Frame, Protocol, Traits};
 use crate::rules::{ProxyAction, ProxyRuleDef};
 use crate::steps::{Kind, Param, StepCall, StepDef};
 
@@ -22,25 +22,18 @@ pub fn line_frame(buf: &[u8]) -> Frame {
     Ok(buf.iter().position(|b| *b == b'\n').map(|i| i + 1))
 }
 
+const TRAITS: Traits = Traits {
+    name: "tcp",
+    step_label: "tcp step",
+    steps: STEPS,
+    matchers: &["method"],
+    matcher_help: "method= (a prefix of the first bytes the client sends)",
+    ..Traits::DEFAULT
+};
+
 impl Protocol for Tcp {
-    fn name(&self) -> &'static str {
-        "tcp"
-    }
-
-    fn steps(&self) -> &'static [StepDef] {
-        STEPS
-    }
-
-    fn step_label(&self) -> &'static str {
-        "tcp step"
-    }
-
-    fn matchers(&self) -> &'static [&'static str] {
-        &["method"]
-    }
-
-    fn matcher_help(&self) -> &'static str {
-        "method= (a prefix of the first bytes the client sends)"
+    fn traits(&self) -> &'static Traits {
+        &TRAITS
     }
 
     fn check(&self, rule: &ProxyRuleDef) -> Result<(), String> {
@@ -57,8 +50,8 @@ impl Protocol for Tcp {
     #[cfg(feature = "serve")]
     fn serve(
         &self,
-        client: std::net::TcpStream,
-        ctx: &std::sync::Arc<crate::server::Ctx>,
+        client: crate::protocol::Client,
+        ctx: &crate::protocol::Shared,
     ) -> crate::server::Closed {
         io::serve(client, ctx)
     }
@@ -82,14 +75,7 @@ impl Protocol for Tcp {
 
 /// The `step_send` fields of a line-oriented `send` (tcp and redis).
 pub(crate) fn send_fields(call: &StepCall) -> Fields {
-    let data = call.str("data").unwrap_or_default();
-    Fields::from([
-        ("data".to_string(), data.chars().take(200).collect()),
-        (
-            "summary".to_string(),
-            format!("→ {}.send {data}", call.service),
-        ),
-    ])
+    crate::steps::sent(call, "data", call.str("data").unwrap_or_default())
 }
 
 #[cfg(feature = "serve")]

@@ -6,7 +6,7 @@
 //! does not.
 
 use crate::Fields;
-use crate::protocol::Protocol;
+use crate::protocol::{Protocol, Traits};
 use crate::rules::{ProxyAction, ProxyRuleDef};
 use crate::steps::{Kind, Param, StepCall, StepDef};
 
@@ -18,33 +18,20 @@ const STEPS: &[StepDef] = &[
     StepDef::new("send_no_reply", &[Param::req("data", Kind::Str)]),
 ];
 
+const TRAITS: Traits = Traits {
+    name: "udp",
+    step_label: "udp step",
+    steps: STEPS,
+    matchers: &["method"],
+    matcher_help: "method= (a prefix of the datagram)",
+    duplicates: true,
+    datagrams: true,
+    ..Traits::DEFAULT
+};
+
 impl Protocol for Udp {
-    fn name(&self) -> &'static str {
-        "udp"
-    }
-
-    fn steps(&self) -> &'static [StepDef] {
-        STEPS
-    }
-
-    fn step_label(&self) -> &'static str {
-        "udp step"
-    }
-
-    fn datagrams(&self) -> bool {
-        true
-    }
-
-    fn matchers(&self) -> &'static [&'static str] {
-        &["method"]
-    }
-
-    fn matcher_help(&self) -> &'static str {
-        "method= (a prefix of the datagram)"
-    }
-
-    fn duplicates(&self) -> bool {
-        true
+    fn traits(&self) -> &'static Traits {
+        &TRAITS
     }
 
     fn check(&self, rule: &ProxyRuleDef) -> Result<(), String> {
@@ -57,21 +44,14 @@ impl Protocol for Udp {
     }
 
     fn describe_step(&self, call: &StepCall) -> Fields {
-        let data = call.str("data").unwrap_or_default();
-        Fields::from([
-            ("data".to_string(), data.chars().take(200).collect()),
-            (
-                "summary".to_string(),
-                format!("→ {}.{} {data}", call.service, call.method),
-            ),
-        ])
+        crate::steps::sent(call, "data", call.str("data").unwrap_or_default())
     }
 
     #[cfg(feature = "serve")]
     fn serve(
         &self,
-        _client: std::net::TcpStream,
-        _ctx: &std::sync::Arc<crate::server::Ctx>,
+        _client: crate::protocol::Client,
+        _ctx: &crate::protocol::Shared,
     ) -> crate::server::Closed {
         // Datagram proxies run `io::relay`; no stream ever reaches here.
         crate::server::Closed::new(0, 0, "not a stream protocol")
