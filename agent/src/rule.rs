@@ -313,7 +313,7 @@ fn parse_with(
         let duration = parts
             .get(1)
             .ok_or_else(|| fail("delay needs a duration (for example delay:200ms:100%)".into()))?;
-        let ns = parse_duration(duration).map_err(fail)?;
+        let ns = parse_delay(duration).map_err(fail)?;
         let probability = parts.get(2).ok_or_else(|| {
             fail(format!(
                 "missing probability (write it as {target}=delay:{duration}:100%)"
@@ -359,14 +359,26 @@ fn parse_with(
     let mut path = None;
     let mut trigger = None;
     for part in extra {
-        if let Some(parsed) = parse_trigger(part) {
-            if trigger.replace(parsed.map_err(fail)?).is_some() {
+        if part.contains('=') {
+            if trigger
+                .replace(parse_trigger(part).map_err(fail)?)
+                .is_some()
+            {
                 return Err(fail(
                     "more than one trigger (use either nth=N or after=N)".into(),
                 ));
             }
         } else if part.is_empty() {
             return Err(fail("empty part after ':'".into()));
+        } else if !looks_like_path(part) {
+            // A misspelled trigger must not become a glob that matches
+            // nothing and silently never fires.
+            let hint = errno::closest(part, ["nth", "after"])
+                .map(|k| format!("; did you mean {k}=N?"))
+                .unwrap_or_default();
+            return Err(fail(format!(
+                "{part:?} is neither a trigger (nth=N, after=N) nor a path glob (a glob starts with /, * or ., or names a file such as app.log){hint}"
+            )));
         } else if path.replace(part.to_string()).is_some() {
             return Err(fail(format!(
                 "{part:?} is neither a trigger (nth=N, after=N) nor the only path glob"
@@ -390,28 +402,68 @@ fn parse_with(
     Ok(rule)
 }
 
-/// `nth=N` / `after=N`, or `None` when `part` is not a trigger at all.
-fn parse_trigger(part: &str) -> Option<Result<Trigger, String>> {
-    let (key, value) = part.split_once('=')?;
-    let key = key.trim();
+/// Whether a rule part can be a path glob: absolute, a pattern, relative
+/// to here, or a file name.
+fn looks_like_path(part: &str) -> bool {
+    part.starts_with(['/', '*', '.']) || part.contains(['/', '.'])
+}
+
+/// `nth=N` or `after=N`, exactly: lower-case key, no spaces, no sign.
+pub fn parse_trigger(part: &str) -> Result<Trigger, String> {
+    let (key, value) = part.split_once('=').unwrap_or((part, ""));
     if key != "nth" && key != "after" {
-        return None;
+        let lower = key.trim().to_ascii_lowercase();
+        let hint = if lower == "nth" || lower == "after" {
+            format!(" (did you mean {lower}={}?)", value.trim())
+        } else {
+            errno::closest(&lower, ["nth", "after"])
+                .map(|k| format!(" (did you mean {k}={}?)", value.trim()))
+                .unwrap_or_else(|| " (triggers are nth=N and after=N)".into())
+        };
+        return Err(format!("unknown trigger {part:?}{hint}"));
     }
-    let n = match value.trim().parse::<u64>() {
-        Ok(n) => n,
-        Err(_) => {
-            return Some(Err(format!(
-                "invalid trigger {part:?} ({key} takes a whole number, for example {key}=3)"
-            )));
-        }
-    };
-    Some(match key {
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        let plain = value.trim().trim_start_matches('+');
+        let hint = if !plain.is_empty() && plain.bytes().all(|b| b.is_ascii_digit()) {
+            format!(" (write {key}={plain})")
+        } else {
+            format!(" ({key} takes a whole number, for example {key}=3)")
+        };
+        return Err(format!("invalid trigger {part:?}{hint}"));
+    }
+    let n: u64 = value
+        .parse()
+        .map_err(|_| format!("invalid trigger {part:?}: {value} is too large"))?;
+    match key {
         "nth" if n == 0 => Err(format!(
             "invalid trigger {part:?}: nth counts calls from 1, so use nth=1 for the first call"
         )),
         "nth" => Ok(Trigger::Nth(n)),
         _ => Ok(Trigger::After(n)),
-    })
+    }
+}
+
+/// The longest delay written without hours, and the longest at all: a
+/// longer hold is a typo (a missing unit, an extra digit), and an
+/// enormous one would leave a target hanging for good.
+const MAX_DELAY_UNLESS_HOURS: u64 = 3_600_000_000_000;
+const MAX_DELAY: u64 = 24 * 3_600_000_000_000;
+
+/// Parses a fault's delay: a duration of at most an hour, or at most a
+/// day when written in hours (`2h`).
+pub fn parse_delay(text: &str) -> Result<u64, String> {
+    let ns = parse_duration(text)?;
+    if ns > MAX_DELAY {
+        return Err(format!(
+            "delay {text:?} is longer than a day; a fault that holds a call that long is refused"
+        ));
+    }
+    if ns > MAX_DELAY_UNLESS_HOURS && !text.contains('h') {
+        return Err(format!(
+            "delay {text:?} is longer than an hour; write it in hours (for example 2h) if that is meant"
+        ));
+    }
+    Ok(ns)
 }
 
 /// Parses a probability into a fraction of 1, with one reading
@@ -604,6 +656,44 @@ mod tests {
         assert!(err("openat=ENOENT:100%:nth=1:after=2").contains("more than one trigger"));
         assert!(err("openat=ENOENT:100%:nth=x").contains("whole number"));
         assert!(err("openat=ENOENT:abc%").contains("invalid probability"));
+    }
+
+    #[test]
+    fn triggers_and_globs_outside_the_grammar_are_refused_with_a_suggestion() {
+        let err = |spec: &str| parse_fault(spec, X86).expect_err(spec).to_string();
+        assert!(err("openat=ENOENT:100%:NTH=1").contains("did you mean nth=1?"));
+        assert!(err("openat=ENOENT:100%:nth =1").contains("did you mean nth=1?"));
+        assert!(err("openat=ENOENT:100%:nth=+1").contains("(write nth=1)"));
+        assert!(err("openat=ENOENT:100%:nth= 3").contains("(write nth=3)"));
+        assert!(err("openat=ENOENT:100%:first=1").contains("triggers are nth=N and after=N"));
+        assert!(err("openat=ENOENT:100%:after").contains("did you mean after=N?"));
+        assert!(err("openat=ENOENT:100%:data").contains("nor a path glob"));
+        for ok in [
+            "openat=ENOENT:100%:/data/*",
+            "openat=ENOENT:100%:*.wal",
+            "openat=ENOENT:100%:./x",
+            "openat=ENOENT:100%:app.log:nth=2",
+        ] {
+            parse_fault(ok, X86).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+    }
+
+    #[test]
+    fn delays_are_bounded() {
+        assert!(
+            parse_delay("90m")
+                .expect_err("90m")
+                .contains("write it in hours")
+        );
+        assert_eq!(parse_delay("2h"), Ok(7_200_000_000_000));
+        assert!(
+            parse_delay("25h")
+                .expect_err("25h")
+                .contains("longer than a day")
+        );
+        assert!(parse_delay("9223372036854775807ns").is_err());
+        assert!(parse_delay("9223372036854775808ns").is_err());
+        assert_eq!(parse_delay("500ms"), Ok(500_000_000));
     }
 
     #[test]

@@ -422,25 +422,5 @@ fn lookup_user(name: &str) -> Result<(u32, u32), String> {
             "user={name:?} needs faultbox to run as root (switching accounts needs CAP_SETUID)"
         ));
     }
-    if let Some((uid, gid)) = name.split_once(':')
-        && let (Ok(uid), Ok(gid)) = (uid.parse(), gid.parse())
-    {
-        return Ok((uid, gid));
-    }
-    if let Ok(uid) = name.parse::<u32>() {
-        return Ok((uid, uid));
-    }
-    let passwd = std::fs::read_to_string("/etc/passwd")
-        .map_err(|e| format!("user={name:?}: cannot read /etc/passwd: {e}"))?;
-    passwd
-        .lines()
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split(':').collect();
-            (f.len() >= 4 && f[0] == name).then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
-        })
-        .next()
-        .flatten()
-        .ok_or_else(|| {
-            format!("user={name:?}: no such account in /etc/passwd (create it, or give a numeric uid:gid)")
-        })
+    process::lookup_account(name)
 }

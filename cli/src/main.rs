@@ -62,6 +62,9 @@ fn main() {
             std::process::exit(code);
         }
     };
+    // Proxies hold two descriptors per connection and services inherit
+    // the limit: take the hard limit, as servers do.
+    faultbox_agent::process::raise_nofile_limit();
     let result = match cli.command {
         Commands::Run(args) => run::run(args),
         Commands::Test(args) => test::run(args),

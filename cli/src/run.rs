@@ -2,6 +2,7 @@
 //! `--fs-fault`, events logged as they happen, the target's exit code
 //! passed through.
 
+use std::ffi::OsString;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,11 +25,11 @@ pub struct RunArgs {
     /// Inject a syscall fault: SYSCALL=ERRNO:PROB%[:PATH_GLOB][:nth=N|after=N]
     /// or SYSCALL=delay:DURATION:PROB%[:PATH_GLOB][:TRIGGER]. Repeatable.
     #[arg(long = "fault", value_name = "SPEC")]
-    faults: Vec<String>,
+    faults: Vec<OsString>,
     /// Like --fault, naming a filesystem operation (open, read, write, sync,
     /// mkdir, delete, stat) instead of a syscall. Repeatable.
     #[arg(long = "fs-fault", value_name = "SPEC")]
-    fs_faults: Vec<String>,
+    fs_faults: Vec<OsString>,
     /// Set an environment variable for the target (overrides the inherited
     /// value). Repeatable.
     #[arg(long = "env", value_name = "KEY=VALUE")]
@@ -236,11 +237,24 @@ fn log_event(log: &Logger, event: ShimEvent, started: Instant) {
 
 fn parse_rules(args: &RunArgs, arch: Arch) -> Result<Vec<Rule>> {
     let mut rules: Vec<Rule> = Vec::new();
-    let parsed = args
-        .faults
-        .iter()
-        .map(|s| rule::parse_fault(s, arch))
-        .chain(args.fs_faults.iter().map(|s| rule::parse_fs_fault(s, arch)));
+    // Taken as raw bytes, so a value that is not UTF-8 gets the same
+    // one-line error as any other bad rule instead of a usage dump.
+    let text = |flag: &str, raw: &OsString| {
+        raw.to_str().map(str::to_string).ok_or_else(|| {
+            let lossy = raw.to_string_lossy();
+            let at = lossy.find('\u{fffd}').unwrap_or(0);
+            user_error(format!(
+                "{flag} {lossy:?}: not valid UTF-8 (at byte {at}); write the rule in plain text"
+            ))
+        })
+    };
+    let mut parsed = Vec::new();
+    for raw in &args.faults {
+        parsed.push(rule::parse_fault(&text("--fault", raw)?, arch));
+    }
+    for raw in &args.fs_faults {
+        parsed.push(rule::parse_fs_fault(&text("--fs-fault", raw)?, arch));
+    }
     for rule in parsed {
         let mut rule = rule.map_err(|e| user_error(e.to_string()))?;
         // Two identical flags are two rules: give each its own RNG stream.

@@ -154,6 +154,23 @@ pub fn run(args: TestArgs) -> Result<i32> {
             let _ = writeln!(out, "Syscall filter: {}", spec.intercept.join(", "));
         }
         crate::print_stdout(&out)?;
+        // What a run would refuse, without starting anything: an account
+        // that does not exist is an error; a binary that is not there yet
+        // may still be built, so it is a warning.
+        for s in spec.services.iter().filter(|s| !s.is_remote()) {
+            if let Some(user) = &s.user
+                && let Err(e) = faultbox_agent::process::lookup_account(user)
+            {
+                eprintln!("error: service {:?} ({}): {e}", s.name, s.declared_at);
+                return Ok(1);
+            }
+            if let Err(e) = faultbox_engine::runtime::resolve_binary(&s.binary, &spec.dir) {
+                eprintln!(
+                    "WARNING: service {:?} ({}): {e}; a run would fail unless it exists by then",
+                    s.name, s.declared_at
+                );
+            }
+        }
         return Ok(0);
     }
     if tests.is_empty() {

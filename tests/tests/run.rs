@@ -630,6 +630,30 @@ fn losing_the_controller_releases_held_calls_and_stops_the_target() {
 }
 
 #[test]
+fn the_descriptor_limit_is_raised_to_the_hard_limit() {
+    let hard = Command::new("sh")
+        .args(["-c", "ulimit -Hn"])
+        .output()
+        .expect("sh");
+    let hard = String::from_utf8_lossy(&hard.stdout).trim().to_string();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -Sn 256 && exec {} run --no-isolation -- sh -c 'ulimit -Sn'",
+            faultbox().display()
+        ))
+        .output()
+        .expect("run faultbox");
+    let run = finish(out);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(
+        run.stdout.trim(),
+        hard,
+        "the target inherits the raised limit"
+    );
+}
+
+#[test]
 fn malformed_input_is_one_line_exit_1_and_starts_nothing() {
     let dir = Scratch::new("bad");
     let not_exec = dir.file("plain.txt");
@@ -667,6 +691,40 @@ fn malformed_input_is_one_line_exit_1_and_starts_nothing() {
             "binary \"./no-such-binary\" not found",
         ),
         (vec!["--", "no-such-binary-xyz"], "not found in PATH"),
+        // A misspelled trigger used to become a path glob that never matched.
+        (
+            vec!["--fault", "openat=ENOENT:100%:NTH=1", "--", "true"],
+            "unknown trigger \"NTH=1\" (did you mean nth=1?)",
+        ),
+        (
+            vec!["--fault", "openat=ENOENT:100%:after", "--", "true"],
+            "did you mean after=N?",
+        ),
+        (
+            vec!["--fault", "openat=ENOENT:1e2%", "--", "true"],
+            "invalid probability \"1e2%\"",
+        ),
+        (
+            vec!["--fault", "write=EIO:20", "--", "true"],
+            "write \"20%\" for a percentage",
+        ),
+        (
+            vec!["--fault", "fsync=EIO:100%:nth= 3", "--", "true"],
+            "(write nth=3)",
+        ),
+        (
+            vec![
+                "--fault",
+                "connect=delay:9223372036854775807ns:100%",
+                "--",
+                "true",
+            ],
+            "longer than a day",
+        ),
+        (
+            vec!["--fault", "connect=delay:90m:100%", "--", "true"],
+            "write it in hours",
+        ),
         (vec!["--", &not_exec], "is not executable"),
         (vec!["--", "/tmp"], "is a directory"),
     ];
@@ -689,6 +747,23 @@ fn malformed_input_is_one_line_exit_1_and_starts_nothing() {
     }
     let unknown_flag = faultbox_raw(&["run", "--frobnicate", "--", "true"]);
     assert_eq!(unknown_flag.code, 1);
+    // Bytes that are not UTF-8 name the rule in one line too.
+    use std::os::unix::ffi::OsStrExt;
+    let out = Command::new(faultbox())
+        .arg("run")
+        .arg("--fault")
+        .arg(std::ffi::OsStr::from_bytes(b"openat=ENOENT\xff:100%"))
+        .args(["--", "true"])
+        .output()
+        .expect("run faultbox");
+    let run = finish(out);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert_eq!(run.stderr.trim().lines().count(), 1, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("--fault") && run.stderr.contains("not valid UTF-8"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]

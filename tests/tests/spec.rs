@@ -1173,6 +1173,31 @@ def test_udp():
 }
 
 #[test]
+fn dry_run_warns_of_a_missing_binary_and_refuses_an_unknown_account() {
+    let dir = Scratch::new("spec-dry-checks");
+    let text = r#"
+later = service("later", "./not-built-yet", interface("main", "tcp", 19102))
+def test_x():
+    pass
+"#;
+    let run = run_spec(&dir, text, &["--dry-run"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("WARNING: service \"later\"") && run.stderr.contains("does not exist"),
+        "{}",
+        run.stderr
+    );
+    let text = r#"
+svc = service("svc", "/bin/true", interface("main", "tcp", 19103), user = "no-such-account-fb")
+def test_x():
+    pass
+"#;
+    let run = run_spec(&dir, text, &["--dry-run"]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(run.stderr.contains("no such account"), "{}", run.stderr);
+}
+
+#[test]
 fn protocol_rules_a_protocol_cannot_apply_are_refused() {
     // Written out in a fault window: refused when the spec loads (exit 1,
     // the file and line named, nothing started).

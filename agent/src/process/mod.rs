@@ -691,3 +691,47 @@ pub fn adopt_unix_stream(fd: i32) -> io::Result<std::os::unix::net::UnixStream> 
     // ownership to us.
     Ok(unsafe { <std::os::unix::net::UnixStream as std::os::fd::FromRawFd>::from_raw_fd(fd) })
 }
+
+/// Raises the soft limit on open descriptors to the hard limit (best
+/// effort: a failure leaves the limit as it was).
+pub fn raise_nofile_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+/// The uid and gid of account `name`: a numeric `uid[:gid]`, or an entry
+/// of `/etc/passwd`. A static binary has no NSS, so accounts from LDAP and
+/// the like are not visible; the numeric form works for those.
+pub fn lookup_account(name: &str) -> Result<(u32, u32), String> {
+    if let Some((uid, gid)) = name.split_once(':')
+        && let (Ok(uid), Ok(gid)) = (uid.parse(), gid.parse())
+    {
+        return Ok((uid, gid));
+    }
+    if let Ok(uid) = name.parse::<u32>() {
+        return Ok((uid, uid));
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd")
+        .map_err(|e| format!("user={name:?}: cannot read /etc/passwd: {e}"))?;
+    passwd
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split(':').collect();
+            (f.len() >= 4 && f[0] == name).then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
+        })
+        .next()
+        .flatten()
+        .ok_or_else(|| {
+            format!("user={name:?}: no such account in /etc/passwd (create it, or give a numeric uid:gid)")
+        })
+}

@@ -219,6 +219,14 @@ impl<'v> Args<'v> {
             .map_err(|e| err(format!("{}(): {key}={text:?}: {e}", self.builtin)))
     }
 
+    /// A fault's delay: at most an hour, or a day written in hours.
+    fn delay(&self, v: Value<'v>, key: &str) -> Res<Duration> {
+        let text = self.string(v, key)?;
+        rule::parse_delay(&text)
+            .map(Duration::from_nanos)
+            .map_err(|e| err(format!("{}(): {key}={text:?}: {e}", self.builtin)))
+    }
+
     /// `key=` as a duration, or `default` when not given.
     fn duration_or(&self, key: &str, default: Duration) -> Res<Duration> {
         match self.named(key) {

@@ -43,13 +43,8 @@ pub(super) fn parse_trigger(builtin: &str, text: &str) -> Res<Trigger> {
             "{builtin}(): trigger={text:?} is not valid; use \"nth=N\" (only the Nth call, N ≥ 1) or \"after=N\" (every call after the first N)"
         ))
     };
-    let (kind, n) = text.split_once('=').ok_or_else(bad)?;
-    let n: u64 = n.trim().parse().map_err(|_| bad())?;
-    match kind.trim() {
-        "nth" if n >= 1 => Ok(Trigger::Nth(n)),
-        "after" => Ok(Trigger::After(n)),
-        _ => Err(bad()),
-    }
+    // The `--fault` grammar's own parser: exactly nth=N or after=N.
+    rule::parse_trigger(text).map_err(|_| bad())
 }
 
 pub(super) fn fault_common(a: &Args, action: Action, errno: Option<String>) -> Res<FaultValue> {
@@ -221,7 +216,7 @@ pub(crate) fn syscall_faults(builder: &mut GlobalsBuilder) {
                     "delay(): needs a duration: delay(\"500ms\") for a syscall, delay(delay=\"500ms\", path=...) for a protocol",
                 ));
             };
-            let d = a.duration(d, "delay")?;
+            let d = a.delay(d, "delay")?;
             let r = proxy_rule(
                 &a,
                 ProxyAction::Delay {
@@ -232,7 +227,7 @@ pub(crate) fn syscall_faults(builder: &mut GlobalsBuilder) {
             return Ok(eval.heap().alloc(r));
         }
         a.check(1, &["duration", "probability", "label", "trigger"])?;
-        let d = a.duration(a.required(0, "duration")?, "duration")?;
+        let d = a.delay(a.required(0, "duration")?, "duration")?;
         let f = fault_common(
             &a,
             Action::Delay {

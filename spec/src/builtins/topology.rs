@@ -199,6 +199,11 @@ pub(crate) fn topology(builder: &mut GlobalsBuilder) {
             }
         }
         let binary = match (binary, remote.is_empty()) {
+            (Some(b), _) if b.trim().is_empty() => {
+                return Err(err(format!(
+                    "service({name:?}): the binary is an empty string; give the program to run, e.g. service({name:?}, \"./bin/{name}\", ...)"
+                )));
+            }
             (Some(b), _) => b,
             (None, false) => String::new(),
             (None, true) => {
