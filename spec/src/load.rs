@@ -7,11 +7,12 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use faultbox_agent::syscalls::{self, Arch};
+use starlark::codemap::FileSpanRef;
 use starlark::environment::{FrozenModule, Globals, GlobalsBuilder, LibraryExtension, Module};
-use starlark::eval::{Evaluator, FileLoader};
+use starlark::eval::{BeforeStmtFunc, BeforeStmtFuncDyn, Evaluator, FileLoader};
 use starlark::syntax::{AstModule, Dialect};
 
 use crate::builtins;
@@ -179,11 +180,44 @@ struct Loader<'a> {
     cache: &'a RefCell<HashMap<PathBuf, FrozenModule>>,
     loading: &'a RefCell<Vec<PathBuf>>,
     sources: &'a RefCell<Vec<String>>,
+    /// When loading must have finished (every loaded module included).
+    deadline: Deadline,
+}
+
+/// Ends a spec's evaluation once its time is up, naming the statement it
+/// was at. starlark's only per-statement hook is the one its debugger
+/// uses (`Evaluator::before_stmt_for_dap`, public but doc-hidden in 0.14);
+/// it costs one counter increment per statement.
+#[derive(Clone, Copy)]
+struct Deadline {
+    start: Instant,
+    limit: Duration,
+    statements: u64,
+}
+
+impl<'e> BeforeStmtFuncDyn<'e> for Deadline {
+    fn call<'v>(
+        &mut self,
+        span: FileSpanRef,
+        _continued: bool,
+        _eval: &mut Evaluator<'v, '_, 'e>,
+    ) -> starlark::Result<()> {
+        self.statements += 1;
+        if self.statements.is_multiple_of(4096) && self.start.elapsed() > self.limit {
+            return Err(starlark::Error::new_other(anyhow::anyhow!(
+                "the spec did not finish loading within {:?} (evaluating {}); a loop that never ends?",
+                self.limit,
+                span.to_file_span()
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl Loader<'_> {
     fn eval_file(&self, path: &Path, source: String) -> starlark::Result<FrozenModule> {
         let name = path.to_string_lossy().into_owned();
+        check_depth(&name, &source).map_err(|m| starlark::Error::new_other(anyhow::anyhow!(m)))?;
         let ast = AstModule::parse(&name, source.clone(), &dialect())?;
         self.sources.borrow_mut().push(source);
         let child = Loader {
@@ -193,12 +227,14 @@ impl Loader<'_> {
             cache: self.cache,
             loading: self.loading,
             sources: self.sources,
+            deadline: self.deadline,
         };
         Module::with_temp_heap(|module| {
             {
                 let mut eval = Evaluator::new(&module);
                 eval.extra = Some(self.ctx);
                 eval.set_loader(&child);
+                eval.before_stmt_for_dap(BeforeStmtFunc::Dyn(Box::new(self.deadline)));
                 eval.eval_module(ast, self.globals)?;
             }
             module
@@ -241,8 +277,7 @@ impl FileLoader for Loader<'_> {
                 key.display()
             )));
         }
-        let source = std::fs::read_to_string(&key)
-            .map_err(|e| fail(format!("load({path:?}): {}: {e}", key.display())))?;
+        let source = read_source(&key).map_err(|e| fail(format!("load({path:?}): {e}")))?;
         self.loading.borrow_mut().push(key.clone());
         let result = self.eval_file(&key, source);
         self.loading.borrow_mut().pop();
@@ -252,10 +287,186 @@ impl FileLoader for Loader<'_> {
     }
 }
 
-/// Loads and evaluates `path`.
+/// The most a spec, a loaded module or a `load_file` may read.
+pub const MAX_SOURCE: u64 = 50 << 20;
+
+/// Reads a file the spec names, bounded by what is read (not by what
+/// `stat` says: `/dev/zero` has no size), as UTF-8 text.
+pub fn read_source(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_SOURCE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if bytes.len() as u64 > MAX_SOURCE {
+        return Err(format!(
+            "{} is over the 50 MiB a spec may read",
+            path.display()
+        ));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let line = e.as_bytes()[..at].iter().filter(|b| **b == b'\n').count() + 1;
+        format!(
+            "{} is not UTF-8 text: byte {at} (line {line}) is not valid UTF-8",
+            path.display()
+        )
+    })
+}
+
+/// How deep an expression may nest, how many operators one statement may
+/// chain, and how far a block may indent. The parser and the evaluator
+/// recurse on expressions: past these a spec could overflow the stack and
+/// abort the process, so it is refused, with its location, before it is
+/// parsed. (Loading also runs on a thread with a large stack, so anything
+/// within the limits is safe.)
+const MAX_NESTING: usize = 200;
+const MAX_OPERATORS: usize = 1_000;
+const MAX_INDENT: usize = 400;
+
+/// Refuses source text nested or chained beyond the limits above.
+fn check_depth(name: &str, source: &str) -> Result<(), String> {
+    let (mut depth, mut operators) = (0usize, 0usize);
+    let (mut line, mut col) = (1usize, 0usize);
+    let mut quote: Option<(char, bool)> = None;
+    let mut chars = source.chars().peekable();
+    let mut at_line_start = true;
+    let mut indent = 0usize;
+    let too = |what: String, line: usize, col: usize| {
+        Err(format!(
+            "{what} (at {name}:{line}:{col}); split it into smaller pieces"
+        ))
+    };
+    while let Some(c) = chars.next() {
+        col += 1;
+        if c == '\n' {
+            line += 1;
+            col = 0;
+            at_line_start = true;
+            indent = 0;
+            // A one-line string ends with its line (else the parser will
+            // say so); a statement ends with a line outside brackets.
+            if quote.is_some_and(|(_, triple)| !triple) {
+                quote = None;
+            }
+            if depth == 0 && quote.is_none() {
+                operators = 0;
+            }
+            continue;
+        }
+        if at_line_start && quote.is_none() {
+            match c {
+                ' ' => indent += 1,
+                '\t' => indent += 8,
+                _ => {
+                    at_line_start = false;
+                    if indent > MAX_INDENT {
+                        return too(
+                            format!("a block indented {indent} columns deep (limit {MAX_INDENT})"),
+                            line,
+                            col,
+                        );
+                    }
+                }
+            }
+            if matches!(c, ' ' | '\t') {
+                continue;
+            }
+        }
+        if let Some((q, triple)) = quote {
+            if c == '\\' {
+                chars.next();
+                col += 1;
+            } else if c == q {
+                if !triple {
+                    quote = None;
+                } else if chars.peek() == Some(&q) {
+                    chars.next();
+                    if chars.peek() == Some(&q) {
+                        chars.next();
+                        quote = None;
+                    }
+                }
+            }
+            continue;
+        }
+        match c {
+            '#' => {
+                while chars.peek().is_some_and(|n| *n != '\n') {
+                    chars.next();
+                }
+            }
+            '"' | '\'' => {
+                let triple = chars.peek() == Some(&c) && {
+                    let mut look = chars.clone();
+                    look.next();
+                    look.peek() == Some(&c)
+                };
+                if triple {
+                    chars.next();
+                    chars.next();
+                }
+                quote = Some((c, triple));
+            }
+            '(' | '[' | '{' => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return too(
+                        format!("brackets nested more than {MAX_NESTING} deep"),
+                        line,
+                        col,
+                    );
+                }
+            }
+            ')' | ']' | '}' => depth = depth.saturating_sub(1),
+            '+' | '-' | '*' | '/' | '%' | '|' | '&' | '^' | '~' => {
+                operators += 1;
+                if operators > MAX_OPERATORS {
+                    return too(
+                        format!("more than {MAX_OPERATORS} operators in one statement"),
+                        line,
+                        col,
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// How long loading a spec may take.
+pub const LOAD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Loads and evaluates `path` within [`LOAD_TIMEOUT`].
 pub fn load(path: &Path) -> Result<Spec, SpecError> {
-    let source = std::fs::read_to_string(path).map_err(|e| SpecError {
-        message: format!("cannot read spec {}: {e}", path.display()),
+    load_within(path, LOAD_TIMEOUT)
+}
+
+/// Loads and evaluates `path`, giving up after `timeout`, on a thread with
+/// a large stack: the parser and the evaluator recurse on the spec's
+/// nesting.
+pub fn load_within(path: &Path, timeout: Duration) -> Result<Spec, SpecError> {
+    let path = path.to_path_buf();
+    std::thread::Builder::new()
+        .name("spec load".into())
+        .stack_size(256 << 20)
+        .spawn(move || load_here(&path, timeout))
+        .map_err(|e| SpecError {
+            message: format!("cannot start the spec loader: {e}"),
+        })?
+        .join()
+        .unwrap_or_else(|_| {
+            Err(SpecError {
+                message: "the spec loader failed unexpectedly".into(),
+            })
+        })
+}
+
+fn load_here(path: &Path, timeout: Duration) -> Result<Spec, SpecError> {
+    let source = read_source(path).map_err(|e| SpecError {
+        message: format!("cannot read spec {e}"),
     })?;
     let dir = path
         .parent()
@@ -274,6 +485,11 @@ pub fn load(path: &Path) -> Result<Spec, SpecError> {
         cache: &cache,
         loading: &loading,
         sources: &sources,
+        deadline: Deadline {
+            start: Instant::now(),
+            limit: timeout,
+            statements: 0,
+        },
     };
     let module = loader.eval_file(path, source).map_err(spec_error)?;
     let services = ctx.services.take();
@@ -671,6 +887,74 @@ fn literal_rule(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn load_text(text: &str) -> Result<Spec, SpecError> {
+        let dir = std::env::temp_dir().join(format!("fb-depth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join(format!("s{}.star", text.len()));
+        std::fs::write(&path, text).expect("write");
+        let r = load(&path);
+        let _ = std::fs::remove_file(&path);
+        r
+    }
+
+    #[test]
+    fn deep_or_long_expressions_are_refused_with_their_place_not_a_crash() {
+        let cases = [
+            (
+                format!("x = {}1{}\n", "(".repeat(6_000), ")".repeat(6_000)),
+                "brackets nested",
+            ),
+            (
+                format!("x = 1{}\n", "+1".repeat(4_000)),
+                "operators in one statement",
+            ),
+            (
+                format!("x = {}{}\n", "[".repeat(10_000), "]".repeat(10_000)),
+                "brackets nested",
+            ),
+            (
+                format!("x = {}{}\n", "{\"a\": ".repeat(5_000), "}".repeat(5_000)),
+                "brackets nested",
+            ),
+            (
+                format!("x = {}1\n", "-".repeat(20_000)),
+                "operators in one statement",
+            ),
+            (
+                (0..3_000)
+                    .map(|i| format!("{}if True:\n", "    ".repeat(i)))
+                    .collect::<String>()
+                    + &format!("{}x = 1\n", "    ".repeat(3_000)),
+                "indented",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = load_text(&text)
+                .err()
+                .map(|e| e.message)
+                .unwrap_or_default();
+            assert!(e.contains(want) && e.contains("(at "), "{want}: {e}");
+        }
+        // Within the limits, deep is fine.
+        assert!(load_text(&format!("x = {}1{}\n", "(".repeat(150), ")".repeat(150))).is_ok());
+        assert!(load_text(&format!("x = 1{}\n", "+1".repeat(900))).is_ok());
+        // Operators inside strings and comments do not count.
+        let quiet = format!("x = \"{}\"  # {}\n", "-".repeat(5_000), "+".repeat(5_000));
+        assert!(load_text(&quiet).is_ok());
+    }
+
+    #[test]
+    fn reads_are_bounded_by_what_is_read_and_must_be_utf8() {
+        let e = read_source(Path::new("/dev/zero")).expect_err("/dev/zero");
+        assert!(e.contains("over the 50 MiB"), "{e}");
+        let dir = std::env::temp_dir().join(format!("fb-utf8-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("bad.star");
+        std::fs::write(&path, b"x = 1\ny = \"\xff\"\n").expect("write");
+        let e = read_source(&path).expect_err("not utf-8");
+        assert!(e.contains("byte 11 (line 2)"), "{e}");
+    }
 
     #[test]
     fn filter_covers_keywords_dict_keys_and_syscall_lists() {

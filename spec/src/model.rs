@@ -103,7 +103,8 @@ pub fn start_order(services: &[ServiceDef]) -> Result<Vec<usize>, String> {
             1 => {
                 path.push(services[i].name.clone());
                 return Err(format!(
-                    "depends_on cycle: {} (break one of these dependencies)",
+                    "{}: depends_on cycle: {} (break one of these dependencies)",
+                    services[i].declared_at,
                     path.join(" → ")
                 ));
             }

@@ -17,21 +17,9 @@ pub(super) fn resolve_relative(eval: &Evaluator, path: &str) -> PathBuf {
     dir.join(p)
 }
 
-const LOAD_FILE_MAX: u64 = 50 << 20;
-
 fn read_spec_file(eval: &Evaluator, builtin: &str, path: &str) -> Res<String> {
     let full = resolve_relative(eval, path);
-    let meta = std::fs::metadata(&full)
-        .map_err(|e| err(format!("{builtin}({path:?}): {}: {e}", full.display())))?;
-    if meta.len() > LOAD_FILE_MAX {
-        return Err(err(format!(
-            "{builtin}({path:?}): {} is {} bytes, over the 50 MiB limit",
-            full.display(),
-            meta.len()
-        )));
-    }
-    std::fs::read_to_string(&full)
-        .map_err(|e| err(format!("{builtin}({path:?}): {}: {e}", full.display())))
+    crate::load::read_source(&full).map_err(|e| err(format!("{builtin}({path:?}): {e}")))
 }
 
 fn path_arg<'v>(
