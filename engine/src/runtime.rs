@@ -492,108 +492,6 @@ impl TestRun {
         out
     }
 
-    /// Opens a protocol fault window on `service.interface`.
-    pub fn open_proxy_window(
-        &self,
-        service: &str,
-        interface: &str,
-        rules: Vec<ProxyRuleDef>,
-        from_start: bool,
-    ) -> Result<u64, String> {
-        let id = self.next_window.fetch_add(1, Ordering::SeqCst);
-        let proxies = lock(&self.proxies);
-        let proxy = proxies
-            .get(&(service.to_string(), interface.to_string()))
-            .ok_or_else(|| {
-                format!("{service}.{interface} has no proxy (is the service running?)")
-            })?;
-        for r in &rules {
-            r.check(&proxy.protocol)
-                .map_err(|e| format!("{service}.{interface}: {e}"))?;
-        }
-        let named: Vec<(RuleId, ProxyRuleDef)> = rules
-            .into_iter()
-            .enumerate()
-            .map(|(i, r)| (RuleId::in_window(id, i.to_string()), r))
-            .collect();
-        proxy.rules().push_front(
-            faultbox_agent::engine::derive_seed(self.seed, &format!("{service}.{interface}")),
-            named.clone(),
-        )?;
-        let described: Vec<String> = named
-            .iter()
-            .map(|(_, r)| format!("{}({})", r.action.kind(), r.matcher()))
-            .collect();
-        self.trace.emit(
-            "proxy_fault_applied",
-            service,
-            fields([
-                ("interface", interface.to_string()),
-                ("protocol", proxy.protocol.clone()),
-                ("proxy", proxy.listen.to_string()),
-                ("rules", described.join(", ")),
-            ]),
-        );
-        drop(proxies);
-        lock(&self.proxy_windows).push(ProxyWindow {
-            id,
-            service: service.to_string(),
-            interface: interface.to_string(),
-            from_start,
-            rules: named,
-        });
-        Ok(id)
-    }
-
-    /// The most recent `fault_start` window on `service.interface`.
-    pub fn latest_started_proxy_window(&self, service: &str, interface: &str) -> Option<u64> {
-        lock(&self.proxy_windows)
-            .iter()
-            .rev()
-            .find(|w| w.service == service && w.interface == interface && w.from_start)
-            .map(|w| w.id)
-    }
-
-    /// Closes a protocol window and records its hits.
-    pub fn close_proxy_window(&self, id: u64) {
-        let window = {
-            let mut windows = lock(&self.proxy_windows);
-            let Some(at) = windows.iter().position(|w| w.id == id) else {
-                return;
-            };
-            windows.remove(at)
-        };
-        // The proxy's own counters: every request decided while the
-        // window was open, whenever its connection ends.
-        let stats = lock(&self.proxies)
-            .get(&(window.service.clone(), window.interface.clone()))
-            .map(|p| p.rules().remove(id))
-            .unwrap_or_default();
-        for (rule_id, r) in &window.rules {
-            let (matched, hits) = stats
-                .iter()
-                .find(|s| &s.id == rule_id)
-                .map_or((0, 0), |s| (s.matched, s.fired));
-            lock(&self.faults).push(FaultRecord {
-                service: window.service.clone(),
-                interface: Some(window.interface.clone()),
-                syscall: r.matcher(),
-                action: r.action.kind().into(),
-                rule: format!("{}({})", r.action.kind(), r.matcher()),
-                errno: None,
-                label: r.label.clone(),
-                hits,
-                matched,
-                trace: false,
-            });
-        }
-        self.trace.emit(
-            "proxy_fault_removed",
-            &window.service,
-            fields([("interface", window.interface.clone())]),
-        );
-    }
-
     fn wait_healthy(
         &self,
         def: &ServiceDef,
@@ -602,6 +500,10 @@ impl TestRun {
     ) -> Result<(), StartError> {
         let started = Instant::now();
         let timeout = check.timeout();
+        let ready_at = def
+            .interfaces
+            .first()
+            .and_then(|i| self.endpoint(&def.name, &i.name));
         let mut last_error;
         let mut pause = Duration::from_millis(1);
         loop {
@@ -625,10 +527,6 @@ impl TestRun {
             }
             let left = timeout.saturating_sub(started.elapsed());
             let attempt = left.min(Duration::from_secs(2));
-            let ready_at = def
-                .interfaces
-                .first()
-                .and_then(|i| self.endpoint(&def.name, &i.name));
             match probe(check, def, ready_at, attempt) {
                 Ok(()) => return Ok(()),
                 Err(e) => last_error = e,
@@ -754,8 +652,114 @@ impl TestRun {
         }
     }
 
-    /// Opens a fault (or trace) window on `service` and returns its id.
-    pub fn open_window(
+    fn push_rules(&self, service: &str, windows: &[Window]) -> Result<(), String> {
+        // Latest window first: the first rule that fires decides, so an
+        // inner window overrides an outer one while it is open. Trace
+        // rules come last so they never shadow a fault.
+        let mut rules = Vec::new();
+        for trace in [false, true] {
+            for w in windows.iter().rev() {
+                if w.service == service && w.trace == trace {
+                    rules.extend(w.rules.iter().map(|r| r.rule.clone()));
+                }
+            }
+        }
+        let running = lock(&self.running);
+        let shim = running
+            .get(service)
+            .and_then(|r| r.instance.shim())
+            .ok_or_else(|| format!("service {service:?} is not running"))?;
+        if shim.exited().is_some() {
+            return Err(format!("service {service:?} has exited"));
+        }
+        shim.set_rules(rules)
+            .map_err(|e| format!("service {service:?} refused the rules: {e}"))
+    }
+
+    /// Closes every window still open (a `fault_start` without its
+    /// `fault_stop`), oldest last.
+    pub fn close_all_windows(&self) {
+        let ids: Vec<u64> = lock(&self.windows).iter().rev().map(|w| w.id).collect();
+        for id in ids {
+            let _ = self.close_window(id);
+        }
+        let ids: Vec<u64> = lock(&self.proxy_windows)
+            .iter()
+            .rev()
+            .map(|w| w.id)
+            .collect();
+        for id in ids {
+            self.close_proxy_window(id);
+        }
+    }
+
+    /// The failed assertion, if any.
+    pub fn assertion(&self) -> Option<AssertionDetail> {
+        lock(&self.assertion).clone()
+    }
+
+    /// Faults and traces of the test, in the order their windows closed.
+    pub fn faults(&self) -> Vec<FaultRecord> {
+        lock(&self.faults).clone()
+    }
+
+    /// Waits for exits that happened but are not reported yet: a service
+    /// that died during the body's last step must count as a crash even
+    /// if its shim's `exited` message is still on the way.
+    pub fn settle_exits(&self) {
+        let running = lock(&self.running);
+        for r in running.values() {
+            if let Some(shim) = r.instance.shim()
+                && shim.exited().is_none()
+                && shim.target_gone()
+            {
+                shim.wait_exited(Duration::from_secs(2));
+            }
+        }
+    }
+
+    /// Services that exited during the test and that the test did not
+    /// assert on.
+    pub fn unexpected_crashes(&self) -> Vec<Crash> {
+        let ack = lock(&self.acknowledged).clone();
+        lock(&self.crashes)
+            .iter()
+            .filter(|c| !ack.contains(&c.service))
+            .cloned()
+            .collect()
+    }
+
+    /// Stops every service, dependents first, and waits for their ports
+    /// to close. Returns ports still taken afterwards.
+    pub fn stop_services(&self) -> Vec<String> {
+        self.stopping.store(true, Ordering::SeqCst);
+        let order = start_order(&self.services).unwrap_or_default();
+        let mut busy = Vec::new();
+        for i in order.into_iter().rev() {
+            let def = &self.services[i];
+            for p in take_service(&self.proxies, &def.name) {
+                p.stop();
+            }
+            for r in take_service(&self.tls, &def.name) {
+                r.front.stop();
+                r.back.stop();
+            }
+            let running = lock(&self.running).remove(&def.name);
+            if let Some(r) = running {
+                busy.extend(r.instance.stop(self.config.stop_grace));
+            }
+        }
+        busy
+    }
+
+    /// A snapshot of the log.
+    pub fn events(&self) -> Vec<Event> {
+        self.trace.events()
+    }
+}
+
+impl TestHost for TestRun {
+    fn open_window(
         &self,
         service: &str,
         faults: Vec<(String, FaultValue)>,
@@ -838,42 +842,7 @@ impl TestRun {
         Ok(id)
     }
 
-    fn push_rules(&self, service: &str, windows: &[Window]) -> Result<(), String> {
-        // Latest window first: the first rule that fires decides, so an
-        // inner window overrides an outer one while it is open. Trace
-        // rules come last so they never shadow a fault.
-        let mut rules = Vec::new();
-        for trace in [false, true] {
-            for w in windows.iter().rev() {
-                if w.service == service && w.trace == trace {
-                    rules.extend(w.rules.iter().map(|r| r.rule.clone()));
-                }
-            }
-        }
-        let running = lock(&self.running);
-        let shim = running
-            .get(service)
-            .and_then(|r| r.instance.shim())
-            .ok_or_else(|| format!("service {service:?} is not running"))?;
-        if shim.exited().is_some() {
-            return Err(format!("service {service:?} has exited"));
-        }
-        shim.set_rules(rules)
-            .map_err(|e| format!("service {service:?} refused the rules: {e}"))
-    }
-
-    /// The id of the most recent `fault_start` window on `service`.
-    pub fn latest_started_window(&self, service: &str, trace: bool) -> Option<u64> {
-        lock(&self.windows)
-            .iter()
-            .rev()
-            .find(|w| w.service == service && w.from_start && w.trace == trace)
-            .map(|w| w.id)
-    }
-
-    /// Closes a window: its rules stop, its hits are counted, and a rule
-    /// that saw no traffic is reported.
-    pub fn close_window(&self, id: u64) -> Result<(), String> {
+    fn close_window(&self, id: u64) -> Result<(), String> {
         let service = match lock(&self.windows).iter().find(|w| w.id == id) {
             Some(w) => w.service.clone(),
             None => return Ok(()),
@@ -945,118 +914,12 @@ impl TestRun {
         }
     }
 
-    /// Closes every window still open (a `fault_start` without its
-    /// `fault_stop`), oldest last.
-    pub fn close_all_windows(&self) {
-        let ids: Vec<u64> = lock(&self.windows).iter().rev().map(|w| w.id).collect();
-        for id in ids {
-            let _ = self.close_window(id);
-        }
-        let ids: Vec<u64> = lock(&self.proxy_windows)
+    fn latest_started_window(&self, service: &str, trace: bool) -> Option<u64> {
+        lock(&self.windows)
             .iter()
             .rev()
+            .find(|w| w.service == service && w.from_start && w.trace == trace)
             .map(|w| w.id)
-            .collect();
-        for id in ids {
-            self.close_proxy_window(id);
-        }
-    }
-
-    /// Records a failed assertion (the first one wins).
-    pub fn record_assertion(&self, detail: AssertionDetail) {
-        let mut slot = lock(&self.assertion);
-        if slot.is_none() {
-            *slot = Some(detail);
-        }
-    }
-
-    /// The failed assertion, if any.
-    pub fn assertion(&self) -> Option<AssertionDetail> {
-        lock(&self.assertion).clone()
-    }
-
-    /// Marks a service's exit as something the test asserted on.
-    pub fn acknowledge_exit(&self, service: &str) {
-        lock(&self.acknowledged).insert(service.to_string());
-    }
-
-    /// Faults and traces of the test, in the order their windows closed.
-    pub fn faults(&self) -> Vec<FaultRecord> {
-        lock(&self.faults).clone()
-    }
-
-    /// Waits for exits that happened but are not reported yet: a service
-    /// that died during the body's last step must count as a crash even
-    /// if its shim's `exited` message is still on the way.
-    pub fn settle_exits(&self) {
-        let running = lock(&self.running);
-        for r in running.values() {
-            if let Some(shim) = r.instance.shim()
-                && shim.exited().is_none()
-                && shim.target_gone()
-            {
-                shim.wait_exited(Duration::from_secs(2));
-            }
-        }
-    }
-
-    /// Services that exited during the test and that the test did not
-    /// assert on.
-    pub fn unexpected_crashes(&self) -> Vec<Crash> {
-        let ack = lock(&self.acknowledged).clone();
-        lock(&self.crashes)
-            .iter()
-            .filter(|c| !ack.contains(&c.service))
-            .cloned()
-            .collect()
-    }
-
-    /// Stops every service, dependents first, and waits for their ports
-    /// to close. Returns ports still taken afterwards.
-    pub fn stop_services(&self) -> Vec<String> {
-        self.stopping.store(true, Ordering::SeqCst);
-        let order = start_order(&self.services).unwrap_or_default();
-        let mut busy = Vec::new();
-        for i in order.into_iter().rev() {
-            let def = &self.services[i];
-            for p in take_service(&self.proxies, &def.name) {
-                p.stop();
-            }
-            for r in take_service(&self.tls, &def.name) {
-                r.front.stop();
-                r.back.stop();
-            }
-            let running = lock(&self.running).remove(&def.name);
-            if let Some(r) = running {
-                busy.extend(r.instance.stop(self.config.stop_grace));
-            }
-        }
-        busy
-    }
-
-    /// A snapshot of the log.
-    pub fn events(&self) -> Vec<Event> {
-        self.trace.events()
-    }
-}
-
-impl TestHost for TestRun {
-    fn open_window(
-        &self,
-        service: &str,
-        faults: Vec<(String, FaultValue)>,
-        trace: bool,
-        from_start: bool,
-    ) -> Result<u64, String> {
-        TestRun::open_window(self, service, faults, trace, from_start)
-    }
-
-    fn close_window(&self, id: u64) -> Result<(), String> {
-        TestRun::close_window(self, id)
-    }
-
-    fn latest_started_window(&self, service: &str, trace: bool) -> Option<u64> {
-        TestRun::latest_started_window(self, service, trace)
     }
 
     fn open_proxy_window(
@@ -1066,15 +929,96 @@ impl TestHost for TestRun {
         rules: Vec<ProxyRuleDef>,
         from_start: bool,
     ) -> Result<u64, String> {
-        TestRun::open_proxy_window(self, service, interface, rules, from_start)
+        let id = self.next_window.fetch_add(1, Ordering::SeqCst);
+        let proxies = lock(&self.proxies);
+        let proxy = proxies
+            .get(&(service.to_string(), interface.to_string()))
+            .ok_or_else(|| {
+                format!("{service}.{interface} has no proxy (is the service running?)")
+            })?;
+        for r in &rules {
+            r.check(&proxy.protocol)
+                .map_err(|e| format!("{service}.{interface}: {e}"))?;
+        }
+        let named: Vec<(RuleId, ProxyRuleDef)> = rules
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| (RuleId::in_window(id, i.to_string()), r))
+            .collect();
+        proxy.rules().push_front(
+            faultbox_agent::engine::derive_seed(self.seed, &format!("{service}.{interface}")),
+            named.clone(),
+        )?;
+        let described: Vec<String> = named
+            .iter()
+            .map(|(_, r)| format!("{}({})", r.action.kind(), r.matcher()))
+            .collect();
+        self.trace.emit(
+            "proxy_fault_applied",
+            service,
+            fields([
+                ("interface", interface.to_string()),
+                ("protocol", proxy.protocol.clone()),
+                ("proxy", proxy.listen.to_string()),
+                ("rules", described.join(", ")),
+            ]),
+        );
+        drop(proxies);
+        lock(&self.proxy_windows).push(ProxyWindow {
+            id,
+            service: service.to_string(),
+            interface: interface.to_string(),
+            from_start,
+            rules: named,
+        });
+        Ok(id)
     }
 
     fn latest_started_proxy_window(&self, service: &str, interface: &str) -> Option<u64> {
-        TestRun::latest_started_proxy_window(self, service, interface)
+        lock(&self.proxy_windows)
+            .iter()
+            .rev()
+            .find(|w| w.service == service && w.interface == interface && w.from_start)
+            .map(|w| w.id)
     }
 
     fn close_proxy_window(&self, id: u64) {
-        TestRun::close_proxy_window(self, id)
+        let window = {
+            let mut windows = lock(&self.proxy_windows);
+            let Some(at) = windows.iter().position(|w| w.id == id) else {
+                return;
+            };
+            windows.remove(at)
+        };
+        // The proxy's own counters: every request decided while the
+        // window was open, whenever its connection ends.
+        let stats = lock(&self.proxies)
+            .get(&(window.service.clone(), window.interface.clone()))
+            .map(|p| p.rules().remove(id))
+            .unwrap_or_default();
+        for (rule_id, r) in &window.rules {
+            let (matched, hits) = stats
+                .iter()
+                .find(|s| &s.id == rule_id)
+                .map_or((0, 0), |s| (s.matched, s.fired));
+            lock(&self.faults).push(FaultRecord {
+                service: window.service.clone(),
+                interface: Some(window.interface.clone()),
+                syscall: r.matcher(),
+                action: r.action.kind().into(),
+                rule: format!("{}({})", r.action.kind(), r.matcher()),
+                errno: None,
+                label: r.label.clone(),
+                hits,
+                matched,
+                trace: false,
+            });
+        }
+        self.trace.emit(
+            "proxy_fault_removed",
+            &window.service,
+            fields([("interface", window.interface.clone())]),
+        );
     }
 
     fn count_assertion(&self) {
@@ -1082,7 +1026,10 @@ impl TestHost for TestRun {
     }
 
     fn record_assertion(&self, detail: AssertionDetail) {
-        TestRun::record_assertion(self, detail)
+        let mut slot = lock(&self.assertion);
+        if slot.is_none() {
+            *slot = Some(detail);
+        }
     }
 
     fn events(&self) -> Vec<Event> {
@@ -1091,7 +1038,7 @@ impl TestHost for TestRun {
     }
 
     fn acknowledge_exit(&self, service: &str) {
-        TestRun::acknowledge_exit(self, service)
+        lock(&self.acknowledged).insert(service.to_string());
     }
 
     fn step(&self, call: &StepCall) -> StepResult {
@@ -1117,16 +1064,13 @@ impl TestHost for TestRun {
         self.trace.emit("step_send", "test", send);
         self.trace.merge(&target, "test");
         let tls = self.step_tls(&call.service, &call.interface);
-        let env = self
-            .service(&target)
-            .map(|s| s.env.clone())
-            .unwrap_or_default();
+        let env = self.service(&target).map_or(&[][..], |s| s.env.as_slice());
         let mut result = proto.step(
             call,
             &Target {
                 addr: &addr,
                 tls: tls.as_ref(),
-                env: &env,
+                env,
             },
         );
         let elapsed = started.elapsed().as_millis() as i64;

@@ -367,11 +367,17 @@ pub(crate) fn pump(mut from: TcpStream, mut to: TcpStream) -> u64 {
     total
 }
 
-/// A client connection of a protocol-aware relay: its buffered reader, the
-/// upstream connection, and the thread copying the upstream's answers back
-/// to the client untouched.
+/// A client connection of a protocol-aware relay: the reader of what the
+/// client sends, and everything else ([`Link`]). Apart, so a message can
+/// be handed out of the reader's buffer while the rest is used mutably.
 pub(crate) struct Session {
     pub(crate) reader: FrameReader<TcpStream>,
+    pub(crate) link: Link,
+}
+
+/// The client's write side, the upstream connection, the thread copying
+/// the upstream's answers back to the client untouched, and the counts.
+pub(crate) struct Link {
     pub(crate) client: TcpStream,
     pub(crate) upstream: TcpStream,
     pub(crate) answers: JoinHandle<u64>,
@@ -395,14 +401,18 @@ impl Session {
         };
         Ok(Session {
             reader: FrameReader::new(read_half),
-            client,
-            upstream,
-            answers: std::thread::spawn(move || pump(up_read, client_write)),
-            up: 0,
-            injected: 0,
+            link: Link {
+                client,
+                upstream,
+                answers: std::thread::spawn(move || pump(up_read, client_write)),
+                up: 0,
+                injected: 0,
+            },
         })
     }
+}
 
+impl Link {
     /// Answers the client for the upstream.
     pub(crate) fn answer(&mut self, bytes: &[u8]) -> Result<(), &'static str> {
         self.client.write_all(bytes).map_err(|_| "client closed")?;
@@ -428,33 +438,33 @@ impl Session {
 
 /// Relays a client whose every message passes through `each`: it reads
 /// messages with `frame`, counts them, and ends with `each`'s reason (or
-/// the reader's).
+/// the reader's). Each message is handed over in place, never copied.
 pub(crate) fn relay_messages(
     client: TcpStream,
     ctx: &Ctx,
     frame: fn(&[u8]) -> Frame,
-    mut each: impl FnMut(&mut Session, &Ctx, &[u8]) -> Result<(), &'static str>,
+    mut each: impl FnMut(&mut Link, &Ctx, &[u8]) -> Result<(), &'static str>,
 ) -> Closed {
-    let mut session = match Session::open(client, ctx) {
+    let Session {
+        mut reader,
+        mut link,
+    } = match Session::open(client, ctx) {
         Ok(s) => s,
         Err(reason) => return Closed::new(0, 0, reason),
     };
     let reason = loop {
-        // The message is copied out of the reader so `each` can use the
-        // whole session; messages are small (large bodies are streamed by
-        // the protocols that have them).
-        let message = match session.reader.next(frame) {
-            Ok(Some(m)) => m.to_vec(),
+        let message = match reader.next(frame) {
+            Ok(Some(m)) => m,
             Ok(None) => break "closed",
             Err(e) if e.kind() == io::ErrorKind::InvalidData => break "bad message",
             Err(_) => break "closed",
         };
-        session.up += message.len() as u64;
-        if let Err(reason) = each(&mut session, ctx, &message) {
+        link.up += message.len() as u64;
+        if let Err(reason) = each(&mut link, ctx, message) {
             break reason;
         }
     };
-    session.finish(reason)
+    link.finish(reason)
 }
 
 /// Sends `request` once more to the upstream on a new connection, reads

@@ -372,17 +372,21 @@ mod io {
                     // not HTTP. Relay the rest as bytes; the answers
                     // already are.
                     let (client, rest) = s.reader.into_parts();
-                    if s.upstream.write_all(&rest).is_err() {
-                        let _ = s.upstream.shutdown(std::net::Shutdown::Write);
-                        return Closed::new(s.up, s.answers.join().unwrap_or(0), "upstream closed");
+                    if s.link.upstream.write_all(&rest).is_err() {
+                        let _ = s.link.upstream.shutdown(std::net::Shutdown::Write);
+                        return Closed::new(
+                            s.link.up,
+                            s.link.answers.join().unwrap_or(0),
+                            "upstream closed",
+                        );
                     }
-                    let up = s.up + rest.len() as u64 + pump(client, s.upstream);
-                    let down = s.answers.join().unwrap_or(0) + s.injected;
+                    let up = s.link.up + rest.len() as u64 + pump(client, s.link.upstream);
+                    let down = s.link.answers.join().unwrap_or(0) + s.link.injected;
                     return Closed::new(up, down, "upgraded");
                 }
             }
         };
-        s.finish(reason)
+        s.link.finish(reason)
     }
 
     enum Stop {
@@ -441,7 +445,7 @@ mod io {
             .as_deref()
             .is_some_and(|u| u.to_ascii_lowercase().contains("h2c"));
         let answer = match verdict.action {
-            Some(ProxyAction::Drop { reset }) => return Err(stop(s.drop_client(ctx, reset))),
+            Some(ProxyAction::Drop { reset }) => return Err(stop(s.link.drop_client(ctx, reset))),
             Some(ProxyAction::Respond { status, body }) => {
                 let ctype = if body.trim_start().starts_with(['{', '[']) {
                     "application/json"
@@ -462,13 +466,13 @@ mod io {
             }
             _ => None,
         };
-        s.up += head.len as u64 + body_len;
+        s.link.up += head.len as u64 + body_len;
         if let Some(text) = answer {
             // The request goes nowhere: read past its body.
             s.reader
                 .relay(head.len as u64 + body_len, &mut io::sink())
                 .map_err(|_| stop("closed mid-request"))?;
-            s.answer(text.as_bytes()).map_err(stop)?;
+            s.link.answer(text.as_bytes()).map_err(stop)?;
             return Ok(true);
         }
         let duplicate = (verdict.duplicate && whole)
@@ -477,18 +481,19 @@ mod io {
             // Stay on HTTP/1.1, where the rules apply per request; the
             // server answers as if asked plainly.
             let plain = without_h2c_upgrade(&s.reader.buffered()[..head.len]);
-            s.upstream
+            s.link
+                .upstream
                 .write_all(&plain)
                 .map_err(|_| stop("upstream closed"))?;
             s.reader
                 .relay(head.len as u64, &mut io::sink())
                 .map_err(|_| stop("closed"))?;
             s.reader
-                .relay(body_len, &mut s.upstream)
+                .relay(body_len, &mut s.link.upstream)
                 .map_err(|_| stop("upstream closed"))?;
         } else {
             s.reader
-                .relay(head.len as u64 + body_len, &mut s.upstream)
+                .relay(head.len as u64 + body_len, &mut s.link.upstream)
                 .map_err(|_| stop("upstream closed"))?;
         }
         if let Some(request) = duplicate {

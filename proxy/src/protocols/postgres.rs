@@ -178,42 +178,45 @@ mod io {
     /// discarded up to its Sync, as a server would. A session that
     /// switches to TLS is relayed untouched.
     pub(super) fn serve(client: TcpStream, ctx: &Ctx) -> Closed {
-        let mut s = match Session::open(client, ctx) {
+        let Session {
+            mut reader,
+            mut link,
+        } = match Session::open(client, ctx) {
             Ok(s) => s,
             Err(reason) => return Closed::new(0, 0, reason),
         };
         let mut discarding = false;
         let reason = loop {
-            let message = match s.reader.next(frontend_frame) {
-                Ok(Some(m)) => m.to_vec(),
+            let message = match reader.next(frontend_frame) {
+                Ok(Some(m)) => m,
                 Ok(None) => break "closed",
                 Err(_) => break "bad message",
             };
-            s.up += message.len() as u64;
+            link.up += message.len() as u64;
             if message[0] == 0 {
                 // Startup phase: relayed as it is.
-                if s.upstream.write_all(&message).is_err() {
+                if link.upstream.write_all(message).is_err() {
                     break "upstream closed";
                 }
                 let code = u32::from_be_bytes([message[4], message[5], message[6], message[7]]);
                 // After an SSL request, a TLS handshake (0x16) means the
                 // session is encrypted from here: relay it blind.
                 if matches!(code, SSL_REQUEST | GSS_REQUEST) {
-                    while s.reader.buffered().is_empty() {
-                        if !matches!(s.reader.fill(), Ok(n) if n > 0) {
+                    while reader.buffered().is_empty() {
+                        if !matches!(reader.fill(), Ok(n) if n > 0) {
                             break;
                         }
                     }
-                    if s.reader.buffered().first() == Some(&0x16) {
-                        let (client, rest) = s.reader.into_parts();
-                        let _ = s.upstream.write_all(&rest);
-                        let Ok(upstream) = s.upstream.try_clone() else {
-                            return Closed::new(s.up, 0, "clone failed");
+                    if reader.buffered().first() == Some(&0x16) {
+                        let (client, rest) = reader.into_parts();
+                        let _ = link.upstream.write_all(&rest);
+                        let Ok(upstream) = link.upstream.try_clone() else {
+                            return Closed::new(link.up, 0, "clone failed");
                         };
                         let n = pump(client, upstream);
                         return Closed::new(
-                            s.up + rest.len() as u64 + n,
-                            s.answers.join().unwrap_or(0),
+                            link.up + rest.len() as u64 + n,
+                            link.answers.join().unwrap_or(0),
                             "tls passthrough",
                         );
                     }
@@ -224,21 +227,21 @@ mod io {
             if discarding {
                 if tag == b'S' {
                     discarding = false;
-                    if let Err(r) = s.answer(&READY_IDLE) {
+                    if let Err(r) = link.answer(&READY_IDLE) {
                         break r;
                     }
                 }
                 continue;
             }
-            let Some(sql) = sql_of(&message) else {
-                if s.upstream.write_all(&message).is_err() {
+            let Some(sql) = sql_of(message) else {
+                if link.upstream.write_all(message).is_err() {
                     break "upstream closed";
                 }
                 continue;
             };
             let verdict = sql_verdict(ctx, &String::from_utf8_lossy(sql));
             match verdict.action {
-                Some(ProxyAction::Drop { reset }) => break s.drop_client(ctx, reset),
+                Some(ProxyAction::Drop { reset }) => break link.drop_client(ctx, reset),
                 Some(ProxyAction::Error {
                     message: text,
                     code,
@@ -250,18 +253,18 @@ mod io {
                     } else {
                         discarding = true;
                     }
-                    if let Err(r) = s.answer(&reply) {
+                    if let Err(r) = link.answer(&reply) {
                         break r;
                     }
                 }
                 _ => {
-                    if s.upstream.write_all(&message).is_err() {
+                    if link.upstream.write_all(message).is_err() {
                         break "upstream closed";
                     }
                 }
             }
         };
-        s.finish(reason)
+        link.finish(reason)
     }
 }
 
