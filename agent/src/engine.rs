@@ -211,17 +211,15 @@ impl Engine {
             if let Some(allowed) = &self.intercepted
                 && let Some(missing) = nrs.iter().find(|nr| !allowed.contains(nr))
             {
-                let name = self.arch.name(*missing).unwrap_or("?");
-                return Err(RuleError {
-                    reason: format!(
-                        "rule \"{}\" targets {name}, which this target's seccomp filter does not intercept (the filter is fixed at launch: declare the syscall when the service starts)",
-                        rule.id
-                    ),
+                return Err(RuleError::NotIntercepted {
+                    syscall: self.arch.name(*missing).unwrap_or("?").to_string(),
+                    rule: rule.id,
                 });
             }
             let glob = match &rule.path {
-                Some(p) => Some(Glob::new(p).map_err(|e| RuleError {
-                    reason: format!("rule \"{}\": {e}", rule.id),
+                Some(p) => Some(Glob::new(p).map_err(|source| RuleError::Glob {
+                    rule: rule.id.clone(),
+                    source,
                 })?),
                 None => None,
             };
@@ -515,7 +513,7 @@ mod tests {
         let err = e
             .set_rules(vec![parse_fault("fsync=EIO:1%", X86).expect("rule")])
             .expect_err("fsync is not intercepted");
-        assert!(err.reason.contains("targets fsync"), "{}", err.reason);
+        assert!(err.to_string().contains("targets fsync"), "{err}");
     }
 
     #[test]

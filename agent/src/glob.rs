@@ -43,7 +43,7 @@ enum Token {
 }
 
 /// Why a glob could not be compiled.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum GlobError {
     /// The pattern is empty.
     #[error("path glob is empty")]

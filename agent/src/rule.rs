@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::errno;
-use crate::glob::Glob;
+use crate::glob::{Glob, GlobError};
 use crate::syscalls::{self, Arch};
 
 /// A rule's identity: the fault window that opened it (none for the
@@ -170,56 +170,224 @@ fn deny_text(errno: i32) -> Option<&'static str> {
         .map(String::as_str)
 }
 
-/// A rule the shim or the controller cannot use, with the reason.
-#[derive(Debug, Error, PartialEq, Eq)]
-#[error("{reason}")]
-pub struct RuleError {
-    /// What is wrong and how to fix it.
-    pub reason: String,
+/// A rule the shim or the controller cannot use.
+#[derive(Debug, Error, PartialEq)]
+pub enum RuleError {
+    /// The rule names no syscall.
+    #[error("rule \"{rule}\" targets no syscall")]
+    NoSyscall {
+        /// The rule.
+        rule: RuleId,
+    },
+    /// The probability is not a fraction of 1.
+    #[error("rule \"{rule}\": probability {probability} is outside 0..1")]
+    Probability {
+        /// The rule.
+        rule: RuleId,
+        /// The value it carries.
+        probability: f64,
+    },
+    /// `nth=0`.
+    #[error("rule \"{rule}\": nth must be at least 1")]
+    NthZero {
+        /// The rule.
+        rule: RuleId,
+    },
+    /// The path glob does not compile.
+    #[error("rule \"{rule}\": {source}")]
+    Glob {
+        /// The rule.
+        rule: RuleId,
+        /// Why.
+        source: GlobError,
+    },
+    /// A path glob on a syscall that takes no path.
+    #[error(
+        "rule \"{rule}\": a path glob only applies to file and fd syscalls, and {syscall:?} has no path"
+    )]
+    PathlessSyscall {
+        /// The rule.
+        rule: RuleId,
+        /// The syscall without a path.
+        syscall: String,
+    },
+    /// A syscall name the architecture does not have.
+    #[error("{source}")]
+    Syscall {
+        /// The rule.
+        rule: RuleId,
+        /// Why.
+        source: ValueError,
+    },
+    /// A syscall the target's filter, fixed at launch, does not intercept.
+    #[error(
+        "rule \"{rule}\" targets {syscall}, which this target's seccomp filter does not intercept (the filter is fixed at launch: declare the syscall when the service starts)"
+    )]
+    NotIntercepted {
+        /// The rule.
+        rule: RuleId,
+        /// The syscall.
+        syscall: String,
+    },
+    /// The target has no filter at all.
+    #[error(
+        "this target runs without a seccomp filter (no syscall was declared at launch), so syscall rules cannot apply"
+    )]
+    NoFilter,
+}
+
+impl RuleError {
+    /// What is wrong, without the rule's name in front (for messages that
+    /// already quote the rule).
+    pub fn reason(&self) -> String {
+        let text = self.to_string();
+        let rule = match self {
+            RuleError::NoSyscall { rule }
+            | RuleError::Probability { rule, .. }
+            | RuleError::NthZero { rule }
+            | RuleError::Glob { rule, .. }
+            | RuleError::PathlessSyscall { rule, .. }
+            | RuleError::Syscall { rule, .. }
+            | RuleError::NotIntercepted { rule, .. } => rule,
+            RuleError::NoFilter => return text,
+        };
+        let prefix = format!("rule \"{rule}\": ");
+        text.strip_prefix(&prefix).unwrap_or(&text).to_string()
+    }
+}
+
+/// A value inside a rule (syscall name, trigger, delay, probability,
+/// duration) that does not read, with the text as written.
+#[derive(Debug, Error, PartialEq, Eq, Clone)]
+pub enum ValueError {
+    /// No syscall of that name on any architecture.
+    #[error("unknown syscall {name:?}{hint}")]
+    UnknownSyscall {
+        /// The name.
+        name: String,
+        /// A suggestion, with its leading space.
+        hint: String,
+    },
+    /// A syscall of the other architecture.
+    #[error("syscall {name:?} does not exist on {arch}{hint}")]
+    NotOnArch {
+        /// The name.
+        name: String,
+        /// This architecture.
+        arch: Arch,
+        /// The replacement, if one is well known.
+        hint: &'static str,
+    },
+    /// Neither `nth` nor `after`.
+    #[error("unknown trigger {text:?}{hint}")]
+    UnknownTrigger {
+        /// The trigger as written.
+        text: String,
+        /// A suggestion, with its leading space.
+        hint: String,
+    },
+    /// `nth=`/`after=` with a value that is not a whole number from 1.
+    #[error("invalid trigger {text:?}{reason}")]
+    InvalidTrigger {
+        /// The trigger as written.
+        text: String,
+        /// Why, with its leading separator.
+        reason: String,
+    },
+    /// Not a number with a unit.
+    #[error("invalid duration {text:?} (use a number with a unit, like 500us, 200ms, 1s or 2m)")]
+    Duration {
+        /// The duration as written.
+        text: String,
+    },
+    /// More nanoseconds than a u64 holds with room.
+    #[error("duration {text:?} is too long")]
+    DurationTooLong {
+        /// The duration as written.
+        text: String,
+    },
+    /// A delay past the hour or day limit.
+    #[error("delay {text:?} is longer than {limit}; {advice}")]
+    DelayTooLong {
+        /// The delay as written.
+        text: String,
+        /// "an hour" or "a day".
+        limit: &'static str,
+        /// What to do.
+        advice: &'static str,
+    },
+    /// Not a percentage or a plain decimal fraction.
+    #[error("invalid probability {text:?} (write a percentage like 25% or a fraction like 0.25)")]
+    Probability {
+        /// The probability as written.
+        text: String,
+    },
+    /// A percentage past 100%.
+    #[error("probability {text:?} is out of range (outside 0%..100%)")]
+    PercentOutOfRange {
+        /// The probability as written.
+        text: String,
+    },
+    /// A bare number above 1, which may have meant a percentage.
+    #[error(
+        "probability {text:?} is a bare number above 1: write \"{number}%\" for a percentage, or a fraction from 0 to 1"
+    )]
+    BareNumberAboveOne {
+        /// The probability as written.
+        text: String,
+        /// Its number part.
+        number: String,
+    },
 }
 
 impl Rule {
     /// Checks the rule against an architecture's syscall table and returns
     /// the syscall numbers it targets.
     pub fn validate(&self, arch: Arch) -> Result<Vec<u32>, RuleError> {
-        let err = |reason: String| Err(RuleError { reason });
+        let rule = || self.id.clone();
         if self.syscalls.is_empty() {
-            return err(format!("rule \"{}\" targets no syscall", self.id));
+            return Err(RuleError::NoSyscall { rule: rule() });
         }
         if !(0.0..=1.0).contains(&self.probability) || self.probability.is_nan() {
-            return err(format!(
-                "rule \"{}\": probability {} is outside 0..1",
-                self.id, self.probability
-            ));
+            return Err(RuleError::Probability {
+                rule: rule(),
+                probability: self.probability,
+            });
         }
         if let Trigger::Nth(0) = self.trigger {
-            return err(format!("rule \"{}\": nth must be at least 1", self.id));
+            return Err(RuleError::NthZero { rule: rule() });
         }
         if let Some(pattern) = &self.path {
-            Glob::new(pattern).map_err(|e| RuleError {
-                reason: format!("rule \"{}\": {e}", self.id),
+            Glob::new(pattern).map_err(|source| RuleError::Glob {
+                rule: rule(),
+                source,
             })?;
             if let Some(name) = self
                 .syscalls
                 .iter()
                 .find(|s| syscalls::path_source(s).is_none())
             {
-                return err(format!(
-                    "rule \"{}\": a path glob only applies to file and fd syscalls, and {name:?} has no path",
-                    self.id
-                ));
+                return Err(RuleError::PathlessSyscall {
+                    rule: rule(),
+                    syscall: name.clone(),
+                });
             }
         }
         self.syscalls
             .iter()
-            .map(|name| resolve_syscall(arch, name).map_err(|reason| RuleError { reason }))
+            .map(|name| {
+                resolve_syscall(arch, name).map_err(|source| RuleError::Syscall {
+                    rule: rule(),
+                    source,
+                })
+            })
             .collect()
     }
 }
 
 /// The number of syscall `name` on `arch`, or a message that names the
 /// problem and the closest known syscall.
-pub fn resolve_syscall(arch: Arch, name: &str) -> Result<u32, String> {
+pub fn resolve_syscall(arch: Arch, name: &str) -> Result<u32, ValueError> {
     if let Some(nr) = arch.number(name) {
         return Ok(nr);
     }
@@ -235,15 +403,21 @@ pub fn resolve_syscall(arch: Arch, name: &str) -> Result<u32, String> {
             "mkdir" => " (use mkdirat)",
             _ => "",
         };
-        return Err(format!("syscall {name:?} does not exist on {arch}{hint}"));
+        return Err(ValueError::NotOnArch {
+            name: name.to_string(),
+            arch,
+            hint,
+        });
     }
     let names = arch.all_names();
-    match errno::closest(name, names.iter().copied()) {
-        Some(s) => Err(format!("unknown syscall {name:?} (did you mean {s}?)")),
-        None => Err(format!(
-            "unknown syscall {name:?} (use a Linux syscall name such as openat, write, fsync or connect)"
-        )),
-    }
+    let hint = match errno::closest(name, names.iter().copied()) {
+        Some(s) => format!(" (did you mean {s}?)"),
+        None => " (use a Linux syscall name such as openat, write, fsync or connect)".to_string(),
+    };
+    Err(ValueError::UnknownSyscall {
+        name: name.to_string(),
+        hint,
+    })
 }
 
 /// A `--fault` or `--fs-fault` value that does not parse.
@@ -261,7 +435,7 @@ pub struct FaultSpecError {
 /// Parses one `--fault` value into rules (one rule; the syscall is taken literally).
 pub fn parse_fault(spec: &str, arch: Arch) -> Result<Rule, FaultSpecError> {
     parse_with(spec, arch, "--fault", |name| {
-        resolve_syscall(arch, name)?;
+        resolve_syscall(arch, name).map_err(|e| e.to_string())?;
         Ok(vec![name.to_string()])
     })
 }
@@ -313,7 +487,7 @@ fn parse_with(
         let duration = parts
             .get(1)
             .ok_or_else(|| fail("delay needs a duration (for example delay:200ms:100%)".into()))?;
-        let ns = parse_delay(duration).map_err(fail)?;
+        let ns = parse_delay(duration).map_err(|e| fail(e.to_string()))?;
         let probability = parts.get(2).ok_or_else(|| {
             fail(format!(
                 "missing probability (write it as {target}=delay:{duration}:100%)"
@@ -349,7 +523,7 @@ fn parse_with(
             &parts[2..],
         )
     };
-    let probability = parse_probability(probability).map_err(fail)?;
+    let probability = parse_probability(probability).map_err(|e| fail(e.to_string()))?;
     if extra.len() > 2 {
         return Err(fail(
             "too many ':' parts (after the probability come at most a path glob and a trigger)"
@@ -361,7 +535,7 @@ fn parse_with(
     for part in extra {
         if part.contains('=') {
             if trigger
-                .replace(parse_trigger(part).map_err(fail)?)
+                .replace(parse_trigger(part).map_err(|e| fail(e.to_string()))?)
                 .is_some()
             {
                 return Err(fail(
@@ -394,11 +568,7 @@ fn parse_with(
         trigger: trigger.unwrap_or_default(),
         label: None,
     };
-    rule.validate(arch).map_err(|e| {
-        let reason = e.reason;
-        let prefix = format!("rule \"{}\": ", rule.id);
-        fail(reason.strip_prefix(&prefix).unwrap_or(&reason).to_string())
-    })?;
+    rule.validate(arch).map_err(|e| fail(e.reason()))?;
     Ok(rule)
 }
 
@@ -409,8 +579,12 @@ fn looks_like_path(part: &str) -> bool {
 }
 
 /// `nth=N` or `after=N`, exactly: lower-case key, no spaces, no sign.
-pub fn parse_trigger(part: &str) -> Result<Trigger, String> {
+pub fn parse_trigger(part: &str) -> Result<Trigger, ValueError> {
     let (key, value) = part.split_once('=').unwrap_or((part, ""));
+    let invalid = |reason: String| ValueError::InvalidTrigger {
+        text: part.to_string(),
+        reason,
+    };
     if key != "nth" && key != "after" {
         let lower = key.trim().to_ascii_lowercase();
         let hint = if lower == "nth" || lower == "after" {
@@ -420,7 +594,10 @@ pub fn parse_trigger(part: &str) -> Result<Trigger, String> {
                 .map(|k| format!(" (did you mean {k}={}?)", value.trim()))
                 .unwrap_or_else(|| " (triggers are nth=N and after=N)".into())
         };
-        return Err(format!("unknown trigger {part:?}{hint}"));
+        return Err(ValueError::UnknownTrigger {
+            text: part.to_string(),
+            hint,
+        });
     }
     if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
         let plain = value.trim().trim_start_matches('+');
@@ -429,14 +606,14 @@ pub fn parse_trigger(part: &str) -> Result<Trigger, String> {
         } else {
             format!(" ({key} takes a whole number, for example {key}=3)")
         };
-        return Err(format!("invalid trigger {part:?}{hint}"));
+        return Err(invalid(hint));
     }
     let n: u64 = value
         .parse()
-        .map_err(|_| format!("invalid trigger {part:?}: {value} is too large"))?;
+        .map_err(|_| invalid(format!(": {value} is too large")))?;
     match key {
-        "nth" if n == 0 => Err(format!(
-            "invalid trigger {part:?}: nth counts calls from 1, so use nth=1 for the first call"
+        "nth" if n == 0 => Err(invalid(
+            ": nth counts calls from 1, so use nth=1 for the first call".into(),
         )),
         "nth" => Ok(Trigger::Nth(n)),
         _ => Ok(Trigger::After(n)),
@@ -451,16 +628,23 @@ const MAX_DELAY: u64 = 24 * 3_600_000_000_000;
 
 /// Parses a fault's delay: a duration of at most an hour, or at most a
 /// day when written in hours (`2h`).
-pub fn parse_delay(text: &str) -> Result<u64, String> {
+pub fn parse_delay(text: &str) -> Result<u64, ValueError> {
     let ns = parse_duration(text)?;
+    let too_long = |limit, advice| ValueError::DelayTooLong {
+        text: text.to_string(),
+        limit,
+        advice,
+    };
     if ns > MAX_DELAY {
-        return Err(format!(
-            "delay {text:?} is longer than a day; a fault that holds a call that long is refused"
+        return Err(too_long(
+            "a day",
+            "a fault that holds a call that long is refused",
         ));
     }
     if ns > MAX_DELAY_UNLESS_HOURS && !text.contains('h') {
-        return Err(format!(
-            "delay {text:?} is longer than an hour; write it in hours (for example 2h) if that is meant"
+        return Err(too_long(
+            "an hour",
+            "write it in hours (for example 2h) if that is meant",
         ));
     }
     Ok(ns)
@@ -471,7 +655,7 @@ pub fn parse_delay(text: &str) -> Result<u64, String> {
 /// percentage (0 to 100), `0.3` a fraction (0 to 1). Plain decimal digits
 /// only: no sign, no exponent. A bare number above 1 is refused rather
 /// than guessed to be a percentage.
-pub fn parse_probability(text: &str) -> Result<f64, String> {
+pub fn parse_probability(text: &str) -> Result<f64, ValueError> {
     let t = text.trim();
     let (number, percent) = match t.strip_suffix('%') {
         Some(n) => (n, true),
@@ -485,27 +669,28 @@ pub fn parse_probability(text: &str) -> Result<f64, String> {
     let value: f64 = match number.parse() {
         Ok(v) if plain => v,
         _ => {
-            return Err(format!(
-                "invalid probability {text:?} (write a percentage like 25% or a fraction like 0.25)"
-            ));
+            return Err(ValueError::Probability {
+                text: text.to_string(),
+            });
         }
     };
     match (percent, value) {
         (true, v) if v <= 100.0 => Ok(v / 100.0),
-        (true, _) => Err(format!(
-            "probability {text:?} is out of range (outside 0%..100%)"
-        )),
+        (true, _) => Err(ValueError::PercentOutOfRange {
+            text: text.to_string(),
+        }),
         (false, v) if v <= 1.0 => Ok(v),
-        (false, _) => Err(format!(
-            "probability {text:?} is a bare number above 1: write \"{number}%\" for a percentage, or a fraction from 0 to 1"
-        )),
+        (false, _) => Err(ValueError::BareNumberAboveOne {
+            text: text.to_string(),
+            number: number.to_string(),
+        }),
     }
 }
 
 /// Parses a Go-style duration (`500us`, `200ms`, `1.5s`, `1m30s`) into nanoseconds.
-pub fn parse_duration(text: &str) -> Result<u64, String> {
-    let bad = || {
-        format!("invalid duration {text:?} (use a number with a unit, like 500us, 200ms, 1s or 2m)")
+pub fn parse_duration(text: &str) -> Result<u64, ValueError> {
+    let bad = || ValueError::Duration {
+        text: text.to_string(),
     };
     let mut rest = text.trim();
     if rest.is_empty() {
@@ -537,7 +722,9 @@ pub fn parse_duration(text: &str) -> Result<u64, String> {
         rest = &rest[unit_len..];
     }
     if total > u64::MAX as f64 / 2.0 {
-        return Err(format!("duration {text:?} is too long"));
+        return Err(ValueError::DurationTooLong {
+            text: text.to_string(),
+        });
     }
     Ok(total.round() as u64)
 }
@@ -604,7 +791,7 @@ mod tests {
 
     #[test]
     fn probabilities_outside_the_plain_grammar_are_refused() {
-        let e = parse_probability("20").expect_err("bare 20");
+        let e = parse_probability("20").expect_err("bare 20").to_string();
         assert!(e.contains("write \"20%\""), "{e}");
         for bad in [
             "1e2%", "1e-400%", "+50%", "-0%", "50 %", "0x10%", ".%", "", "%", "inf", "NaN%",
@@ -683,12 +870,14 @@ mod tests {
         assert!(
             parse_delay("90m")
                 .expect_err("90m")
+                .to_string()
                 .contains("write it in hours")
         );
         assert_eq!(parse_delay("2h"), Ok(7_200_000_000_000));
         assert!(
             parse_delay("25h")
                 .expect_err("25h")
+                .to_string()
                 .contains("longer than a day")
         );
         assert!(parse_delay("9223372036854775807ns").is_err());

@@ -15,12 +15,39 @@ use std::thread;
 use std::time::Duration;
 
 use crate::process::{self, ChildSpec, ExitStatus, LaunchError, Pidfd, SignalSet};
-use crate::rule::resolve_syscall;
-use crate::supervisor::{LiveKernel, Supervisor};
+use crate::rule::{RuleError, resolve_syscall};
+use crate::supervisor::{Kernel, LiveKernel, Supervisor};
 use crate::syscalls::Arch;
 use crate::wire::{
-    self, ControlMessage, Endpoint, EventQueue, LaunchSpec, OnDisconnect, ShimMessage,
+    self, ControlMessage, Endpoint, EndpointError, EventQueue, LaunchSpec, OnDisconnect,
+    ShimMessage,
 };
+
+/// Why a session ended before it could report to its controller.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The controller cannot be reached.
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    /// The shim's signals cannot be blocked.
+    #[error("block signals: {0}")]
+    Signals(std::io::Error),
+    /// The control socket failed.
+    #[error("control socket: {0}")]
+    Control(std::io::Error),
+    /// The controller spoke out of turn.
+    #[error("expected a launch message first, got {got}")]
+    NotLaunch {
+        /// What it sent.
+        got: String,
+    },
+    /// The controller left before launching.
+    #[error("controller closed the connection before launching")]
+    ClosedBeforeLaunch,
+    /// The target's pidfd cannot be opened.
+    #[error("pidfd_open: {0}")]
+    Pidfd(std::io::Error),
+}
 
 /// Signals the shim forwards to its target.
 const FORWARDED: &[i32] = &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
@@ -29,30 +56,22 @@ const FORWARDED: &[i32] = &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIG
 /// launch, start the target under its filter, serve its notifications,
 /// stream events, obey rule changes and stops, and return the exit code
 /// the shim should exit with.
-pub fn run(endpoint: &Endpoint) -> Result<i32, String> {
+pub fn run(endpoint: &Endpoint) -> Result<i32, SessionError> {
     // Before any thread exists, so every thread inherits the mask and only
     // the signal thread sees these signals (SIGCHLD included: it reaps
     // orphans and notices the target's exit).
-    let signals = SignalSet::block(&[FORWARDED, &[libc::SIGCHLD]].concat())
-        .map_err(|e| format!("block signals: {e}"))?;
+    let signals =
+        SignalSet::block(&[FORWARDED, &[libc::SIGCHLD]].concat()).map_err(SessionError::Signals)?;
     let stream = endpoint.connect()?;
-    let mut reader = BufReader::new(
-        stream
-            .try_clone()
-            .map_err(|e| format!("control socket: {e}"))?,
-    );
-    let mut early = BufWriter::new(
-        stream
-            .try_clone()
-            .map_err(|e| format!("control socket: {e}"))?,
-    );
+    let mut reader = BufReader::new(stream.try_clone().map_err(SessionError::Control)?);
+    let mut early = BufWriter::new(stream.try_clone().map_err(SessionError::Control)?);
     let hello = ShimMessage::Hello {
         version: wire::PROTOCOL_VERSION,
         pid: std::process::id(),
     };
     wire::send(&mut early, &hello)
         .and_then(|_| early.flush())
-        .map_err(|e| format!("control socket: {e}"))?;
+        .map_err(SessionError::Control)?;
     // The event writer starts with the session, before the launch message.
     let events = Arc::new(EventQueue::new());
     let writer = {
@@ -61,20 +80,16 @@ pub fn run(endpoint: &Endpoint) -> Result<i32, String> {
     };
     let spec = match wire::recv::<_, ControlMessage>(&mut reader) {
         Ok(Some(ControlMessage::Launch(spec))) => spec,
-        Ok(Some(other)) => {
-            let message = format!("expected a launch message first, got {other:?}");
-            let _ = finish_failed(events, writer, message.clone(), 1);
-            return Err(message);
-        }
-        Ok(None) => {
-            let message = "controller closed the connection before launching".to_string();
-            let _ = finish_failed(events, writer, message.clone(), 1);
-            return Err(message);
-        }
-        Err(e) => {
-            let message = format!("control socket: {e}");
-            let _ = finish_failed(events, writer, message.clone(), 1);
-            return Err(message);
+        other => {
+            let error = match other {
+                Ok(Some(got)) => SessionError::NotLaunch {
+                    got: format!("{got:?}"),
+                },
+                Ok(None) => SessionError::ClosedBeforeLaunch,
+                Err(e) => SessionError::Control(e),
+            };
+            finish_failed(events, writer, error.to_string(), 1);
+            return Err(error);
         }
     };
     // Every thread the session needs exists before the fork: a thread
@@ -98,17 +113,22 @@ pub fn run(endpoint: &Endpoint) -> Result<i32, String> {
     let arch = Arch::native();
     let nrs = match intercepted(arch, &spec) {
         Ok(nrs) => nrs,
-        Err(message) => return finish_failed(events, writer, message, 1),
+        Err(message) => return Ok(finish_failed(events, writer, message, 1)),
     };
     let credentials = match spec.user.as_deref().map(lookup_user).transpose() {
         Ok(c) => c,
-        Err(message) => return finish_failed(events, writer, message, 1),
+        Err(e) => return Ok(finish_failed(events, writer, e.to_string(), 1)),
     };
     if let Err(e) = process::isolate(spec.isolation) {
-        return finish_failed(events, writer, e.to_string(), 1);
+        return Ok(finish_failed(events, writer, e.to_string(), 1));
     }
     if let Err(e) = process::become_subreaper() {
-        return finish_failed(events, writer, format!("become the subreaper: {e}"), 1);
+        return Ok(finish_failed(
+            events,
+            writer,
+            format!("become the subreaper: {e}"),
+            1,
+        ));
     }
     let mut child = match ChildSpec::new(
         &spec.program,
@@ -125,12 +145,12 @@ pub fn run(endpoint: &Endpoint) -> Result<i32, String> {
     .and_then(|c| process::spawn(&c.in_new_pid_namespace(spec.isolation.namespaces)))
     {
         Ok(child) => child,
-        Err(e) => return finish_failed(events, writer, e.to_string(), 1),
+        Err(e) => return Ok(finish_failed(events, writer, e.to_string(), 1)),
     };
     // The child execs on the go-ahead while the supervisor is prepared:
     // its intercepted calls wait in the kernel until `serve` below.
     if let Err(e) = child.go() {
-        return finish_failed(events, writer, e.to_string(), 1);
+        return Ok(finish_failed(events, writer, e.to_string(), 1));
     }
     let supervisor = match child.listener.take() {
         Some(listener) => match Supervisor::new(
@@ -145,7 +165,7 @@ pub fn run(endpoint: &Endpoint) -> Result<i32, String> {
             Err(e) => {
                 process::kill(child.pid, libc::SIGKILL);
                 let _ = process::wait_for(child.pid);
-                return finish_failed(events, writer, e.reason, 1);
+                return Ok(finish_failed(events, writer, e.to_string(), 1));
             }
         },
         None => None,
@@ -172,9 +192,9 @@ pub fn run(endpoint: &Endpoint) -> Result<i32, String> {
         } else {
             1
         };
-        return finish_failed(events, writer, message, code);
+        return Ok(finish_failed(events, writer, message, code));
     }
-    let target = Pidfd::open(child.pid).map_err(|e| format!("pidfd_open: {e}"))?;
+    let target = Pidfd::open(child.pid).map_err(SessionError::Pidfd)?;
     events.push_now(ShimMessage::Started {
         pid: child.pid as u32,
     });
@@ -263,26 +283,27 @@ fn signal_loop(session: &Arc<Session>, signals: &SignalSet) {
 fn intercepted(arch: Arch, spec: &LaunchSpec) -> Result<Vec<u32>, String> {
     let mut nrs = Vec::new();
     for rule in &spec.rules {
-        nrs.extend(rule.validate(arch).map_err(|e| e.reason)?);
+        nrs.extend(rule.validate(arch).map_err(|e| e.to_string())?);
     }
     for name in &spec.intercept {
-        nrs.push(resolve_syscall(arch, name)?);
+        nrs.push(resolve_syscall(arch, name).map_err(|e| e.to_string())?);
     }
     nrs.sort_unstable();
     nrs.dedup();
     Ok(nrs)
 }
 
+/// Reports a launch that failed and returns the shim's exit code.
 fn finish_failed(
     events: Arc<EventQueue>,
     writer: thread::JoinHandle<()>,
     message: String,
     exit_code: i32,
-) -> Result<i32, String> {
+) -> i32 {
     events.push_now(ShimMessage::LaunchFailed { message, exit_code });
     drop(events);
     let _ = writer.join();
-    Ok(exit_code)
+    exit_code
 }
 
 struct Session {
@@ -343,44 +364,64 @@ impl Session {
 
 fn control_loop(session: &Arc<Session>, mut reader: BufReader<UnixStream>) {
     loop {
-        match wire::recv::<_, ControlMessage>(&mut reader) {
-            Ok(Some(ControlMessage::SetRules { rules })) => {
-                let result = match &session.supervisor {
-                    Some(s) => s.set_rules(rules).map_err(|e| e.reason),
-                    None => Err("this target runs without a seccomp filter (no syscall was declared at launch), so syscall rules cannot apply".to_string()),
-                };
-                match result {
-                    Ok(stats) if stats.is_empty() => {}
-                    Ok(stats) => session.events.push_now(ShimMessage::RulesRetired { stats }),
-                    Err(message) => session
-                        .events
-                        .push_now(ShimMessage::RulesRejected { message }),
-                }
-            }
-            Ok(Some(ControlMessage::Signal { signal })) => session.target.signal(signal),
-            Ok(Some(ControlMessage::Stop)) => session.stop_target(),
-            Ok(Some(ControlMessage::Sync { token })) => {
-                // Events are queued before the target sees its answer, so
-                // this lands after every call decided so far.
-                let stats = session
-                    .supervisor
-                    .as_ref()
-                    .map(|s| s.stats())
-                    .unwrap_or_default();
-                session
-                    .events
-                    .push_now(ShimMessage::Synced { token, stats });
-            }
-            Ok(Some(ControlMessage::Launch(_))) => {
-                session.events.push_now(ShimMessage::RulesRejected {
-                    message: "a shim runs one target; launch another shim".into(),
-                });
-            }
+        let message = match wire::recv::<_, ControlMessage>(&mut reader) {
+            Ok(Some(m)) => m,
             Ok(None) | Err(_) => {
                 session.controller_lost();
                 return;
             }
+        };
+        match obey(session.supervisor.as_ref(), message) {
+            Obey::Reply(reply) => session.events.push_now(reply),
+            Obey::Signal(signal) => session.target.signal(signal),
+            Obey::Stop => session.stop_target(),
+            Obey::Nothing => {}
         }
+    }
+}
+
+/// What a control message asks of the session.
+#[derive(Debug, PartialEq)]
+enum Obey {
+    /// Report this to the controller.
+    Reply(ShimMessage),
+    /// Send the target this signal.
+    Signal(i32),
+    /// Stop the target politely.
+    Stop,
+    /// Nothing to do or say.
+    Nothing,
+}
+
+/// Carries out one control message on the rules and says what else the
+/// session must do: the policy of the control loop, without its socket
+/// or its target.
+fn obey<K: Kernel>(supervisor: Option<&Supervisor<K>>, message: ControlMessage) -> Obey {
+    match message {
+        ControlMessage::SetRules { rules } => {
+            let result = match supervisor {
+                Some(s) => s.set_rules(rules),
+                None => Err(RuleError::NoFilter),
+            };
+            match result {
+                Ok(stats) if stats.is_empty() => Obey::Nothing,
+                Ok(stats) => Obey::Reply(ShimMessage::RulesRetired { stats }),
+                Err(e) => Obey::Reply(ShimMessage::RulesRejected {
+                    message: e.to_string(),
+                }),
+            }
+        }
+        ControlMessage::Signal { signal } => Obey::Signal(signal),
+        ControlMessage::Stop => Obey::Stop,
+        // Events are queued before the target sees its answer, so this
+        // lands after every call decided so far.
+        ControlMessage::Sync { token } => Obey::Reply(ShimMessage::Synced {
+            token,
+            stats: supervisor.map(Supervisor::stats).unwrap_or_default(),
+        }),
+        ControlMessage::Launch(_) => Obey::Reply(ShimMessage::RulesRejected {
+            message: "a shim runs one target; launch another shim".into(),
+        }),
     }
 }
 
@@ -416,11 +457,144 @@ fn write_loop(mut out: BufWriter<UnixStream>, events: &EventQueue) {
 /// Finds `name` in `/etc/passwd`. A static binary has no NSS, so accounts
 /// from LDAP and the like are not visible; a numeric `uid[:gid]` works for
 /// those.
-fn lookup_user(name: &str) -> Result<(u32, u32), String> {
+fn lookup_user(name: &str) -> Result<(u32, u32), LaunchError> {
     if !process::is_root() {
-        return Err(format!(
-            "user={name:?} needs faultbox to run as root (switching accounts needs CAP_SETUID)"
-        ));
+        return Err(LaunchError::Account {
+            name: name.to_string(),
+            reason: "needs faultbox to run as root (switching accounts needs CAP_SETUID)".into(),
+        });
     }
     process::lookup_account(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rule::parse_fault;
+    use crate::seccomp::Response;
+    use crate::supervisor::fake::*;
+
+    fn supervisor(fake: &Arc<Fake>, intercept: &[&str]) -> Supervisor<Arc<Fake>> {
+        let nrs = intercept.iter().filter_map(|n| X86.number(n)).collect();
+        Supervisor::new(
+            Arc::clone(fake),
+            X86,
+            7,
+            nrs,
+            Vec::new(),
+            Arc::new(EventQueue::new()),
+        )
+        .and_then(Supervisor::start)
+        .expect("supervisor")
+    }
+
+    fn set_rules(specs: &[&str]) -> ControlMessage {
+        ControlMessage::SetRules {
+            rules: specs
+                .iter()
+                .map(|s| parse_fault(s, X86).expect("rule"))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn rules_apply_and_sync_reports_their_counters() {
+        let fake = Arc::new(Fake::default());
+        let sup = supervisor(&fake, &["fsync"]);
+        assert_eq!(
+            obey(Some(&sup), set_rules(&["fsync=EIO:100%"])),
+            Obey::Nothing
+        );
+        push(&fake, notif(1, "fsync", [3, 0, 0, 0, 0, 0]));
+        wait_answers(&fake, 1);
+        assert_eq!(answers(&fake), [(1, Response::Errno(libc::EIO))]);
+        let Obey::Reply(ShimMessage::Synced { token, stats }) =
+            obey(Some(&sup), ControlMessage::Sync { token: 9 })
+        else {
+            panic!("no Synced reply");
+        };
+        assert_eq!(token, 9);
+        assert_eq!((stats[0].matched, stats[0].fired), (1, 1));
+    }
+
+    #[test]
+    fn replaced_rules_are_retired_with_their_final_counters() {
+        let fake = Arc::new(Fake::default());
+        let sup = supervisor(&fake, &["fsync", "write"]);
+        obey(Some(&sup), set_rules(&["fsync=EIO:100%"]));
+        push(&fake, notif(1, "fsync", [3, 0, 0, 0, 0, 0]));
+        push(&fake, notif(2, "fsync", [3, 0, 0, 0, 0, 0]));
+        wait_answers(&fake, 2);
+        let Obey::Reply(ShimMessage::RulesRetired { stats }) =
+            obey(Some(&sup), set_rules(&["write=ENOSPC:100%"]))
+        else {
+            panic!("no RulesRetired reply");
+        };
+        assert_eq!(stats.len(), 1);
+        assert_eq!(stats[0].id.to_string(), "fsync=EIO:100%");
+        assert_eq!((stats[0].matched, stats[0].fired), (2, 2));
+        // The retired rule no longer decides: fsync runs.
+        push(&fake, notif(3, "fsync", [3, 0, 0, 0, 0, 0]));
+        wait_answers(&fake, 3);
+        assert_eq!(answers(&fake)[2], (3, Response::Continue));
+    }
+
+    #[test]
+    fn a_rule_outside_the_launch_filter_is_rejected_and_the_old_rules_stay() {
+        let fake = Arc::new(Fake::default());
+        let sup = supervisor(&fake, &["fsync"]);
+        obey(Some(&sup), set_rules(&["fsync=EIO:100%"]));
+        let Obey::Reply(ShimMessage::RulesRejected { message }) =
+            obey(Some(&sup), set_rules(&["connect=ECONNREFUSED:100%"]))
+        else {
+            panic!("no RulesRejected reply");
+        };
+        assert!(
+            message.contains("targets connect") && message.contains("fixed at launch"),
+            "{message}"
+        );
+        push(&fake, notif(1, "fsync", [3, 0, 0, 0, 0, 0]));
+        wait_answers(&fake, 1);
+        assert_eq!(answers(&fake), [(1, Response::Errno(libc::EIO))]);
+    }
+
+    #[test]
+    fn a_target_without_a_filter_refuses_rules_and_syncs_with_no_counters() {
+        let none: Option<&Supervisor<Arc<Fake>>> = None;
+        let Obey::Reply(ShimMessage::RulesRejected { message }) =
+            obey(none, set_rules(&["fsync=EIO:100%"]))
+        else {
+            panic!("no RulesRejected reply");
+        };
+        assert!(message.contains("without a seccomp filter"), "{message}");
+        assert_eq!(
+            obey(none, ControlMessage::Sync { token: 1 }),
+            Obey::Reply(ShimMessage::Synced {
+                token: 1,
+                stats: Vec::new()
+            })
+        );
+    }
+
+    #[test]
+    fn signals_stops_and_a_second_launch_go_where_they_belong() {
+        let none: Option<&Supervisor<Arc<Fake>>> = None;
+        assert_eq!(
+            obey(
+                none,
+                ControlMessage::Signal {
+                    signal: libc::SIGUSR1
+                }
+            ),
+            Obey::Signal(libc::SIGUSR1)
+        );
+        assert_eq!(obey(none, ControlMessage::Stop), Obey::Stop);
+        let spec = LaunchSpec::default();
+        let Obey::Reply(ShimMessage::RulesRejected { message }) =
+            obey(none, ControlMessage::Launch(Box::new(spec)))
+        else {
+            panic!("no RulesRejected reply");
+        };
+        assert!(message.contains("one target"), "{message}");
+    }
 }

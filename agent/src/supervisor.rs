@@ -24,6 +24,17 @@ use crate::seccomp::{self, Listener, Notification, Response};
 use crate::syscalls::{self, Arch, PathSource};
 use crate::wire::{EventQueue, ShimMessage, SyscallEvent};
 
+/// Why a supervisor could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    /// A rule it was given is unusable.
+    #[error(transparent)]
+    Rules(#[from] RuleError),
+    /// The notification thread could not be spawned.
+    #[error("cannot start the notification thread: {0}")]
+    Thread(io::Error),
+}
+
 /// What the supervisor needs from the kernel.
 pub trait Kernel: Send + Sync + 'static {
     /// Blocks for the next notification.
@@ -176,7 +187,7 @@ impl<K: Kernel> Supervisor<K> {
         intercepted: Vec<u32>,
         rules: Vec<Rule>,
         events: Arc<EventQueue>,
-    ) -> Result<Supervisor<K>, RuleError> {
+    ) -> Result<Supervisor<K>, SupervisorError> {
         let mut engine = Engine::new(arch, seed);
         engine.restrict_to(intercepted);
         engine.set_rules(rules)?;
@@ -201,7 +212,7 @@ impl<K: Kernel> Supervisor<K> {
     }
 
     /// Serves on a thread of its own: `Supervisor::new(...)?.start()`.
-    pub fn start(self) -> Result<Supervisor<K>, RuleError> {
+    pub fn start(self) -> Result<Supervisor<K>, SupervisorError> {
         let sup = self;
         let recv_shared = Arc::clone(&sup.shared);
         let (done_tx, done_rx) = mpsc::channel::<()>();
@@ -211,9 +222,7 @@ impl<K: Kernel> Supervisor<K> {
                 recv_loop(&recv_shared);
                 drop(done_tx);
             })
-            .map_err(|e| RuleError {
-                reason: format!("cannot start the notification thread: {e}"),
-            })?;
+            .map_err(SupervisorError::Thread)?;
         *sup.server() = Some(Server {
             thread: recv_thread.as_pthread_t(),
             done: done_rx,
@@ -600,69 +609,8 @@ mod tests {
             assert!(needs_normalizing(p) || clean == p, "{p} -> {clean}");
         }
     }
+    use super::fake::*;
     use crate::rule::parse_fault;
-    use std::collections::HashMap;
-    use std::sync::Condvar;
-
-    const X86: Arch = Arch::X86_64;
-
-    /// A scripted kernel: notifications are queued by the test, answers recorded.
-    #[derive(Default)]
-    struct Fake {
-        queue: Mutex<Vec<Notification>>,
-        ready: Condvar,
-        answers: Mutex<Vec<(u64, Response, Instant)>>,
-        strings: HashMap<u64, String>,
-        links: HashMap<String, String>,
-        vanished: Vec<u64>,
-    }
-
-    impl Kernel for Arc<Fake> {
-        fn recv(&self) -> io::Result<Notification> {
-            let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-            loop {
-                if !q.is_empty() {
-                    return Ok(q.remove(0));
-                }
-                let (guard, timeout) = self
-                    .ready
-                    .wait_timeout(q, Duration::from_millis(5))
-                    .unwrap_or_else(|p| p.into_inner());
-                q = guard;
-                if timeout.timed_out() && q.is_empty() {
-                    return Err(io::Error::from_raw_os_error(libc::EINTR));
-                }
-            }
-        }
-        fn respond(&self, id: u64, response: Response) -> io::Result<()> {
-            if self.vanished.contains(&id) {
-                return Err(io::Error::from_raw_os_error(libc::ENOENT));
-            }
-            self.answers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push((id, response, Instant::now()));
-            Ok(())
-        }
-        fn id_valid(&self, id: u64) -> bool {
-            !self.vanished.contains(&id)
-        }
-        fn read_string(&self, _pid: u32, addr: u64) -> Option<String> {
-            self.strings.get(&addr).cloned()
-        }
-        fn readlink(&self, path: &str) -> Option<String> {
-            self.links.get(path).cloned()
-        }
-    }
-
-    fn notif(id: u64, name: &str, args: [u64; 6]) -> Notification {
-        Notification {
-            id,
-            pid: 100,
-            nr: X86.number(name).unwrap_or(u32::MAX),
-            args,
-        }
-    }
 
     fn start(fake: &Arc<Fake>, specs: &[&str]) -> (Supervisor<Arc<Fake>>, Arc<EventQueue>) {
         let rules = specs
@@ -679,27 +627,6 @@ mod tests {
             .and_then(Supervisor::start)
             .expect("start");
         (sup, queue)
-    }
-
-    fn push(fake: &Fake, n: Notification) {
-        fake.queue.lock().unwrap_or_else(|p| p.into_inner()).push(n);
-        fake.ready.notify_all();
-    }
-
-    fn answers(fake: &Fake) -> Vec<(u64, Response)> {
-        fake.answers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(id, r, _)| (*id, *r))
-            .collect()
-    }
-
-    fn wait_answers(fake: &Fake, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while answers(fake).len() < n && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(1));
-        }
     }
 
     fn events(queue: &EventQueue) -> Vec<SyscallEvent> {
@@ -854,5 +781,100 @@ mod tests {
     fn normalize_handles_dots_and_repeated_slashes() {
         assert_eq!(normalize(Path::new("/a//b/./c/../d")), "/a/b/d");
         assert_eq!(normalize(Path::new("/..")), "/");
+    }
+}
+
+/// A scripted kernel for unit tests of the supervisor and the session.
+#[cfg(test)]
+pub(crate) mod fake {
+    use std::collections::HashMap;
+    use std::io;
+    use std::sync::{Arc, Condvar, Mutex};
+    use std::thread;
+    use std::time::{Duration, Instant};
+
+    use super::Kernel;
+    use crate::seccomp::{Notification, Response};
+    use crate::syscalls::Arch;
+
+    pub(crate) const X86: Arch = Arch::X86_64;
+
+    /// A scripted kernel: notifications are queued by the test, answers recorded.
+    #[derive(Default)]
+    pub(crate) struct Fake {
+        pub(crate) queue: Mutex<Vec<Notification>>,
+        pub(crate) ready: Condvar,
+        pub(crate) answers: Mutex<Vec<(u64, Response, Instant)>>,
+        pub(crate) strings: HashMap<u64, String>,
+        pub(crate) links: HashMap<String, String>,
+        pub(crate) vanished: Vec<u64>,
+    }
+
+    impl Kernel for Arc<Fake> {
+        fn recv(&self) -> io::Result<Notification> {
+            let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                if !q.is_empty() {
+                    return Ok(q.remove(0));
+                }
+                let (guard, timeout) = self
+                    .ready
+                    .wait_timeout(q, Duration::from_millis(5))
+                    .unwrap_or_else(|p| p.into_inner());
+                q = guard;
+                if timeout.timed_out() && q.is_empty() {
+                    return Err(io::Error::from_raw_os_error(libc::EINTR));
+                }
+            }
+        }
+        fn respond(&self, id: u64, response: Response) -> io::Result<()> {
+            if self.vanished.contains(&id) {
+                return Err(io::Error::from_raw_os_error(libc::ENOENT));
+            }
+            self.answers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((id, response, Instant::now()));
+            Ok(())
+        }
+        fn id_valid(&self, id: u64) -> bool {
+            !self.vanished.contains(&id)
+        }
+        fn read_string(&self, _pid: u32, addr: u64) -> Option<String> {
+            self.strings.get(&addr).cloned()
+        }
+        fn readlink(&self, path: &str) -> Option<String> {
+            self.links.get(path).cloned()
+        }
+    }
+
+    pub(crate) fn notif(id: u64, name: &str, args: [u64; 6]) -> Notification {
+        Notification {
+            id,
+            pid: 100,
+            nr: X86.number(name).unwrap_or(u32::MAX),
+            args,
+        }
+    }
+
+    pub(crate) fn push(fake: &Fake, n: Notification) {
+        fake.queue.lock().unwrap_or_else(|p| p.into_inner()).push(n);
+        fake.ready.notify_all();
+    }
+
+    pub(crate) fn answers(fake: &Fake) -> Vec<(u64, Response)> {
+        fake.answers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(id, r, _)| (*id, *r))
+            .collect()
+    }
+
+    pub(crate) fn wait_answers(fake: &Fake, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while answers(fake).len() < n && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(1));
+        }
     }
 }

@@ -36,6 +36,46 @@ use crate::rule::{Rule, RuleId};
 /// Protocol version; bumped on any incompatible change.
 pub const PROTOCOL_VERSION: u32 = 3;
 
+/// A `--control` value that does not parse, or a controller that cannot
+/// be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    /// `fd:` with something other than a descriptor number.
+    #[error("bad control fd {text:?}; {}", Endpoint::USAGE)]
+    BadFd {
+        /// What followed `fd:`.
+        text: String,
+    },
+    /// Neither `fd:` nor `unix:`.
+    #[error("unknown control endpoint {text:?}; {}", Endpoint::USAGE)]
+    Unknown {
+        /// The value as given.
+        text: String,
+    },
+    /// The inherited descriptor is not a usable Unix socket.
+    #[error("control fd {fd}: {source}")]
+    Adopt {
+        /// The descriptor.
+        fd: i32,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Nobody listens at the path.
+    #[error("cannot connect to controller at {}: {source}", path.display())]
+    Connect {
+        /// The socket path.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl PartialEq for EndpointError {
+    fn eq(&self, other: &Self) -> bool {
+        self.to_string() == other.to_string()
+    }
+}
+
 /// Where a shim reaches its controller (`--control`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
@@ -51,31 +91,33 @@ impl Endpoint {
     pub const USAGE: &'static str = "usage: faultbox-shim --control fd:N | --control unix:PATH";
 
     /// Parses `fd:N` or `unix:PATH`.
-    pub fn parse(text: &str) -> Result<Endpoint, String> {
+    pub fn parse(text: &str) -> Result<Endpoint, EndpointError> {
         if let Some(fd) = text.strip_prefix("fd:") {
             fd.parse()
                 .ok()
                 .filter(|n: &i32| *n >= 0)
                 .map(Endpoint::Fd)
-                .ok_or_else(|| format!("bad control fd {fd:?}; {}", Endpoint::USAGE))
+                .ok_or_else(|| EndpointError::BadFd { text: fd.into() })
         } else if let Some(path) = text.strip_prefix("unix:").filter(|p| !p.is_empty()) {
             Ok(Endpoint::Unix(path.into()))
         } else {
-            Err(format!(
-                "unknown control endpoint {text:?}; {}",
-                Endpoint::USAGE
-            ))
+            Err(EndpointError::Unknown { text: text.into() })
         }
     }
 
     /// Connects (or adopts the inherited socket).
-    pub fn connect(&self) -> Result<std::os::unix::net::UnixStream, String> {
+    pub fn connect(&self) -> Result<std::os::unix::net::UnixStream, EndpointError> {
         match self {
-            Endpoint::Fd(fd) => {
-                crate::process::adopt_unix_stream(*fd).map_err(|e| format!("control fd {fd}: {e}"))
+            Endpoint::Fd(fd) => crate::process::adopt_unix_stream(*fd)
+                .map_err(|source| EndpointError::Adopt { fd: *fd, source }),
+            Endpoint::Unix(path) => {
+                std::os::unix::net::UnixStream::connect(path).map_err(|source| {
+                    EndpointError::Connect {
+                        path: path.clone(),
+                        source,
+                    }
+                })
             }
-            Endpoint::Unix(path) => std::os::unix::net::UnixStream::connect(path)
-                .map_err(|e| format!("cannot connect to controller at {}: {e}", path.display())),
         }
     }
 }
@@ -470,7 +512,7 @@ mod tests {
             Ok(Endpoint::Unix("/run/fb/control.sock".into()))
         );
         for bad in ["fd:-1", "fd:x", "unix:", "tcp:1.2.3.4:5", ""] {
-            let e = Endpoint::parse(bad).expect_err(bad);
+            let e = Endpoint::parse(bad).expect_err(bad).to_string();
             assert!(e.contains("usage: faultbox-shim"), "{e}");
         }
     }

@@ -48,6 +48,21 @@ pub fn print_stdout(text: &str) -> std::io::Result<()> {
     }
 }
 
+/// An error and its causes on one line. The library errors already name
+/// their cause in their message, so a cause is added only when the line
+/// does not say it yet (an anyhow context says only what was being done).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !line.contains(&cause) {
+            line.push_str(": ");
+            line.push_str(&cause);
+        }
+    }
+    line
+}
+
 fn main() {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -73,7 +88,7 @@ fn main() {
     match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("faultbox: {e:#}");
+            eprintln!("faultbox: {}", one_line(&e));
             std::process::exit(1);
         }
     }

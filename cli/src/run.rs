@@ -4,9 +4,9 @@
 
 use std::ffi::OsString;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::log::LogFormat;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use faultbox_agent::process::{self, SignalSet};
@@ -15,9 +15,6 @@ use faultbox_agent::seccomp;
 use faultbox_agent::syscalls::Arch;
 use faultbox_agent::wire::{Isolation, LaunchSpec, OnDisconnect};
 use faultbox_engine::shim::{Shim, ShimEvent};
-use serde_json::{Value, json};
-
-use crate::log::{Level, LogFormat, Logger};
 
 /// Flags of `faultbox run`.
 #[derive(Debug, Args)]
@@ -78,12 +75,12 @@ pub fn run(args: RunArgs) -> Result<i32> {
             "this kernel does not support seccomp user notification, so faults cannot be injected (needs Linux 5.0+ built with CONFIG_SECCOMP_FILTER; check: grep SECCOMP /boot/config-$(uname -r))"
         );
     }
-    let shim = faultbox_engine::shim::locate().map_err(anyhow::Error::msg)?;
+    let shim = faultbox_engine::shim::locate()?;
     let seed = args
         .seed
         .unwrap_or_else(faultbox_agent::engine::random_seed);
     let session_id = format!("{:016x}", faultbox_agent::engine::random_seed());
-    let log = Logger::new(args.log_format, args.debug, session_id);
+    crate::log::init(args.log_format, args.debug, session_id);
     let cwd = std::env::current_dir()
         .ok()
         .map(|p| p.to_string_lossy().into_owned());
@@ -110,38 +107,24 @@ pub fn run(args: RunArgs) -> Result<i32> {
         user: None,
     };
     let started = Instant::now();
-    let log = Arc::new(log);
-    log.log(
-        Level::Info,
-        "session starting",
-        &[
-            ("state", json!("starting")),
-            ("target", json!(program)),
-            ("seed", json!(seed)),
-            ("faults", json!(fault_texts)),
-        ],
+    tracing::info!(
+        state = "starting",
+        target = %program,
+        seed,
+        faults = %fault_texts.join(","),
+        "session starting"
     );
-    let events = {
-        let log = Arc::clone(&log);
-        Box::new(move |event| log_event(&log, event, started))
-    };
+    let events = Box::new(move |event| log_event(event, started));
     // The target writes to our own stdout and stderr.
     let shim = match Shim::launch(&shim, launch, None, events) {
         Ok(shim) => shim,
         Err(failure) => {
-            log.log(
-                Level::Error,
-                "state changed",
-                &[
-                    ("state", json!("failed")),
-                    ("error", json!(failure.message)),
-                ],
-            );
-            if failure.exit_code == Some(127) {
-                eprintln!("faultbox: {}", failure.message);
+            tracing::error!(state = "failed", error = %failure, "state changed");
+            if failure.exit_code() == Some(127) {
+                eprintln!("faultbox: {failure}");
                 return Ok(127);
             }
-            return Err(user_error(failure.message));
+            return Err(user_error(failure.to_string()));
         }
     };
     let shim_pid = shim.shim_pid() as i32;
@@ -166,70 +149,63 @@ pub fn run(args: RunArgs) -> Result<i32> {
 }
 
 /// Logs one thing the shim reported, in the CLI reference's log shapes.
-fn log_event(log: &Logger, event: ShimEvent, started: Instant) {
+fn log_event(event: ShimEvent, started: Instant) {
     match event {
         ShimEvent::FilterInstalled {
             syscalls,
             wait_killable,
-        } => log.log(
-            Level::Debug,
-            "seccomp filter installed",
-            &[
-                ("syscalls", json!(syscalls)),
-                ("wait_killable", json!(wait_killable)),
-            ],
+        } => tracing::debug!(
+            syscalls = %syscalls.join(","),
+            wait_killable,
+            "seccomp filter installed"
         ),
         ShimEvent::Started { pid } => {
-            log.log(Level::Info, "target started", &[("pid", json!(pid))]);
-            log.log(
-                Level::Debug,
-                "state changed",
-                &[("state", json!("running"))],
-            );
+            tracing::info!(pid, "target started");
+            tracing::debug!(state = "running", "state changed");
         }
         ShimEvent::Syscall(e) => {
-            let faulted = e.decision.starts_with("deny") || e.decision.starts_with("delay");
-            let mut fields: Vec<(&str, Value)> = vec![
-                ("name", json!(e.syscall)),
-                ("pid", json!(e.pid)),
-                ("decision", json!(e.decision)),
-            ];
-            if let Some(path) = &e.path {
-                fields.push(("path", json!(path)));
+            // tracing's levels are fixed per call site, hence one site
+            // per level with the same fields.
+            macro_rules! intercepted {
+                ($level:ident) => {
+                    tracing::$level!(
+                        name = %e.syscall,
+                        pid = e.pid,
+                        decision = %e.decision,
+                        path = e.path.as_deref(),
+                        latency_ms = e.latency_ns.map(|ns| ns / 1_000_000),
+                        rule = e.rule.as_ref().map(tracing::field::display),
+                        seq = e.seq,
+                        "syscall intercepted"
+                    )
+                };
             }
-            if let Some(ns) = e.latency_ns {
-                fields.push(("latency_ms", json!(ns / 1_000_000)));
+            if e.decision.starts_with("deny") || e.decision.starts_with("delay") {
+                intercepted!(info);
+            } else {
+                intercepted!(debug);
             }
-            if let Some(rule) = &e.rule {
-                fields.push(("rule", json!(rule.to_string())));
-            }
-            fields.push(("seq", json!(e.seq)));
-            let level = if faulted { Level::Info } else { Level::Debug };
-            log.log(level, "syscall intercepted", &fields);
         }
         ShimEvent::RulesRejected(message) => {
-            log.log(Level::Error, "rules rejected", &[("error", json!(message))]);
+            tracing::error!(error = %message, "rules rejected");
         }
         ShimEvent::Exited { exit, interrupted } => {
             let shell = exit.shell_code();
-            let mut fields = vec![("exit_code", json!(shell))];
-            if let Some(sig) = exit.signal {
-                fields.push(("signal", json!(sig)));
-            }
             if shell == 0 {
-                log.log(Level::Info, "target exited", &fields);
+                tracing::info!(exit_code = shell, signal = exit.signal, "target exited");
             } else {
-                log.log(Level::Warn, "target exited with error", &fields);
+                tracing::warn!(
+                    exit_code = shell,
+                    signal = exit.signal,
+                    "target exited with error"
+                );
             }
-            log.log(
-                Level::Info,
-                "session completed",
-                &[
-                    ("state", json!("stopped")),
-                    ("exit_code", json!(shell)),
-                    ("duration", json!(started.elapsed().as_nanos() as u64)),
-                    ("dropped_notifications", json!(interrupted)),
-                ],
+            tracing::info!(
+                state = "stopped",
+                exit_code = shell,
+                duration = started.elapsed().as_nanos() as u64,
+                dropped_notifications = interrupted,
+                "session completed"
             );
         }
     }

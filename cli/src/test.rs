@@ -10,9 +10,8 @@ use faultbox_engine::report::{self, Outcome, TestResult};
 use faultbox_engine::runtime::RunConfig;
 use faultbox_engine::suite;
 use faultbox_spec::load as spec;
-use serde_json::json;
 
-use crate::log::{Level, LogFormat, Logger};
+use crate::log::LogFormat;
 
 /// Which results to show.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -164,7 +163,7 @@ pub fn run(args: TestArgs) -> Result<i32> {
                 eprintln!("error: service {:?} ({}): {e}", s.name, s.declared_at);
                 return Ok(1);
             }
-            if let Err(e) = faultbox_engine::runtime::resolve_binary(&s.binary, &spec.dir) {
+            if let Err(e) = faultbox_engine::backend::resolve_binary(&s.binary, &spec.dir) {
                 eprintln!(
                     "WARNING: service {:?} ({}): {e}; a run would fail unless it exists by then",
                     s.name, s.declared_at
@@ -181,7 +180,7 @@ pub fn run(args: TestArgs) -> Result<i32> {
         return Ok(0);
     }
     // Everything that can be checked before starting anything.
-    let shim_path = suite::preflight(&spec).map_err(anyhow::Error::msg)?;
+    let shim_path = suite::preflight(&spec)?;
     let log_dir = std::env::temp_dir().join(format!("faultbox-{}", std::process::id()));
     std::fs::create_dir_all(&log_dir).with_context(|| format!("create {}", log_dir.display()))?;
     let config = RunConfig {
@@ -190,7 +189,7 @@ pub fn run(args: TestArgs) -> Result<i32> {
         test_timeout: timeout,
         stop_grace: Duration::from_secs(2),
     };
-    let log = Logger::new(
+    crate::log::init(
         args.log_format,
         args.debug,
         format!("{:016x}", std::process::id()),
@@ -198,7 +197,6 @@ pub fn run(args: TestArgs) -> Result<i32> {
     let (base_seed, seed_source) = suite::base_seed(args.seed, args.runs);
     eprintln!("Seed: {base_seed} ({seed_source})");
     let mut printer = Printer {
-        log: &log,
         show: args.show,
         runs: args.runs,
         debug: args.debug,
@@ -243,31 +241,23 @@ pub fn run(args: TestArgs) -> Result<i32> {
 }
 
 /// Prints a suite's progress as the CLI reference shows it.
-struct Printer<'a> {
-    log: &'a Logger,
+struct Printer {
     show: Show,
     runs: u64,
     debug: bool,
 }
 
-impl suite::Observer for Printer<'_> {
+impl suite::Observer for Printer {
     fn started(&mut self, name: &str, seed: u64, _run: u64) {
-        self.log.log(
-            Level::Debug,
-            "running test",
-            &[("test", json!(name)), ("seed", json!(seed))],
-        );
+        tracing::debug!(test = name, seed, "running test");
     }
 
     fn finished(&mut self, result: &TestResult, run: u64, passed: u64) {
-        self.log.log(
-            Level::Debug,
-            "test completed",
-            &[
-                ("test", json!(result.name)),
-                ("result", json!(result.outcome.as_str())),
-                ("duration_ms", json!(result.duration_ms)),
-            ],
+        tracing::debug!(
+            test = %result.name,
+            result = result.outcome.as_str(),
+            duration_ms = result.duration_ms,
+            "test completed"
         );
         let ok = result.outcome == Outcome::Pass;
         let show = !ok || self.show == Show::All;

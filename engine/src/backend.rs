@@ -20,7 +20,109 @@ use faultbox_agent::wire::{Isolation, LaunchSpec, OnDisconnect};
 use faultbox_proxy::net;
 use faultbox_spec::model::{InterfaceDef, ServiceDef};
 
-use crate::shim::{ExitInfo, Shim, ShimEvent};
+use crate::shim::{ExitInfo, Shim, ShimError, ShimEvent};
+
+/// Why a backend could not start a service or say where it is.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The service's program cannot be run.
+    #[error("service {service:?}: {source}")]
+    Program {
+        /// The service.
+        service: String,
+        /// Why.
+        source: ProgramError,
+    },
+    /// Something else listens on a port the service declares.
+    #[error(
+        "port {port} of {service}.{interface} is already in use by another process (stop it, or declare another port)"
+    )]
+    PortBusy {
+        /// The service.
+        service: String,
+        /// The interface.
+        interface: String,
+        /// The port.
+        port: u16,
+    },
+    /// The shim could not start it.
+    #[error("service {service:?} did not start: {source}")]
+    Launch {
+        /// The service.
+        service: String,
+        /// Why.
+        source: ShimError,
+    },
+    /// A remote service without an address for this interface.
+    #[error("{service}.{interface}: no remote address declared")]
+    NoAddress {
+        /// The service.
+        service: String,
+        /// The interface.
+        interface: String,
+    },
+    /// A remote address that does not resolve.
+    #[error("{service}.{interface}: remote address {addr} does not resolve")]
+    Unresolved {
+        /// The service.
+        service: String,
+        /// The interface.
+        interface: String,
+        /// The address as declared.
+        addr: String,
+    },
+}
+
+/// A service's `binary=` that cannot be run.
+#[derive(Debug, thiserror::Error)]
+pub enum ProgramError {
+    /// A path to nothing.
+    #[error("{} does not exist", path.display())]
+    Missing {
+        /// The path, resolved against the spec's directory.
+        path: PathBuf,
+    },
+    /// A path to something that cannot be executed.
+    #[error("{} is not executable (chmod +x it, or check the path)", path.display())]
+    NotExecutable {
+        /// The path.
+        path: PathBuf,
+    },
+    /// A bare name no `PATH` entry has.
+    #[error("{name:?} was not found on PATH (install it or give a path)")]
+    NotOnPath {
+        /// The name.
+        name: String,
+    },
+}
+
+/// Resolves a service's program: a bare name through `PATH`, a relative
+/// path against the spec's directory (so a spec runs from any directory).
+pub fn resolve_binary(binary: &str, spec_dir: &Path) -> Result<PathBuf, ProgramError> {
+    if binary.contains('/') {
+        let p = Path::new(binary);
+        let path = if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            spec_dir.join(p)
+        };
+        if !path.exists() {
+            return Err(ProgramError::Missing { path });
+        }
+        if !faultbox_agent::process::is_executable(&path) {
+            return Err(ProgramError::NotExecutable { path });
+        }
+        // Absolute, but not through symlinks: some programs pick their
+        // personality from argv[0] (redis-server is a link to
+        // redis-check-rdb, busybox is everything).
+        return Ok(std::path::absolute(&path).unwrap_or(path));
+    }
+    faultbox_agent::process::resolve_program(binary, std::env::var("PATH").ok().as_deref())
+        .map(PathBuf::from)
+        .ok_or_else(|| ProgramError::NotOnPath {
+            name: binary.to_string(),
+        })
+}
 
 /// What a backend needs to start one service for one test.
 pub struct Launch<'a> {
@@ -47,7 +149,7 @@ pub struct Launch<'a> {
 pub trait Backend: Send + Sync {
     /// Starts the service (or attaches to it); a failure says why, naming
     /// the service.
-    fn start(&self, launch: Launch<'_>) -> Result<Box<dyn Instance>, String>;
+    fn start(&self, launch: Launch<'_>) -> Result<Box<dyn Instance>, BackendError>;
 }
 
 /// One started service.
@@ -56,7 +158,7 @@ pub trait Instance: Send + Sync {
     fn started(&self) -> Vec<(&'static str, String)>;
 
     /// Where the proxy in front of `iface` relays to.
-    fn endpoint(&self, iface: &InterfaceDef) -> Result<SocketAddr, String>;
+    fn endpoint(&self, iface: &InterfaceDef) -> Result<SocketAddr, BackendError>;
 
     /// The shim session, when syscall faults can reach the service.
     fn shim(&self) -> Option<&Shim>;
@@ -81,16 +183,21 @@ struct ProcessInstance {
 }
 
 impl Backend for Process {
-    fn start(&self, launch: Launch<'_>) -> Result<Box<dyn Instance>, String> {
+    fn start(&self, launch: Launch<'_>) -> Result<Box<dyn Instance>, BackendError> {
         let def = launch.def;
-        let program = crate::runtime::resolve_binary(&def.binary, launch.spec_dir)
-            .map_err(|e| format!("service {:?}: {e}", def.name))?;
+        let program = resolve_binary(&def.binary, launch.spec_dir).map_err(|source| {
+            BackendError::Program {
+                service: def.name.clone(),
+                source,
+            }
+        })?;
         for iface in &def.interfaces {
             if port_open(iface.port, Duration::from_millis(200)) {
-                return Err(format!(
-                    "port {} of {}.{} is already in use by another process (stop it, or declare another port)",
-                    iface.port, def.name, iface.name
-                ));
+                return Err(BackendError::PortBusy {
+                    service: def.name.clone(),
+                    interface: iface.name.clone(),
+                    port: iface.port,
+                });
             }
         }
         let mut env: BTreeMap<String, String> = std::env::vars().collect();
@@ -116,8 +223,12 @@ impl Backend for Process {
             stop_grace_ms: launch.stop_grace.as_millis() as u64,
             user: def.user.clone(),
         };
-        let shim = Shim::launch(launch.shim, spec, Some(&launch.log), launch.on_event)
-            .map_err(|e| format!("service {:?} did not start: {}", def.name, e.message))?;
+        let shim = Shim::launch(launch.shim, spec, Some(&launch.log), launch.on_event).map_err(
+            |source| BackendError::Launch {
+                service: def.name.clone(),
+                source,
+            },
+        )?;
         Ok(Box::new(ProcessInstance {
             shim: Some(shim),
             name: def.name.clone(),
@@ -134,7 +245,7 @@ impl Instance for ProcessInstance {
             .unwrap_or_default()
     }
 
-    fn endpoint(&self, iface: &InterfaceDef) -> Result<SocketAddr, String> {
+    fn endpoint(&self, iface: &InterfaceDef) -> Result<SocketAddr, BackendError> {
         Ok(SocketAddr::from(([127, 0, 0, 1], iface.port)))
     }
 
@@ -173,7 +284,7 @@ struct RemoteInstance {
 }
 
 impl Backend for Remote {
-    fn start(&self, launch: Launch<'_>) -> Result<Box<dyn Instance>, String> {
+    fn start(&self, launch: Launch<'_>) -> Result<Box<dyn Instance>, BackendError> {
         Ok(Box::new(RemoteInstance {
             name: launch.def.name.clone(),
             upstreams: launch.def.remote.clone(),
@@ -187,19 +298,21 @@ impl Instance for RemoteInstance {
         vec![("remote", targets.join(","))]
     }
 
-    fn endpoint(&self, iface: &InterfaceDef) -> Result<SocketAddr, String> {
+    fn endpoint(&self, iface: &InterfaceDef) -> Result<SocketAddr, BackendError> {
         let addr = self
             .upstreams
             .get(&iface.name)
-            .ok_or_else(|| format!("{}.{}: no remote address declared", self.name, iface.name))?;
+            .ok_or_else(|| BackendError::NoAddress {
+                service: self.name.clone(),
+                interface: iface.name.clone(),
+            })?;
         net::resolve(addr)
             .ok()
             .and_then(|a| a.first().copied())
-            .ok_or_else(|| {
-                format!(
-                    "{}.{}: remote address {addr} does not resolve",
-                    self.name, iface.name
-                )
+            .ok_or_else(|| BackendError::Unresolved {
+                service: self.name.clone(),
+                interface: iface.name.clone(),
+                addr: addr.clone(),
             })
     }
 

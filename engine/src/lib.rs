@@ -56,8 +56,8 @@ pub fn run_test(spec: &Spec, name: &str, seed: u64, config: &RunConfig) -> TestR
         Err(e) => {
             result.outcome = Outcome::Error;
             result.failure = Some(FailureKind::ServiceStart);
-            result.healthcheck_timeout = e.healthcheck_timeout;
-            result.reason = Some(e.message);
+            result.healthcheck_timeout = e.healthcheck_timeout();
+            result.reason = Some(e.to_string());
         }
         Ok(()) => match spec.run_body(name, run.clone(), config.test_timeout) {
             BodyOutcome::Returned(value) => result.return_value = value,

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use faultbox_agent::engine::RuleStats;
 use faultbox_agent::glob::Glob;
-use faultbox_agent::process;
 use faultbox_agent::rule::{Rule, RuleId};
 use faultbox_agent::syscalls::Arch;
 
@@ -21,11 +20,11 @@ use faultbox_proxy::rules::ProxyRuleDef;
 use faultbox_proxy::server::Proxy;
 use faultbox_proxy::steps::{StepCall, StepResult};
 use faultbox_proxy::tls::{self, Relay, TlsSetup};
-use faultbox_spec::host::{AssertionDetail, TestHost};
-use faultbox_spec::model::{Healthcheck, ServiceDef, start_order};
+use faultbox_spec::host::{AssertionDetail, HostError, TestHost};
+use faultbox_spec::model::{Healthcheck, ServiceDef, TopologyError, start_order};
 use faultbox_spec::values::{FaultValue, proxy_placeholder};
 
-use crate::backend::{Backend, Instance, Launch, Process, Remote};
+use crate::backend::{Backend, BackendError, Instance, Launch, Process, Remote};
 use crate::shim::{ExitInfo, Shim, ShimEvent};
 use crate::trace::{Event, Trace, fields};
 
@@ -74,12 +73,91 @@ pub struct Crash {
 }
 
 /// Why services could not be started.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StartError {
-    pub service: String,
-    pub message: String,
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The topology cannot be ordered.
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    /// The backend could not start a service.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The service died while its healthcheck waited.
+    #[error(
+        "service {service:?} exited with code {code} before its healthcheck {check} passed{output}"
+    )]
+    ExitedBeforeHealthy {
+        /// The service.
+        service: String,
+        /// Its exit code, shell style.
+        code: i32,
+        /// The healthcheck.
+        check: String,
+        /// Its last output, with its separator.
+        output: String,
+    },
     /// The healthcheck did not pass in time (HEALTHCHECK_TIMEOUT).
-    pub healthcheck_timeout: bool,
+    #[error(
+        "service {service:?}: healthcheck {check} did not pass within {timeout:?} (last attempt: {last}); check the port and the service's output{output}{hint}"
+    )]
+    HealthcheckTimeout {
+        /// The service.
+        service: String,
+        /// The healthcheck.
+        check: String,
+        /// How long it was given.
+        timeout: Duration,
+        /// What the last attempt got.
+        last: Box<ProbeError>,
+        /// Its last output, with its separator.
+        output: String,
+        /// Advice for remote services, with its separator.
+        hint: &'static str,
+    },
+    /// The proxy or TLS relay in front of an interface did not start.
+    #[error("{what} for {service}.{interface}: {reason}")]
+    Proxy {
+        /// "proxy", "TLS" or "TLS relay".
+        what: &'static str,
+        /// The service.
+        service: String,
+        /// The interface.
+        interface: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl StartError {
+    /// Whether a healthcheck ran out of time (HEALTHCHECK_TIMEOUT).
+    pub fn healthcheck_timeout(&self) -> bool {
+        matches!(self, StartError::HealthcheckTimeout { .. })
+    }
+}
+
+/// Why one healthcheck attempt failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// `ready()` on a service without interfaces.
+    #[error("ready() needs the service to declare an interface")]
+    NoInterface,
+    /// `ready()` on a protocol with no probe.
+    #[error("ready(): no probe for protocol {protocol:?}")]
+    NoProbe {
+        /// The protocol.
+        protocol: String,
+    },
+    /// The protocol's own probe failed.
+    #[error(transparent)]
+    Protocol(#[from] faultbox_proxy::protocol::ProtocolError),
+    /// `http(url=)` with a URL that cannot be used.
+    #[error(transparent)]
+    Url(#[from] faultbox_proxy::steps::UrlError),
+    /// No connection, or no answer.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// An HTTP answer with the wrong status.
+    #[error("status {0}")]
+    Status(u16),
 }
 
 struct WindowRule {
@@ -154,35 +232,6 @@ fn take_service<T>(map: &Mutex<BTreeMap<(String, String), T>>, service: &str) ->
     keys.iter().filter_map(|k| all.remove(k)).collect()
 }
 
-/// Resolves a service's program: a bare name through `PATH`, a relative
-/// path against the spec's directory (so a spec runs from any directory).
-pub fn resolve_binary(binary: &str, spec_dir: &Path) -> Result<PathBuf, String> {
-    if binary.contains('/') {
-        let p = Path::new(binary);
-        let path = if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            spec_dir.join(p)
-        };
-        if !path.exists() {
-            return Err(format!("{} does not exist", path.display()));
-        }
-        if !process::is_executable(&path) {
-            return Err(format!(
-                "{} is not executable (chmod +x it, or check the path)",
-                path.display()
-            ));
-        }
-        // Absolute, but not through symlinks: some programs pick their
-        // personality from argv[0] (redis-server is a link to
-        // redis-check-rdb, busybox is everything).
-        return Ok(std::path::absolute(&path).unwrap_or(path));
-    }
-    process::resolve_program(binary, std::env::var("PATH").ok().as_deref())
-        .map(PathBuf::from)
-        .ok_or_else(|| format!("{binary:?} was not found on PATH (install it or give a path)"))
-}
-
 fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
@@ -229,11 +278,7 @@ impl TestRun {
     /// Starts every service in dependency order and waits for its
     /// healthcheck.
     pub fn start_services(&self, spec_dir: &Path) -> Result<(), StartError> {
-        let order = start_order(&self.services).map_err(|message| StartError {
-            service: String::new(),
-            message,
-            healthcheck_timeout: false,
-        })?;
+        let order = start_order(&self.services)?;
         for i in order {
             let def = &self.services[i];
             self.start_one(def, spec_dir)?;
@@ -242,11 +287,6 @@ impl TestRun {
     }
 
     fn start_one(&self, def: &ServiceDef, spec_dir: &Path) -> Result<(), StartError> {
-        let err = |message: String| StartError {
-            service: def.name.clone(),
-            message,
-            healthcheck_timeout: false,
-        };
         let backend: &dyn Backend = if def.is_remote() { &Remote } else { &Process };
         let mut env = BTreeMap::new();
         for (k, v) in &def.env {
@@ -257,19 +297,20 @@ impl TestRun {
             .config
             .log_dir
             .join(format!("{}.{}.log", self.name, def.name));
-        let instance = backend
-            .start(Launch {
-                def,
-                env,
-                log: log.clone(),
-                spec_dir,
-                intercept: &self.intercept,
-                seed: faultbox_agent::engine::derive_seed(self.seed, &def.name),
-                shim: &self.config.shim,
-                stop_grace: self.config.stop_grace,
-                on_event: self.event_sink(def),
-            })
-            .map_err(err)?;
+        let instance = backend.start(Launch {
+            def,
+            env,
+            log: log.clone(),
+            spec_dir,
+            intercept: &self.intercept,
+            seed: faultbox_agent::engine::derive_seed(self.seed, &def.name),
+            shim: &self.config.shim,
+            stop_grace: self.config.stop_grace,
+            on_event: self.event_sink(def),
+        });
+        let instance = instance.inspect_err(|e| {
+            tracing::debug!(service = %def.name, error = %e, "service did not start");
+        })?;
         self.trace.emit(
             "service_started",
             &def.name,
@@ -281,14 +322,7 @@ impl TestRun {
         );
         lock(&self.running).insert(def.name.clone(), Running { instance });
         if let Some(check) = &def.healthcheck {
-            self.wait_healthy(def, check, &log).map_err(|mut e| {
-                if def.is_remote() {
-                    e.message.push_str(
-                        "; a remote service must be reachable from this machine (kubectl port-forward, a VPN, or running faultbox in the cluster)",
-                    );
-                }
-                e
-            })?;
+            self.wait_healthy(def, check, &log)?;
             self.trace.emit(
                 "service_ready",
                 &def.name,
@@ -299,22 +333,22 @@ impl TestRun {
     }
 
     fn start_proxies(&self, def: &ServiceDef) -> Result<(), StartError> {
-        let err = |message: String| StartError {
-            service: def.name.clone(),
-            message,
-            healthcheck_timeout: false,
-        };
         // Proxies start once the service is ready, before anything that
         // depends on it, so dependents are pointed at them from the start.
         for iface in &def.interfaces {
             if !faultbox_proxy::rules::proxied(&iface.protocol) {
                 continue;
             }
-            let upstream = lock(&self.running)
-                .get(&def.name)
-                .ok_or_else(|| format!("service {:?} is not running", def.name))
-                .and_then(|r| r.instance.endpoint(iface))
-                .map_err(err)?;
+            let err = |what, reason: String| StartError::Proxy {
+                what,
+                service: def.name.clone(),
+                interface: iface.name.clone(),
+                reason,
+            };
+            let upstream = match lock(&self.running).get(&def.name) {
+                Some(r) => r.instance.endpoint(iface)?,
+                None => return Err(err("proxy", "the service is not running".into())),
+            };
             let key = (def.name.clone(), iface.name.clone());
             let start = |to| {
                 Proxy::start(
@@ -324,7 +358,7 @@ impl TestRun {
                     to,
                     self.trace.clone(),
                 )
-                .map_err(|e| err(format!("proxy for {}.{}: {e}", def.name, iface.name)))
+                .map_err(|e| err("proxy", e.to_string()))
             };
             // The address clients use: the TLS front's when there is one.
             let announce = |listen: std::net::SocketAddr, mode: &str| {
@@ -346,18 +380,15 @@ impl TestRun {
                 lock(&self.proxies).insert(key, proxy);
                 continue;
             };
-            let setup = self
-                .tls_setup(tls)
-                .map_err(|e| err(format!("TLS for {}.{}: {e}", def.name, iface.name)))?;
+            let setup = self.tls_setup(tls).map_err(|e| err("TLS", e.to_string()))?;
             let host = def
                 .remote
                 .get(&iface.name)
                 .and_then(|r| r.rsplit_once(':').map(|(h, _)| h.to_string()))
                 .unwrap_or_else(|| "localhost".to_string());
             let name = rustls::pki_types::ServerName::try_from(host)
-                .map_err(|e| err(format!("TLS for {}.{}: {e}", def.name, iface.name)))?;
-            let io =
-                |e: std::io::Error| err(format!("TLS relay for {}.{}: {e}", def.name, iface.name));
+                .map_err(|e| err("TLS", e.to_string()))?;
+            let io = |e: std::io::Error| err("TLS relay", e.to_string());
             let wire =
                 faultbox_proxy::protocol::get(&iface.protocol).map_or(Wire::Direct, |p| p.wire());
             let back = Relay::back(upstream, name, &setup.upstream, wire).map_err(io)?;
@@ -370,7 +401,7 @@ impl TestRun {
         Ok(())
     }
 
-    fn tls_setup(&self, spec: &TlsSpec) -> Result<Arc<TlsSetup>, String> {
+    fn tls_setup(&self, spec: &TlsSpec) -> Result<Arc<TlsSetup>, faultbox_proxy::TlsError> {
         let mut setups = lock(&self.tls_setups);
         if let Some((_, s)) = setups.iter().find(|(k, _)| k == spec) {
             return Ok(Arc::clone(s));
@@ -509,44 +540,43 @@ impl TestRun {
         loop {
             if let Some(exit) = self.exit_of(&def.name) {
                 let out = tail(log, 15);
-                return Err(StartError {
+                return Err(StartError::ExitedBeforeHealthy {
                     service: def.name.clone(),
-                    message: format!(
-                        "service {:?} exited with code {} before its healthcheck {} passed{}",
-                        def.name,
-                        exit.shell_code(),
-                        check.describe(),
-                        if out.is_empty() {
-                            String::new()
-                        } else {
-                            format!("; its last output:\n{out}")
-                        }
-                    ),
-                    healthcheck_timeout: false,
+                    code: exit.shell_code(),
+                    check: check.describe(),
+                    output: if out.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; its last output:\n{out}")
+                    },
                 });
             }
             let left = timeout.saturating_sub(started.elapsed());
             let attempt = left.min(Duration::from_secs(2));
             match probe(check, def, ready_at, attempt) {
                 Ok(()) => return Ok(()),
-                Err(e) => last_error = e,
+                Err(e) => {
+                    tracing::debug!(service = %def.name, check = %check.describe(), error = %e, "healthcheck attempt failed");
+                    last_error = e;
+                }
             }
             if started.elapsed() >= timeout {
                 let out = tail(log, 15);
-                return Err(StartError {
+                return Err(StartError::HealthcheckTimeout {
                     service: def.name.clone(),
-                    message: format!(
-                        "service {:?}: healthcheck {} did not pass within {:?} (last attempt: {last_error}); check the port and the service's output{}",
-                        def.name,
-                        check.describe(),
-                        timeout,
-                        if out.is_empty() {
-                            String::new()
-                        } else {
-                            format!(":\n{out}")
-                        }
-                    ),
-                    healthcheck_timeout: true,
+                    check: check.describe(),
+                    timeout,
+                    last: Box::new(last_error),
+                    output: if out.is_empty() {
+                        String::new()
+                    } else {
+                        format!(":\n{out}")
+                    },
+                    hint: if def.is_remote() {
+                        "; a remote service must be reachable from this machine (kubectl port-forward, a VPN, or running faultbox in the cluster)"
+                    } else {
+                        ""
+                    },
                 });
             }
             // Fast first retries (most services are up within a few ms),
@@ -652,7 +682,7 @@ impl TestRun {
         }
     }
 
-    fn push_rules(&self, service: &str, windows: &[Window]) -> Result<(), String> {
+    fn push_rules(&self, service: &str, windows: &[Window]) -> Result<(), HostError> {
         // Latest window first: the first rule that fires decides, so an
         // inner window overrides an outer one while it is open. Trace
         // rules come last so they never shadow a fault.
@@ -665,15 +695,24 @@ impl TestRun {
             }
         }
         let running = lock(&self.running);
+        let not_running = |state| HostError::NotRunning {
+            service: service.to_string(),
+            state,
+        };
         let shim = running
             .get(service)
             .and_then(|r| r.instance.shim())
-            .ok_or_else(|| format!("service {service:?} is not running"))?;
+            .ok_or_else(|| not_running("is not running"))?;
         if shim.exited().is_some() {
-            return Err(format!("service {service:?} has exited"));
+            return Err(not_running("has exited"));
         }
-        shim.set_rules(rules)
-            .map_err(|e| format!("service {service:?} refused the rules: {e}"))
+        shim.set_rules(rules).map_err(|e| {
+            tracing::debug!(service, error = %e, "rules refused");
+            HostError::Refused {
+                service: service.to_string(),
+                reason: e.to_string(),
+            }
+        })
     }
 
     /// Closes every window still open (a `fault_start` without its
@@ -765,14 +804,16 @@ impl TestHost for TestRun {
         faults: Vec<(String, FaultValue)>,
         trace: bool,
         from_start: bool,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, HostError> {
         let def = self
             .service(service)
-            .ok_or_else(|| format!("no service named {service:?}"))?;
+            .ok_or_else(|| HostError::UnknownService {
+                service: service.to_string(),
+            })?;
         if def.is_remote() {
-            return Err(format!(
-                "{service:?} is a remote service: syscall faults need a process Faultbox starts; use protocol faults (fault({service}.<interface>, error(...), ...))"
-            ));
+            return Err(HostError::Remote {
+                service: service.to_string(),
+            });
         }
         let arch = Arch::native();
         let id = self.next_window.fetch_add(1, Ordering::SeqCst);
@@ -780,12 +821,18 @@ impl TestHost for TestRun {
         for (keyword, fault) in faults {
             let (syscalls, path) = expand_keyword(arch, def, &keyword)?;
             if let Some(missing) = syscalls.iter().find(|s| !self.intercept.contains(s)) {
-                return Err(format!(
-                    "FAULT_NOT_FILTERABLE: {keyword} on {service:?} needs {missing}, which is not in the service's seccomp filter; the filter is fixed when the service starts, from the syscall names the spec spells out, so write the syscall as a keyword (for example {missing}=deny(\"EIO\")) rather than building it at run time"
-                ));
+                return Err(HostError::NotFilterable {
+                    service: service.to_string(),
+                    keyword,
+                    syscall: missing.clone(),
+                });
             }
             if let Some(p) = &path {
-                Glob::new(p).map_err(|e| format!("{keyword}: path {p:?}: {e}"))?;
+                Glob::new(p).map_err(|e| HostError::Path {
+                    keyword: keyword.clone(),
+                    path: p.clone(),
+                    reason: e.to_string(),
+                })?;
             }
             let rule = Rule {
                 id: RuleId::in_window(id, keyword.clone()),
@@ -842,7 +889,7 @@ impl TestHost for TestRun {
         Ok(id)
     }
 
-    fn close_window(&self, id: u64) -> Result<(), String> {
+    fn close_window(&self, id: u64) -> Result<(), HostError> {
         let service = match lock(&self.windows).iter().find(|w| w.id == id) {
             Some(w) => w.service.clone(),
             None => return Ok(()),
@@ -928,27 +975,38 @@ impl TestHost for TestRun {
         interface: &str,
         rules: Vec<ProxyRuleDef>,
         from_start: bool,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, HostError> {
         let id = self.next_window.fetch_add(1, Ordering::SeqCst);
         let proxies = lock(&self.proxies);
         let proxy = proxies
             .get(&(service.to_string(), interface.to_string()))
-            .ok_or_else(|| {
-                format!("{service}.{interface} has no proxy (is the service running?)")
+            .ok_or_else(|| HostError::NoProxy {
+                service: service.to_string(),
+                interface: interface.to_string(),
             })?;
         for r in &rules {
-            r.check(&proxy.protocol)
-                .map_err(|e| format!("{service}.{interface}: {e}"))?;
+            r.check(&proxy.protocol).map_err(|e| HostError::ProxyRule {
+                service: service.to_string(),
+                interface: interface.to_string(),
+                reason: e.to_string(),
+            })?;
         }
         let named: Vec<(RuleId, ProxyRuleDef)> = rules
             .into_iter()
             .enumerate()
             .map(|(i, r)| (RuleId::in_window(id, i.to_string()), r))
             .collect();
-        proxy.rules().push_front(
-            faultbox_agent::engine::derive_seed(self.seed, &format!("{service}.{interface}")),
-            named.clone(),
-        )?;
+        proxy
+            .rules()
+            .push_front(
+                faultbox_agent::engine::derive_seed(self.seed, &format!("{service}.{interface}")),
+                named.clone(),
+            )
+            .map_err(|e| HostError::ProxyRule {
+                service: service.to_string(),
+                interface: interface.to_string(),
+                reason: e.to_string(),
+            })?;
         let described: Vec<String> = named
             .iter()
             .map(|(_, r)| format!("{}({})", r.action.kind(), r.matcher()))
@@ -1136,7 +1194,7 @@ pub fn expand_keyword(
     arch: Arch,
     def: &ServiceDef,
     keyword: &str,
-) -> Result<(Vec<String>, Option<String>), String> {
+) -> Result<(Vec<String>, Option<String>), HostError> {
     let mut out: Vec<String> = Vec::new();
     let (names, path) = match def.ops.get(keyword) {
         Some(op) => (op.syscalls.clone(), op.path.clone()),
@@ -1158,10 +1216,11 @@ pub fn expand_keyword(
                         def.ops.keys().cloned().collect::<Vec<_>>().join(", ")
                     )
                 };
-                return Err(format!(
-                    "{name:?} is neither a syscall nor an op of service {:?}{suggestion}{ops}",
-                    def.name
-                ));
+                return Err(HostError::UnknownKeyword {
+                    service: def.name.clone(),
+                    keyword: name.clone(),
+                    hint: format!("{suggestion}{ops}"),
+                });
             }
             let s = s.to_string();
             if !out.contains(&s) {
@@ -1210,12 +1269,12 @@ pub fn probe(
     def: &ServiceDef,
     ready_at: Option<std::net::SocketAddr>,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), ProbeError> {
     let timeout = timeout.max(Duration::from_millis(50));
     match check {
         Healthcheck::Ready { .. } => {
             let (Some(iface), Some(at)) = (def.interfaces.first(), ready_at) else {
-                return Err("ready() needs the service to declare an interface".into());
+                return Err(ProbeError::NoInterface);
             };
             let addr = at.to_string();
             let target = Target {
@@ -1224,22 +1283,18 @@ pub fn probe(
                 env: &def.env,
             };
             match faultbox_proxy::protocol::get(&iface.protocol) {
-                Some(p) => p.ready(&target, timeout),
-                None => Err(format!(
-                    "ready(): no probe for protocol {:?}",
-                    iface.protocol
-                )),
+                Some(p) => Ok(p.ready(&target, timeout)?),
+                None => Err(ProbeError::NoProbe {
+                    protocol: iface.protocol.clone(),
+                }),
             }
         }
-        Healthcheck::Tcp { addr, .. } => net::connect(addr, timeout)
-            .map(|_| ())
-            .map_err(|e| e.to_string()),
+        Healthcheck::Tcp { addr, .. } => Ok(net::connect(addr, timeout).map(|_| ())?),
         Healthcheck::Http {
             url, expect_status, ..
         } => {
             let (addr, path) = faultbox_proxy::steps::split_url(url)?;
-            let r = net::http_request(&addr, "GET", &path, &[], &[], timeout, None)
-                .map_err(|e| e.to_string())?;
+            let r = net::http_request(&addr, "GET", &path, &[], &[], timeout, None)?;
             let good = match expect_status {
                 Some(want) => r.status == *want,
                 None => (200..400).contains(&r.status),
@@ -1247,7 +1302,7 @@ pub fn probe(
             if good {
                 Ok(())
             } else {
-                Err(format!("status {}", r.status))
+                Err(ProbeError::Status(r.status))
             }
         }
     }
@@ -1292,9 +1347,11 @@ mod tests {
     #[test]
     fn cycles_are_named() {
         let s = vec![svc("a", &["b"]), svc("b", &["a"])];
-        let e = start_order(&s).expect_err("cycle");
+        let e = start_order(&s).expect_err("cycle").to_string();
         assert!(e.contains("a → b → a"), "{e}");
-        let e = start_order(&[svc("a", &["ghost"])]).expect_err("missing");
+        let e = start_order(&[svc("a", &["ghost"])])
+            .expect_err("missing")
+            .to_string();
         assert!(e.contains("\"ghost\""), "{e}");
     }
 
@@ -1325,7 +1382,9 @@ mod tests {
         assert_eq!(path.as_deref(), Some("*.wal"));
         let (sc, _) = expand_keyword(arch, &s, "connect").expect("raw");
         assert_eq!(sc, ["connect"]);
-        let e = expand_keyword(arch, &s, "fsyncc").expect_err("typo");
+        let e = expand_keyword(arch, &s, "fsyncc")
+            .expect_err("typo")
+            .to_string();
         assert!(
             e.contains("did you mean fsync?") && e.contains("persist"),
             "{e}"

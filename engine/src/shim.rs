@@ -92,28 +92,104 @@ impl Shared {
     }
 }
 
+/// What went wrong between faultbox and a shim.
+#[derive(Debug, thiserror::Error)]
+pub enum ShimError {
+    /// `$FAULTBOX_SHIM` names something that cannot run.
+    #[error("FAULTBOX_SHIM={} is not an executable file (unset it, or point it at a built faultbox-shim)", path.display())]
+    BadOverride {
+        /// The path it names.
+        path: PathBuf,
+    },
+    /// No shim next to the faultbox binary.
+    #[error("faultbox-shim not found at {} (build it with scripts/build, or set FAULTBOX_SHIM)", path.display())]
+    NotFound {
+        /// Where it was looked for.
+        path: PathBuf,
+    },
+    /// A local step of starting or talking to the shim failed.
+    #[error("{step}: {source}")]
+    Io {
+        /// What faultbox was doing.
+        step: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A shim from another build.
+    #[error("{} speaks protocol {version}, this faultbox speaks {}: install the faultbox-shim built with this faultbox", shim.display(), wire::PROTOCOL_VERSION)]
+    Version {
+        /// The shim.
+        shim: PathBuf,
+        /// Its protocol version.
+        version: u32,
+    },
+    /// A shim that did not greet.
+    #[error("{} did not start properly ({got}); rebuild it with this faultbox", shim.display())]
+    Handshake {
+        /// The shim.
+        shim: PathBuf,
+        /// What it sent instead.
+        got: String,
+    },
+    /// The shim could not start the target.
+    #[error("{message}")]
+    LaunchFailed {
+        /// The shim's reason.
+        message: String,
+        /// The shim's exit code (127: the program could not be executed).
+        exit_code: i32,
+    },
+    /// The shim went away before the target started.
+    #[error("the shim exited before starting the target")]
+    ExitedEarly,
+    /// The control socket is closed.
+    #[error("the shim is gone ({0})")]
+    Gone(std::io::Error),
+    /// The target has exited, so it takes no rules.
+    #[error("the service has exited")]
+    TargetExited,
+    /// No confirmation of new rules in time.
+    #[error("the shim did not confirm the new rules within 5s")]
+    Unconfirmed,
+    /// The shim refused the rules.
+    #[error("{reason}")]
+    Rejected {
+        /// The shim's reason.
+        reason: String,
+    },
+}
+
+impl ShimError {
+    fn io(step: impl Into<String>) -> impl FnOnce(std::io::Error) -> ShimError {
+        let step = step.into();
+        move |source| ShimError::Io { step, source }
+    }
+
+    /// The shim's exit code, when it reported a failed launch.
+    pub fn exit_code(&self) -> Option<i32> {
+        match self {
+            ShimError::LaunchFailed { exit_code, .. } => Some(*exit_code),
+            _ => None,
+        }
+    }
+}
+
 /// Finds `faultbox-shim`: `$FAULTBOX_SHIM`, else next to the running binary.
-pub fn locate() -> Result<PathBuf, String> {
+pub fn locate() -> Result<PathBuf, ShimError> {
     if let Some(path) = std::env::var_os("FAULTBOX_SHIM") {
         let path = PathBuf::from(path);
         return if process::is_executable(&path) {
             Ok(path)
         } else {
-            Err(format!(
-                "FAULTBOX_SHIM={} is not an executable file (unset it, or point it at a built faultbox-shim)",
-                path.display()
-            ))
+            Err(ShimError::BadOverride { path })
         };
     }
-    let exe = std::env::current_exe().map_err(|e| format!("locate faultbox itself: {e}"))?;
+    let exe = std::env::current_exe().map_err(ShimError::io("locate faultbox itself"))?;
     let path = exe.with_file_name("faultbox-shim");
     if process::is_executable(&path) {
         Ok(path)
     } else {
-        Err(format!(
-            "faultbox-shim not found at {} (build it with scripts/build, or set FAULTBOX_SHIM)",
-            path.display()
-        ))
+        Err(ShimError::NotFound { path })
     }
 }
 
@@ -128,15 +204,15 @@ struct Connection {
 /// `spec`. The target's output goes to `output`, or to this process's
 /// own stdout and stderr. The one way both `faultbox run` and
 /// `faultbox test` start a shim (through [`Shim::launch`]).
-fn connect(shim: &Path, spec: LaunchSpec, output: Option<File>) -> Result<Connection, String> {
-    let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
-    process::make_inheritable(&theirs).map_err(|e| format!("control socket: {e}"))?;
+fn connect(shim: &Path, spec: LaunchSpec, output: Option<File>) -> Result<Connection, ShimError> {
+    let (ours, theirs) = UnixStream::pair().map_err(ShimError::io("socketpair"))?;
+    process::make_inheritable(&theirs).map_err(ShimError::io("control socket"))?;
     let mut command = Command::new(shim);
     command
         .arg("--control")
         .arg(format!("fd:{}", theirs.as_raw_fd()));
     if let Some(out) = output {
-        let err = out.try_clone().map_err(|e| format!("log file: {e}"))?;
+        let err = out.try_clone().map_err(ShimError::io("log file"))?;
         command
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
@@ -144,42 +220,43 @@ fn connect(shim: &Path, spec: LaunchSpec, output: Option<File>) -> Result<Connec
     }
     let mut child = command
         .spawn()
-        .map_err(|e| format!("start {}: {e}", shim.display()))?;
+        .map_err(ShimError::io(format!("start {}", shim.display())))?;
     drop(theirs);
-    let mut killed = |message: String| {
+    let mut killed = |error: ShimError| {
         let _ = child.kill();
         let _ = child.wait();
-        message
+        error
     };
     // A shim that hangs before greeting must not hang its controller.
     let _ = ours.set_read_timeout(Some(Duration::from_secs(15)));
     let clone = match ours.try_clone() {
         Ok(c) => c,
-        Err(e) => return Err(killed(format!("control socket: {e}"))),
+        Err(e) => return Err(killed(ShimError::io("control socket")(e))),
     };
     let mut reader = BufReader::new(clone);
     let mut writer = BufWriter::new(ours);
     match wire::recv::<_, ShimMessage>(&mut reader) {
         Ok(Some(ShimMessage::Hello { version, .. })) if version == wire::PROTOCOL_VERSION => {}
         Ok(Some(ShimMessage::Hello { version, .. })) => {
-            return Err(killed(format!(
-                "{} speaks protocol {version}, this faultbox speaks {}: install the faultbox-shim built with this faultbox",
-                shim.display(),
-                wire::PROTOCOL_VERSION
-            )));
+            return Err(killed(ShimError::Version {
+                shim: shim.to_path_buf(),
+                version,
+            }));
         }
         other => {
-            return Err(killed(format!(
-                "{} did not start properly ({other:?}); rebuild it with this faultbox",
-                shim.display()
-            )));
+            return Err(killed(ShimError::Handshake {
+                shim: shim.to_path_buf(),
+                got: format!("{other:?}"),
+            }));
         }
     }
     let _ = reader.get_ref().set_read_timeout(None);
     if let Err(e) = wire::send(&mut writer, &ControlMessage::Launch(Box::new(spec)))
         .and_then(|_| writer.flush())
     {
-        return Err(killed(format!("send the launch request to the shim: {e}")));
+        return Err(killed(
+            ShimError::io("send the launch request to the shim")(e),
+        ));
     }
     Ok(Connection {
         child,
@@ -199,15 +276,6 @@ pub struct Shim {
     tokens: AtomicU64,
 }
 
-/// Why a target did not start.
-#[derive(Debug)]
-pub struct LaunchFailure {
-    pub message: String,
-    /// The shim's exit code when it reported the failure (127: the
-    /// program could not be executed).
-    pub exit_code: Option<i32>,
-}
-
 impl Shim {
     /// Starts `shim`, launches the target described by `spec` with its
     /// output in `log` (or this process's own stdout and stderr), and
@@ -218,14 +286,10 @@ impl Shim {
         spec: LaunchSpec,
         log: Option<&Path>,
         on_event: Box<dyn Fn(ShimEvent) + Send>,
-    ) -> Result<Shim, LaunchFailure> {
-        let fail = |message: String| LaunchFailure {
-            message,
-            exit_code: None,
-        };
+    ) -> Result<Shim, ShimError> {
         let out = match log {
             Some(log) => Some(
-                File::create(log).map_err(|e| fail(format!("create {}: {e}", log.display())))?,
+                File::create(log).map_err(ShimError::io(format!("create {}", log.display())))?,
             ),
             None => None,
         };
@@ -233,7 +297,7 @@ impl Shim {
             mut child,
             mut reader,
             writer,
-        } = connect(shim, spec, out).map_err(fail)?;
+        } = connect(shim, spec, out)?;
         let kill = |child: &mut Child| {
             let _ = child.kill();
             let _ = child.wait();
@@ -257,19 +321,16 @@ impl Shim {
                 }),
                 Ok(Some(ShimMessage::LaunchFailed { message, exit_code })) => {
                     let _ = child.wait();
-                    return Err(LaunchFailure {
-                        message,
-                        exit_code: Some(exit_code),
-                    });
+                    return Err(ShimError::LaunchFailed { message, exit_code });
                 }
                 Ok(Some(_)) => {}
                 Ok(None) => {
                     let _ = child.wait();
-                    return Err(fail("the shim exited before starting the target".into()));
+                    return Err(ShimError::ExitedEarly);
                 }
                 Err(e) => {
                     kill(&mut child);
-                    return Err(fail(format!("waiting for the target to start: {e}")));
+                    return Err(ShimError::io("waiting for the target to start")(e));
                 }
             }
         };
@@ -289,11 +350,11 @@ impl Shim {
         })
     }
 
-    fn send(&self, message: &ControlMessage) -> Result<(), String> {
+    fn send(&self, message: &ControlMessage) -> Result<(), ShimError> {
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         wire::send(&mut *w, message)
             .and_then(|_| w.flush())
-            .map_err(|e| format!("the shim is gone ({e})"))
+            .map_err(ShimError::Gone)
     }
 
     /// The shim process's pid (signals for the target go to it).
@@ -357,18 +418,20 @@ impl Shim {
     }
 
     /// Replaces the target's rules; an error carries the shim's reason.
-    pub fn set_rules(&self, rules: Vec<Rule>) -> Result<(), String> {
+    pub fn set_rules(&self, rules: Vec<Rule>) -> Result<(), ShimError> {
         let before = self.tokens.load(Ordering::SeqCst);
         self.send(&ControlMessage::SetRules { rules })?;
         if !self.sync(Duration::from_secs(5)) {
             if self.exited().is_some() {
-                return Err("the service has exited".into());
+                return Err(ShimError::TargetExited);
             }
-            return Err("the shim did not confirm the new rules within 5s".into());
+            return Err(ShimError::Unconfirmed);
         }
         let state = self.shared.lock();
         match state.rejected.iter().rev().find(|(t, _)| *t > before) {
-            Some((_, reason)) => Err(reason.clone()),
+            Some((_, reason)) => Err(ShimError::Rejected {
+                reason: reason.clone(),
+            }),
             None => Ok(()),
         }
     }

@@ -10,8 +10,57 @@ use faultbox_agent::glob::wildcard;
 use faultbox_spec::load::Spec;
 
 use crate::backend::port_open;
+use crate::backend::{ProgramError, resolve_binary};
 use crate::report::{Outcome, TestResult};
-use crate::runtime::{RunConfig, resolve_binary};
+use crate::runtime::RunConfig;
+use crate::shim::ShimError;
+
+/// What stops a suite before its first service starts.
+#[derive(Debug, thiserror::Error)]
+pub enum PreflightError {
+    /// No usable shim.
+    #[error(transparent)]
+    Shim(#[from] ShimError),
+    /// A service's program cannot be run.
+    #[error("service {service:?} ({declared_at}): {source}")]
+    Program {
+        /// The service.
+        service: String,
+        /// Where the spec declares it.
+        declared_at: String,
+        /// Why.
+        source: ProgramError,
+    },
+    /// `user=` without root.
+    #[error(
+        "service {service:?} ({declared_at}): user={user:?} needs faultbox to run as root (switching accounts needs CAP_SETUID)"
+    )]
+    NeedsRoot {
+        /// The service.
+        service: String,
+        /// Where the spec declares it.
+        declared_at: String,
+        /// The account.
+        user: String,
+    },
+    /// A declared port something else already listens on.
+    #[error(
+        "port {port} of {service}.{interface} is already in use by another process (stop it, or declare another port)"
+    )]
+    PortBusy {
+        /// The service.
+        service: String,
+        /// The interface.
+        interface: String,
+        /// The port.
+        port: u16,
+    },
+    /// Syscall faults on a kernel without user notification.
+    #[error(
+        "this kernel does not support seccomp user notification, so syscall faults cannot be injected (needs Linux 5.0+ with CONFIG_SECCOMP_FILTER)"
+    )]
+    NoUserNotification,
+}
 
 /// The tests `pattern` selects: a name, a name without `test_`, or a
 /// glob over either.
@@ -45,32 +94,37 @@ pub fn base_seed(given: Option<u64>, runs: u64) -> (u64, &'static str) {
 /// Everything that can be checked before a service starts: the shim, each
 /// binary, accounts, free ports, and the kernel's user notification.
 /// Returns the shim to launch services with.
-pub fn preflight(spec: &Spec) -> Result<PathBuf, String> {
+pub fn preflight(spec: &Spec) -> Result<PathBuf, PreflightError> {
     let shim = crate::shim::locate()?;
     for s in spec.services.iter().filter(|s| !s.is_remote()) {
-        resolve_binary(&s.binary, &spec.dir)
-            .map_err(|e| format!("service {:?} ({}): {e}", s.name, s.declared_at))?;
+        resolve_binary(&s.binary, &spec.dir).map_err(|source| PreflightError::Program {
+            service: s.name.clone(),
+            declared_at: s.declared_at.clone(),
+            source,
+        })?;
         if let Some(user) = &s.user
             && !faultbox_agent::process::is_root()
         {
-            return Err(format!(
-                "service {:?} ({}): user={user:?} needs faultbox to run as root (switching accounts needs CAP_SETUID)",
-                s.name, s.declared_at
-            ));
+            return Err(PreflightError::NeedsRoot {
+                service: s.name.clone(),
+                declared_at: s.declared_at.clone(),
+                user: user.clone(),
+            });
         }
     }
     for s in spec.services.iter().filter(|s| !s.is_remote()) {
         for i in &s.interfaces {
             if port_open(i.port, Duration::from_millis(200)) {
-                return Err(format!(
-                    "port {} of {}.{} is already in use by another process (stop it, or declare another port)",
-                    i.port, s.name, i.name
-                ));
+                return Err(PreflightError::PortBusy {
+                    service: s.name.clone(),
+                    interface: i.name.clone(),
+                    port: i.port,
+                });
             }
         }
     }
     if !spec.intercept.is_empty() && !faultbox_agent::seccomp::user_notification_available() {
-        return Err("this kernel does not support seccomp user notification, so syscall faults cannot be injected (needs Linux 5.0+ with CONFIG_SECCOMP_FILTER)".into());
+        return Err(PreflightError::NoUserNotification);
     }
     Ok(shim)
 }

@@ -54,6 +54,47 @@ pub fn fields<const N: usize>(pairs: [(&str, String); N]) -> Fields {
         .collect()
 }
 
+/// A `tls_cert(...)` declaration, or a TLS setup, that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// Half of a certificate and key pair.
+    #[error("{what} go together: give both or neither")]
+    HalfPair {
+        /// The two keywords.
+        what: &'static str,
+    },
+    /// `insecure=True` with `ca=`.
+    #[error(
+        "insecure=True skips verifying the upstream, so ca= would be ignored: give one or the other"
+    )]
+    InsecureWithCa,
+    /// A certificate or key file that cannot be used.
+    #[error("{}: {reason}", path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// rustls or rcgen refused a step of the setup.
+    #[error("{step}: {reason}")]
+    Setup {
+        /// What was being set up.
+        step: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl TlsError {
+    pub(crate) fn file(path: &Path, reason: impl std::fmt::Display) -> TlsError {
+        TlsError::File {
+            path: path.to_path_buf(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
 /// What `tls_cert(...)` declared.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TlsSpec {
@@ -65,25 +106,25 @@ pub struct TlsSpec {
     pub insecure: bool,
 }
 
-pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?
+        .map_err(|e| TlsError::file(path, e))?
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(|e| TlsError::file(path, e))?;
     if certs.is_empty() {
-        return Err(format!("{}: no PEM certificate in it", path.display()));
+        return Err(TlsError::file(path, "no PEM certificate in it"));
     }
     Ok(certs)
 }
 
-pub(crate) fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| format!("{}: {e}", path.display()))
+pub(crate) fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::file(path, e))
 }
 
 impl TlsSpec {
     /// Checks what can be checked when the spec loads: pairs complete,
     /// files readable, the CA parses, `insecure` without `ca`.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), TlsError> {
         for (a, b, what) in [
             (
                 &self.proxy_cert,
@@ -97,11 +138,11 @@ impl TlsSpec {
             ),
         ] {
             if a.is_some() != b.is_some() {
-                return Err(format!("{what} go together: give both or neither"));
+                return Err(TlsError::HalfPair { what });
             }
         }
         if self.insecure && self.ca.is_some() {
-            return Err("insecure=True skips verifying the upstream, so ca= would be ignored: give one or the other".into());
+            return Err(TlsError::InsecureWithCa);
         }
         for p in [&self.proxy_cert, &self.client_cert, &self.ca]
             .into_iter()

@@ -29,6 +29,39 @@ pub enum Wire {
 #[error("{0}")]
 pub struct FrameError(pub String);
 
+/// What a protocol refuses, or found wrong, in its own words.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    /// A fault rule the protocol cannot apply.
+    #[error("{reason}")]
+    Rule {
+        /// The protocol.
+        protocol: &'static str,
+        /// Why, with what to use instead.
+        reason: String,
+    },
+    /// A step argument the protocol cannot use.
+    #[error("{reason}")]
+    Step {
+        /// The protocol.
+        protocol: &'static str,
+        /// The step method.
+        method: String,
+        /// Why.
+        reason: String,
+    },
+    /// `ready()` did not get the protocol's answer.
+    #[error("{reason}")]
+    NotReady {
+        /// The protocol.
+        protocol: &'static str,
+        /// Where it asked.
+        addr: String,
+        /// What happened instead.
+        reason: String,
+    },
+}
+
 /// The outcome of looking for one whole message at the start of a
 /// buffer: its length, or how far the parser got when more bytes are
 /// needed.
@@ -157,13 +190,49 @@ pub trait Protocol: Sync {
 
     /// Refuses what else this protocol cannot apply (actions, values),
     /// after the matchers and fields were checked.
-    fn check(&self, _rule: &ProxyRuleDef) -> Result<(), String> {
+    fn check(&self, _rule: &ProxyRuleDef) -> Result<(), ProtocolError> {
         Ok(())
     }
 
     /// Checks what a step's argument types cannot (a gRPC method path).
-    fn check_step(&self, _call: &StepCall) -> Result<(), String> {
+    fn check_step(&self, _call: &StepCall) -> Result<(), ProtocolError> {
         Ok(())
+    }
+
+    /// A rule this protocol refuses, and why.
+    fn refuse(&self, reason: impl Into<String>) -> ProtocolError
+    where
+        Self: Sized,
+    {
+        ProtocolError::Rule {
+            protocol: self.name(),
+            reason: reason.into(),
+        }
+    }
+
+    /// A step argument this protocol refuses, and why.
+    fn refuse_step(&self, call: &StepCall, reason: impl Into<String>) -> ProtocolError
+    where
+        Self: Sized,
+    {
+        ProtocolError::Step {
+            protocol: self.name(),
+            method: call.method.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    /// A `ready()` probe that got no proper answer from `to`.
+    #[cfg(feature = "serve")]
+    fn not_ready(&self, to: &Target, reason: impl Into<String>) -> ProtocolError
+    where
+        Self: Sized,
+    {
+        ProtocolError::NotReady {
+            protocol: self.name(),
+            addr: to.addr.to_string(),
+            reason: reason.into(),
+        }
     }
 
     /// What a step sends, for its `step_send` event (a `summary` field
@@ -180,7 +249,7 @@ pub trait Protocol: Sync {
 
     /// `ready()`: whether the service answers its own protocol.
     #[cfg(feature = "serve")]
-    fn ready(&self, to: &Target, timeout: std::time::Duration) -> Result<(), String>;
+    fn ready(&self, to: &Target, timeout: std::time::Duration) -> Result<(), ProtocolError>;
 }
 
 /// Every protocol of this build, in the order `interface()` lists them.

@@ -5,8 +5,36 @@
 //! cannot apply; [`RuleSet::decide`] answers one request.
 
 use faultbox_agent::engine::{Odds, RuleStats, Shares};
-use faultbox_agent::glob::{Glob, wildcard};
+use faultbox_agent::glob::{Glob, GlobError, wildcard};
 use faultbox_agent::rule::{RuleId, Trigger};
+
+use crate::protocol::ProtocolError;
+
+/// A protocol rule that cannot be applied where the spec puts it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuleError {
+    /// An interface protocol with no proxy in this build.
+    #[error(
+        "protocol faults on {protocol} interfaces are not supported by this build ({supported} are)"
+    )]
+    UnknownProtocol {
+        /// The protocol.
+        protocol: String,
+        /// The ones that are.
+        supported: String,
+    },
+    /// A matcher, field or action the protocol does not have.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// The rule's path glob does not compile.
+    #[error("path {path:?}: {source}")]
+    Path {
+        /// The glob.
+        path: String,
+        /// Why.
+        source: GlobError,
+    },
+}
 
 /// Whether interfaces of `protocol` get a proxy.
 pub fn proxied(protocol: &str) -> bool {
@@ -97,12 +125,18 @@ impl ProxyRuleDef {
     }
 
     /// Refuses what `protocol` cannot apply, naming what it supports.
-    pub fn check(&self, protocol: &str) -> Result<(), String> {
+    pub fn check(&self, protocol: &str) -> Result<(), RuleError> {
         let Some(p) = crate::protocol::get(protocol) else {
-            return Err(format!(
-                "protocol faults on {protocol} interfaces are not supported by this build ({} are)",
-                crate::protocol::names().join(", ")
-            ));
+            return Err(RuleError::UnknownProtocol {
+                protocol: protocol.to_string(),
+                supported: crate::protocol::names().join(", "),
+            });
+        };
+        let refuse = |reason: String| {
+            RuleError::Protocol(ProtocolError::Rule {
+                protocol: p.name(),
+                reason,
+            })
         };
         let owners = |pick: &dyn Fn(&dyn crate::protocol::Protocol) -> bool| {
             let names: Vec<&str> = crate::protocol::REGISTRY
@@ -125,11 +159,11 @@ impl ProxyRuleDef {
         ];
         for (m, set) in given {
             if set && !p.matchers().contains(&m) {
-                return Err(format!(
+                return Err(refuse(format!(
                     "{m}= applies to {} interfaces, not {protocol}; {protocol} rules match {}",
                     owners(&|q| q.matchers().contains(&m)),
                     p.matcher_help()
-                ));
+                )));
             }
         }
         p.check(self)?;
@@ -149,17 +183,17 @@ impl ProxyRuleDef {
         };
         for (f, what, set) in fields {
             if *set && !p.error_fields().contains(f) {
-                return Err(format!(
+                return Err(refuse(format!(
                     "{f}={what} applies to {} interfaces, not {protocol}",
                     owners(&|q| q.error_fields().contains(f))
-                ));
+                )));
             }
         }
         if matches!(self.action, ProxyAction::Duplicate) && !p.duplicates() {
-            return Err(format!(
+            return Err(refuse(format!(
                 "duplicate() applies to {} interfaces (where a request can be sent twice), not {protocol}",
                 owners(&|q| q.duplicates())
-            ));
+            )));
         }
         Ok(())
     }
@@ -220,11 +254,14 @@ impl RuleSet {
         &mut self,
         seed: u64,
         rules: Vec<(RuleId, ProxyRuleDef)>,
-    ) -> Result<(), String> {
+    ) -> Result<(), RuleError> {
         let mut fresh = Vec::new();
         for (id, def) in rules {
             let path = match &def.path {
-                Some(p) => Some(Glob::new(p).map_err(|e| format!("path {p:?}: {e}"))?),
+                Some(p) => Some(Glob::new(p).map_err(|source| RuleError::Path {
+                    path: p.clone(),
+                    source,
+                })?),
                 None => None,
             };
             fresh.push(Active {
@@ -604,7 +641,10 @@ mod tests {
         )
         .check("tcp")
         .expect_err("error on tcp");
-        assert!(e.contains("error() does not apply to tcp"), "{e}");
+        assert!(
+            e.to_string().contains("error() does not apply to tcp"),
+            "{e}"
+        );
         assert!(
             rule(ProxyAction::Drop { reset: None }, None, Some("/x"))
                 .check("tcp")

@@ -389,11 +389,15 @@ pub(crate) struct Link {
 impl Session {
     pub(crate) fn open(client: TcpStream, ctx: &Ctx) -> Result<Session, &'static str> {
         let read_half = client.try_clone().map_err(|_| "clone failed")?;
-        let Ok(upstream) = TcpStream::connect_timeout(&ctx.upstream, Duration::from_secs(5)) else {
-            // A transparent proxy answers nothing the upstream did not:
-            // the client sees its connection end, as without the proxy.
-            let _ = client.shutdown(Shutdown::Both);
-            return Err("upstream unreachable");
+        let upstream = match TcpStream::connect_timeout(&ctx.upstream, Duration::from_secs(5)) {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(upstream = %ctx.upstream, error = %e, "upstream unreachable");
+                // A transparent proxy answers nothing the upstream did not:
+                // the client sees its connection end, as without the proxy.
+                let _ = client.shutdown(Shutdown::Both);
+                return Err("upstream unreachable");
+            }
         };
         let _ = upstream.set_nodelay(true);
         let (Ok(up_read), Ok(client_write)) = (upstream.try_clone(), client.try_clone()) else {

@@ -194,18 +194,26 @@ pub fn sent(call: &StepCall, key: &str, shown: &str) -> crate::Fields {
 }
 
 /// Checks what an argument's type cannot (a gRPC method is a full path).
-pub fn check_call(call: &StepCall) -> Result<(), String> {
+pub fn check_call(call: &StepCall) -> Result<(), crate::protocol::ProtocolError> {
     match crate::protocol::get(&call.protocol) {
         Some(p) => p.check_step(call),
         None => Ok(()),
     }
 }
 
+/// A URL a step or healthcheck cannot use.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{url:?}: only http:// URLs are supported")]
+pub struct UrlError {
+    /// The URL as written.
+    pub url: String,
+}
+
 /// Splits `http://host:port/path` into (`host:port`, `/path`).
-pub fn split_url(url: &str) -> Result<(String, String), String> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("{url:?}: only http:// URLs are supported"))?;
+pub fn split_url(url: &str) -> Result<(String, String), UrlError> {
+    let rest = url.strip_prefix("http://").ok_or_else(|| UrlError {
+        url: url.to_string(),
+    })?;
     let (host, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),

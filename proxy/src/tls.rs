@@ -20,7 +20,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::protocol::Wire;
-use crate::{TlsSpec, read_certs, read_key};
+use crate::{TlsError, TlsSpec, read_certs, read_key};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, Connection, DigitallySignedStruct, RootCertStore, ServerConfig};
@@ -43,41 +43,51 @@ pub struct TlsSetup {
 
 /// Builds the configurations; `names` are the names the front's generated
 /// certificate covers; generated files go in `dir`.
-pub fn setup(spec: &TlsSpec, names: &[String], dir: &Path, tag: &str) -> Result<TlsSetup, String> {
+pub fn setup(
+    spec: &TlsSpec,
+    names: &[String],
+    dir: &Path,
+    tag: &str,
+) -> Result<TlsSetup, TlsError> {
+    let versions = |e: rustls::Error| TlsError::Setup {
+        step: "TLS versions",
+        reason: e.to_string(),
+    };
     let (chain, key, ca_file) = match (&spec.proxy_cert, &spec.proxy_key) {
         (Some(c), Some(k)) => (read_certs(c)?, read_key(k)?, c.clone()),
         _ => {
             let (chain, key, ca_pem) = generate(names)?;
             let ca_file = dir.join(format!("{tag}.ca.pem"));
-            std::fs::write(&ca_file, ca_pem).map_err(|e| format!("{}: {e}", ca_file.display()))?;
+            std::fs::write(&ca_file, ca_pem).map_err(|e| TlsError::file(&ca_file, e))?;
             (chain, key, ca_file)
         }
     };
     let server = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(versions)?
         .with_no_client_auth()
         .with_single_cert(chain, key)
-        .map_err(|e| format!("proxy certificate: {e}"))?;
+        .map_err(|e| TlsError::Setup {
+            step: "proxy certificate",
+            reason: e.to_string(),
+        })?;
     let mut step_roots = RootCertStore::empty();
     for c in read_certs(&ca_file)? {
-        step_roots
-            .add(c)
-            .map_err(|e| format!("{}: {e}", ca_file.display()))?;
+        step_roots.add(c).map_err(|e| TlsError::file(&ca_file, e))?;
     }
     let steps = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(versions)?
         .with_root_certificates(step_roots)
         .with_no_client_auth();
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?;
+        .map_err(versions)?;
     let mut roots = RootCertStore::empty();
     match &spec.ca {
         Some(ca) => {
             for c in read_certs(ca)? {
-                roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
+                roots.add(c).map_err(|e| TlsError::file(ca, e))?;
             }
         }
         None => {
@@ -99,7 +109,10 @@ pub fn setup(spec: &TlsSpec, names: &[String], dir: &Path, tag: &str) -> Result<
     let mut upstream = match (&spec.client_cert, &spec.client_key) {
         (Some(c), Some(k)) => with_roots
             .with_client_auth_cert(read_certs(c)?, read_key(k)?)
-            .map_err(|e| format!("client certificate: {e}"))?,
+            .map_err(|e| TlsError::Setup {
+                step: "client certificate",
+                reason: e.to_string(),
+            })?,
         _ => with_roots.with_no_client_auth(),
     };
     if spec.insecure {
@@ -118,8 +131,11 @@ pub fn setup(spec: &TlsSpec, names: &[String], dir: &Path, tag: &str) -> Result<
 type Chain = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>, String);
 
 /// A CA and a leaf signed by it, for `names`.
-fn generate(names: &[String]) -> Result<Chain, String> {
-    let fail = |e: rcgen::Error| format!("generate a certificate: {e}");
+fn generate(names: &[String]) -> Result<Chain, TlsError> {
+    let fail = |e: rcgen::Error| TlsError::Setup {
+        step: "generate a certificate",
+        reason: e.to_string(),
+    };
     let ca_key = rcgen::KeyPair::generate().map_err(fail)?;
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(fail)?;
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -135,8 +151,10 @@ fn generate(names: &[String]) -> Result<Chain, String> {
     let leaf_key = rcgen::KeyPair::generate().map_err(fail)?;
     let leaf_params = rcgen::CertificateParams::new(names.to_vec()).map_err(fail)?;
     let leaf = leaf_params.signed_by(&leaf_key, &issuer).map_err(fail)?;
-    let key = PrivateKeyDer::try_from(leaf_key.serialize_der())
-        .map_err(|e| format!("generated key: {e}"))?;
+    let key = PrivateKeyDer::try_from(leaf_key.serialize_der()).map_err(|e| TlsError::Setup {
+        step: "generated key",
+        reason: e.to_string(),
+    })?;
     Ok((
         vec![leaf.der().clone(), ca_cert.der().clone()],
         key,
@@ -686,13 +704,13 @@ mod tests {
             ..TlsSpec::default()
         };
         let e = spec.validate().expect_err("half a pair");
-        assert!(e.contains("give both or neither"), "{e}");
+        assert!(e.to_string().contains("give both or neither"), "{e}");
         let spec = TlsSpec {
             ca: Some("/etc/hostname".into()),
             insecure: true,
             ..TlsSpec::default()
         };
         let e = spec.validate().expect_err("insecure and ca");
-        assert!(e.contains("insecure=True"), "{e}");
+        assert!(e.to_string().contains("insecure=True"), "{e}");
     }
 }

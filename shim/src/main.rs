@@ -10,19 +10,19 @@ use faultbox_agent::wire::Endpoint;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let endpoint = match args.as_slice() {
-        [flag, value] if flag == "--control" => Endpoint::parse(value),
-        [single] if single.starts_with("--control=") => {
-            Endpoint::parse(&single["--control=".len()..])
-        }
-        _ => Err(Endpoint::USAGE.to_string()),
+    let value = match args.as_slice() {
+        [flag, value] if flag == "--control" => value.as_str(),
+        [single] if single.starts_with("--control=") => &single["--control=".len()..],
+        _ => fail(Endpoint::USAGE),
     };
-    let code = match endpoint.and_then(|e| faultbox_agent::session::run(&e)) {
-        Ok(code) => code,
-        Err(message) => {
-            eprintln!("faultbox-shim: {message}");
-            1
-        }
-    };
-    std::process::exit(code);
+    let endpoint = Endpoint::parse(value).unwrap_or_else(|e| fail(e));
+    match faultbox_agent::session::run(&endpoint) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => fail(e),
+    }
+}
+
+fn fail(message: impl std::fmt::Display) -> ! {
+    eprintln!("faultbox-shim: {message}");
+    std::process::exit(1)
 }

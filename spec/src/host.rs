@@ -11,6 +11,91 @@ use faultbox_proxy::steps::{StepCall, StepResult};
 use crate::event::Event;
 use crate::values::FaultValue;
 
+/// Why the running test could not do what a builtin asked.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// The spec names a service it did not declare.
+    #[error("no service named {service:?}")]
+    UnknownService {
+        /// The name.
+        service: String,
+    },
+    /// Syscall faults on a service Faultbox did not start.
+    #[error(
+        "{service:?} is a remote service: syscall faults need a process Faultbox starts; use protocol faults (fault({service}.<interface>, error(...), ...))"
+    )]
+    Remote {
+        /// The service.
+        service: String,
+    },
+    /// A fault keyword that is neither an op, a family nor a syscall.
+    #[error("{keyword:?} is neither a syscall nor an op of service {service:?}{hint}")]
+    UnknownKeyword {
+        /// The service.
+        service: String,
+        /// The keyword.
+        keyword: String,
+        /// A suggestion and the service's ops, with their separators.
+        hint: String,
+    },
+    /// A syscall outside the filter the service was started with.
+    #[error(
+        "FAULT_NOT_FILTERABLE: {keyword} on {service:?} needs {syscall}, which is not in the service's seccomp filter; the filter is fixed when the service starts, from the syscall names the spec spells out, so write the syscall as a keyword (for example {syscall}=deny(\"EIO\")) rather than building it at run time"
+    )]
+    NotFilterable {
+        /// The service.
+        service: String,
+        /// The keyword.
+        keyword: String,
+        /// The syscall missing from the filter.
+        syscall: String,
+    },
+    /// An op's path glob that does not compile.
+    #[error("{keyword}: path {path:?}: {reason}")]
+    Path {
+        /// The keyword.
+        keyword: String,
+        /// The glob.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The service is not (or no longer) running.
+    #[error("service {service:?} {state}")]
+    NotRunning {
+        /// The service.
+        service: String,
+        /// "is not running" or "has exited".
+        state: &'static str,
+    },
+    /// The service's shim refused the rules.
+    #[error("service {service:?} refused the rules: {reason}")]
+    Refused {
+        /// The service.
+        service: String,
+        /// The shim's reason.
+        reason: String,
+    },
+    /// A protocol fault on an interface with no proxy.
+    #[error("{service}.{interface} has no proxy (is the service running?)")]
+    NoProxy {
+        /// The service.
+        service: String,
+        /// The interface.
+        interface: String,
+    },
+    /// A protocol rule the interface's protocol does not accept.
+    #[error("{service}.{interface}: {reason}")]
+    ProxyRule {
+        /// The service.
+        service: String,
+        /// The interface.
+        interface: String,
+        /// Why.
+        reason: String,
+    },
+}
+
 /// A failed assertion, recorded where it happened.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct AssertionDetail {
@@ -33,10 +118,10 @@ pub trait TestHost: Send + Sync {
         faults: Vec<(String, FaultValue)>,
         trace: bool,
         from_start: bool,
-    ) -> Result<u64, String>;
+    ) -> Result<u64, HostError>;
 
     /// Closes a syscall window and records its hits.
-    fn close_window(&self, id: u64) -> Result<(), String>;
+    fn close_window(&self, id: u64) -> Result<(), HostError>;
 
     /// The newest window `fault_start` (or `trace_start`) opened on
     /// `service`.
@@ -49,7 +134,7 @@ pub trait TestHost: Send + Sync {
         interface: &str,
         rules: Vec<ProxyRuleDef>,
         from_start: bool,
-    ) -> Result<u64, String>;
+    ) -> Result<u64, HostError>;
 
     /// The newest `fault_start` window on `service.interface`.
     fn latest_started_proxy_window(&self, service: &str, interface: &str) -> Option<u64>;

@@ -108,12 +108,79 @@ pub fn recipes() -> Vec<Recipe> {
     out
 }
 
-/// A spec that could not be loaded; the message carries `file:line:col`
-/// and the offending line when Starlark knows them.
+/// A spec that could not be loaded.
 #[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct SpecError {
-    pub message: String,
+pub enum SpecError {
+    /// Starlark refused or failed the spec; the message carries
+    /// `file:line:col` and the offending line when Starlark knows them.
+    #[error("{message}")]
+    Invalid {
+        /// What Starlark said, message first.
+        message: String,
+    },
+    /// The spec file itself cannot be read.
+    #[error("cannot read spec {0}")]
+    Read(#[from] ReadError),
+    /// The services do not form a startable topology.
+    #[error(transparent)]
+    Topology(#[from] crate::model::TopologyError),
+    /// A literal protocol rule the interface's protocol does not accept.
+    #[error("{at}: {call}: {reason}")]
+    ProtocolRule {
+        /// `file:line` of the rule.
+        at: String,
+        /// The call as written, shortened: `fault(db.main, error(...))`.
+        call: String,
+        /// Why the protocol refuses it.
+        reason: String,
+    },
+    /// The loader thread could not start or died.
+    #[error("the spec loader failed: {0}")]
+    Loader(String),
+}
+
+/// A file a spec names (itself, a module, a `load_file`) that cannot be
+/// read as text.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// Opening or reading failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Over [`MAX_SOURCE`].
+    #[error("{} is over the 50 MiB a spec may read", path.display())]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Not UTF-8.
+    #[error("{} is not UTF-8 text: byte {byte} (line {line}) is not valid UTF-8", path.display())]
+    NotUtf8 {
+        /// The file.
+        path: PathBuf,
+        /// The first bad byte's offset.
+        byte: usize,
+        /// Its line.
+        line: usize,
+    },
+}
+
+/// Source text nested or chained past what the parser can take safely.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} (at {file}:{line}:{col}); split it into smaller pieces")]
+pub struct TooComplex {
+    /// What went past its limit.
+    pub what: String,
+    /// The module's name.
+    pub file: String,
+    /// Where.
+    pub line: usize,
+    /// Where.
+    pub col: usize,
 }
 
 fn spec_error(e: starlark::Error) -> SpecError {
@@ -127,7 +194,7 @@ fn spec_error(e: starlark::Error) -> SpecError {
         _ => text.as_str(),
     };
     let text = text.strip_prefix("error: ").unwrap_or(text);
-    SpecError {
+    SpecError::Invalid {
         message: text.trim_end().to_string(),
     }
 }
@@ -217,7 +284,7 @@ impl<'e> BeforeStmtFuncDyn<'e> for Deadline {
 impl Loader<'_> {
     fn eval_file(&self, path: &Path, source: String) -> starlark::Result<FrozenModule> {
         let name = path.to_string_lossy().into_owned();
-        check_depth(&name, &source).map_err(|m| starlark::Error::new_other(anyhow::anyhow!(m)))?;
+        check_depth(&name, &source).map_err(|e| starlark::Error::new_other(anyhow::anyhow!(e)))?;
         let ast = AstModule::parse(&name, source.clone(), &dialect())?;
         self.sources.borrow_mut().push(source);
         let child = Loader {
@@ -292,26 +359,30 @@ pub const MAX_SOURCE: u64 = 50 << 20;
 
 /// Reads a file the spec names, bounded by what is read (not by what
 /// `stat` says: `/dev/zero` has no size), as UTF-8 text.
-pub fn read_source(path: &Path) -> Result<String, String> {
+pub fn read_source(path: &Path) -> Result<String, ReadError> {
     use std::io::Read;
-    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let io = |source| ReadError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
     let mut bytes = Vec::new();
     file.take(MAX_SOURCE + 1)
         .read_to_end(&mut bytes)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(io)?;
     if bytes.len() as u64 > MAX_SOURCE {
-        return Err(format!(
-            "{} is over the 50 MiB a spec may read",
-            path.display()
-        ));
+        return Err(ReadError::TooLarge {
+            path: path.to_path_buf(),
+        });
     }
     String::from_utf8(bytes).map_err(|e| {
-        let at = e.utf8_error().valid_up_to();
-        let line = e.as_bytes()[..at].iter().filter(|b| **b == b'\n').count() + 1;
-        format!(
-            "{} is not UTF-8 text: byte {at} (line {line}) is not valid UTF-8",
-            path.display()
-        )
+        let byte = e.utf8_error().valid_up_to();
+        let line = e.as_bytes()[..byte].iter().filter(|b| **b == b'\n').count() + 1;
+        ReadError::NotUtf8 {
+            path: path.to_path_buf(),
+            byte,
+            line,
+        }
     })
 }
 
@@ -326,7 +397,7 @@ const MAX_OPERATORS: usize = 1_000;
 const MAX_INDENT: usize = 400;
 
 /// Refuses source text nested or chained beyond the limits above.
-fn check_depth(name: &str, source: &str) -> Result<(), String> {
+fn check_depth(name: &str, source: &str) -> Result<(), TooComplex> {
     let (mut depth, mut operators) = (0usize, 0usize);
     let (mut line, mut col) = (1usize, 0usize);
     let mut quote: Option<(char, bool)> = None;
@@ -334,9 +405,12 @@ fn check_depth(name: &str, source: &str) -> Result<(), String> {
     let mut at_line_start = true;
     let mut indent = 0usize;
     let too = |what: String, line: usize, col: usize| {
-        Err(format!(
-            "{what} (at {name}:{line}:{col}); split it into smaller pieces"
-        ))
+        Err(TooComplex {
+            what,
+            file: name.to_string(),
+            line,
+            col,
+        })
     };
     while let Some(c) = chars.next() {
         col += 1;
@@ -453,21 +527,13 @@ pub fn load_within(path: &Path, timeout: Duration) -> Result<Spec, SpecError> {
         .name("spec load".into())
         .stack_size(256 << 20)
         .spawn(move || load_here(&path, timeout))
-        .map_err(|e| SpecError {
-            message: format!("cannot start the spec loader: {e}"),
-        })?
+        .map_err(|e| SpecError::Loader(format!("cannot start its thread: {e}")))?
         .join()
-        .unwrap_or_else(|_| {
-            Err(SpecError {
-                message: "the spec loader failed unexpectedly".into(),
-            })
-        })
+        .unwrap_or_else(|_| Err(SpecError::Loader("its thread panicked".into())))
 }
 
 fn load_here(path: &Path, timeout: Duration) -> Result<Spec, SpecError> {
-    let source = read_source(path).map_err(|e| SpecError {
-        message: format!("cannot read spec {e}"),
-    })?;
+    let source = read_source(path)?;
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -493,19 +559,7 @@ fn load_here(path: &Path, timeout: Duration) -> Result<Spec, SpecError> {
     };
     let module = loader.eval_file(path, source).map_err(spec_error)?;
     let services = ctx.services.take();
-    for s in &services {
-        for dep in &s.depends_on {
-            if !services.iter().any(|x| &x.name == dep) {
-                return Err(SpecError {
-                    message: format!(
-                        "{}: service {:?} depends on {dep:?}, which is not declared",
-                        s.declared_at, s.name
-                    ),
-                });
-            }
-        }
-    }
-    crate::model::start_order(&services).map_err(|message| SpecError { message })?;
+    crate::model::start_order(&services)?;
     let mut tests: Vec<String> = module
         .names()
         .map(|n| n.as_str().to_string())
@@ -797,13 +851,11 @@ fn check_literal_protocol_rules(
                         && punct(j + 1, '(') =>
                 {
                     let (def, end) = literal_rule(rule, toks, j + 1);
-                    if let Err(message) = def.check(&protocol) {
-                        return Err(SpecError {
-                            message: format!(
-                                "{}:{}: {window}({var}.{iface}, {rule}(...)): {message}",
-                                file.display(),
-                                toks[j].1
-                            ),
+                    if let Err(e) = def.check(&protocol) {
+                        return Err(SpecError::ProtocolRule {
+                            at: format!("{}:{}", file.display(), toks[j].1),
+                            call: format!("{window}({var}.{iface}, {rule}(...))"),
+                            reason: e.to_string(),
                         });
                     }
                     j = end;
@@ -932,7 +984,7 @@ mod tests {
         for (text, want) in cases {
             let e = load_text(&text)
                 .err()
-                .map(|e| e.message)
+                .map(|e| e.to_string())
                 .unwrap_or_default();
             assert!(e.contains(want) && e.contains("(at "), "{want}: {e}");
         }
@@ -946,13 +998,15 @@ mod tests {
 
     #[test]
     fn reads_are_bounded_by_what_is_read_and_must_be_utf8() {
-        let e = read_source(Path::new("/dev/zero")).expect_err("/dev/zero");
+        let e = read_source(Path::new("/dev/zero"))
+            .expect_err("/dev/zero")
+            .to_string();
         assert!(e.contains("over the 50 MiB"), "{e}");
         let dir = std::env::temp_dir().join(format!("fb-utf8-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("bad.star");
         std::fs::write(&path, b"x = 1\ny = \"\xff\"\n").expect("write");
-        let e = read_source(&path).expect_err("not utf-8");
+        let e = read_source(&path).expect_err("not utf-8").to_string();
         assert!(e.contains("byte 11 (line 2)"), "{e}");
     }
 

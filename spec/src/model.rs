@@ -85,8 +85,31 @@ impl Healthcheck {
     }
 }
 
+/// Services whose `depends_on` cannot be ordered.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TopologyError {
+    /// A chain of dependencies that comes back to where it started.
+    #[error("{declared_at}: depends_on cycle: {path} (break one of these dependencies)")]
+    Cycle {
+        /// Where the service that closes the cycle is declared.
+        declared_at: String,
+        /// The services around the cycle.
+        path: String,
+    },
+    /// A dependency on a service the spec does not declare.
+    #[error("{declared_at}: service {service:?} depends on {dependency:?}, which is not declared")]
+    UnknownDependency {
+        /// Where the dependent service is declared.
+        declared_at: String,
+        /// The dependent service.
+        service: String,
+        /// The missing one.
+        dependency: String,
+    },
+}
+
 /// Orders services so that each comes after what it depends on.
-pub fn start_order(services: &[ServiceDef]) -> Result<Vec<usize>, String> {
+pub fn start_order(services: &[ServiceDef]) -> Result<Vec<usize>, TopologyError> {
     let index = |name: &str| services.iter().position(|s| s.name == name);
     let mut order = Vec::new();
     let mut state = vec![0u8; services.len()]; // 0 new, 1 visiting, 2 done
@@ -97,27 +120,25 @@ pub fn start_order(services: &[ServiceDef]) -> Result<Vec<usize>, String> {
         state: &mut [u8],
         order: &mut Vec<usize>,
         path: &mut Vec<String>,
-    ) -> Result<(), String> {
+    ) -> Result<(), TopologyError> {
         match state[i] {
             2 => return Ok(()),
             1 => {
                 path.push(services[i].name.clone());
-                return Err(format!(
-                    "{}: depends_on cycle: {} (break one of these dependencies)",
-                    services[i].declared_at,
-                    path.join(" → ")
-                ));
+                return Err(TopologyError::Cycle {
+                    declared_at: services[i].declared_at.clone(),
+                    path: path.join(" → "),
+                });
             }
             _ => {}
         }
         state[i] = 1;
         path.push(services[i].name.clone());
         for dep in &services[i].depends_on {
-            let j = index(dep).ok_or_else(|| {
-                format!(
-                    "service {:?} depends on {dep:?}, which is not declared",
-                    services[i].name
-                )
+            let j = index(dep).ok_or_else(|| TopologyError::UnknownDependency {
+                declared_at: services[i].declared_at.clone(),
+                service: services[i].name.clone(),
+                dependency: dep.clone(),
             })?;
             visit(j, services, index, state, order, path)?;
         }

@@ -21,7 +21,7 @@ fn spec_errors_match_their_golden_files() {
     for spec in specs {
         let message = match faultbox_spec::load::load(&spec) {
             Ok(_) => panic!("{} loaded, but it must fail", spec.display()),
-            Err(e) => e.message.replace(&format!("{}/", dir.display()), ""),
+            Err(e) => e.to_string().replace(&format!("{}/", dir.display()), ""),
         };
         let golden = spec.with_extension("err");
         if update {

@@ -85,6 +85,14 @@ pub enum LaunchError {
         /// The error.
         source: io::Error,
     },
+    /// `user=` asks for an account the shim cannot switch to or find.
+    #[error("user={name:?}: {reason}")]
+    Account {
+        /// The account as written.
+        name: String,
+        /// Why, with the fix.
+        reason: String,
+    },
 }
 
 /// Everything the child needs, prepared before `fork`.
@@ -712,7 +720,11 @@ pub fn raise_nofile_limit() {
 /// The uid and gid of account `name`: a numeric `uid[:gid]`, or an entry
 /// of `/etc/passwd`. A static binary has no NSS, so accounts from LDAP and
 /// the like are not visible; the numeric form works for those.
-pub fn lookup_account(name: &str) -> Result<(u32, u32), String> {
+pub fn lookup_account(name: &str) -> Result<(u32, u32), LaunchError> {
+    let fail = |reason: String| LaunchError::Account {
+        name: name.to_string(),
+        reason,
+    };
     if let Some((uid, gid)) = name.split_once(':')
         && let (Ok(uid), Ok(gid)) = (uid.parse(), gid.parse())
     {
@@ -722,7 +734,7 @@ pub fn lookup_account(name: &str) -> Result<(u32, u32), String> {
         return Ok((uid, uid));
     }
     let passwd = std::fs::read_to_string("/etc/passwd")
-        .map_err(|e| format!("user={name:?}: cannot read /etc/passwd: {e}"))?;
+        .map_err(|e| fail(format!("cannot read /etc/passwd: {e}")))?;
     passwd
         .lines()
         .filter_map(|line| {
@@ -732,6 +744,6 @@ pub fn lookup_account(name: &str) -> Result<(u32, u32), String> {
         .next()
         .flatten()
         .ok_or_else(|| {
-            format!("user={name:?}: no such account in /etc/passwd (create it, or give a numeric uid:gid)")
+            fail("no such account in /etc/passwd (create it, or give a numeric uid:gid)".into())
         })
 }

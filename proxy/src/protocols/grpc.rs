@@ -3,7 +3,7 @@
 //! proxy and the step client are the hyper-based code in `h2.rs`.
 
 use crate::Fields;
-use crate::protocol::{Protocol, Traits, Wire};
+use crate::protocol::{Protocol, ProtocolError, Traits, Wire};
 use crate::rules::{ProxyAction, ProxyRuleDef};
 use crate::steps::{Kind, Param, StepCall, StepDef};
 
@@ -35,24 +35,24 @@ impl Protocol for Grpc {
         &TRAITS
     }
 
-    fn check(&self, rule: &ProxyRuleDef) -> Result<(), String> {
+    fn check(&self, rule: &ProxyRuleDef) -> Result<(), ProtocolError> {
         match rule.action {
-            ProxyAction::Respond { status: Some(_), .. } => Err("response() on grpc interfaces answers OK with body= (the raw message bytes); a failure is error(status=\"UNAVAILABLE\", ...)".into()),
+            ProxyAction::Respond { status: Some(_), .. } => Err(self.refuse("response() on grpc interfaces answers OK with body= (the raw message bytes); a failure is error(status=\"UNAVAILABLE\", ...)")),
             ProxyAction::Error {
                 status: Some(s), ..
-            } if !(1..=16).contains(&s) => Err(format!(
+            } if !(1..=16).contains(&s) => Err(self.refuse(format!(
                 "status={s} is not a gRPC error code: use 1..16 or a name such as \"UNAVAILABLE\""
-            )),
+            ))),
             _ => Ok(()),
         }
     }
 
-    fn check_step(&self, call: &StepCall) -> Result<(), String> {
+    fn check_step(&self, call: &StepCall) -> Result<(), ProtocolError> {
         let method = call.str("method").unwrap_or_default();
         if !method.starts_with('/') || method.matches('/').count() != 2 {
-            return Err(format!(
+            return Err(self.refuse_step(call, format!(
                 "grpc step: method={method:?} is not a full gRPC method path such as \"/shop.Orders/Create\""
-            ));
+            )));
         }
         Ok(())
     }
@@ -105,9 +105,9 @@ impl Protocol for Grpc {
         &self,
         to: &crate::protocol::Target,
         timeout: std::time::Duration,
-    ) -> Result<(), String> {
+    ) -> Result<(), ProtocolError> {
         crate::net::connect(to.addr, timeout)
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(|e| self.not_ready(to, e.to_string()))
     }
 }

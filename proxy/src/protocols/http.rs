@@ -3,7 +3,7 @@
 //! decided per stream by the hyper-based proxy in `h2.rs`.
 
 use crate::Fields;
-use crate::protocol::{Frame, FrameError, Protocol, Traits};
+use crate::protocol::{Frame, FrameError, Protocol, ProtocolError, Traits};
 use crate::rules::{ProxyAction, ProxyRuleDef};
 use crate::steps::{Kind, Param, StepCall, StepDef};
 
@@ -274,7 +274,7 @@ impl Protocol for Http {
         if self.h2 { &HTTP2 } else { &HTTP }
     }
 
-    fn check(&self, rule: &ProxyRuleDef) -> Result<(), String> {
+    fn check(&self, rule: &ProxyRuleDef) -> Result<(), ProtocolError> {
         match rule.action {
             ProxyAction::Respond {
                 status: Some(s), ..
@@ -282,7 +282,7 @@ impl Protocol for Http {
             | ProxyAction::Error {
                 status: Some(s), ..
             } if !(100..=599).contains(&s) => {
-                Err(format!("status={s} is not an HTTP status (100..599)"))
+                Err(self.refuse(format!("status={s} is not an HTTP status (100..599)")))
             }
             _ => Ok(()),
         }
@@ -326,13 +326,13 @@ impl Protocol for Http {
         &self,
         to: &crate::protocol::Target,
         timeout: std::time::Duration,
-    ) -> Result<(), String> {
+    ) -> Result<(), ProtocolError> {
         let r = crate::net::http_request(to.addr, "GET", "/", &[], &[], timeout, None)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| self.not_ready(to, e.to_string()))?;
         if (200..400).contains(&r.status) {
             Ok(())
         } else {
-            Err(format!("status {}", r.status))
+            Err(self.not_ready(to, format!("status {}", r.status)))
         }
     }
 }

@@ -9,7 +9,7 @@
 use serde_json::{Value as Json, json};
 
 use crate::Fields;
-use crate::protocol::{Frame, FrameError, MAX_FRAME, Protocol, Traits};
+use crate::protocol::{Frame, FrameError, MAX_FRAME, Protocol, ProtocolError, Traits};
 use crate::rules::{ProxyAction, ProxyRuleDef};
 use crate::steps::{Kind, Param, StepCall, StepDef};
 
@@ -207,21 +207,21 @@ impl Protocol for Memcached {
         &TRAITS
     }
 
-    fn check(&self, rule: &ProxyRuleDef) -> Result<(), String> {
+    fn check(&self, rule: &ProxyRuleDef) -> Result<(), ProtocolError> {
         match &rule.action {
             ProxyAction::Error { message, .. } if message.contains(['\r', '\n']) => {
-                Err("error(message=) on memcached is one line: no CR or LF".into())
+                Err(self.refuse("error(message=) on memcached is one line: no CR or LF"))
             }
             _ => Ok(()),
         }
     }
 
-    fn check_step(&self, call: &StepCall) -> Result<(), String> {
+    fn check_step(&self, call: &StepCall) -> Result<(), ProtocolError> {
         let key = call.str("key").unwrap_or_default();
         if key.is_empty() || key.len() > 250 || key.bytes().any(|b| b <= b' ' || b == 0x7f) {
-            return Err(format!(
+            return Err(self.refuse_step(call, format!(
                 "memcached step: key={key:?} is not a memcached key (1 to 250 bytes, no spaces or control characters)"
-            ));
+            )));
         }
         Ok(())
     }
@@ -250,14 +250,17 @@ impl Protocol for Memcached {
         &self,
         to: &crate::protocol::Target,
         timeout: std::time::Duration,
-    ) -> Result<(), String> {
-        let reply = io::exchange(b"version\r\n", to, timeout)?;
+    ) -> Result<(), ProtocolError> {
+        let reply = io::exchange(b"version\r\n", to, timeout).map_err(|r| self.not_ready(to, r))?;
         if reply.starts_with(b"VERSION ") {
             Ok(())
         } else {
-            Err(format!(
-                "answered {:?} to version",
-                String::from_utf8_lossy(&reply).trim_end()
+            Err(self.not_ready(
+                to,
+                format!(
+                    "answered {:?} to version",
+                    String::from_utf8_lossy(&reply).trim_end()
+                ),
             ))
         }
     }

@@ -5,7 +5,7 @@
 //! of `code=`, default HY000), and the connection stays usable.
 
 use crate::Fields;
-use crate::protocol::{Frame, Protocol, Traits, Wire};
+use crate::protocol::{Frame, Protocol, ProtocolError, Traits, Wire};
 use crate::rules::ProxyRuleDef;
 use crate::steps::StepCall;
 
@@ -67,8 +67,8 @@ impl Protocol for Mysql {
         &TRAITS
     }
 
-    fn check(&self, rule: &ProxyRuleDef) -> Result<(), String> {
-        super::postgres::check_sql("mysql", rule)
+    fn check(&self, rule: &ProxyRuleDef) -> Result<(), ProtocolError> {
+        super::postgres::check_sql(self, rule)
     }
 
     fn describe_step(&self, call: &StepCall) -> Fields {
@@ -94,8 +94,8 @@ impl Protocol for Mysql {
         &self,
         to: &crate::protocol::Target,
         timeout: std::time::Duration,
-    ) -> Result<(), String> {
-        crate::net::sql_ready("mysql", to, timeout)
+    ) -> Result<(), ProtocolError> {
+        crate::net::sql_ready("mysql", to, timeout).map_err(|r| self.not_ready(to, r))
     }
 }
 

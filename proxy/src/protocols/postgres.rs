@@ -4,7 +4,7 @@
 //! ErrorResponse with a SQLSTATE, then ReadyForQuery.
 
 use crate::Fields;
-use crate::protocol::{Frame, FrameError, MAX_FRAME, Protocol, Traits, Wire};
+use crate::protocol::{Frame, FrameError, MAX_FRAME, Protocol, ProtocolError, Traits, Wire};
 use crate::rules::{ProxyAction, ProxyRuleDef};
 use crate::steps::{Kind, Param, StepCall, StepDef};
 
@@ -103,11 +103,15 @@ pub fn error_response(code: &str, message: &str) -> Vec<u8> {
 pub const READY_IDLE: [u8; 6] = [b'Z', 0, 0, 0, 5, b'I'];
 
 /// What SQL protocols refuse (postgres and mysql share it).
-pub(crate) fn check_sql(protocol: &str, rule: &ProxyRuleDef) -> Result<(), String> {
+pub(crate) fn check_sql(
+    protocol: &impl Protocol,
+    rule: &ProxyRuleDef,
+) -> Result<(), ProtocolError> {
     if matches!(rule.action, ProxyAction::Respond { .. }) {
-        return Err(format!(
-            "response() does not apply to {protocol} interfaces (a made-up result set would need its column types); use error(code=..., message=...), drop() or delay(delay=...)"
-        ));
+        return Err(protocol.refuse(format!(
+            "response() does not apply to {} interfaces (a made-up result set would need its column types); use error(code=..., message=...), drop() or delay(delay=...)",
+            protocol.name()
+        )));
     }
     Ok(())
 }
@@ -133,8 +137,8 @@ impl Protocol for Postgres {
         &TRAITS
     }
 
-    fn check(&self, rule: &ProxyRuleDef) -> Result<(), String> {
-        check_sql("postgres", rule)
+    fn check(&self, rule: &ProxyRuleDef) -> Result<(), ProtocolError> {
+        check_sql(self, rule)
     }
 
     fn describe_step(&self, call: &StepCall) -> Fields {
@@ -160,8 +164,8 @@ impl Protocol for Postgres {
         &self,
         to: &crate::protocol::Target,
         timeout: std::time::Duration,
-    ) -> Result<(), String> {
-        crate::net::sql_ready("postgres", to, timeout)
+    ) -> Result<(), ProtocolError> {
+        crate::net::sql_ready("postgres", to, timeout).map_err(|r| self.not_ready(to, r))
     }
 }
 

@@ -8,7 +8,7 @@
 use serde_json::{Value as Json, json};
 
 use crate::Fields;
-use crate::protocol::{Frame, FrameError, MAX_FRAME, Protocol, Traits};
+use crate::protocol::{Frame, FrameError, MAX_FRAME, Protocol, ProtocolError, Traits};
 use crate::steps::{Kind, Param, StepCall, StepDef};
 
 /// The `redis` protocol.
@@ -234,9 +234,9 @@ impl Protocol for Redis {
         &TRAITS
     }
 
-    fn check_step(&self, call: &StepCall) -> Result<(), String> {
+    fn check_step(&self, call: &StepCall) -> Result<(), ProtocolError> {
         if call.method == "command" && call.list("args").is_empty() {
-            return Err("redis step: command() needs the command's words, e.g. command(\"SET\", \"k\", \"v\")".into());
+            return Err(self.refuse_step(call, "redis step: command() needs the command's words, e.g. command(\"SET\", \"k\", \"v\")"));
         }
         Ok(())
     }
@@ -270,10 +270,12 @@ impl Protocol for Redis {
         &self,
         to: &crate::protocol::Target,
         timeout: std::time::Duration,
-    ) -> Result<(), String> {
+    ) -> Result<(), ProtocolError> {
         // Any well-formed reply will do: a server that wants AUTH still
         // answers its protocol.
-        io::exchange(&["PING".to_string()], to, timeout).map(|_| ())
+        io::exchange(&["PING".to_string()], to, timeout)
+            .map(|_| ())
+            .map_err(|r| self.not_ready(to, r))
     }
 }
 

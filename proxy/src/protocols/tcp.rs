@@ -4,7 +4,7 @@
 //! writes one line and reads one line back.
 
 use crate::Fields;
-use crate::protocol::{Frame, Protocol, Traits};
+use crate::protocol::{Frame, Protocol, ProtocolError, Traits};
 use crate::rules::{ProxyAction, ProxyRuleDef};
 use crate::steps::{Kind, Param, StepCall, StepDef};
 
@@ -36,9 +36,9 @@ impl Protocol for Tcp {
         &TRAITS
     }
 
-    fn check(&self, rule: &ProxyRuleDef) -> Result<(), String> {
+    fn check(&self, rule: &ProxyRuleDef) -> Result<(), ProtocolError> {
         match rule.action {
-            ProxyAction::Error { .. } => Err("error() does not apply to tcp interfaces (raw bytes have no error form); use response(body=...), drop() or delay(delay=...)".into()),
+            ProxyAction::Error { .. } => Err(self.refuse("error() does not apply to tcp interfaces (raw bytes have no error form); use response(body=...), drop() or delay(delay=...)")),
             _ => Ok(()),
         }
     }
@@ -66,10 +66,10 @@ impl Protocol for Tcp {
         &self,
         to: &crate::protocol::Target,
         timeout: std::time::Duration,
-    ) -> Result<(), String> {
+    ) -> Result<(), ProtocolError> {
         crate::net::connect(to.addr, timeout)
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(|e| self.not_ready(to, e.to_string()))
     }
 }
 

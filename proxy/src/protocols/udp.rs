@@ -6,7 +6,7 @@
 //! does not.
 
 use crate::Fields;
-use crate::protocol::{Protocol, Traits};
+use crate::protocol::{Protocol, ProtocolError, Traits};
 use crate::rules::{ProxyAction, ProxyRuleDef};
 use crate::steps::{Kind, Param, StepCall, StepDef};
 
@@ -34,11 +34,11 @@ impl Protocol for Udp {
         &TRAITS
     }
 
-    fn check(&self, rule: &ProxyRuleDef) -> Result<(), String> {
+    fn check(&self, rule: &ProxyRuleDef) -> Result<(), ProtocolError> {
         match rule.action {
-            ProxyAction::Error { .. } | ProxyAction::Respond { .. } => Err(
-                "error() and response() do not apply to udp interfaces (the proxy does not answer for the service); use drop(), delay(delay=...) or duplicate()".into(),
-            ),
+            ProxyAction::Error { .. } | ProxyAction::Respond { .. } => Err(self.refuse(
+                "error() and response() do not apply to udp interfaces (the proxy does not answer for the service); use drop(), delay(delay=...) or duplicate()",
+            )),
             _ => Ok(()),
         }
     }
@@ -67,8 +67,8 @@ impl Protocol for Udp {
         &self,
         to: &crate::protocol::Target,
         timeout: std::time::Duration,
-    ) -> Result<(), String> {
-        io::ready(to.addr, timeout)
+    ) -> Result<(), ProtocolError> {
+        io::ready(to.addr, timeout).map_err(|r| self.not_ready(to, r))
     }
 }
 

@@ -49,8 +49,8 @@ pub(crate) use step::call_step;
 pub(crate) use syscall_faults::syscall_faults;
 pub(crate) use topology::topology;
 
-fn err(message: impl Into<String>) -> starlark::Error {
-    starlark::Error::new_other(anyhow::anyhow!(message.into()))
+fn err(message: impl std::fmt::Display) -> starlark::Error {
+    starlark::Error::new_other(anyhow::anyhow!(message.to_string()))
 }
 
 type Res<T> = starlark::Result<T>;
