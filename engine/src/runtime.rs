@@ -531,10 +531,19 @@ impl TestRun {
     ) -> Result<(), StartError> {
         let started = Instant::now();
         let timeout = check.timeout();
-        let ready_at = def
-            .interfaces
-            .first()
-            .and_then(|i| self.endpoint(&def.name, &i.name));
+        let first = def.interfaces.first();
+        let ready_at = first.and_then(|i| self.endpoint(&def.name, &i.name));
+        // A TLS interface's server may speak nothing but TLS (memcached
+        // with -Z): ready() asks it over TLS, as the proxy will.
+        let tls = match first.and_then(|i| i.tls.as_ref()) {
+            Some(spec) => Some(self.tls_setup(spec).map_err(|e| StartError::Proxy {
+                what: "TLS",
+                service: def.name.clone(),
+                interface: first.map(|i| i.name.clone()).unwrap_or_default(),
+                reason: e.to_string(),
+            })?),
+            None => None,
+        };
         let mut last_error;
         let mut pause = Duration::from_millis(1);
         loop {
@@ -553,7 +562,13 @@ impl TestRun {
             }
             let left = timeout.saturating_sub(started.elapsed());
             let attempt = left.min(Duration::from_secs(2));
-            match probe(check, def, ready_at, attempt) {
+            match probe(
+                check,
+                def,
+                ready_at,
+                tls.as_ref().map(|s| &s.upstream),
+                attempt,
+            ) {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     tracing::debug!(service = %def.name, check = %check.describe(), error = %e, "healthcheck attempt failed");
@@ -1263,11 +1278,12 @@ fn env_name(name: &str) -> String {
 }
 
 /// One healthcheck attempt; `ready()` probes `ready_at`, where the
-/// backend says the service's first interface is.
+/// backend says the service's first interface is, over TLS with `tls`.
 pub fn probe(
     check: &Healthcheck,
     def: &ServiceDef,
     ready_at: Option<std::net::SocketAddr>,
+    tls: Option<&Arc<rustls::ClientConfig>>,
     timeout: Duration,
 ) -> Result<(), ProbeError> {
     let timeout = timeout.max(Duration::from_millis(50));
@@ -1279,7 +1295,7 @@ pub fn probe(
             let addr = at.to_string();
             let target = Target {
                 addr: &addr,
-                tls: None,
+                tls,
                 env: &def.env,
             };
             match faultbox_proxy::protocol::get(&iface.protocol) {

@@ -409,6 +409,60 @@ def test_faults():
     assert_eq!(hits, [1, 1, 0], "{t:#}");
 }
 
+#[test]
+fn memcached_over_tls_ready_steps_and_a_verifying_client_all_pass_through_faultbox() {
+    let dir = Scratch::new("memcached-tls");
+    let (cert, key) = support::server_cert(&dir, "server");
+    // memcached -Z speaks nothing but TLS: ready(), the steps and the
+    // proxy's upstream leg can only pass by speaking it.
+    let text = format!(
+        r#"
+port = free_port()
+db = service(
+    "cache",
+    "{bin}",
+    interface("main", "memcached", port, tls = tls_cert(ca = "{cert}")),
+    args = ["-p", str(port), "-l", "127.0.0.1", "-U", "0", "-u", "root",
+            "-Z", "-o", "ssl_chain_cert={cert},ssl_key={key}"],
+    healthcheck = ready(),
+)
+
+{client}
+def test_tls_both_legs():
+    assert_eq(db.main.set(key = "k", value = "tls").data, "STORED")
+    assert_eq(sh("get k"), "exit 0: VALUE k 0 3 | tls | END")
+    refused = fault(db.main, error(command = "get", message = "busy"), run = lambda: sh("get k"))
+    assert_eq(refused, "exit 0: SERVER_ERROR busy")
+    assert_eq(db.main.get(key = "k").data, "tls")
+"#,
+        bin = memcached(),
+        client = sql_client(
+            r#"printf '%s\\r\\nquit\\r\\n' \"$ARG\" | openssl s_client -connect 127.0.0.1:$DB_PORT -CAfile $FAULTBOX_CA_FILE -verify_return_error -quiet 2>/dev/null"#
+        ),
+    );
+    let (code, doc, stderr) = run(&dir, &text);
+    assert_eq!(code, 0, "{stderr}\n{doc:#}");
+    let t = test_of(&doc, "test_tls_both_legs");
+    assert_eq!(t["faults"][0]["hits"], 1, "{t:#}");
+
+    // A client that trusts memcached's own certificate, not Faultbox's CA,
+    // is refused by the front: the check is real.
+    let wrong = text.replace("-CAfile $FAULTBOX_CA_FILE", &format!("-CAfile {cert}"));
+    let wrong = wrong.replace(
+        r#"    assert_eq(sh("get k"), "exit 0: VALUE k 0 3 | tls | END")"#,
+        r#"    bad = sh("get k")
+    assert_true(not bad.startswith("exit 0: VALUE"), bad)
+    return bad"#,
+    );
+    let (code, doc, stderr) = run(&dir, &wrong);
+    assert_eq!(code, 0, "{stderr}\n{doc:#}");
+    let seen = &test_of(&doc, "test_tls_both_legs")["return_value"];
+    assert!(
+        seen.as_str().is_some_and(|r| !r.contains("VALUE")),
+        "{seen}"
+    );
+}
+
 /// A fresh MariaDB data directory in `dir/mysql`, owned by mysql.
 fn install_mariadb(dir: &Scratch) -> String {
     let data = dir.path("mysql");
