@@ -341,3 +341,6 @@ pub(crate) fn not_in_this_build(builder: &mut GlobalsBuilder) {
         Err(unsupported("mock_service", "mock services"))
     }
 }
+
+#[cfg(test)]
+mod tests;

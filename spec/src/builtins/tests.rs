@@ -1,0 +1,428 @@
+//! The builtin families against a recording [`TestHost`]: what each
+//! builtin hands the runtime, what it returns to the spec, and what it
+//! refuses. No runtime, no process: these run with the language alone.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use faultbox_agent::rule::{Action, Trigger};
+use faultbox_proxy::rules::{ProxyAction, ProxyRuleDef};
+use faultbox_proxy::steps::{Arg, StepCall, StepReply, StepResult};
+
+use crate::event::Event;
+use crate::host::{AssertionDetail, HostError, TestHost};
+use crate::load::{BodyOutcome, Spec, load};
+use crate::model::Healthcheck;
+use crate::values::FaultValue;
+
+/// Everything a test body asked of its host, in order.
+#[derive(Debug, PartialEq)]
+enum Call {
+    Open {
+        service: String,
+        faults: Vec<(String, FaultValue)>,
+        trace: bool,
+    },
+    Close(u64),
+    OpenProxy {
+        target: String,
+        rules: Vec<ProxyRuleDef>,
+    },
+    CloseProxy(u64),
+    Step(StepCall),
+    Acknowledge(String),
+}
+
+#[derive(Default)]
+struct Recorder {
+    calls: Mutex<Vec<Call>>,
+    assertions: Mutex<(u64, Option<AssertionDetail>)>,
+    events: Vec<Event>,
+    reply: Option<StepReply>,
+}
+
+impl Recorder {
+    fn push(&self, call: Call) {
+        self.calls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(call);
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        std::mem::take(&mut *self.calls.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn assertions(&self) -> (u64, Option<AssertionDetail>) {
+        self.assertions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl TestHost for Recorder {
+    fn open_window(
+        &self,
+        service: &str,
+        faults: Vec<(String, FaultValue)>,
+        trace: bool,
+        _from_start: bool,
+    ) -> Result<u64, HostError> {
+        if service == "gone" {
+            return Err(HostError::NotRunning {
+                service: service.into(),
+                state: "has exited",
+            });
+        }
+        self.push(Call::Open {
+            service: service.into(),
+            faults,
+            trace,
+        });
+        Ok(7)
+    }
+    fn close_window(&self, id: u64) -> Result<(), HostError> {
+        self.push(Call::Close(id));
+        Ok(())
+    }
+    fn latest_started_window(&self, _service: &str, _trace: bool) -> Option<u64> {
+        Some(7)
+    }
+    fn open_proxy_window(
+        &self,
+        service: &str,
+        interface: &str,
+        rules: Vec<ProxyRuleDef>,
+        _from_start: bool,
+    ) -> Result<u64, HostError> {
+        self.push(Call::OpenProxy {
+            target: format!("{service}.{interface}"),
+            rules,
+        });
+        Ok(8)
+    }
+    fn latest_started_proxy_window(&self, _service: &str, _interface: &str) -> Option<u64> {
+        Some(8)
+    }
+    fn close_proxy_window(&self, id: u64) {
+        self.push(Call::CloseProxy(id));
+    }
+    fn count_assertion(&self) {
+        self.assertions.lock().unwrap_or_else(|p| p.into_inner()).0 += 1;
+    }
+    fn record_assertion(&self, detail: AssertionDetail) {
+        let mut a = self.assertions.lock().unwrap_or_else(|p| p.into_inner());
+        a.1.get_or_insert(detail);
+    }
+    fn events(&self) -> Vec<Event> {
+        self.events.clone()
+    }
+    fn acknowledge_exit(&self, service: &str) {
+        self.push(Call::Acknowledge(service.into()));
+    }
+    fn step(&self, call: &StepCall) -> StepResult {
+        self.push(Call::Step(call.clone()));
+        match &self.reply {
+            Some(r) => StepResult::Reply(r.clone()),
+            None => StepResult::Raise("no reply scripted".into()),
+        }
+    }
+    fn proxy_addr(&self, _service: &str, _interface: &str) -> Option<String> {
+        Some("127.0.0.1:40000".into())
+    }
+}
+
+/// Loads `text` as a spec of its own directory.
+fn spec(text: &str) -> (Spec, PathBuf) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "fb-builtins-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("spec.star");
+    std::fs::write(&path, text).expect("write");
+    (load(&path).unwrap_or_else(|e| panic!("{e}")), dir)
+}
+
+fn run(spec: &Spec, test: &str, host: &Arc<Recorder>) -> BodyOutcome {
+    let as_host: Arc<dyn TestHost> = Arc::clone(host) as Arc<dyn TestHost>;
+    spec.run_body(test, as_host, Duration::from_secs(10))
+}
+
+const DB: &str = r#"
+db = service("db", "/bin/true", interface("main", "postgres", 5432),
+             env = {"MODE": "x"}, healthcheck = tcp("localhost:5432", timeout = "3s"))
+api = service("api", "/bin/true", interface("public", "http", 8080),
+              depends_on = [db], healthcheck = http("http://localhost:8080/health"))
+"#;
+
+#[test]
+fn topology_builtins_build_the_model_with_ports_env_dependencies_and_healthchecks() {
+    let (s, _) = spec(DB);
+    assert_eq!(s.services.len(), 2);
+    let db = &s.services[0];
+    assert_eq!((db.name.as_str(), db.binary.as_str()), ("db", "/bin/true"));
+    assert_eq!(db.interfaces[0].protocol, "postgres");
+    assert_eq!(db.interfaces[0].port, 5432);
+    assert_eq!(db.env, [("MODE".to_string(), "x".to_string())]);
+    assert_eq!(
+        db.healthcheck,
+        Some(Healthcheck::Tcp {
+            addr: "localhost:5432".into(),
+            timeout: Duration::from_secs(3)
+        })
+    );
+    let api = &s.services[1];
+    assert_eq!(api.depends_on, ["db"]);
+    assert!(matches!(
+        &api.healthcheck,
+        Some(Healthcheck::Http { url, expect_status: None, .. }) if url == "http://localhost:8080/health"
+    ));
+    assert!(
+        api.declared_at.ends_with("spec.star:4"),
+        "{}",
+        api.declared_at
+    );
+}
+
+#[test]
+fn syscall_faults_open_a_window_around_run_and_close_it_even_when_run_fails() {
+    let (s, _) = spec(&format!(
+        "{DB}
+def test_ok():
+    fault(db, write = deny(\"EIO\", probability = \"30%\"), fsync = delay(\"200ms\", label = \"slow\"), run = lambda: 1)
+
+def test_raises():
+    def boom():
+        fail(\"inside\")
+    fault(db, write = deny(\"ENOSPC\", trigger = \"nth=2\"), run = boom)
+"
+    ));
+    let host = Arc::new(Recorder::default());
+    assert_eq!(run(&s, "test_ok", &host), BodyOutcome::Returned(None));
+    let calls = host.calls();
+    let Call::Open {
+        service, faults, ..
+    } = &calls[0]
+    else {
+        panic!("{calls:?}");
+    };
+    assert_eq!(service, "db");
+    let write = &faults.iter().find(|(k, _)| k == "write").expect("write").1;
+    assert_eq!(write.action, Action::Deny { errno: 5 });
+    assert!((write.probability - 0.3).abs() < 1e-9);
+    let fsync = &faults.iter().find(|(k, _)| k == "fsync").expect("fsync").1;
+    assert_eq!(fsync.action, Action::Delay { ns: 200_000_000 });
+    assert_eq!(fsync.label.as_deref(), Some("slow"));
+    assert_eq!(calls[1], Call::Close(7));
+
+    let outcome = run(&s, "test_raises", &host);
+    assert!(
+        matches!(&outcome, BodyOutcome::Failed { message, .. } if message.contains("inside")),
+        "{outcome:?}"
+    );
+    let calls = host.calls();
+    let Call::Open { faults, .. } = &calls[0] else {
+        panic!("{calls:?}");
+    };
+    assert_eq!(faults[0].1.trigger, Trigger::Nth(2));
+    assert_eq!(calls.last(), Some(&Call::Close(7)), "{calls:?}");
+}
+
+#[test]
+fn a_host_error_becomes_the_tests_error_with_the_hosts_words() {
+    let (s, _) = spec(
+        "gone = service(\"gone\", \"/bin/true\", interface(\"main\", \"tcp\", 1))
+def test_gone():
+    fault(gone, write = deny(\"EIO\"), run = lambda: 1)
+",
+    );
+    let host = Arc::new(Recorder::default());
+    let outcome = run(&s, "test_gone", &host);
+    assert!(
+        matches!(&outcome, BodyOutcome::Failed { message, .. } if message.contains("service \"gone\" has exited")),
+        "{outcome:?}"
+    );
+}
+
+#[test]
+fn protocol_faults_hand_the_proxy_its_rules_with_matchers_and_odds() {
+    let (s, _) = spec(&format!(
+        "{DB}
+def test_http():
+    fault(api.public, error(method = \"POST\", path = \"/orders*\", status = 503, probability = 0.5), delay(path = \"/slow\", delay = \"1s\"), run = lambda: None)
+
+def test_sql():
+    fault(db.main, error(query = \"INSERT*\", code = \"53100\", message = \"disk full\"), run = lambda: None)
+"
+    ));
+    let host = Arc::new(Recorder::default());
+    assert_eq!(run(&s, "test_http", &host), BodyOutcome::Returned(None));
+    let calls = host.calls();
+    let Call::OpenProxy { target, rules } = &calls[0] else {
+        panic!("{calls:?}");
+    };
+    assert_eq!(target, "api.public");
+    assert_eq!(rules[0].method.as_deref(), Some("POST"));
+    assert_eq!(rules[0].path.as_deref(), Some("/orders*"));
+    assert!((rules[0].probability - 0.5).abs() < 1e-9);
+    assert!(matches!(
+        rules[0].action,
+        ProxyAction::Error {
+            status: Some(503),
+            ..
+        }
+    ));
+    assert_eq!(rules[1].action, ProxyAction::Delay { ns: 1_000_000_000 });
+    assert_eq!(calls[1], Call::CloseProxy(8));
+
+    assert_eq!(run(&s, "test_sql", &host), BodyOutcome::Returned(None));
+    let calls = host.calls();
+    let Call::OpenProxy { rules, .. } = &calls[0] else {
+        panic!("{calls:?}");
+    };
+    assert_eq!(rules[0].query.as_deref(), Some("INSERT*"));
+    assert!(matches!(
+        &rules[0].action,
+        ProxyAction::Error { code: Some(c), message, .. } if c == "53100" && message == "disk full"
+    ));
+}
+
+#[test]
+fn assertions_count_and_the_first_failure_is_recorded_with_both_values() {
+    let (s, _) = spec(
+        "def test_pass():
+    assert_eq(1 + 1, 2)
+    assert_true(True, \"fine\")
+
+def test_fail():
+    assert_eq(\"got\", \"want\", \"the values\")
+",
+    );
+    let host = Arc::new(Recorder::default());
+    assert_eq!(run(&s, "test_pass", &host), BodyOutcome::Returned(None));
+    assert_eq!(host.assertions(), (2, None));
+    let outcome = run(&s, "test_fail", &host);
+    assert!(matches!(outcome, BodyOutcome::Failed { .. }), "{outcome:?}");
+    let (count, detail) = host.assertions();
+    assert_eq!(count, 3);
+    let detail = detail.expect("recorded");
+    assert_eq!(detail.func, "assert_eq");
+    assert_eq!(detail.expected.as_deref(), Some("\"want\""));
+    assert_eq!(detail.actual.as_deref(), Some("\"got\""));
+    assert_eq!(detail.message.as_deref(), Some("the values"));
+    assert_eq!(detail.line, Some(6));
+}
+
+#[test]
+fn event_queries_see_the_hosts_trace() {
+    let (s, _) = spec(
+        "def test_events():
+    denied = [e for e in events() if e.type == \"syscall\" and e.decision.startswith(\"deny\")]
+    assert_eq(len(denied), 1)
+    assert_eq(denied[0].service, \"db\")
+    assert_eq(denied[0].path, \"/data/wal\")
+",
+    );
+    let event = |seq, decision: &str| Event {
+        seq,
+        time_ns: seq,
+        kind: "syscall".into(),
+        service: "db".into(),
+        fields: BTreeMap::from([
+            ("decision".to_string(), decision.to_string()),
+            ("path".to_string(), "/data/wal".to_string()),
+        ]),
+        vector_clock: BTreeMap::new(),
+    };
+    let host = Arc::new(Recorder {
+        events: vec![event(1, "allow"), event(2, "deny(EIO)")],
+        ..Recorder::default()
+    });
+    assert_eq!(run(&s, "test_events", &host), BodyOutcome::Returned(None));
+}
+
+#[test]
+fn steps_send_checked_arguments_and_return_the_reply_as_a_value() {
+    let (s, _) = spec(&format!(
+        "{DB}
+def test_post():
+    r = api.public.post(path = \"/orders\", body = \"{{}}\", headers = {{\"X-Id\": \"1\"}})
+    assert_eq(r.status, 201)
+    assert_true(r.ok)
+    assert_eq(r.body, \"made\")
+    return r.status
+
+def test_typo():
+    api.public.postt(path = \"/orders\")
+"
+    ));
+    let host = Arc::new(Recorder {
+        reply: Some(StepReply {
+            status: 201,
+            body: "made".into(),
+            ok: true,
+            ..StepReply::default()
+        }),
+        ..Recorder::default()
+    });
+    assert_eq!(
+        run(&s, "test_post", &host),
+        BodyOutcome::Returned(Some("201".into()))
+    );
+    let calls = host.calls();
+    let Call::Step(call) = &calls[0] else {
+        panic!("{calls:?}");
+    };
+    assert_eq!(
+        (
+            call.service.as_str(),
+            call.interface.as_str(),
+            call.protocol.as_str()
+        ),
+        ("api", "public", "http")
+    );
+    assert_eq!(call.method, "post");
+    assert_eq!(call.port, 8080);
+    assert_eq!(call.str("path"), Some("/orders"));
+    assert_eq!(call.str("body"), Some("{}"));
+    assert_eq!(
+        call.args.get("headers"),
+        Some(&Arg::Headers(vec![("X-Id".into(), "1".into())]))
+    );
+    let outcome = run(&s, "test_typo", &host);
+    assert!(
+        matches!(&outcome, BodyOutcome::Failed { message, .. } if message.contains("did you mean `post`")),
+        "{outcome:?}"
+    );
+    assert!(host.calls().is_empty(), "a refused step sends nothing");
+}
+
+#[test]
+fn files_are_read_relative_to_the_spec() {
+    let (_, dir) = spec("x = 1\n");
+    std::fs::write(dir.join("seed.sql"), "CREATE TABLE t (id int);\n").expect("write");
+    std::fs::write(
+        dir.join("spec2.star"),
+        "SQL = load_file(\"seed.sql\")\ndef test_file():\n    assert_eq(SQL, \"CREATE TABLE t (id int);\\n\")\n",
+    )
+    .expect("write");
+    let s = load(&dir.join("spec2.star")).unwrap_or_else(|e| panic!("{e}"));
+    let host = Arc::new(Recorder::default());
+    assert_eq!(run(&s, "test_file", &host), BodyOutcome::Returned(None));
+    std::fs::write(dir.join("spec3.star"), "X = load_file(\"missing.txt\")\n").expect("write");
+    let Err(e) = load(&dir.join("spec3.star")) else {
+        panic!("a missing file loaded");
+    };
+    let e = e.to_string();
+    assert!(
+        e.contains("load_file(\"missing.txt\")") && e.contains("No such file"),
+        "{e}"
+    );
+}
