@@ -26,10 +26,12 @@ use crate::shim::{ExitInfo, Shim, ShimError, ShimEvent};
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     /// The service's program cannot be run.
-    #[error("service {service:?}: {source}")]
+    #[error("service {service:?} ({declared_at}): {source}")]
     Program {
         /// The service.
         service: String,
+        /// Where the spec declares it.
+        declared_at: String,
         /// Why.
         source: ProgramError,
     },
@@ -188,6 +190,7 @@ impl Backend for Process {
         let program = resolve_binary(&def.binary, launch.spec_dir).map_err(|source| {
             BackendError::Program {
                 service: def.name.clone(),
+                declared_at: def.declared_at.clone(),
                 source,
             }
         })?;

@@ -10,7 +10,7 @@ use faultbox_agent::glob::wildcard;
 use faultbox_spec::load::Spec;
 
 use crate::backend::port_open;
-use crate::backend::{ProgramError, resolve_binary};
+use crate::backend::{BackendError, resolve_binary};
 use crate::report::{Outcome, TestResult};
 use crate::runtime::RunConfig;
 use crate::shim::ShimError;
@@ -21,16 +21,9 @@ pub enum PreflightError {
     /// No usable shim.
     #[error(transparent)]
     Shim(#[from] ShimError),
-    /// A service's program cannot be run.
-    #[error("service {service:?} ({declared_at}): {source}")]
-    Program {
-        /// The service.
-        service: String,
-        /// Where the spec declares it.
-        declared_at: String,
-        /// Why.
-        source: ProgramError,
-    },
+    /// A service's program cannot be run, or its port is taken.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
     /// `user=` without root.
     #[error(
         "service {service:?} ({declared_at}): user={user:?} needs faultbox to run as root (switching accounts needs CAP_SETUID)"
@@ -42,18 +35,6 @@ pub enum PreflightError {
         declared_at: String,
         /// The account.
         user: String,
-    },
-    /// A declared port something else already listens on.
-    #[error(
-        "port {port} of {service}.{interface} is already in use by another process (stop it, or declare another port)"
-    )]
-    PortBusy {
-        /// The service.
-        service: String,
-        /// The interface.
-        interface: String,
-        /// The port.
-        port: u16,
     },
     /// Syscall faults on a kernel without user notification.
     #[error(
@@ -97,7 +78,7 @@ pub fn base_seed(given: Option<u64>, runs: u64) -> (u64, &'static str) {
 pub fn preflight(spec: &Spec) -> Result<PathBuf, PreflightError> {
     let shim = crate::shim::locate()?;
     for s in spec.services.iter().filter(|s| !s.is_remote()) {
-        resolve_binary(&s.binary, &spec.dir).map_err(|source| PreflightError::Program {
+        resolve_binary(&s.binary, &spec.dir).map_err(|source| BackendError::Program {
             service: s.name.clone(),
             declared_at: s.declared_at.clone(),
             source,
@@ -115,11 +96,12 @@ pub fn preflight(spec: &Spec) -> Result<PathBuf, PreflightError> {
     for s in spec.services.iter().filter(|s| !s.is_remote()) {
         for i in &s.interfaces {
             if port_open(i.port, Duration::from_millis(200)) {
-                return Err(PreflightError::PortBusy {
+                return Err(BackendError::PortBusy {
                     service: s.name.clone(),
                     interface: i.name.clone(),
                     port: i.port,
-                });
+                }
+                .into());
             }
         }
     }

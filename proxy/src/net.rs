@@ -41,6 +41,13 @@ pub fn connect(addr: &str, timeout: Duration) -> io::Result<TcpStream> {
     Err(last.unwrap_or_else(|| io::Error::other("no address")))
 }
 
+/// A `ready()` that asks only for a TCP connection (tcp, grpc).
+pub(crate) fn connect_ready(to: &Target, timeout: Duration) -> Result<(), String> {
+    connect(to.addr, timeout)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 /// A step's connection: plain, or TLS to a proxy front.
 pub enum Stream {
     Plain(TcpStream),

@@ -222,34 +222,47 @@ pub trait Protocol: Sync {
         }
     }
 
-    /// A `ready()` probe that got no proper answer from `to`.
-    #[cfg(feature = "serve")]
-    fn not_ready(&self, to: &Target, reason: impl Into<String>) -> ProtocolError
-    where
-        Self: Sized,
-    {
-        ProtocolError::NotReady {
-            protocol: self.name(),
-            addr: to.addr.to_string(),
-            reason: reason.into(),
-        }
-    }
-
     /// What a step sends, for its `step_send` event (a `summary` field
     /// included).
     fn describe_step(&self, call: &StepCall) -> Fields;
 
+    /// Its proxy, step client and probe.
+    #[cfg(feature = "serve")]
+    fn io(&self) -> &'static Io;
+
     /// Relays one client connection, applying the proxy's rules.
     #[cfg(feature = "serve")]
-    fn serve(&self, client: Client, ctx: &Shared) -> crate::server::Closed;
+    fn serve(&self, client: Client, ctx: &Shared) -> crate::server::Closed {
+        (self.io().serve)(client, ctx)
+    }
 
     /// Carries out one step.
     #[cfg(feature = "serve")]
-    fn step(&self, call: &StepCall, to: &Target) -> crate::steps::StepResult;
+    fn step(&self, call: &StepCall, to: &Target) -> crate::steps::StepResult {
+        (self.io().step)(call, to)
+    }
 
     /// `ready()`: whether the service answers its own protocol.
     #[cfg(feature = "serve")]
-    fn ready(&self, to: &Target, timeout: std::time::Duration) -> Result<(), ProtocolError>;
+    fn ready(&self, to: &Target, timeout: std::time::Duration) -> Result<(), ProtocolError> {
+        (self.io().ready)(to, timeout).map_err(|reason| ProtocolError::NotReady {
+            protocol: self.name(),
+            addr: to.addr.to_string(),
+            reason,
+        })
+    }
+}
+
+/// How one protocol does its IO: the functions of its `io` module.
+#[cfg(feature = "serve")]
+pub struct Io {
+    /// Relays one client connection, applying the proxy's rules.
+    pub serve: fn(Client, &Shared) -> crate::server::Closed,
+    /// Carries out one step.
+    pub step: fn(&StepCall, &Target) -> crate::steps::StepResult,
+    /// One `ready()` attempt: what the service answered instead, if not
+    /// its protocol.
+    pub ready: fn(&Target, std::time::Duration) -> Result<(), String>,
 }
 
 /// Every protocol of this build, in the order `interface()` lists them.

@@ -209,6 +209,36 @@ impl<'v> StarlarkValue<'v> for InterfaceRef {
     }
 }
 
+/// A builtin this build does not have (see `builtins::not_in_this_build`).
+#[derive(Debug, Clone, ProvidesStaticType, NoSerialize, Allocative)]
+pub struct Unsupported {
+    pub name: &'static str,
+    pub what: &'static str,
+}
+starlark_simple_value!(Unsupported);
+
+impl fmt::Display for Unsupported {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<builtin {}>", self.name)
+    }
+}
+
+#[starlark_value(type = "builtin_function_or_method")]
+impl<'v> StarlarkValue<'v> for Unsupported {
+    fn invoke(
+        &self,
+        _me: Value<'v>,
+        _args: &starlark::eval::Arguments<'v, '_>,
+        _eval: &mut starlark::eval::Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<Value<'v>> {
+        Err(starlark::Error::new_other(anyhow::anyhow!(
+            "{}() is not supported by this build of faultbox ({} are not implemented yet)",
+            self.name,
+            self.what
+        )))
+    }
+}
+
 /// `svc.iface.post`: a step method, called by the test body.
 #[derive(Debug, Clone, ProvidesStaticType, NoSerialize, Allocative)]
 pub struct StepMethod {

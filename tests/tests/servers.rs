@@ -267,12 +267,7 @@ def test_cache_miss():
     let (code, doc, stderr) = run(&dir, &text);
     assert_eq!(code, 0, "{stderr}");
     let t = test_of(&doc, "test_oom_on_writes_only");
-    let hits: Vec<u64> = t["faults"]
-        .as_array()
-        .expect("faults")
-        .iter()
-        .map(|f| f["hits"].as_u64().unwrap_or(99))
-        .collect();
+    let hits = support::hits(t);
     assert_eq!(hits, [1, 0], "{t:#}");
     assert_eq!(t["faults"][0]["syscall"], "SET");
     assert!(
@@ -329,12 +324,7 @@ def test_injected_error_and_a_rule_that_must_not_fire():
     let (code, doc, stderr) = run(&dir, &text);
     assert_eq!(code, 0, "{stderr}\n{doc:#}");
     let t = test_of(&doc, "test_injected_error_and_a_rule_that_must_not_fire");
-    let hits: Vec<u64> = t["faults"]
-        .as_array()
-        .expect("faults")
-        .iter()
-        .map(|f| f["hits"].as_u64().unwrap_or(99))
-        .collect();
+    let hits = support::hits(t);
     assert_eq!(hits, [1, 0], "{t:#}");
     let sent: Vec<&str> = test_of(&doc, "test_steps")["events"]
         .as_array()
@@ -400,12 +390,7 @@ def test_faults():
     let (code, doc, stderr) = run(&dir, &text);
     assert_eq!(code, 0, "{stderr}\n{doc:#}");
     let t = test_of(&doc, "test_faults");
-    let hits: Vec<u64> = t["faults"]
-        .as_array()
-        .expect("faults")
-        .iter()
-        .map(|f| f["hits"].as_u64().unwrap_or(99))
-        .collect();
+    let hits = support::hits(t);
     assert_eq!(hits, [1, 1, 0], "{t:#}");
 }
 

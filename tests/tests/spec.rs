@@ -74,6 +74,15 @@ fn json(run: &Run) -> Value {
     })
 }
 
+/// Runs `text` with `--format json`, checks the exit code and returns the
+/// report.
+fn json_run(dir: &Scratch, text: &str, code: i32) -> (Run, Value) {
+    let run = run_spec(dir, text, &["--format", "json"]);
+    assert_eq!(run.code, code, "{}", run.stderr);
+    let doc = json(&run);
+    (run, doc)
+}
+
 fn test_named<'a>(doc: &'a Value, name: &str) -> &'a Value {
     doc["tests"]
         .as_array()
@@ -146,9 +155,7 @@ def test_fsync_eio():
     assert_eq(persist(), "OK", "the fault window is closed")
 "#,
     );
-    let run = run_spec(&dir, &text, &["--format", "json"]);
-    assert_eq!(run.code, 0, "{}", run.stderr);
-    let doc = json(&run);
+    let (_, doc) = json_run(&dir, &text, 0);
     let t = test_named(&doc, "test_fsync_eio");
     assert_eq!(t["faults"][0]["hits"], 1);
     assert_eq!(t["assertions"], 2);
@@ -208,9 +215,7 @@ def test_late():
     assert_eventually(service = "svc", syscall = "fsync", decision = "delay*")
 "#,
     );
-    let run = run_spec(&dir, &text, &["--format", "json"]);
-    assert_eq!(run.code, 0, "{}", run.stderr);
-    let doc = json(&run);
+    let (_, doc) = json_run(&dir, &text, 0);
     let t = test_named(&doc, "test_late");
     assert_eq!(t["faults"][0]["hits"], 1, "{t:#}");
     assert!(!codes(t).contains(&"FAULT_NOT_FIRED".to_string()), "{t:#}");
@@ -252,18 +257,11 @@ def test_stack():
     assert_eq([first, inner, second, after], ["OK", "ERR ENOSPC", "ERR EIO", "OK"])
 "#,
     );
-    let run = run_spec(&dir, &text, &["--format", "json"]);
-    assert_eq!(run.code, 0, "{}", run.stderr);
-    let doc = json(&run);
+    let (_, doc) = json_run(&dir, &text, 0);
     assert_eq!(test_named(&doc, "test_nth")["faults"][0]["hits"], 1);
     assert_eq!(test_named(&doc, "test_after")["faults"][0]["hits"], 2);
     let stack = test_named(&doc, "test_stack");
-    let hits: Vec<u64> = stack["faults"]
-        .as_array()
-        .expect("faults")
-        .iter()
-        .map(|f| f["hits"].as_u64().unwrap_or(99))
-        .collect();
+    let hits = support::hits(stack);
     assert_eq!(hits, [1, 1], "inner then outer: {stack:#}");
 }
 
@@ -312,9 +310,7 @@ def test_ops():
 "#
         ),
     );
-    let run = run_spec(&dir, &text, &["--format", "json"]);
-    assert_eq!(run.code, 0, "{}", run.stderr);
-    let doc = json(&run);
+    let (_, doc) = json_run(&dir, &text, 0);
     let t = test_named(&doc, "test_ops");
     let op_events: Vec<&Value> = t["events"]
         .as_array()
@@ -395,9 +391,7 @@ def test_never_fails():
     assert_never(syscall = "fsync", decision = "deny*")
 "#,
     );
-    let run = run_spec(&dir, &text, &["--format", "json"]);
-    assert_eq!(run.code, 2, "{}", run.stderr);
-    let doc = json(&run);
+    let (_, doc) = json_run(&dir, &text, 2);
     let ok = test_named(&doc, "test_events");
     assert_eq!(ok["result"], "pass", "{ok:#}");
     assert_eq!(ok["assertions"], 7);
@@ -533,9 +527,7 @@ def test_crash_expected():
     assert_eventually(type = "service_exited", service = "web", exit_code = "3", timeout = "3s")
 "#,
     );
-    let run = run_spec(&dir, &text, &["--format", "json"]);
-    assert_eq!(run.code, 2, "{}", run.stderr);
-    let doc = json(&run);
+    let (_, doc) = json_run(&dir, &text, 2);
     let t = test_named(&doc, "test_crash_unexpected");
     assert_eq!(t["result"], "error", "{t:#}");
     assert_eq!(t["failure_type"], "service_crashed");
@@ -698,9 +690,7 @@ def test_quiet():
     fault(svc, fsync = deny("EIO"), run = lambda: svc.main.send(data = "PING"))
 "#,
     );
-    let run = run_spec(&dir, &text, &["--format", "json"]);
-    assert_eq!(run.code, 0, "{}", run.stderr);
-    let doc = json(&run);
+    let (run, doc) = json_run(&dir, &text, 0);
     let t = test_named(&doc, "test_quiet");
     let c = codes(t);
     assert!(c.contains(&"FAULT_NOT_FIRED".to_string()), "{c:?}");
@@ -763,112 +753,102 @@ fn refused(name: &str, text: &str, args: &[&str]) -> Run {
     run
 }
 
+/// A spec `text` (run with `args`) that exits 1 with each of `says` in
+/// its error.
+fn refused_saying(name: &str, text: &str, args: &[&str], says: &[&str]) -> Run {
+    let r = refused(name, text, args);
+    for s in says {
+        assert!(r.stderr.contains(s), "{name}: wanted {s:?} in {}", r.stderr);
+    }
+    r
+}
+
 #[test]
 fn bad_specs_give_one_clear_error_and_exit_1() {
-    let r = refused("bad-syntax", "def test_a(:\n    pass\n", &[]);
-    assert!(r.stderr.contains("spec.star:1:"), "{}", r.stderr);
-    assert!(
-        r.stderr.contains("def test_a(:"),
-        "shows the line: {}",
-        r.stderr
-    );
-
-    let r = refused(
-        "bad-kwarg",
-        "svc = service(\"a\", \"/bin/true\", cmd = [\"x\"])\n",
-        &[],
-    );
-    assert!(r.stderr.contains("there is no cmd="), "{}", r.stderr);
-    let r = refused(
+    let cases: &[(&str, &str, &[&str], &[&str])] = &[
+        (
+            "bad-syntax",
+            "def test_a(:\n    pass\n",
+            &[],
+            &["spec.star:1:", "def test_a(:"],
+        ),
+        (
+            "bad-kwarg",
+            "svc = service(\"a\", \"/bin/true\", cmd = [\"x\"])\n",
+            &[],
+            &["there is no cmd="],
+        ),
+        (
+            "unsupported",
+            "x = fault_matrix(scenarios = [])\n",
+            &[],
+            &["fault_matrix() is not supported by this build"],
+        ),
+        (
+            "bad-errno",
+            "x = deny(\"EIOO\")\n",
+            &[],
+            &["unknown errno \"EIOO\" (did you mean EIO?)"],
+        ),
+        (
+            "bad-trigger",
+            "x = deny(\"EIO\", trigger = \"nth=0\")\n",
+            &[],
+            &["trigger=\"nth=0\" is not valid"],
+        ),
+        (
+            "bad-prob",
+            "x = deny(\"EIO\", probability = \"150%\")\n",
+            &[],
+            &["outside 0%..100%"],
+        ),
+        (
+            "bad-type",
+            "i = interface(\"main\", \"tcp\", \"80\")\n",
+            &[],
+            &["port must be an integer 1..65535, got \"80\""],
+        ),
+        (
+            "bad-op",
+            "o = op(syscalls = [\"fsyncc\"])\n",
+            &[],
+            &["did you mean fsync?"],
+        ),
+        (
+            "cycle",
+            "a = service(\"a\", \"/bin/true\", depends_on = [\"b\"])\nb = service(\"b\", \"/bin/true\", depends_on = [a])\ndef test_x():\n    pass\n",
+            &[],
+            &["depends_on cycle: a → b → a"],
+        ),
+        (
+            "missing-binary",
+            "a = service(\"a\", \"./no-such-program\")\ndef test_x():\n    pass\n",
+            &[],
+            &["service \"a\"", "no-such-program does not exist"],
+        ),
+        (
+            "no-match",
+            "def test_x():\n    pass\n",
+            &["--test", "nope"],
+            &["no test matched \"nope\" (available: test_x)"],
+        ),
+    ];
+    for (name, text, args, says) in cases {
+        refused_saying(name, text, args, says);
+    }
+    let r = refused_saying(
         "bad-kwarg2",
         "svc = service(\"a\", \"/bin/true\", helthcheck = tcp(\"localhost:1\"))\n",
         &[],
+        &[
+            "service(): unknown keyword argument \"helthcheck\" (did you mean healthcheck?); accepted: name, binary, args, env, depends_on, healthcheck, ops, user",
+            "spec.star:1:",
+        ],
     );
-    assert!(
-        r.stderr.contains("service(): unknown keyword argument \"helthcheck\" (did you mean healthcheck?); accepted: name, binary, args, env, depends_on, healthcheck, ops, user"),
-        "{}",
-        r.stderr
-    );
-    assert!(r.stderr.contains("spec.star:1:"), "{}", r.stderr);
     assert!(
         r.stderr
             .starts_with("error: service(): unknown keyword argument"),
         "the first line says what is wrong: {}",
-        r.stderr
-    );
-    let r = refused("unsupported", "x = fault_matrix(scenarios = [])\n", &[]);
-    assert!(
-        r.stderr
-            .contains("fault_matrix() is not supported by this build"),
-        "{}",
-        r.stderr
-    );
-
-    let r = refused("bad-errno", "x = deny(\"EIOO\")\n", &[]);
-    assert!(
-        r.stderr
-            .contains("unknown errno \"EIOO\" (did you mean EIO?)"),
-        "{}",
-        r.stderr
-    );
-    let r = refused(
-        "bad-trigger",
-        "x = deny(\"EIO\", trigger = \"nth=0\")\n",
-        &[],
-    );
-    assert!(
-        r.stderr.contains("trigger=\"nth=0\" is not valid"),
-        "{}",
-        r.stderr
-    );
-    let r = refused(
-        "bad-prob",
-        "x = deny(\"EIO\", probability = \"150%\")\n",
-        &[],
-    );
-    assert!(r.stderr.contains("outside 0%..100%"), "{}", r.stderr);
-    let r = refused(
-        "bad-type",
-        "i = interface(\"main\", \"tcp\", \"80\")\n",
-        &[],
-    );
-    assert!(
-        r.stderr
-            .contains("port must be an integer 1..65535, got \"80\""),
-        "{}",
-        r.stderr
-    );
-    let r = refused("bad-op", "o = op(syscalls = [\"fsyncc\"])\n", &[]);
-    assert!(r.stderr.contains("did you mean fsync?"), "{}", r.stderr);
-
-    let r = refused(
-        "cycle",
-        "a = service(\"a\", \"/bin/true\", depends_on = [\"b\"])\nb = service(\"b\", \"/bin/true\", depends_on = [a])\ndef test_x():\n    pass\n",
-        &[],
-    );
-    assert!(
-        r.stderr.contains("depends_on cycle: a → b → a"),
-        "{}",
-        r.stderr
-    );
-
-    let r = refused(
-        "missing-binary",
-        "a = service(\"a\", \"./no-such-program\")\ndef test_x():\n    pass\n",
-        &[],
-    );
-    assert!(r.stderr.contains("service \"a\""), "{}", r.stderr);
-    assert!(
-        r.stderr.contains("no-such-program does not exist"),
-        "{}",
-        r.stderr
-    );
-
-    let r = refused("no-match", "def test_x():\n    pass\n", &["--test", "nope"]);
-    assert!(
-        r.stderr
-            .contains("no test matched \"nope\" (available: test_x)"),
-        "{}",
         r.stderr
     );
     let run = run_file("/no/such/spec.star", &[]);
@@ -911,9 +891,7 @@ def test_computed():
     fault(svc, run = persist, **{name: deny("EIO")})
 "#,
     );
-    let run = run_spec(&dir, &text, &["--format", "json"]);
-    assert_eq!(run.code, 2, "{}", run.stderr);
-    let doc = json(&run);
+    let (_, doc) = json_run(&dir, &text, 2);
     let t = test_named(&doc, "test_computed");
     assert!(
         t["reason"]
@@ -941,9 +919,7 @@ def test_nobody():
         r#"user = "no-such-account","#,
         "def test_x():\n    pass\n",
     );
-    let run = run_spec(&dir, &text, &["--format", "json"]);
-    assert_eq!(run.code, 2, "{}", run.stderr);
-    let doc = json(&run);
+    let (_, doc) = json_run(&dir, &text, 2);
     let t = test_named(&doc, "test_x");
     assert!(
         t["reason"]
@@ -1077,9 +1053,7 @@ def test_env_points_at_the_proxy():
     assert_eq(web.get(path = "/x").status, 200)
 "#,
     );
-    let run = run_spec(&dir, &text, &["--format", "json"]);
-    assert_eq!(run.code, 0, "{}", run.stderr);
-    let doc = json(&run);
+    let (_, doc) = json_run(&dir, &text, 0);
     let t = test_named(&doc, "test_error_on_post_orders");
     assert_eq!(t["faults"][0]["interface"], "api");
     assert_eq!(t["faults"][0]["action"], "error");
@@ -1152,12 +1126,7 @@ def test_udp():
     assert_eq!(run.code, 0, "{}\n{}", run.stderr, run.stdout);
     let doc = json(&run);
     let t = test_named(&doc, "test_udp");
-    let hits: Vec<u64> = t["faults"]
-        .as_array()
-        .expect("faults")
-        .iter()
-        .map(|f| f["hits"].as_u64().unwrap_or(99))
-        .collect();
+    let hits = support::hits(t);
     assert_eq!(hits, [1, 1, 1], "{t:#}");
     let slow = t["events"]
         .as_array()
@@ -1245,9 +1214,7 @@ def test_error_on_tcp():
     fault(svc.main, BAD, run = persist)
 "#,
     );
-    let run = run_spec(&dir, &text, &["--format", "json"]);
-    assert_eq!(run.code, 2, "{}", run.stderr);
-    let doc = json(&run);
+    let (_, doc) = json_run(&dir, &text, 2);
     let t = test_named(&doc, "test_error_on_tcp");
     assert!(
         t["reason"]

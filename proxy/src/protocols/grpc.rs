@@ -62,18 +62,23 @@ impl Protocol for Grpc {
     }
 
     #[cfg(feature = "serve")]
-    fn serve(
-        &self,
-        client: crate::protocol::Client,
-        ctx: &crate::protocol::Shared,
-    ) -> crate::server::Closed {
-        crate::h2::serve(client, ctx)
+    fn io(&self) -> &'static crate::protocol::Io {
+        &io::IO
     }
+}
 
-    #[cfg(feature = "serve")]
-    fn step(&self, call: &StepCall, to: &crate::protocol::Target) -> crate::steps::StepResult {
-        use crate::rules::grpc_code_name;
-        use crate::steps::{StepReply, StepResult};
+#[cfg(feature = "serve")]
+mod io {
+    use crate::rules::grpc_code_name;
+    use crate::steps::{StepCall, StepReply, StepResult};
+
+    pub(super) const IO: crate::protocol::Io = crate::protocol::Io {
+        serve: crate::h2::serve,
+        step,
+        ready: crate::net::connect_ready,
+    };
+
+    fn step(call: &StepCall, to: &crate::protocol::Target) -> StepResult {
         let method = call.str("method").unwrap_or_default();
         let body = call.str("body").unwrap_or_default();
         let timeout = call.timeout(std::time::Duration::from_secs(30));
@@ -98,16 +103,5 @@ impl Protocol for Grpc {
             }),
             Err(e) => crate::net::failed(e),
         }
-    }
-
-    #[cfg(feature = "serve")]
-    fn ready(
-        &self,
-        to: &crate::protocol::Target,
-        timeout: std::time::Duration,
-    ) -> Result<(), ProtocolError> {
-        crate::net::connect(to.addr, timeout)
-            .map(|_| ())
-            .map_err(|e| self.not_ready(to, e.to_string()))
     }
 }

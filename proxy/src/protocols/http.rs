@@ -302,38 +302,8 @@ impl Protocol for Http {
     }
 
     #[cfg(feature = "serve")]
-    fn serve(
-        &self,
-        client: crate::protocol::Client,
-        ctx: &crate::protocol::Shared,
-    ) -> crate::server::Closed {
-        if crate::h2::starts_with_preface(&client) {
-            return crate::h2::serve(client, ctx);
-        }
-        io::serve(client, ctx)
-    }
-
-    #[cfg(feature = "serve")]
-    fn step(&self, call: &StepCall, to: &crate::protocol::Target) -> crate::steps::StepResult {
-        if self.h2 {
-            return crate::h2::http2_step(call, to);
-        }
-        io::step(call, to)
-    }
-
-    #[cfg(feature = "serve")]
-    fn ready(
-        &self,
-        to: &crate::protocol::Target,
-        timeout: std::time::Duration,
-    ) -> Result<(), ProtocolError> {
-        let r = crate::net::http_request(to.addr, "GET", "/", &[], &[], timeout, None)
-            .map_err(|e| self.not_ready(to, e.to_string()))?;
-        if (200..400).contains(&r.status) {
-            Ok(())
-        } else {
-            Err(self.not_ready(to, format!("status {}", r.status)))
-        }
+    fn io(&self) -> &'static crate::protocol::Io {
+        if self.h2 { &io::HTTP2 } else { &io::HTTP1 }
     }
 }
 
@@ -357,7 +327,36 @@ mod io {
     /// from this thread, which keeps responses in order for clients that
     /// wait for each answer before the next request (all common ones); a
     /// pipelining client could see an injected answer overtake a real one.
-    pub(super) fn serve(client: TcpStream, ctx: &Ctx) -> Closed {
+    pub(super) const HTTP1: crate::protocol::Io = crate::protocol::Io {
+        serve: serve_any,
+        step,
+        ready,
+    };
+    pub(super) const HTTP2: crate::protocol::Io = crate::protocol::Io {
+        serve: serve_any,
+        step: crate::h2::http2_step,
+        ready,
+    };
+
+    /// Either version on the same port: HTTP/2 by its preface.
+    fn serve_any(client: TcpStream, ctx: &crate::protocol::Shared) -> Closed {
+        if crate::h2::starts_with_preface(&client) {
+            return crate::h2::serve(client, ctx);
+        }
+        serve(client, ctx)
+    }
+
+    fn ready(to: &Target, timeout: Duration) -> Result<(), String> {
+        let r = crate::net::http_request(to.addr, "GET", "/", &[], &[], timeout, None)
+            .map_err(|e| e.to_string())?;
+        if (200..400).contains(&r.status) {
+            Ok(())
+        } else {
+            Err(format!("status {}", r.status))
+        }
+    }
+
+    pub(super) fn serve(client: TcpStream, ctx: &crate::protocol::Shared) -> Closed {
         let mut s = match Session::open(client, ctx) {
             Ok(s) => s,
             Err(reason) => return Closed::new(0, 0, reason),

@@ -232,37 +232,8 @@ impl Protocol for Memcached {
     }
 
     #[cfg(feature = "serve")]
-    fn serve(
-        &self,
-        client: crate::protocol::Client,
-        ctx: &crate::protocol::Shared,
-    ) -> crate::server::Closed {
-        io::serve(client, ctx)
-    }
-
-    #[cfg(feature = "serve")]
-    fn step(&self, call: &StepCall, to: &crate::protocol::Target) -> crate::steps::StepResult {
-        io::step(&step_command(call), call, to)
-    }
-
-    #[cfg(feature = "serve")]
-    fn ready(
-        &self,
-        to: &crate::protocol::Target,
-        timeout: std::time::Duration,
-    ) -> Result<(), ProtocolError> {
-        let reply = io::exchange(b"version\r\n", to, timeout).map_err(|r| self.not_ready(to, r))?;
-        if reply.starts_with(b"VERSION ") {
-            Ok(())
-        } else {
-            Err(self.not_ready(
-                to,
-                format!(
-                    "answered {:?} to version",
-                    String::from_utf8_lossy(&reply).trim_end()
-                ),
-            ))
-        }
+    fn io(&self) -> &'static crate::protocol::Io {
+        &io::IO
     }
 }
 
@@ -276,10 +247,26 @@ mod io {
 
     use crate::protocol::Target;
     use crate::rules::{ProxyAction, Request};
-    use crate::server::{Closed, Ctx, FrameReader, decide, relay_messages, send_duplicate};
+    use crate::server::{Closed, FrameReader, decide, relay_messages, send_duplicate};
     use crate::steps::{StepCall, StepReply, StepResult};
 
-    pub(super) fn serve(client: TcpStream, ctx: &Ctx) -> Closed {
+    pub(super) const IO: crate::protocol::Io = crate::protocol::Io {
+        serve,
+        step: |call, to| step(&super::step_command(call), call, to),
+        ready: |to, timeout| {
+            let reply = exchange(b"version\r\n", to, timeout)?;
+            if reply.starts_with(b"VERSION ") {
+                Ok(())
+            } else {
+                Err(format!(
+                    "answered {:?} to version",
+                    String::from_utf8_lossy(&reply).trim_end()
+                ))
+            }
+        },
+    };
+
+    pub(super) fn serve(client: TcpStream, ctx: &crate::protocol::Shared) -> Closed {
         relay_messages(client, ctx, super::command_frame, |s, ctx, wire| {
             let (command, key) = super::command_and_key(wire);
             // Rules compare command names upper-cased, whatever the case

@@ -76,26 +76,8 @@ impl Protocol for Mysql {
     }
 
     #[cfg(feature = "serve")]
-    fn serve(
-        &self,
-        client: crate::protocol::Client,
-        ctx: &crate::protocol::Shared,
-    ) -> crate::server::Closed {
-        io::serve(client, ctx)
-    }
-
-    #[cfg(feature = "serve")]
-    fn step(&self, call: &StepCall, to: &crate::protocol::Target) -> crate::steps::StepResult {
-        crate::net::sql_step("mysql", call, to)
-    }
-
-    #[cfg(feature = "serve")]
-    fn ready(
-        &self,
-        to: &crate::protocol::Target,
-        timeout: std::time::Duration,
-    ) -> Result<(), ProtocolError> {
-        crate::net::sql_ready("mysql", to, timeout).map_err(|r| self.not_ready(to, r))
+    fn io(&self) -> &'static crate::protocol::Io {
+        &io::IO
     }
 }
 
@@ -105,9 +87,15 @@ mod io {
     use std::net::TcpStream;
 
     use crate::rules::ProxyAction;
-    use crate::server::{Closed, Ctx, relay_messages, sql_verdict};
+    use crate::server::{Closed, relay_messages, sql_verdict};
 
-    pub(super) fn serve(client: TcpStream, ctx: &Ctx) -> Closed {
+    pub(super) const IO: crate::protocol::Io = crate::protocol::Io {
+        serve,
+        step: |call, to| crate::net::sql_step("mysql", call, to),
+        ready: |to, timeout| crate::net::sql_ready("mysql", to, timeout),
+    };
+
+    pub(super) fn serve(client: TcpStream, ctx: &crate::protocol::Shared) -> Closed {
         relay_messages(client, ctx, super::packet_frame, |s, ctx, packet| {
             let Some(sql) = super::sql_of(packet) else {
                 return s.upstream.write_all(packet).map_err(|_| "upstream closed");

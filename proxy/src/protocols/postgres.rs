@@ -146,26 +146,8 @@ impl Protocol for Postgres {
     }
 
     #[cfg(feature = "serve")]
-    fn serve(
-        &self,
-        client: crate::protocol::Client,
-        ctx: &crate::protocol::Shared,
-    ) -> crate::server::Closed {
-        io::serve(client, ctx)
-    }
-
-    #[cfg(feature = "serve")]
-    fn step(&self, call: &StepCall, to: &crate::protocol::Target) -> crate::steps::StepResult {
-        crate::net::sql_step("postgres", call, to)
-    }
-
-    #[cfg(feature = "serve")]
-    fn ready(
-        &self,
-        to: &crate::protocol::Target,
-        timeout: std::time::Duration,
-    ) -> Result<(), ProtocolError> {
-        crate::net::sql_ready("postgres", to, timeout).map_err(|r| self.not_ready(to, r))
+    fn io(&self) -> &'static crate::protocol::Io {
+        &io::IO
     }
 }
 
@@ -176,12 +158,18 @@ mod io {
 
     use super::{GSS_REQUEST, READY_IDLE, SSL_REQUEST, error_response, frontend_frame, sql_of};
     use crate::rules::ProxyAction;
-    use crate::server::{Closed, Ctx, Session, pump, sql_verdict};
+    use crate::server::{Closed, Session, pump, sql_verdict};
+
+    pub(super) const IO: crate::protocol::Io = crate::protocol::Io {
+        serve,
+        step: |call, to| crate::net::sql_step("postgres", call, to),
+        ready: |to, timeout| crate::net::sql_ready("postgres", to, timeout),
+    };
 
     /// After a failed Parse, the rest of that extended-query batch is
     /// discarded up to its Sync, as a server would. A session that
     /// switches to TLS is relayed untouched.
-    pub(super) fn serve(client: TcpStream, ctx: &Ctx) -> Closed {
+    pub(super) fn serve(client: TcpStream, ctx: &crate::protocol::Shared) -> Closed {
         let Session {
             mut reader,
             mut link,

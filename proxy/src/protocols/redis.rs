@@ -249,33 +249,8 @@ impl Protocol for Redis {
     }
 
     #[cfg(feature = "serve")]
-    fn serve(
-        &self,
-        client: crate::protocol::Client,
-        ctx: &crate::protocol::Shared,
-    ) -> crate::server::Closed {
-        io::serve(client, ctx)
-    }
-
-    #[cfg(feature = "serve")]
-    fn step(&self, call: &StepCall, to: &crate::protocol::Target) -> crate::steps::StepResult {
-        if call.method == "send" {
-            return super::tcp::io::send(call, to);
-        }
-        io::step(&step_args(call), call, to)
-    }
-
-    #[cfg(feature = "serve")]
-    fn ready(
-        &self,
-        to: &crate::protocol::Target,
-        timeout: std::time::Duration,
-    ) -> Result<(), ProtocolError> {
-        // Any well-formed reply will do: a server that wants AUTH still
-        // answers its protocol.
-        io::exchange(&["PING".to_string()], to, timeout)
-            .map(|_| ())
-            .map_err(|r| self.not_ready(to, r))
+    fn io(&self) -> &'static crate::protocol::Io {
+        &io::IO
     }
 }
 
@@ -289,12 +264,25 @@ mod io {
 
     use crate::protocol::Target;
     use crate::rules::{ProxyAction, Request};
-    use crate::server::{Closed, Ctx, FrameReader, decide, relay_messages, send_duplicate};
+    use crate::server::{Closed, FrameReader, decide, relay_messages, send_duplicate};
     use crate::steps::{StepCall, StepReply, StepResult};
+
+    pub(super) const IO: crate::protocol::Io = crate::protocol::Io {
+        serve,
+        step: |call, to| {
+            if call.method == "send" {
+                return super::super::tcp::io::send(call, to);
+            }
+            step(&super::step_args(call), call, to)
+        },
+        // Any well-formed reply will do: a server that wants AUTH still
+        // answers its protocol.
+        ready: |to, timeout| exchange(&["PING".to_string()], to, timeout).map(|_| ()),
+    };
 
     /// Redis, a thread per direction as for HTTP: commands are parsed and
     /// matched on their name and key; answers are copied back untouched.
-    pub(super) fn serve(client: TcpStream, ctx: &Ctx) -> Closed {
+    pub(super) fn serve(client: TcpStream, ctx: &crate::protocol::Shared) -> Closed {
         relay_messages(client, ctx, super::command_frame, |s, ctx, wire| {
             let words = super::words(wire);
             let command = words

@@ -48,28 +48,8 @@ impl Protocol for Tcp {
     }
 
     #[cfg(feature = "serve")]
-    fn serve(
-        &self,
-        client: crate::protocol::Client,
-        ctx: &crate::protocol::Shared,
-    ) -> crate::server::Closed {
-        io::serve(client, ctx)
-    }
-
-    #[cfg(feature = "serve")]
-    fn step(&self, call: &StepCall, to: &crate::protocol::Target) -> crate::steps::StepResult {
-        io::send(call, to)
-    }
-
-    #[cfg(feature = "serve")]
-    fn ready(
-        &self,
-        to: &crate::protocol::Target,
-        timeout: std::time::Duration,
-    ) -> Result<(), ProtocolError> {
-        crate::net::connect(to.addr, timeout)
-            .map(|_| ())
-            .map_err(|e| self.not_ready(to, e.to_string()))
+    fn io(&self) -> &'static crate::protocol::Io {
+        &io::IO
     }
 }
 
@@ -87,10 +67,16 @@ pub(crate) mod io {
 
     use crate::protocol::Target;
     use crate::rules::{ProxyAction, Request};
-    use crate::server::{Closed, Ctx, cut, decide, lock, pump};
+    use crate::server::{Closed, cut, decide, lock, pump};
     use crate::steps::{StepCall, StepResult};
 
-    pub(crate) fn serve(client: TcpStream, ctx: &Ctx) -> Closed {
+    pub(super) const IO: crate::protocol::Io = crate::protocol::Io {
+        serve,
+        step: send,
+        ready: crate::net::connect_ready,
+    };
+
+    pub(crate) fn serve(client: TcpStream, ctx: &crate::protocol::Shared) -> Closed {
         let mut first = Vec::new();
         let peek = lock(&ctx.rules).wants_first_bytes();
         if peek {

@@ -48,27 +48,8 @@ impl Protocol for Udp {
     }
 
     #[cfg(feature = "serve")]
-    fn serve(
-        &self,
-        _client: crate::protocol::Client,
-        _ctx: &crate::protocol::Shared,
-    ) -> crate::server::Closed {
-        // Datagram proxies run `io::relay`; no stream ever reaches here.
-        crate::server::Closed::new(0, 0, "not a stream protocol")
-    }
-
-    #[cfg(feature = "serve")]
-    fn step(&self, call: &StepCall, to: &crate::protocol::Target) -> crate::steps::StepResult {
-        io::step(call, to)
-    }
-
-    #[cfg(feature = "serve")]
-    fn ready(
-        &self,
-        to: &crate::protocol::Target,
-        timeout: std::time::Duration,
-    ) -> Result<(), ProtocolError> {
-        io::ready(to.addr, timeout).map_err(|r| self.not_ready(to, r))
+    fn io(&self) -> &'static crate::protocol::Io {
+        &io::IO
     }
 }
 
@@ -83,6 +64,13 @@ pub(crate) mod io {
     use crate::rules::{ProxyAction, Request};
     use crate::server::{Ctx, lock};
     use crate::steps::{StepCall, StepReply, StepResult};
+
+    pub(super) const IO: crate::protocol::Io = crate::protocol::Io {
+        // Datagram proxies run `relay`; no stream ever reaches here.
+        serve: |_, _| crate::server::Closed::new(0, 0, "not a stream protocol"),
+        step,
+        ready: |to, timeout| ready(to.addr, timeout),
+    };
 
     /// How often blocked receives look at the stop flag.
     const TICK: Duration = Duration::from_millis(100);

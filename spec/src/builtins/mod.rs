@@ -274,71 +274,23 @@ fn text_of(v: Value) -> String {
 
 /// Builtins of the Faultbox language this build does not have: calling one
 /// says so, instead of Starlark's bare "variable not found".
-fn unsupported(name: &str, what: &str) -> starlark::Error {
-    err(format!(
-        "{name}() is not supported by this build of faultbox ({what} are not implemented yet)"
-    ))
-}
+/// Builtins of the original Faultbox this build does not have yet, and
+/// what each would have done: calling one fails the spec with a message
+/// that says so, rather than as an unknown name.
+const NOT_IN_THIS_BUILD: &[(&str, &str)] = &[
+    ("scenario", "scenarios and faultbox generate"),
+    ("fault_scenario", "fault scenarios"),
+    ("fault_matrix", "fault matrices"),
+    ("fault_assumption", "fault assumptions"),
+    ("monitor", "monitors"),
+    ("parallel", "parallel() and interleaving exploration"),
+    ("partition", "network partitions"),
+    ("mock_service", "mock services"),
+];
 
-#[starlark_module]
 pub(crate) fn not_in_this_build(builder: &mut GlobalsBuilder) {
-    fn scenario<'v>(
-        #[starlark(args)] _args: UnpackTuple<Value<'v>>,
-        #[starlark(kwargs)] _kwargs: DictRef<'v>,
-    ) -> starlark::Result<NoneType> {
-        Err(unsupported("scenario", "scenarios and faultbox generate"))
-    }
-
-    fn fault_scenario<'v>(
-        #[starlark(args)] _args: UnpackTuple<Value<'v>>,
-        #[starlark(kwargs)] _kwargs: DictRef<'v>,
-    ) -> starlark::Result<NoneType> {
-        Err(unsupported("fault_scenario", "fault scenarios"))
-    }
-
-    fn fault_matrix<'v>(
-        #[starlark(args)] _args: UnpackTuple<Value<'v>>,
-        #[starlark(kwargs)] _kwargs: DictRef<'v>,
-    ) -> starlark::Result<NoneType> {
-        Err(unsupported("fault_matrix", "fault matrices"))
-    }
-
-    fn fault_assumption<'v>(
-        #[starlark(args)] _args: UnpackTuple<Value<'v>>,
-        #[starlark(kwargs)] _kwargs: DictRef<'v>,
-    ) -> starlark::Result<NoneType> {
-        Err(unsupported("fault_assumption", "fault assumptions"))
-    }
-
-    fn monitor<'v>(
-        #[starlark(args)] _args: UnpackTuple<Value<'v>>,
-        #[starlark(kwargs)] _kwargs: DictRef<'v>,
-    ) -> starlark::Result<NoneType> {
-        Err(unsupported("monitor", "monitors"))
-    }
-
-    fn parallel<'v>(
-        #[starlark(args)] _args: UnpackTuple<Value<'v>>,
-        #[starlark(kwargs)] _kwargs: DictRef<'v>,
-    ) -> starlark::Result<NoneType> {
-        Err(unsupported(
-            "parallel",
-            "parallel() and interleaving exploration",
-        ))
-    }
-
-    fn partition<'v>(
-        #[starlark(args)] _args: UnpackTuple<Value<'v>>,
-        #[starlark(kwargs)] _kwargs: DictRef<'v>,
-    ) -> starlark::Result<NoneType> {
-        Err(unsupported("partition", "network partitions"))
-    }
-
-    fn mock_service<'v>(
-        #[starlark(args)] _args: UnpackTuple<Value<'v>>,
-        #[starlark(kwargs)] _kwargs: DictRef<'v>,
-    ) -> starlark::Result<NoneType> {
-        Err(unsupported("mock_service", "mock services"))
+    for (name, what) in NOT_IN_THIS_BUILD {
+        builder.set(name, crate::values::Unsupported { name, what });
     }
 }
 

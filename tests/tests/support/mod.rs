@@ -206,3 +206,15 @@ pub fn server_cert(dir: &Scratch, name: &str) -> (String, String) {
     );
     (cert, key)
 }
+
+/// The `hits` of each fault window a test's report lists, in order.
+pub fn hits(test: &Value) -> Vec<u64> {
+    test["faults"]
+        .as_array()
+        .map(|f| {
+            f.iter()
+                .map(|f| f["hits"].as_u64().unwrap_or(u64::MAX))
+                .collect()
+        })
+        .unwrap_or_default()
+}
