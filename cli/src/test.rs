@@ -2,10 +2,13 @@
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
+use faultbox_agent::process::SignalSet;
 use faultbox_engine::report::{self, Outcome, TestResult};
 use faultbox_engine::runtime::RunConfig;
 use faultbox_engine::suite;
@@ -94,6 +97,7 @@ pub fn run(args: TestArgs) -> Result<i32> {
     let timeout = faultbox_agent::rule::parse_duration(&args.timeout)
         .map(Duration::from_nanos)
         .map_err(|e| anyhow::anyhow!("--timeout {:?}: {e}", args.timeout))?;
+    let interrupt = Interrupt::watch()?;
     let started = Instant::now();
     let spec = match spec::load(&args.file) {
         Ok(s) => s,
@@ -188,7 +192,9 @@ pub fn run(args: TestArgs) -> Result<i32> {
         log_dir: log_dir.clone(),
         test_timeout: timeout,
         stop_grace: Duration::from_secs(2),
+        stop: Arc::clone(&interrupt.stop),
     };
+    interrupt.running.store(true, Ordering::SeqCst);
     crate::log::init(
         args.log_format,
         args.debug,
@@ -205,6 +211,7 @@ pub fn run(args: TestArgs) -> Result<i32> {
         results,
         passed,
         failed,
+        interrupted,
     } = suite::run(
         &spec,
         &tests,
@@ -214,7 +221,15 @@ pub fn run(args: TestArgs) -> Result<i32> {
         &config,
         &mut printer,
     );
-    eprintln!("\n{passed} passed, {failed} failed");
+    let signal = interrupt.signal.load(Ordering::SeqCst);
+    if interrupted {
+        eprintln!(
+            "\ninterrupted by {}: {passed} passed, {failed} failed before it; the tests after it did not run",
+            signal_name(signal)
+        );
+    } else {
+        eprintln!("\n{passed} passed, {failed} failed");
+    }
     let zero = report::zero_traffic(&results);
     if !zero.is_empty() {
         eprint!("\n{zero}");
@@ -237,7 +252,65 @@ pub fn run(args: TestArgs) -> Result<i32> {
     if args.format == Some(Format::Json) {
         crate::print_stdout(&format!("{text}\n"))?;
     }
-    Ok(if failed > 0 { 2 } else { 0 })
+    Ok(if interrupted {
+        128 + signal
+    } else if failed > 0 {
+        2
+    } else {
+        0
+    })
+}
+
+/// SIGINT and SIGTERM during `faultbox test`. Before services start, a
+/// signal ends the process at once (there is nothing to clean up). While
+/// the suite runs, the first one stops the running test and its services
+/// and lets the summary and the reports be written; a second one exits at
+/// once (the shims then stop their targets as their controller is gone).
+struct Interrupt {
+    stop: Arc<AtomicBool>,
+    running: Arc<AtomicBool>,
+    signal: Arc<AtomicI32>,
+}
+
+impl Interrupt {
+    fn watch() -> Result<Interrupt> {
+        // Blocked before any other thread exists, so only the watcher
+        // sees them (threads inherit the mask).
+        let signals = SignalSet::block(&[libc::SIGINT, libc::SIGTERM]).context("block signals")?;
+        let me = Interrupt {
+            stop: Arc::new(AtomicBool::new(false)),
+            running: Arc::new(AtomicBool::new(false)),
+            signal: Arc::new(AtomicI32::new(0)),
+        };
+        let (stop, running, signal) = (
+            Arc::clone(&me.stop),
+            Arc::clone(&me.running),
+            Arc::clone(&me.signal),
+        );
+        std::thread::spawn(move || {
+            let (sig, _) = signals.wait();
+            if !running.load(Ordering::SeqCst) {
+                std::process::exit(128 + sig);
+            }
+            signal.store(sig, Ordering::SeqCst);
+            stop.store(true, Ordering::SeqCst);
+            eprintln!(
+                "\nfaultbox: {}: stopping the running test and its services (again to exit at once)",
+                signal_name(sig)
+            );
+            let (again, _) = signals.wait();
+            std::process::exit(128 + again);
+        });
+        Ok(me)
+    }
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGINT => "SIGINT",
+        libc::SIGTERM => "SIGTERM",
+        _ => "a signal",
+    }
 }
 
 /// Prints a suite's progress as the CLI reference shows it.

@@ -152,6 +152,7 @@ fn bench_restart(reps: usize, shim: &Path) {
         log_dir: logs.clone(),
         test_timeout: Duration::from_secs(30),
         stop_grace: Duration::from_secs(2),
+        stop: Default::default(),
     };
     let (mut base, mut total, mut launch, mut health, mut stop) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());

@@ -53,13 +53,17 @@ pub fn run_test(spec: &Spec, name: &str, seed: u64, config: &RunConfig) -> TestR
         diagnostics: Vec::new(),
     };
     match run.start_services(&spec.dir) {
+        Err(e @ runtime::StartError::Interrupted { .. }) => {
+            result.outcome = Outcome::Interrupted;
+            result.reason = Some(e.to_string());
+        }
         Err(e) => {
             result.outcome = Outcome::Error;
             result.failure = Some(FailureKind::ServiceStart);
             result.healthcheck_timeout = e.healthcheck_timeout();
             result.reason = Some(e.to_string());
         }
-        Ok(()) => match spec.run_body(name, run.clone(), config.test_timeout) {
+        Ok(()) => match spec.run_body(name, run.clone(), config.test_timeout, &config.stop) {
             BodyOutcome::Returned(value) => result.return_value = value,
             BodyOutcome::Failed { message, location } => {
                 result.outcome = Outcome::Fail;
@@ -72,6 +76,10 @@ pub fn run_test(spec: &Spec, name: &str, seed: u64, config: &RunConfig) -> TestR
                     Some(at) if run.assertion().is_none() => format!("{message} (at {at})"),
                     _ => message,
                 });
+            }
+            BodyOutcome::Interrupted => {
+                result.outcome = Outcome::Interrupted;
+                result.reason = Some("interrupted: the run was stopped while this test ran".into());
             }
             BodyOutcome::TimedOut => {
                 result.outcome = Outcome::Error;

@@ -26,15 +26,18 @@ pub enum Outcome {
     Pass,
     Fail,
     Error,
+    /// The run was interrupted (SIGINT, SIGTERM) while this test ran.
+    Interrupted,
 }
 
 impl Outcome {
-    /// `pass`, `fail`, `error`.
+    /// `pass`, `fail`, `error`, `interrupted`.
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Pass => "pass",
             Outcome::Fail => "fail",
             Outcome::Error => "error",
+            Outcome::Interrupted => "interrupted",
         }
     }
 }
@@ -343,6 +346,7 @@ impl TestResult {
             Outcome::Pass => "PASS",
             Outcome::Fail => "FAIL",
             Outcome::Error => "ERROR",
+            Outcome::Interrupted => "INTERRUPTED",
         };
         let _ = writeln!(
             s,
@@ -482,6 +486,7 @@ pub fn run_json(star_file: &str, duration_ms: u64, results: &[TestResult]) -> Js
         "pass": count(Outcome::Pass),
         "fail": count(Outcome::Fail),
         "error": count(Outcome::Error),
+        "interrupted": count(Outcome::Interrupted),
         "tests": results.iter().map(TestResult::to_json).collect::<Vec<_>>(),
     })
 }

@@ -39,6 +39,9 @@ pub struct RunConfig {
     pub test_timeout: Duration,
     /// SIGTERM → SIGKILL grace when stopping services.
     pub stop_grace: Duration,
+    /// Set when the run is interrupted (SIGINT, SIGTERM): the running
+    /// test stops where it is, and no other starts.
+    pub stop: Arc<AtomicBool>,
 }
 
 /// One fault rule's record, for reports.
@@ -112,6 +115,12 @@ pub enum StartError {
         output: String,
         /// Advice for remote services, with its separator.
         hint: &'static str,
+    },
+    /// The run was interrupted while services were starting.
+    #[error("interrupted while starting {service:?}")]
+    Interrupted {
+        /// The service being waited for.
+        service: String,
     },
     /// The proxy or TLS relay in front of an interface did not start.
     #[error("{what} for {service}.{interface}: {reason}")]
@@ -547,6 +556,11 @@ impl TestRun {
         let mut last_error;
         let mut pause = Duration::from_millis(1);
         loop {
+            if self.config.stop.load(Ordering::SeqCst) {
+                return Err(StartError::Interrupted {
+                    service: def.name.clone(),
+                });
+            }
             if let Some(exit) = self.exit_of(&def.name) {
                 let out = tail(log, 15);
                 return Err(StartError::ExitedBeforeHealthy {

@@ -129,6 +129,9 @@ pub struct Summary {
     /// Tests whose every run passed, and the others.
     pub passed: u64,
     pub failed: u64,
+    /// The run was interrupted: the last result says where, and the
+    /// tests after it did not run.
+    pub interrupted: bool,
 }
 
 /// Runs `tests`, each `runs` times from `base_seed` on; keeps passing
@@ -143,9 +146,13 @@ pub fn run(
     observer: &mut dyn Observer,
 ) -> Summary {
     let mut summary = Summary::default();
-    for name in tests {
+    'tests: for name in tests {
         let mut passed = 0;
         for i in 0..runs {
+            if config.stop.load(std::sync::atomic::Ordering::SeqCst) {
+                summary.interrupted = true;
+                break 'tests;
+            }
             let seed = base_seed.wrapping_add(i);
             observer.started(name, seed, i);
             let result = crate::run_test(spec, name, seed, config);
@@ -154,8 +161,13 @@ pub fn run(
                 passed += 1;
             }
             observer.finished(&result, i, passed);
+            let interrupted = result.outcome == Outcome::Interrupted;
             if !ok || keep_passes {
                 summary.results.push(result);
+            }
+            if interrupted {
+                summary.interrupted = true;
+                break 'tests;
             }
             if !ok {
                 break;

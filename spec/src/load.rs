@@ -5,8 +5,8 @@
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use faultbox_agent::syscalls::{self, Arch};
@@ -601,13 +601,20 @@ pub enum BodyOutcome {
     },
     /// Still running when the test timed out.
     TimedOut,
+    /// Still running when the run was interrupted (SIGINT, SIGTERM).
+    Interrupted,
 }
 
 impl Spec {
-    /// Runs test `name`'s body against `run`, giving up after `timeout`.
-    /// A body that times out is left to finish on its own thread; the
-    /// caller stops the services, which makes its pending step fail.
-    pub fn run_body(&self, name: &str, run: Arc<dyn TestHost>, timeout: Duration) -> BodyOutcome {
+    /// Runs test `name`'s body against `run`, giving up after `timeout`
+    /// or as soon as `stop` is set.
+    pub fn run_body(
+        &self,
+        name: &str,
+        run: Arc<dyn TestHost>,
+        timeout: Duration,
+        stop: &AtomicBool,
+    ) -> BodyOutcome {
         let (tx, rx) = mpsc::channel();
         let module = Arc::clone(&self.module);
         let globals = Arc::clone(&self.globals);
@@ -652,7 +659,24 @@ impl Spec {
                 location: None,
             };
         }
-        rx.recv_timeout(timeout).unwrap_or(BodyOutcome::TimedOut)
+        // A body given up on keeps its thread: a step or a loop cannot be
+        // cancelled from outside. The caller stops the services next,
+        // which makes any step it is blocked in fail.
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left.min(Duration::from_millis(20))) {
+                Ok(outcome) => return outcome,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return BodyOutcome::TimedOut,
+                Err(mpsc::RecvTimeoutError::Timeout) if stop.load(Ordering::SeqCst) => {
+                    return BodyOutcome::Interrupted;
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) if left.is_zero() => {
+                    return BodyOutcome::TimedOut;
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+        }
     }
 }
 

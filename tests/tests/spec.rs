@@ -10,6 +10,7 @@ mod support;
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::{Run, Scratch, faultbox, finish, helper};
@@ -1699,4 +1700,113 @@ def test_insecure_skips_the_upstream_check():
     ] {
         assert_eq!(test_named(&doc, name)["result"], "pass", "{name}");
     }
+}
+
+/// Starts `faultbox test` on a spec whose first test blocks in a step,
+/// sends `signals` once its service listens, and returns the exit code,
+/// stderr, the `--output` report and how long the exit took.
+fn interrupted_run(name: &str, signals: &[&str]) -> (Option<i32>, String, Value, Duration, u16) {
+    use std::io::Read;
+    let dir = Scratch::new(name);
+    let (text, port) = spec_with_service(
+        &dir,
+        "",
+        r#"
+def test_a_blocks():
+    svc.main.send(data = "SLEEP 20000")
+
+def test_b_never_runs():
+    pass
+"#,
+    );
+    let spec = dir.path("spec.star");
+    std::fs::write(&spec, text).expect("write spec");
+    let report = dir.path("report.json");
+    let mut child = Command::new(faultbox())
+        .args(["test", &spec, "--output", &report])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn faultbox");
+    let listening = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            listening.elapsed() < Duration::from_secs(10),
+            "the service never listened"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The body's step is sent right after the healthcheck passes.
+    std::thread::sleep(Duration::from_millis(300));
+    let begin = Instant::now();
+    for sig in signals {
+        Command::new("kill")
+            .args([*sig, &child.id().to_string()])
+            .status()
+            .expect("kill");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = child.wait().expect("wait");
+    let took = begin.elapsed();
+    let mut stderr = String::new();
+    let _ = child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr);
+    let doc = std::fs::read_to_string(&report)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null);
+    (status.code(), stderr, doc, took, port)
+}
+
+fn port_freed(port: u16, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+#[test]
+fn sigint_and_sigterm_stop_the_running_test_report_it_interrupted_and_exit_128_plus_signal() {
+    for (sig, code, name) in [("-INT", 130, "SIGINT"), ("-TERM", 143, "SIGTERM")] {
+        let (status, stderr, doc, took, port) = interrupted_run("spec-interrupt", &[sig]);
+        assert_eq!(status, Some(code), "{name}: {stderr}");
+        assert!(took < Duration::from_secs(8), "{name}: took {took:?}");
+        assert!(
+            stderr.contains(&format!("interrupted by {name}: 0 passed, 0 failed")),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains("--- INTERRUPTED: test_a_blocks"),
+            "{stderr}"
+        );
+        assert_eq!(doc["interrupted"], 1, "{doc:#}");
+        let tests = doc["tests"].as_array().expect("tests");
+        assert_eq!(tests.len(), 1, "the second test never ran: {doc:#}");
+        assert_eq!(tests[0]["name"], "test_a_blocks");
+        assert_eq!(tests[0]["result"], "interrupted");
+        // The service was stopped before faultbox exited.
+        assert!(
+            port_freed(port, Duration::from_millis(200)),
+            "{name}: port {port} still served"
+        );
+    }
+}
+
+#[test]
+fn a_second_sigint_exits_at_once_and_the_service_still_goes_away() {
+    let (status, stderr, _, took, port) = interrupted_run("spec-interrupt2", &["-INT", "-INT"]);
+    assert_eq!(status, Some(130), "{stderr}");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    // The shims lose their controller and stop their targets.
+    assert!(
+        port_freed(port, Duration::from_secs(5)),
+        "port {port} still served"
+    );
 }

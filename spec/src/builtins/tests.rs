@@ -152,7 +152,12 @@ fn spec(text: &str) -> (Spec, PathBuf) {
 
 fn run(spec: &Spec, test: &str, host: &Arc<Recorder>) -> BodyOutcome {
     let as_host: Arc<dyn TestHost> = Arc::clone(host) as Arc<dyn TestHost>;
-    spec.run_body(test, as_host, Duration::from_secs(10))
+    spec.run_body(
+        test,
+        as_host,
+        Duration::from_secs(10),
+        &std::sync::atomic::AtomicBool::new(false),
+    )
 }
 
 const DB: &str = r#"
