@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
+use faultbox_agent::process::{ExitStatus, SharedPage};
+
 use faultbox_agent::syscalls::{self, Arch};
 use starlark::codemap::FileSpanRef;
 use starlark::environment::{FrozenModule, Globals, GlobalsBuilder, LibraryExtension, Module};
@@ -134,6 +136,27 @@ pub enum SpecError {
         /// Why the protocol refuses it.
         reason: String,
     },
+    /// Evaluation needed more memory than its budget.
+    #[error(
+        "evaluating the spec took more than its memory budget of {budget} (at {at}); raise it with --load-memory if that much is meant"
+    )]
+    Memory {
+        /// The budget.
+        budget: String,
+        /// The statement evaluation was at.
+        at: String,
+    },
+    /// The interpreter itself gave up on a value (starlark panics on,
+    /// for example, a list too long for its size fields).
+    #[error(
+        "evaluating the spec failed inside the Starlark interpreter (at {at}): {what}; is a value far too large?"
+    )]
+    Interpreter {
+        /// The statement evaluation was at.
+        at: String,
+        /// What the interpreter said.
+        what: String,
+    },
     /// The loader thread could not start or died.
     #[error("the spec loader failed: {0}")]
     Loader(String),
@@ -255,11 +278,14 @@ struct Loader<'a> {
 /// was at. starlark's only per-statement hook is the one its debugger
 /// uses (`Evaluator::before_stmt_for_dap`, public but doc-hidden in 0.14);
 /// it costs one counter increment per statement.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Deadline {
     start: Instant,
     limit: Duration,
     statements: u64,
+    /// In the memory probe: where evaluation is, kept where the parent
+    /// can read it after an allocation the budget refused killed us.
+    whereabouts: Option<Arc<SharedPage>>,
 }
 
 impl<'e> BeforeStmtFuncDyn<'e> for Deadline {
@@ -270,6 +296,15 @@ impl<'e> BeforeStmtFuncDyn<'e> for Deadline {
         _eval: &mut Evaluator<'v, '_, 'e>,
     ) -> starlark::Result<()> {
         self.statements += 1;
+        if let Some(page) = &self.whereabouts {
+            use std::io::Write;
+            let mut buf = [0u8; 1024];
+            let mut at = &mut buf[..];
+            let line = span.file.find_line(span.span.begin()) + 1;
+            let _ = write!(at, "L{}:{line}", span.file.filename());
+            let left = at.len();
+            page.write(&buf[..buf.len() - left]);
+        }
         if self.statements.is_multiple_of(4096) && self.start.elapsed() > self.limit {
             return Err(starlark::Error::new_other(anyhow::anyhow!(
                 "the spec did not finish loading within {:?} (evaluating {}); a loop that never ends?",
@@ -294,14 +329,14 @@ impl Loader<'_> {
             cache: self.cache,
             loading: self.loading,
             sources: self.sources,
-            deadline: self.deadline,
+            deadline: self.deadline.clone(),
         };
         Module::with_temp_heap(|module| {
             {
                 let mut eval = Evaluator::new(&module);
                 eval.extra = Some(self.ctx);
                 eval.set_loader(&child);
-                eval.before_stmt_for_dap(BeforeStmtFunc::Dyn(Box::new(self.deadline)));
+                eval.before_stmt_for_dap(BeforeStmtFunc::Dyn(Box::new(self.deadline.clone())));
                 eval.eval_module(ast, self.globals)?;
             }
             module
@@ -510,29 +545,137 @@ fn check_depth(name: &str, source: &str) -> Result<(), TooComplex> {
     Ok(())
 }
 
-/// How long loading a spec may take.
-pub const LOAD_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Loads and evaluates `path` within [`LOAD_TIMEOUT`].
-pub fn load(path: &Path) -> Result<Spec, SpecError> {
-    load_within(path, LOAD_TIMEOUT)
+/// What loading a spec may use: time, and memory for its evaluation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The longest loading may take (`--load-timeout`).
+    pub timeout: Duration,
+    /// How much memory evaluating it may take (`--load-memory`); 0 for no
+    /// limit.
+    pub memory: u64,
 }
 
-/// Loads and evaluates `path`, giving up after `timeout`, on a thread with
-/// a large stack: the parser and the evaluator recurse on the spec's
-/// nesting.
-pub fn load_within(path: &Path, timeout: Duration) -> Result<Spec, SpecError> {
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            timeout: Duration::from_secs(30),
+            memory: 1 << 30,
+        }
+    }
+}
+
+/// Loads and evaluates `path` within the default [`Limits`].
+pub fn load(path: &Path) -> Result<Spec, SpecError> {
+    load_with(path, Limits::default())
+}
+
+/// Loads and evaluates `path` within `limits`, on a thread with a large
+/// stack: the parser and the evaluator recurse on the spec's nesting.
+///
+/// With a memory limit the spec is first evaluated in a forked copy of
+/// this process whose address space may grow by that much: an allocation
+/// past it kills the copy (Rust aborts on a failed allocation; nothing in
+/// the process that made it can recover), and the error names the line
+/// the copy was at. Only a spec the copy loaded is evaluated here, so
+/// top-level code runs twice; the copy's output is discarded.
+pub fn load_with(path: &Path, limits: Limits) -> Result<Spec, SpecError> {
     let path = path.to_path_buf();
     std::thread::Builder::new()
         .name("spec load".into())
         .stack_size(256 << 20)
-        .spawn(move || load_here(&path, timeout))
+        .spawn(move || {
+            if limits.memory > 0 {
+                probe(&path, limits)?;
+            }
+            load_here(&path, limits.timeout, None)
+        })
         .map_err(|e| SpecError::Loader(format!("cannot start its thread: {e}")))?
         .join()
         .unwrap_or_else(|_| Err(SpecError::Loader("its thread panicked".into())))
 }
 
-fn load_here(path: &Path, timeout: Duration) -> Result<Spec, SpecError> {
+/// Evaluates `path` in a memory-limited copy of this process (see
+/// [`load_with`]); returns its error, if it had one.
+fn probe(path: &Path, limits: Limits) -> Result<(), SpecError> {
+    let Ok(page) = SharedPage::new().map(Arc::new) else {
+        // Without a shared page there is no probe; loading goes on
+        // unguarded rather than failing.
+        return Ok(());
+    };
+    let whereabouts = Arc::clone(&page);
+    let status = faultbox_agent::process::run_limited(limits.memory, move || {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            load_here(path, limits.timeout, Some(Arc::clone(&whereabouts)))
+        }));
+        let report = match outcome {
+            Ok(Ok(_)) => "O".to_string(),
+            Ok(Err(e)) => format!("E{e}"),
+            Err(payload) => {
+                let at = String::from_utf8_lossy(&whereabouts.read()).into_owned();
+                let what = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                format!("P{}\u{0}{what}", at.strip_prefix('L').unwrap_or(""))
+            }
+        };
+        whereabouts.write(report.as_bytes());
+    });
+    let seen = String::from_utf8_lossy(&page.read()).into_owned();
+    match status {
+        Ok(ExitStatus::Code(0)) => {
+            if let Some(message) = seen.strip_prefix('E') {
+                return Err(SpecError::Invalid {
+                    message: message.to_string(),
+                });
+            }
+            if let Some((at, what)) = seen.strip_prefix('P').and_then(|p| p.split_once('\u{0}')) {
+                // starlark's heap turns a refused allocation into this
+                // panic rather than an abort.
+                if what.contains("out of memory") {
+                    return Err(SpecError::Memory {
+                        budget: format_size(limits.memory),
+                        at: at.to_string(),
+                    });
+                }
+                return Err(SpecError::Interpreter {
+                    at: at.to_string(),
+                    what: what.to_string(),
+                });
+            }
+            Ok(())
+        }
+        // A panic in the copy is left for the real load to report.
+        Ok(ExitStatus::Code(_)) | Err(_) => Ok(()),
+        Ok(ExitStatus::Signal(_)) => Err(SpecError::Memory {
+            budget: format_size(limits.memory),
+            at: seen
+                .strip_prefix('L')
+                .map(str::to_string)
+                .unwrap_or_else(|| path.display().to_string()),
+        }),
+    }
+}
+
+/// `512 MiB`, `1 GiB`.
+pub fn format_size(bytes: u64) -> String {
+    const GIB: u64 = 1 << 30;
+    const MIB: u64 = 1 << 20;
+    if bytes >= GIB && bytes.is_multiple_of(GIB) {
+        format!("{} GiB", bytes / GIB)
+    } else if bytes >= MIB {
+        format!("{} MiB", bytes / MIB)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
+fn load_here(
+    path: &Path,
+    timeout: Duration,
+    whereabouts: Option<Arc<SharedPage>>,
+) -> Result<Spec, SpecError> {
     let source = read_source(path)?;
     let dir = path
         .parent()
@@ -555,6 +698,7 @@ fn load_here(path: &Path, timeout: Duration) -> Result<Spec, SpecError> {
             start: Instant::now(),
             limit: timeout,
             statements: 0,
+            whereabouts,
         },
     };
     let module = loader.eval_file(path, source).map_err(spec_error)?;

@@ -1810,3 +1810,61 @@ fn a_second_sigint_exits_at_once_and_the_service_still_goes_away() {
         "port {port} still served"
     );
 }
+
+#[test]
+fn a_spec_past_its_memory_budget_is_refused_naming_the_line() {
+    let started = Instant::now();
+    refused_saying(
+        "mem-one",
+        "x = 1\ny = [0] * 2000000000\n",
+        &[],
+        &["more than its memory budget of 1 GiB (at ", "spec.star:2)"],
+    );
+    refused_saying(
+        "mem-doubling",
+        "l = [0]\nfor i in range(40):\n    l = l + l\n",
+        &[],
+        &["memory budget of 1 GiB", "spec.star:3)"],
+    );
+    let r = refused_saying(
+        "mem-flag",
+        "big = [0] * 3000000\n",
+        &["--load-memory", "16MiB"],
+        &["memory budget of 16 MiB", "--load-memory"],
+    );
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+    assert!(started.elapsed() < Duration::from_secs(30));
+    // Within the budget, the same spec loads (and its top level runs once
+    // where it can be seen).
+    let dir = Scratch::new("mem-ok");
+    let run = run_spec(
+        &dir,
+        "big = [0] * 3000000\nprint(\"loaded\", len(big))\ndef test_x():\n    pass\n",
+        &["--dry-run"],
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let printed = format!("{}{}", run.stdout, run.stderr);
+    assert_eq!(printed.matches("loaded 3000000").count(), 1, "{printed}");
+    refused_saying(
+        "mem-bad-flag",
+        "def test_x():\n    pass\n",
+        &["--load-memory", "lots"],
+        &["--load-memory \"lots\": not a size"],
+    );
+}
+
+#[test]
+fn load_timeout_is_a_flag_and_names_where_evaluation_was() {
+    let started = Instant::now();
+    refused_saying(
+        "load-timeout",
+        "x = 0\nfor i in range(2147483647):\n    x += 1\n",
+        &["--load-timeout", "1s"],
+        &["did not finish loading within 1s", "spec.star:3"],
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "took {:?}: the probe and the load must not each wait the full timeout",
+        started.elapsed()
+    );
+}

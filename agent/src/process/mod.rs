@@ -25,10 +25,12 @@ use thiserror::Error;
 use crate::seccomp::{self, Listener, Program};
 
 mod isolation;
+mod limited;
 mod reaping;
 mod signals;
 
 pub use isolation::isolate;
+pub use limited::{SharedPage, run_limited};
 pub use reaping::{
     ExitStatus, become_subreaper, children_of, has_exited, reap_orphans, wait_any, wait_for,
 };
