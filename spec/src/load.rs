@@ -781,12 +781,12 @@ impl Spec {
                         }
                     };
                     let ctx = Ctx {
-                        run: Some(run),
+                        run: Some(Arc::clone(&run)),
                         ..Ctx::default()
                     };
                     let mut eval = Evaluator::new(&heap_module);
                     eval.extra = Some(&ctx);
-                    match eval.eval_module(call, &globals) {
+                    match crate::values::while_running(run, || eval.eval_module(call, &globals)) {
                         Ok(v) if v.is_none() => BodyOutcome::Returned(None),
                         Ok(v) => BodyOutcome::Returned(Some(v.to_str())),
                         Err(e) => BodyOutcome::Failed {

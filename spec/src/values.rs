@@ -125,6 +125,44 @@ pub fn proxy_placeholder(part: &str, service: &str, interface: &str) -> String {
     format!("__FB_PROXY_{part}_{service}__{interface}__")
 }
 
+thread_local! {
+    /// The running test, on its body's thread: what `.proxy_addr` reads
+    /// once the proxies listen. Load-time evaluation has none, and gets
+    /// the placeholder.
+    static RUNNING: std::cell::RefCell<Option<std::sync::Arc<dyn crate::host::TestHost>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` (a test body) with `host` as the running test of this thread.
+pub(crate) fn while_running<R>(
+    host: std::sync::Arc<dyn crate::host::TestHost>,
+    f: impl FnOnce() -> R,
+) -> R {
+    RUNNING.with(|r| *r.borrow_mut() = Some(host));
+    let out = f();
+    RUNNING.with(|r| *r.borrow_mut() = None);
+    out
+}
+
+/// `.proxy_addr`, `.proxy_host` or `.proxy_port` (`part`): the real
+/// value while a test runs and the proxy listens, the placeholder before.
+fn proxy_part(part: &str, service: &str, interface: &str) -> String {
+    let live = RUNNING.with(|r| {
+        r.borrow()
+            .as_ref()
+            .and_then(|host| host.proxy_addr(service, interface))
+    });
+    let Some(addr) = live else {
+        return proxy_placeholder(part, service, interface);
+    };
+    let (host, port) = addr.rsplit_once(':').unwrap_or((addr.as_str(), ""));
+    match part {
+        "HOST" => host.to_string(),
+        "PORT" => port.to_string(),
+        _ => addr.clone(),
+    }
+}
+
 /// `svc.iface`: where an interface of a service can be reached.
 #[derive(Debug, Clone, ProvidesStaticType, NoSerialize, Allocative)]
 pub struct InterfaceRef {
@@ -166,15 +204,9 @@ impl<'v> StarlarkValue<'v> for InterfaceRef {
             "name" => Some(heap.alloc(self.iface.name.as_str())),
             "protocol" => Some(heap.alloc(self.iface.protocol.as_str())),
             "service" => Some(heap.alloc(self.service.as_str())),
-            "proxy_addr" => {
-                Some(heap.alloc(proxy_placeholder("ADDR", &self.service, &self.iface.name)))
-            }
-            "proxy_host" => {
-                Some(heap.alloc(proxy_placeholder("HOST", &self.service, &self.iface.name)))
-            }
-            "proxy_port" => {
-                Some(heap.alloc(proxy_placeholder("PORT", &self.service, &self.iface.name)))
-            }
+            "proxy_addr" => Some(heap.alloc(proxy_part("ADDR", &self.service, &self.iface.name))),
+            "proxy_host" => Some(heap.alloc(proxy_part("HOST", &self.service, &self.iface.name))),
+            "proxy_port" => Some(heap.alloc(proxy_part("PORT", &self.service, &self.iface.name))),
             m if has_step(&self.iface.protocol, m) => Some(heap.alloc(StepMethod {
                 service: self.service.clone(),
                 iface: self.iface.clone(),

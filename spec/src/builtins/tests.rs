@@ -431,3 +431,21 @@ fn files_are_read_relative_to_the_spec() {
         "{e}"
     );
 }
+
+#[test]
+fn proxy_addresses_are_placeholders_at_load_time_and_real_while_a_test_runs() {
+    let (s, _) = spec(&format!(
+        "{DB}
+AT_LOAD = api.public.proxy_addr
+
+def test_addr():
+    assert_true(AT_LOAD.startswith(\"__FB_PROXY_ADDR_api__public\"), AT_LOAD)
+    assert_eq(api.public.proxy_addr, \"127.0.0.1:40000\")
+    assert_eq(api.public.proxy_host, \"127.0.0.1\")
+    assert_eq(api.public.proxy_port, \"40000\")
+    print(api.public.proxy_addr)
+"
+    ));
+    let host = Arc::new(Recorder::default());
+    assert_eq!(run(&s, "test_addr", &host), BodyOutcome::Returned(None));
+}
