@@ -257,11 +257,8 @@ pub fn run(args: TestArgs) -> Result<i32> {
     } else {
         let _ = std::fs::remove_dir_all(&log_dir);
     }
-    let doc = report::run_json(
-        &args.file.display().to_string(),
-        started.elapsed().as_millis() as u64,
-        &results,
-    );
+    let star_file = args.file.display().to_string();
+    let doc = report::run_json(&star_file, started.elapsed().as_millis() as u64, &results);
     let text = serde_json::to_string_pretty(&doc)?;
     if let Some(path) = &args.output {
         std::fs::write(path, format!("{text}\n"))

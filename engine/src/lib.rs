@@ -118,7 +118,7 @@ pub fn run_test(spec: &Spec, name: &str, seed: u64, config: &RunConfig) -> TestR
     result.faults = run.faults();
     result.assertions = run.assertions.load(std::sync::atomic::Ordering::SeqCst);
     result.assertion = run.assertion();
-    result.events = run.events();
+    result.events = run.take_events();
     result.duration_ms = started.elapsed().as_millis() as u64;
     result.diagnose();
     result

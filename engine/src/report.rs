@@ -232,6 +232,11 @@ impl TestResult {
 
     /// This test as a JSON object.
     pub fn to_json(&self) -> Json {
+        serde_json::to_value(self).unwrap_or(Json::Null)
+    }
+
+    /// Every field of the test's JSON but its events.
+    fn summary_json(&self) -> serde_json::Map<String, Json> {
         let mut o = serde_json::Map::new();
         o.insert("name".into(), json!(self.name));
         o.insert("result".into(), json!(self.outcome.as_str()));
@@ -270,6 +275,7 @@ impl TestResult {
                     x.insert("errno".into(), json!(e));
                 }
                 x.insert("hits".into(), json!(f.hits));
+                x.insert("windows".into(), json!(f.windows));
                 if let Some(l) = &f.label {
                     x.insert("label".into(), json!(l));
                 }
@@ -332,11 +338,7 @@ impl TestResult {
             }
             o.insert("assertion".into(), Json::Object(x));
         }
-        o.insert(
-            "events".into(),
-            Json::Array(self.events.iter().map(Event::to_json).collect()),
-        );
-        Json::Object(o)
+        o
     }
 
     /// The human summary block for this test.
@@ -477,18 +479,53 @@ impl TestResult {
 }
 
 /// The whole run as the JSON document.
-pub fn run_json(star_file: &str, duration_ms: u64, results: &[TestResult]) -> Json {
-    let count = |o: Outcome| results.iter().filter(|r| r.outcome == o).count();
-    json!({
-        "version": JSON_VERSION,
-        "star_file": star_file,
-        "duration_ms": duration_ms,
-        "pass": count(Outcome::Pass),
-        "fail": count(Outcome::Fail),
-        "error": count(Outcome::Error),
-        "interrupted": count(Outcome::Interrupted),
-        "tests": results.iter().map(TestResult::to_json).collect::<Vec<_>>(),
-    })
+pub fn run_json<'a>(
+    star_file: &'a str,
+    duration_ms: u64,
+    results: &'a [TestResult],
+) -> RunReport<'a> {
+    RunReport {
+        star_file,
+        duration_ms,
+        results,
+    }
+}
+
+/// The document of one `faultbox test` run; it serializes straight to
+/// its output, so a long trace costs its text and no value tree.
+pub struct RunReport<'a> {
+    star_file: &'a str,
+    duration_ms: u64,
+    results: &'a [TestResult],
+}
+
+impl serde::Serialize for RunReport<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let count = |o: Outcome| self.results.iter().filter(|r| r.outcome == o).count();
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("version", &JSON_VERSION)?;
+        m.serialize_entry("star_file", self.star_file)?;
+        m.serialize_entry("duration_ms", &self.duration_ms)?;
+        m.serialize_entry("pass", &count(Outcome::Pass))?;
+        m.serialize_entry("fail", &count(Outcome::Fail))?;
+        m.serialize_entry("error", &count(Outcome::Error))?;
+        m.serialize_entry("interrupted", &count(Outcome::Interrupted))?;
+        m.serialize_entry("tests", self.results)?;
+        m.end()
+    }
+}
+
+impl serde::Serialize for TestResult {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        for (k, v) in self.summary_json() {
+            m.serialize_entry(&k, &v)?;
+        }
+        m.serialize_entry("events", &self.events)?;
+        m.end()
+    }
 }
 
 /// The zero-traffic block: faults that saw no matching syscall at all.

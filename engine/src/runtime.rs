@@ -64,6 +64,35 @@ pub struct FaultRecord {
     pub matched: u64,
     /// A `trace` window, not a fault.
     pub trace: bool,
+    /// How many windows this record sums: the same rule on the same
+    /// target in many windows (a fault in a loop) is one record with
+    /// added counters, so a test's memory does not grow per window.
+    pub windows: u64,
+}
+
+impl FaultRecord {
+    /// Whether `other` is the same rule on the same target.
+    fn same_rule(&self, other: &FaultRecord) -> bool {
+        (
+            &self.service,
+            &self.interface,
+            &self.syscall,
+            &self.action,
+            &self.rule,
+            &self.errno,
+            &self.label,
+            self.trace,
+        ) == (
+            &other.service,
+            &other.interface,
+            &other.syscall,
+            &other.action,
+            &other.rule,
+            &other.errno,
+            &other.label,
+            other.trace,
+        )
+    }
 }
 
 /// A service that stopped while the test was running.
@@ -711,6 +740,20 @@ impl TestRun {
         }
     }
 
+    /// Adds a closed window's record, into the record of the same rule
+    /// when there is one.
+    fn record_fault(&self, record: FaultRecord) {
+        let mut faults = lock(&self.faults);
+        match faults.iter_mut().find(|f| f.same_rule(&record)) {
+            Some(f) => {
+                f.hits += record.hits;
+                f.matched += record.matched;
+                f.windows += record.windows;
+            }
+            None => faults.push(record),
+        }
+    }
+
     fn push_rules(&self, service: &str, windows: &[Window]) -> Result<(), HostError> {
         // Latest window first: the first rule that fires decides, so an
         // inner window overrides an outer one while it is open. Trace
@@ -823,6 +866,11 @@ impl TestRun {
     /// A snapshot of the log.
     pub fn events(&self) -> Vec<Event> {
         self.trace.events()
+    }
+
+    /// The whole trace, moved out once the test is over.
+    pub fn take_events(&self) -> Vec<Event> {
+        self.trace.take_events()
     }
 }
 
@@ -941,7 +989,7 @@ impl TestHost for TestRun {
             window
                 .rules
                 .iter()
-                .map(|r| shim.and_then(|s| s.rule_stats(&r.rule.id)))
+                .map(|r| shim.and_then(|s| s.take_rule_stats(&r.rule.id)))
                 .collect()
         };
         for (r, stats) in window.rules.iter().zip(stats) {
@@ -959,7 +1007,7 @@ impl TestHost for TestRun {
                     ]),
                 );
             }
-            lock(&self.faults).push(FaultRecord {
+            self.record_fault(FaultRecord {
                 service: service.clone(),
                 interface: None,
                 syscall: r.keyword.clone(),
@@ -974,6 +1022,7 @@ impl TestHost for TestRun {
                 hits,
                 matched,
                 trace: window.trace,
+                windows: 1,
             });
         }
         let kind = if window.trace {
@@ -1088,7 +1137,7 @@ impl TestHost for TestRun {
                 .iter()
                 .find(|s| &s.id == rule_id)
                 .map_or((0, 0), |s| (s.matched, s.fired));
-            lock(&self.faults).push(FaultRecord {
+            self.record_fault(FaultRecord {
                 service: window.service.clone(),
                 interface: Some(window.interface.clone()),
                 syscall: r.matcher(),
@@ -1099,6 +1148,7 @@ impl TestHost for TestRun {
                 hits,
                 matched,
                 trace: false,
+                windows: 1,
             });
         }
         self.trace.emit(

@@ -1,6 +1,7 @@
 //! The controller's side of one `faultbox-shim`: start it, launch the
 //! target, stream its events, change rules, wait for barriers, stop it.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
 use std::os::fd::AsRawFd;
@@ -58,8 +59,9 @@ struct State {
     rejected: Vec<(u64, String)>,
     /// Counters of the rules in force at the last barrier.
     stats: Vec<RuleStats>,
-    /// Final counters of rules a rule change removed.
-    retired: Vec<RuleStats>,
+    /// Final counters of rules a rule change removed, until their window
+    /// takes them.
+    retired: HashMap<RuleId, RuleStats>,
 }
 
 #[derive(Default)]
@@ -436,18 +438,17 @@ impl Shim {
         }
     }
 
-    /// The counters of rule `id`: final if a rule change removed it, else
-    /// as of the last barrier. A held call is counted when it is decided,
-    /// not when its event arrives.
-    pub fn rule_stats(&self, id: &RuleId) -> Option<RuleStats> {
-        let state = self.shared.lock();
-        state
-            .retired
-            .iter()
-            .rev()
-            .chain(state.stats.iter())
-            .find(|s| &s.id == id)
-            .cloned()
+    /// The counters of rule `id`, for the window that owned it: final if
+    /// a rule change removed it (they are handed over once, so a test's
+    /// memory does not grow per window), else as of the last barrier. A
+    /// held call is counted when it is decided, not when its event
+    /// arrives.
+    pub fn take_rule_stats(&self, id: &RuleId) -> Option<RuleStats> {
+        let mut state = self.shared.lock();
+        if let Some(s) = state.retired.remove(id) {
+            return Some(s);
+        }
+        state.stats.iter().find(|s| &s.id == id).cloned()
     }
 
     /// Stops the target (SIGTERM, SIGKILL after `grace`) and the shim, and
@@ -503,7 +504,10 @@ fn read_loop(
                 shared.changed.notify_all();
             }
             Ok(Some(ShimMessage::RulesRetired { stats })) => {
-                shared.lock().retired.extend(stats);
+                shared
+                    .lock()
+                    .retired
+                    .extend(stats.into_iter().map(|s| (s.id.clone(), s)));
             }
             Ok(Some(ShimMessage::RulesRejected { message })) => {
                 shared

@@ -83,6 +83,11 @@ impl Trace {
         self.lock().events.clone()
     }
 
+    /// Every event, moved out (the test is over: its result keeps them).
+    pub fn take_events(&self) -> Vec<Event> {
+        std::mem::take(&mut self.lock().events)
+    }
+
     /// Events with `seq > after`.
     pub fn events_after(&self, after: u64) -> Vec<Event> {
         let inner = self.lock();

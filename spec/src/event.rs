@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use faultbox_agent::glob::wildcard;
-use serde_json::{Value as Json, json};
+use serde_json::Value as Json;
 
 pub use faultbox_proxy::{Fields, fields};
 
@@ -48,24 +48,35 @@ impl Event {
 
     /// The JSON shape documented in docs/json-output.md.
     pub fn to_json(&self) -> Json {
-        let mut out = serde_json::Map::new();
-        out.insert("seq".into(), json!(self.seq));
-        out.insert("timestamp".into(), json!(rfc3339(self.time_ns)));
-        out.insert("type".into(), json!(self.kind));
-        out.insert("event_type".into(), json!(self.event_type()));
-        if !self.service.is_empty() {
-            out.insert("partition_key".into(), json!(self.service));
-            out.insert("service".into(), json!(self.service));
-        }
-        if !self.fields.is_empty() {
-            out.insert("fields".into(), json!(self.fields));
-        }
-        if !self.vector_clock.is_empty() {
-            out.insert("vector_clock".into(), json!(self.vector_clock));
-        }
-        Json::Object(out)
+        // One shape, written once: the Serialize impl below.
+        serde_json::to_value(self).unwrap_or(Json::Null)
     }
 }
+
+impl serde::Serialize for Event {
+    /// The JSON form of an event (docs/json-output.md), written straight
+    /// to the output: a report of a long trace builds no value tree.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("seq", &self.seq)?;
+        m.serialize_entry("timestamp", &rfc3339(self.time_ns))?;
+        m.serialize_entry("type", &self.kind)?;
+        m.serialize_entry("event_type", &self.event_type())?;
+        if !self.service.is_empty() {
+            m.serialize_entry("partition_key", &self.service)?;
+            m.serialize_entry("service", &self.service)?;
+        }
+        if !self.fields.is_empty() {
+            m.serialize_entry("fields", &self.fields)?;
+        }
+        if !self.vector_clock.is_empty() {
+            m.serialize_entry("vector_clock", &self.vector_clock)?;
+        }
+        m.end()
+    }
+}
+
 
 /// Nanoseconds since the epoch, now.
 pub fn now_ns() -> u64 {

@@ -1868,3 +1868,27 @@ fn load_timeout_is_a_flag_and_names_where_evaluation_was() {
         started.elapsed()
     );
 }
+
+#[test]
+fn the_same_rule_in_many_windows_is_one_record_with_added_counters() {
+    let dir = Scratch::new("spec-many-windows");
+    let (text, _) = spec_with_service(
+        &dir,
+        "",
+        r#"
+def test_loop():
+    for i in range(300):
+        assert_eq(fault(svc, fsync = deny("EIO"), run = persist), "ERR EIO")
+    fault(svc, fsync = deny("EIO", label = "other"), run = lambda: None)
+"#,
+    );
+    let (_, doc) = json_run(&dir, &text, 0);
+    let t = test_named(&doc, "test_loop");
+    let faults = t["faults"].as_array().expect("faults");
+    assert_eq!(faults.len(), 2, "{t:#}");
+    assert_eq!(faults[0]["windows"], 300);
+    assert_eq!(faults[0]["hits"], 300);
+    assert_eq!(faults[1]["windows"], 1);
+    assert_eq!(faults[1]["label"], "other");
+    assert_eq!(faults[1]["hits"], 0);
+}
