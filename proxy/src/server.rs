@@ -685,32 +685,77 @@ mod tests {
     #[test]
     fn closed_connections_leave_no_descriptor_behind() {
         let upstream = ok_server();
-        for protocol in ["tcp", "redis", "http", "memcached"] {
+        // Every stream protocol's proxy, each with what its clients send
+        // first (an answer is not needed: the connection's whole life,
+        // open to close, is).
+        let first: &[(&str, &[u8])] = &[
+            ("tcp", b"PING\r\n"),
+            ("redis", b"*1\r\n$4\r\nPING\r\n"),
+            ("http", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+            ("http2", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+            ("grpc", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+            ("memcached", b"version\r\n"),
+            // A startup message (protocol 3.0) and a packet, both ending
+            // in the newline the upstream answers.
+            ("postgres", &[0, 0, 0, 9, 0, 3, 0, 0, b'\n']),
+            ("mysql", &[1, 0, 0, 0, b'\n']),
+        ];
+        for (protocol, request) in first {
             let proxy = Proxy::start("svc", "main", protocol, upstream, Arc::new(crate::NoEvents))
                 .expect("proxy");
             let before = open_fds();
-            let request: &[u8] = if protocol == "http" {
-                b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
-            } else {
-                b"PING\r\n"
-            };
-            for _ in 0..2_000 {
+            let started = Instant::now();
+            for _ in 0..5_000 {
                 let mut c = TcpStream::connect(proxy.listen).expect("connect");
-                let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+                let _ = c.set_read_timeout(Some(Duration::from_millis(500)));
                 let _ = c.write_all(request);
                 let mut buf = [0u8; 8];
                 let _ = c.read(&mut buf);
             }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{protocol}: 5,000 connections took {:?} (a proxy that never answers?)",
+                started.elapsed()
+            );
             let deadline = Instant::now() + Duration::from_secs(10);
             while open_fds() > before + 8 && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
             }
             assert!(
                 open_fds() <= before + 8,
-                "{protocol}: {} fds open after 2,000 closed connections, {before} before",
+                "{protocol}: {} fds open after 5,000 closed connections, {before} before",
                 open_fds()
             );
             proxy.stop();
         }
+    }
+
+    #[test]
+    fn udp_clients_cost_a_bounded_number_of_descriptors() {
+        let upstream = std::net::UdpSocket::bind("127.0.0.1:0").expect("upstream");
+        let to = upstream.local_addr().expect("addr");
+        let proxy =
+            Proxy::start("svc", "main", "udp", to, Arc::new(crate::NoEvents)).expect("proxy");
+        let before = open_fds();
+        for _ in 0..5_000 {
+            let c = std::net::UdpSocket::bind("127.0.0.1:0").expect("client");
+            let _ = c.send_to(b"ping", proxy.listen);
+        }
+        let limit = crate::protocols::udp::MAX_CLIENTS + 8;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut seen = 0;
+        while Instant::now() < deadline {
+            seen = seen.max(open_fds().saturating_sub(before));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            seen <= limit,
+            "{seen} fds for 5,000 UDP clients (at most {limit} expected)"
+        );
+        assert!(
+            seen >= 100,
+            "the proxy relayed almost nothing: {seen} upstream sockets"
+        );
+        proxy.stop();
     }
 }

@@ -77,7 +77,6 @@ impl serde::Serialize for Event {
     }
 }
 
-
 /// Nanoseconds since the epoch, now.
 pub fn now_ns() -> u64 {
     SystemTime::now()

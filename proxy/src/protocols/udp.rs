@@ -53,13 +53,17 @@ impl Protocol for Udp {
     }
 }
 
+/// The most client addresses a UDP proxy relays at once.
+#[cfg(feature = "serve")]
+pub const MAX_CLIENTS: usize = io::MAX_CLIENTS;
+
 #[cfg(feature = "serve")]
 pub(crate) mod io {
     use std::collections::HashMap;
     use std::net::{SocketAddr, UdpSocket};
     use std::sync::Arc;
-    use std::sync::atomic::Ordering;
-    use std::time::Duration;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
 
     use crate::rules::{ProxyAction, Request};
     use crate::server::{Ctx, lock};
@@ -75,28 +79,66 @@ pub(crate) mod io {
     /// How often blocked receives look at the stop flag.
     const TICK: Duration = Duration::from_millis(100);
 
+    /// A client address with no datagram either way for this long is
+    /// forgotten: UDP has no close, and every client address costs an
+    /// upstream socket and its reader thread.
+    const IDLE: Duration = Duration::from_secs(30);
+
+    /// The most client addresses relayed at once; past it the one idle
+    /// longest is forgotten (its next datagram gets a fresh upstream).
+    pub(crate) const MAX_CLIENTS: usize = 1024;
+
+    /// One client address's upstream socket.
+    struct Upstream {
+        sock: Arc<UdpSocket>,
+        /// Milliseconds since the proxy started, at the last datagram.
+        last: AtomicU64,
+        /// Set to end its reader thread (which drops the socket).
+        done: AtomicBool,
+    }
+
     /// Relays datagrams from clients on `sock` to the upstream until the
     /// proxy stops.
     pub(crate) fn relay(sock: UdpSocket, ctx: Arc<Ctx>) {
         let sock = Arc::new(sock);
         let _ = sock.set_read_timeout(Some(TICK));
-        let mut upstreams: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+        let started = Instant::now();
+        let mut upstreams: HashMap<SocketAddr, Arc<Upstream>> = HashMap::new();
         let mut buf = vec![0u8; 64 << 10];
         while !ctx.stop.load(Ordering::SeqCst) {
             let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                upstreams.retain(|_, u| !u.done.load(Ordering::SeqCst));
                 continue;
             };
             let datagram = buf[..n].to_vec();
-            let up = match upstreams.get(&from) {
+            let now = started.elapsed().as_millis() as u64;
+            let up = match upstreams
+                .get(&from)
+                .filter(|u| !u.done.load(Ordering::SeqCst))
+            {
                 Some(u) => Arc::clone(u),
-                None => match open_upstream(&sock, from, &ctx) {
-                    Some(u) => {
-                        upstreams.insert(from, Arc::clone(&u));
-                        u
+                None => {
+                    upstreams.retain(|_, u| !u.done.load(Ordering::SeqCst));
+                    if upstreams.len() >= MAX_CLIENTS
+                        && let Some(oldest) = upstreams
+                            .iter()
+                            .min_by_key(|(_, u)| u.last.load(Ordering::SeqCst))
+                            .map(|(a, _)| *a)
+                        && let Some(u) = upstreams.remove(&oldest)
+                    {
+                        u.done.store(true, Ordering::SeqCst);
                     }
-                    None => continue,
-                },
+                    match open_upstream(&sock, from, &ctx, started) {
+                        Some(u) => {
+                            upstreams.insert(from, Arc::clone(&u));
+                            u
+                        }
+                        None => continue,
+                    }
+                }
             };
+            up.last.store(now, Ordering::SeqCst);
+            let up = Arc::clone(&up.sock);
             let verdict = lock(&ctx.rules).decide(&Request {
                 first_bytes: &datagram,
                 ..Request::default()
@@ -134,18 +176,28 @@ pub(crate) mod io {
         sock: &Arc<UdpSocket>,
         from: SocketAddr,
         ctx: &Arc<Ctx>,
-    ) -> Option<Arc<UdpSocket>> {
+        started: Instant,
+    ) -> Option<Arc<Upstream>> {
         let up = UdpSocket::bind(("127.0.0.1", 0)).ok()?;
         up.connect(ctx.upstream).ok()?;
         let _ = up.set_read_timeout(Some(TICK));
-        let up = Arc::new(up);
+        let up = Arc::new(Upstream {
+            sock: Arc::new(up),
+            last: AtomicU64::new(started.elapsed().as_millis() as u64),
+            done: AtomicBool::new(false),
+        });
         ctx.conn_opened(&from.to_string());
         let (back, reply_to, ctx) = (Arc::clone(&up), Arc::clone(sock), Arc::clone(ctx));
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 64 << 10];
-            while !ctx.stop.load(Ordering::SeqCst) {
-                if let Ok(n) = back.recv(&mut buf) {
+            let idle = IDLE.as_millis() as u64;
+            while !ctx.stop.load(Ordering::SeqCst) && !back.done.load(Ordering::SeqCst) {
+                let now = started.elapsed().as_millis() as u64;
+                if let Ok(n) = back.sock.recv(&mut buf) {
+                    back.last.store(now, Ordering::SeqCst);
                     let _ = reply_to.send_to(&buf[..n], from);
+                } else if now.saturating_sub(back.last.load(Ordering::SeqCst)) > idle {
+                    back.done.store(true, Ordering::SeqCst);
                 }
             }
         });
