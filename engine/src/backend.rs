@@ -195,7 +195,7 @@ impl Backend for Process {
             }
         })?;
         for iface in &def.interfaces {
-            if port_open(iface.port, Duration::from_millis(200)) {
+            if port_taken(iface, Duration::from_millis(200)) {
                 return Err(BackendError::PortBusy {
                     service: def.name.clone(),
                     interface: iface.name.clone(),
@@ -263,7 +263,7 @@ impl Instance for ProcessInstance {
         let mut busy = Vec::new();
         for iface in &self.interfaces {
             let deadline = Instant::now() + Duration::from_secs(5);
-            while port_open(iface.port, Duration::from_millis(100)) {
+            while port_taken(iface, Duration::from_millis(100)) {
                 if Instant::now() > deadline {
                     busy.push(format!(
                         "{}.{} (port {})",
@@ -332,4 +332,15 @@ impl Instance for RemoteInstance {
 pub fn port_open(port: u16, timeout: Duration) -> bool {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     std::net::TcpStream::connect_timeout(&addr, timeout).is_ok()
+}
+
+/// Whether `iface`'s port is taken on this machine: for TCP something
+/// accepts on it; for a datagram protocol a socket is bound to it (UDP
+/// has no handshake to try).
+pub fn port_taken(iface: &InterfaceDef, timeout: Duration) -> bool {
+    let datagrams = faultbox_proxy::protocol::get(&iface.protocol).is_some_and(|p| p.datagrams());
+    if datagrams {
+        return std::net::UdpSocket::bind(("127.0.0.1", iface.port)).is_err();
+    }
+    port_open(iface.port, timeout)
 }

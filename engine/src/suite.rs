@@ -9,7 +9,7 @@ use std::time::Duration;
 use faultbox_agent::glob::wildcard;
 use faultbox_spec::load::Spec;
 
-use crate::backend::port_open;
+use crate::backend::port_taken;
 use crate::backend::{BackendError, resolve_binary};
 use crate::report::{Outcome, TestResult};
 use crate::runtime::RunConfig;
@@ -95,7 +95,7 @@ pub fn preflight(spec: &Spec) -> Result<PathBuf, PreflightError> {
     }
     for s in spec.services.iter().filter(|s| !s.is_remote()) {
         for i in &s.interfaces {
-            if port_open(i.port, Duration::from_millis(200)) {
+            if port_taken(i, Duration::from_millis(200)) {
                 return Err(BackendError::PortBusy {
                     service: s.name.clone(),
                     interface: i.name.clone(),

@@ -881,6 +881,22 @@ fn a_busy_port_is_refused_before_any_test_runs() {
 }
 
 #[test]
+fn a_busy_udp_port_is_refused_before_any_test_runs() {
+    let squatter = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let port = squatter.local_addr().expect("addr").port();
+    let text = format!(
+        "svc = service(\"svc\", \"{}\", interface(\"dgram\", \"udp\", {port}), args = [\"udp-echo\", \"{port}\"])\ndef test_x():\n    pass\n",
+        helper()
+    );
+    refused_saying(
+        "spec-busy-udp",
+        &text,
+        &[],
+        &[&format!("port {port} of svc.dgram is already in use")],
+    );
+}
+
+#[test]
 fn a_fault_outside_the_filter_is_refused_not_ignored() {
     let dir = Scratch::new("spec-filter");
     let (text, _) = spec_with_service(
