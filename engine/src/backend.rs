@@ -103,10 +103,12 @@ pub enum ProgramError {
 pub fn resolve_binary(binary: &str, spec_dir: &Path) -> Result<PathBuf, ProgramError> {
     if binary.contains('/') {
         let p = Path::new(binary);
-        let path = if p.is_absolute() {
+        // Through components, so a spec in `.` naming `./bin` reads
+        // `./bin` in messages, not `././bin`.
+        let path: PathBuf = if p.is_absolute() {
             p.to_path_buf()
         } else {
-            spec_dir.join(p)
+            spec_dir.join(p).components().collect()
         };
         if !path.exists() {
             return Err(ProgramError::Missing { path });

@@ -1173,6 +1173,17 @@ def test_x():
         "{}",
         run.stderr
     );
+    // From the spec's own directory, the path reads as the spec wrote it.
+    let here = Command::new(faultbox())
+        .current_dir(dir.path(""))
+        .args(["test", "spec.star", "--dry-run"])
+        .output()
+        .expect("faultbox");
+    let stderr = String::from_utf8_lossy(&here.stderr);
+    assert!(
+        stderr.contains(": ./not-built-yet does not exist"),
+        "{stderr}"
+    );
     let text = r#"
 svc = service("svc", "/bin/true", interface("main", "tcp", 19103), user = "no-such-account-fb")
 def test_x():
