@@ -60,7 +60,17 @@ pub enum GlobError {
         /// The pattern.
         pattern: String,
     },
+    /// Longer than any path (PATH_MAX): matching recurses once per
+    /// character, on the shim's notification thread.
+    #[error("path glob is {len} characters long; a path has at most {PATH_MAX}")]
+    TooLong {
+        /// Its length in characters.
+        len: usize,
+    },
 }
+
+/// The longest path Linux takes, and so the longest useful glob.
+const PATH_MAX: usize = 4096;
 
 impl Glob {
     /// Compiles `pattern`.
@@ -69,6 +79,9 @@ impl Glob {
             return Err(GlobError::Empty);
         }
         let chars: Vec<char> = pattern.chars().collect();
+        if chars.len() > PATH_MAX {
+            return Err(GlobError::TooLong { len: chars.len() });
+        }
         let mut tokens = Vec::new();
         let mut i = 0;
         while i < chars.len() {
@@ -144,7 +157,9 @@ impl Glob {
         } else {
             path
         };
-        if !subject.starts_with(&self.prefix) {
+        // Longer than the kernel takes: no file has that path, and the
+        // match below recurses per character.
+        if !subject.starts_with(&self.prefix) || subject.len() > PATH_MAX {
             return false;
         }
         let text: Vec<char> = subject.chars().collect();
@@ -354,5 +369,14 @@ mod tests {
         let pattern = "/**a**a**a**a**a**a**a**b";
         let path = format!("/{}", "a".repeat(200));
         assert!(!m(pattern, &path));
+    }
+
+    #[test]
+    fn a_glob_longer_than_any_path_is_refused_and_long_paths_never_match() {
+        let long = "a".repeat(5000);
+        assert_eq!(Glob::new(&long), Err(GlobError::TooLong { len: 5000 }));
+        let g = Glob::new("/data/**").expect("glob");
+        assert!(g.matches("/data/x"));
+        assert!(!g.matches(&format!("/data/{}", "x".repeat(5000))));
     }
 }
