@@ -383,6 +383,11 @@ pub fn canonical_sql(sql: &str) -> String {
                 out.push(c);
             }
             '?' => out.push_str("$?"),
+            // The canonical placeholder itself, as a rule may write it.
+            '$' if chars.peek() == Some(&'?') => {
+                chars.next();
+                out.push_str("$?");
+            }
             '$' if chars.peek().is_some_and(|d| d.is_ascii_digit()) => {
                 while chars.peek().is_some_and(|d| d.is_ascii_digit()) {
                     chars.next();
@@ -604,6 +609,13 @@ mod tests {
             "select 'A  B' from t"
         );
         assert_eq!(canonical_sql("a<>b"), "a <> b");
+        // Found by the sql_canonical fuzz target: a rule written in the
+        // canonical form (`$?`) must match what it stands for.
+        assert_eq!(canonical_sql("x = $?"), canonical_sql("x = $1"));
+        for sql in ["select  *\n from t where x = $1", "a=?", "f('it''s', $12)"] {
+            let once = canonical_sql(sql);
+            assert_eq!(canonical_sql(&once), once, "{sql:?}");
+        }
         assert!(wildcard(
             &canonical_sql("INSERT*"),
             &canonical_sql("insert into t values (1)")
