@@ -367,7 +367,11 @@ impl RuleSet {
 /// `update users set role=$1;`.
 pub fn canonical_sql(sql: &str) -> String {
     let mut out = String::with_capacity(sql.len());
-    let mut chars = sql.trim().trim_end_matches(';').trim().chars().peekable();
+    // Every trailing `;` and blank, however they alternate (`x; ;`).
+    let body = sql
+        .trim_start()
+        .trim_end_matches(|c: char| c == ';' || c.is_whitespace());
+    let mut chars = body.chars().peekable();
     let mut in_literal = false;
     while let Some(c) = chars.next() {
         if in_literal {
@@ -612,7 +616,12 @@ mod tests {
         // Found by the sql_canonical fuzz target: a rule written in the
         // canonical form (`$?`) must match what it stands for.
         assert_eq!(canonical_sql("x = $?"), canonical_sql("x = $1"));
-        for sql in ["select  *\n from t where x = $1", "a=?", "f('it''s', $12)"] {
+        for sql in [
+            "select  *\n from t where x = $1",
+            "a=?",
+            "f('it''s', $12)",
+            "lsdc0;?; ;;",
+        ] {
             let once = canonical_sql(sql);
             assert_eq!(canonical_sql(&once), once, "{sql:?}");
         }
