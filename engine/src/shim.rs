@@ -382,15 +382,29 @@ impl Shim {
         self.shared.lock().exited
     }
 
-    /// Whether the target process is gone (or a zombie), whether or not
+    /// Whether the target process is gone, a zombie or exiting, whether or not
     /// its exit has been reported yet.
     pub fn target_gone(&self) -> bool {
+        // PF_EXITING is set when the exit starts, before the kernel closes
+        // the target's sockets: a client that saw its connection end as
+        // the target exited must find it exiting here, not alive.
+        const PF_EXITING: u64 = 0x4;
         match std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) {
             Err(_) => true,
-            Ok(stat) => stat
-                .rsplit(')')
-                .next()
-                .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+            Ok(stat) => {
+                let fields: Vec<&str> = stat
+                    .rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .split_whitespace()
+                    .collect();
+                let zombie = fields.first().is_some_and(|s| s.starts_with(['Z', 'X']));
+                let exiting = fields
+                    .get(6)
+                    .and_then(|f| f.parse::<u64>().ok())
+                    .is_some_and(|flags| flags & PF_EXITING != 0);
+                zombie || exiting
+            }
         }
     }
 
