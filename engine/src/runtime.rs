@@ -1174,6 +1174,11 @@ impl TestHost for TestRun {
         self.trace.events()
     }
 
+    fn events_after(&self, after: u64) -> Vec<Event> {
+        self.sync_all();
+        self.trace.events_after(after)
+    }
+
     fn acknowledge_exit(&self, service: &str) {
         lock(&self.acknowledged).insert(service.to_string());
     }

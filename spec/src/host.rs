@@ -152,6 +152,14 @@ pub trait TestHost: Send + Sync {
     /// decided up to now.
     fn events(&self) -> Vec<Event>;
 
+    /// The events after sequence number `after`, likewise: what a poll
+    /// has not seen yet.
+    fn events_after(&self, after: u64) -> Vec<Event> {
+        let mut all = self.events();
+        all.retain(|e| e.seq > after);
+        all
+    }
+
     /// An asserted exit of `service` is not a crash.
     fn acknowledge_exit(&self, service: &str);
 

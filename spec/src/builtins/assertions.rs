@@ -179,8 +179,13 @@ pub(crate) fn assertions(builder: &mut GlobalsBuilder) {
         let run = run_of(eval, "assert_eventually")?;
         run.count_assertion();
         let deadline = Instant::now() + timeout;
+        // Each poll looks only at what the last one did not see: the trace
+        // of a long test is not copied (and `where=` not re-run) per poll.
+        let mut seen = 0;
         loop {
-            let found = matching(eval, run.events(), &filter, pred)?;
+            let fresh = run.events_after(seen);
+            seen = fresh.last().map_or(seen, |e| e.seq);
+            let found = matching(eval, fresh, &filter, pred)?;
             if let Some(e) = found.first() {
                 if e.kind == "service_exited" {
                     run.acknowledge_exit(&e.service);

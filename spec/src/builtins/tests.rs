@@ -40,6 +40,8 @@ struct Recorder {
     calls: Mutex<Vec<Call>>,
     assertions: Mutex<(u64, Option<AssertionDetail>)>,
     events: Vec<Event>,
+    /// How many events `events_after` has handed out.
+    handed: Mutex<usize>,
     reply: Option<StepReply>,
 }
 
@@ -119,6 +121,16 @@ impl TestHost for Recorder {
     }
     fn events(&self) -> Vec<Event> {
         self.events.clone()
+    }
+    fn events_after(&self, after: u64) -> Vec<Event> {
+        let fresh: Vec<Event> = self
+            .events
+            .iter()
+            .filter(|e| e.seq > after)
+            .cloned()
+            .collect();
+        *self.handed.lock().unwrap_or_else(|p| p.into_inner()) += fresh.len();
+        fresh
     }
     fn acknowledge_exit(&self, service: &str) {
         self.push(Call::Acknowledge(service.into()));
@@ -351,6 +363,34 @@ fn event_queries_see_the_hosts_trace() {
         ..Recorder::default()
     });
     assert_eq!(run(&s, "test_events", &host), BodyOutcome::Returned(None));
+}
+
+#[test]
+fn assert_eventually_polls_only_the_events_it_has_not_seen() {
+    let (s, _) = spec(
+        "def test_wait():
+    assert_eventually(type = \"never\", timeout = \"200ms\")
+",
+    );
+    let event = |seq| Event {
+        seq,
+        time_ns: seq,
+        kind: "syscall".into(),
+        service: "db".into(),
+        fields: BTreeMap::new(),
+        vector_clock: BTreeMap::new(),
+    };
+    let host = Arc::new(Recorder {
+        events: vec![event(1), event(2), event(3)],
+        ..Recorder::default()
+    });
+    let outcome = run(&s, "test_wait", &host);
+    assert!(
+        matches!(&outcome, BodyOutcome::Failed { message, .. } if message.contains("no matching event")),
+        "{outcome:?}"
+    );
+    // About ten polls in 200 ms; the three events were handed out once.
+    assert_eq!(*host.handed.lock().unwrap_or_else(|p| p.into_inner()), 3);
 }
 
 #[test]
