@@ -309,6 +309,9 @@ pub fn read_c_string(pid: u32, addr: u64) -> Option<String> {
     if addr == 0 {
         return None;
     }
+    if VM_READV_REFUSED.load(std::sync::atomic::Ordering::Relaxed) {
+        return read_c_string_from_proc(pid, addr);
+    }
     // Most paths are short: the first read asks for 256 bytes (not the
     // rest of the page, which costs a copy of up to 4 KiB per call).
     const FIRST: u64 = 256;
@@ -333,6 +336,18 @@ pub fn read_c_string(pid: u32, addr: u64) -> Option<String> {
         // SAFETY: `local` describes `chunk` bytes of `buf` (chunk <= PAGE);
         // the remote address is only read by the kernel, which checks it.
         let n = unsafe { libc::process_vm_readv(pid as libc::pid_t, &local, 1, &remote, 1, 0) };
+        if n < 0
+            && matches!(
+                io::Error::last_os_error().raw_os_error(),
+                Some(libc::EPERM | libc::ENOSYS)
+            )
+        {
+            // Docker's default seccomp profile refuses process_vm_readv to
+            // a process without CAP_SYS_PTRACE; /proc/<pid>/mem of our own
+            // child is still readable. Remember, and read there from now on.
+            VM_READV_REFUSED.store(true, std::sync::atomic::Ordering::Relaxed);
+            return read_c_string_from_proc(pid, addr);
+        }
         if n <= 0 {
             return None;
         }
@@ -343,6 +358,29 @@ pub fn read_c_string(pid: u32, addr: u64) -> Option<String> {
         }
         out.extend_from_slice(got);
         cursor += n as u64;
+    }
+    None
+}
+
+/// Set once `process_vm_readv` is refused (a container's seccomp profile).
+static VM_READV_REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// [`read_c_string`] through `/proc/<pid>/mem`: slower (an open per call)
+/// but allowed where `process_vm_readv` is not.
+fn read_c_string_from_proc(pid: u32, addr: u64) -> Option<String> {
+    use std::os::unix::fs::FileExt;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).ok()?;
+    let mut out = Vec::with_capacity(256);
+    let mut buf = [0u8; 256];
+    let mut at = addr;
+    while out.len() < libc::PATH_MAX as usize {
+        let n = mem.read_at(&mut buf, at).ok().filter(|n| *n > 0)?;
+        if let Some(end) = buf[..n].iter().position(|b| *b == 0) {
+            out.extend_from_slice(&buf[..end]);
+            return Some(String::from_utf8_lossy(&out).into_owned());
+        }
+        out.extend_from_slice(&buf[..n]);
+        at += n as u64;
     }
     None
 }
