@@ -68,13 +68,14 @@ pub struct TestArgs {
     /// Longest a test body may run.
     #[arg(long, value_name = "DURATION", default_value = "60s")]
     timeout: String,
-    /// Longest loading the spec may take (its top-level code and loads).
-    #[arg(long = "load-timeout", value_name = "DURATION", default_value = "30s")]
-    load_timeout: String,
+    /// Longest loading the spec may take (its top-level code and loads;
+    /// default 30s).
+    #[arg(long = "load-timeout", value_name = "DURATION")]
+    load_timeout: Option<String>,
     /// Most memory evaluating the spec may take (`512MiB`, `2GiB`; `0`
-    /// for no limit).
-    #[arg(long = "load-memory", value_name = "SIZE", default_value = "1GiB")]
-    load_memory: String,
+    /// for no limit; default 1GiB).
+    #[arg(long = "load-memory", value_name = "SIZE")]
+    load_memory: Option<String>,
     /// Not in this build (interleaving exploration).
     #[arg(long, hide = true)]
     explore: Option<String>,
@@ -104,17 +105,19 @@ pub fn run(args: TestArgs) -> Result<i32> {
     let timeout = faultbox_agent::rule::parse_duration(&args.timeout)
         .map(Duration::from_nanos)
         .map_err(|e| anyhow::anyhow!("--timeout {:?}: {e}", args.timeout))?;
-    let limits = spec::Limits {
-        timeout: faultbox_agent::rule::parse_duration(&args.load_timeout)
+    let mut limits = spec::Limits::default();
+    if let Some(t) = &args.load_timeout {
+        limits.timeout = faultbox_agent::rule::parse_duration(t)
             .map(Duration::from_nanos)
-            .map_err(|e| anyhow::anyhow!("--load-timeout {:?}: {e}", args.load_timeout))?,
-        memory: parse_size(&args.load_memory).ok_or_else(|| {
+            .map_err(|e| anyhow::anyhow!("--load-timeout {t:?}: {e}"))?;
+    }
+    if let Some(m) = &args.load_memory {
+        limits.memory = spec::parse_size(m).ok_or_else(|| {
             anyhow::anyhow!(
-                "--load-memory {:?}: not a size (write it like 512MiB, 2GiB or 0 for no limit)",
-                args.load_memory
+                "--load-memory {m:?}: not a size (write it like 512MiB, 2GiB or 0 for no limit)"
             )
-        })?,
-    };
+        })?;
+    }
     let interrupt = Interrupt::watch()?;
     let started = Instant::now();
     let spec = match spec::load_with(&args.file, limits) {
@@ -318,22 +321,6 @@ impl Interrupt {
         });
         Ok(me)
     }
-}
-
-/// `512MiB`, `2GiB`, `1G`, `300M`, `65536` (bytes).
-fn parse_size(text: &str) -> Option<u64> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let n: u64 = number.parse().ok()?;
-    let scale: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "K" | "KiB" | "k" => 1 << 10,
-        "M" | "MiB" => 1 << 20,
-        "G" | "GiB" => 1 << 30,
-        _ => return None,
-    };
-    n.checked_mul(scale)
 }
 
 fn signal_name(sig: i32) -> &'static str {

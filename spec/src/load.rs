@@ -584,10 +584,13 @@ pub fn load_with(path: &Path, limits: Limits) -> Result<Spec, SpecError> {
         .name("spec load".into())
         .stack_size(256 << 20)
         .spawn(move || {
+            // Read once, here: a file that cannot be read gets its own
+            // error without a fork, and the probe evaluates the same text.
+            let source = read_source(&path)?;
             if limits.memory > 0 {
-                probe(&path, limits)?;
+                probe(&path, &source, limits)?;
             }
-            load_here(&path, limits.timeout, None)
+            load_here(&path, source, limits.timeout, None)
         })
         .map_err(|e| SpecError::Loader(format!("cannot start its thread: {e}")))?
         .join()
@@ -596,7 +599,7 @@ pub fn load_with(path: &Path, limits: Limits) -> Result<Spec, SpecError> {
 
 /// Evaluates `path` in a memory-limited copy of this process (see
 /// [`load_with`]); returns its error, if it had one.
-fn probe(path: &Path, limits: Limits) -> Result<(), SpecError> {
+fn probe(path: &Path, source: &str, limits: Limits) -> Result<(), SpecError> {
     let Ok(page) = SharedPage::new().map(Arc::new) else {
         // Without a shared page there is no probe; loading goes on
         // unguarded rather than failing.
@@ -605,7 +608,12 @@ fn probe(path: &Path, limits: Limits) -> Result<(), SpecError> {
     let whereabouts = Arc::clone(&page);
     let status = faultbox_agent::process::run_limited(limits.memory, move || {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            load_here(path, limits.timeout, Some(Arc::clone(&whereabouts)))
+            load_here(
+                path,
+                source.to_string(),
+                limits.timeout,
+                Some(Arc::clone(&whereabouts)),
+            )
         }));
         let report = match outcome {
             Ok(Ok(_)) => "O".to_string(),
@@ -658,7 +666,24 @@ fn probe(path: &Path, limits: Limits) -> Result<(), SpecError> {
     }
 }
 
-/// `512 MiB`, `1 GiB`.
+/// Reads a size as `--load-memory` takes it: `512MiB`, `2GiB`, `1G`,
+/// `300m`, `65536` (bytes); units are binary and any case.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let n: u64 = number.parse().ok()?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(scale)
+}
+
+/// `512 MiB`, `1 GiB`: how [`parse_size`] values are shown.
 pub fn format_size(bytes: u64) -> String {
     const GIB: u64 = 1 << 30;
     const MIB: u64 = 1 << 20;
@@ -673,10 +698,10 @@ pub fn format_size(bytes: u64) -> String {
 
 fn load_here(
     path: &Path,
+    source: String,
     timeout: Duration,
     whereabouts: Option<Arc<SharedPage>>,
 ) -> Result<Spec, SpecError> {
-    let source = read_source(path)?;
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -1162,6 +1187,17 @@ mod tests {
         // Operators inside strings and comments do not count.
         let quiet = format!("x = \"{}\"  # {}\n", "-".repeat(5_000), "+".repeat(5_000));
         assert!(load_text(&quiet).is_ok());
+    }
+
+    #[test]
+    fn sizes_read_in_binary_units_of_any_case_and_show_back() {
+        assert_eq!(parse_size("512MiB"), Some(512 << 20));
+        assert_eq!(parse_size("2g"), Some(2 << 30));
+        assert_eq!(parse_size("0"), Some(0));
+        assert_eq!(parse_size("lots"), None);
+        assert_eq!(parse_size("99999999999999G"), None);
+        assert_eq!(format_size(Limits::default().memory), "1 GiB");
+        assert_eq!(format_size(16 << 20), "16 MiB");
     }
 
     #[test]

@@ -1445,6 +1445,34 @@ fn s_server(cert: &str, key: &str, extra: &[&str]) -> (std::process::Child, u16)
 }
 
 #[test]
+fn ready_on_an_http_interface_with_tls_probes_over_tls() {
+    let dir = Scratch::new("spec-tls-ready");
+    let (cert, key) = support::server_cert(&dir, "up");
+    let (mut server, port) = s_server(&cert, &key, &[]);
+    let text = format!(
+        r#"
+probed = service(
+    "probed",
+    interface("https", "http", {port}, tls = tls_cert(ca = "up.pem")),
+    remote = "localhost",
+    healthcheck = ready(timeout = "5s"),
+)
+
+def test_ready():
+    assert_eq(probed.get(path = "/").status, 200)
+"#
+    );
+    let run = run_spec(&dir, &text, &["--format", "json"]);
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(
+        run.code, 0,
+        "a TLS-only server passes ready(): {}",
+        run.stderr
+    );
+}
+
+#[test]
 fn tls_interfaces_terminate_and_reoriginate_tls_with_rules_on_the_plaintext() {
     let dir = Scratch::new("spec-tls");
     let (cert, key) = support::server_cert(&dir, "up");

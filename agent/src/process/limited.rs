@@ -105,8 +105,19 @@ pub fn run_limited(budget: u64, f: impl FnOnce()) -> io::Result<ExitStatus> {
             rlim_cur: limit,
             rlim_max: limit,
         };
-        // SAFETY: setrlimit reads the struct; open and dup2 on our own fds.
+        // SAFETY: prctl, sigprocmask, setrlimit, open and dup2 with
+        // arguments we own. The copy dies with its parent, and takes the
+        // signals the parent may have blocked for a watcher thread that
+        // the copy does not have: a Ctrl-C while a spec loads must not
+        // leave it running.
         unsafe {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+            if libc::getppid() == 1 {
+                libc::_exit(1);
+            }
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
             libc::setrlimit(libc::RLIMIT_AS, &rl);
             let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY);
             if null >= 0 {

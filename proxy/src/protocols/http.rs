@@ -347,7 +347,7 @@ mod io {
     }
 
     fn ready(to: &Target, timeout: Duration) -> Result<(), String> {
-        let r = crate::net::http_request(to.addr, "GET", "/", &[], &[], timeout, None)
+        let r = crate::net::http_request(to.addr, "GET", "/", &[], &[], timeout, to.tls)
             .map_err(|e| e.to_string())?;
         if (200..400).contains(&r.status) {
             Ok(())
