@@ -130,8 +130,20 @@ pub fn run(endpoint: &Endpoint) -> Result<i32, SessionError> {
             1,
         ));
     }
+    // A container's entrypoint names its program as the image does, often
+    // bare ("docker-entrypoint.sh"): look it up on the target's own PATH,
+    // as exec would in the container.
+    let path_var = spec.env.iter().find_map(|e| e.strip_prefix("PATH="));
+    let Some(program) = process::resolve_program(&spec.program, path_var) else {
+        let message = format!(
+            "{:?} was not found on the target's PATH ({})",
+            spec.program,
+            path_var.unwrap_or("unset")
+        );
+        return Ok(finish_failed(events, writer, message, 127));
+    };
     let mut child = match ChildSpec::new(
-        &spec.program,
+        &program,
         &spec.argv,
         &spec.env,
         spec.cwd.as_deref(),

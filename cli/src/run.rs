@@ -127,13 +127,14 @@ pub fn run(args: RunArgs) -> Result<i32> {
             return Err(user_error(failure.to_string()));
         }
     };
-    let shim_pid = shim.shim_pid() as i32;
+    // Shim::launch always starts a local shim.
+    let shim_pid = shim.shim_pid().unwrap_or(0) as i32;
     std::thread::spawn(move || {
         loop {
             let (sig, explicit) = signals.wait();
             // Ctrl-C on a terminal already reached the shim (same process
             // group); only a signal sent to the CLI alone needs forwarding.
-            if explicit {
+            if explicit && shim_pid > 0 {
                 process::kill(shim_pid, sig);
             }
         }

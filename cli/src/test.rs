@@ -205,11 +205,12 @@ pub fn run(args: TestArgs) -> Result<i32> {
         return Ok(0);
     }
     // Everything that can be checked before starting anything.
-    let shim_path = suite::preflight(&spec)?;
     let log_dir = std::env::temp_dir().join(format!("faultbox-{}", std::process::id()));
     std::fs::create_dir_all(&log_dir).with_context(|| format!("create {}", log_dir.display()))?;
+    let prepared = suite::preflight(&spec, &log_dir)?;
     let config = RunConfig {
-        shim: shim_path,
+        shim: prepared.shim,
+        docker: prepared.docker,
         log_dir: log_dir.clone(),
         test_timeout: timeout,
         stop_grace: Duration::from_secs(2),

@@ -153,6 +153,7 @@ fn bench_restart(reps: usize, shim: &Path) {
         test_timeout: Duration::from_secs(30),
         stop_grace: Duration::from_secs(2),
         stop: Default::default(),
+        docker: None,
     };
     let (mut base, mut total, mut launch, mut health, mut stop) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -191,6 +192,9 @@ fn bench_restart(reps: usize, shim: &Path) {
             ops: Default::default(),
             user: None,
             remote: Default::default(),
+            container: None,
+            seccomp: true,
+            reuse: false,
             declared_at: String::new(),
         };
         let run = TestRun::new(

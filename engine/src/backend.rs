@@ -7,9 +7,11 @@
 //! - [`Remote`]: something already running elsewhere (`remote=`): nothing
 //!   is started, and its interfaces are only proxied.
 //!
-//! A Docker backend (a container whose entrypoint is the shim) and a
-//! Kubernetes one (a pod under the shim, created by the runner) are
-//! further implementations of [`Backend`].
+//! - [`crate::docker::Docker`]: a container whose entrypoint is the shim
+//!   (container mode).
+//!
+//! A Kubernetes backend (a pod under the shim, created by the runner) is a
+//! further implementation of [`Backend`].
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -63,6 +65,9 @@ pub enum BackendError {
         /// The interface.
         interface: String,
     },
+    /// The Docker engine refused or failed something.
+    #[error(transparent)]
+    Docker(#[from] crate::docker::DockerError),
     /// A remote address that does not resolve.
     #[error("{service}.{interface}: remote address {addr} does not resolve")]
     Unresolved {
@@ -163,6 +168,12 @@ pub trait Instance: Send + Sync {
 
     /// Where the proxy in front of `iface` relays to.
     fn endpoint(&self, iface: &InterfaceDef) -> Result<SocketAddr, BackendError>;
+
+    /// Where `iface` is published on this machine, when that differs from
+    /// where the proxy relays to (a container's mapped port).
+    fn published(&self, _iface: &InterfaceDef) -> Option<SocketAddr> {
+        None
+    }
 
     /// The shim session, when syscall faults can reach the service.
     fn shim(&self) -> Option<&Shim>;

@@ -4,6 +4,7 @@
 //! proxies are `faultbox-proxy`.
 
 pub mod backend;
+pub mod docker;
 pub mod report;
 pub mod runtime;
 pub mod shim;

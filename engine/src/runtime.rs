@@ -42,6 +42,21 @@ pub struct RunConfig {
     /// Set when the run is interrupted (SIGINT, SIGTERM): the running
     /// test stops where it is, and no other starts.
     pub stop: Arc<AtomicBool>,
+    /// The Docker engine and the run's network, when the spec has
+    /// container services.
+    pub docker: Option<Arc<crate::docker::Docker>>,
+}
+
+impl RunConfig {
+    /// Where proxies listen: loopback, or the run network's gateway when
+    /// containers must reach them too (this machine owns that address,
+    /// so host processes reach it as well).
+    pub fn proxy_bind(&self) -> std::net::IpAddr {
+        match &self.docker {
+            Some(d) => d.gateway.into(),
+            None => std::net::Ipv4Addr::LOCALHOST.into(),
+        }
+    }
 }
 
 /// One fault rule's record, for reports.
@@ -113,6 +128,9 @@ pub enum StartError {
     /// The backend could not start a service.
     #[error(transparent)]
     Backend(#[from] BackendError),
+    /// A container service in a run that did not connect to Docker.
+    #[error("service {0:?} runs in a container, and this run has no Docker engine")]
+    NoDocker(String),
     /// The service died while its healthcheck waited.
     #[error(
         "service {service:?} exited with code {code} before its healthcheck {check} passed{output}"
@@ -325,7 +343,12 @@ impl TestRun {
     }
 
     fn start_one(&self, def: &ServiceDef, spec_dir: &Path) -> Result<(), StartError> {
-        let backend: &dyn Backend = if def.is_remote() { &Remote } else { &Process };
+        let backend: &dyn Backend = match (&self.config.docker, def.is_container()) {
+            (Some(docker), true) => docker,
+            (None, true) => return Err(StartError::NoDocker(def.name.clone())),
+            _ if def.is_remote() => &Remote,
+            _ => &Process,
+        };
         let mut env = BTreeMap::new();
         for (k, v) in &def.env {
             env.insert(k.clone(), self.rewrite_env_value(&def.name, v));
@@ -389,7 +412,8 @@ impl TestRun {
             };
             let key = (def.name.clone(), iface.name.clone());
             let start = |to| {
-                Proxy::start(
+                Proxy::start_on(
+                    self.config.proxy_bind(),
                     &def.name,
                     &iface.name,
                     &iface.protocol,
@@ -431,7 +455,9 @@ impl TestRun {
                 faultbox_proxy::protocol::get(&iface.protocol).map_or(Wire::Direct, |p| p.wire());
             let back = Relay::back(upstream, name, &setup.upstream, wire).map_err(io)?;
             let proxy = start(back.listen)?;
-            let front = Relay::front(proxy.listen, &setup.server, wire).map_err(io)?;
+            let front =
+                Relay::front_on(self.config.proxy_bind(), proxy.listen, &setup.server, wire)
+                    .map_err(io)?;
             announce(front.listen, "tls");
             lock(&self.proxies).insert(key.clone(), proxy);
             lock(&self.tls).insert(key, TlsRelays { front, back, setup });
@@ -446,6 +472,9 @@ impl TestRun {
         }
         // The generated certificate covers every name a client may use.
         let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        if self.config.docker.is_some() {
+            names.push(self.config.proxy_bind().to_string());
+        }
         for s in &self.services {
             for r in s.remote.values() {
                 if let Some((h, _)) = r.rsplit_once(':') {
@@ -479,6 +508,15 @@ impl TestRun {
             .map_or_else(|| format!("localhost:{port}"), |a| a.to_string())
     }
 
+    /// Where a container service's interface is published here.
+    fn published(&self, service: &str, interface: &str) -> Option<std::net::SocketAddr> {
+        let def = self.service(service)?;
+        let iface = def.interfaces.iter().find(|i| i.name == interface)?;
+        lock(&self.running)
+            .get(service)
+            .and_then(|r| r.instance.published(iface))
+    }
+
     /// Where the backend says `service.interface` is.
     fn endpoint(&self, service: &str, interface: &str) -> Option<std::net::SocketAddr> {
         let def = self.service(service)?;
@@ -497,8 +535,10 @@ impl TestRun {
     }
 
     /// Points another service's address in an env value at its proxy:
-    /// `localhost:PORT` and `127.0.0.1:PORT` become the proxy's address,
-    /// and `.proxy_addr/.proxy_host/.proxy_port` placeholders resolve.
+    /// `localhost:PORT`, `127.0.0.1:PORT` and `<service>:PORT` (the
+    /// name a container has on the run's network) become the proxy's
+    /// address, and `.proxy_addr/.proxy_host/.proxy_port` placeholders
+    /// resolve.
     fn rewrite_env_value(&self, own: &str, value: &str) -> String {
         let mut out = value.to_string();
         let proxies: Vec<(String, String, u16)> = lock(&self.proxies)
@@ -513,7 +553,10 @@ impl TestRun {
             let port = public.port().to_string();
             out = out
                 .replace(&proxy_placeholder("ADDR", svc, iface), &addr)
-                .replace(&proxy_placeholder("HOST", svc, iface), "127.0.0.1")
+                .replace(
+                    &proxy_placeholder("HOST", svc, iface),
+                    &public.ip().to_string(),
+                )
                 .replace(&proxy_placeholder("PORT", svc, iface), &port);
             if svc == own {
                 continue;
@@ -528,7 +571,7 @@ impl TestRun {
                         .and_then(|d| d.interfaces.iter().find(|i| &i.name == iface))
                         .map(|i| i.port)
                         .unwrap_or(*upstream_port);
-                    for host in ["localhost", "127.0.0.1"] {
+                    for host in ["localhost", "127.0.0.1", svc.as_str()] {
                         out = replace_addr(&out, &format!("{host}:{real}"), &addr);
                     }
                 }
@@ -550,7 +593,8 @@ impl TestRun {
             for i in &s.interfaces {
                 let key = format!("FAULTBOX_{}_{}", env_name(&s.name), env_name(&i.name));
                 let (host, port) = match self.public_addr(&s.name, &i.name) {
-                    Some(a) => ("127.0.0.1".to_string(), a.port()),
+                    Some(a) => (a.ip().to_string(), a.port()),
+                    None if s.is_container() => (s.name.clone(), i.port),
                     None => ("localhost".to_string(), i.port),
                 };
                 out.push((format!("{key}_ADDR"), format!("{host}:{port}")));
@@ -571,6 +615,16 @@ impl TestRun {
         let timeout = check.timeout();
         let first = def.interfaces.first();
         let ready_at = first.and_then(|i| self.endpoint(&def.name, &i.name));
+        // A container's `localhost:<port>` is its own address on the run's
+        // network: probed there, a tcp() check proves the service itself
+        // listens, not Docker's port forwarder.
+        let rewritten;
+        let check = if def.is_container() {
+            rewritten = self.container_check(def, check);
+            &rewritten
+        } else {
+            check
+        };
         // A TLS interface's server may speak nothing but TLS (memcached
         // with -Z): ready() asks it over TLS, as the proxy will.
         let tls = match first.and_then(|i| i.tls.as_ref()) {
@@ -641,6 +695,38 @@ impl TestRun {
             // backing off to 50 ms for slow starters.
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    /// `check` with `localhost:PORT` and `127.0.0.1:PORT` of `def`'s
+    /// interfaces pointed at its container.
+    fn container_check(&self, def: &ServiceDef, check: &Healthcheck) -> Healthcheck {
+        let point = |text: &str| {
+            let mut out = text.to_string();
+            for i in &def.interfaces {
+                if let Some(at) = self.endpoint(&def.name, &i.name) {
+                    for host in ["localhost", "127.0.0.1"] {
+                        out = replace_addr(&out, &format!("{host}:{}", i.port), &at.to_string());
+                    }
+                }
+            }
+            out
+        };
+        match check {
+            Healthcheck::Tcp { addr, timeout } => Healthcheck::Tcp {
+                addr: point(addr),
+                timeout: *timeout,
+            },
+            Healthcheck::Http {
+                url,
+                timeout,
+                expect_status,
+            } => Healthcheck::Http {
+                url: point(url),
+                timeout: *timeout,
+                expect_status: *expect_status,
+            },
+            other => other.clone(),
         }
     }
 
@@ -1271,6 +1357,10 @@ impl TestHost for TestRun {
     fn proxy_addr(&self, service: &str, interface: &str) -> Option<String> {
         self.public_addr(service, interface).map(|a| a.to_string())
     }
+
+    fn published_addr(&self, service: &str, interface: &str) -> Option<std::net::SocketAddr> {
+        self.published(service, interface)
+    }
 }
 
 /// Expands a fault keyword: an op of the service, a family, or a syscall.
@@ -1315,15 +1405,18 @@ pub fn expand_keyword(
     Ok((out, path))
 }
 
-/// Replaces `from` (a `host:port`) in `text` unless more digits follow,
-/// so `localhost:80` does not rewrite `localhost:8080`.
+/// Replaces `from` (a `host:port`) in `text` unless more digits follow or
+/// more of a host name precedes, so `localhost:80` does not rewrite
+/// `localhost:8080`, nor `db:5432` rewrite `orders-db:5432`.
 fn replace_addr(text: &str, from: &str, to: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(i) = rest.find(from) {
         let after = &rest[i + from.len()..];
+        let before = rest[..i].chars().last().or_else(|| out.chars().last());
         out.push_str(&rest[..i]);
-        if after.starts_with(|c: char| c.is_ascii_digit()) {
+        let glued = before.is_some_and(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if glued || after.starts_with(|c: char| c.is_ascii_digit()) {
             out.push_str(from);
         } else {
             out.push_str(to);
@@ -1410,6 +1503,9 @@ mod tests {
             ops: BTreeMap::new(),
             user: None,
             remote: Default::default(),
+            container: None,
+            seccomp: true,
+            reuse: false,
             declared_at: String::new(),
         }
     }

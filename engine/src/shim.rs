@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -197,7 +197,7 @@ pub fn locate() -> Result<PathBuf, ShimError> {
 
 /// A shim started and greeted, with the launch request sent.
 struct Connection {
-    child: Child,
+    child: Option<Child>,
     reader: BufReader<UnixStream>,
     writer: BufWriter<UnixStream>,
 }
@@ -205,7 +205,7 @@ struct Connection {
 /// Starts `shim` on a control socket pair, checks its greeting and sends
 /// `spec`. The target's output goes to `output`, or to this process's
 /// own stdout and stderr. The one way both `faultbox run` and
-/// `faultbox test` start a shim (through [`Shim::launch`]).
+/// `faultbox test` start a local shim (through [`Shim::launch`]).
 fn connect(shim: &Path, spec: LaunchSpec, output: Option<File>) -> Result<Connection, ShimError> {
     let (ours, theirs) = UnixStream::pair().map_err(ShimError::io("socketpair"))?;
     process::make_inheritable(&theirs).map_err(ShimError::io("control socket"))?;
@@ -224,57 +224,68 @@ fn connect(shim: &Path, spec: LaunchSpec, output: Option<File>) -> Result<Connec
         .spawn()
         .map_err(ShimError::io(format!("start {}", shim.display())))?;
     drop(theirs);
-    let mut killed = |error: ShimError| {
-        let _ = child.kill();
-        let _ = child.wait();
-        error
-    };
+    match handshake(ours, spec, shim) {
+        Ok((reader, writer)) => Ok(Connection {
+            child: Some(child),
+            reader,
+            writer,
+        }),
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(e)
+        }
+    }
+}
+
+/// Checks a shim's greeting on `stream` and sends it `spec`.
+fn handshake(
+    stream: UnixStream,
+    spec: LaunchSpec,
+    shim: &Path,
+) -> Result<(BufReader<UnixStream>, BufWriter<UnixStream>), ShimError> {
     // A shim that hangs before greeting must not hang its controller.
-    let _ = ours.set_read_timeout(Some(Duration::from_secs(15)));
-    let clone = match ours.try_clone() {
-        Ok(c) => c,
-        Err(e) => return Err(killed(ShimError::io("control socket")(e))),
-    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(15)));
+    let clone = stream
+        .try_clone()
+        .map_err(ShimError::io("control socket"))?;
     let mut reader = BufReader::new(clone);
-    let mut writer = BufWriter::new(ours);
+    let mut writer = BufWriter::new(stream);
     match wire::recv::<_, ShimMessage>(&mut reader) {
         Ok(Some(ShimMessage::Hello { version, .. })) if version == wire::PROTOCOL_VERSION => {}
         Ok(Some(ShimMessage::Hello { version, .. })) => {
-            return Err(killed(ShimError::Version {
+            return Err(ShimError::Version {
                 shim: shim.to_path_buf(),
                 version,
-            }));
+            });
         }
         other => {
-            return Err(killed(ShimError::Handshake {
+            return Err(ShimError::Handshake {
                 shim: shim.to_path_buf(),
                 got: format!("{other:?}"),
-            }));
+            });
         }
     }
     let _ = reader.get_ref().set_read_timeout(None);
-    if let Err(e) = wire::send(&mut writer, &ControlMessage::Launch(Box::new(spec)))
+    wire::send(&mut writer, &ControlMessage::Launch(Box::new(spec)))
         .and_then(|_| writer.flush())
-    {
-        return Err(killed(
-            ShimError::io("send the launch request to the shim")(e),
-        ));
-    }
-    Ok(Connection {
-        child,
-        reader,
-        writer,
-    })
+        .map_err(ShimError::io("send the launch request to the shim"))?;
+    Ok((reader, writer))
 }
 
 /// A running shim and its target.
 pub struct Shim {
-    child: Child,
+    /// The local shim process; `None` for one that dialled in from a
+    /// container, whose lifetime its backend owns.
+    child: Option<Child>,
     writer: Mutex<BufWriter<UnixStream>>,
     shared: Arc<Shared>,
     reader: Option<JoinHandle<()>>,
     /// The target's pid in the shim's namespace.
     pub pid: u32,
+    /// The target's pid as this machine's /proc names it (differs from
+    /// `pid` when the shim runs in a container's pid namespace).
+    host_pid: AtomicU32,
     tokens: AtomicU64,
 }
 
@@ -295,14 +306,48 @@ impl Shim {
             ),
             None => None,
         };
+        Shim::begin(connect(shim, spec, out)?, on_event)
+    }
+
+    /// Takes over a shim that dialled in on `stream` (one started as a
+    /// container's entrypoint): greets it, launches the target described
+    /// by `spec` and serves it like [`Shim::launch`]. Stopping the shim's
+    /// container is its backend's business.
+    pub fn attach(
+        stream: UnixStream,
+        spec: LaunchSpec,
+        shim: &Path,
+        on_event: Box<dyn Fn(ShimEvent) + Send>,
+    ) -> Result<Shim, ShimError> {
+        let (reader, writer) = handshake(stream, spec, shim)?;
+        Shim::begin(
+            Connection {
+                child: None,
+                reader,
+                writer,
+            },
+            on_event,
+        )
+    }
+
+    /// Waits for the target to start, then reads the shim's reports on a
+    /// thread of their own.
+    fn begin(
+        connection: Connection,
+        on_event: Box<dyn Fn(ShimEvent) + Send>,
+    ) -> Result<Shim, ShimError> {
         let Connection {
             mut child,
             mut reader,
             writer,
-        } = connect(shim, spec, out)?;
-        let kill = |child: &mut Child| {
-            let _ = child.kill();
-            let _ = child.wait();
+        } = connection;
+        let reap = |child: &mut Option<Child>, kill: bool| {
+            if let Some(c) = child.as_mut() {
+                if kill {
+                    let _ = c.kill();
+                }
+                let _ = c.wait();
+            }
         };
         // A shim that hangs before the target starts must not hang the run.
         let _ = reader
@@ -322,16 +367,16 @@ impl Shim {
                     wait_killable,
                 }),
                 Ok(Some(ShimMessage::LaunchFailed { message, exit_code })) => {
-                    let _ = child.wait();
+                    reap(&mut child, false);
                     return Err(ShimError::LaunchFailed { message, exit_code });
                 }
                 Ok(Some(_)) => {}
                 Ok(None) => {
-                    let _ = child.wait();
+                    reap(&mut child, false);
                     return Err(ShimError::ExitedEarly);
                 }
                 Err(e) => {
-                    kill(&mut child);
+                    reap(&mut child, true);
                     return Err(ShimError::io("waiting for the target to start")(e));
                 }
             }
@@ -348,8 +393,15 @@ impl Shim {
             shared,
             reader: Some(reader),
             pid,
+            host_pid: AtomicU32::new(pid),
             tokens: AtomicU64::new(0),
         })
+    }
+
+    /// Says where /proc finds the target, when the shim's pid namespace
+    /// is not this machine's.
+    pub fn set_host_pid(&self, pid: u32) {
+        self.host_pid.store(pid, Ordering::SeqCst);
     }
 
     fn send(&self, message: &ControlMessage) -> Result<(), ShimError> {
@@ -359,9 +411,9 @@ impl Shim {
             .map_err(ShimError::Gone)
     }
 
-    /// The shim process's pid (signals for the target go to it).
-    pub fn shim_pid(&self) -> u32 {
-        self.child.id()
+    /// The local shim process's pid (signals for the target go to it).
+    pub fn shim_pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Blocks until the shim's session ends; returns how the target ended
@@ -389,7 +441,8 @@ impl Shim {
         // the target's sockets: a client that saw its connection end as
         // the target exited must find it exiting here, not alive.
         const PF_EXITING: u64 = 0x4;
-        match std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) {
+        let pid = self.host_pid.load(Ordering::SeqCst);
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
             Err(_) => true,
             Ok(stat) => {
                 let fields: Vec<&str> = stat
@@ -476,11 +529,11 @@ impl Shim {
             .wait_for(grace + Duration::from_secs(2), |_| false)
             .reader_done;
         // The shim kills its target if it dies itself (parent-death signal).
-        if ended {
-            let _ = self.child.wait();
-        } else {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+        if let Some(child) = self.child.as_mut() {
+            if !ended {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
         }
         if let Some(r) = self.reader.take() {
             let _ = r.join();
@@ -493,9 +546,11 @@ impl Drop for Shim {
     fn drop(&mut self) {
         // Only reached when `stop` was not called (a panic, an early
         // return): never leave the shim or its target behind.
-        if self.reader.is_some() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+        if self.reader.is_some()
+            && let Some(child) = self.child.as_mut()
+        {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 }

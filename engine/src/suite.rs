@@ -36,6 +36,9 @@ pub enum PreflightError {
         /// The account.
         user: String,
     },
+    /// Container services, and no Docker engine.
+    #[error(transparent)]
+    Docker(#[from] crate::docker::DockerError),
     /// Syscall faults on a kernel without user notification.
     #[error(
         "this kernel does not support seccomp user notification, so syscall faults cannot be injected (needs Linux 5.0+ with CONFIG_SECCOMP_FILTER)"
@@ -72,12 +75,26 @@ pub fn base_seed(given: Option<u64>, runs: u64) -> (u64, &'static str) {
     }
 }
 
+/// What preflight found: the shim to launch services with, and the Docker
+/// engine when the spec has container services.
+pub struct Prepared {
+    pub shim: PathBuf,
+    pub docker: Option<std::sync::Arc<crate::docker::Docker>>,
+}
+
 /// Everything that can be checked before a service starts: the shim, each
-/// binary, accounts, free ports, and the kernel's user notification.
-/// Returns the shim to launch services with.
-pub fn preflight(spec: &Spec) -> Result<PathBuf, PreflightError> {
+/// binary, accounts, free ports, the kernel's user notification, and the
+/// Docker engine (connected, with the run's network, and what dead runs
+/// left removed) when containers are declared. `work_dir` holds the run's
+/// scratch files.
+pub fn preflight(spec: &Spec, work_dir: &std::path::Path) -> Result<Prepared, PreflightError> {
     let shim = crate::shim::locate()?;
-    for s in spec.services.iter().filter(|s| !s.is_remote()) {
+    let binaries = || {
+        spec.services
+            .iter()
+            .filter(|s| !s.is_remote() && !s.is_container())
+    };
+    for s in binaries() {
         resolve_binary(&s.binary, &spec.dir).map_err(|source| BackendError::Program {
             service: s.name.clone(),
             declared_at: s.declared_at.clone(),
@@ -93,7 +110,7 @@ pub fn preflight(spec: &Spec) -> Result<PathBuf, PreflightError> {
             });
         }
     }
-    for s in spec.services.iter().filter(|s| !s.is_remote()) {
+    for s in binaries() {
         for i in &s.interfaces {
             if port_taken(i, Duration::from_millis(200)) {
                 return Err(BackendError::PortBusy {
@@ -108,7 +125,14 @@ pub fn preflight(spec: &Spec) -> Result<PathBuf, PreflightError> {
     if !spec.intercept.is_empty() && !faultbox_agent::seccomp::user_notification_available() {
         return Err(PreflightError::NoUserNotification);
     }
-    Ok(shim)
+    let docker = if spec.services.iter().any(|s| s.is_container()) {
+        Some(std::sync::Arc::new(crate::docker::Docker::connect(
+            work_dir,
+        )?))
+    } else {
+        None
+    };
+    Ok(Prepared { shim, docker })
 }
 
 /// What a suite reports while it runs.

@@ -101,6 +101,20 @@ impl Proxy {
         upstream: SocketAddr,
         events: Arc<dyn EventSink>,
     ) -> io::Result<Proxy> {
+        let local = std::net::Ipv4Addr::LOCALHOST.into();
+        Proxy::start_on(local, service, interface, protocol, upstream, events)
+    }
+
+    /// [`Proxy::start`] listening on `bind`: a container reaches the
+    /// proxies at its network's gateway, which this machine also owns.
+    pub fn start_on(
+        bind: std::net::IpAddr,
+        service: &str,
+        interface: &str,
+        protocol: &str,
+        upstream: SocketAddr,
+        events: Arc<dyn EventSink>,
+    ) -> io::Result<Proxy> {
         let proto = protocol::get(protocol).ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -127,14 +141,14 @@ impl Proxy {
         });
         let thread = std::thread::Builder::new().name(format!("proxy {service}.{interface}"));
         let (listen, accept) = if proto.datagrams() {
-            let sock = std::net::UdpSocket::bind(("127.0.0.1", 0))?;
+            let sock = std::net::UdpSocket::bind((bind, 0))?;
             let listen = sock.local_addr()?;
             (
                 listen,
                 thread.spawn(move || crate::protocols::udp::io::relay(sock, ctx))?,
             )
         } else {
-            let listener = TcpListener::bind(("127.0.0.1", 0))?;
+            let listener = TcpListener::bind((bind, 0))?;
             let listen = listener.local_addr()?;
             (listen, thread.spawn(move || accept_loop(listener, ctx))?)
         };

@@ -12,7 +12,7 @@
 //! services (`FAULTBOX_CA_FILE`) and trusted by steps.
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -522,10 +522,20 @@ pub struct Relay {
 impl Relay {
     /// Terminates TLS from clients and forwards plaintext to `plain`.
     pub fn front(plain: SocketAddr, config: &ServerConfig, wire: Wire) -> io::Result<Relay> {
+        Relay::front_on(Ipv4Addr::LOCALHOST.into(), plain, config, wire)
+    }
+
+    /// [`Relay::front`] listening on `bind` (where containers reach it).
+    pub fn front_on(
+        bind: IpAddr,
+        plain: SocketAddr,
+        config: &ServerConfig,
+        wire: Wire,
+    ) -> io::Result<Relay> {
         let mut config = config.clone();
         config.alpn_protocols = alpn(wire);
         let config = Arc::new(config);
-        Relay::start(move |mut client: TcpStream| {
+        Relay::start(bind, move |mut client: TcpStream| {
             let Ok(mut inner) = TcpStream::connect_timeout(&plain, Duration::from_secs(5)) else {
                 let _ = client.shutdown(Shutdown::Both);
                 return;
@@ -562,7 +572,7 @@ impl Relay {
         let mut config = config.clone();
         config.alpn_protocols = alpn(wire);
         let config = Arc::new(config);
-        Relay::start(move |mut plain: TcpStream| {
+        Relay::start(Ipv4Addr::LOCALHOST.into(), move |mut plain: TcpStream| {
             let Ok(mut sock) = TcpStream::connect_timeout(&upstream, Duration::from_secs(5)) else {
                 let _ = plain.shutdown(Shutdown::Both);
                 return;
@@ -585,8 +595,8 @@ impl Relay {
         })
     }
 
-    fn start(serve: impl Fn(TcpStream) + Send + Sync + 'static) -> io::Result<Relay> {
-        let listener = TcpListener::bind(("127.0.0.1", 0))?;
+    fn start(bind: IpAddr, serve: impl Fn(TcpStream) + Send + Sync + 'static) -> io::Result<Relay> {
+        let listener = TcpListener::bind((bind, 0))?;
         let listen = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);

@@ -170,4 +170,10 @@ pub trait TestHost: Send + Sync {
     /// Where `service.interface`'s proxy listens (`127.0.0.1:PORT`), once
     /// it runs.
     fn proxy_addr(&self, service: &str, interface: &str) -> Option<String>;
+
+    /// Where a container service's interface is published on this
+    /// machine, once it runs.
+    fn published_addr(&self, _service: &str, _interface: &str) -> Option<std::net::SocketAddr> {
+        None
+    }
 }

@@ -1254,6 +1254,9 @@ def test_a():
             ops: Default::default(),
             user: None,
             remote: Default::default(),
+            container: None,
+            seccomp: true,
+            reuse: false,
             declared_at: String::new(),
         };
         svc.ops.insert(

@@ -21,6 +21,13 @@ pub struct ServiceDef {
     /// For a remote service (`remote=`): each interface's upstream
     /// `host:port`. Empty for a service Faultbox starts.
     pub remote: BTreeMap<String, String>,
+    /// For a container service (`image=` or `build=`): how to make and
+    /// run its container.
+    pub container: Option<ContainerDef>,
+    /// `seccomp=False`: no shim, so syscall faults cannot reach it.
+    pub seccomp: bool,
+    /// `reuse=True`: one container serves every test of a suite.
+    pub reuse: bool,
     /// Where the spec declared it, `file:line`.
     pub declared_at: String,
 }
@@ -30,6 +37,35 @@ impl ServiceDef {
     pub fn is_remote(&self) -> bool {
         !self.remote.is_empty()
     }
+
+    /// Whether the service runs in a container.
+    pub fn is_container(&self) -> bool {
+        self.container.is_some()
+    }
+}
+
+/// Where a container service's image comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageSource {
+    /// `image=`: a reference, local or pulled.
+    Pull(String),
+    /// `build=`: a directory with a Dockerfile, relative to the spec.
+    Build(String),
+}
+
+/// The container half of a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerDef {
+    pub image: ImageSource,
+    /// `entrypoint=`: replaces the image's ENTRYPOINT.
+    pub entrypoint: Option<Vec<String>>,
+    /// `args=`: replaces the image's CMD.
+    pub cmd: Option<Vec<String>>,
+    /// `ports={container_port: host_port}` (0: any free port); interface
+    /// ports not named here are published on a free port.
+    pub ports: BTreeMap<u16, u16>,
+    /// `volumes={host_path_or_volume: container_path}`.
+    pub volumes: Vec<(String, String)>,
 }
 
 /// One interface of a service.

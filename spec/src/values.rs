@@ -65,6 +65,7 @@ impl<'v> StarlarkValue<'v> for ServiceValue {
                 service: self.def.name.clone(),
                 iface: iface.clone(),
                 remote: self.def.remote.get(&iface.name).cloned(),
+                container: self.def.is_container(),
             }));
         }
         // Shorthand steps on a service with one interface (or one named
@@ -171,6 +172,10 @@ pub struct InterfaceRef {
     pub iface: InterfaceDef,
     /// The upstream of a remote service's interface.
     pub remote: Option<String>,
+    /// Whether the service runs in a container: its `.internal_addr` is
+    /// its name on the run's network, and its `.addr` the port published
+    /// on this machine once it runs.
+    pub container: bool,
 }
 starlark_simple_value!(InterfaceRef);
 
@@ -184,22 +189,29 @@ impl fmt::Display for InterfaceRef {
 impl<'v> StarlarkValue<'v> for InterfaceRef {
     fn get_attr(&self, attribute: &str, heap: Heap<'v>) -> Option<Value<'v>> {
         let port = self.iface.port;
+        // A container's published address exists only while it runs.
+        let published = || {
+            RUNNING.with(|r| {
+                r.borrow()
+                    .as_ref()
+                    .and_then(|host| host.published_addr(&self.service, &self.iface.name))
+            })
+        };
+        let (host, port) = match (&self.remote, self.container.then(published).flatten()) {
+            (Some(r), _) => match r.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), p.parse().unwrap_or(port)),
+                None => (r.clone(), port),
+            },
+            (None, Some(a)) => (a.ip().to_string(), a.port()),
+            (None, None) => ("localhost".to_string(), port),
+        };
         match attribute {
-            "addr" | "internal_addr" => Some(
-                heap.alloc(
-                    self.remote
-                        .clone()
-                        .unwrap_or_else(|| format!("localhost:{port}")),
-                ),
-            ),
-            "host" => Some(
-                heap.alloc(
-                    self.remote
-                        .as_deref()
-                        .and_then(|r| r.rsplit_once(':').map(|(h, _)| h.to_string()))
-                        .unwrap_or_else(|| "localhost".to_string()),
-                ),
-            ),
+            "addr" => Some(heap.alloc(format!("{host}:{port}"))),
+            "internal_addr" if self.container => {
+                Some(heap.alloc(format!("{}:{}", self.service, self.iface.port)))
+            }
+            "internal_addr" => Some(heap.alloc(format!("{host}:{port}"))),
+            "host" => Some(heap.alloc(host)),
             "port" => Some(heap.alloc(i32::from(port))),
             "name" => Some(heap.alloc(self.iface.name.as_str())),
             "protocol" => Some(heap.alloc(self.iface.protocol.as_str())),

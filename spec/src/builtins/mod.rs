@@ -26,7 +26,7 @@ use starlark::values::{UnpackValue, Value};
 
 use crate::event::{Event, Filter};
 use crate::host::{AssertionDetail, TestHost};
-use crate::model::{Healthcheck, InterfaceDef, OpDef, ServiceDef};
+use crate::model::{ContainerDef, Healthcheck, ImageSource, InterfaceDef, OpDef, ServiceDef};
 use crate::values::{
     Ctx, EventValue, FaultValue, HealthcheckValue, InterfaceRef, InterfaceValue, OpValue,
     ProxyRuleValue, ResponseValue, ServiceValue, StepMethod, TlsValue, json_to_value,

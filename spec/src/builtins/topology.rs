@@ -83,6 +83,151 @@ const NOT_IN_THIS_BUILD: &[&str] = &[
     "amqp",
 ];
 
+/// The ports `def` takes on this machine, with what takes each: a binary's
+/// interfaces, a container's fixed `ports=` mappings.
+fn host_ports(def: &ServiceDef) -> Vec<(u16, String)> {
+    match &def.container {
+        _ if def.is_remote() => Vec::new(),
+        Some(c) => c
+            .ports
+            .iter()
+            .filter(|(_, host)| **host != 0)
+            .map(|(inner, host)| (*host, format!("ports={{{inner}: {host}}}")))
+            .collect(),
+        None => def
+            .interfaces
+            .iter()
+            .map(|i| (i.port, format!("interface {:?}", i.name)))
+            .collect(),
+    }
+}
+
+/// The container half of `service(...)`: `image=` or `build=` with the
+/// keywords only a container has; `None` for a binary or remote service,
+/// which may not use them.
+fn container_def(
+    a: &Args<'_>,
+    name: &str,
+    has_binary: bool,
+    remote: bool,
+) -> Res<Option<ContainerDef>> {
+    let image = a.named("image").map(|v| a.string(v, "image")).transpose()?;
+    let build = a.named("build").map(|v| a.string(v, "build")).transpose()?;
+    let source = match (image, build) {
+        (Some(_), Some(_)) => {
+            return Err(err(format!(
+                "service({name:?}): image= and build= both given; use one (build= makes the image from a Dockerfile)"
+            )));
+        }
+        (Some(i), None) if i.trim().is_empty() => {
+            return Err(err(format!("service({name:?}): image=\"\" is empty")));
+        }
+        (None, Some(b)) if b.trim().is_empty() => {
+            return Err(err(format!(
+                "service({name:?}): build=\"\" is empty; give the directory that holds the Dockerfile"
+            )));
+        }
+        (Some(i), None) => Some(ImageSource::Pull(i)),
+        (None, Some(b)) => Some(ImageSource::Build(b)),
+        (None, None) => None,
+    };
+    let Some(image) = source else {
+        for (k, why) in [
+            ("entrypoint", "replaces a container image's ENTRYPOINT"),
+            ("ports", "publishes a container's ports"),
+            ("volumes", "mounts into a container"),
+            ("reuse", "keeps a container across tests"),
+            ("seccomp", "turns off the shim of a container"),
+        ] {
+            if a.named(k).is_some() {
+                return Err(err(format!(
+                    "service({name:?}): {k}= {why}; give image=\"...\" or build=\"./dir\", or drop {k}="
+                )));
+            }
+        }
+        return Ok(None);
+    };
+    let key = if matches!(image, ImageSource::Pull(_)) {
+        "image"
+    } else {
+        "build"
+    };
+    if has_binary {
+        return Err(err(format!(
+            "service({name:?}): {key}= runs a container, so there is no binary to give; drop the binary or drop {key}="
+        )));
+    }
+    if remote {
+        return Err(err(format!(
+            "service({name:?}): {key}= runs a container here and remote= names a service elsewhere; use one"
+        )));
+    }
+    let entrypoint = a
+        .named("entrypoint")
+        .map(|v| match v.unpack_str() {
+            Some(s) => Ok(vec![s.to_string()]),
+            None => a.strings(v, "entrypoint"),
+        })
+        .transpose()?;
+    if entrypoint.as_ref().is_some_and(|e| e.is_empty()) {
+        return Err(err(format!(
+            "service({name:?}): entrypoint=[] is empty; give the program and its arguments, or drop entrypoint= to keep the image's"
+        )));
+    }
+    let cmd = a.named("args").map(|v| a.strings(v, "args")).transpose()?;
+    let mut ports = BTreeMap::new();
+    if let Some(v) = a.named("ports") {
+        let d = DictRef::from_value(v).ok_or_else(|| {
+            err(format!(
+                "service({name:?}): ports must be a dict {{container_port: host_port}}"
+            ))
+        })?;
+        for (k, val) in d.iter() {
+            let port = |x: Value<'_>, what: &str, zero: bool| -> Res<u16> {
+                x.unpack_i32()
+                    .and_then(|p| u16::try_from(p).ok())
+                    .filter(|p| zero || *p != 0)
+                    .ok_or_else(|| {
+                        err(format!(
+                            "service({name:?}): ports: {what} {} must be a port number (1-65535{})",
+                            x.to_repr(),
+                            if zero { ", or 0 for any free port" } else { "" }
+                        ))
+                    })
+            };
+            ports.insert(
+                port(k, "container port", false)?,
+                port(val, "host port", true)?,
+            );
+        }
+    }
+    let mut volumes = Vec::new();
+    if let Some(v) = a.named("volumes") {
+        let d = DictRef::from_value(v).ok_or_else(|| {
+            err(format!(
+                "service({name:?}): volumes must be a dict {{host_path_or_volume: container_path}}"
+            ))
+        })?;
+        for (k, val) in d.iter() {
+            let from = a.string(k, "volumes key")?;
+            let to = a.string(val, "volumes value")?;
+            if !to.starts_with('/') {
+                return Err(err(format!(
+                    "service({name:?}): volumes: {to:?} must be an absolute path inside the container"
+                )));
+            }
+            volumes.push((from, to));
+        }
+    }
+    Ok(Some(ContainerDef {
+        image,
+        entrypoint,
+        cmd,
+        ports,
+        volumes,
+    }))
+}
+
 #[starlark_module]
 pub(crate) fn topology(builder: &mut GlobalsBuilder) {
     /// `service(name, [binary], *interfaces, args=, env=, depends_on=,
@@ -96,20 +241,12 @@ pub(crate) fn topology(builder: &mut GlobalsBuilder) {
         let a = Args::new("service", args, kwargs)?;
         for (bad, why) in [
             (
-                "image",
-                "container mode (image=) needs a Docker engine and is not supported by this build; give the service a local binary",
-            ),
-            (
-                "build",
-                "container mode (build=) is not supported by this build; build the binary yourself and pass its path",
-            ),
-            (
                 "cmd",
-                "there is no cmd=; put the program in binary= and its arguments in args=[...]",
+                "there is no cmd=; put the program in binary= (or the image's CMD in args=[...])",
             ),
             (
-                "entrypoint",
-                "there is no entrypoint=; put the program in binary= and its arguments in args=[...]",
+                "command",
+                "there is no command=; put the program in binary= (or the image's CMD in args=[...])",
             ),
         ] {
             if a.named.iter().any(|(k, _)| k == bad) {
@@ -121,13 +258,20 @@ pub(crate) fn topology(builder: &mut GlobalsBuilder) {
             &[
                 "name",
                 "binary",
+                "image",
+                "build",
                 "args",
+                "entrypoint",
                 "env",
                 "depends_on",
                 "healthcheck",
                 "ops",
                 "user",
                 "remote",
+                "ports",
+                "volumes",
+                "reuse",
+                "seccomp",
             ],
         )?;
         let c = ctx(eval)?;
@@ -185,7 +329,19 @@ pub(crate) fn topology(builder: &mut GlobalsBuilder) {
                     "service({name:?}): a remote service runs nothing here; drop the binary, or drop remote="
                 )));
             }
-            for k in ["args", "env", "ops", "user"] {
+            for k in [
+                "args",
+                "env",
+                "ops",
+                "user",
+                "image",
+                "build",
+                "entrypoint",
+                "ports",
+                "volumes",
+                "reuse",
+                "seccomp",
+            ] {
                 if a.named(k).is_some() {
                     return Err(err(format!(
                         "service({name:?}): {k}= needs a process Faultbox starts, and a remote service has none; fault it at the protocol level instead (fault({name}.<interface>, error(...), ...))"
@@ -198,7 +354,8 @@ pub(crate) fn topology(builder: &mut GlobalsBuilder) {
                 )));
             }
         }
-        let binary = match (binary, remote.is_empty()) {
+        let container = container_def(&a, &name, binary.is_some(), !remote.is_empty())?;
+        let binary = match (binary, remote.is_empty() && container.is_none()) {
             (Some(b), _) if b.trim().is_empty() => {
                 return Err(err(format!(
                     "service({name:?}): the binary is an empty string; give the program to run, e.g. service({name:?}, \"./bin/{name}\", ...)"
@@ -208,13 +365,14 @@ pub(crate) fn topology(builder: &mut GlobalsBuilder) {
             (None, false) => String::new(),
             (None, true) => {
                 return Err(err(format!(
-                    "service({name:?}): no binary; give the program to run, e.g. service({name:?}, \"./bin/{name}\", ...), or remote=\"host:port\" for a service that runs elsewhere"
+                    "service({name:?}): no binary; give the program to run, e.g. service({name:?}, \"./bin/{name}\", ...), image=\"...\" or build=\"./dir\" for a container, or remote=\"host:port\" for a service that runs elsewhere"
                 )));
             }
         };
+        // A container's args= is its CMD (kept in `container`).
         let args_list = match a.named("args") {
-            Some(v) => a.strings(v, "args")?,
-            None => Vec::new(),
+            Some(v) if container.is_none() => a.strings(v, "args")?,
+            _ => Vec::new(),
         };
         let mut env = Vec::new();
         if let Some(v) = a.named("env") {
@@ -301,6 +459,9 @@ pub(crate) fn topology(builder: &mut GlobalsBuilder) {
             ops,
             user,
             remote,
+            container,
+            seccomp: a.named("seccomp").is_none_or(|v| v.to_bool()),
+            reuse: a.named("reuse").is_some_and(|v| v.to_bool()),
             declared_at: format!("{}:{}", file.unwrap_or_default(), line.unwrap_or(0)),
         };
         let mut services = c.services.borrow_mut();
@@ -310,15 +471,14 @@ pub(crate) fn topology(builder: &mut GlobalsBuilder) {
                 other.declared_at
             )));
         }
-        // Remote services' ports are on other machines: only local ones
-        // can collide.
-        let local = |d: &ServiceDef| !d.is_remote();
-        for iface in def.interfaces.iter().filter(|_| local(&def)) {
-            for other in services.iter().filter(|o| local(o)) {
-                if let Some(o) = other.interfaces.iter().find(|o| o.port == iface.port) {
+        // Remote services' ports are on other machines and a container's
+        // are its own: only ports taken on this machine can collide.
+        for (port, what) in host_ports(&def) {
+            for other in services.iter() {
+                if let Some((_, o)) = host_ports(other).into_iter().find(|(p, _)| *p == port) {
                     return Err(err(format!(
-                        "service({name:?}): port {} of interface {:?} is already used by {}.{}",
-                        iface.port, iface.name, other.name, o.name
+                        "service({name:?}): port {port} of {what} is already used by {}.{o}",
+                        other.name
                     )));
                 }
             }

@@ -1,0 +1,63 @@
+"""A small HTTP service for container tests.
+
+  GET /health            -> 200 ok
+  GET /hello             -> 200 hello from $HOSTNAME
+  GET /fetch?addr=H:P    -> the status and body of GET http://H:P/hello, or
+                            502 with the error when that fails
+  GET /argv              -> the arguments it was started with
+  GET /env?name=X        -> the value of environment variable X
+  GET /file?path=P       -> the file's contents, or 500 with the errno name
+"""
+import errno
+import os
+import sys
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+PORT = int(os.environ.get("PORT", "8080"))
+
+
+class Handler(BaseHTTPRequestHandler):
+    def reply(self, status, text):
+        body = text.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        url = urlparse(self.path)
+        q = {k: v[0] for k, v in parse_qs(url.query).items()}
+        if url.path == "/health":
+            self.reply(200, "ok")
+        elif url.path == "/hello":
+            self.reply(200, "hello from %s" % os.environ.get("HOSTNAME", "?"))
+        elif url.path == "/fetch":
+            try:
+                with urllib.request.urlopen("http://%s/hello" % q["addr"], timeout=5) as r:
+                    self.reply(200, "%d %s" % (r.status, r.read().decode()))
+            except urllib.error.HTTPError as e:
+                self.reply(200, "%d %s" % (e.code, e.read().decode()))
+            except Exception as e:
+                self.reply(502, "error %s" % e)
+        elif url.path == "/argv":
+            self.reply(200, " ".join(sys.argv[1:]))
+        elif url.path == "/env":
+            self.reply(200, os.environ.get(q.get("name", ""), ""))
+        elif url.path == "/file":
+            try:
+                with open(q["path"]) as f:
+                    self.reply(200, f.read())
+            except OSError as e:
+                self.reply(500, errno.errorcode.get(e.errno, str(e.errno)))
+        else:
+            self.reply(404, "not found")
+
+    def log_message(self, fmt, *args):
+        sys.stderr.write("http: " + (fmt % args) + "\n")
+
+
+print("listening on %d, argv %s" % (PORT, sys.argv[1:]), flush=True)
+ThreadingHTTPServer(("0.0.0.0", PORT), Handler).serve_forever()

@@ -1,0 +1,12 @@
+#!/bin/sh
+# Initialises a cluster on first start (trust authentication, listening on
+# every address), then runs the command as the postgres account.
+set -e
+if [ ! -s "$PGDATA/PG_VERSION" ]; then
+  mkdir -p "$PGDATA" /run/postgresql
+  chown -R postgres:postgres "$PGDATA" /run/postgresql
+  runuser -u postgres -- initdb -D "$PGDATA" -A trust -U postgres >/dev/null
+  echo "listen_addresses = '*'" >>"$PGDATA/postgresql.conf"
+  echo "host all all 0.0.0.0/0 trust" >>"$PGDATA/pg_hba.conf"
+fi
+exec runuser -u postgres -- "$@"
