@@ -832,6 +832,12 @@ fn start_container(
         exposed_ports: Some(ports.keys().cloned().collect()),
         stop_timeout: Some(launch.stop_grace.as_secs().max(1) as i64),
         host_config: Some(HostConfig {
+            // The shim reads the paths and memory of its target's calls;
+            // when the image's entrypoint switches accounts (runuser,
+            // gosu, su-exec) that needs CAP_SYS_PTRACE, which Docker's
+            // default seccomp profile answers by also allowing
+            // process_vm_readv. The profile itself stays on.
+            cap_add: def.seccomp.then(|| vec!["SYS_PTRACE".to_string()]),
             binds: Some(binds),
             port_bindings: Some(port_bindings),
             network_mode: Some(docker.network.clone()),
