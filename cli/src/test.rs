@@ -211,6 +211,7 @@ pub fn run(args: TestArgs) -> Result<i32> {
     let config = RunConfig {
         shim: prepared.shim,
         docker: prepared.docker,
+        kept: Default::default(),
         log_dir: log_dir.clone(),
         test_timeout: timeout,
         stop_grace: Duration::from_secs(2),

@@ -178,6 +178,10 @@ pub trait Instance: Send + Sync {
     /// The shim session, when syscall faults can reach the service.
     fn shim(&self) -> Option<&Shim>;
 
+    /// Sends its output to `log` from now on (a kept service serving
+    /// the next test).
+    fn relog(&self, _log: &Path) {}
+
     /// How it ended, once it has.
     fn exited(&self) -> Option<ExitInfo> {
         self.shim().and_then(Shim::exited)

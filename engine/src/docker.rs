@@ -347,6 +347,26 @@ impl Docker {
         })
     }
 
+    /// Everything about the container services that can be checked before
+    /// one starts: each image is here (pulled or built), has something to
+    /// run, and each fixed host port is free.
+    pub fn prepare(&self, services: &[ServiceDef], spec_dir: &Path) -> Result<(), DockerError> {
+        for def in services {
+            let Some(c) = &def.container else { continue };
+            let image = self.image(def, c, spec_dir)?;
+            command(def, c, &image)?;
+            for host in c.ports.values().copied().filter(|p| *p != 0) {
+                if std::net::TcpListener::bind(("127.0.0.1", host)).is_err() {
+                    return Err(DockerError::HostPortBusy {
+                        service: def.name.clone(),
+                        port: host,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The image `def` runs, pulled or built once per run.
     fn image(
         &self,
@@ -690,6 +710,8 @@ struct ContainerInstance {
     /// The exit code once the container stopped (from the engine's wait).
     exit: Arc<Mutex<Option<i64>>>,
     log_task: Option<tokio::task::JoinHandle<()>>,
+    /// Where the log task writes: the current test's file.
+    log: Arc<Mutex<File>>,
     removed: bool,
 }
 
@@ -713,23 +735,7 @@ fn start_container(
     launch: Launch<'_>,
 ) -> Result<ContainerInstance, DockerError> {
     let image = docker.image(def, c, launch.spec_dir)?;
-    let mut argv = c
-        .entrypoint
-        .clone()
-        .unwrap_or_else(|| image.entrypoint.clone());
-    // As with `docker run --entrypoint`, a new entrypoint drops the
-    // image's CMD.
-    match (&c.cmd, &c.entrypoint) {
-        (Some(cmd), _) => argv.extend(cmd.iter().cloned()),
-        (None, None) => argv.extend(image.cmd.iter().cloned()),
-        (None, Some(_)) => {}
-    }
-    if argv.is_empty() {
-        return Err(DockerError::NoCommand {
-            service: def.name.clone(),
-            image: image.reference.clone(),
-        });
-    }
+    let argv = command(def, c, &image)?;
     let n = docker.next.fetch_add(1, Ordering::SeqCst);
     let name = format!("faultbox-{}-{}-{n}", docker.run, def.name);
     let mut env: BTreeMap<String, String> = image
@@ -854,6 +860,10 @@ fn start_container(
         }),
         ..Default::default()
     };
+    let log = File::create(&launch.log).map_err(|e| DockerError::Api {
+        what: format!("create {}", launch.log.display()),
+        reason: e.to_string(),
+    })?;
     let created = docker
         .rt
         .block_on(docker.client.create_container(
@@ -874,13 +884,10 @@ fn start_container(
         published: BTreeMap::new(),
         exit: Arc::new(Mutex::new(None)),
         log_task: None,
+        log: Arc::new(Mutex::new(log)),
         removed: false,
     };
     // From here on, dropping `instance` removes the container.
-    let log = File::create(&launch.log).map_err(|e| DockerError::Api {
-        what: format!("create {}", launch.log.display()),
-        reason: e.to_string(),
-    })?;
     if let Err(e) = docker
         .rt
         .block_on(docker.client.start_container(&created.id, None))
@@ -898,7 +905,7 @@ fn start_container(
             reason: text,
         });
     }
-    instance.follow(log);
+    instance.follow();
     if let Some(listener) = listener {
         let stream = instance.dial(&def.name, listener)?;
         let spec = LaunchSpec {
@@ -932,6 +939,33 @@ fn start_container(
     Ok(instance)
 }
 
+/// What the container runs: `entrypoint=` or the image's ENTRYPOINT, then
+/// `args=` or the image's CMD.
+fn command(
+    def: &ServiceDef,
+    c: &ContainerDef,
+    image: &ImageInfo,
+) -> Result<Vec<String>, DockerError> {
+    let mut argv = c
+        .entrypoint
+        .clone()
+        .unwrap_or_else(|| image.entrypoint.clone());
+    // As with `docker run --entrypoint`, a new entrypoint drops the
+    // image's CMD.
+    match (&c.cmd, &c.entrypoint) {
+        (Some(cmd), _) => argv.extend(cmd.iter().cloned()),
+        (None, None) => argv.extend(image.cmd.iter().cloned()),
+        (None, Some(_)) => {}
+    }
+    if argv.is_empty() {
+        return Err(DockerError::NoCommand {
+            service: def.name.clone(),
+            image: image.reference.clone(),
+        });
+    }
+    Ok(argv)
+}
+
 /// Which of `ports`' fixed host ports an engine error names.
 fn busy_port(text: &str, ports: &BTreeMap<u16, u16>) -> Option<u16> {
     ports
@@ -945,9 +979,10 @@ fn busy_port(text: &str, ports: &BTreeMap<u16, u16>) -> Option<u16> {
 impl ContainerInstance {
     /// Copies the container's output into the test's log file as it
     /// comes, and notes its exit code when it stops.
-    fn follow(&mut self, mut log: File) {
+    fn follow(&mut self) {
         let client = self.docker.client.clone();
         let id = self.id.clone();
+        let log = Arc::clone(&self.log);
         self.log_task = Some(self.docker.rt.spawn(async move {
             let mut stream = client.logs(
                 &id,
@@ -959,7 +994,7 @@ impl ContainerInstance {
                 }),
             );
             while let Some(Ok(chunk)) = stream.next().await {
-                let _ = log.write_all(&chunk.into_bytes());
+                let _ = lock(&log).write_all(&chunk.into_bytes());
             }
         }));
         let client = self.docker.client.clone();
@@ -1125,6 +1160,13 @@ impl Instance for ContainerInstance {
 
     fn shim(&self) -> Option<&Shim> {
         self.shim.as_ref()
+    }
+
+    fn relog(&self, log: &Path) {
+        match File::create(log) {
+            Ok(f) => *lock(&self.log) = f,
+            Err(e) => tracing::debug!(log = %log.display(), error = %e, "cannot open the next log"),
+        }
     }
 
     fn exited(&self) -> Option<ExitInfo> {

@@ -95,8 +95,10 @@ pub fn run_test(spec: &Spec, name: &str, seed: u64, config: &RunConfig) -> TestR
     run.close_all_windows();
     run.sync_all();
     run.settle_exits();
-    let crashes = run.unexpected_crashes();
     let busy = run.stop_services();
+    // After the stop: a container's last output arrives through the
+    // engine's log stream, which may trail its exit.
+    let crashes = run.unexpected_crashes();
     if result.outcome == Outcome::Pass
         && let Some(c) = crashes.first()
     {

@@ -45,6 +45,65 @@ pub struct RunConfig {
     /// The Docker engine and the run's network, when the spec has
     /// container services.
     pub docker: Option<Arc<crate::docker::Docker>>,
+    /// `reuse=True` services between two tests of the run.
+    pub kept: KeptServices,
+}
+
+/// Where a kept service's shim events go: the test it serves now.
+type EventSlot = Arc<Mutex<Box<dyn Fn(ShimEvent) + Send>>>;
+
+/// Where a kept service's proxy events go: the trace of the test it
+/// serves now.
+struct SwitchSink(Mutex<Arc<Trace>>);
+
+impl faultbox_proxy::EventSink for SwitchSink {
+    fn emit(&self, kind: &str, service: &str, fields: faultbox_proxy::Fields) {
+        let trace = Arc::clone(&lock(&self.0));
+        faultbox_proxy::EventSink::emit(&*trace, kind, service, fields);
+    }
+}
+
+/// A `reuse=True` service between tests: its instance, its proxies (so
+/// the addresses its dependents were given stay right) and the switches
+/// that point its events at the next test.
+struct Kept {
+    instance: Box<dyn Instance>,
+    switch: Switch,
+    proxies: Vec<((String, String), Proxy)>,
+    tls: Vec<((String, String), TlsRelays)>,
+}
+
+#[derive(Clone)]
+struct Switch {
+    events: EventSlot,
+    proxy_events: Arc<SwitchSink>,
+}
+
+/// The run's kept services; dropping the last handle stops them.
+#[derive(Clone, Default)]
+pub struct KeptServices(Arc<Mutex<BTreeMap<String, Kept>>>);
+
+impl std::fmt::Debug for KeptServices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(lock(&self.0).keys()).finish()
+    }
+}
+
+impl KeptServices {
+    /// Stops every kept service (the end of a run).
+    pub fn stop_all(&self, grace: Duration) {
+        let all = std::mem::take(&mut *lock(&self.0));
+        for (_, k) in all {
+            for (_, p) in k.proxies {
+                p.stop();
+            }
+            for (_, r) in k.tls {
+                r.front.stop();
+                r.back.stop();
+            }
+            k.instance.stop(grace);
+        }
+    }
 }
 
 impl RunConfig {
@@ -239,6 +298,7 @@ struct ProxyWindow {
 }
 
 struct TlsRelays {
+    interface: String,
     front: Relay,
     back: Relay,
     setup: Arc<TlsSetup>,
@@ -246,6 +306,8 @@ struct TlsRelays {
 
 struct Running {
     instance: Box<dyn Instance>,
+    /// For a `reuse=True` service: how to hand it to the next test.
+    switch: Option<Switch>,
 }
 
 /// The state of one test while it runs; shared by the body, the shim
@@ -358,6 +420,20 @@ impl TestRun {
             .config
             .log_dir
             .join(format!("{}.{}.log", self.name, def.name));
+        if def.reuse && self.resume(def, &log)? {
+            return Ok(());
+        }
+        let switch = def.reuse.then(|| Switch {
+            events: Arc::new(Mutex::new(self.event_sink(def))),
+            proxy_events: Arc::new(SwitchSink(Mutex::new(Arc::clone(&self.trace)))),
+        });
+        let on_event: Box<dyn Fn(ShimEvent) + Send> = match &switch {
+            Some(sw) => {
+                let slot = Arc::clone(&sw.events);
+                Box::new(move |e| (lock(&slot))(e))
+            }
+            None => self.event_sink(def),
+        };
         let instance = backend.start(Launch {
             def,
             env,
@@ -367,7 +443,7 @@ impl TestRun {
             seed: faultbox_agent::engine::derive_seed(self.seed, &def.name),
             shim: &self.config.shim,
             stop_grace: self.config.stop_grace,
-            on_event: self.event_sink(def),
+            on_event,
         });
         let instance = instance.inspect_err(|e| {
             tracing::debug!(service = %def.name, error = %e, "service did not start");
@@ -381,7 +457,7 @@ impl TestRun {
                 .map(|(k, v)| (k.to_string(), v))
                 .collect(),
         );
-        lock(&self.running).insert(def.name.clone(), Running { instance });
+        lock(&self.running).insert(def.name.clone(), Running { instance, switch });
         if let Some(check) = &def.healthcheck {
             self.wait_healthy(def, check, &log)?;
             self.trace.emit(
@@ -391,6 +467,69 @@ impl TestRun {
             );
         }
         self.start_proxies(def)
+    }
+
+    /// Takes over a kept `reuse=True` service when an earlier test left
+    /// one that still runs: its events now reach this test, and it is
+    /// announced (and checked) as if it had started. Returns false when
+    /// there is none, so it starts afresh.
+    fn resume(&self, def: &ServiceDef, log: &Path) -> Result<bool, StartError> {
+        let Some(kept) = lock(&self.config.kept.0).remove(&def.name) else {
+            return Ok(false);
+        };
+        if kept.instance.exited().is_some() {
+            for (_, p) in kept.proxies {
+                p.stop();
+            }
+            kept.instance.stop(self.config.stop_grace);
+            return Ok(false);
+        }
+        *lock(&kept.switch.events) = self.event_sink(def);
+        *lock(&kept.switch.proxy_events.0) = Arc::clone(&self.trace);
+        kept.instance.relog(log);
+        let mut started: BTreeMap<String, String> = kept
+            .instance
+            .started()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        started.insert("reused".into(), "true".into());
+        self.trace.emit("service_started", &def.name, started);
+        lock(&self.running).insert(
+            def.name.clone(),
+            Running {
+                instance: kept.instance,
+                switch: Some(kept.switch),
+            },
+        );
+        if let Some(check) = &def.healthcheck {
+            self.wait_healthy(def, check, log)?;
+            self.trace.emit(
+                "service_ready",
+                &def.name,
+                fields([("healthcheck", check.describe())]),
+            );
+        }
+        for (key, proxy) in kept.proxies {
+            let listen = match kept.tls.iter().find(|(k, _)| *k == key) {
+                Some((_, t)) => t.front.listen,
+                None => proxy.listen,
+            };
+            self.trace.emit(
+                "proxy_started",
+                &def.name,
+                fields([
+                    ("interface", key.1.clone()),
+                    ("protocol", proxy.protocol.clone()),
+                    ("listen", listen.to_string()),
+                    ("target", proxy.upstream.to_string()),
+                    ("mode", "reused".to_string()),
+                ]),
+            );
+            lock(&self.proxies).insert(key, proxy);
+        }
+        lock(&self.tls).extend(kept.tls);
+        Ok(true)
     }
 
     fn start_proxies(&self, def: &ServiceDef) -> Result<(), StartError> {
@@ -411,6 +550,13 @@ impl TestRun {
                 None => return Err(err("proxy", "the service is not running".into())),
             };
             let key = (def.name.clone(), iface.name.clone());
+            let sink: Arc<dyn faultbox_proxy::EventSink> = match lock(&self.running)
+                .get(&def.name)
+                .and_then(|r| r.switch.as_ref())
+            {
+                Some(sw) => Arc::clone(&sw.proxy_events) as Arc<dyn faultbox_proxy::EventSink>,
+                None => self.trace.clone(),
+            };
             let start = |to| {
                 Proxy::start_on(
                     self.config.proxy_bind(),
@@ -418,7 +564,7 @@ impl TestRun {
                     &iface.name,
                     &iface.protocol,
                     to,
-                    self.trace.clone(),
+                    Arc::clone(&sink),
                 )
                 .map_err(|e| err("proxy", e.to_string()))
             };
@@ -460,7 +606,15 @@ impl TestRun {
                     .map_err(io)?;
             announce(front.listen, "tls");
             lock(&self.proxies).insert(key.clone(), proxy);
-            lock(&self.tls).insert(key, TlsRelays { front, back, setup });
+            lock(&self.tls).insert(
+                key,
+                TlsRelays {
+                    interface: iface.name.clone(),
+                    front,
+                    back,
+                    setup,
+                },
+            );
         }
         Ok(())
     }
@@ -922,7 +1076,15 @@ impl TestRun {
         lock(&self.crashes)
             .iter()
             .filter(|c| !ack.contains(&c.service))
-            .cloned()
+            .map(|c| {
+                let log = self
+                    .config
+                    .log_dir
+                    .join(format!("{}.{}.log", self.name, c.service));
+                let mut c = c.clone();
+                c.log_tail = tail(&log, 15);
+                c
+            })
             .collect()
     }
 
@@ -934,14 +1096,40 @@ impl TestRun {
         let mut busy = Vec::new();
         for i in order.into_iter().rev() {
             let def = &self.services[i];
-            for p in take_service(&self.proxies, &def.name) {
+            let running = lock(&self.running).remove(&def.name);
+            let proxies = take_service(&self.proxies, &def.name);
+            let tls = take_service(&self.tls, &def.name);
+            // A kept service waits for the next test, unless it died in
+            // this one.
+            let keep = running
+                .as_ref()
+                .is_some_and(|r| r.switch.is_some() && r.instance.exited().is_none());
+            if keep
+                && let Some(Running {
+                    instance,
+                    switch: Some(switch),
+                }) = running
+            {
+                let name = |k: &str| (def.name.clone(), k.to_string());
+                let kept = Kept {
+                    instance,
+                    switch,
+                    proxies: proxies
+                        .into_iter()
+                        .map(|p| (name(&p.interface), p))
+                        .collect(),
+                    tls: tls.into_iter().map(|t| (name(&t.interface), t)).collect(),
+                };
+                lock(&self.config.kept.0).insert(def.name.clone(), kept);
+                continue;
+            }
+            for p in proxies {
                 p.stop();
             }
-            for r in take_service(&self.tls, &def.name) {
+            for r in tls {
                 r.front.stop();
                 r.back.stop();
             }
-            let running = lock(&self.running).remove(&def.name);
             if let Some(r) = running {
                 busy.extend(r.instance.stop(self.config.stop_grace));
             }
@@ -975,6 +1163,11 @@ impl TestHost for TestRun {
             })?;
         if def.is_remote() {
             return Err(HostError::Remote {
+                service: service.to_string(),
+            });
+        }
+        if !def.seccomp {
+            return Err(HostError::NoSeccomp {
                 service: service.to_string(),
             });
         }

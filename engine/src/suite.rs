@@ -126,9 +126,9 @@ pub fn preflight(spec: &Spec, work_dir: &std::path::Path) -> Result<Prepared, Pr
         return Err(PreflightError::NoUserNotification);
     }
     let docker = if spec.services.iter().any(|s| s.is_container()) {
-        Some(std::sync::Arc::new(crate::docker::Docker::connect(
-            work_dir,
-        )?))
+        let docker = crate::docker::Docker::connect(work_dir)?;
+        docker.prepare(&spec.services, &spec.dir)?;
+        Some(std::sync::Arc::new(docker))
     } else {
         None
     };
@@ -204,6 +204,7 @@ pub fn run(
             summary.failed += 1;
         }
     }
+    config.kept.stop_all(config.stop_grace);
     summary
 }
 

@@ -28,6 +28,14 @@ pub enum HostError {
         /// The service.
         service: String,
     },
+    /// A container started with `seccomp=False`.
+    #[error(
+        "{service:?} runs with seccomp=False, so no shim filters its syscalls; drop seccomp=False to fault them, or use protocol faults (fault({service}.<interface>, error(...), ...))"
+    )]
+    NoSeccomp {
+        /// The service.
+        service: String,
+    },
     /// A fault keyword that is neither an op, a family nor a syscall.
     #[error("{keyword:?} is neither a syscall nor an op of service {service:?}{hint}")]
     UnknownKeyword {

@@ -142,6 +142,18 @@ pub enum TopologyError {
         /// The missing one.
         dependency: String,
     },
+    /// A kept container pointing at one that is started fresh per test.
+    #[error(
+        "{declared_at}: service {service:?} has reuse=True but depends on {dependency:?}, which is started fresh for every test, so the kept container would keep the first test's address for it; give {dependency:?} reuse=True too, or drop reuse="
+    )]
+    ReuseDependsOnFresh {
+        /// Where the kept service is declared.
+        declared_at: String,
+        /// The kept service.
+        service: String,
+        /// The dependency started per test.
+        dependency: String,
+    },
 }
 
 /// Orders services so that each comes after what it depends on.
@@ -185,6 +197,18 @@ pub fn start_order(services: &[ServiceDef]) -> Result<Vec<usize>, TopologyError>
     }
     for i in 0..services.len() {
         visit(i, services, &index, &mut state, &mut order, &mut Vec::new())?;
+    }
+    for s in services.iter().filter(|s| s.reuse) {
+        for dep in &s.depends_on {
+            let fresh = index(dep).is_some_and(|j| !services[j].reuse && !services[j].is_remote());
+            if fresh {
+                return Err(TopologyError::ReuseDependsOnFresh {
+                    declared_at: s.declared_at.clone(),
+                    service: s.name.clone(),
+                    dependency: dep.clone(),
+                });
+            }
+        }
     }
     Ok(order)
 }

@@ -334,8 +334,6 @@ pub(crate) fn topology(builder: &mut GlobalsBuilder) {
                 "env",
                 "ops",
                 "user",
-                "image",
-                "build",
                 "entrypoint",
                 "ports",
                 "volumes",
@@ -348,7 +346,7 @@ pub(crate) fn topology(builder: &mut GlobalsBuilder) {
                     )));
                 }
             }
-            if a.named("healthcheck").is_none() {
+            if a.named("healthcheck").is_none() && a.named("image").or(a.named("build")).is_none() {
                 return Err(err(format!(
                     "service({name:?}): a remote service needs healthcheck= (e.g. tcp(\"host:port\")), so a test never starts against an unreachable upstream"
                 )));

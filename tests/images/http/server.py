@@ -2,8 +2,9 @@
 
   GET /health            -> 200 ok
   GET /hello             -> 200 hello from $HOSTNAME
-  GET /fetch?addr=H:P    -> the status and body of GET http://H:P/hello, or
-                            502 with the error when that fails
+  GET /fetch?env=NAME    -> the status and body of GET http://$NAME/hello
+                            (NAME holds a host:port), or 502 with the
+                            error when that fails
   GET /argv              -> the arguments it was started with
   GET /env?name=X        -> the value of environment variable X
   GET /file?path=P       -> the file's contents, or 500 with the errno name
@@ -36,7 +37,8 @@ class Handler(BaseHTTPRequestHandler):
             self.reply(200, "hello from %s" % os.environ.get("HOSTNAME", "?"))
         elif url.path == "/fetch":
             try:
-                with urllib.request.urlopen("http://%s/hello" % q["addr"], timeout=5) as r:
+                addr = os.environ.get(q.get("env", ""), "")
+                with urllib.request.urlopen("http://%s/hello" % addr, timeout=5) as r:
                     self.reply(200, "%d %s" % (r.status, r.read().decode()))
             except urllib.error.HTTPError as e:
                 self.reply(200, "%d %s" % (e.code, e.read().decode()))
