@@ -189,6 +189,8 @@ pub struct Docker {
     sockets: PathBuf,
     images: Mutex<BTreeMap<String, ImageInfo>>,
     next: AtomicU64,
+    /// Time spent waiting for the engine, for benchmarks.
+    engine_ns: AtomicU64,
 }
 
 impl std::fmt::Debug for Docker {
@@ -244,10 +246,26 @@ impl Docker {
             sockets,
             images: Mutex::new(BTreeMap::new()),
             next: AtomicU64::new(1),
+            engine_ns: AtomicU64::new(0),
         };
         docker.remove_stale();
         docker.gateway = docker.create_network()?;
         Ok(docker)
+    }
+
+    /// Waits for an Engine API call, counting the time.
+    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        let t = Instant::now();
+        let out = self.rt.block_on(f);
+        self.engine_ns
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        out
+    }
+
+    /// How long this run has waited for the engine so far (creating,
+    /// starting, inspecting, stopping and removing; pulls and builds).
+    pub fn engine_time(&self) -> Duration {
+        Duration::from_nanos(self.engine_ns.load(Ordering::Relaxed))
     }
 
     /// This run's id, as its labels carry it.
@@ -276,7 +294,7 @@ impl Docker {
     /// things are left alone.
     fn remove_stale(&self) {
         let filters = HashMap::from([("label".to_string(), vec![LABEL_RUN.to_string()])]);
-        self.rt.block_on(async {
+        self.block_on(async {
             let containers = self
                 .client
                 .list_containers(Some(ListContainersOptions {
@@ -323,7 +341,7 @@ impl Docker {
             labels: Some(self.labels(None)),
             ..Default::default()
         };
-        self.rt.block_on(async {
+        self.block_on(async {
             self.client
                 .create_network(request)
                 .await
@@ -401,7 +419,7 @@ impl Docker {
     }
 
     fn pull_if_missing(&self, service: &str, image: &str) -> Result<(), DockerError> {
-        match self.rt.block_on(self.client.inspect_image(image)) {
+        match self.block_on(self.client.inspect_image(image)) {
             Ok(_) => return Ok(()),
             Err(e) if not_found(&e) => {}
             Err(e) => return Err(api(format!("inspect image {image}"))(e)),
@@ -476,7 +494,7 @@ impl Docker {
         };
         let digest = context_digest(&context).map_err(|e| failed(e.to_string(), String::new()))?;
         let tag = format!("faultbox-{}:{}", service.to_lowercase(), &digest[..16]);
-        if self.rt.block_on(self.client.inspect_image(&tag)).is_ok() {
+        if self.block_on(self.client.inspect_image(&tag)).is_ok() {
             return Ok(tag);
         }
         eprintln!("faultbox: building {tag} from {}", context.display());
@@ -499,7 +517,7 @@ impl Docker {
             ..Default::default()
         };
         let mut output: Vec<String> = Vec::new();
-        let result: Result<(), String> = self.rt.block_on(async {
+        let result: Result<(), String> = self.block_on(async {
             let mut stream =
                 self.client
                     .build_image(options, None, Some(bollard::body_full(body.into())));
@@ -541,7 +559,7 @@ impl Docker {
 
     /// The last `lines` lines of a container's output.
     fn logs_tail(&self, id: &str, lines: usize) -> String {
-        self.rt.block_on(async {
+        self.block_on(async {
             let mut stream = self.client.logs(
                 id,
                 Some(LogsOptions {
@@ -568,7 +586,7 @@ impl Drop for Docker {
             "label".to_string(),
             vec![format!("{LABEL_RUN}={}", self.run)],
         )]);
-        self.rt.block_on(async {
+        self.block_on(async {
             let left = self
                 .client
                 .list_containers(Some(ListContainersOptions {
@@ -1118,9 +1136,8 @@ impl ContainerInstance {
             return;
         }
         self.removed = true;
-        let rt = &self.docker.rt;
         let client = &self.docker.client;
-        let _ = rt.block_on(client.stop_container(
+        let _ = self.docker.block_on(client.stop_container(
             &self.id,
             Some(StopContainerOptions {
                 t: Some(grace.as_secs().max(1) as i32),
@@ -1130,7 +1147,10 @@ impl ContainerInstance {
         self.docker.remove(&self.id);
         if let Some(task) = self.log_task.take() {
             // The stream ends with the container; wait for the last lines.
-            let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(2), task).await });
+            let _ = self
+                .docker
+                .rt
+                .block_on(async { tokio::time::timeout(Duration::from_secs(2), task).await });
         }
         let _ = std::fs::remove_dir_all(self.docker.sockets.join(&self.name));
     }

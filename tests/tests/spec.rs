@@ -842,7 +842,7 @@ fn bad_specs_give_one_clear_error_and_exit_1() {
         "svc = service(\"a\", \"/bin/true\", helthcheck = tcp(\"localhost:1\"))\n",
         &[],
         &[
-            "service(): unknown keyword argument \"helthcheck\" (did you mean healthcheck?); accepted: name, binary, args, env, depends_on, healthcheck, ops, user",
+            "service(): unknown keyword argument \"helthcheck\" (did you mean healthcheck?); accepted: name, binary, image, build, args, entrypoint, env, depends_on, healthcheck, ops, user, remote, ports, volumes, reuse, seccomp",
             "spec.star:1:",
         ],
     );
