@@ -54,8 +54,16 @@ use futures_util::StreamExt;
 use crate::backend::{Backend, BackendError, Instance, Launch};
 use crate::shim::{ExitInfo, Shim};
 
-/// How long a missing image may take to pull.
+/// How long a missing image may take to pull, unless
+/// `FAULTBOX_PULL_TIMEOUT` (seconds) says otherwise.
 pub const PULL_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn pull_timeout() -> Duration {
+    std::env::var("FAULTBOX_PULL_TIMEOUT")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .map_or(PULL_TIMEOUT, Duration::from_secs)
+}
 /// How long a container's shim may take to dial in.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Labels on everything Faultbox creates.
@@ -88,10 +96,13 @@ pub enum DockerError {
     },
     /// A pull that took too long.
     #[error(
-        "service {service:?}: pulling image {image:?} took longer than {}s; pull it yourself (docker pull {image}) and run again",
-        PULL_TIMEOUT.as_secs()
+        "service {service:?}: pulling image {image:?} took longer than {secs}s; pull it yourself (docker pull {image}), or allow longer with FAULTBOX_PULL_TIMEOUT=<seconds>"
     )]
-    PullTimeout { service: String, image: String },
+    PullTimeout {
+        service: String,
+        image: String,
+        secs: u64,
+    },
     /// `build=` naming a directory without a Dockerfile.
     #[error(
         "service {service:?}: build={dir:?} has no Dockerfile ({}); point build= at the directory that holds it",
@@ -403,7 +414,6 @@ impl Docker {
             ImageSource::Build(dir) => self.build(&def.name, dir, spec_dir)?,
         };
         let inspect = self
-            .rt
             .block_on(self.client.inspect_image(&reference))
             .map_err(api(format!("inspect image {reference}")))?;
         let config = inspect.config.unwrap_or_default();
@@ -424,9 +434,10 @@ impl Docker {
             Err(e) if not_found(&e) => {}
             Err(e) => return Err(api(format!("inspect image {image}"))(e)),
         }
+        let timeout = pull_timeout();
         eprintln!(
             "faultbox: pulling image {image} (up to {}s)",
-            PULL_TIMEOUT.as_secs()
+            timeout.as_secs()
         );
         let (from_image, tag) = split_reference(image);
         let options = CreateImageOptions {
@@ -457,13 +468,11 @@ impl Docker {
             }
             Ok(())
         };
-        match self
-            .rt
-            .block_on(async { tokio::time::timeout(PULL_TIMEOUT, pull).await })
-        {
+        match self.block_on(async { tokio::time::timeout(timeout, pull).await }) {
             Err(_) => Err(DockerError::PullTimeout {
                 service: service.to_string(),
                 image: image.to_string(),
+                secs: timeout.as_secs(),
             }),
             Ok(Err(reason)) => Err(DockerError::Pull {
                 service: service.to_string(),
@@ -552,9 +561,7 @@ impl Docker {
 
     /// Force-removes a container and waits until it is gone.
     fn remove(&self, id: &str) {
-        let _ = self
-            .rt
-            .block_on(self.client.remove_container(id, Some(force())));
+        let _ = self.block_on(self.client.remove_container(id, Some(force())));
     }
 
     /// The last `lines` lines of a container's output.
@@ -883,7 +890,6 @@ fn start_container(
         reason: e.to_string(),
     })?;
     let created = docker
-        .rt
         .block_on(docker.client.create_container(
             Some(CreateContainerOptions {
                 name: Some(name.clone()),
@@ -906,10 +912,7 @@ fn start_container(
         removed: false,
     };
     // From here on, dropping `instance` removes the container.
-    if let Err(e) = docker
-        .rt
-        .block_on(docker.client.start_container(&created.id, None))
-    {
+    if let Err(e) = docker.block_on(docker.client.start_container(&created.id, None)) {
         let text = reason(&e);
         let busy = text.contains("already allocated") || text.contains("address already in use");
         if let Some(port) = busy.then(|| busy_port(&text, &c.ports)).flatten() {
@@ -1086,7 +1089,6 @@ impl ContainerInstance {
     fn inspect(&mut self, service: &str) -> Result<(), DockerError> {
         let info = self
             .docker
-            .rt
             .block_on(self.docker.client.inspect_container(&self.id, None))
             .map_err(api(format!("inspect the container of service {service:?}")))?;
         if let Some(state) = &info.state
@@ -1149,7 +1151,6 @@ impl ContainerInstance {
             // The stream ends with the container; wait for the last lines.
             let _ = self
                 .docker
-                .rt
                 .block_on(async { tokio::time::timeout(Duration::from_secs(2), task).await });
         }
         let _ = std::fs::remove_dir_all(self.docker.sockets.join(&self.name));

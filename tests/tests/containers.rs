@@ -672,6 +672,7 @@ def test_never():
     let r = run_with(&dir, &text, &[], &[]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     let line = r.stderr.lines().last().unwrap_or_default();
+    let dead_line = line.to_string();
     assert!(
         line.contains(&format!("image \"127.0.0.1:{dead}/faultbox/none:1\""))
             && line.contains("could not be pulled")
@@ -679,6 +680,35 @@ def test_never():
         "{}",
         r.stderr
     );
+
+    // A registry that accepts and never answers: the pull times out.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    let held = std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        silent.set_nonblocking(true).expect("nonblocking");
+        let until = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < until {
+            if let Ok((c, _)) = silent.accept() {
+                conns.push(c);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let text = format!(
+        "web = service(\"web\", interface(\"main\", \"http\", 8080), image = \"127.0.0.1:{port}/faultbox/slow:1\")\ndef test_never():\n    pass\n"
+    );
+    let t = Instant::now();
+    let r = run_with(&dir, &text, &[], &[("FAULTBOX_PULL_TIMEOUT", "2")]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+    let line = r.stderr.lines().last().unwrap_or_default();
+    assert!(
+        line.contains("took longer than 2s") && line.contains("FAULTBOX_PULL_TIMEOUT"),
+        "{} (dead registry said: {dead_line})",
+        r.stderr
+    );
+    drop(held);
     assert_nothing_left(std::process::id());
 }
 
