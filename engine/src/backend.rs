@@ -187,6 +187,18 @@ pub trait Instance: Send + Sync {
         self.shim().and_then(Shim::exited)
     }
 
+    /// Waits (briefly) for the report of an exit that already happened:
+    /// a service that died during the body's last step must count as a
+    /// crash even if its exit is still on the way.
+    fn settle(&self) {
+        if let Some(shim) = self.shim()
+            && shim.exited().is_none()
+            && shim.target_gone()
+        {
+            shim.wait_exited(Duration::from_secs(2));
+        }
+    }
+
     /// Stops it (SIGTERM, SIGKILL after `grace`) and waits for its
     /// interfaces' ports to be free; returns those still taken.
     fn stop(self: Box<Self>, grace: Duration) -> Vec<String>;

@@ -3,7 +3,8 @@
 //!
 //! One [`Docker`] serves a whole run (a suite): it holds the Engine API
 //! client, the run's bridge network (`faultbox-<run>`) and the images it
-//! prepared. Each test gets fresh containers; every container and network
+//! prepared. Each test gets fresh containers (a `reuse=True` service keeps
+//! one for the run, see `runtime::KeptServices`); every container and network
 //! carries labels naming the run and the process that owns it, so the next
 //! run removes what a run that died left behind, and never anything else.
 //!
@@ -138,6 +139,13 @@ pub enum DockerError {
         service: String,
         code: i64,
         /// Its last log lines, with their separator.
+        output: String,
+    },
+    /// The shim dialled in but could not be served.
+    #[error("service {service:?}: the shim in its container failed: {reason}{output}")]
+    Shim {
+        service: String,
+        reason: String,
         output: String,
     },
     /// The shim never dialled in.
@@ -502,13 +510,13 @@ impl Docker {
             output,
         };
         let digest = context_digest(&context).map_err(|e| failed(e.to_string(), String::new()))?;
-        let tag = format!("faultbox-{}:{}", service.to_lowercase(), &digest[..16]);
+        let tag = format!("faultbox-{}:{}", tag_name(service), &digest[..16]);
         if self.block_on(self.client.inspect_image(&tag)).is_ok() {
             return Ok(tag);
         }
         eprintln!("faultbox: building {tag} from {}", context.display());
         let mut archive = tar::Builder::new(Vec::new());
-        archive.follow_symlinks(true);
+        archive.follow_symlinks(false);
         archive
             .append_dir_all(".", &context)
             .map_err(|e| failed(format!("pack {}: {e}", context.display()), String::new()))?;
@@ -626,10 +634,35 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// `pid:starttime`: a process, told apart from a later one that reuses
-/// its pid.
+/// `boot:pidns:pid:starttime`: a process, told apart from a later one
+/// that reuses its pid, on this boot of this machine, as this pid namespace
+/// sees it.
 fn owner_tag(pid: u32) -> String {
-    format!("{pid}:{}", start_time(pid).unwrap_or(0))
+    format!(
+        "{}:{}:{pid}:{}",
+        boot_id(),
+        pid_namespace(),
+        start_time(pid).unwrap_or(0)
+    )
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().replace('-', ""))
+        .unwrap_or_default()
+}
+
+/// The inode of this process's pid namespace.
+fn pid_namespace() -> String {
+    std::fs::read_link("/proc/self/ns/pid")
+        .ok()
+        .and_then(|l| {
+            let l = l.to_string_lossy().into_owned();
+            l.strip_prefix("pid:[")
+                .and_then(|r| r.strip_suffix(']'))
+                .map(str::to_string)
+        })
+        .unwrap_or_default()
 }
 
 fn start_time(pid: u32) -> Option<u64> {
@@ -643,13 +676,25 @@ fn start_time(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// Whether the faultbox `tag` names may still be running. A tag from an
+/// earlier boot is dead; one from another pid namespace (a faultbox in a
+/// container sharing this engine) cannot be checked from here, so it
+/// counts as alive, as does anything unreadable: only what is certainly
+/// orphaned is removed.
 fn owner_alive(tag: &str) -> bool {
-    let Some((pid, start)) = tag.split_once(':') else {
-        return false;
+    let parts: Vec<&str> = tag.split(':').collect();
+    let [boot, ns, pid, start] = parts.as_slice() else {
+        return true;
     };
+    if *boot != boot_id() {
+        return false;
+    }
+    if *ns != pid_namespace() {
+        return true;
+    }
     match (pid.parse::<u32>(), start.parse::<u64>()) {
         (Ok(pid), Ok(start)) => start_time(pid) == Some(start),
-        _ => false,
+        _ => true,
     }
 }
 
@@ -669,7 +714,25 @@ fn split_reference(image: &str) -> (String, Option<String>) {
     }
 }
 
-/// A digest of a build context: every file's path, mode and bytes.
+/// A service name as an image repository component (lower case, no `_`,
+/// no leading or trailing separator).
+fn tag_name(service: &str) -> String {
+    let name: String = service
+        .to_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let name = name.trim_matches('-');
+    if name.is_empty() {
+        "service".to_string()
+    } else {
+        name.to_string()
+    }
+}
+
+/// A digest of a build context: every file's path, mode and bytes; a
+/// symbolic link by its target (it is packed as a link, as `docker build`
+/// does, so a loop cannot hang the walk).
 fn context_digest(dir: &Path) -> std::io::Result<String> {
     use sha2::Digest;
     let mut files = Vec::new();
@@ -677,7 +740,7 @@ fn context_digest(dir: &Path) -> std::io::Result<String> {
     while let Some(d) = stack.pop() {
         for entry in std::fs::read_dir(&d)? {
             let path = entry?.path();
-            let meta = std::fs::metadata(&path)?;
+            let meta = std::fs::symlink_metadata(&path)?;
             if meta.is_dir() {
                 stack.push(path);
             } else {
@@ -691,7 +754,10 @@ fn context_digest(dir: &Path) -> std::io::Result<String> {
         let rel = path.strip_prefix(dir).unwrap_or(&path);
         hash.update(rel.to_string_lossy().as_bytes());
         hash.update(mode.to_le_bytes());
-        hash.update(std::fs::read(&path)?);
+        match std::fs::read_link(&path) {
+            Ok(target) => hash.update(target.to_string_lossy().as_bytes()),
+            Err(_) => hash.update(std::fs::read(&path)?),
+        }
         hash.update([0]);
     }
     Ok(hash.finalize().iter().map(|b| format!("{b:02x}")).collect())
@@ -737,6 +803,10 @@ struct ContainerInstance {
     log_task: Option<tokio::task::JoinHandle<()>>,
     /// Where the log task writes: the current test's file.
     log: Arc<Mutex<File>>,
+    /// Its control socket's directory.
+    dir: PathBuf,
+    /// The container's init, as this machine's /proc names it.
+    init_pid: Option<u32>,
     removed: bool,
 }
 
@@ -763,6 +833,8 @@ fn start_container(
     let argv = command(def, c, &image)?;
     let n = docker.next.fetch_add(1, Ordering::SeqCst);
     let name = format!("faultbox-{}-{}-{n}", docker.run, def.name);
+    // Short: a Unix socket path has 108 bytes.
+    let dir = docker.sockets.join(n.to_string());
     let mut env: BTreeMap<String, String> = image
         .env
         .iter()
@@ -777,8 +849,7 @@ fn start_container(
 
     let mut binds: Vec<String> = Vec::new();
     let mut listener = None;
-    let (entrypoint, cmd) = if def.seccomp {
-        let dir = docker.sockets.join(&name);
+    let entrypoint = if def.seccomp {
         let io = |what: &str| {
             let what = format!("{what} {}", dir.display());
             move |e: std::io::Error| DockerError::Api {
@@ -798,17 +869,19 @@ fn start_container(
         listener = Some(l);
         binds.push(format!("{}:{SHIM_IN_CONTAINER}:ro", launch.shim.display()));
         binds.push(format!("{}:{RUN_IN_CONTAINER}", dir.display()));
-        (
-            vec![
-                SHIM_IN_CONTAINER.to_string(),
-                "--control".to_string(),
-                format!("unix:{RUN_IN_CONTAINER}/control.sock"),
-            ],
-            Vec::new(),
-        )
+        vec![
+            SHIM_IN_CONTAINER.to_string(),
+            "--control".to_string(),
+            format!("unix:{RUN_IN_CONTAINER}/control.sock"),
+        ]
     } else {
-        (argv.clone(), Vec::new())
+        argv.clone()
     };
+    // The CA a TLS interface's clients are told to trust, where the host
+    // has it.
+    if let Some(ca) = launch.env.get("FAULTBOX_CA_FILE") {
+        binds.push(format!("{ca}:{ca}:ro"));
+    }
     for (from, to) in &c.volumes {
         let from = if from.starts_with('.') || from.starts_with('/') {
             let p: PathBuf = launch.spec_dir.join(from).components().collect();
@@ -853,12 +926,8 @@ fn start_container(
         hostname: Some(def.name.clone()),
         user: def.user.clone(),
         env: Some(env_list.clone()),
-        entrypoint: Some(if def.seccomp {
-            entrypoint
-        } else {
-            argv.clone()
-        }),
-        cmd: Some(cmd),
+        entrypoint: Some(entrypoint),
+        cmd: Some(Vec::new()),
         labels: Some(docker.labels(Some(&def.name))),
         exposed_ports: Some(ports.keys().cloned().collect()),
         stop_timeout: Some(launch.stop_grace.as_secs().max(1) as i64),
@@ -902,6 +971,8 @@ fn start_container(
         docker: Arc::clone(docker),
         id: created.id.clone(),
         name: name.clone(),
+        dir,
+        init_pid: None,
         image: image.reference.clone(),
         shim: None,
         ip: Ipv4Addr::UNSPECIFIED,
@@ -926,8 +997,14 @@ fn start_container(
             reason: text,
         });
     }
-    instance.follow();
-    if let Some(listener) = listener {
+    // Without a shim, the engine's wait reports the exit as a shim would.
+    let (on_event, exit_sink) = if listener.is_some() {
+        (Some(launch.on_event), None)
+    } else {
+        (None, Some(launch.on_event))
+    };
+    instance.follow(exit_sink);
+    if let (Some(listener), Some(on_event)) = (listener, on_event) {
         let stream = instance.dial(&def.name, listener)?;
         let spec = LaunchSpec {
             program: argv[0].clone(),
@@ -946,12 +1023,19 @@ fn start_container(
             stop_grace_ms: launch.stop_grace.as_millis() as u64,
             user: None,
         };
-        let shim = Shim::attach(stream, spec, launch.shim, launch.on_event).map_err(|e| {
-            let out = instance.last_lines();
-            DockerError::ExitedAtStart {
-                service: def.name.clone(),
-                code: e.exit_code().map_or(1, i64::from),
-                output: format!(" ({e}){out}"),
+        let shim = Shim::attach(stream, spec, launch.shim, on_event).map_err(|e| {
+            let output = instance.last_lines();
+            match e.exit_code() {
+                Some(code) => DockerError::ExitedAtStart {
+                    service: def.name.clone(),
+                    code: i64::from(code),
+                    output: format!(" ({e}){output}"),
+                },
+                None => DockerError::Shim {
+                    service: def.name.clone(),
+                    reason: e.to_string(),
+                    output,
+                },
             }
         })?;
         instance.shim = Some(shim);
@@ -1000,7 +1084,7 @@ fn busy_port(text: &str, ports: &BTreeMap<u16, u16>) -> Option<u16> {
 impl ContainerInstance {
     /// Copies the container's output into the test's log file as it
     /// comes, and notes its exit code when it stops.
-    fn follow(&mut self) {
+    fn follow(&mut self, on_exit: Option<Box<dyn Fn(crate::shim::ShimEvent) + Send>>) {
         let client = self.docker.client.clone();
         let id = self.id.clone();
         let log = Arc::clone(&self.log);
@@ -1034,6 +1118,17 @@ impl ContainerInstance {
                 Some(Err(ApiError::DockerContainerWaitError { code, .. })) => code,
                 _ => return,
             };
+            // Reported before it is noted, so whoever sees it noted (see
+            // `settle`) knows the report is in.
+            if let Some(report) = on_exit {
+                report(crate::shim::ShimEvent::Exited {
+                    exit: ExitInfo {
+                        code: Some(code as i32),
+                        signal: None,
+                    },
+                    interrupted: 0,
+                });
+            }
             *lock(&exit) = Some(code);
         });
     }
@@ -1121,12 +1216,14 @@ impl ContainerInstance {
                     .insert(key, SocketAddr::from(([127, 0, 0, 1], port)));
             }
         }
-        if let (Some(shim), Some(pid)) = (&self.shim, info.state.and_then(|s| s.pid)) {
+        let init = info
+            .state
+            .and_then(|s| s.pid)
+            .and_then(|p| u32::try_from(p).ok());
+        self.init_pid = init;
+        if let (Some(shim), Some(pid)) = (&self.shim, init) {
             // The target's pid is the container's; /proc here needs ours.
-            if let Some(host) = u32::try_from(pid)
-                .ok()
-                .and_then(|p| host_pid_of(p, shim.pid))
-            {
+            if let Some(host) = host_pid_of(pid, shim.pid) {
                 shim.set_host_pid(host);
             }
         }
@@ -1153,7 +1250,7 @@ impl ContainerInstance {
                 .docker
                 .block_on(async { tokio::time::timeout(Duration::from_secs(2), task).await });
         }
-        let _ = std::fs::remove_dir_all(self.docker.sockets.join(&self.name));
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -1187,6 +1284,20 @@ impl Instance for ContainerInstance {
         match File::create(log) {
             Ok(f) => *lock(&self.log) = f,
             Err(e) => tracing::debug!(log = %log.display(), error = %e, "cannot open the next log"),
+        }
+    }
+
+    fn settle(&self) {
+        if let Some(shim) = &self.shim {
+            if shim.exited().is_none() && shim.target_gone() {
+                shim.wait_exited(Duration::from_secs(2));
+            }
+            return;
+        }
+        let gone = self.init_pid.is_some_and(crate::shim::process_gone);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while gone && lock(&self.exit).is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
@@ -1238,14 +1349,24 @@ mod tests {
     }
 
     #[test]
-    fn owners_are_alive_only_with_their_start_time() {
+    fn owners_are_alive_only_with_their_start_time_on_this_boot() {
         let me = owner_tag(std::process::id());
         assert!(owner_alive(&me));
-        let (pid, start) = me.split_once(':').expect("tag");
-        let later = start.parse::<u64>().expect("start") + 1;
-        assert!(!owner_alive(&format!("{pid}:{later}")));
-        assert!(!owner_alive("garbage"));
-        assert!(!owner_alive(&format!("{}:0", u32::MAX)));
+        let (boot, ns) = (boot_id(), pid_namespace());
+        assert!(!boot.is_empty() && !ns.is_empty(), "{me}");
+        let pid = std::process::id();
+        let start = start_time(pid).expect("start");
+        assert!(!owner_alive(&format!("{boot}:{ns}:{pid}:{}", start + 1)));
+        assert!(!owner_alive(&format!("{boot}:{ns}:{}:0", u32::MAX)));
+        assert!(
+            !owner_alive(&format!("0000:{ns}:{pid}:{start}")),
+            "another boot"
+        );
+        assert!(
+            owner_alive(&format!("{boot}:1:{}:0", u32::MAX)),
+            "another pid namespace"
+        );
+        assert!(owner_alive("garbage"), "unreadable: left alone");
     }
 
     #[test]

@@ -79,7 +79,8 @@ struct Switch {
     proxy_events: Arc<SwitchSink>,
 }
 
-/// The run's kept services; dropping the last handle stops them.
+/// The run's kept services, until `stop_all` (the containers also go when
+/// their handles drop, and the run's Docker sweeps what is left).
 #[derive(Clone, Default)]
 pub struct KeptServices(Arc<Mutex<BTreeMap<String, Kept>>>);
 
@@ -94,15 +95,21 @@ impl KeptServices {
     pub fn stop_all(&self, grace: Duration) {
         let all = std::mem::take(&mut *lock(&self.0));
         for (_, k) in all {
-            for (_, p) in k.proxies {
-                p.stop();
-            }
-            for (_, r) in k.tls {
-                r.front.stop();
-                r.back.stop();
-            }
-            k.instance.stop(grace);
+            k.stop(grace);
         }
+    }
+}
+
+impl Kept {
+    fn stop(self, grace: Duration) {
+        for (_, p) in self.proxies {
+            p.stop();
+        }
+        for (_, r) in self.tls {
+            r.front.stop();
+            r.back.stop();
+        }
+        self.instance.stop(grace);
     }
 }
 
@@ -308,6 +315,8 @@ struct Running {
     instance: Box<dyn Instance>,
     /// For a `reuse=True` service: how to hand it to the next test.
     switch: Option<Switch>,
+    /// Healthy with its proxies up.
+    complete: bool,
 }
 
 /// The state of one test while it runs; shared by the body, the shim
@@ -457,7 +466,14 @@ impl TestRun {
                 .map(|(k, v)| (k.to_string(), v))
                 .collect(),
         );
-        lock(&self.running).insert(def.name.clone(), Running { instance, switch });
+        lock(&self.running).insert(
+            def.name.clone(),
+            Running {
+                instance,
+                switch,
+                complete: false,
+            },
+        );
         if let Some(check) = &def.healthcheck {
             self.wait_healthy(def, check, &log)?;
             self.trace.emit(
@@ -466,7 +482,9 @@ impl TestRun {
                 fields([("healthcheck", check.describe())]),
             );
         }
-        self.start_proxies(def)
+        self.start_proxies(def)?;
+        self.mark_complete(&def.name);
+        Ok(())
     }
 
     /// Takes over a kept `reuse=True` service when an earlier test left
@@ -478,28 +496,63 @@ impl TestRun {
             return Ok(false);
         };
         if kept.instance.exited().is_some() {
-            for (_, p) in kept.proxies {
-                p.stop();
-            }
-            kept.instance.stop(self.config.stop_grace);
+            kept.stop(self.config.stop_grace);
             return Ok(false);
         }
-        *lock(&kept.switch.events) = self.event_sink(def);
-        *lock(&kept.switch.proxy_events.0) = Arc::clone(&self.trace);
-        kept.instance.relog(log);
-        let mut started: BTreeMap<String, String> = kept
-            .instance
+        let Kept {
+            instance,
+            switch,
+            proxies,
+            tls,
+        } = kept;
+        *lock(&switch.events) = self.event_sink(def);
+        *lock(&switch.proxy_events.0) = Arc::clone(&self.trace);
+        instance.relog(log);
+        let mut started: BTreeMap<String, String> = instance
             .started()
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect();
         started.insert("reused".into(), "true".into());
         self.trace.emit("service_started", &def.name, started);
+        // Its proxies and TLS setup belong to this test from here on, so a
+        // failed healthcheck below stops them with the service.
+        for (key, t) in &tls {
+            let spec = def
+                .interfaces
+                .iter()
+                .find(|i| i.name == key.1)
+                .and_then(|i| i.tls.clone());
+            if let Some(spec) = spec {
+                let mut setups = lock(&self.tls_setups);
+                if !setups.iter().any(|(k, _)| *k == spec) {
+                    setups.push((spec, Arc::clone(&t.setup)));
+                }
+            }
+        }
+        let announced: Vec<(String, String, String, String)> = proxies
+            .iter()
+            .map(|(key, proxy)| {
+                let listen = match tls.iter().find(|(k, _)| k == key) {
+                    Some((_, t)) => t.front.listen,
+                    None => proxy.listen,
+                };
+                (
+                    key.1.clone(),
+                    proxy.protocol.clone(),
+                    listen.to_string(),
+                    proxy.upstream.to_string(),
+                )
+            })
+            .collect();
+        lock(&self.proxies).extend(proxies);
+        lock(&self.tls).extend(tls);
         lock(&self.running).insert(
             def.name.clone(),
             Running {
-                instance: kept.instance,
-                switch: Some(kept.switch),
+                instance,
+                switch: Some(switch),
+                complete: false,
             },
         );
         if let Some(check) = &def.healthcheck {
@@ -510,26 +563,29 @@ impl TestRun {
                 fields([("healthcheck", check.describe())]),
             );
         }
-        for (key, proxy) in kept.proxies {
-            let listen = match kept.tls.iter().find(|(k, _)| *k == key) {
-                Some((_, t)) => t.front.listen,
-                None => proxy.listen,
-            };
+        for (interface, protocol, listen, target) in announced {
             self.trace.emit(
                 "proxy_started",
                 &def.name,
                 fields([
-                    ("interface", key.1.clone()),
-                    ("protocol", proxy.protocol.clone()),
-                    ("listen", listen.to_string()),
-                    ("target", proxy.upstream.to_string()),
+                    ("interface", interface),
+                    ("protocol", protocol),
+                    ("listen", listen),
+                    ("target", target),
                     ("mode", "reused".to_string()),
                 ]),
             );
-            lock(&self.proxies).insert(key, proxy);
         }
-        lock(&self.tls).extend(kept.tls);
+        self.mark_complete(&def.name);
         Ok(true)
+    }
+
+    /// The service started completely (healthy, proxies up): only such a
+    /// service is kept for the next test.
+    fn mark_complete(&self, service: &str) {
+        if let Some(r) = lock(&self.running).get_mut(service) {
+            r.complete = true;
+        }
     }
 
     fn start_proxies(&self, def: &ServiceDef) -> Result<(), StartError> {
@@ -852,14 +908,14 @@ impl TestRun {
         }
     }
 
-    /// `check` with `localhost:PORT` and `127.0.0.1:PORT` of `def`'s
-    /// interfaces pointed at its container.
+    /// `check` with `localhost:PORT`, `127.0.0.1:PORT` and `<name>:PORT`
+    /// of `def`'s interfaces pointed at its container.
     fn container_check(&self, def: &ServiceDef, check: &Healthcheck) -> Healthcheck {
         let point = |text: &str| {
             let mut out = text.to_string();
             for i in &def.interfaces {
                 if let Some(at) = self.endpoint(&def.name, &i.name) {
-                    for host in ["localhost", "127.0.0.1"] {
+                    for host in ["localhost", "127.0.0.1", def.name.as_str()] {
                         out = replace_addr(&out, &format!("{host}:{}", i.port), &at.to_string());
                     }
                 }
@@ -1060,12 +1116,7 @@ impl TestRun {
     pub fn settle_exits(&self) {
         let running = lock(&self.running);
         for r in running.values() {
-            if let Some(shim) = r.instance.shim()
-                && shim.exited().is_none()
-                && shim.target_gone()
-            {
-                shim.wait_exited(Duration::from_secs(2));
-            }
+            r.instance.settle();
         }
     }
 
@@ -1103,11 +1154,12 @@ impl TestRun {
             // this one.
             let keep = running
                 .as_ref()
-                .is_some_and(|r| r.switch.is_some() && r.instance.exited().is_none());
+                .is_some_and(|r| r.switch.is_some() && r.complete && r.instance.exited().is_none());
             if keep
                 && let Some(Running {
                     instance,
                     switch: Some(switch),
+                    ..
                 }) = running
             {
                 let name = |k: &str| (def.name.clone(), k.to_string());

@@ -437,28 +437,7 @@ impl Shim {
     /// Whether the target process is gone, a zombie or exiting, whether or not
     /// its exit has been reported yet.
     pub fn target_gone(&self) -> bool {
-        // PF_EXITING is set when the exit starts, before the kernel closes
-        // the target's sockets: a client that saw its connection end as
-        // the target exited must find it exiting here, not alive.
-        const PF_EXITING: u64 = 0x4;
-        let pid = self.host_pid.load(Ordering::SeqCst);
-        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            Err(_) => true,
-            Ok(stat) => {
-                let fields: Vec<&str> = stat
-                    .rsplit(')')
-                    .next()
-                    .unwrap_or("")
-                    .split_whitespace()
-                    .collect();
-                let zombie = fields.first().is_some_and(|s| s.starts_with(['Z', 'X']));
-                let exiting = fields
-                    .get(6)
-                    .and_then(|f| f.parse::<u64>().ok())
-                    .is_some_and(|flags| flags & PF_EXITING != 0);
-                zombie || exiting
-            }
-        }
+        process_gone(self.host_pid.load(Ordering::SeqCst))
     }
 
     /// Waits up to `timeout` for the target's exit to be reported.
@@ -604,4 +583,30 @@ fn read_loop(
     }
     shared.lock().reader_done = true;
     shared.changed.notify_all();
+}
+
+/// Whether process `pid` (as this machine's /proc names it) is gone, a
+/// zombie or exiting.
+pub(crate) fn process_gone(pid: u32) -> bool {
+    // PF_EXITING is set when the exit starts, before the kernel closes
+    // the target's sockets: a client that saw its connection end as
+    // the target exited must find it exiting here, not alive.
+    const PF_EXITING: u64 = 0x4;
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => {
+            let fields: Vec<&str> = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .collect();
+            let zombie = fields.first().is_some_and(|s| s.starts_with(['Z', 'X']));
+            let exiting = fields
+                .get(6)
+                .and_then(|f| f.parse::<u64>().ok())
+                .is_some_and(|flags| flags & PF_EXITING != 0);
+            zombie || exiting
+        }
+    }
 }

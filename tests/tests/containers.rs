@@ -126,13 +126,23 @@ fn labelled() -> Vec<String> {
     all
 }
 
-/// Nothing of a finished run is left.
-fn assert_nothing_left(owner_pid: u32) {
-    let prefix = format!("{owner_pid}:");
-    let left: Vec<String> = labelled()
+/// Labelled things whose owner (`boot:pidns:pid:start`) has `pid`.
+fn owned_by(pid: u32) -> Vec<String> {
+    let pid = pid.to_string();
+    labelled()
         .into_iter()
-        .filter(|l| l.split(' ').nth(1).is_some_and(|o| o.starts_with(&prefix)))
-        .collect();
+        .filter(|l| {
+            l.split(' ')
+                .nth(1)
+                .is_some_and(|o| o.split(':').nth(2) == Some(pid.as_str()))
+        })
+        .collect()
+}
+
+/// Nothing any finished run made is left (the tests run one at a time,
+/// so nothing else is running).
+fn assert_nothing_left() {
+    let left: Vec<String> = labelled();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
@@ -357,7 +367,7 @@ def test_aof_enospc():
         writes.iter().all(|e| e["fields"]["pid"] != shell),
         "the faults reached the server the entrypoint forked, not the shell ({shell}): {writes:?}"
     );
-    assert_nothing_left(std::process::id());
+    assert_nothing_left();
 }
 
 /// A host binary (a small HTTP service running psql) reaches the
@@ -422,7 +432,7 @@ def test_through_the_proxy():
         !listen.starts_with("127."),
         "the proxy listens where containers reach it too: {listen}"
     );
-    assert_nothing_left(std::process::id());
+    assert_nothing_left();
 }
 
 /// A container reaches another by `.internal_addr` (rewritten to the
@@ -473,12 +483,12 @@ def test_wiring():
     let given = t["return_value"].as_str().unwrap_or_default();
     let proxy = events(t, "proxy_started", "backend")[0]["fields"]["listen"].clone();
     assert_eq!(Some(given), proxy.as_str());
-    // The fixed host port was really published.
+    // The fixed host port is released with the container.
     assert!(
-        std::net::TcpStream::connect(("127.0.0.1", fixed)).is_err(),
-        "and released after the run"
+        std::net::TcpListener::bind(("127.0.0.1", fixed)).is_ok(),
+        "port {fixed} is free again"
     );
-    assert_nothing_left(std::process::id());
+    assert_nothing_left();
 }
 
 #[test]
@@ -513,6 +523,13 @@ def test_a_first():
 
 def test_b_second():
     assert_eq(cache.main.send(data = "INCR n"), ":2", "the same container")
+
+def test_c_shutdown():
+    cache.main.command("SHUTDOWN", "NOSAVE")
+    assert_eventually(type = "service_exited", service = "cache")
+
+def test_d_after_the_crash():
+    assert_eq(cache.main.send(data = "INCR n"), ":1", "a fresh container replaced the dead one")
 "#;
     let first = run_with(&dir, text, &["--format", "json"], &[]);
     assert_eq!(first.code, 0, "{}\n{}", first.stderr, first.stdout);
@@ -531,11 +548,73 @@ def test_b_second():
         again[0]["fields"]["container"]
     );
     assert_eq!(events(b, "service_ready", "cache").len(), 1);
+    let d = test_of(&doc, "test_d_after_the_crash");
+    let fresh = events(d, "service_started", "cache");
+    assert!(fresh[0]["fields"].get("reused").is_none(), "{fresh:?}");
+    assert_ne!(
+        fresh[0]["fields"]["container"],
+        again[0]["fields"]["container"]
+    );
     // Unchanged context: no second build.
     let second = run_with(&dir, text, &["--format", "json"], &[]);
     assert_eq!(second.code, 0, "{}", second.stderr);
     assert!(!second.stderr.contains("building"), "{}", second.stderr);
-    assert_nothing_left(std::process::id());
+    assert_nothing_left();
+}
+
+/// `seccomp=False` runs the image as it is: protocol faults apply, syscall
+/// faults are refused by name, and its death is still a crash.
+#[test]
+fn a_container_without_the_shim_is_still_watched() {
+    docker_ready();
+    let dir = Scratch::new("no-seccomp");
+    let text = r#"
+plain = service("plain",
+    interface("main", "http", 8080),
+    image = "faultbox/http:test",
+    seccomp = False,
+    entrypoint = ["sh", "-c", "python3 /usr/local/bin/server.py & sleep 2; exit 3"],
+    healthcheck = http("localhost:8080/health"),
+)
+
+def test_a_protocol_fault():
+    r = fault(plain.main, error(path = "/hello", status = 418), run = lambda: plain.main.get(path = "/hello"))
+    assert_eq(r.status, 418)
+
+def test_b_syscall_fault():
+    fault(plain, write = deny("EIO"), run = lambda: None)
+
+def test_c_dies():
+    # Outlives the container's two seconds.
+    fault(plain.main, delay(path = "/hello", delay = "4s"), run = lambda: plain.main.get(path = "/hello"))
+"#;
+    let (code, doc, stderr) = run(&dir, text);
+    assert_eq!(code, 2, "{stderr}");
+    let a = test_of(&doc, "test_a_protocol_fault");
+    assert_eq!(a["result"], "pass", "{a:#}");
+    assert!(
+        events(a, "service_started", "plain")[0]["fields"]
+            .get("pid")
+            .is_none(),
+        "no shim, no target pid"
+    );
+    let b = test_of(&doc, "test_b_syscall_fault");
+    assert_eq!(b["result"], "fail");
+    assert!(
+        b["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("runs with seccomp=False")),
+        "{b:#}"
+    );
+    let c = test_of(&doc, "test_c_dies");
+    assert_eq!(c["result"], "error", "{c:#}");
+    assert!(
+        c["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("'plain' exited with code 3")),
+        "{c:#}"
+    );
+    assert_nothing_left();
 }
 
 /// A SIGKILLed faultbox cannot clean up; its containers stop with their
@@ -565,13 +644,8 @@ def test_long():
         .stderr(Stdio::null())
         .spawn()
         .expect("faultbox");
-    let prefix = format!("{}:", victim.id());
-    let mine = || -> Vec<String> {
-        labelled()
-            .into_iter()
-            .filter(|l| l.split(' ').nth(1).is_some_and(|o| o.starts_with(&prefix)))
-            .collect()
-    };
+    let victim_pid = victim.id();
+    let mine = || owned_by(victim_pid);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !mine().iter().any(|l| l.contains("-cache-")) {
         assert!(Instant::now() < deadline, "the container never appeared");
@@ -709,7 +783,7 @@ def test_never():
         r.stderr
     );
     drop(held);
-    assert_nothing_left(std::process::id());
+    assert_nothing_left();
 }
 
 /// Each bad input gives one line naming the thing and the fix, exit 1,
@@ -797,7 +871,7 @@ fn bad_container_input_is_one_clear_line() {
                 r.stderr
             );
         }
-        assert_nothing_left(std::process::id());
+        assert_nothing_left();
     }
     drop(busy);
 
