@@ -617,13 +617,7 @@ def test_c_dies():
     assert_nothing_left();
 }
 
-/// A SIGKILLed faultbox cannot clean up; its containers stop with their
-/// shims (they lose their controller) and the next run removes them.
-#[test]
-fn what_a_killed_run_leaves_the_next_run_removes() {
-    docker_ready();
-    let dir = Scratch::new("sigkill");
-    let text = r#"
+const HOLDING: &str = r#"
 cache = service("cache",
     interface("main", "redis", 6379),
     image = "faultbox/redis:test",
@@ -635,24 +629,50 @@ def test_long():
     # Holds the body for two minutes.
     fault(cache.main, delay(command = "GET", delay = "120s"), run = lambda: cache.main.send(data = "GET k"))
 "#;
+
+/// A `faultbox test` of [`HOLDING`], once its container runs and the body
+/// holds.
+fn holding_run(dir: &Scratch) -> Child {
     let path = dir.path("spec.star");
-    std::fs::write(&path, text).expect("spec");
-    let mut victim: Child = Command::new(faultbox())
+    std::fs::write(&path, HOLDING).expect("spec");
+    let victim: Child = Command::new(faultbox())
         .args(["test", &path])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("faultbox");
-    let victim_pid = victim.id();
-    let mine = || owned_by(victim_pid);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !mine().iter().any(|l| l.contains("-cache-")) {
+    while !owned_by(victim.id()).iter().any(|l| l.contains("-cache-")) {
         assert!(Instant::now() < deadline, "the container never appeared");
         std::thread::sleep(Duration::from_millis(200));
     }
-    // Ready, and the body sleeping.
+    // Ready, and the body holding.
     std::thread::sleep(Duration::from_secs(2));
+    victim
+}
+
+#[test]
+fn an_interrupted_run_removes_its_containers_and_network() {
+    docker_ready();
+    let dir = Scratch::new("sigint");
+    let mut run = holding_run(&dir);
+    // SIGINT is 2 on every Linux architecture.
+    faultbox_agent::process::kill(run.id() as i32, 2);
+    let status = run.wait().expect("wait");
+    assert_eq!(status.code(), Some(130));
+    assert_eq!(owned_by(run.id()), Vec::<String>::new());
+}
+
+/// A SIGKILLed faultbox cannot clean up; its containers stop with their
+/// shims (they lose their controller) and the next run removes them.
+#[test]
+fn what_a_killed_run_leaves_the_next_run_removes() {
+    docker_ready();
+    let dir = Scratch::new("sigkill");
+    let mut victim = holding_run(&dir);
+    let victim_pid = victim.id();
+    let mine = || owned_by(victim_pid);
     let _ = victim.kill();
     let _ = victim.wait();
     let left = mine();
