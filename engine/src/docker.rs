@@ -939,6 +939,9 @@ fn start_container(
             // process_vm_readv. The profile itself stays on.
             cap_add: def.seccomp.then(|| vec!["SYS_PTRACE".to_string()]),
             binds: Some(binds),
+            // Specs written for Docker Desktop name the host so; here it is
+            // the run network's gateway, where the proxies listen.
+            extra_hosts: Some(vec![format!("host.docker.internal:{}", docker.gateway)]),
             port_bindings: Some(port_bindings),
             network_mode: Some(docker.network.clone()),
             ..Default::default()

@@ -456,7 +456,7 @@ web = service("web",
     interface("public", "http", 9090),
     image = "faultbox/http:test",
     entrypoint = ["sh", "-c", "PORT=9090 exec python3 /usr/local/bin/server.py from-entrypoint"],
-    env = {{"BACKEND": backend.main.internal_addr}},
+    env = {{"BACKEND": backend.main.internal_addr, "VIA_HOST": "host.docker.internal:" + backend.main.proxy_port}},
     volumes = {{"{data}": "/data"}},
     ports = {{9090: {fixed}}},
     depends_on = [backend],
@@ -470,6 +470,8 @@ def test_wiring():
     assert_eq(backend.main.get(path = "/argv").body, "one two")
     assert_eq(web.public.get(path = "/file?path=/data/note.txt").body.strip(), "from the host")
     assert_eq(web.public.get(path = "/fetch?env=BACKEND").body, "200 hello from backend")
+    # host.docker.internal is the gateway, where the proxies listen.
+    assert_eq(web.public.get(path = "/fetch?env=VIA_HOST").body, "200 hello from backend")
     r = fault(backend.main, error(path = "/hello", status = 503), run = lambda: web.public.get(path = "/fetch?env=BACKEND"))
     assert_eq(r.body[:3], "503")
     return web.public.get(path = "/env?name=BACKEND").body
