@@ -29,6 +29,9 @@ pub enum Show {
 pub enum Format {
     Text,
     Json,
+    /// The JSON document on one line: what the cluster runner prints, so
+    /// the operator finds it in a log that interleaves stderr.
+    JsonLine,
 }
 
 /// Flags of `faultbox test`.
@@ -50,7 +53,8 @@ pub struct TestArgs {
     /// Which results to print and record.
     #[arg(long, value_enum, default_value_t = Show::All)]
     show: Show,
-    /// `json`: the results as JSON on stdout (human output stays on stderr).
+    /// `json`: the results as JSON on stdout (human output stays on
+    /// stderr); `json-line`: the same document on one line.
     #[arg(long, value_enum, value_name = "FORMAT")]
     format: Option<Format>,
     /// Also write the JSON results to FILE.
@@ -269,8 +273,12 @@ pub fn run(args: TestArgs) -> Result<i32> {
         std::fs::write(path, format!("{text}\n"))
             .with_context(|| format!("write {}", path.display()))?;
     }
-    if args.format == Some(Format::Json) {
-        crate::print_stdout(&format!("{text}\n"))?;
+    match args.format {
+        Some(Format::Json) => crate::print_stdout(&format!("{text}\n"))?,
+        Some(Format::JsonLine) => {
+            crate::print_stdout(&format!("{}\n", serde_json::to_string(&doc)?))?
+        }
+        _ => {}
     }
     Ok(if interrupted {
         128 + signal

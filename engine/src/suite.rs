@@ -6,7 +6,6 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use faultbox_agent::glob::wildcard;
 use faultbox_spec::load::Spec;
 
 use crate::backend::port_taken;
@@ -46,21 +45,7 @@ pub enum PreflightError {
     NoUserNotification,
 }
 
-/// The tests `pattern` selects: a name, a name without `test_`, or a
-/// glob over either.
-pub fn select(tests: &[String], pattern: &str) -> Vec<String> {
-    let with_prefix = format!("test_{pattern}");
-    let glob = pattern.contains(['*', '?']);
-    tests
-        .iter()
-        .filter(|t| {
-            *t == pattern
-                || *t == &with_prefix
-                || (glob && (wildcard(pattern, t) || wildcard(&with_prefix, t)))
-        })
-        .cloned()
-        .collect()
-}
+pub use faultbox_spec::load::select_tests as select;
 
 /// The first seed of a suite and where it came from: `--seed`, `0` for
 /// `--runs N` (seeds 0..N-1), or a fresh one.

@@ -6,6 +6,8 @@
 //! operator's validation). Test bodies run against a [`host::TestHost`],
 //! which the runtime implements; nothing here names the runtime.
 
+pub use faultbox_agent::rule::parse_duration;
+
 pub mod builtins;
 pub mod event;
 pub mod host;

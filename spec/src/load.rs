@@ -222,6 +222,24 @@ fn spec_error(e: starlark::Error) -> SpecError {
     }
 }
 
+/// The tests `pattern` selects: a name, a name without `test_`, or a
+/// glob over either.
+pub fn select_tests(tests: &[String], pattern: &str) -> Vec<String> {
+    let with_prefix = format!("test_{pattern}");
+    let glob = pattern.contains(['*', '?']);
+    tests
+        .iter()
+        .filter(|t| {
+            *t == pattern
+                || *t == &with_prefix
+                || (glob
+                    && (faultbox_agent::glob::wildcard(pattern, t)
+                        || faultbox_agent::glob::wildcard(&with_prefix, t)))
+        })
+        .cloned()
+        .collect()
+}
+
 /// A loaded spec.
 pub struct Spec {
     /// The file as given on the command line.

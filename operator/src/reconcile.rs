@@ -1,0 +1,1137 @@
+//! One idempotent reconcile of a FaultTest: validate its spec with
+//! `faultbox-spec` (the loader `faultbox test --dry-run` uses), run the
+//! current generation in a runner pod, and turn the runner's result into
+//! the status. Everything a run creates is owned by the FaultTest, so a
+//! delete garbage-collects it and no finalizer can hold the delete up.
+//!
+//! The run of generation G is the pod `<name>-run-G` with the ConfigMap
+//! `<name>-spec-G`; its result goes into `<name>-result-G`. Names derived
+//! from the generation make the reconcile safe to repeat and to resume
+//! after an operator restart: an existing pod is the run, never a reason
+//! for a second one.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, Pod,
+    PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile, SecurityContext, Volume,
+    VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::api::{
+    Api, DeleteParams, ListParams, LogParams, ObjectMeta, Patch, PatchParams, PostParams,
+};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Resource, ResourceExt};
+use serde_json::{Value, json};
+
+use crate::crd::{
+    Condition, FaultTest, FaultTestSpec, FaultTestStatus, KeepPods, Phase, TestSummary, Verdict,
+};
+
+/// The field manager of every write.
+pub const MANAGER: &str = "faultbox-operator";
+const LABEL_TEST: &str = "faultbox.io/faulttest";
+const LABEL_GENERATION: &str = "faultbox.io/generation";
+/// A ConfigMap holds at most 1 MiB; the result keeps under this.
+const RESULT_LIMIT: usize = 900 * 1024;
+/// Per-test results kept in the status itself.
+const STATUS_TESTS: usize = 50;
+
+/// Why a reconcile failed (it is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: kube::Client,
+    pub recorder: Recorder,
+    /// The runner image when a FaultTest names none.
+    pub runner_image: String,
+    pub metrics: crate::metrics::Metrics,
+}
+
+/// Why a FaultTest cannot run: the reason (one CamelCase word) and what
+/// to tell its author.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Invalid {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+fn invalid(reason: &'static str, message: impl Into<String>) -> Invalid {
+    Invalid {
+        reason,
+        message: message.into(),
+    }
+}
+
+/// The checks that need no API call.
+pub fn check_fields(spec: &FaultTestSpec) -> Result<Duration, Invalid> {
+    match (&spec.source, &spec.source_from) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "BothSources",
+                "spec.source and spec.sourceFrom are both given; keep one",
+            ));
+        }
+        (None, None) => {
+            return Err(invalid(
+                "NoSource",
+                "give the Starlark spec in spec.source, or a ConfigMap key in spec.sourceFrom.configMapKeyRef",
+            ));
+        }
+        _ => {}
+    }
+    if spec.runs == Some(0) {
+        return Err(invalid("BadRuns", "spec.runs is 0; give 1 or more"));
+    }
+    if let Some(s) = &spec.schedule {
+        check_schedule(s).map_err(|m| invalid("BadSchedule", m))?;
+    }
+    let timeout = match &spec.timeout {
+        None => Duration::from_secs(30 * 60),
+        Some(t) => {
+            let ns = faultbox_spec::parse_duration(t).map_err(|e| {
+                invalid(
+                    "BadTimeout",
+                    format!("spec.timeout {t:?}: {e} (e.g. \"10m\")"),
+                )
+            })?;
+            if ns == 0 {
+                return Err(invalid(
+                    "BadTimeout",
+                    "spec.timeout is zero; give how long the run may take, e.g. \"10m\"",
+                ));
+            }
+            Duration::from_nanos(ns)
+        }
+    };
+    Ok(timeout)
+}
+
+/// Five cron fields, each `*`, a number, a range, a list or a step.
+fn check_schedule(s: &str) -> Result<(), String> {
+    let fields: Vec<&str> = s.split_whitespace().collect();
+    let limits = [(0, 59), (0, 23), (1, 31), (1, 12), (0, 7)];
+    let names = ["minute", "hour", "day of month", "month", "day of week"];
+    if fields.len() != 5 {
+        return Err(format!(
+            "spec.schedule {s:?} has {} fields; a cron schedule has five (minute hour day-of-month month day-of-week), e.g. \"0 3 * * *\"",
+            fields.len()
+        ));
+    }
+    for ((field, (lo, hi)), name) in fields.iter().zip(limits).zip(names) {
+        for part in field.split(',') {
+            let (range, step) = match part.split_once('/') {
+                Some((r, st)) => (r, Some(st)),
+                None => (part, None),
+            };
+            if let Some(st) = step
+                && st.parse::<u32>().map_or(true, |n| n == 0)
+            {
+                return Err(format!(
+                    "spec.schedule {s:?}: bad step {st:?} in the {name} field"
+                ));
+            }
+            if range == "*" {
+                continue;
+            }
+            let bounds: Vec<&str> = range.splitn(2, '-').collect();
+            for b in &bounds {
+                match b.parse::<u32>() {
+                    Ok(n) if (lo..=hi).contains(&n) => {}
+                    _ => {
+                        return Err(format!(
+                            "spec.schedule {s:?}: {b:?} is not a {name} ({lo}-{hi})"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The spec's source and its other files, read from the FaultTest and the
+/// ConfigMaps it names.
+pub async fn gather(
+    ft: &FaultTest,
+    configmaps: &Api<ConfigMap>,
+) -> Result<Result<BTreeMap<String, String>, Invalid>, Error> {
+    let spec = &ft.spec;
+    let mut files = BTreeMap::new();
+    if let Some(f) = &spec.files {
+        match configmaps.get_opt(&f.config_map_ref.name).await? {
+            None => {
+                return Ok(Err(invalid(
+                    "ConfigMapMissing",
+                    format!(
+                        "spec.files names ConfigMap {:?}, which does not exist in namespace {:?}",
+                        f.config_map_ref.name,
+                        ft.namespace().unwrap_or_default()
+                    ),
+                )));
+            }
+            Some(cm) => files.extend(cm.data.unwrap_or_default()),
+        }
+    }
+    let source = match (&spec.source, &spec.source_from) {
+        (Some(s), _) => s.clone(),
+        (None, Some(from)) => {
+            let r = &from.config_map_key_ref;
+            let Some(cm) = configmaps.get_opt(&r.name).await? else {
+                return Ok(Err(invalid(
+                    "ConfigMapMissing",
+                    format!(
+                        "spec.sourceFrom names ConfigMap {:?}, which does not exist in namespace {:?}",
+                        r.name,
+                        ft.namespace().unwrap_or_default()
+                    ),
+                )));
+            };
+            match cm.data.unwrap_or_default().remove(&r.key) {
+                Some(s) => s,
+                None => {
+                    return Ok(Err(invalid(
+                        "ConfigMapKeyMissing",
+                        format!("ConfigMap {:?} has no key {:?}", r.name, r.key),
+                    )));
+                }
+            }
+        }
+        (None, None) => String::new(),
+    };
+    files.insert("spec.star".to_string(), source);
+    Ok(Ok(files))
+}
+
+/// Loads the spec as `faultbox test --dry-run` would, from a scratch
+/// directory holding its files; checks the test filter selects something.
+pub fn validate(files: &BTreeMap<String, String>, filter: Option<&str>) -> Result<(), Invalid> {
+    let dir = std::env::temp_dir().join(format!(
+        "faultbox-operator-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let io = |e: std::io::Error| invalid("ScratchUnwritable", format!("{}: {e}", dir.display()));
+    std::fs::create_dir_all(&dir).map_err(io)?;
+    let result = (|| {
+        for (name, text) in files {
+            if name.contains('/') || name.starts_with('.') {
+                return Err(invalid(
+                    "BadFileName",
+                    format!("file {name:?}: names of spec files are plain file names"),
+                ));
+            }
+            std::fs::write(dir.join(name), text).map_err(io)?;
+        }
+        let spec = faultbox_spec::load::load(&dir.join("spec.star"))
+            .map_err(|e| invalid("InvalidSpec", e.to_string()))?;
+        if spec.tests.is_empty() {
+            return Err(invalid("NoTests", "the spec defines no test_* function"));
+        }
+        if let Some(f) = filter
+            && faultbox_spec::load::select_tests(&spec.tests, f).is_empty()
+        {
+            return Err(invalid(
+                "NoMatchingTest",
+                format!(
+                    "spec.test {f:?} matches none of the spec's tests ({})",
+                    spec.tests.join(", ")
+                ),
+            ));
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The names of a generation's objects.
+pub struct Names {
+    pub pod: String,
+    pub spec: String,
+    pub result: String,
+}
+
+pub fn names(ft: &FaultTest) -> Names {
+    let name = ft.name_any();
+    let g = ft.metadata.generation.unwrap_or(0);
+    Names {
+        pod: format!("{name}-run-{g}"),
+        spec: format!("{name}-spec-{g}"),
+        result: format!("{name}-result-{g}"),
+    }
+}
+
+fn labels(ft: &FaultTest) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_TEST.to_string(), ft.name_any()),
+        (
+            LABEL_GENERATION.to_string(),
+            ft.metadata.generation.unwrap_or(0).to_string(),
+        ),
+    ])
+}
+
+fn meta(ft: &FaultTest, name: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_string()),
+        namespace: ft.namespace(),
+        labels: Some(labels(ft)),
+        owner_references: ft.controller_owner_ref(&()).map(|o| vec![o]),
+        ..Default::default()
+    }
+}
+
+/// The runner pod of `ft`'s current generation: the faultbox image running
+/// the spec from its ConfigMap, under the "restricted" pod security
+/// standard, with no API access (the operator reads its result from its
+/// log).
+pub fn runner_pod(ft: &FaultTest, image: &str, timeout: Duration) -> Pod {
+    let n = names(ft);
+    let spec = &ft.spec;
+    let mut args = vec![
+        "test".to_string(),
+        "/spec/spec.star".to_string(),
+        "--format".to_string(),
+        "json-line".to_string(),
+    ];
+    if let Some(t) = &spec.test {
+        args.extend(["--test".to_string(), t.clone()]);
+    }
+    if let Some(r) = spec.runs {
+        args.extend(["--runs".to_string(), r.to_string()]);
+    }
+    if let Some(s) = spec.seed {
+        args.extend(["--seed".to_string(), s.to_string()]);
+    }
+    let runner = spec.runner.clone().unwrap_or_default();
+    let mut limits = BTreeMap::new();
+    if let Some(c) = &runner.cpu {
+        limits.insert("cpu".to_string(), Quantity(c.clone()));
+    }
+    if let Some(m) = &runner.memory {
+        limits.insert("memory".to_string(), Quantity(m.clone()));
+    }
+    let resources = (!limits.is_empty()).then(|| ResourceRequirements {
+        requests: Some(limits.clone()),
+        limits: Some(limits),
+        ..Default::default()
+    });
+    Pod {
+        metadata: meta(ft, &n.pod),
+        spec: Some(PodSpec {
+            restart_policy: Some("Never".into()),
+            active_deadline_seconds: Some(timeout.as_secs().max(1) as i64),
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(65532),
+                run_as_group: Some(65532),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            containers: vec![Container {
+                name: "runner".into(),
+                image: Some(runner.image.unwrap_or_else(|| image.to_string())),
+                image_pull_policy: Some("IfNotPresent".into()),
+                command: Some(vec!["/faultbox".into()]),
+                args: Some(args),
+                env: Some(vec![
+                    EnvVar {
+                        name: "TMPDIR".into(),
+                        value: Some("/tmp".into()),
+                        ..Default::default()
+                    },
+                    EnvVar {
+                        name: "HOME".into(),
+                        value: Some("/tmp".into()),
+                        ..Default::default()
+                    },
+                ]),
+                resources,
+                security_context: Some(SecurityContext {
+                    allow_privilege_escalation: Some(false),
+                    read_only_root_filesystem: Some(true),
+                    run_as_non_root: Some(true),
+                    capabilities: Some(Capabilities {
+                        drop: Some(vec!["ALL".into()]),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                volume_mounts: Some(vec![
+                    VolumeMount {
+                        name: "spec".into(),
+                        mount_path: "/spec".into(),
+                        read_only: Some(true),
+                        ..Default::default()
+                    },
+                    VolumeMount {
+                        name: "tmp".into(),
+                        mount_path: "/tmp".into(),
+                        ..Default::default()
+                    },
+                ]),
+                ..Default::default()
+            }],
+            volumes: Some(vec![
+                Volume {
+                    name: "spec".into(),
+                    config_map: Some(ConfigMapVolumeSource {
+                        name: n.spec.clone(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                Volume {
+                    name: "tmp".into(),
+                    empty_dir: Some(EmptyDirVolumeSource::default()),
+                    ..Default::default()
+                },
+            ]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// What a finished runner's log says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub verdict: Verdict,
+    pub passed: u64,
+    pub failed: u64,
+    pub errored: u64,
+    pub tests: Vec<TestSummary>,
+    /// The result document, as stored.
+    pub document: String,
+}
+
+/// Reads the result document (the last line of the log that is a JSON
+/// object with `tests`) and the runner's exit code into an outcome.
+pub fn outcome(log: &str, exit_code: Option<i32>) -> Option<Outcome> {
+    let mut doc: Value = log
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
+        .find(|v| v.get("tests").is_some_and(Value::is_array))?;
+    let tests: Vec<TestSummary> = doc["tests"]
+        .as_array()
+        .map(|ts| {
+            ts.iter()
+                .map(|t| TestSummary {
+                    name: t["name"].as_str().unwrap_or_default().to_string(),
+                    result: t["result"].as_str().unwrap_or_default().to_string(),
+                    seed: t["seed"].as_u64().unwrap_or(0),
+                    duration_ms: t["duration_ms"].as_u64().unwrap_or(0),
+                    reason: t["reason"].as_str().map(str::to_string),
+                    replay: t["replay_command"].as_str().map(str::to_string),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let count = |r: &str| tests.iter().filter(|t| t.result == r).count() as u64;
+    let (passed, failed, errored) = (count("pass"), count("fail"), count("error"));
+    let verdict = match exit_code {
+        Some(0) if failed == 0 && errored == 0 => Verdict::Pass,
+        Some(2) if errored == 0 => Verdict::Fail,
+        _ => Verdict::Error,
+    };
+    let mut document = doc.to_string();
+    if document.len() > RESULT_LIMIT {
+        // Traces are what make a document big; the verdicts stay.
+        if let Some(ts) = doc["tests"].as_array_mut() {
+            for t in ts {
+                t["events"] = json!([]);
+            }
+        }
+        doc["events_dropped"] = json!("the traces did not fit in a ConfigMap");
+        document = doc.to_string();
+    }
+    Some(Outcome {
+        verdict,
+        passed,
+        failed,
+        errored,
+        tests,
+        document,
+    })
+}
+
+fn now() -> String {
+    k8s_openapi::jiff::Timestamp::now().to_string()
+}
+
+fn condition(ft: &FaultTest, type_: &str, ok: bool, reason: &str, message: &str) -> Condition {
+    let g = ft.metadata.generation.unwrap_or(0);
+    let status = if ok { "True" } else { "False" };
+    // The transition time stays while the status does not change.
+    let since = ft
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
+        .filter(|c| c.status == status && c.observed_generation == g)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(now);
+    Condition {
+        type_: type_.to_string(),
+        status: status.to_string(),
+        reason: reason.to_string(),
+        message: message.to_string(),
+        last_transition_time: since,
+        observed_generation: g,
+    }
+}
+
+fn with_condition(mut list: Vec<Condition>, c: Condition) -> Vec<Condition> {
+    list.retain(|x| x.type_ != c.type_);
+    list.push(c);
+    list
+}
+
+async fn write_status(
+    api: &Api<FaultTest>,
+    ft: &FaultTest,
+    status: &FaultTestStatus,
+) -> Result<(), Error> {
+    let patch = json!({
+        "apiVersion": "faultbox.io/v1alpha1",
+        "kind": "FaultTest",
+        "status": status,
+    });
+    api.patch_status(
+        &ft.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn event(ctx: &Context, ft: &FaultTest, warning: bool, reason: &str, note: String) {
+    let ev = Event {
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: reason.to_string(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &ft.object_ref(&())).await {
+        tracing::warn!(error = %e, reason, "could not publish an event");
+    }
+}
+
+/// Whether the finished runner pod goes.
+fn remove_pod(keep: KeepPods, verdict: Verdict) -> bool {
+    match keep {
+        KeepPods::Never => true,
+        KeepPods::OnFailure => verdict == Verdict::Pass,
+        KeepPods::Always => false,
+    }
+}
+
+/// Reconciles one FaultTest.
+pub async fn reconcile(ft: Arc<FaultTest>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let result = reconcile_inner(&ft, &ctx).await;
+    ctx.metrics.reconciled(started.elapsed(), result.is_err());
+    result
+}
+
+async fn reconcile_inner(ft: &FaultTest, ctx: &Context) -> Result<Action, Error> {
+    let ns = ft.namespace().unwrap_or_else(|| "default".into());
+    let fts: Api<FaultTest> = Api::namespaced(ctx.client.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let configmaps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    let g = ft.metadata.generation.unwrap_or(0);
+    let status = ft.status.clone().unwrap_or_default();
+    let n = names(ft);
+
+    if status.observed_generation == Some(g) && status.phase.is_some_and(Phase::done) {
+        return Ok(Action::await_change());
+    }
+
+    // Runs of earlier generations are cancelled: their pods go (their
+    // ConfigMaps stay owned and are collected with the FaultTest).
+    let mine = ListParams::default().labels(&format!("{LABEL_TEST}={}", ft.name_any()));
+    for old in pods.list(&mine).await?.items {
+        let gen_label = old.labels().get(LABEL_GENERATION).cloned();
+        if gen_label.as_deref() != Some(g.to_string().as_str()) {
+            let _ = pods
+                .delete(&old.name_any(), &DeleteParams::background())
+                .await;
+        }
+    }
+
+    let (timeout, files) = match check_fields(&ft.spec) {
+        Err(i) => (Duration::ZERO, Err(i)),
+        Ok(t) => (t, gather(ft, &configmaps).await?),
+    };
+    let files = match files {
+        Ok(f) => {
+            let filter = ft.spec.test.clone();
+            let checked = f.clone();
+            match tokio::task::spawn_blocking(move || validate(&checked, filter.as_deref())).await {
+                Ok(Ok(())) => Ok(f),
+                Ok(Err(i)) => Err(i),
+                Err(e) => Err(invalid("ValidationCrashed", e.to_string())),
+            }
+        }
+        Err(i) => Err(i),
+    };
+    let files = match files {
+        Ok(f) => f,
+        Err(i) => {
+            let st = FaultTestStatus {
+                phase: Some(Phase::Invalid),
+                verdict: None,
+                conditions: with_condition(
+                    status.conditions.clone(),
+                    condition(ft, "Validated", false, i.reason, &i.message),
+                ),
+                observed_generation: Some(g),
+                ..Default::default()
+            };
+            write_status(&fts, ft, &st).await?;
+            event(ctx, ft, true, i.reason, i.message.clone()).await;
+            ctx.metrics.finished("invalid");
+            return Ok(Action::await_change());
+        }
+    };
+
+    // The spec ConfigMap, then the pod: both created once per generation.
+    if configmaps.get_opt(&n.spec).await?.is_none() {
+        let cm = ConfigMap {
+            metadata: meta(ft, &n.spec),
+            data: Some(files),
+            ..Default::default()
+        };
+        match configmaps.create(&PostParams::default(), &cm).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let pod = match pods.get_opt(&n.pod).await? {
+        Some(p) => p,
+        None if status.runner.as_deref() == Some(n.pod.as_str())
+            && status.observed_generation == Some(g) =>
+        {
+            // We made it and it is gone: deleted or evicted.
+            let message = format!("runner pod {} disappeared before reporting", n.pod);
+            let st = FaultTestStatus {
+                phase: Some(Phase::Error),
+                verdict: Some(Verdict::Error),
+                conditions: with_condition(
+                    status.conditions.clone(),
+                    condition(ft, "Completed", false, "RunnerLost", &message),
+                ),
+                completion_time: Some(now()),
+                ..status.clone()
+            };
+            write_status(&fts, ft, &st).await?;
+            event(ctx, ft, true, "RunnerLost", message).await;
+            ctx.metrics.finished("error");
+            return Ok(Action::await_change());
+        }
+        None => {
+            let pod = runner_pod(ft, &ctx.runner_image, timeout);
+            let created = match pods.create(&PostParams::default(), &pod).await {
+                Ok(p) => p,
+                Err(kube::Error::Api(e)) if e.code == 409 => pods.get(&n.pod).await?,
+                Err(kube::Error::Api(e)) if e.code == 403 => {
+                    let message = format!("the operator may not create pods here: {}", e.message);
+                    let st = FaultTestStatus {
+                        phase: Some(Phase::Error),
+                        verdict: Some(Verdict::Error),
+                        conditions: with_condition(
+                            status.conditions.clone(),
+                            condition(ft, "RunnerReady", false, "Forbidden", &message),
+                        ),
+                        observed_generation: Some(g),
+                        ..Default::default()
+                    };
+                    write_status(&fts, ft, &st).await?;
+                    event(ctx, ft, true, "Forbidden", message).await;
+                    return Ok(Action::await_change());
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let st = FaultTestStatus {
+                phase: Some(Phase::Pending),
+                conditions: with_condition(
+                    status.conditions.clone(),
+                    condition(ft, "Validated", true, "Valid", "the spec loads"),
+                ),
+                observed_generation: Some(g),
+                runner: Some(n.pod.clone()),
+                start_time: Some(now()),
+                ..Default::default()
+            };
+            write_status(&fts, ft, &st).await?;
+            event(
+                ctx,
+                ft,
+                false,
+                "RunStarted",
+                format!("runner pod {}", n.pod),
+            )
+            .await;
+            ctx.metrics.started();
+            let _ = created;
+            return Ok(Action::requeue(Duration::from_secs(2)));
+        }
+    };
+    follow(ft, ctx, &fts, &pods, &configmaps, &status, pod).await
+}
+
+/// Turns the runner pod's state into the status.
+async fn follow(
+    ft: &FaultTest,
+    ctx: &Context,
+    fts: &Api<FaultTest>,
+    pods: &Api<Pod>,
+    configmaps: &Api<ConfigMap>,
+    status: &FaultTestStatus,
+    pod: Pod,
+) -> Result<Action, Error> {
+    let n = names(ft);
+    let g = ft.metadata.generation.unwrap_or(0);
+    let pod_status = pod.status.clone().unwrap_or_default();
+    let phase = pod_status.phase.clone().unwrap_or_default();
+    let waiting = pod_status
+        .container_statuses
+        .as_ref()
+        .and_then(|cs| cs.first())
+        .and_then(|c| c.state.as_ref())
+        .and_then(|s| s.waiting.clone());
+    let base = FaultTestStatus {
+        observed_generation: Some(g),
+        runner: Some(n.pod.clone()),
+        start_time: status.start_time.clone().or_else(|| Some(now())),
+        ..status.clone()
+    };
+    if let Some(w) = &waiting
+        && matches!(
+            w.reason.as_deref(),
+            Some("ErrImagePull" | "ImagePullBackOff" | "InvalidImageName" | "ErrImageNeverPull")
+        )
+    {
+        let message = format!(
+            "the runner image cannot be pulled ({}): {}",
+            w.reason.clone().unwrap_or_default(),
+            w.message.clone().unwrap_or_default()
+        );
+        let st = FaultTestStatus {
+            phase: Some(Phase::Error),
+            verdict: Some(Verdict::Error),
+            conditions: with_condition(
+                base.conditions.clone(),
+                condition(ft, "RunnerReady", false, "ImagePull", &message),
+            ),
+            completion_time: Some(now()),
+            ..base
+        };
+        write_status(fts, ft, &st).await?;
+        event(ctx, ft, true, "ImagePull", message).await;
+        let _ = pods.delete(&n.pod, &DeleteParams::background()).await;
+        ctx.metrics.finished("error");
+        return Ok(Action::await_change());
+    }
+    match phase.as_str() {
+        "Succeeded" | "Failed" => {}
+        _ => {
+            let unschedulable = pod_status
+                .conditions
+                .unwrap_or_default()
+                .into_iter()
+                .find(|c| c.type_ == "PodScheduled" && c.status == "False");
+            let (ready, reason, message, phase) = match (&unschedulable, phase.as_str()) {
+                (Some(c), _) => (
+                    false,
+                    c.reason.clone().unwrap_or_else(|| "Unschedulable".into()),
+                    format!(
+                        "the runner pod is not scheduled: {}",
+                        c.message.clone().unwrap_or_default()
+                    ),
+                    Phase::Pending,
+                ),
+                (None, "Running") => (
+                    true,
+                    "Running".to_string(),
+                    "the runner runs the tests".to_string(),
+                    Phase::Running,
+                ),
+                _ => (
+                    false,
+                    "Starting".to_string(),
+                    "the runner pod is starting".to_string(),
+                    Phase::Pending,
+                ),
+            };
+            let st = FaultTestStatus {
+                phase: Some(phase),
+                conditions: with_condition(
+                    base.conditions.clone(),
+                    condition(ft, "RunnerReady", ready, &reason, &message),
+                ),
+                ..base
+            };
+            if Some(&st) != ft.status.as_ref() {
+                write_status(fts, ft, &st).await?;
+            }
+            return Ok(Action::requeue(Duration::from_secs(5)));
+        }
+    }
+    let terminated = pod_status
+        .container_statuses
+        .as_ref()
+        .and_then(|cs| cs.first())
+        .and_then(|c| c.state.as_ref())
+        .and_then(|s| s.terminated.clone());
+    let code = terminated.as_ref().map(|t| t.exit_code);
+    let log = pods
+        .logs(&n.pod, &LogParams::default())
+        .await
+        .unwrap_or_default();
+    let got = outcome(&log, code);
+    let (st, warning, reason, note) = match got {
+        Some(o) => {
+            let cm = ConfigMap {
+                metadata: meta(ft, &n.result),
+                data: Some(BTreeMap::from([(
+                    "result.json".to_string(),
+                    o.document.clone(),
+                )])),
+                ..Default::default()
+            };
+            match configmaps.create(&PostParams::default(), &cm).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                Err(e) => return Err(e.into()),
+            }
+            for t in o.tests.iter().filter(|t| t.result != "pass").take(10) {
+                event(
+                    ctx,
+                    ft,
+                    true,
+                    "TestFailed",
+                    format!(
+                        "{} {}: {}",
+                        t.name,
+                        t.result,
+                        t.reason.clone().unwrap_or_default()
+                    ),
+                )
+                .await;
+            }
+            let pass = o.verdict == Verdict::Pass;
+            let summary = format!(
+                "{} passed, {} failed, {} errored",
+                o.passed, o.failed, o.errored
+            );
+            let st = FaultTestStatus {
+                phase: Some(if pass {
+                    Phase::Succeeded
+                } else {
+                    Phase::Failed
+                }),
+                verdict: Some(o.verdict),
+                passed: o.passed,
+                failed: o.failed,
+                errored: o.errored,
+                tests: o.tests.iter().take(STATUS_TESTS).cloned().collect(),
+                conditions: with_condition(
+                    base.conditions.clone(),
+                    condition(
+                        ft,
+                        "Completed",
+                        true,
+                        if pass { "Passed" } else { "Failed" },
+                        &summary,
+                    ),
+                ),
+                completion_time: Some(now()),
+                result_ref: Some(n.result.clone()),
+                ..base
+            };
+            (
+                st,
+                !pass,
+                if pass { "RunSucceeded" } else { "RunFailed" },
+                summary,
+            )
+        }
+        None => {
+            let tail: Vec<&str> = log.lines().rev().take(10).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            let why = terminated
+                .as_ref()
+                .map(|t| {
+                    format!(
+                        "exit code {}{}",
+                        t.exit_code,
+                        t.reason
+                            .as_ref()
+                            .map(|r| format!(" ({r})"))
+                            .unwrap_or_default()
+                    )
+                })
+                .or_else(|| pod_status.reason.clone())
+                .unwrap_or_else(|| "no result".into());
+            let message = format!(
+                "the runner ended without a result: {why}; its last lines:\n{}",
+                tail.join("\n")
+            );
+            let st = FaultTestStatus {
+                phase: Some(Phase::Error),
+                verdict: Some(Verdict::Error),
+                conditions: with_condition(
+                    base.conditions.clone(),
+                    condition(ft, "Completed", false, "RunnerFailed", &message),
+                ),
+                completion_time: Some(now()),
+                ..base
+            };
+            (st, true, "RunnerFailed", message)
+        }
+    };
+    let verdict = st.verdict.unwrap_or(Verdict::Error);
+    write_status(fts, ft, &st).await?;
+    event(ctx, ft, warning, reason, note).await;
+    ctx.metrics.finished(match verdict {
+        Verdict::Pass => "pass",
+        Verdict::Fail => "fail",
+        Verdict::Error => "error",
+    });
+    if remove_pod(ft.spec.keep_pods.unwrap_or_default(), verdict) {
+        let _ = pods.delete(&n.pod, &DeleteParams::background()).await;
+    }
+    Ok(Action::await_change())
+}
+
+/// Retries a failed reconcile after a pause.
+pub fn error_policy(_ft: Arc<FaultTest>, error: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(%error, "reconcile failed");
+    Action::requeue(Duration::from_secs(10))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{ConfigMapKeyRef, SourceFrom};
+
+    fn ft(spec: FaultTestSpec) -> FaultTest {
+        let mut ft = FaultTest::new("checkout", spec);
+        ft.metadata.namespace = Some("shop".into());
+        ft.metadata.uid = Some("uid-1".into());
+        ft.metadata.generation = Some(3);
+        ft
+    }
+
+    fn source(text: &str) -> FaultTestSpec {
+        FaultTestSpec {
+            source: Some(text.into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn fields_are_checked_before_anything_is_read() {
+        let both = FaultTestSpec {
+            source: Some("x".into()),
+            source_from: Some(SourceFrom {
+                config_map_key_ref: ConfigMapKeyRef {
+                    name: "a".into(),
+                    key: "b".into(),
+                },
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            check_fields(&both).map_err(|e| e.reason),
+            Err("BothSources")
+        );
+        assert_eq!(
+            check_fields(&FaultTestSpec::default()).map_err(|e| e.reason),
+            Err("NoSource")
+        );
+        let zero = FaultTestSpec {
+            timeout: Some("0s".into()),
+            ..source("x")
+        };
+        assert_eq!(check_fields(&zero).map_err(|e| e.reason), Err("BadTimeout"));
+        let ten = FaultTestSpec {
+            timeout: Some("10m".into()),
+            ..source("x")
+        };
+        assert_eq!(check_fields(&ten), Ok(Duration::from_secs(600)));
+        for bad in ["0 3 * *", "61 * * * *", "* * * * mon-x", "*/0 * * * *"] {
+            let s = FaultTestSpec {
+                schedule: Some(bad.into()),
+                ..source("x")
+            };
+            assert_eq!(
+                check_fields(&s).map_err(|e| e.reason),
+                Err("BadSchedule"),
+                "{bad}"
+            );
+        }
+        for good in ["0 3 * * *", "*/15 1-5 1,15 * 0-6"] {
+            let s = FaultTestSpec {
+                schedule: Some(good.into()),
+                ..source("x")
+            };
+            assert!(check_fields(&s).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    fn specs_are_validated_by_the_same_loader_as_dry_run() {
+        let files = |text: &str| BTreeMap::from([("spec.star".to_string(), text.to_string())]);
+        let good = "def test_a():\n    pass\n\ndef test_b():\n    pass\n";
+        assert_eq!(validate(&files(good), None), Ok(()));
+        assert_eq!(validate(&files(good), Some("a")), Ok(()));
+        let none = validate(&files(good), Some("zzz")).expect_err("no match");
+        assert_eq!(none.reason, "NoMatchingTest");
+        assert!(none.message.contains("test_a, test_b"), "{}", none.message);
+        let broken = validate(&files("def test_a(:\n"), None).expect_err("syntax");
+        assert_eq!(broken.reason, "InvalidSpec");
+        assert!(
+            broken.message.contains("spec.star:1:"),
+            "{}",
+            broken.message
+        );
+        let kwarg = validate(
+            &files("service(\"s\", \"/bin/true\", helthcheck = 1)\ndef test_a():\n    pass\n"),
+            None,
+        )
+        .expect_err("kwarg");
+        assert!(
+            kwarg.message.contains("did you mean healthcheck"),
+            "{}",
+            kwarg.message
+        );
+        // A helper file next to the spec, as spec.files gives it.
+        let mut with_helper =
+            files("load(\"helper.star\", \"x\")\ndef test_a():\n    assert_eq(x, 1)\n");
+        with_helper.insert("helper.star".into(), "x = 1\n".into());
+        assert_eq!(validate(&with_helper, None), Ok(()));
+        let mut escape = files(good);
+        escape.insert("../evil".into(), "".into());
+        assert_eq!(
+            validate(&escape, None).map_err(|e| e.reason),
+            Err("BadFileName")
+        );
+    }
+
+    #[test]
+    fn the_runner_pod_is_restricted_owned_and_named_by_generation() {
+        let f = ft(FaultTestSpec {
+            test: Some("orders_*".into()),
+            runs: Some(2),
+            seed: Some(42),
+            ..source("x")
+        });
+        let pod = runner_pod(&f, "localhost/faultbox:dev", Duration::from_secs(600));
+        assert_eq!(pod.metadata.name.as_deref(), Some("checkout-run-3"));
+        let owner = &pod.metadata.owner_references.as_ref().expect("owner")[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+            ("FaultTest", "checkout", Some(true))
+        );
+        let spec = pod.spec.expect("spec");
+        assert_eq!(spec.active_deadline_seconds, Some(600));
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        let psc = spec.security_context.expect("pod security");
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert!(psc.run_as_user.is_some_and(|u| u != 0));
+        assert_eq!(
+            psc.seccomp_profile.expect("seccomp").type_,
+            "RuntimeDefault"
+        );
+        let c = &spec.containers[0];
+        let sc = c.security_context.as_ref().expect("container security");
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(
+            sc.capabilities.as_ref().and_then(|c| c.drop.clone()),
+            Some(vec!["ALL".to_string()])
+        );
+        assert_eq!(
+            c.args.as_deref().unwrap_or_default().join(" "),
+            "test /spec/spec.star --format json-line --test orders_* --runs 2 --seed 42"
+        );
+        let volumes = spec.volumes.expect("volumes");
+        assert_eq!(
+            volumes[0].config_map.as_ref().map(|c| c.name.as_str()),
+            Some("checkout-spec-3")
+        );
+    }
+
+    #[test]
+    fn the_result_line_becomes_the_verdict() {
+        let doc = r#"{"version":1,"pass":1,"fail":1,"error":0,"tests":[{"name":"test_a","result":"pass","seed":7,"duration_ms":12,"replay_command":"faultbox test s --test a --seed 7"},{"name":"test_b","result":"fail","seed":7,"duration_ms":30,"reason":"assert_eq failed: 503 != 200"}]}"#;
+        let log = format!("Seed: 7\n--- PASS: test_a\n{doc}\n1 passed, 1 failed\n");
+        let o = outcome(&log, Some(2)).expect("outcome");
+        assert_eq!(
+            (o.verdict, o.passed, o.failed, o.errored),
+            (Verdict::Fail, 1, 1, 0)
+        );
+        assert_eq!(
+            o.tests[1].reason.as_deref(),
+            Some("assert_eq failed: 503 != 200")
+        );
+        assert_eq!(
+            o.tests[0].replay.as_deref(),
+            Some("faultbox test s --test a --seed 7")
+        );
+        let pass = doc.replace("\"fail\",\"seed\"", "\"pass\",\"seed\"");
+        assert_eq!(
+            outcome(&pass, Some(0)).map(|o| o.verdict),
+            Some(Verdict::Pass)
+        );
+        // The exit code must agree: a crash after printing is an error.
+        assert_eq!(
+            outcome(&pass, Some(137)).map(|o| o.verdict),
+            Some(Verdict::Error)
+        );
+        assert_eq!(outcome("faultbox: spec.star:1:1: boom\n", Some(1)), None);
+        let big = format!(
+            r#"{{"tests":[{{"name":"test_a","result":"pass","seed":1,"duration_ms":1,"events":["{}"]}}]}}"#,
+            "x".repeat(RESULT_LIMIT + 10)
+        );
+        let o = outcome(&big, Some(0)).expect("outcome");
+        assert!(o.document.len() < RESULT_LIMIT, "{}", o.document.len());
+        assert!(o.document.contains("events_dropped"));
+    }
+
+    #[test]
+    fn finished_pods_go_unless_kept() {
+        assert!(remove_pod(KeepPods::Never, Verdict::Fail));
+        assert!(remove_pod(KeepPods::OnFailure, Verdict::Pass));
+        assert!(!remove_pod(KeepPods::OnFailure, Verdict::Error));
+        assert!(!remove_pod(KeepPods::Always, Verdict::Pass));
+    }
+}

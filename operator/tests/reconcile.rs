@@ -1,0 +1,244 @@
+//! The reconcile against kube's mock API server (tower-test): each test
+//! answers the requests one reconcile makes, in order, and asserts what
+//! they are (method, path, body).
+
+use std::pin::pin;
+use std::sync::Arc;
+
+use faultbox_operator::crd::{FaultTest, FaultTestSpec};
+use faultbox_operator::metrics::Metrics;
+use faultbox_operator::reconcile::{Context, reconcile};
+use http::{Method, Request, Response};
+use kube::Client;
+use kube::client::Body;
+use kube::runtime::events::{Recorder, Reporter};
+use serde_json::{Value, json};
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+fn context() -> (Arc<Context>, Handle) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "shop");
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "faultbox-operator".into(),
+            instance: None,
+        },
+    );
+    (
+        Arc::new(Context {
+            client,
+            recorder,
+            runner_image: "localhost/faultbox:test".into(),
+            metrics: Metrics::default(),
+        }),
+        handle,
+    )
+}
+
+fn faulttest(source: &str) -> FaultTest {
+    let mut ft = FaultTest::new(
+        "checkout",
+        FaultTestSpec {
+            source: Some(source.into()),
+            seed: Some(7),
+            ..Default::default()
+        },
+    );
+    ft.metadata.namespace = Some("shop".into());
+    ft.metadata.uid = Some("0000-1111".into());
+    ft.metadata.generation = Some(2);
+    ft
+}
+
+/// Takes the next request: its method, path with query, and JSON body.
+async fn next(
+    handle: &mut std::pin::Pin<&mut Handle>,
+) -> (
+    Method,
+    String,
+    Value,
+    tower_test::mock::SendResponse<Response<Body>>,
+) {
+    let (request, send) = handle.next_request().await.expect("a request");
+    let method = request.method().clone();
+    let uri = request.uri().to_string();
+    let bytes = request.into_body().collect_bytes().await.expect("body");
+    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (method, uri, body, send)
+}
+
+fn reply(send: tower_test::mock::SendResponse<Response<Body>>, value: Value) {
+    send.send_response(Response::new(Body::from(
+        serde_json::to_vec(&value).expect("json"),
+    )));
+}
+
+fn empty_list(kind: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": kind, "metadata": {}, "items": []})
+}
+
+#[tokio::test]
+async fn an_invalid_spec_gets_phase_invalid_a_condition_and_an_event_and_nothing_else() {
+    let (ctx, handle) = context();
+    let ft = faulttest("def test_a(:\n    pass\n");
+    let verifier = tokio::spawn(async move {
+        let mut handle = pin!(handle);
+        let (m, uri, _, send) = next(&mut handle).await;
+        assert_eq!(m, Method::GET);
+        assert!(uri.starts_with("/api/v1/namespaces/shop/pods?"), "{uri}");
+        assert!(
+            uri.contains("labelSelector=faultbox.io%2Ffaulttest%3Dcheckout"),
+            "{uri}"
+        );
+        reply(send, empty_list("PodList"));
+
+        let (m, uri, body, send) = next(&mut handle).await;
+        assert_eq!(m, Method::PATCH);
+        assert!(
+            uri.starts_with(
+                "/apis/faultbox.io/v1alpha1/namespaces/shop/faulttests/checkout/status?"
+            ),
+            "{uri}"
+        );
+        assert!(
+            uri.contains("fieldManager=faultbox-operator") && uri.contains("force=true"),
+            "{uri}"
+        );
+        let status = &body["status"];
+        assert_eq!(status["phase"], "Invalid", "{body:#}");
+        assert_eq!(status["observedGeneration"], 2);
+        let c = &status["conditions"][0];
+        assert_eq!(
+            (
+                c["type"].as_str(),
+                c["status"].as_str(),
+                c["reason"].as_str()
+            ),
+            (Some("Validated"), Some("False"), Some("InvalidSpec"))
+        );
+        assert!(
+            c["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("spec.star:1:")),
+            "{c}"
+        );
+        reply(
+            send,
+            json!({"apiVersion": "faultbox.io/v1alpha1", "kind": "FaultTest", "metadata": {"name": "checkout", "namespace": "shop"}, "spec": {}}),
+        );
+
+        let (m, uri, body, send) = next(&mut handle).await;
+        assert_eq!(m, Method::POST);
+        assert_eq!(uri, "/apis/events.k8s.io/v1/namespaces/shop/events?");
+        assert_eq!(body["reason"], "InvalidSpec");
+        assert_eq!(body["type"], "Warning");
+        assert_eq!(body["regarding"]["name"], "checkout");
+        reply(send, body);
+    });
+    let action = reconcile(Arc::new(ft), ctx).await.expect("reconcile");
+    verifier.await.expect("verifier");
+    assert_eq!(
+        format!("{action:?}"),
+        format!("{:?}", kube::runtime::controller::Action::await_change())
+    );
+}
+
+#[tokio::test]
+async fn a_valid_spec_gets_its_configmap_and_runner_pod_then_pending() {
+    let (ctx, handle) = context();
+    let ft = faulttest("def test_a():\n    pass\n");
+    let verifier = tokio::spawn(async move {
+        let mut handle = pin!(handle);
+        let (_, uri, _, send) = next(&mut handle).await;
+        assert!(uri.starts_with("/api/v1/namespaces/shop/pods?"), "{uri}");
+        reply(send, empty_list("PodList"));
+
+        // The spec ConfigMap: looked for, then created, owned.
+        let (m, uri, _, send) = next(&mut handle).await;
+        assert_eq!(
+            (m, uri.as_str()),
+            (
+                Method::GET,
+                "/api/v1/namespaces/shop/configmaps/checkout-spec-2"
+            )
+        );
+        send.send_response(
+            Response::builder()
+                .status(404)
+                .body(Body::from(serde_json::to_vec(&json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})).expect("json")))
+                .expect("response"),
+        );
+        let (m, uri, body, send) = next(&mut handle).await;
+        assert_eq!(
+            (m, uri.as_str()),
+            (Method::POST, "/api/v1/namespaces/shop/configmaps?")
+        );
+        assert_eq!(body["metadata"]["name"], "checkout-spec-2");
+        assert_eq!(body["metadata"]["ownerReferences"][0]["uid"], "0000-1111");
+        assert_eq!(body["data"]["spec.star"], "def test_a():\n    pass\n");
+        reply(send, body);
+
+        // The pod: looked for, then created.
+        let (m, uri, _, send) = next(&mut handle).await;
+        assert_eq!(
+            (m, uri.as_str()),
+            (Method::GET, "/api/v1/namespaces/shop/pods/checkout-run-2")
+        );
+        send.send_response(
+            Response::builder()
+                .status(404)
+                .body(Body::from(serde_json::to_vec(&json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})).expect("json")))
+                .expect("response"),
+        );
+        let (m, uri, body, send) = next(&mut handle).await;
+        assert_eq!(
+            (m, uri.as_str()),
+            (Method::POST, "/api/v1/namespaces/shop/pods?")
+        );
+        assert_eq!(body["metadata"]["name"], "checkout-run-2");
+        assert_eq!(body["metadata"]["ownerReferences"][0]["kind"], "FaultTest");
+        assert_eq!(
+            body["spec"]["containers"][0]["image"],
+            "localhost/faultbox:test"
+        );
+        let args: Vec<&str> = body["spec"]["containers"][0]["args"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        assert_eq!(
+            args,
+            [
+                "test",
+                "/spec/spec.star",
+                "--format",
+                "json-line",
+                "--seed",
+                "7"
+            ]
+        );
+        reply(send, body);
+
+        let (m, uri, body, send) = next(&mut handle).await;
+        assert_eq!(m, Method::PATCH);
+        assert!(uri.contains("/faulttests/checkout/status?"), "{uri}");
+        assert_eq!(body["status"]["phase"], "Pending", "{body:#}");
+        assert_eq!(body["status"]["runner"], "checkout-run-2");
+        assert!(
+            body["status"].get("verdict").is_none_or(Value::is_null),
+            "no verdict before the end"
+        );
+        reply(
+            send,
+            json!({"apiVersion": "faultbox.io/v1alpha1", "kind": "FaultTest", "metadata": {"name": "checkout", "namespace": "shop"}, "spec": {}}),
+        );
+
+        let (m, _, body, send) = next(&mut handle).await;
+        assert_eq!(m, Method::POST);
+        assert_eq!(body["reason"], "RunStarted");
+        reply(send, body);
+    });
+    reconcile(Arc::new(ft), ctx).await.expect("reconcile");
+    verifier.await.expect("verifier");
+}
