@@ -51,6 +51,7 @@ pub struct FaultTestSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
     /// Run again on this cron schedule (five fields, e.g. "0 3 * * *").
+    /// Checked, then refused: this operator does not run schedules yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<String>,
     /// How many finished scheduled runs the status remembers (default 5).

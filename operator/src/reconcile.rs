@@ -96,6 +96,13 @@ pub fn check_fields(spec: &FaultTestSpec) -> Result<Duration, Invalid> {
     }
     if let Some(s) = &spec.schedule {
         check_schedule(s).map_err(|m| invalid("BadSchedule", m))?;
+        // Refused rather than ignored until runs repeat on it.
+        return Err(invalid(
+            "ScheduleUnsupported",
+            format!(
+                "spec.schedule {s:?} is valid, but this operator does not run FaultTests on a schedule yet; drop it and re-apply the FaultTest (or a CronJob that does) to run again"
+            ),
+        ));
     }
     let timeout = match &spec.timeout {
         None => Duration::from_secs(30 * 60),
@@ -999,11 +1006,16 @@ mod tests {
             );
         }
         for good in ["0 3 * * *", "*/15 1-5 1,15 * 0-6"] {
+            assert_eq!(check_schedule(good), Ok(()), "{good}");
             let s = FaultTestSpec {
                 schedule: Some(good.into()),
                 ..source("x")
             };
-            assert!(check_fields(&s).is_ok(), "{good}");
+            assert_eq!(
+                check_fields(&s).map_err(|e| e.reason),
+                Err("ScheduleUnsupported"),
+                "{good}"
+            );
         }
     }
 

@@ -242,3 +242,111 @@ async fn a_valid_spec_gets_its_configmap_and_runner_pod_then_pending() {
     reconcile(Arc::new(ft), ctx).await.expect("reconcile");
     verifier.await.expect("verifier");
 }
+
+#[tokio::test]
+async fn a_finished_runner_becomes_the_verdict_the_result_configmap_and_a_deleted_pod() {
+    let (ctx, handle) = context();
+    let mut ft = faulttest("def test_a():\n    pass\n");
+    ft.status = Some(faultbox_operator::crd::FaultTestStatus {
+        phase: Some(faultbox_operator::crd::Phase::Running),
+        observed_generation: Some(2),
+        runner: Some("checkout-run-2".into()),
+        ..Default::default()
+    });
+    let pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "checkout-run-2", "namespace": "shop", "labels": {"faultbox.io/faulttest": "checkout", "faultbox.io/generation": "2"}},
+        "spec": {"containers": [{"name": "runner", "image": "x"}]},
+        "status": {"phase": "Succeeded", "containerStatuses": [{"name": "runner", "ready": false, "restartCount": 0, "image": "x", "imageID": "", "state": {"terminated": {"exitCode": 0}}}]}
+    });
+    let log = "Seed: 7\n{\"version\":1,\"pass\":1,\"fail\":0,\"error\":0,\"tests\":[{\"name\":\"test_a\",\"result\":\"pass\",\"seed\":7,\"duration_ms\":3}]}\n\n1 passed, 0 failed\n";
+    let verifier = tokio::spawn(async move {
+        let mut handle = pin!(handle);
+        let (_, uri, _, send) = next(&mut handle).await;
+        assert!(uri.starts_with("/api/v1/namespaces/shop/pods?"), "{uri}");
+        reply(
+            send,
+            json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [pod.clone()]}),
+        );
+
+        let (m, uri, _, send) = next(&mut handle).await;
+        assert_eq!(
+            (m, uri.as_str()),
+            (
+                Method::GET,
+                "/api/v1/namespaces/shop/configmaps/checkout-spec-2"
+            )
+        );
+        reply(
+            send,
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "checkout-spec-2"}}),
+        );
+
+        let (m, uri, _, send) = next(&mut handle).await;
+        assert_eq!(
+            (m, uri.as_str()),
+            (Method::GET, "/api/v1/namespaces/shop/pods/checkout-run-2")
+        );
+        reply(send, pod);
+
+        let (m, uri, _, send) = next(&mut handle).await;
+        assert_eq!(m, Method::GET);
+        assert!(
+            uri.starts_with("/api/v1/namespaces/shop/pods/checkout-run-2/log"),
+            "{uri}"
+        );
+        send.send_response(Response::new(Body::from(log.as_bytes().to_vec())));
+
+        let (m, uri, body, send) = next(&mut handle).await;
+        assert_eq!(
+            (m, uri.as_str()),
+            (Method::POST, "/api/v1/namespaces/shop/configmaps?")
+        );
+        assert_eq!(body["metadata"]["name"], "checkout-result-2");
+        let doc: Value =
+            serde_json::from_str(body["data"]["result.json"].as_str().expect("result"))
+                .expect("doc");
+        assert_eq!(doc["tests"][0]["name"], "test_a");
+        reply(send, body);
+
+        let (m, uri, body, send) = next(&mut handle).await;
+        assert_eq!(m, Method::PATCH);
+        assert!(uri.contains("/faulttests/checkout/status?"), "{uri}");
+        let st = &body["status"];
+        assert_eq!(
+            (
+                st["phase"].as_str(),
+                st["verdict"].as_str(),
+                st["passed"].as_u64()
+            ),
+            (Some("Succeeded"), Some("Pass"), Some(1)),
+            "{body:#}"
+        );
+        assert_eq!(st["resultRef"], "checkout-result-2");
+        assert_eq!(st["tests"][0]["durationMs"], 3);
+        reply(
+            send,
+            json!({"apiVersion": "faultbox.io/v1alpha1", "kind": "FaultTest", "metadata": {"name": "checkout", "namespace": "shop"}, "spec": {}}),
+        );
+
+        let (m, _, body, send) = next(&mut handle).await;
+        assert_eq!(
+            (m, body["reason"].as_str()),
+            (Method::POST, Some("RunSucceeded"))
+        );
+        reply(send, body);
+
+        let (m, uri, _, send) = next(&mut handle).await;
+        assert_eq!(m, Method::DELETE);
+        assert!(
+            uri.starts_with("/api/v1/namespaces/shop/pods/checkout-run-2"),
+            "{uri}"
+        );
+        reply(
+            send,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+        );
+    });
+    reconcile(Arc::new(ft), ctx).await.expect("reconcile");
+    verifier.await.expect("verifier");
+}

@@ -386,4 +386,150 @@ def test_slow():
         assert!(Instant::now() < deadline, "left behind: {pods} {cms}");
         std::thread::sleep(Duration::from_millis(500));
     }
+
+    // A runner image that cannot be pulled: phase Error, the reason named.
+    let quick = "def test_a():\n    pass\n";
+    let (ok, out) = kubectl_stdin(
+        &["apply", "-f", "-"],
+        &faulttest(
+            "no-image",
+            &ns,
+            quick,
+            "  runner: {image: \"localhost/faultbox-missing:none\"}\n",
+        ),
+    );
+    assert!(ok, "{out}");
+    let st = wait_done(&ns, "no-image", Duration::from_secs(120));
+    assert_eq!(st["phase"], "Error", "{st:#}");
+    let c = condition(&st, "RunnerReady");
+    assert_eq!(c["reason"], "ImagePull", "{st:#}");
+    assert!(
+        c["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("localhost/faultbox-missing:none")),
+        "{c}"
+    );
+
+    // A runner no node can take: Pending, with the scheduler's reason.
+    let (ok, out) = kubectl_stdin(
+        &["apply", "-f", "-"],
+        &faulttest("too-big", &ns, quick, "  runner: {cpu: \"64\"}\n"),
+    );
+    assert!(ok, "{out}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = status(&ns, "too-big");
+        let c = condition(&st, "RunnerReady");
+        if c["reason"] == "Unschedulable" {
+            assert_eq!(st["phase"], "Pending");
+            assert!(
+                c["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("Insufficient cpu")),
+                "{c}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "never unschedulable: {st:#}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    must(&["delete", "ft", "too-big", "-n", &ns]);
+
+    // An edited spec (a new generation) cancels the running one.
+    let (ok, out) = kubectl_stdin(&["apply", "-f", "-"], &faulttest("edited", &ns, &slow, ""));
+    assert!(ok, "{out}");
+    wait_phase(&ns, "edited", "Running");
+    let (ok, out) = kubectl_stdin(&["apply", "-f", "-"], &faulttest("edited", &ns, quick, ""));
+    assert!(ok, "{out}");
+    let st = wait_done(&ns, "edited", Duration::from_secs(120));
+    assert_eq!(
+        (st["phase"].as_str(), st["observedGeneration"].as_i64()),
+        (Some("Succeeded"), Some(2)),
+        "{st:#}"
+    );
+    // The first generation's runner goes too (it was told to stop).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, pods) = kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            &ns,
+            "-l",
+            "faultbox.io/faulttest=edited",
+            "-o",
+            "name",
+        ]);
+        if pods.trim().is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still there: {pods}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // The operator restarted mid-run picks the run up: one runner, one
+    // result.
+    let held = format!(
+        r#"web = service("web", interface("main", "http", 8080), remote = "{addr}", healthcheck = http("{addr}/health"))
+
+def test_held():
+    r = fault(web.main, delay(path = "/hello", delay = "8s"), run = lambda: web.main.get(path = "/hello"))
+    assert_eq(r.status, 200)
+"#
+    );
+    let (ok, out) = kubectl_stdin(
+        &["apply", "-f", "-"],
+        &faulttest("restarted", &ns, &held, ""),
+    );
+    assert!(ok, "{out}");
+    wait_phase(&ns, "restarted", "Running");
+    must(&[
+        "delete",
+        "pod",
+        "-n",
+        &op_ns,
+        "-l",
+        "app.kubernetes.io/name=faultbox-operator",
+        "--wait=false",
+    ]);
+    let st = wait_done(&ns, "restarted", Duration::from_secs(180));
+    assert_eq!(st["phase"], "Succeeded", "{st:#}");
+    let events = must(&["get", "events", "-n", &ns, "-o", "json"]);
+    let events: Value = serde_json::from_str(&events).expect("events json");
+    let started = events["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                // `kubectl get events` shows the core/v1 view of them.
+                .filter(|e| {
+                    e["reason"] == "RunStarted"
+                        && (e["involvedObject"]["name"] == "restarted"
+                            || e["regarding"]["name"] == "restarted")
+                })
+                .map(|e| e["count"].as_u64().unwrap_or(1))
+                .sum::<u64>()
+        })
+        .unwrap_or(0);
+    assert_eq!(started, 1, "one runner for the generation");
+}
+
+fn condition(status: &Value, type_: &str) -> Value {
+    status["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+fn wait_phase(ns: &str, name: &str, phase: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while status(ns, name)["phase"] != phase {
+        assert!(
+            Instant::now() < deadline,
+            "{name} never {phase}: {:#}",
+            status(ns, name)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
