@@ -249,6 +249,14 @@ pub fn run(endpoint: &Endpoint) -> Result<i32, SessionError> {
     }
     let interrupted = session.supervisor.as_ref().map_or(0, |s| {
         s.quiesce();
+        // The rules in force hand over their final counters with the
+        // exit: a target killed by a fault cannot answer the barrier
+        // that would otherwise report them, and its window would count
+        // no hit.
+        let stats = s.stats();
+        if !stats.is_empty() {
+            events.push_now(ShimMessage::RulesRetired { stats });
+        }
         s.interrupted()
     });
     let (code, signal) = match status {

@@ -175,6 +175,42 @@ def test_wal_fsync_eio():
     );
 }
 
+/// With `appendfsync always`, Redis exits on the first AOF error: the
+/// fault that killed it must still count (its counters come with the
+/// shim's last words, not from a barrier the dead target cannot answer).
+#[test]
+fn a_fault_that_makes_its_target_exit_is_still_counted() {
+    let dir = Scratch::new("redis-exit");
+    let text = format!(
+        r#"
+port = free_port()
+redis = service(
+    "redis",
+    "/usr/bin/redis-server",
+    interface("main", "redis", port),
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--dir", "{data}",
+            "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+    healthcheck = tcp("localhost:%d" % port),
+    ops = {{"aof": op(syscalls = ["write"], path = "**/appendonlydir/*")}},
+)
+
+def test_aof_error_kills_redis():
+    fault(redis, aof = deny("EIO"), run = lambda: redis.main.command("SET", "b", "2"))
+    assert_eventually(type = "service_exited", service = "redis")
+"#,
+        data = dir.path("data"),
+    );
+    let (code, doc, stderr) = run(&dir, &text);
+    assert_eq!(code, 0, "{stderr}");
+    let t = test_of(&doc, "test_aof_error_kills_redis");
+    assert_eq!(t["faults"][0]["hits"], 1, "{:#}", t["faults"]);
+    let codes: Vec<&str> = t["diagnostics"]
+        .as_array()
+        .map(|d| d.iter().filter_map(|x| x["code"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(!codes.contains(&"FAULT_NOT_FIRED"), "{codes:?}");
+}
+
 #[test]
 fn redis_refuses_writes_while_its_append_only_file_cannot_be_written() {
     let dir = Scratch::new("redis");
