@@ -4,5 +4,6 @@
 //! ("Kubernetes").
 
 pub mod crd;
+pub mod lease;
 pub mod metrics;
 pub mod reconcile;

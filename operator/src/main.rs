@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use faultbox_operator::crd::FaultTest;
+use faultbox_operator::lease::Elector;
 use faultbox_operator::metrics::Metrics;
 use faultbox_operator::reconcile::{Context, MANAGER, error_policy, reconcile};
 use futures::StreamExt;
@@ -55,6 +56,26 @@ async fn main() -> anyhow::Result<()> {
             })
             .collect()
     };
+    // With LEASE_NAMESPACE set (the chart sets it), only the replica that
+    // holds the lease reconciles; the others wait, not ready.
+    let elector = std::env::var("LEASE_NAMESPACE").ok().map(|ns| {
+        let identity =
+            std::env::var("POD_NAME").unwrap_or_else(|_| format!("pid-{}", std::process::id()));
+        Elector::new(
+            Api::namespaced(client.clone(), &ns),
+            "faultbox-operator",
+            &identity,
+        )
+    });
+    if let Some(e) = &elector {
+        tracing::info!("waiting for the lease");
+        tokio::select! {
+            _ = e.acquire() => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = terminated() => return Ok(()),
+        }
+        tracing::info!("holding the lease");
+    }
     tracing::info!(namespaces = ?namespaces, "watching FaultTests");
     metrics
         .ready
@@ -70,7 +91,32 @@ async fn main() -> anyhow::Result<()> {
                 }
             })
     });
-    futures::future::join_all(runs).await;
+    match &elector {
+        Some(e) => {
+            tokio::select! {
+                _ = futures::future::join_all(runs) => {}
+                _ = e.hold() => {
+                    // Another replica leads now: stop reconciling at once.
+                    tracing::warn!("lost the lease; exiting so the Deployment restarts this replica as a candidate");
+                    std::process::exit(1);
+                }
+            }
+            e.release().await;
+        }
+        None => {
+            futures::future::join_all(runs).await;
+        }
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Resolves on SIGTERM.
+async fn terminated() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(_) => futures::future::pending::<()>().await,
+    }
 }

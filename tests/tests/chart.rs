@@ -87,10 +87,33 @@ fn rendered_pods_are_restricted() {
 }
 
 #[test]
+fn replicas_elect_a_leader_on_a_lease_in_the_release_namespace() {
+    let docs = render(&["replicas=2", "watchNamespaces={shop}"]);
+    let env = &kinds(&docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["env"];
+    let lease_ns = env
+        .as_sequence()
+        .and_then(|e| {
+            e.iter()
+                .find(|v| v["name"].as_str() == Some("LEASE_NAMESPACE"))
+        })
+        .and_then(|v| v["value"].as_str());
+    assert_eq!(lease_ns, Some("faultbox"));
+    let lease_role = kinds(&docs, "Role")
+        .into_iter()
+        .find(|r| r["metadata"]["namespace"].as_str() == Some("faultbox"))
+        .expect("a Role for the lease in the release namespace");
+    let text = serde_yaml::to_string(&lease_role["rules"]).expect("yaml");
+    assert!(
+        text.contains("leases") && text.contains("coordination.k8s.io"),
+        "{text}"
+    );
+}
+
+#[test]
 fn rbac_is_least_privilege_and_scoped_to_the_watched_namespaces() {
     let everywhere = render(&[]);
     assert_eq!(kinds(&everywhere, "ClusterRole").len(), 1);
-    assert!(kinds(&everywhere, "Role").is_empty());
+    assert_eq!(kinds(&everywhere, "Role").len(), 1, "only the lease's");
 
     let scoped = render(&["watchNamespaces={shop,billing}"]);
     assert!(
@@ -102,8 +125,12 @@ fn rbac_is_least_privilege_and_scoped_to_the_watched_namespaces() {
         .iter()
         .filter_map(|r| r["metadata"]["namespace"].as_str())
         .collect();
-    assert_eq!(namespaces, ["shop", "billing"]);
-    assert_eq!(kinds(&scoped, "RoleBinding").len(), 2);
+    assert_eq!(
+        namespaces,
+        ["faultbox", "shop", "billing"],
+        "the lease's, then the watched ones"
+    );
+    assert_eq!(kinds(&scoped, "RoleBinding").len(), 3);
     for role in roles.iter().chain(kinds(&everywhere, "ClusterRole").iter()) {
         for rule in role["rules"].as_sequence().expect("rules") {
             for field in ["apiGroups", "resources", "verbs"] {
@@ -135,13 +162,10 @@ fn rbac_is_least_privilege_and_scoped_to_the_watched_namespaces() {
 #[test]
 fn the_values_schema_refuses_what_the_operator_cannot_do() {
     let out = Command::new(helm())
-        .args(["template", "fb", CHART, "--set=replicas=2"])
+        .args(["template", "fb", CHART, "--set=replicas=0"])
         .output()
         .expect("helm template");
-    assert!(
-        !out.status.success(),
-        "two replicas need leader election, not there yet"
-    );
+    assert!(!out.status.success(), "at least one replica");
     let out = Command::new(helm())
         .args(["template", "fb", CHART, "--set=imageTypo=x"])
         .output()

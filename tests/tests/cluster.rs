@@ -133,6 +133,8 @@ fn faulttests_run_in_the_cluster_and_report_their_verdicts() {
             "--create-namespace",
         ])
         .arg(format!("--set=watchNamespaces={{{ns}}}"))
+        // Two replicas: one leads, and nothing may run twice.
+        .arg("--set=replicas=2")
         .output()
         .expect("helm");
     assert!(helm.status.success(), "helm install: {helm:?}");
@@ -435,6 +437,50 @@ def test_slow():
     }
     must(&["delete", "ft", "too-big", "-n", &ns]);
 
+    // Two operators, one leader: only it is ready (and holds the Lease).
+    let ops = must(&[
+        "get",
+        "pods",
+        "-n",
+        &op_ns,
+        "-l",
+        "app.kubernetes.io/name=faultbox-operator",
+        "-o",
+        "json",
+    ]);
+    let ops: Value = serde_json::from_str(&ops).expect("pods json");
+    let ready = ops["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .filter(|p| {
+                    p["status"]["conditions"].as_array().is_some_and(|cs| {
+                        cs.iter()
+                            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                    })
+                })
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(ready, 1, "{ops:#}");
+    let lease = must(&[
+        "get",
+        "lease",
+        "faultbox-operator",
+        "-n",
+        &op_ns,
+        "-o",
+        "json",
+    ]);
+    let lease: Value = serde_json::from_str(&lease).expect("lease json");
+    assert!(
+        lease["spec"]["holderIdentity"]
+            .as_str()
+            .is_some_and(|h| h.starts_with("faultbox-operator-")),
+        "{lease:#}"
+    );
+
     // An edited spec (a new generation) cancels the running one.
     let (ok, out) = kubectl_stdin(&["apply", "-f", "-"], &faulttest("edited", &ns, &slow, ""));
     assert!(ok, "{out}");
@@ -467,8 +513,8 @@ def test_slow():
         std::thread::sleep(Duration::from_millis(500));
     }
 
-    // The operator restarted mid-run picks the run up: one runner, one
-    // result.
+    // The operators restarted mid-run (the leader and its standby): the
+    // new leader picks the run up: one runner, one result.
     let held = format!(
         r#"web = service("web", interface("main", "http", 8080), remote = "{addr}", healthcheck = http("{addr}/health"))
 
