@@ -549,6 +549,42 @@ async fn event(ctx: &Context, ft: &FaultTest, warning: bool, reason: &str, note:
     }
 }
 
+/// `base` as a run that broke: phase and verdict Error, the condition
+/// `type_` false for `reason`, the run over.
+fn broken(
+    ft: &FaultTest,
+    base: FaultTestStatus,
+    type_: &str,
+    reason: &str,
+    message: &str,
+) -> FaultTestStatus {
+    FaultTestStatus {
+        phase: Some(Phase::Error),
+        verdict: Some(Verdict::Error),
+        conditions: with_condition(
+            base.conditions.clone(),
+            condition(ft, type_, false, reason, message),
+        ),
+        completion_time: Some(now()),
+        ..base
+    }
+}
+
+/// Writes a broken run's status, says so in a Warning Event, counts it.
+async fn report_broken(
+    ctx: &Context,
+    fts: &Api<FaultTest>,
+    ft: &FaultTest,
+    status: FaultTestStatus,
+    reason: &str,
+    message: String,
+) -> Result<Action, Error> {
+    write_status(fts, ft, &status).await?;
+    event(ctx, ft, true, reason, message).await;
+    ctx.metrics.finished("error");
+    Ok(Action::await_change())
+}
+
 /// Whether the finished runner pod goes.
 fn remove_pod(keep: KeepPods, verdict: Verdict) -> bool {
     match keep {
@@ -647,20 +683,8 @@ async fn reconcile_inner(ft: &FaultTest, ctx: &Context) -> Result<Action, Error>
         {
             // We made it and it is gone: deleted or evicted.
             let message = format!("runner pod {} disappeared before reporting", n.pod);
-            let st = FaultTestStatus {
-                phase: Some(Phase::Error),
-                verdict: Some(Verdict::Error),
-                conditions: with_condition(
-                    status.conditions.clone(),
-                    condition(ft, "Completed", false, "RunnerLost", &message),
-                ),
-                completion_time: Some(now()),
-                ..status.clone()
-            };
-            write_status(&fts, ft, &st).await?;
-            event(ctx, ft, true, "RunnerLost", message).await;
-            ctx.metrics.finished("error");
-            return Ok(Action::await_change());
+            let st = broken(ft, status.clone(), "Completed", "RunnerLost", &message);
+            return report_broken(ctx, &fts, ft, st, "RunnerLost", message).await;
         }
         None => {
             let pod = runner_pod(ft, &ctx.runner_image, timeout);
@@ -669,19 +693,13 @@ async fn reconcile_inner(ft: &FaultTest, ctx: &Context) -> Result<Action, Error>
                 Err(kube::Error::Api(e)) if e.code == 409 => pods.get(&n.pod).await?,
                 Err(kube::Error::Api(e)) if e.code == 403 => {
                     let message = format!("the operator may not create pods here: {}", e.message);
-                    let st = FaultTestStatus {
-                        phase: Some(Phase::Error),
-                        verdict: Some(Verdict::Error),
-                        conditions: with_condition(
-                            status.conditions.clone(),
-                            condition(ft, "RunnerReady", false, "Forbidden", &message),
-                        ),
+                    let base = FaultTestStatus {
+                        conditions: status.conditions.clone(),
                         observed_generation: Some(g),
                         ..Default::default()
                     };
-                    write_status(&fts, ft, &st).await?;
-                    event(ctx, ft, true, "Forbidden", message).await;
-                    return Ok(Action::await_change());
+                    let st = broken(ft, base, "RunnerReady", "Forbidden", &message);
+                    return report_broken(ctx, &fts, ft, st, "Forbidden", message).await;
                 }
                 Err(e) => return Err(e.into()),
             };
@@ -750,21 +768,10 @@ async fn follow(
             w.reason.clone().unwrap_or_default(),
             w.message.clone().unwrap_or_default()
         );
-        let st = FaultTestStatus {
-            phase: Some(Phase::Error),
-            verdict: Some(Verdict::Error),
-            conditions: with_condition(
-                base.conditions.clone(),
-                condition(ft, "RunnerReady", false, "ImagePull", &message),
-            ),
-            completion_time: Some(now()),
-            ..base
-        };
-        write_status(fts, ft, &st).await?;
-        event(ctx, ft, true, "ImagePull", message).await;
+        let st = broken(ft, base, "RunnerReady", "ImagePull", &message);
+        let action = report_broken(ctx, fts, ft, st, "ImagePull", message).await?;
         let _ = pods.delete(&n.pod, &DeleteParams::background()).await;
-        ctx.metrics.finished("error");
-        return Ok(Action::await_change());
+        return Ok(action);
     }
     match phase.as_str() {
         "Succeeded" | "Failed" => {}
@@ -911,16 +918,7 @@ async fn follow(
                 "the runner ended without a result: {why}; its last lines:\n{}",
                 tail.join("\n")
             );
-            let st = FaultTestStatus {
-                phase: Some(Phase::Error),
-                verdict: Some(Verdict::Error),
-                conditions: with_condition(
-                    base.conditions.clone(),
-                    condition(ft, "Completed", false, "RunnerFailed", &message),
-                ),
-                completion_time: Some(now()),
-                ..base
-            };
+            let st = broken(ft, base, "Completed", "RunnerFailed", &message);
             (st, true, "RunnerFailed", message)
         }
     };

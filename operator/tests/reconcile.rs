@@ -75,6 +75,17 @@ fn reply(send: tower_test::mock::SendResponse<Response<Body>>, value: Value) {
     )));
 }
 
+fn not_found(send: tower_test::mock::SendResponse<Response<Body>>) {
+    let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"});
+    let body = Body::from(serde_json::to_vec(&status).expect("json"));
+    send.send_response(
+        Response::builder()
+            .status(404)
+            .body(body)
+            .expect("response"),
+    );
+}
+
 fn empty_list(kind: &str) -> Value {
     json!({"apiVersion": "v1", "kind": kind, "metadata": {}, "items": []})
 }
@@ -164,12 +175,7 @@ async fn a_valid_spec_gets_its_configmap_and_runner_pod_then_pending() {
                 "/api/v1/namespaces/shop/configmaps/checkout-spec-2"
             )
         );
-        send.send_response(
-            Response::builder()
-                .status(404)
-                .body(Body::from(serde_json::to_vec(&json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})).expect("json")))
-                .expect("response"),
-        );
+        not_found(send);
         let (m, uri, body, send) = next(&mut handle).await;
         assert_eq!(
             (m, uri.as_str()),
@@ -186,12 +192,7 @@ async fn a_valid_spec_gets_its_configmap_and_runner_pod_then_pending() {
             (m, uri.as_str()),
             (Method::GET, "/api/v1/namespaces/shop/pods/checkout-run-2")
         );
-        send.send_response(
-            Response::builder()
-                .status(404)
-                .body(Body::from(serde_json::to_vec(&json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})).expect("json")))
-                .expect("response"),
-        );
+        not_found(send);
         let (m, uri, body, send) = next(&mut handle).await;
         assert_eq!(
             (m, uri.as_str()),

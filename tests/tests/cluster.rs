@@ -350,44 +350,14 @@ def test_slow():
     );
     let (ok, out) = kubectl_stdin(&["apply", "-f", "-"], &faulttest("slow", &ns, &slow, ""));
     assert!(ok, "{out}");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while status(&ns, "slow")["phase"] != "Running" {
-        assert!(
-            Instant::now() < deadline,
-            "slow never ran: {:#}",
-            status(&ns, "slow")
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    wait_phase(&ns, "slow", "Running");
     must(&["delete", "ft", "slow", "-n", &ns]);
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let (_, pods) = kubectl(&[
-            "get",
-            "pods",
-            "-n",
-            &ns,
-            "-l",
-            "faultbox.io/faulttest=slow",
-            "-o",
-            "name",
-        ]);
-        let (_, cms) = kubectl(&[
-            "get",
-            "configmaps",
-            "-n",
-            &ns,
-            "-l",
-            "faultbox.io/faulttest=slow",
-            "-o",
-            "name",
-        ]);
-        if pods.trim().is_empty() && cms.trim().is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "left behind: {pods} {cms}");
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    wait_gone(
+        &ns,
+        &["pods", "configmaps"],
+        "slow",
+        Duration::from_secs(90),
+    );
 
     // A runner image that cannot be pulled: phase Error, the reason named.
     let quick = "def test_a():\n    pass\n";
@@ -494,24 +464,7 @@ def test_slow():
         "{st:#}"
     );
     // The first generation's runner goes too (it was told to stop).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, pods) = kubectl(&[
-            "get",
-            "pods",
-            "-n",
-            &ns,
-            "-l",
-            "faultbox.io/faulttest=edited",
-            "-o",
-            "name",
-        ]);
-        if pods.trim().is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "still there: {pods}");
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    wait_gone(&ns, &["pods"], "edited", Duration::from_secs(60));
 
     // The operators restarted mid-run (the leader and its standby): the
     // new leader picks the run up: one runner, one result.
@@ -577,5 +530,23 @@ fn wait_phase(ns: &str, name: &str, phase: &str) {
             status(ns, name)
         );
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until no object of `kinds` is labelled as `name`'s.
+fn wait_gone(ns: &str, kinds: &[&str], name: &str, limit: Duration) {
+    let label = format!("faultbox.io/faulttest={name}");
+    let deadline = Instant::now() + limit;
+    loop {
+        let left: Vec<String> = kinds
+            .iter()
+            .map(|k| kubectl(&["get", k, "-n", ns, "-l", &label, "-o", "name"]).1)
+            .filter(|out| !out.trim().is_empty())
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "left behind: {left:?}");
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
