@@ -1,5 +1,6 @@
 //! The `faultbox` command line.
 
+mod kube;
 mod log;
 mod recipes;
 mod run;

@@ -39,27 +39,27 @@ pub enum Format {
 pub struct TestArgs {
     /// The spec to run (default: ./faultbox.star).
     #[arg(value_name = "FILE.star", default_value = "faultbox.star")]
-    file: PathBuf,
+    pub(crate) file: PathBuf,
     /// Run only matching tests: a name, a name without `test_`, or a glob.
     #[arg(long = "test", value_name = "NAME")]
-    test: Option<String>,
+    pub(crate) test: Option<String>,
     /// Run each test N times (seeds 0..N-1 unless --seed); a test stops at
     /// its first failing run.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
-    runs: u64,
+    pub(crate) runs: u64,
     /// Seed for deterministic replay (with --runs, seeds SEED..SEED+N-1).
     #[arg(long, value_name = "N")]
-    seed: Option<u64>,
+    pub(crate) seed: Option<u64>,
     /// Which results to print and record.
     #[arg(long, value_enum, default_value_t = Show::All)]
     show: Show,
     /// `json`: the results as JSON on stdout (human output stays on
     /// stderr); `json-line`: the same document on one line.
     #[arg(long, value_enum, value_name = "FORMAT")]
-    format: Option<Format>,
+    pub(crate) format: Option<Format>,
     /// Also write the JSON results to FILE.
     #[arg(long, value_name = "FILE")]
-    output: Option<PathBuf>,
+    pub(crate) output: Option<PathBuf>,
     /// Load the spec and list services and tests; start nothing.
     #[arg(long = "dry-run")]
     dry_run: bool,
@@ -80,6 +80,16 @@ pub struct TestArgs {
     /// for no limit; default 1GiB).
     #[arg(long = "load-memory", value_name = "SIZE")]
     load_memory: Option<String>,
+    /// Run in the Kubernetes cluster of the current kubeconfig context, as
+    /// a FaultTest the operator runs; prints and exits as a local run.
+    #[arg(long)]
+    pub(crate) kube: bool,
+    /// The namespace for --kube (default: the context's).
+    #[arg(long, value_name = "NS", requires = "kube")]
+    pub(crate) namespace: Option<String>,
+    /// The kubeconfig context for --kube (default: the current one).
+    #[arg(long, value_name = "CTX", requires = "kube")]
+    pub(crate) context: Option<String>,
     /// Not in this build (interleaving exploration).
     #[arg(long, hide = true)]
     explore: Option<String>,
@@ -122,7 +132,6 @@ pub fn run(args: TestArgs) -> Result<i32> {
             )
         })?;
     }
-    let interrupt = Interrupt::watch()?;
     let started = Instant::now();
     let spec = match spec::load_with(&args.file, limits) {
         Ok(s) => s,
@@ -149,6 +158,12 @@ pub fn run(args: TestArgs) -> Result<i32> {
         }
         None => spec.tests.clone(),
     };
+    if args.kube && !args.dry_run {
+        return crate::kube::run(&args, &spec);
+    }
+    // After the load, whose thread is gone: the mask must be set while
+    // this is the only thread.
+    let interrupt = Interrupt::watch()?;
     if args.dry_run {
         let mut out = String::new();
         let _ = writeln!(out, "Dry-run: loaded {}", args.file.display());

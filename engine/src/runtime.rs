@@ -680,6 +680,16 @@ impl TestRun {
         if let Some((_, s)) = setups.iter().find(|(k, _)| k == spec) {
             return Ok(Arc::clone(s));
         }
+        // In a FaultTest's runner the operator mounts the Secrets the spec
+        // names, and the run's CA, and says where in these variables.
+        let secrets = std::env::var_os("FAULTBOX_SECRETS_DIR").map(PathBuf::from);
+        let issuer = std::env::var_os("FAULTBOX_RUN_CA_DIR")
+            .map(PathBuf::from)
+            .map(|d| tls::Issuer {
+                cert: d.join("tls.crt"),
+                key: d.join("tls.key"),
+            });
+        let resolved = spec.resolve(secrets.as_deref())?;
         // The generated certificate covers every name a client may use.
         let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
         if self.config.docker.is_some() {
@@ -693,7 +703,13 @@ impl TestRun {
             }
         }
         let tag = format!("{}.tls{}", self.name, setups.len());
-        let setup = Arc::new(tls::setup(spec, &names, &self.config.log_dir, &tag)?);
+        let setup = Arc::new(tls::setup(
+            &resolved,
+            &names,
+            issuer.as_ref(),
+            &self.config.log_dir,
+            &tag,
+        )?);
         setups.push((spec.clone(), Arc::clone(&setup)));
         Ok(setup)
     }

@@ -43,6 +43,14 @@ pub enum PreflightError {
         "this kernel does not support seccomp user notification, so syscall faults cannot be injected (needs Linux 5.0+ with CONFIG_SECCOMP_FILTER)"
     )]
     NoUserNotification,
+    /// The run's CA could not be made.
+    #[error("the run's CA in {}: {reason}", dir.display())]
+    RunCa {
+        /// FAULTBOX_RUN_CA_DIR.
+        dir: std::path::PathBuf,
+        /// Why.
+        reason: String,
+    },
 }
 
 pub use faultbox_spec::load::select_tests as select;
@@ -110,6 +118,7 @@ pub fn preflight(spec: &Spec, work_dir: &std::path::Path) -> Result<Prepared, Pr
     if !spec.intercept.is_empty() && !faultbox_agent::seccomp::user_notification_available() {
         return Err(PreflightError::NoUserNotification);
     }
+    run_ca(spec)?;
     let docker = if spec.services.iter().any(|s| s.is_container()) {
         let docker = crate::docker::Docker::connect(work_dir)?;
         docker.prepare(&spec.services, &spec.dir)?;
@@ -118,6 +127,46 @@ pub fn preflight(spec: &Spec, work_dir: &std::path::Path) -> Result<Prepared, Pr
         None
     };
     Ok(Prepared { shim, docker })
+}
+
+/// In a FaultTest's runner (`FAULTBOX_RUN_CA_DIR` set) a spec with TLS
+/// interfaces gets one CA for the whole run, which signs every test's
+/// proxy certificate. Its key never leaves the runner; its certificate
+/// goes to the log as a `run-ca: "<PEM as a JSON string>"` line, which the
+/// operator publishes in a ConfigMap for clients to trust.
+fn run_ca(spec: &Spec) -> Result<(), PreflightError> {
+    let Some(dir) = std::env::var_os("FAULTBOX_RUN_CA_DIR").map(std::path::PathBuf::from) else {
+        return Ok(());
+    };
+    let tls = spec
+        .services
+        .iter()
+        .any(|s| s.interfaces.iter().any(|i| i.tls.is_some()));
+    if !tls || dir.join("tls.crt").is_file() {
+        return Ok(());
+    }
+    let fail = |reason: String| PreflightError::RunCa {
+        dir: dir.clone(),
+        reason,
+    };
+    let (cert, key) =
+        faultbox_proxy::tls::new_ca("Faultbox run CA").map_err(|e| fail(e.to_string()))?;
+    std::fs::create_dir_all(&dir).map_err(|e| fail(e.to_string()))?;
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(dir.join("tls.key"))
+            .and_then(|mut f| f.write_all(key.as_bytes()))
+            .map_err(|e| fail(e.to_string()))?;
+    }
+    std::fs::write(dir.join("tls.crt"), &cert).map_err(|e| fail(e.to_string()))?;
+    eprintln!("run-ca: {}", serde_json::Value::String(cert));
+    Ok(())
 }
 
 /// What a suite reports while it runs.

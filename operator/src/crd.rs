@@ -50,11 +50,13 @@ pub struct FaultTestSpec {
     /// runner pod's activeDeadlineSeconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
-    /// Run again on this cron schedule (five fields, e.g. "0 3 * * *").
-    /// Checked, then refused: this operator does not run schedules yet.
+    /// Run again on this cron schedule (five fields in UTC, e.g. "0 3 * *
+    /// *"): the first run starts when the FaultTest is applied, then one
+    /// per tick, never two at once (a tick during a run is skipped).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<String>,
-    /// How many finished scheduled runs the status remembers (default 5).
+    /// How many finished scheduled runs status.history remembers (default
+    /// 5); the result ConfigMaps and kept pods of older runs are deleted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history_limit: Option<u32>,
     /// Which runner pods stay after their run: Never (default), OnFailure
@@ -204,6 +206,54 @@ pub struct FaultTestStatus {
     pub completion_time: Option<String>,
     /// The ConfigMap holding the full result (the JSON document `faultbox
     /// test --format json` prints), key result.json.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_ref: Option<String>,
+    /// A ConfigMap with the CA (key ca.crt) that signed the certificates
+    /// of the run's TLS proxies, for clients that talk to them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_ref: Option<String>,
+    /// Which run of this generation the status describes: 0 for the run
+    /// started by the apply, one more for each scheduled run.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub run_index: u64,
+    /// The tick of the schedule that started the current run (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_schedule_time: Option<String>,
+    /// When the schedule starts the next run (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_schedule_time: Option<String>,
+    /// The latest finished runs of a scheduled FaultTest, newest last (at
+    /// most spec.historyLimit).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<RunRecord>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// A finished run of a scheduled FaultTest.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RunRecord {
+    /// The run's runner pod.
+    pub runner: String,
+    /// Pass, Fail or Error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<Verdict>,
+    #[serde(default)]
+    pub passed: u64,
+    #[serde(default)]
+    pub failed: u64,
+    #[serde(default)]
+    pub errored: u64,
+    /// RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<String>,
+    /// RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<String>,
+    /// Its result ConfigMap, when it produced one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result_ref: Option<String>,
 }

@@ -7,3 +7,4 @@ pub mod crd;
 pub mod lease;
 pub mod metrics;
 pub mod reconcile;
+pub mod schedule;

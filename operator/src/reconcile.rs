@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, Pod,
-    PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile, SecurityContext, Volume,
-    VolumeMount,
+    PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile, SecretVolumeSource,
+    SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{
@@ -29,8 +29,10 @@ use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 
 use crate::crd::{
-    Condition, FaultTest, FaultTestSpec, FaultTestStatus, KeepPods, Phase, TestSummary, Verdict,
+    Condition, FaultTest, FaultTestSpec, FaultTestStatus, KeepPods, Phase, RunRecord, TestSummary,
+    Verdict,
 };
+use crate::schedule::Schedule;
 
 /// The field manager of every write.
 pub const MANAGER: &str = "faultbox-operator";
@@ -95,13 +97,18 @@ pub fn check_fields(spec: &FaultTestSpec) -> Result<Duration, Invalid> {
         return Err(invalid("BadRuns", "spec.runs is 0; give 1 or more"));
     }
     if let Some(s) = &spec.schedule {
-        check_schedule(s).map_err(|m| invalid("BadSchedule", m))?;
-        // Refused rather than ignored until runs repeat on it.
+        let parsed = Schedule::parse(s).map_err(|m| invalid("BadSchedule", m))?;
+        if parsed.next_after(unix_now()).is_none() {
+            return Err(invalid(
+                "BadSchedule",
+                format!("spec.schedule {s:?} never fires (no such date)"),
+            ));
+        }
+    }
+    if spec.history_limit == Some(0) {
         return Err(invalid(
-            "ScheduleUnsupported",
-            format!(
-                "spec.schedule {s:?} is valid, but this operator does not run FaultTests on a schedule yet; drop it and re-apply the FaultTest (or a CronJob that does) to run again"
-            ),
+            "BadHistoryLimit",
+            "spec.historyLimit is 0; give 1 or more (default 5)",
         ));
     }
     let timeout = match &spec.timeout {
@@ -123,49 +130,6 @@ pub fn check_fields(spec: &FaultTestSpec) -> Result<Duration, Invalid> {
         }
     };
     Ok(timeout)
-}
-
-/// Five cron fields, each `*`, a number, a range, a list or a step.
-fn check_schedule(s: &str) -> Result<(), String> {
-    let fields: Vec<&str> = s.split_whitespace().collect();
-    let limits = [(0, 59), (0, 23), (1, 31), (1, 12), (0, 7)];
-    let names = ["minute", "hour", "day of month", "month", "day of week"];
-    if fields.len() != 5 {
-        return Err(format!(
-            "spec.schedule {s:?} has {} fields; a cron schedule has five (minute hour day-of-month month day-of-week), e.g. \"0 3 * * *\"",
-            fields.len()
-        ));
-    }
-    for ((field, (lo, hi)), name) in fields.iter().zip(limits).zip(names) {
-        for part in field.split(',') {
-            let (range, step) = match part.split_once('/') {
-                Some((r, st)) => (r, Some(st)),
-                None => (part, None),
-            };
-            if let Some(st) = step
-                && st.parse::<u32>().map_or(true, |n| n == 0)
-            {
-                return Err(format!(
-                    "spec.schedule {s:?}: bad step {st:?} in the {name} field"
-                ));
-            }
-            if range == "*" {
-                continue;
-            }
-            let bounds: Vec<&str> = range.splitn(2, '-').collect();
-            for b in &bounds {
-                match b.parse::<u32>() {
-                    Ok(n) if (lo..=hi).contains(&n) => {}
-                    _ => {
-                        return Err(format!(
-                            "spec.schedule {s:?}: {b:?} is not a {name} ({lo}-{hi})"
-                        ));
-                    }
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 /// The spec's source and its other files, read from the FaultTest and the
@@ -221,9 +185,24 @@ pub async fn gather(
     Ok(Ok(files))
 }
 
+/// What a valid spec needs of its runner pod.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Needs {
+    /// Secrets `tls_cert(secret=...)` names, mounted into the runner.
+    pub secrets: Vec<String>,
+    /// TLS interfaces: the runner makes a run CA, which is published.
+    pub tls: bool,
+}
+
+/// Where the runner finds what the operator mounts for it (the engine
+/// reads the same variables).
+// Not under /faultbox: that is the binary in the runner image.
+const SECRETS_DIR: &str = "/secrets";
+const RUN_CA_DIR: &str = "/tmp/faultbox-run-ca";
+
 /// Loads the spec as `faultbox test --dry-run` would, from a scratch
 /// directory holding its files; checks the test filter selects something.
-pub fn validate(files: &BTreeMap<String, String>, filter: Option<&str>) -> Result<(), Invalid> {
+pub fn validate(files: &BTreeMap<String, String>, filter: Option<&str>) -> Result<Needs, Invalid> {
     let dir = std::env::temp_dir().join(format!(
         "faultbox-operator-{}-{}",
         std::process::id(),
@@ -257,7 +236,18 @@ pub fn validate(files: &BTreeMap<String, String>, filter: Option<&str>) -> Resul
                 ),
             ));
         }
-        Ok(())
+        let tls: Vec<&faultbox_proxy::TlsSpec> = spec
+            .services
+            .iter()
+            .flat_map(|s| s.interfaces.iter().filter_map(|i| i.tls.as_ref()))
+            .collect();
+        let mut secrets: Vec<String> = tls.iter().filter_map(|t| t.secret.clone()).collect();
+        secrets.sort();
+        secrets.dedup();
+        Ok(Needs {
+            secrets,
+            tls: !tls.is_empty(),
+        })
     })();
     let _ = std::fs::remove_dir_all(&dir);
     result
@@ -270,15 +260,25 @@ pub struct Names {
     pub pod: String,
     pub spec: String,
     pub result: String,
+    pub ca: String,
 }
 
-pub fn names(ft: &FaultTest) -> Names {
+/// The names of run `run` of the FaultTest's generation: `-G` for the
+/// run the apply starts, `-G-K` for the K-th scheduled one (which reads
+/// the spec's ConfigMaps again, so a nightly run tests today's spec).
+pub fn names(ft: &FaultTest, run: u64) -> Names {
     let name = ft.name_any();
     let g = ft.metadata.generation.unwrap_or(0);
+    let id = if run == 0 {
+        g.to_string()
+    } else {
+        format!("{g}-{run}")
+    };
     Names {
-        pod: format!("{name}-run-{g}"),
-        spec: format!("{name}-spec-{g}"),
-        result: format!("{name}-result-{g}"),
+        pod: format!("{name}-run-{id}"),
+        spec: format!("{name}-spec-{id}"),
+        result: format!("{name}-result-{id}"),
+        ca: format!("{name}-ca-{id}"),
     }
 }
 
@@ -306,8 +306,8 @@ fn meta(ft: &FaultTest, name: &str) -> ObjectMeta {
 /// the spec from its ConfigMap, under the "restricted" pod security
 /// standard, with no API access (the operator reads its result from its
 /// log).
-pub fn runner_pod(ft: &FaultTest, image: &str, timeout: Duration) -> Pod {
-    let n = names(ft);
+pub fn runner_pod(ft: &FaultTest, run: u64, image: &str, timeout: Duration, needs: &Needs) -> Pod {
+    let n = names(ft, run);
     let spec = &ft.spec;
     let mut args = vec![
         "test".to_string(),
@@ -337,6 +337,66 @@ pub fn runner_pod(ft: &FaultTest, image: &str, timeout: Duration) -> Pod {
         limits: Some(limits),
         ..Default::default()
     });
+    let var = |name: &str, value: &str| EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..Default::default()
+    };
+    let mut env = vec![var("TMPDIR", "/tmp"), var("HOME", "/tmp")];
+    let mut mounts = vec![
+        VolumeMount {
+            name: "spec".into(),
+            mount_path: "/spec".into(),
+            read_only: Some(true),
+            ..Default::default()
+        },
+        VolumeMount {
+            name: "tmp".into(),
+            mount_path: "/tmp".into(),
+            ..Default::default()
+        },
+    ];
+    let mut volumes = vec![
+        Volume {
+            name: "spec".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: n.spec.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        Volume {
+            name: "tmp".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Default::default()
+        },
+    ];
+    if needs.tls {
+        env.push(var("FAULTBOX_RUN_CA_DIR", RUN_CA_DIR));
+    }
+    if !needs.secrets.is_empty() {
+        env.push(var("FAULTBOX_SECRETS_DIR", SECRETS_DIR));
+    }
+    for (i, secret) in needs.secrets.iter().enumerate() {
+        // Optional: a missing Secret is the runner's clear error
+        // (SecretMissing) rather than a pod stuck mounting it.
+        let name = format!("secret-{i}");
+        volumes.push(Volume {
+            name: name.clone(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.clone()),
+                optional: Some(true),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        mounts.push(VolumeMount {
+            name,
+            mount_path: format!("{SECRETS_DIR}/{secret}"),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
     Pod {
         metadata: meta(ft, &n.pod),
         spec: Some(PodSpec {
@@ -360,18 +420,7 @@ pub fn runner_pod(ft: &FaultTest, image: &str, timeout: Duration) -> Pod {
                 image_pull_policy: Some("IfNotPresent".into()),
                 command: Some(vec!["/faultbox".into()]),
                 args: Some(args),
-                env: Some(vec![
-                    EnvVar {
-                        name: "TMPDIR".into(),
-                        value: Some("/tmp".into()),
-                        ..Default::default()
-                    },
-                    EnvVar {
-                        name: "HOME".into(),
-                        value: Some("/tmp".into()),
-                        ..Default::default()
-                    },
-                ]),
+                env: Some(env),
                 resources,
                 security_context: Some(SecurityContext {
                     allow_privilege_escalation: Some(false),
@@ -383,36 +432,10 @@ pub fn runner_pod(ft: &FaultTest, image: &str, timeout: Duration) -> Pod {
                     }),
                     ..Default::default()
                 }),
-                volume_mounts: Some(vec![
-                    VolumeMount {
-                        name: "spec".into(),
-                        mount_path: "/spec".into(),
-                        read_only: Some(true),
-                        ..Default::default()
-                    },
-                    VolumeMount {
-                        name: "tmp".into(),
-                        mount_path: "/tmp".into(),
-                        ..Default::default()
-                    },
-                ]),
+                volume_mounts: Some(mounts),
                 ..Default::default()
             }],
-            volumes: Some(vec![
-                Volume {
-                    name: "spec".into(),
-                    config_map: Some(ConfigMapVolumeSource {
-                        name: n.spec.clone(),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                },
-                Volume {
-                    name: "tmp".into(),
-                    empty_dir: Some(EmptyDirVolumeSource::default()),
-                    ..Default::default()
-                },
-            ]),
+            volumes: Some(volumes),
             ..Default::default()
         }),
         ..Default::default()
@@ -429,7 +452,12 @@ pub struct Outcome {
     pub tests: Vec<TestSummary>,
     /// The result document, as stored.
     pub document: String,
+    /// What the runner printed for people (the human output of `faultbox
+    /// test`), at most its last 64 KiB.
+    pub text: String,
 }
+
+const TEXT_LIMIT: usize = 64 * 1024;
 
 /// Reads the result document (the last line of the log that is a JSON
 /// object with `tests`) and the runner's exit code into an outcome.
@@ -472,6 +500,18 @@ pub fn outcome(log: &str, exit_code: Option<i32>) -> Option<Outcome> {
         doc["events_dropped"] = json!("the traces did not fit in a ConfigMap");
         document = doc.to_string();
     }
+    let mut text: String = log
+        .lines()
+        .filter(|l| !l.starts_with("run-ca: ") && !l.trim_start().starts_with("{\""))
+        .flat_map(|l| [l, "\n"])
+        .collect();
+    if text.len() > TEXT_LIMIT {
+        let mut cut = text.len() - TEXT_LIMIT;
+        while !text.is_char_boundary(cut) {
+            cut += 1;
+        }
+        text = format!("[... the first {cut} bytes are left out]\n{}", &text[cut..]);
+    }
     Some(Outcome {
         verdict,
         passed,
@@ -479,11 +519,115 @@ pub fn outcome(log: &str, exit_code: Option<i32>) -> Option<Outcome> {
         errored,
         tests,
         document,
+        text,
     })
 }
 
 fn now() -> String {
     k8s_openapi::jiff::Timestamp::now().to_string()
+}
+
+fn unix_now() -> i64 {
+    k8s_openapi::jiff::Timestamp::now().as_second()
+}
+
+fn rfc3339(secs: i64) -> String {
+    k8s_openapi::jiff::Timestamp::from_second(secs)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+fn parse_time(t: Option<&String>) -> Option<i64> {
+    t.and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+        .map(|t| t.as_second())
+}
+
+/// What a finished run's schedule asks for at `now`.
+#[derive(Debug, PartialEq)]
+pub enum Due {
+    /// No schedule (or nothing a schedule could fix: an invalid spec).
+    Never,
+    /// The next tick, that far away.
+    Wait(Duration, i64),
+    /// A tick has passed since the run ended: start the next run for it.
+    Now(i64),
+}
+
+/// Ticks while a run runs are skipped: only one after its end counts,
+/// and after an operator outage only the latest one (one run, not a
+/// backlog).
+pub fn due(spec: &FaultTestSpec, status: &FaultTestStatus, now: i64) -> Due {
+    let Some(schedule) = spec
+        .schedule
+        .as_deref()
+        .and_then(|s| Schedule::parse(s).ok())
+    else {
+        return Due::Never;
+    };
+    if status.phase == Some(Phase::Invalid) {
+        return Due::Never;
+    }
+    let ended = parse_time(status.completion_time.as_ref())
+        .or_else(|| parse_time(status.start_time.as_ref()))
+        .unwrap_or(now);
+    match schedule.latest_at_or_before(now) {
+        Some(t) if t > ended => Due::Now(t),
+        _ => match schedule.next_after(now.max(ended)) {
+            Some(t) => Due::Wait(Duration::from_secs((t - now).max(1) as u64), t),
+            None => Due::Never,
+        },
+    }
+}
+
+/// With a schedule, a finished run joins `st.history` (capped at the
+/// history limit); returns the records that fell out.
+fn record_history(ft: &FaultTest, st: &mut FaultTestStatus) -> Vec<RunRecord> {
+    if ft.spec.schedule.is_none() {
+        return Vec::new();
+    }
+    let Some(runner) = st.runner.clone() else {
+        return Vec::new();
+    };
+    st.history.retain(|r| r.runner != runner);
+    st.history.push(RunRecord {
+        runner,
+        verdict: st.verdict,
+        passed: st.passed,
+        failed: st.failed,
+        errored: st.errored,
+        start_time: st.start_time.clone(),
+        completion_time: st.completion_time.clone(),
+        result_ref: st.result_ref.clone(),
+    });
+    let limit = ft.spec.history_limit.unwrap_or(5).max(1) as usize;
+    let over = st.history.len().saturating_sub(limit);
+    st.history.drain(..over).collect()
+}
+
+/// Writes the status of a finished run: with a schedule, its history and
+/// the removal of what fell out of it; the action that follows.
+async fn finish(apis: &Apis, ft: &FaultTest, mut st: FaultTestStatus) -> Result<Action, Error> {
+    let dropped = record_history(ft, &mut st);
+    write_status(&apis.fts, ft, &st).await?;
+    let prefix = format!("{}-run-", ft.name_any());
+    for r in dropped {
+        let _ = apis
+            .pods
+            .delete(&r.runner, &DeleteParams::background())
+            .await;
+        let spec = r
+            .runner
+            .strip_prefix(&prefix)
+            .map(|id| format!("{}-spec-{id}", ft.name_any()));
+        for cm in r.result_ref.iter().chain(spec.iter()) {
+            let _ = apis.configmaps.delete(cm, &DeleteParams::default()).await;
+        }
+    }
+    Ok(if ft.spec.schedule.is_some() {
+        Action::requeue(Duration::from_secs(1))
+    } else {
+        Action::await_change()
+    })
 }
 
 fn condition(ft: &FaultTest, type_: &str, ok: bool, reason: &str, message: &str) -> Condition {
@@ -573,16 +717,16 @@ fn broken(
 /// Writes a broken run's status, says so in a Warning Event, counts it.
 async fn report_broken(
     ctx: &Context,
-    fts: &Api<FaultTest>,
+    apis: &Apis,
     ft: &FaultTest,
     status: FaultTestStatus,
     reason: &str,
     message: String,
 ) -> Result<Action, Error> {
-    write_status(fts, ft, &status).await?;
+    let action = finish(apis, ft, status).await?;
     event(ctx, ft, true, reason, message).await;
     ctx.metrics.finished("error");
-    Ok(Action::await_change())
+    Ok(action)
 }
 
 /// Whether the finished runner pod goes.
@@ -592,6 +736,13 @@ fn remove_pod(keep: KeepPods, verdict: Verdict) -> bool {
         KeepPods::OnFailure => verdict == Verdict::Pass,
         KeepPods::Always => false,
     }
+}
+
+/// The namespaced APIs a reconcile uses.
+struct Apis {
+    fts: Api<FaultTest>,
+    pods: Api<Pod>,
+    configmaps: Api<ConfigMap>,
 }
 
 /// Reconciles one FaultTest.
@@ -604,16 +755,52 @@ pub async fn reconcile(ft: Arc<FaultTest>, ctx: Arc<Context>) -> Result<Action, 
 
 async fn reconcile_inner(ft: &FaultTest, ctx: &Context) -> Result<Action, Error> {
     let ns = ft.namespace().unwrap_or_else(|| "default".into());
-    let fts: Api<FaultTest> = Api::namespaced(ctx.client.clone(), &ns);
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let configmaps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    let apis = Apis {
+        fts: Api::namespaced(ctx.client.clone(), &ns),
+        pods: Api::namespaced(ctx.client.clone(), &ns),
+        configmaps: Api::namespaced(ctx.client.clone(), &ns),
+    };
+    let Apis {
+        fts,
+        pods,
+        configmaps,
+    } = &apis;
     let g = ft.metadata.generation.unwrap_or(0);
-    let status = ft.status.clone().unwrap_or_default();
-    let n = names(ft);
-
-    if status.observed_generation == Some(g) && status.phase.is_some_and(Phase::done) {
-        return Ok(Action::await_change());
+    let mut status = ft.status.clone().unwrap_or_default();
+    if status.observed_generation != Some(g) {
+        // A new generation: a new run, whose status starts afresh.
+        status = FaultTestStatus {
+            conditions: status.conditions,
+            history: status.history,
+            ..Default::default()
+        };
+    } else if status.phase.is_some_and(Phase::done) {
+        match due(&ft.spec, &status, unix_now()) {
+            Due::Never => return Ok(Action::await_change()),
+            Due::Wait(wait, next) => {
+                let next = Some(rfc3339(next));
+                if status.next_schedule_time != next {
+                    let st = FaultTestStatus {
+                        next_schedule_time: next,
+                        ..status.clone()
+                    };
+                    write_status(fts, ft, &st).await?;
+                }
+                return Ok(Action::requeue(wait));
+            }
+            Due::Now(tick) => {
+                status = FaultTestStatus {
+                    conditions: status.conditions,
+                    history: status.history,
+                    observed_generation: Some(g),
+                    run_index: status.run_index + 1,
+                    last_schedule_time: Some(rfc3339(tick)),
+                    ..Default::default()
+                };
+            }
+        }
     }
+    let n = names(ft, status.run_index);
 
     // Runs of earlier generations are cancelled: their pods go (their
     // ConfigMaps stay owned and are collected with the FaultTest).
@@ -629,21 +816,21 @@ async fn reconcile_inner(ft: &FaultTest, ctx: &Context) -> Result<Action, Error>
 
     let (timeout, files) = match check_fields(&ft.spec) {
         Err(i) => (Duration::ZERO, Err(i)),
-        Ok(t) => (t, gather(ft, &configmaps).await?),
+        Ok(t) => (t, gather(ft, configmaps).await?),
     };
     let files = match files {
         Ok(f) => {
             let filter = ft.spec.test.clone();
             let checked = f.clone();
             match tokio::task::spawn_blocking(move || validate(&checked, filter.as_deref())).await {
-                Ok(Ok(())) => Ok(f),
+                Ok(Ok(needs)) => Ok((f, needs)),
                 Ok(Err(i)) => Err(i),
                 Err(e) => Err(invalid("ValidationCrashed", e.to_string())),
             }
         }
         Err(i) => Err(i),
     };
-    let files = match files {
+    let (files, needs) = match files {
         Ok(f) => f,
         Err(i) => {
             let st = FaultTestStatus {
@@ -654,9 +841,10 @@ async fn reconcile_inner(ft: &FaultTest, ctx: &Context) -> Result<Action, Error>
                     condition(ft, "Validated", false, i.reason, &i.message),
                 ),
                 observed_generation: Some(g),
+                history: status.history.clone(),
                 ..Default::default()
             };
-            write_status(&fts, ft, &st).await?;
+            write_status(fts, ft, &st).await?;
             event(ctx, ft, true, i.reason, i.message.clone()).await;
             ctx.metrics.finished("invalid");
             return Ok(Action::await_change());
@@ -684,22 +872,23 @@ async fn reconcile_inner(ft: &FaultTest, ctx: &Context) -> Result<Action, Error>
             // We made it and it is gone: deleted or evicted.
             let message = format!("runner pod {} disappeared before reporting", n.pod);
             let st = broken(ft, status.clone(), "Completed", "RunnerLost", &message);
-            return report_broken(ctx, &fts, ft, st, "RunnerLost", message).await;
+            return report_broken(ctx, &apis, ft, st, "RunnerLost", message).await;
         }
         None => {
-            let pod = runner_pod(ft, &ctx.runner_image, timeout);
+            let pod = runner_pod(ft, status.run_index, &ctx.runner_image, timeout, &needs);
             let created = match pods.create(&PostParams::default(), &pod).await {
                 Ok(p) => p,
                 Err(kube::Error::Api(e)) if e.code == 409 => pods.get(&n.pod).await?,
                 Err(kube::Error::Api(e)) if e.code == 403 => {
+                    // Nothing half-created: the spec ConfigMap goes too.
+                    let _ = configmaps.delete(&n.spec, &DeleteParams::default()).await;
                     let message = format!("the operator may not create pods here: {}", e.message);
                     let base = FaultTestStatus {
-                        conditions: status.conditions.clone(),
                         observed_generation: Some(g),
-                        ..Default::default()
+                        ..status.clone()
                     };
                     let st = broken(ft, base, "RunnerReady", "Forbidden", &message);
-                    return report_broken(ctx, &fts, ft, st, "Forbidden", message).await;
+                    return report_broken(ctx, &apis, ft, st, "Forbidden", message).await;
                 }
                 Err(e) => return Err(e.into()),
             };
@@ -712,9 +901,9 @@ async fn reconcile_inner(ft: &FaultTest, ctx: &Context) -> Result<Action, Error>
                 observed_generation: Some(g),
                 runner: Some(n.pod.clone()),
                 start_time: Some(now()),
-                ..Default::default()
+                ..status.clone()
             };
-            write_status(&fts, ft, &st).await?;
+            write_status(fts, ft, &st).await?;
             event(
                 ctx,
                 ft,
@@ -728,20 +917,55 @@ async fn reconcile_inner(ft: &FaultTest, ctx: &Context) -> Result<Action, Error>
             return Ok(Action::requeue(Duration::from_secs(2)));
         }
     };
-    follow(ft, ctx, &fts, &pods, &configmaps, &status, pod).await
+    follow(ft, ctx, &apis, &status, &needs, pod).await
+}
+
+/// The certificate of the runner's run CA, from its `run-ca:` log line.
+pub fn run_ca(log: &str) -> Option<String> {
+    log.lines()
+        .find_map(|l| l.strip_prefix("run-ca: "))
+        .and_then(|j| serde_json::from_str::<String>(j).ok())
+        .filter(|pem| pem.contains("BEGIN CERTIFICATE"))
+}
+
+/// Publishes the run CA in the log in its ConfigMap, once; its name.
+async fn publish_ca(
+    ft: &FaultTest,
+    configmaps: &Api<ConfigMap>,
+    n: &Names,
+    log: &str,
+) -> Result<Option<String>, Error> {
+    let Some(pem) = run_ca(log) else {
+        return Ok(None);
+    };
+    let cm = ConfigMap {
+        metadata: meta(ft, &n.ca),
+        data: Some(BTreeMap::from([("ca.crt".to_string(), pem)])),
+        ..Default::default()
+    };
+    match configmaps.create(&PostParams::default(), &cm).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(Some(n.ca.clone()))
 }
 
 /// Turns the runner pod's state into the status.
 async fn follow(
     ft: &FaultTest,
     ctx: &Context,
-    fts: &Api<FaultTest>,
-    pods: &Api<Pod>,
-    configmaps: &Api<ConfigMap>,
+    apis: &Apis,
     status: &FaultTestStatus,
+    needs: &Needs,
     pod: Pod,
 ) -> Result<Action, Error> {
-    let n = names(ft);
+    let n = names(ft, status.run_index);
+    let Apis {
+        fts,
+        pods,
+        configmaps,
+    } = apis;
     let g = ft.metadata.generation.unwrap_or(0);
     let pod_status = pod.status.clone().unwrap_or_default();
     let phase = pod_status.phase.clone().unwrap_or_default();
@@ -751,12 +975,20 @@ async fn follow(
         .and_then(|cs| cs.first())
         .and_then(|c| c.state.as_ref())
         .and_then(|s| s.waiting.clone());
-    let base = FaultTestStatus {
+    let mut base = FaultTestStatus {
         observed_generation: Some(g),
         runner: Some(n.pod.clone()),
         start_time: status.start_time.clone().or_else(|| Some(now())),
         ..status.clone()
     };
+    let publish = needs.tls && base.ca_ref.is_none() && phase == "Running";
+    if publish {
+        let log = pods
+            .logs(&n.pod, &LogParams::default())
+            .await
+            .unwrap_or_default();
+        base.ca_ref = publish_ca(ft, configmaps, &n, &log).await?;
+    }
     if let Some(w) = &waiting
         && matches!(
             w.reason.as_deref(),
@@ -769,7 +1001,7 @@ async fn follow(
             w.message.clone().unwrap_or_default()
         );
         let st = broken(ft, base, "RunnerReady", "ImagePull", &message);
-        let action = report_broken(ctx, fts, ft, st, "ImagePull", message).await?;
+        let action = report_broken(ctx, apis, ft, st, "ImagePull", message).await?;
         let _ = pods.delete(&n.pod, &DeleteParams::background()).await;
         return Ok(action);
     }
@@ -829,15 +1061,18 @@ async fn follow(
         .logs(&n.pod, &LogParams::default())
         .await
         .unwrap_or_default();
+    if needs.tls && base.ca_ref.is_none() {
+        base.ca_ref = publish_ca(ft, configmaps, &n, &log).await?;
+    }
     let got = outcome(&log, code);
     let (st, warning, reason, note) = match got {
         Some(o) => {
             let cm = ConfigMap {
                 metadata: meta(ft, &n.result),
-                data: Some(BTreeMap::from([(
-                    "result.json".to_string(),
-                    o.document.clone(),
-                )])),
+                data: Some(BTreeMap::from([
+                    ("result.json".to_string(), o.document.clone()),
+                    ("output.txt".to_string(), o.text.clone()),
+                ])),
                 ..Default::default()
             };
             match configmaps.create(&PostParams::default(), &cm).await {
@@ -923,7 +1158,7 @@ async fn follow(
         }
     };
     let verdict = st.verdict.unwrap_or(Verdict::Error);
-    write_status(fts, ft, &st).await?;
+    let action = finish(apis, ft, st).await?;
     event(ctx, ft, warning, reason, note).await;
     ctx.metrics.finished(match verdict {
         Verdict::Pass => "pass",
@@ -933,7 +1168,7 @@ async fn follow(
     if remove_pod(ft.spec.keep_pods.unwrap_or_default(), verdict) {
         let _ = pods.delete(&n.pod, &DeleteParams::background()).await;
     }
-    Ok(Action::await_change())
+    Ok(action)
 }
 
 /// Retries a failed reconcile after a pause.
@@ -1004,16 +1239,29 @@ mod tests {
             );
         }
         for good in ["0 3 * * *", "*/15 1-5 1,15 * 0-6"] {
-            assert_eq!(check_schedule(good), Ok(()), "{good}");
             let s = FaultTestSpec {
                 schedule: Some(good.into()),
                 ..source("x")
             };
-            assert_eq!(
-                check_fields(&s).map_err(|e| e.reason),
-                Err("ScheduleUnsupported"),
-                "{good}"
-            );
+            assert!(check_fields(&s).is_ok(), "{good}");
+        }
+        for (field, reason) in [
+            (
+                FaultTestSpec {
+                    schedule: Some("0 0 31 2 *".into()),
+                    ..source("x")
+                },
+                "BadSchedule",
+            ),
+            (
+                FaultTestSpec {
+                    history_limit: Some(0),
+                    ..source("x")
+                },
+                "BadHistoryLimit",
+            ),
+        ] {
+            assert_eq!(check_fields(&field).map_err(|e| e.reason), Err(reason));
         }
     }
 
@@ -1021,8 +1269,8 @@ mod tests {
     fn specs_are_validated_by_the_same_loader_as_dry_run() {
         let files = |text: &str| BTreeMap::from([("spec.star".to_string(), text.to_string())]);
         let good = "def test_a():\n    pass\n\ndef test_b():\n    pass\n";
-        assert_eq!(validate(&files(good), None), Ok(()));
-        assert_eq!(validate(&files(good), Some("a")), Ok(()));
+        assert_eq!(validate(&files(good), None), Ok(Needs::default()));
+        assert_eq!(validate(&files(good), Some("a")), Ok(Needs::default()));
         let none = validate(&files(good), Some("zzz")).expect_err("no match");
         assert_eq!(none.reason, "NoMatchingTest");
         assert!(none.message.contains("test_a, test_b"), "{}", none.message);
@@ -1047,7 +1295,7 @@ mod tests {
         let mut with_helper =
             files("load(\"helper.star\", \"x\")\ndef test_a():\n    assert_eq(x, 1)\n");
         with_helper.insert("helper.star".into(), "x = 1\n".into());
-        assert_eq!(validate(&with_helper, None), Ok(()));
+        assert_eq!(validate(&with_helper, None), Ok(Needs::default()));
         let mut escape = files(good);
         escape.insert("../evil".into(), "".into());
         assert_eq!(
@@ -1064,7 +1312,13 @@ mod tests {
             seed: Some(42),
             ..source("x")
         });
-        let pod = runner_pod(&f, "localhost/faultbox:dev", Duration::from_secs(600));
+        let pod = runner_pod(
+            &f,
+            0,
+            "localhost/faultbox:dev",
+            Duration::from_secs(600),
+            &Needs::default(),
+        );
         assert_eq!(pod.metadata.name.as_deref(), Some("checkout-run-3"));
         let owner = &pod.metadata.owner_references.as_ref().expect("owner")[0];
         assert_eq!(
@@ -1101,6 +1355,64 @@ mod tests {
     }
 
     #[test]
+    fn secrets_the_spec_names_are_mounted_and_the_run_ca_is_published() {
+        let files = |text: &str| BTreeMap::from([("spec.star".to_string(), text.to_string())]);
+        let needs = validate(
+            &files(
+                "s = service(\"s\", interface(\"main\", \"http\", 8443, tls = tls_cert(secret = \"front-tls\")), remote = \"orders:8443\", healthcheck = tcp(\"orders:8443\"))\nt = service(\"t\", interface(\"main\", \"http\", 8443, tls = tls_cert()), remote = \"pay:8443\", healthcheck = tcp(\"pay:8443\"))\ndef test_a():\n    pass\n",
+            ),
+            None,
+        )
+        .expect("valid");
+        assert_eq!(
+            needs,
+            Needs {
+                secrets: vec!["front-tls".into()],
+                tls: true
+            }
+        );
+        let pod = runner_pod(
+            &ft(source("x")),
+            0,
+            "localhost/faultbox:dev",
+            Duration::from_secs(60),
+            &needs,
+        );
+        let spec = pod.spec.expect("spec");
+        let secret = spec
+            .volumes
+            .as_ref()
+            .and_then(|vs| vs.iter().find_map(|v| v.secret.clone()))
+            .expect("a secret volume");
+        assert_eq!(
+            (secret.secret_name.as_deref(), secret.optional),
+            (Some("front-tls"), Some(true))
+        );
+        let c = &spec.containers[0];
+        assert!(
+            c.volume_mounts
+                .iter()
+                .flatten()
+                .any(|m| m.mount_path == "/secrets/front-tls")
+        );
+        let env: Vec<(String, String)> = c
+            .env
+            .iter()
+            .flatten()
+            .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+            .collect();
+        assert!(env.contains(&("FAULTBOX_SECRETS_DIR".into(), SECRETS_DIR.into())));
+        assert!(env.contains(&("FAULTBOX_RUN_CA_DIR".into(), RUN_CA_DIR.into())));
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let log = format!(
+            "Seed: 1\nrun-ca: {}\n--- PASS: test_a\n",
+            serde_json::Value::String(pem.into())
+        );
+        assert_eq!(run_ca(&log).as_deref(), Some(pem));
+        assert_eq!(run_ca("run-ca: \"not a certificate\"\n"), None);
+    }
+
+    #[test]
     fn the_result_line_becomes_the_verdict() {
         let doc = r#"{"version":1,"pass":1,"fail":1,"error":0,"tests":[{"name":"test_a","result":"pass","seed":7,"duration_ms":12,"replay_command":"faultbox test s --test a --seed 7"},{"name":"test_b","result":"fail","seed":7,"duration_ms":30,"reason":"assert_eq failed: 503 != 200"}]}"#;
         let log = format!("Seed: 7\n--- PASS: test_a\n{doc}\n1 passed, 1 failed\n");
@@ -1117,6 +1429,7 @@ mod tests {
             o.tests[0].replay.as_deref(),
             Some("faultbox test s --test a --seed 7")
         );
+        assert_eq!(o.text, "Seed: 7\n--- PASS: test_a\n1 passed, 1 failed\n");
         let pass = doc.replace("\"fail\",\"seed\"", "\"pass\",\"seed\"");
         assert_eq!(
             outcome(&pass, Some(0)).map(|o| o.verdict),
@@ -1135,6 +1448,104 @@ mod tests {
         let o = outcome(&big, Some(0)).expect("outcome");
         assert!(o.document.len() < RESULT_LIMIT, "{}", o.document.len());
         assert!(o.document.contains("events_dropped"));
+    }
+
+    #[test]
+    fn a_schedule_starts_one_run_per_tick_after_the_last_run_ended() {
+        let t = |s: &str| parse_time(Some(&s.to_string())).expect("time");
+        let spec = FaultTestSpec {
+            schedule: Some("0 * * * *".into()),
+            ..source("x")
+        };
+        let done = |completion: &str| FaultTestStatus {
+            phase: Some(Phase::Succeeded),
+            start_time: Some("2026-12-03T09:58:00Z".into()),
+            completion_time: Some(completion.into()),
+            ..Default::default()
+        };
+        // Ended before the 10:00 tick, now 10:20: that tick's run starts.
+        assert_eq!(
+            due(
+                &spec,
+                &done("2026-12-03T09:59:00Z"),
+                t("2026-12-03T10:20:00Z")
+            ),
+            Due::Now(t("2026-12-03T10:00:00Z"))
+        );
+        // The 10:00 tick fell during the run: skipped, wait for 11:00.
+        assert_eq!(
+            due(
+                &spec,
+                &done("2026-12-03T10:05:00Z"),
+                t("2026-12-03T10:20:00Z")
+            ),
+            Due::Wait(Duration::from_secs(40 * 60), t("2026-12-03T11:00:00Z"))
+        );
+        // After three days away, one run for the latest tick, not 72.
+        assert_eq!(
+            due(
+                &spec,
+                &done("2026-12-03T10:05:00Z"),
+                t("2026-12-06T10:20:00Z")
+            ),
+            Due::Now(t("2026-12-06T10:00:00Z"))
+        );
+        let invalid = FaultTestStatus {
+            phase: Some(Phase::Invalid),
+            ..done("2026-12-03T09:59:00Z")
+        };
+        assert_eq!(due(&spec, &invalid, t("2026-12-03T10:20:00Z")), Due::Never);
+        assert_eq!(
+            due(
+                &source("x"),
+                &done("2026-12-03T09:59:00Z"),
+                t("2026-12-03T10:20:00Z")
+            ),
+            Due::Never
+        );
+    }
+
+    #[test]
+    fn the_history_keeps_the_latest_runs() {
+        let f = ft(FaultTestSpec {
+            schedule: Some("* * * * *".into()),
+            history_limit: Some(2),
+            ..source("x")
+        });
+        let mut st = FaultTestStatus::default();
+        let mut dropped = Vec::new();
+        for (run, verdict) in [(0, Verdict::Pass), (1, Verdict::Fail), (2, Verdict::Pass)] {
+            let n = names(&f, run);
+            st.runner = Some(n.pod);
+            st.verdict = Some(verdict);
+            st.result_ref = Some(n.result);
+            dropped.extend(record_history(&f, &mut st));
+        }
+        let kept: Vec<(&str, Option<Verdict>)> = st
+            .history
+            .iter()
+            .map(|r| (r.runner.as_str(), r.verdict))
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                ("checkout-run-3-1", Some(Verdict::Fail)),
+                ("checkout-run-3-2", Some(Verdict::Pass))
+            ]
+        );
+        assert_eq!(dropped.len(), 1);
+        assert_eq!(dropped[0].result_ref.as_deref(), Some("checkout-result-3"));
+        // Recording the same run twice (a repeated reconcile) adds nothing.
+        assert!(record_history(&f, &mut st).is_empty());
+        assert_eq!(st.history.len(), 2);
+        // Without a schedule there is no history.
+        let once = ft(source("x"));
+        let mut st = FaultTestStatus {
+            runner: Some("checkout-run-3".into()),
+            ..Default::default()
+        };
+        assert!(record_history(&once, &mut st).is_empty());
+        assert!(st.history.is_empty());
     }
 
     #[test]

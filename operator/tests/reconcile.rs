@@ -351,3 +351,355 @@ async fn a_finished_runner_becomes_the_verdict_the_result_configmap_and_a_delete
     reconcile(Arc::new(ft), ctx).await.expect("reconcile");
     verifier.await.expect("verifier");
 }
+
+/// Takes the next request, asserts its method and the start of its path.
+async fn expect(
+    handle: &mut std::pin::Pin<&mut Handle>,
+    method: Method,
+    path: &str,
+) -> (Value, tower_test::mock::SendResponse<Response<Body>>) {
+    let (m, uri, body, send) = next(handle).await;
+    assert_eq!(m, method, "{uri}");
+    assert!(uri.starts_with(path), "{method} {path}: got {uri}");
+    (body, send)
+}
+
+fn runner(name: &str, generation: i64, state: Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "shop", "labels": {"faultbox.io/faulttest": "checkout", "faultbox.io/generation": generation.to_string()}},
+        "spec": {"containers": [{"name": "runner", "image": "x"}]},
+        "status": state,
+    })
+}
+
+fn echo_ft(send: tower_test::mock::SendResponse<Response<Body>>) {
+    reply(
+        send,
+        json!({"apiVersion": "faultbox.io/v1alpha1", "kind": "FaultTest", "metadata": {"name": "checkout", "namespace": "shop"}, "spec": {}}),
+    );
+}
+
+fn pod_list(items: Vec<Value>) -> Value {
+    json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items})
+}
+
+fn existing_spec() -> Value {
+    json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "checkout-spec-2"}})
+}
+
+#[tokio::test]
+async fn a_new_generation_cancels_the_old_run_and_starts_its_own() {
+    let (ctx, handle) = context();
+    let mut ft = faulttest("def test_a():\n    pass\n");
+    ft.status = Some(faultbox_operator::crd::FaultTestStatus {
+        phase: Some(faultbox_operator::crd::Phase::Running),
+        observed_generation: Some(1),
+        runner: Some("checkout-run-1".into()),
+        ..Default::default()
+    });
+    let old = runner("checkout-run-1", 1, json!({"phase": "Running"}));
+    let verifier = tokio::spawn(async move {
+        let mut handle = pin!(handle);
+        let (_, send) = expect(&mut handle, Method::GET, "/api/v1/namespaces/shop/pods?").await;
+        reply(send, pod_list(vec![old]));
+        let (_, send) = expect(
+            &mut handle,
+            Method::DELETE,
+            "/api/v1/namespaces/shop/pods/checkout-run-1",
+        )
+        .await;
+        reply(
+            send,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+        );
+        let (_, send) = expect(
+            &mut handle,
+            Method::GET,
+            "/api/v1/namespaces/shop/configmaps/checkout-spec-2",
+        )
+        .await;
+        not_found(send);
+        let (body, send) = expect(
+            &mut handle,
+            Method::POST,
+            "/api/v1/namespaces/shop/configmaps?",
+        )
+        .await;
+        assert_eq!(body["metadata"]["name"], "checkout-spec-2");
+        reply(send, body);
+        let (_, send) = expect(
+            &mut handle,
+            Method::GET,
+            "/api/v1/namespaces/shop/pods/checkout-run-2",
+        )
+        .await;
+        not_found(send);
+        let (body, send) = expect(&mut handle, Method::POST, "/api/v1/namespaces/shop/pods?").await;
+        assert_eq!(body["metadata"]["name"], "checkout-run-2");
+        reply(send, body);
+        let (body, send) = expect(
+            &mut handle,
+            Method::PATCH,
+            "/apis/faultbox.io/v1alpha1/namespaces/shop/faulttests/checkout/status",
+        )
+        .await;
+        let st = &body["status"];
+        assert_eq!(
+            (
+                st["phase"].as_str(),
+                st["observedGeneration"].as_i64(),
+                st["runner"].as_str()
+            ),
+            (Some("Pending"), Some(2), Some("checkout-run-2")),
+            "{body:#}"
+        );
+        echo_ft(send);
+        let (body, send) = expect(
+            &mut handle,
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/shop/events",
+        )
+        .await;
+        assert_eq!(body["reason"], "RunStarted");
+        reply(send, body);
+    });
+    reconcile(Arc::new(ft), ctx).await.expect("reconcile");
+    verifier.await.expect("verifier");
+}
+
+#[tokio::test]
+async fn a_runner_that_ends_without_a_result_is_an_error_with_its_last_lines() {
+    let (ctx, handle) = context();
+    let mut ft = faulttest("def test_a():\n    pass\n");
+    ft.status = Some(faultbox_operator::crd::FaultTestStatus {
+        phase: Some(faultbox_operator::crd::Phase::Running),
+        observed_generation: Some(2),
+        runner: Some("checkout-run-2".into()),
+        ..Default::default()
+    });
+    let pod = runner(
+        "checkout-run-2",
+        2,
+        json!({"phase": "Failed", "containerStatuses": [{"name": "runner", "ready": false, "restartCount": 0, "image": "x", "imageID": "", "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]}),
+    );
+    let verifier = tokio::spawn(async move {
+        let mut handle = pin!(handle);
+        let (_, send) = expect(&mut handle, Method::GET, "/api/v1/namespaces/shop/pods?").await;
+        reply(send, pod_list(vec![pod.clone()]));
+        let (_, send) = expect(
+            &mut handle,
+            Method::GET,
+            "/api/v1/namespaces/shop/configmaps/checkout-spec-2",
+        )
+        .await;
+        reply(send, existing_spec());
+        let (_, send) = expect(
+            &mut handle,
+            Method::GET,
+            "/api/v1/namespaces/shop/pods/checkout-run-2",
+        )
+        .await;
+        reply(send, pod);
+        let (_, send) = expect(
+            &mut handle,
+            Method::GET,
+            "/api/v1/namespaces/shop/pods/checkout-run-2/log",
+        )
+        .await;
+        send.send_response(Response::new(Body::from(
+            b"Seed: 7\nloading a very large fixture\n".to_vec(),
+        )));
+        let (body, send) = expect(
+            &mut handle,
+            Method::PATCH,
+            "/apis/faultbox.io/v1alpha1/namespaces/shop/faulttests/checkout/status",
+        )
+        .await;
+        let st = &body["status"];
+        assert_eq!(
+            (st["phase"].as_str(), st["verdict"].as_str()),
+            (Some("Error"), Some("Error")),
+            "{body:#}"
+        );
+        let c = st["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["type"] == "Completed"))
+            .expect("Completed");
+        assert_eq!(c["reason"], "RunnerFailed");
+        let m = c["message"].as_str().unwrap_or_default();
+        assert!(
+            m.contains("exit code 137 (OOMKilled)") && m.contains("loading a very large fixture"),
+            "{m}"
+        );
+        echo_ft(send);
+        let (body, send) = expect(
+            &mut handle,
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/shop/events",
+        )
+        .await;
+        assert_eq!(
+            (body["reason"].as_str(), body["type"].as_str()),
+            (Some("RunnerFailed"), Some("Warning"))
+        );
+        reply(send, body);
+        let (_, send) = expect(
+            &mut handle,
+            Method::DELETE,
+            "/api/v1/namespaces/shop/pods/checkout-run-2",
+        )
+        .await;
+        reply(
+            send,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+        );
+    });
+    reconcile(Arc::new(ft), ctx).await.expect("reconcile");
+    verifier.await.expect("verifier");
+}
+
+#[tokio::test]
+async fn an_operator_restarted_mid_run_follows_the_existing_runner_and_makes_no_second() {
+    let (ctx, handle) = context();
+    let mut ft = faulttest("def test_a():\n    pass\n");
+    // What the previous operator wrote before it went away.
+    ft.status = Some(faultbox_operator::crd::FaultTestStatus {
+        phase: Some(faultbox_operator::crd::Phase::Pending),
+        observed_generation: Some(2),
+        runner: Some("checkout-run-2".into()),
+        start_time: Some("2026-12-03T10:00:00Z".into()),
+        ..Default::default()
+    });
+    let pod = runner("checkout-run-2", 2, json!({"phase": "Running"}));
+    let verifier = tokio::spawn(async move {
+        let mut handle = pin!(handle);
+        let (_, send) = expect(&mut handle, Method::GET, "/api/v1/namespaces/shop/pods?").await;
+        reply(send, pod_list(vec![pod.clone()]));
+        let (_, send) = expect(
+            &mut handle,
+            Method::GET,
+            "/api/v1/namespaces/shop/configmaps/checkout-spec-2",
+        )
+        .await;
+        reply(send, existing_spec());
+        let (_, send) = expect(
+            &mut handle,
+            Method::GET,
+            "/api/v1/namespaces/shop/pods/checkout-run-2",
+        )
+        .await;
+        reply(send, pod);
+        // No POST of a pod: the status moves to Running, nothing else.
+        let (body, send) = expect(
+            &mut handle,
+            Method::PATCH,
+            "/apis/faultbox.io/v1alpha1/namespaces/shop/faulttests/checkout/status",
+        )
+        .await;
+        let st = &body["status"];
+        assert_eq!(st["phase"], "Running", "{body:#}");
+        assert_eq!(
+            st["startTime"], "2026-12-03T10:00:00Z",
+            "the run's start stays"
+        );
+        echo_ft(send);
+    });
+    let action = reconcile(Arc::new(ft), ctx).await.expect("reconcile");
+    verifier.await.expect("verifier");
+    assert_eq!(
+        format!("{action:?}"),
+        format!(
+            "{:?}",
+            kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(5))
+        )
+    );
+}
+
+#[tokio::test]
+async fn a_schedule_tick_after_a_finished_run_starts_the_next_run() {
+    let (ctx, handle) = context();
+    let mut ft = faulttest("def test_a():\n    pass\n");
+    ft.spec.schedule = Some("* * * * *".into());
+    let earlier = faultbox_operator::crd::RunRecord {
+        runner: "checkout-run-2".into(),
+        verdict: Some(faultbox_operator::crd::Verdict::Pass),
+        ..Default::default()
+    };
+    ft.status = Some(faultbox_operator::crd::FaultTestStatus {
+        phase: Some(faultbox_operator::crd::Phase::Succeeded),
+        verdict: Some(faultbox_operator::crd::Verdict::Pass),
+        observed_generation: Some(2),
+        runner: Some("checkout-run-2".into()),
+        start_time: Some("2026-12-03T10:00:00Z".into()),
+        completion_time: Some("2026-12-03T10:00:05Z".into()),
+        history: vec![earlier],
+        ..Default::default()
+    });
+    let verifier = tokio::spawn(async move {
+        let mut handle = pin!(handle);
+        let (_, send) = expect(&mut handle, Method::GET, "/api/v1/namespaces/shop/pods?").await;
+        reply(send, pod_list(vec![]));
+        let (_, send) = expect(
+            &mut handle,
+            Method::GET,
+            "/api/v1/namespaces/shop/configmaps/checkout-spec-2-1",
+        )
+        .await;
+        not_found(send);
+        let (body, send) = expect(
+            &mut handle,
+            Method::POST,
+            "/api/v1/namespaces/shop/configmaps?",
+        )
+        .await;
+        assert_eq!(body["metadata"]["name"], "checkout-spec-2-1");
+        reply(send, body);
+        let (_, send) = expect(
+            &mut handle,
+            Method::GET,
+            "/api/v1/namespaces/shop/pods/checkout-run-2-1",
+        )
+        .await;
+        not_found(send);
+        let (body, send) = expect(&mut handle, Method::POST, "/api/v1/namespaces/shop/pods?").await;
+        assert_eq!(body["metadata"]["name"], "checkout-run-2-1");
+        reply(send, body);
+        let (body, send) = expect(
+            &mut handle,
+            Method::PATCH,
+            "/apis/faultbox.io/v1alpha1/namespaces/shop/faulttests/checkout/status",
+        )
+        .await;
+        let st = &body["status"];
+        assert_eq!(
+            (
+                st["phase"].as_str(),
+                st["runIndex"].as_u64(),
+                st["runner"].as_str()
+            ),
+            (Some("Pending"), Some(1), Some("checkout-run-2-1")),
+            "{body:#}"
+        );
+        assert!(
+            st.get("verdict").is_none_or(Value::is_null),
+            "a new run has no verdict yet"
+        );
+        assert!(st["lastScheduleTime"].is_string(), "{body:#}");
+        assert_eq!(
+            st["history"][0]["runner"], "checkout-run-2",
+            "the history stays"
+        );
+        echo_ft(send);
+        let (body, send) = expect(
+            &mut handle,
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/shop/events",
+        )
+        .await;
+        assert_eq!(body["reason"], "RunStarted");
+        reply(send, body);
+    });
+    reconcile(Arc::new(ft), ctx).await.expect("reconcile");
+    verifier.await.expect("verifier");
+}

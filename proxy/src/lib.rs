@@ -76,6 +76,30 @@ pub enum TlsError {
         /// Why.
         reason: String,
     },
+    /// `secret=` with `proxy_cert=`/`proxy_key=`.
+    #[error(
+        "secret= gives the proxy's certificate and key, so proxy_cert= and proxy_key= would be ignored: give one or the other"
+    )]
+    SecretWithProxyCert,
+    /// `secret=` outside a cluster.
+    #[error(
+        "tls_cert(secret={name:?}) reads a Kubernetes Secret, which only a FaultTest's runner has; locally give proxy_cert= and proxy_key="
+    )]
+    SecretOutsideCluster {
+        /// The Secret.
+        name: String,
+    },
+    /// `secret=` naming a Secret the runner did not get.
+    #[error(
+        "tls_cert(secret={name:?}): the Secret has no tls.crt and tls.key (looked in {}); create a kubernetes.io/tls Secret {name:?} in the FaultTest's namespace",
+        dir.display()
+    )]
+    SecretMissing {
+        /// The Secret.
+        name: String,
+        /// Where it would be mounted.
+        dir: PathBuf,
+    },
     /// rustls or rcgen refused a step of the setup.
     #[error("{step}: {reason}")]
     Setup {
@@ -100,6 +124,12 @@ impl TlsError {
 pub struct TlsSpec {
     pub proxy_cert: Option<PathBuf>,
     pub proxy_key: Option<PathBuf>,
+    /// What steps trust the proxy's certificate with (default: the
+    /// proxy_cert file itself); a Secret's `ca.crt`.
+    pub proxy_ca: Option<PathBuf>,
+    /// A Kubernetes Secret (`tls.crt`, `tls.key`, optional `ca.crt`)
+    /// with the proxy's certificate, mounted into the runner pod.
+    pub secret: Option<String>,
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
     pub ca: Option<PathBuf>,
@@ -144,6 +174,9 @@ impl TlsSpec {
         if self.insecure && self.ca.is_some() {
             return Err(TlsError::InsecureWithCa);
         }
+        if self.secret.is_some() && (self.proxy_cert.is_some() || self.proxy_key.is_some()) {
+            return Err(TlsError::SecretWithProxyCert);
+        }
         for p in [&self.proxy_cert, &self.client_cert, &self.ca]
             .into_iter()
             .flatten()
@@ -154,5 +187,31 @@ impl TlsSpec {
             read_key(p)?;
         }
         Ok(())
+    }
+
+    /// The spec with `secret=` turned into the files of the Secret
+    /// mounted under `secrets` (a directory per Secret).
+    pub fn resolve(&self, secrets: Option<&Path>) -> Result<TlsSpec, TlsError> {
+        let Some(name) = &self.secret else {
+            return Ok(self.clone());
+        };
+        let Some(root) = secrets else {
+            return Err(TlsError::SecretOutsideCluster { name: name.clone() });
+        };
+        let dir = root.join(name);
+        let (cert, key, ca) = (dir.join("tls.crt"), dir.join("tls.key"), dir.join("ca.crt"));
+        if !cert.is_file() || !key.is_file() {
+            return Err(TlsError::SecretMissing {
+                name: name.clone(),
+                dir,
+            });
+        }
+        Ok(TlsSpec {
+            proxy_cert: Some(cert),
+            proxy_key: Some(key),
+            proxy_ca: ca.is_file().then_some(ca),
+            secret: None,
+            ..self.clone()
+        })
     }
 }

@@ -41,11 +41,21 @@ pub struct TlsSetup {
     pub ca_file: PathBuf,
 }
 
+/// A CA that signs the generated certificates instead of a fresh one per
+/// test: a FaultTest's run CA, so clients in the cluster can trust every
+/// test's proxy with the one CA the operator published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issuer {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 /// Builds the configurations; `names` are the names the front's generated
 /// certificate covers; generated files go in `dir`.
 pub fn setup(
     spec: &TlsSpec,
     names: &[String],
+    issuer: Option<&Issuer>,
     dir: &Path,
     tag: &str,
 ) -> Result<TlsSetup, TlsError> {
@@ -54,9 +64,13 @@ pub fn setup(
         reason: e.to_string(),
     };
     let (chain, key, ca_file) = match (&spec.proxy_cert, &spec.proxy_key) {
-        (Some(c), Some(k)) => (read_certs(c)?, read_key(k)?, c.clone()),
+        (Some(c), Some(k)) => (
+            read_certs(c)?,
+            read_key(k)?,
+            spec.proxy_ca.clone().unwrap_or_else(|| c.clone()),
+        ),
         _ => {
-            let (chain, key, ca_pem) = generate(names)?;
+            let (chain, key, ca_pem) = generate(names, issuer)?;
             let ca_file = dir.join(format!("{tag}.ca.pem"));
             std::fs::write(&ca_file, ca_pem).map_err(|e| TlsError::file(&ca_file, e))?;
             (chain, key, ca_file)
@@ -130,24 +144,51 @@ pub fn setup(
 
 type Chain = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>, String);
 
-/// A CA and a leaf signed by it, for `names`.
-fn generate(names: &[String]) -> Result<Chain, TlsError> {
+/// A new CA named `name`: its certificate and key, in PEM.
+pub fn new_ca(name: &str) -> Result<(String, String), rcgen::Error> {
+    let key = rcgen::KeyPair::generate()?;
+    let cert = ca_params(name)?.self_signed(&key)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+fn ca_params(name: &str) -> Result<rcgen::CertificateParams, rcgen::Error> {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    Ok(params)
+}
+
+/// A leaf for `names`, signed by `issuer` or by a CA made for it.
+fn generate(names: &[String], issuer: Option<&Issuer>) -> Result<Chain, TlsError> {
     let fail = |e: rcgen::Error| TlsError::Setup {
         step: "generate a certificate",
         reason: e.to_string(),
     };
-    let ca_key = rcgen::KeyPair::generate().map_err(fail)?;
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(fail)?;
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "Faultbox test CA");
-    ca_params.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::CrlSign,
-    ];
-    let ca_cert = ca_params.self_signed(&ca_key).map_err(fail)?;
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let (issuer, ca_cert, ca_pem) = match issuer {
+        Some(i) => {
+            let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| TlsError::file(p, e));
+            let cert_pem = read(&i.cert)?;
+            let key =
+                rcgen::KeyPair::from_pem(&read(&i.key)?).map_err(|e| TlsError::file(&i.key, e))?;
+            let ca_cert = read_certs(&i.cert)?.remove(0);
+            let issuer = rcgen::Issuer::from_ca_cert_pem(&cert_pem, key)
+                .map_err(|e| TlsError::file(&i.cert, e))?;
+            (issuer, ca_cert, cert_pem)
+        }
+        None => {
+            let ca_key = rcgen::KeyPair::generate().map_err(fail)?;
+            let params = ca_params("Faultbox test CA").map_err(fail)?;
+            let ca_cert = params.self_signed(&ca_key).map_err(fail)?;
+            let (der, pem) = (ca_cert.der().clone(), ca_cert.pem());
+            (rcgen::Issuer::new(params, ca_key), der, pem)
+        }
+    };
     let leaf_key = rcgen::KeyPair::generate().map_err(fail)?;
     let leaf_params = rcgen::CertificateParams::new(names.to_vec()).map_err(fail)?;
     let leaf = leaf_params.signed_by(&leaf_key, &issuer).map_err(fail)?;
@@ -155,11 +196,7 @@ fn generate(names: &[String]) -> Result<Chain, TlsError> {
         step: "generated key",
         reason: e.to_string(),
     })?;
-    Ok((
-        vec![leaf.der().clone(), ca_cert.der().clone()],
-        key,
-        ca_cert.pem(),
-    ))
+    Ok((vec![leaf.der().clone(), ca_cert], key, ca_pem))
 }
 
 /// `insecure=True`: the upstream's certificate is not checked.
@@ -653,14 +690,27 @@ mod tests {
     fn the_front_and_back_relay_plaintext_between_verified_tls_legs() {
         let dir = std::env::temp_dir().join(format!("faultbox-tls-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
-        // A TLS echo server, with a certificate from a generated CA.
+        // A TLS echo server, with a certificate signed by a run CA.
+        let (ca_pem, key_pem) = new_ca("Faultbox run CA").expect("ca");
+        let issuer = Issuer {
+            cert: dir.join("run-ca.crt"),
+            key: dir.join("run-ca.key"),
+        };
+        std::fs::write(&issuer.cert, &ca_pem).expect("write");
+        std::fs::write(&issuer.key, key_pem).expect("write");
         let up = setup(
             &TlsSpec::default(),
             &["localhost".into(), "127.0.0.1".into()],
+            Some(&issuer),
             &dir,
             "up",
         )
         .expect("upstream tls");
+        assert_eq!(
+            std::fs::read_to_string(&up.ca_file).expect("ca file"),
+            ca_pem,
+            "clients are told to trust the run CA"
+        );
         let echo = TcpListener::bind("127.0.0.1:0").expect("bind");
         let echo_addr = echo.local_addr().expect("addr");
         let up_server = Arc::clone(&up.server);
@@ -675,15 +725,16 @@ mod tests {
                 }
             }
         });
-        // The proxy chain: front (its own CA) → plain → back (trusts the
-        // upstream's CA).
+        // The proxy chain: front (its own CA) → plain → back (trusts only
+        // the run CA: the upstream's leaf must have been signed by it).
         let spec = TlsSpec {
-            ca: Some(up.ca_file.clone()),
+            ca: Some(issuer.cert.clone()),
             ..TlsSpec::default()
         };
         let mine = setup(
             &spec,
             &["localhost".into(), "127.0.0.1".into()],
+            None,
             &dir,
             "front",
         )
@@ -705,6 +756,46 @@ mod tests {
         front.stop();
         back.stop();
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_secret_is_its_mounted_files_and_only_in_a_cluster() {
+        let root = std::env::temp_dir().join(format!("faultbox-secrets-{}", std::process::id()));
+        let dir = root.join("front-tls");
+        std::fs::create_dir_all(&dir).expect("dir");
+        let spec = TlsSpec {
+            secret: Some("front-tls".into()),
+            ..TlsSpec::default()
+        };
+        let e = spec.resolve(None).expect_err("no cluster");
+        assert!(
+            e.to_string().contains("only a FaultTest's runner has"),
+            "{e}"
+        );
+        let e = spec.resolve(Some(&root)).expect_err("empty secret");
+        assert!(
+            e.to_string()
+                .contains("create a kubernetes.io/tls Secret \"front-tls\""),
+            "{e}"
+        );
+        for f in ["tls.crt", "tls.key", "ca.crt"] {
+            std::fs::write(dir.join(f), "x").expect("write");
+        }
+        let r = spec.resolve(Some(&root)).expect("resolved");
+        assert_eq!(r.proxy_cert, Some(dir.join("tls.crt")));
+        assert_eq!(r.proxy_key, Some(dir.join("tls.key")));
+        assert_eq!(r.proxy_ca, Some(dir.join("ca.crt")));
+        assert_eq!(r.secret, None);
+        let both = TlsSpec {
+            proxy_cert: Some(dir.join("tls.crt")),
+            proxy_key: Some(dir.join("tls.key")),
+            ..spec
+        };
+        assert!(matches!(
+            both.validate(),
+            Err(TlsError::SecretWithProxyCert)
+        ));
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]

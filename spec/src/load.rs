@@ -252,6 +252,9 @@ pub struct Spec {
     pub tests: Vec<String>,
     /// Syscalls every service's filter intercepts (empty: no filter).
     pub intercept: Vec<String>,
+    /// The local files it read while loading, besides itself: modules it
+    /// load()s, `load_file`/`load_json`/`load_yaml`, TLS files.
+    pub files: Vec<PathBuf>,
     module: Arc<FrozenModule>,
     globals: Arc<Globals>,
 }
@@ -398,6 +401,7 @@ impl FileLoader for Loader<'_> {
             )));
         }
         let source = read_source(&key).map_err(|e| fail(format!("load({path:?}): {e}")))?;
+        self.ctx.files.borrow_mut().push(full.clone());
         self.loading.borrow_mut().push(key.clone());
         let result = self.eval_file(&key, source);
         self.loading.borrow_mut().pop();
@@ -765,12 +769,15 @@ fn load_here(
         check_literal_protocol_rules(path, main, &module)?;
     }
     let intercept = filter_from_tokens(Arch::native(), &tokens, &services);
+    let mut files = ctx.files.take();
+    files.dedup();
     Ok(Spec {
         path: path.to_path_buf(),
         dir,
         services,
         tests,
         intercept,
+        files,
         module: Arc::new(module),
         globals: Arc::new(globals),
     })

@@ -6,6 +6,8 @@
 //! says loudly when it skips this, and `.ci/run` brings the cluster up so
 //! CI never does.
 
+mod support;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -116,12 +118,15 @@ fn faulttests_run_in_the_cluster_and_report_their_verdicts() {
     let pid = std::process::id();
     let op_ns = format!("faultbox-e2e-op-{pid}");
     let ns = format!("faultbox-e2e-{pid}");
+    // A second watched namespace, where the operator is denied pods.
+    let denied_ns = format!("faultbox-e2e-denied-{pid}");
     let release = format!("fb{pid}");
     let _cleanup = Cleanup {
-        namespaces: vec![op_ns.clone(), ns.clone()],
+        namespaces: vec![op_ns.clone(), ns.clone(), denied_ns.clone()],
         release: release.clone(),
     };
     must(&["create", "namespace", &ns]);
+    must(&["create", "namespace", &denied_ns]);
     let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/faultbox");
     let helm = Command::new(tool("helm", "/opt/helm/helm"))
         .args([
@@ -132,7 +137,7 @@ fn faulttests_run_in_the_cluster_and_report_their_verdicts() {
             &op_ns,
             "--create-namespace",
         ])
-        .arg(format!("--set=watchNamespaces={{{ns}}}"))
+        .arg(format!("--set=watchNamespaces={{{ns},{denied_ns}}}"))
         // Two replicas: one leads, and nothing may run twice.
         .arg("--set=replicas=2")
         .output()
@@ -157,18 +162,37 @@ metadata: {{name: web, namespace: {ns}}}
 spec:
   selector: {{app: web}}
   ports: [{{port: 8080, targetPort: 8080}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: cache, namespace: {ns}, labels: {{app: cache}}}}
+spec:
+  containers:
+    - name: redis
+      image: faultbox/redis:test
+      imagePullPolicy: Never
+      ports: [{{containerPort: 6379}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: cache, namespace: {ns}}}
+spec:
+  selector: {{app: cache}}
+  ports: [{{port: 6379, targetPort: 6379}}]
 "#
     );
     let (ok, out) = kubectl_stdin(&["apply", "-f", "-"], &web);
     assert!(ok, "{out}");
-    must(&[
-        "wait",
-        "--for=condition=Ready",
-        "pod/web",
-        "-n",
-        &ns,
-        "--timeout=120s",
-    ]);
+    for pod in ["pod/web", "pod/cache"] {
+        must(&[
+            "wait",
+            "--for=condition=Ready",
+            pod,
+            "-n",
+            &ns,
+            "--timeout=120s",
+        ]);
+    }
     let addr = format!("web.{ns}.svc.cluster.local:8080");
     let pass = format!(
         r#"load("@faultbox/discovery/k8s.star", "k8s")
@@ -219,11 +243,7 @@ def test_wrong_expectation():
     let tests = passes["tests"].as_array().expect("tests");
     assert_eq!(tests.len(), 2);
     assert!(tests.iter().all(|t| t["seed"] == 42), "{tests:?}");
-    let result_ref = passes["resultRef"].as_str().expect("resultRef").to_string();
-    let cm = must(&["get", "configmap", &result_ref, "-n", &ns, "-o", "json"]);
-    let cm: Value = serde_json::from_str(&cm).expect("configmap json");
-    let doc: Value = serde_json::from_str(cm["data"]["result.json"].as_str().expect("result.json"))
-        .expect("result document");
+    let doc = result_document(&ns, &passes);
     let unavailable = doc["tests"]
         .as_array()
         .and_then(|ts| ts.iter().find(|t| t["name"] == "test_unavailable"))
@@ -339,6 +359,93 @@ def test_wrong_expectation():
     ] {
         assert!(metrics.contains(want), "{want} in {metrics}");
     }
+
+    // A schedule: a run at the apply, then one per minute; the history
+    // keeps one, and the older run's result goes. Checked at the end.
+    let (ok, out) = kubectl_stdin(
+        &["apply", "-f", "-"],
+        &faulttest(
+            "scheduled",
+            &ns,
+            "def test_a():\n    pass\n",
+            "  schedule: \"* * * * *\"\n  historyLimit: 1\n",
+        ),
+    );
+    assert!(ok, "{out}");
+    let scheduled_from = Instant::now();
+
+    // A remote Redis Service, faulted in-cluster through the runner's proxy.
+    let redis = format!(
+        r#"load("@faultbox/discovery/k8s.star", "k8s")
+cache = service("cache", interface("main", "redis", 6379), remote = k8s.endpoint("cache", 6379, namespace = "{ns}"), healthcheck = tcp(k8s.endpoint("cache", 6379, namespace = "{ns}")))
+
+def test_readonly_replica():
+    assert_true(cache.main.set("k", "v").ok)
+    r = fault(cache.main, error(command = "SET", message = "READONLY You can't write against a read only replica."), run = lambda: cache.main.set("k", "w"))
+    assert_eq(r.ok, False)
+    assert_true("READONLY" in r.error, r.error)
+    assert_eq(cache.main.get("k").data, "v")
+"#
+    );
+    let (ok, out) = kubectl_stdin(&["apply", "-f", "-"], &faulttest("redis", &ns, &redis, ""));
+    assert!(ok, "{out}");
+    let st = wait_done(&ns, "redis", limit);
+    assert_eq!(st["phase"], "Succeeded", "{st:#}");
+    let doc = result_document(&ns, &st);
+    assert_eq!(doc["tests"][0]["faults"][0]["hits"], 1, "{doc:#}");
+
+    // The local CLI: `faultbox test --kube` runs the spec as a FaultTest
+    // (its load()ed file in a ConfigMap) and prints and exits as locally.
+    from_the_cli(&ns, &addr);
+
+    // TLS terminated by the runner's proxy and re-originated to an HTTPS
+    // Service, verified against the CA the spec gives: once with the
+    // proxy's certificate from a Secret the spec names, once with one
+    // from the run's CA, which the operator publishes.
+    tls_through_the_proxy(&ns, limit);
+
+    // Denied pods in a namespace: phase Error, the denial named, and
+    // nothing half-created (the spec ConfigMap is taken back).
+    let role = must(&[
+        "get",
+        "role",
+        "faultbox-operator",
+        "-n",
+        &denied_ns,
+        "-o",
+        "json",
+    ]);
+    let mut role: Value = serde_json::from_str(&role).expect("role json");
+    if let Some(rules) = role["rules"].as_array_mut() {
+        for r in rules.iter_mut() {
+            if r["resources"] == serde_json::json!(["pods"]) {
+                r["verbs"] = serde_json::json!(["get", "list", "watch"]);
+            }
+        }
+    }
+    let (ok, out) = kubectl_stdin(&["replace", "-f", "-"], &role.to_string());
+    assert!(ok, "{out}");
+    let (ok, out) = kubectl_stdin(
+        &["apply", "-f", "-"],
+        &faulttest("denied", &denied_ns, "def test_a():\n    pass\n", ""),
+    );
+    assert!(ok, "{out}");
+    let st = wait_done(&denied_ns, "denied", limit);
+    assert_eq!(st["phase"], "Error", "{st:#}");
+    let c = condition(&st, "RunnerReady");
+    assert_eq!(c["reason"], "Forbidden", "{st:#}");
+    assert!(
+        c["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("pods") && m.contains("create")),
+        "{c}"
+    );
+    wait_gone(
+        &denied_ns,
+        &["pods", "configmaps"],
+        "denied",
+        Duration::from_secs(30),
+    );
 
     // Deleting a FaultTest mid-run leaves no pod behind.
     let slow = format!(
@@ -511,6 +618,308 @@ def test_held():
         })
         .unwrap_or(0);
     assert_eq!(started, 1, "one runner for the generation");
+
+    // The schedule ran again, and its history holds only the latest run.
+    let deadline = scheduled_from + Duration::from_secs(150);
+    let st = loop {
+        let st = status(&ns, "scheduled");
+        let done = ["Succeeded", "Failed", "Error"].contains(&st["phase"].as_str().unwrap_or(""));
+        if done && st["runIndex"].as_u64().unwrap_or(0) >= 1 {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "no scheduled run: {st:#}");
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    let run = st["runIndex"].as_u64().unwrap_or(0);
+    assert_eq!(st["phase"], "Succeeded", "{st:#}");
+    assert!(st["lastScheduleTime"].is_string(), "{st:#}");
+    let history = st["history"].as_array().cloned().unwrap_or_default();
+    assert_eq!(history.len(), 1, "{st:#}");
+    assert_eq!(
+        history[0]["runner"],
+        format!("scheduled-run-1-{run}"),
+        "{st:#}"
+    );
+    assert_eq!(history[0]["verdict"], "Pass", "{st:#}");
+    assert_eq!(
+        st["resultRef"],
+        format!("scheduled-result-1-{run}"),
+        "{st:#}"
+    );
+    let (_, cms) = kubectl(&[
+        "get",
+        "configmaps",
+        "-n",
+        &ns,
+        "-l",
+        "faultbox.io/faulttest=scheduled",
+        "-o",
+        "name",
+    ]);
+    assert!(
+        !cms.contains("configmap/scheduled-result-1\n"),
+        "the first run's result stays: {cms}"
+    );
+    assert!(
+        cms.contains(&format!("configmap/scheduled-result-1-{run}")),
+        "{cms}"
+    );
+}
+
+/// A CA, and a leaf for `names` signed by it: (CA PEM, leaf PEM, key PEM).
+fn certificates(names: &[&str]) -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "e2e CA");
+    let ca_cert = ca.self_signed(&ca_key).expect("ca");
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let leaf =
+        rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .expect("params")
+            .signed_by(&key, &issuer)
+            .expect("leaf");
+    (ca_cert.pem(), leaf.pem(), key.serialize_pem())
+}
+
+fn from_the_cli(ns: &str, addr: &str) {
+    let dir = support::Scratch::new("kube");
+    std::fs::write(dir.path("helper.star"), "expected = 200\n").expect("write helper");
+    let spec = dir.path("checkout.star");
+    std::fs::write(
+        &spec,
+        format!(
+            r#"load("helper.star", "expected")
+web = service("web", interface("main", "http", 8080), remote = "{addr}", healthcheck = http("{addr}/health"))
+
+def test_hello():
+    assert_eq(web.main.get(path = "/hello").status, expected)
+
+def test_wrong():
+    assert_eq(web.main.get(path = "/hello").status, 201, "the service answers 200")
+"#
+        ),
+    )
+    .expect("write spec");
+    let kube = |extra: &[&str]| {
+        let mut args = vec!["test", spec.as_str(), "--kube", "--namespace", ns];
+        args.extend_from_slice(extra);
+        let out = Command::new("timeout")
+            .args(["-k", "5", "240"])
+            .arg(support::faultbox())
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("faultbox");
+        support::finish(out)
+    };
+    let pass = kube(&["--test", "hello", "--format", "json", "--seed", "7"]);
+    assert_eq!(pass.code, 0, "{}\n{}", pass.stdout, pass.stderr);
+    let doc: Value = serde_json::from_str(&pass.stdout).expect("the JSON document");
+    assert_eq!(doc["tests"][0]["name"], "test_hello", "{doc:#}");
+    assert_eq!(doc["tests"][0]["seed"], 7, "{doc:#}");
+    assert!(
+        pass.stderr.contains("--- PASS: test_hello"),
+        "{}",
+        pass.stderr
+    );
+    assert!(
+        pass.stderr.contains("1 passed, 0 failed"),
+        "{}",
+        pass.stderr
+    );
+    let fail = kube(&["--test", "wrong"]);
+    assert_eq!(fail.code, 2, "{}", fail.stderr);
+    assert!(
+        fail.stderr.contains("--- FAIL: test_wrong"),
+        "{}",
+        fail.stderr
+    );
+    assert!(fail.stderr.contains("200 != 201"), "{}", fail.stderr);
+    assert!(fail.stdout.is_empty(), "text output only: {}", fail.stdout);
+    // A filter that matches nothing is refused before anything is made.
+    let none = kube(&["--test", "nothing_like_this"]);
+    assert_eq!(none.code, 1, "{}", none.stderr);
+    assert!(none.stderr.contains("no test matched"), "{}", none.stderr);
+    // Nothing of these runs is left in the namespace.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, fts) = kubectl(&["get", "ft", "-n", ns, "-o", "name"]);
+        let (_, cms) = kubectl(&["get", "configmaps", "-n", ns, "-o", "name"]);
+        let left: Vec<&str> = fts
+            .lines()
+            .chain(cms.lines())
+            .filter(|l| l.contains("checkout-"))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "left behind: {left:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// `openssl x509 -text` of a PEM certificate.
+fn openssl_text(pem: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new("openssl")
+        .args(["x509", "-noout", "-text"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("openssl (scripts/setup installs it)");
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(pem.as_bytes());
+    }
+    let out = child.wait_with_output().expect("openssl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn tls_secret(ns: &str, name: &str, cert: &str, key: &str, ca: Option<&str>) -> String {
+    let mut data = serde_json::json!({"tls.crt": cert, "tls.key": key});
+    if let Some(ca) = ca {
+        data["ca.crt"] = Value::String(ca.into());
+    }
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": {"name": name, "namespace": ns},
+        "stringData": data,
+    })
+    .to_string()
+}
+
+fn tls_through_the_proxy(ns: &str, limit: Duration) {
+    let host = format!("secure.{ns}.svc.cluster.local");
+    let (upstream_ca, upstream_cert, upstream_key) = certificates(&[&host]);
+    let (front_ca, front_cert, front_key) = certificates(&["localhost", "127.0.0.1"]);
+    for secret in [
+        tls_secret(ns, "secure-serving", &upstream_cert, &upstream_key, None),
+        tls_secret(
+            ns,
+            "front-tls",
+            &format!("{front_cert}{front_ca}"),
+            &front_key,
+            Some(&front_ca),
+        ),
+    ] {
+        let (ok, out) = kubectl_stdin(&["apply", "-f", "-"], &secret);
+        assert!(ok, "{out}");
+    }
+    let files = serde_json::json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "tls-files", "namespace": ns},
+        "data": {"upstream-ca.pem": upstream_ca},
+    });
+    let (ok, out) = kubectl_stdin(&["apply", "-f", "-"], &files.to_string());
+    assert!(ok, "{out}");
+    let secure = format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: secure, namespace: {ns}, labels: {{app: secure}}}}
+spec:
+  containers:
+    - name: web
+      image: faultbox/http:test
+      imagePullPolicy: Never
+      env: [{{name: PORT, value: "8443"}}, {{name: TLS_CERT, value: /tls/tls.crt}}, {{name: TLS_KEY, value: /tls/tls.key}}]
+      ports: [{{containerPort: 8443}}]
+      volumeMounts: [{{name: tls, mountPath: /tls, readOnly: true}}]
+  volumes: [{{name: tls, secret: {{secretName: secure-serving}}}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: secure, namespace: {ns}}}
+spec:
+  selector: {{app: secure}}
+  ports: [{{port: 8443, targetPort: 8443}}]
+"#
+    );
+    let (ok, out) = kubectl_stdin(&["apply", "-f", "-"], &secure);
+    assert!(ok, "{out}");
+    must(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod/secure",
+        "-n",
+        ns,
+        "--timeout=120s",
+    ]);
+    let spec = |tls: &str| {
+        format!(
+            r#"web = service("secure", interface("main", "http", 8443, tls = {tls}), remote = "{host}:8443", healthcheck = tcp("{host}:8443"))
+
+def test_tls_through_the_proxy():
+    assert_eq(web.main.get(path = "/hello").status, 200)
+    r = fault(web.main, error(path = "/hello", status = 503), run = lambda: web.main.get(path = "/hello"))
+    assert_eq(r.status, 503)
+"#
+        )
+    };
+    let files_ref = "  files: {configMapRef: {name: tls-files}}
+";
+    let manifests = [
+        faulttest(
+            "tls-secret",
+            ns,
+            &spec(r#"tls_cert(secret = "front-tls", ca = "upstream-ca.pem")"#),
+            files_ref,
+        ),
+        faulttest(
+            "tls-run-ca",
+            ns,
+            &spec(r#"tls_cert(ca = "upstream-ca.pem")"#),
+            files_ref,
+        ),
+        faulttest(
+            "tls-no-secret",
+            ns,
+            &spec(r#"tls_cert(secret = "absent-tls", ca = "upstream-ca.pem")"#),
+            files_ref,
+        ),
+    ]
+    .join("---\n");
+    let (ok, out) = kubectl_stdin(&["apply", "-f", "-"], &manifests);
+    assert!(ok, "{out}");
+    for name in ["tls-secret", "tls-run-ca"] {
+        let st = wait_done(ns, name, limit);
+        assert_eq!(st["phase"], "Succeeded", "{name}: {st:#}");
+        let doc = result_document(ns, &st);
+        assert_eq!(doc["tests"][0]["faults"][0]["hits"], 1, "{name}: {doc:#}");
+    }
+    // The run CA is published, and is a CA.
+    let st = status(ns, "tls-run-ca");
+    let ca_ref = st["caRef"].as_str().expect("caRef").to_string();
+    let cm = must(&["get", "configmap", &ca_ref, "-n", ns, "-o", "json"]);
+    let cm: Value = serde_json::from_str(&cm).expect("configmap json");
+    let pem = cm["data"]["ca.crt"].as_str().expect("ca.crt");
+    let text = openssl_text(pem);
+    assert!(
+        text.contains("CA:TRUE") && text.contains("Faultbox run CA"),
+        "{text}"
+    );
+    assert!(
+        status(ns, "tls-secret")["caRef"].is_string(),
+        "the Secret's test had TLS too"
+    );
+    // A Secret that is not there: the test errors, saying what to create.
+    let st = wait_done(ns, "tls-no-secret", limit);
+    assert_eq!(st["verdict"], "Error", "{st:#}");
+    assert!(
+        st["tests"][0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("kubernetes.io/tls Secret \"absent-tls\"")),
+        "{st:#}"
+    );
+}
+
+fn result_document(ns: &str, status: &Value) -> Value {
+    let name = status["resultRef"].as_str().expect("resultRef");
+    let cm = must(&["get", "configmap", name, "-n", ns, "-o", "json"]);
+    let cm: Value = serde_json::from_str(&cm).expect("configmap json");
+    serde_json::from_str(cm["data"]["result.json"].as_str().expect("result.json"))
+        .expect("result document")
 }
 
 fn condition(status: &Value, type_: &str) -> Value {

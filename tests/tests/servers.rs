@@ -332,6 +332,9 @@ def test_steps():
     assert_eq(cache.main.ping().data, "PONG")
     assert_true(cache.main.set(key = "k", value = "v", ex = 60).ok)
     assert_eq(cache.main.get(key = "k").data, "v")
+    # The leading required arguments may be positional, as the docs write them.
+    assert_true(cache.main.set("p", "q").ok)
+    assert_eq(cache.main.get("p").data, "q")
     assert_eq(cache.main.get(key = "missing").data, None)
     assert_eq(cache.main.incr(key = "n").data, 1)
     assert_eq(cache.main.rpush(key = "l", value = "a").data, 1)

@@ -19,7 +19,12 @@ pub(super) fn resolve_relative(eval: &Evaluator, path: &str) -> PathBuf {
 
 fn read_spec_file(eval: &Evaluator, builtin: &str, path: &str) -> Res<String> {
     let full = resolve_relative(eval, path);
-    crate::load::read_source(&full).map_err(|e| err(format!("{builtin}({path:?}): {e}")))
+    let text =
+        crate::load::read_source(&full).map_err(|e| err(format!("{builtin}({path:?}): {e}")))?;
+    if let Ok(c) = ctx(eval) {
+        c.files.borrow_mut().push(full);
+    }
+    Ok(text)
 }
 
 fn path_arg<'v>(

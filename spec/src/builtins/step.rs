@@ -20,7 +20,17 @@ pub(crate) fn call_step<'v>(
     })?;
     let a = Args::from_arguments(builtin, args, eval)?;
     let names: Vec<&str> = def.params.iter().map(|p| p.name).collect();
-    a.check(if def.rest.is_some() { usize::MAX } else { 1 }, &names)?;
+    // The first parameter, and every required one that leads the list,
+    // may be given by position: `set("k", "v")` as the docs write it.
+    let positional = def.params.iter().take_while(|p| p.required).count().max(1);
+    a.check(
+        if def.rest.is_some() {
+            usize::MAX
+        } else {
+            positional
+        },
+        &names,
+    )?;
     let mut checked = BTreeMap::new();
     if let Some(rest) = def.rest {
         let items = a
@@ -31,8 +41,8 @@ pub(crate) fn call_step<'v>(
         checked.insert(rest.to_string(), StepArg::List(items));
     }
     for (i, p) in def.params.iter().enumerate() {
-        let given = if i == 0 && def.rest.is_none() {
-            a.arg(0, p.name)?
+        let given = if i < positional && def.rest.is_none() {
+            a.arg(i, p.name)?
         } else {
             a.named(p.name)
         };

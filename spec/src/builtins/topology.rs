@@ -685,8 +685,10 @@ pub(crate) fn topology(builder: &mut GlobalsBuilder) {
     }
 
     /// `tls_cert(proxy_cert=, proxy_key=, client_cert=, client_key=, ca=,
-    /// insecure=False)`: TLS for `interface(..., tls=...)`. Paths are
-    /// relative to the calling file; nothing given = a generated CA.
+    /// insecure=False, secret=)`: TLS for `interface(..., tls=...)`. Paths
+    /// are relative to the calling file; nothing given = a generated CA;
+    /// `secret=` names a Kubernetes Secret with the proxy's certificate
+    /// (in a FaultTest's runner).
     fn tls_cert<'v>(
         #[starlark(args)] args: UnpackTuple<Value<'v>>,
         #[starlark(kwargs)] kwargs: DictRef<'v>,
@@ -702,6 +704,7 @@ pub(crate) fn topology(builder: &mut GlobalsBuilder) {
                 "client_key",
                 "ca",
                 "insecure",
+                "secret",
             ],
         )?;
         let path = |k: &str| -> Res<Option<std::path::PathBuf>> {
@@ -715,6 +718,11 @@ pub(crate) fn topology(builder: &mut GlobalsBuilder) {
             client_cert: path("client_cert")?,
             client_key: path("client_key")?,
             ca: path("ca")?,
+            proxy_ca: None,
+            secret: a
+                .named("secret")
+                .map(|v| a.string(v, "secret"))
+                .transpose()?,
             insecure: a
                 .named("insecure")
                 .and_then(|v| v.unpack_bool())
@@ -722,6 +730,20 @@ pub(crate) fn topology(builder: &mut GlobalsBuilder) {
         };
         spec.validate()
             .map_err(|e| err(format!("tls_cert(): {e}")))?;
+        if let Ok(c) = ctx(eval) {
+            c.files.borrow_mut().extend(
+                [
+                    &spec.proxy_cert,
+                    &spec.proxy_key,
+                    &spec.client_cert,
+                    &spec.client_key,
+                    &spec.ca,
+                ]
+                .into_iter()
+                .flatten()
+                .cloned(),
+            );
+        }
         Ok(eval.heap().alloc(TlsValue { spec }))
     }
 

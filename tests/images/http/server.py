@@ -8,9 +8,12 @@
   GET /argv              -> the arguments it was started with
   GET /env?name=X        -> the value of environment variable X
   GET /file?path=P       -> the file's contents, or 500 with the errno name
+
+With TLS_CERT and TLS_KEY (PEM files) it serves HTTPS instead.
 """
 import errno
 import os
+import ssl
 import sys
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -61,5 +64,10 @@ class Handler(BaseHTTPRequestHandler):
         sys.stderr.write("http: " + (fmt % args) + "\n")
 
 
-print("listening on %d, argv %s" % (PORT, sys.argv[1:]), flush=True)
-ThreadingHTTPServer(("0.0.0.0", PORT), Handler).serve_forever()
+server = ThreadingHTTPServer(("0.0.0.0", PORT), Handler)
+if os.environ.get("TLS_CERT"):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(os.environ["TLS_CERT"], os.environ["TLS_KEY"])
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+print("listening on %d (%s), argv %s" % (PORT, "https" if os.environ.get("TLS_CERT") else "http", sys.argv[1:]), flush=True)
+server.serve_forever()
