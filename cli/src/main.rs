@@ -1,5 +1,6 @@
 //! The `faultbox` command line.
 
+mod bench;
 mod kube;
 mod log;
 mod recipes;
@@ -35,6 +36,12 @@ enum Commands {
     Recipes {
         #[command(subcommand)]
         command: recipes::RecipesCommand,
+    },
+    /// Measurements that run where the measured thing runs (a pod).
+    #[command(hide = true)]
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
     },
 }
 
@@ -85,6 +92,7 @@ fn main() {
         Commands::Run(args) => run::run(args),
         Commands::Test(args) => test::run(args),
         Commands::Recipes { command } => recipes::run(command),
+        Commands::Bench { command } => bench::run(command),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -1549,6 +1549,19 @@ mod tests {
     }
 
     #[test]
+    fn the_example_faulttest_is_valid() {
+        let ft: FaultTest =
+            serde_yaml::from_str(include_str!("../../examples/kubernetes/checkout.yaml"))
+                .expect("the example parses as a FaultTest");
+        check_fields(&ft.spec).expect("its fields");
+        let files = BTreeMap::from([(
+            "spec.star".to_string(),
+            ft.spec.source.clone().expect("source"),
+        )]);
+        validate(&files, None).expect("its spec loads");
+    }
+
+    #[test]
     fn finished_pods_go_unless_kept() {
         assert!(remove_pod(KeepPods::Never, Verdict::Fail));
         assert!(remove_pod(KeepPods::OnFailure, Verdict::Pass));

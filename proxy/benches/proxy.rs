@@ -17,58 +17,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use faultbox_agent::rule::{RuleId, Trigger};
+use faultbox_proxy::load::{bulk, echo_server, median, ping_pong, sink_server};
 use faultbox_proxy::rules::{ProxyAction, ProxyRuleDef};
 use faultbox_proxy::server::Proxy;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-fn echo_server() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = l.local_addr().expect("addr");
-    std::thread::spawn(move || {
-        for mut c in l.incoming().flatten() {
-            let _ = c.set_nodelay(true);
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 64 << 10];
-                loop {
-                    match c.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => {
-                            if c.write_all(&buf[..n]).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
-fn sink_server() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = l.local_addr().expect("addr");
-    std::thread::spawn(move || {
-        for mut c in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 256 << 10];
-                let mut total = 0u64;
-                loop {
-                    match c.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => total += n as u64,
-                    }
-                }
-                let _ = c.write_all(&total.to_le_bytes());
-            });
-        }
-    });
-    addr
-}
 
 fn http_server() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -140,37 +91,6 @@ fn socat(upstream: SocketAddr) -> Option<(Socat, SocketAddr)> {
         std::thread::sleep(Duration::from_millis(5));
     }
     Some((Socat(child), addr))
-}
-
-fn ping_pong(addr: SocketAddr, rounds: usize) -> f64 {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_nodelay(true).expect("nodelay");
-    let msg = [7u8; 64];
-    let mut back = [0u8; 64];
-    let mut rtts = Vec::with_capacity(rounds);
-    for _ in 0..rounds {
-        let t = Instant::now();
-        s.write_all(&msg).expect("write");
-        s.read_exact(&mut back).expect("read");
-        rtts.push(t.elapsed().as_secs_f64() * 1e6);
-    }
-    median(rtts)
-}
-
-fn bulk(addr: SocketAddr, bytes: u64) -> f64 {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    let chunk = vec![1u8; 256 << 10];
-    let t = Instant::now();
-    let mut sent = 0;
-    while sent < bytes {
-        s.write_all(&chunk).expect("write");
-        sent += chunk.len() as u64;
-    }
-    s.shutdown(std::net::Shutdown::Write).expect("shutdown");
-    let mut total = [0u8; 8];
-    s.read_exact(&mut total).expect("total");
-    assert_eq!(u64::from_le_bytes(total), sent);
-    sent as f64 / t.elapsed().as_secs_f64() / (1 << 20) as f64
 }
 
 fn http_rps(addr: SocketAddr, conns: usize, duration: Duration) -> f64 {
@@ -260,8 +180,9 @@ fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let reps = if quick { 3 } else { 7 };
     let trace: Arc<dyn faultbox_proxy::EventSink> = Arc::new(faultbox_proxy::NoEvents);
-    let echo = echo_server();
-    let sink = sink_server();
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let echo = echo_server(any).expect("echo server");
+    let sink = sink_server(any).expect("sink server");
     let http = http_server();
     let start = |protocol: &str, upstream, rules: bool| {
         let p =
@@ -292,11 +213,15 @@ fn main() {
         ("socat", vec![]),
     ];
     for _ in 0..reps {
-        rows[0].1.push(ping_pong(echo, rounds));
-        rows[1].1.push(ping_pong(tcp_plain.listen, rounds));
-        rows[2].1.push(ping_pong(tcp_rules.listen, rounds));
+        rows[0].1.push(ping_pong(echo, rounds).expect("ping-pong"));
+        rows[1]
+            .1
+            .push(ping_pong(tcp_plain.listen, rounds).expect("measure"));
+        rows[2]
+            .1
+            .push(ping_pong(tcp_rules.listen, rounds).expect("measure"));
         if let Some((_, a)) = &socat_echo {
-            rows[3].1.push(ping_pong(*a, rounds));
+            rows[3].1.push(ping_pong(*a, rounds).expect("measure"));
         }
     }
     let direct = median(rows[0].1.clone());
@@ -317,11 +242,15 @@ fn main() {
         ("socat", vec![]),
     ];
     for _ in 0..reps {
-        rows[0].1.push(bulk(sink, bytes));
-        rows[1].1.push(bulk(bulk_plain.listen, bytes));
-        rows[2].1.push(bulk(bulk_rules.listen, bytes));
+        rows[0].1.push(bulk(sink, bytes).expect("measure"));
+        rows[1]
+            .1
+            .push(bulk(bulk_plain.listen, bytes).expect("measure"));
+        rows[2]
+            .1
+            .push(bulk(bulk_rules.listen, bytes).expect("measure"));
         if let Some((_, a)) = &socat_sink {
-            rows[3].1.push(bulk(*a, bytes));
+            rows[3].1.push(bulk(*a, bytes).expect("measure"));
         }
     }
     let direct = median(rows[0].1.clone());

@@ -20,6 +20,8 @@ pub mod steps;
 #[cfg(feature = "serve")]
 pub mod h2;
 #[cfg(feature = "serve")]
+pub mod load;
+#[cfg(feature = "serve")]
 pub mod net;
 #[cfg(feature = "serve")]
 pub mod pipe;

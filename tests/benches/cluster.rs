@@ -6,7 +6,9 @@
 //!    test and the status write (the verdict), medians of several;
 //! 2. 100 FaultTests applied at once: every one reaches a verdict, no
 //!    FaultTest gets a second runner, and the operator's reconcile rate
-//!    and peak memory (VmHWM of its process on this node).
+//!    and peak memory (VmHWM of its process on this node);
+//! 3. the runner's proxy in pass-through against a direct connection
+//!    between the same two pods: p50 ping-pong added, bulk share.
 //!
 //! Needs `KUBECONFIG`, the images loaded (`scripts/images`, then
 //! `../shared/k8s/load-image localhost/faultbox:dev
@@ -275,6 +277,96 @@ fn main() {
     println!(
         "  operator peak memory (VmHWM): {:.1} MiB",
         peak_kib as f64 / 1024.0
+    );
+
+    // 3. The runner's proxy in pass-through, between the same two pods as
+    // the direct path: `faultbox bench proxy` in one pod, its servers
+    // (`faultbox bench serve`) in another.
+    let pod = |name: &str, args: &str, restart: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  restartPolicy: {restart}\n  securityContext: {{runAsNonRoot: true, runAsUser: 65532, seccompProfile: {{type: RuntimeDefault}}}}\n  containers:\n    - name: bench\n      image: localhost/faultbox:dev\n      imagePullPolicy: IfNotPresent\n      command: [/faultbox]\n      args: {args}\n      securityContext: {{allowPrivilegeEscalation: false, capabilities: {{drop: [ALL]}}}}\n"
+        )
+    };
+    kubectl(
+        &["apply", "-f", "-"],
+        Some(&pod("bench-servers", "[bench, serve]", "Always")),
+    );
+    kubectl(
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "pod/bench-servers",
+            "-n",
+            &ns,
+            "--timeout=120s",
+        ],
+        None,
+    );
+    let ip = kubectl(
+        &[
+            "get",
+            "pod",
+            "bench-servers",
+            "-n",
+            &ns,
+            "-o",
+            "jsonpath={.status.podIP}",
+        ],
+        None,
+    );
+    let (reps, mib) = if quick { (3, 64) } else { (7, 256) };
+    kubectl(
+        &["apply", "-f", "-"],
+        Some(&pod(
+            "bench-client",
+            &format!(
+                "[bench, proxy, --echo, \"{ip}:7000\", --sink, \"{ip}:7001\", --reps, \"{reps}\", --mib, \"{mib}\"]"
+            ),
+            "Never",
+        )),
+    );
+    let t = Instant::now();
+    loop {
+        let phase = kubectl(
+            &[
+                "get",
+                "pod",
+                "bench-client",
+                "-n",
+                &ns,
+                "-o",
+                "jsonpath={.status.phase}",
+            ],
+            None,
+        );
+        if phase == "Succeeded" || phase == "Failed" {
+            assert_eq!(phase, "Succeeded", "bench-client");
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(600),
+            "bench-client never finished"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let log = kubectl(&["logs", "bench-client", "-n", &ns], None);
+    let doc: Value = log
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .expect("the bench's JSON line");
+    println!("the runner's TCP proxy in pass-through, pod to pod ({reps} reps, medians):");
+    println!(
+        "  64-byte ping-pong p50: direct {:.1} µs, through the proxy {:.1} µs (adds {:.1} µs)",
+        doc["ping_pong_us"]["direct"].as_f64().unwrap_or(0.0),
+        doc["ping_pong_us"]["proxy"].as_f64().unwrap_or(0.0),
+        doc["ping_pong_us"]["added"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "  bulk {mib} MiB one way: direct {:.0} MiB/s, through the proxy {:.0} MiB/s ({:.1}% of direct)",
+        doc["bulk_mib_s"]["direct"].as_f64().unwrap_or(0.0),
+        doc["bulk_mib_s"]["proxy"].as_f64().unwrap_or(0.0),
+        doc["bulk_mib_s"]["share"].as_f64().unwrap_or(0.0) * 100.0
     );
 
     let _ = Command::new(tool("helm", "/opt/helm/helm"))

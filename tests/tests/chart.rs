@@ -1,7 +1,10 @@
 //! The Helm chart, rendered offline: `helm lint` is clean, and what
 //! `helm template` renders meets the "restricted" pod security standard,
 //! grants only what the operator uses, and scopes RBAC to the watched
-//! namespaces. `scripts/setup` installs helm.
+//! namespaces; the rendered manifests and the pods the operator makes
+//! validate against the Kubernetes schemas (kubernetes-validate, offline),
+//! and the example FaultTests against the CRD's schema. `scripts/setup`
+//! installs helm and the validator.
 
 use std::process::Command;
 
@@ -18,9 +21,13 @@ fn helm() -> String {
     panic!("helm is not installed (scripts/setup installs it into /opt/helm)");
 }
 
-fn render(sets: &[&str]) -> Vec<Value> {
+/// `helm template` with `--set` for each of `sets`, the CRD included or not.
+fn template(sets: &[&str], crds: bool) -> String {
     let mut cmd = Command::new(helm());
     cmd.args(["template", "fb", CHART, "-n", "faultbox"]);
+    if crds {
+        cmd.arg("--include-crds");
+    }
     for s in sets {
         cmd.arg(format!("--set={s}"));
     }
@@ -30,8 +37,12 @@ fn render(sets: &[&str]) -> Vec<Value> {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.split("\n---")
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn render(sets: &[&str]) -> Vec<Value> {
+    template(sets, false)
+        .split("\n---")
         .filter_map(|doc| serde_yaml::from_str::<Value>(doc).ok())
         .filter(|v| v.get("kind").is_some())
         .collect()
@@ -171,4 +182,164 @@ fn the_values_schema_refuses_what_the_operator_cannot_do() {
         .output()
         .expect("helm template");
     assert!(!out.status.success(), "unknown values are refused");
+}
+
+const VALIDATOR: &str = "/opt/faultbox-validate/bin/kubernetes-validate";
+/// k8s-openapi's version feature in the operator (v1_33).
+const SCHEMA_VERSION: &str = "1.33.0";
+
+/// Runs kubernetes-validate --strict on `yaml`: its success and output.
+fn validate(yaml: &str) -> (bool, String) {
+    assert!(
+        std::path::Path::new(VALIDATOR).exists(),
+        "kubernetes-validate is not installed (scripts/setup installs it into /opt/faultbox-validate)"
+    );
+    let file = std::env::temp_dir().join(format!(
+        "faultbox-validate-{}-{}.yaml",
+        std::process::id(),
+        yaml.len()
+    ));
+    std::fs::write(&file, yaml).expect("write manifests");
+    let out = Command::new(VALIDATOR)
+        .args(["--strict", "-k", SCHEMA_VERSION])
+        .arg(&file)
+        .output()
+        .expect("kubernetes-validate");
+    let _ = std::fs::remove_file(&file);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn rendered_manifests_validate_against_the_kubernetes_schemas() {
+    for sets in [
+        &[][..],
+        &["watchNamespaces={shop,billing}", "replicas=2"][..],
+    ] {
+        let yaml = template(sets, true);
+        let (ok, out) = validate(&yaml);
+        assert!(ok, "{sets:?}: {out}");
+        for kind in [
+            "deployment",
+            "customresourcedefinition",
+            "serviceaccount",
+            "service/",
+        ] {
+            assert!(
+                out.contains(&format!("resource {kind}")),
+                "{kind} checked: {out}"
+            );
+        }
+    }
+    // The validator is not a yes-machine: a wrong type and an unknown field fail.
+    let bad = template(&[], true).replacen("replicas: 1", "replicas: \"one\"", 1);
+    assert!(!validate(&bad).0, "a string replica count must be refused");
+    let bad = template(&[], true).replacen("containers:", "containerz: []\n      containers:", 1);
+    assert!(
+        !validate(&bad).0,
+        "an unknown field must be refused (--strict)"
+    );
+}
+
+#[test]
+fn runner_pods_the_operator_makes_validate_against_the_kubernetes_schemas() {
+    use faultbox_operator::crd::{FaultTest, FaultTestSpec, RunnerSpec};
+    use faultbox_operator::reconcile::{Needs, runner_pod};
+    let mut ft = FaultTest::new(
+        "checkout",
+        FaultTestSpec {
+            source: Some("def test_a():\n    pass\n".into()),
+            runner: Some(RunnerSpec {
+                cpu: Some("500m".into()),
+                memory: Some("256Mi".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    );
+    ft.metadata.namespace = Some("shop".into());
+    ft.metadata.uid = Some("0000-1111".into());
+    ft.metadata.generation = Some(1);
+    let needs = Needs {
+        secrets: vec!["orders-tls".into()],
+        tls: true,
+    };
+    for run in [0, 3] {
+        let pod = runner_pod(
+            &ft,
+            run,
+            "localhost/faultbox:dev",
+            std::time::Duration::from_secs(600),
+            &needs,
+        );
+        let json = serde_json::to_value(&pod).expect("pod json");
+        // Through JSON text, as the CRD generator does: serde_json's
+        // arbitrary_precision would otherwise write numbers as maps.
+        let yaml: Value = serde_yaml::from_str(&json.to_string()).expect("yaml");
+        let (ok, out) = validate(&serde_yaml::to_string(&yaml).expect("yaml text"));
+        assert!(ok, "run {run}: {out}");
+    }
+}
+
+#[test]
+fn example_faulttests_match_the_crd_schema() {
+    let crd = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../operator/crds/faulttest.yaml"
+    ))
+    .expect("crd");
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/kubernetes/checkout.yaml"
+    ))
+    .expect("example");
+    // jsonschema (kubernetes-validate's own dependency) on the CRD's
+    // openAPIV3Schema: structural schemas are JSON Schema with extensions.
+    let check = |doc: &str| -> (bool, String) {
+        let script = r#"
+import sys, yaml, jsonschema
+crd = yaml.safe_load(open(sys.argv[1]))
+schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+doc = yaml.safe_load(open(sys.argv[2]))
+try:
+    jsonschema.validate(doc, schema)
+    print("valid")
+except jsonschema.ValidationError as e:
+    print("invalid:", e.message)
+    sys.exit(1)
+"#;
+        let dir = std::env::temp_dir().join(format!("faultbox-crd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let (c, d) = (
+            dir.join("crd.yaml"),
+            dir.join(format!("doc-{}.yaml", doc.len())),
+        );
+        std::fs::write(&c, &crd).expect("write");
+        std::fs::write(&d, doc).expect("write");
+        let out = Command::new("/opt/faultbox-validate/bin/python")
+            .arg("-c")
+            .arg(script)
+            .arg(&c)
+            .arg(&d)
+            .output()
+            .expect("python of /opt/faultbox-validate (scripts/setup)");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, out) = check(&example);
+    assert!(ok, "{out}");
+    let (ok, out) = check(&example.replace("keepPods: OnFailure", "keepPods: Sometimes"));
+    assert!(!ok && out.contains("Sometimes"), "{out}");
+    let (ok, out) = check(&example.replace("seed: 42", "seed: \"forty-two\""));
+    assert!(!ok, "{out}");
 }
