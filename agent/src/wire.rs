@@ -68,6 +68,18 @@ pub enum EndpointError {
         /// Why.
         source: std::io::Error,
     },
+    /// `tls:` whose address is not `IP:PORT`.
+    #[error(
+        "bad control address {text:?} (an IP address and port: a static shim resolves no names); {}",
+        Endpoint::USAGE
+    )]
+    BadAddress {
+        /// What followed `tls:`.
+        text: String,
+    },
+    /// The TLS channel cannot be set up, or the controller refused it.
+    #[error(transparent)]
+    Tunnel(#[from] crate::tunnel::TunnelError),
 }
 
 impl PartialEq for EndpointError {
@@ -84,11 +96,17 @@ pub enum Endpoint {
     /// A Unix socket the controller listens on (a bind-mounted directory
     /// in a container).
     Unix(std::path::PathBuf),
+    /// The controller at an address, over mutual TLS with the credentials
+    /// in a directory (a service pod: the run's Secret).
+    Tls {
+        addr: std::net::SocketAddr,
+        credentials: std::path::PathBuf,
+    },
 }
 
 impl Endpoint {
     /// The shim's usage line.
-    pub const USAGE: &'static str = "usage: faultbox-shim --control fd:N | --control unix:PATH";
+    pub const USAGE: &'static str = "usage: faultbox-shim --control fd:N | --control unix:PATH | --control tls:IP:PORT@DIR (DIR holds ca.crt, tls.crt, tls.key) | --install PATH";
 
     /// Parses `fd:N` or `unix:PATH`.
     pub fn parse(text: &str) -> Result<Endpoint, EndpointError> {
@@ -100,6 +118,18 @@ impl Endpoint {
                 .ok_or_else(|| EndpointError::BadFd { text: fd.into() })
         } else if let Some(path) = text.strip_prefix("unix:").filter(|p| !p.is_empty()) {
             Ok(Endpoint::Unix(path.into()))
+        } else if let Some(rest) = text.strip_prefix("tls:") {
+            let (addr, dir) = rest.split_once('@').unwrap_or((rest, ""));
+            let addr = addr
+                .parse()
+                .map_err(|_| EndpointError::BadAddress { text: addr.into() })?;
+            if dir.is_empty() {
+                return Err(EndpointError::Unknown { text: text.into() });
+            }
+            Ok(Endpoint::Tls {
+                addr,
+                credentials: dir.into(),
+            })
         } else {
             Err(EndpointError::Unknown { text: text.into() })
         }
@@ -117,6 +147,11 @@ impl Endpoint {
                         source,
                     }
                 })
+            }
+            Endpoint::Tls { addr, credentials } => {
+                let config =
+                    crate::tunnel::client_config(&crate::tunnel::Credentials::in_dir(credentials))?;
+                Ok(crate::tunnel::dial(*addr, config)?)
             }
         }
     }
@@ -511,7 +546,24 @@ mod tests {
             Endpoint::parse("unix:/run/fb/control.sock"),
             Ok(Endpoint::Unix("/run/fb/control.sock".into()))
         );
-        for bad in ["fd:-1", "fd:x", "unix:", "tcp:1.2.3.4:5", ""] {
+        assert_eq!(
+            Endpoint::parse("tls:10.244.0.7:7443@/faultbox/tls"),
+            Ok(Endpoint::Tls {
+                addr: "10.244.0.7:7443".parse().expect("addr"),
+                credentials: "/faultbox/tls".into()
+            })
+        );
+        let e = Endpoint::parse("tls:runner.shop:7443@/t").expect_err("a name");
+        assert!(e.to_string().contains("resolves no names"), "{e}");
+        for bad in [
+            "fd:-1",
+            "fd:x",
+            "unix:",
+            "tcp:1.2.3.4:5",
+            "",
+            "tls:10.0.0.1:1",
+            "tls:10.0.0.1:1@",
+        ] {
             let e = Endpoint::parse(bad).expect_err(bad).to_string();
             assert!(e.contains("usage: faultbox-shim"), "{e}");
         }

@@ -9,9 +9,14 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
 use faultbox_agent::process::make_inheritable;
 use faultbox_agent::rule::{Rule, parse_fault};
 use faultbox_agent::syscalls::Arch;
+use faultbox_agent::tunnel::{self, Credentials};
 use faultbox_agent::wire::{
     self, ControlMessage, Isolation, LaunchSpec, OnDisconnect, ShimMessage,
 };
@@ -29,7 +34,7 @@ impl Controller {
     fn launch(intercept: &[&str], rules: Vec<Rule>) -> Controller {
         let (ours, theirs) = UnixStream::pair().expect("socketpair");
         make_inheritable(&theirs).expect("inheritable");
-        let mut shim = Command::new(shim())
+        let shim = Command::new(shim())
             .arg("--control")
             .arg(format!("fd:{}", theirs.as_raw_fd()))
             .stdin(Stdio::piped())
@@ -37,6 +42,32 @@ impl Controller {
             .spawn()
             .expect("spawn shim");
         drop(theirs);
+        Controller::greet(shim, ours, intercept, rules)
+    }
+
+    /// The shim dials this controller over mutual TLS, as in a pod.
+    fn launch_tls(intercept: &[&str], rules: Vec<Rule>, run: &RunCredentials) -> Controller {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shim = Command::new(shim())
+            .arg("--control")
+            .arg(format!("tls:{addr}@{}", run.shim.display()))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn shim");
+        let tcp = accept_within(&listener, Duration::from_secs(20));
+        let config = tunnel::server_config(&run.controller).expect("server config");
+        let ours = tunnel::accept(tcp, config).expect("the run's shim is accepted");
+        Controller::greet(shim, ours, intercept, rules)
+    }
+
+    fn greet(
+        mut shim: Child,
+        ours: UnixStream,
+        intercept: &[&str],
+        rules: Vec<Rule>,
+    ) -> Controller {
         let mut reader = BufReader::new(ours.try_clone().expect("clone"));
         let mut writer = BufWriter::new(ours);
         let hello: Option<ShimMessage> = wire::recv(&mut reader).expect("hello");
@@ -201,4 +232,144 @@ fn an_unknown_syscall_in_the_launch_request_fails_the_launch() {
         "{failed:?}"
     );
     assert_eq!(c.shim.wait().expect("wait").code(), Some(1));
+}
+
+/// A run's CA with the controller's credentials and a directory laid out
+/// as the shim's Secret is mounted in a pod (ca.crt, tls.crt, tls.key).
+struct RunCredentials {
+    controller: Credentials,
+    shim: PathBuf,
+    root: PathBuf,
+}
+
+impl Drop for RunCredentials {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+fn run_credentials(name: &str) -> RunCredentials {
+    let root = std::env::temp_dir().join(format!("faultbox-tls-{}-{name}", std::process::id()));
+    let (ctl, shim) = (root.join("controller"), root.join("shim"));
+    for d in [&ctl, &shim] {
+        std::fs::create_dir_all(d).expect("dir");
+    }
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, format!("{name} CA"));
+    let ca_cert = ca.self_signed(&ca_key).expect("ca");
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    for (dir, subject) in [(&ctl, tunnel::CONTROLLER_NAME), (&shim, "shim")] {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec![subject.to_string()])
+            .expect("params")
+            .signed_by(&key, &issuer)
+            .expect("leaf");
+        std::fs::write(dir.join("ca.crt"), ca_cert.pem()).expect("write");
+        std::fs::write(dir.join("tls.crt"), cert.pem()).expect("write");
+        std::fs::write(dir.join("tls.key"), key.serialize_pem()).expect("write");
+    }
+    RunCredentials {
+        controller: Credentials::in_dir(&ctl),
+        shim,
+        root,
+    }
+}
+
+fn accept_within(listener: &TcpListener, limit: Duration) -> TcpStream {
+    listener.set_nonblocking(true).expect("nonblocking");
+    let deadline = Instant::now() + limit;
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).expect("blocking");
+                return s;
+            }
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("the shim never dialled: {e}"),
+        }
+    }
+}
+
+#[test]
+fn over_mutual_tls_the_shim_serves_its_controller_as_over_a_socket_pair() {
+    let run = run_credentials("ok");
+    let rule = parse_fault("openat=EACCES:100%:/etc/hostname", Arch::native()).expect("rule");
+    let mut c = Controller::launch_tls(&["openat"], vec![rule], &run);
+    assert_eq!(c.open("/etc/hostname"), "open /etc/hostname EACCES");
+    assert!(
+        c.open("/etc/passwd").ends_with(" ok"),
+        "the rule's glob spares it"
+    );
+    let denied =
+        c.until(|m| matches!(m, ShimMessage::Syscall(e) if e.decision.starts_with("deny")));
+    let ShimMessage::Syscall(e) = denied else {
+        unreachable!()
+    };
+    assert_eq!(e.path.as_deref(), Some("/etc/hostname"));
+    drop(c.stdin.take());
+    let exit = c.until(|m| matches!(m, ShimMessage::Exited { .. }));
+    assert!(
+        matches!(exit, ShimMessage::Exited { code: Some(0), .. }),
+        "{exit:?}"
+    );
+    assert!(c.shim.wait().expect("wait").success());
+}
+
+#[test]
+fn a_shim_with_another_runs_credentials_is_refused_before_a_message() {
+    let run = run_credentials("run");
+    let stranger = run_credentials("stranger");
+    // The stranger knows the run's CA but holds another run's certificate.
+    std::fs::copy(run.shim.join("ca.crt"), stranger.shim.join("ca.crt")).expect("copy");
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let child = Command::new(shim())
+        .arg("--control")
+        .arg(format!("tls:{addr}@{}", stranger.shim.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn shim");
+    let tcp = accept_within(&listener, Duration::from_secs(20));
+    let config = tunnel::server_config(&run.controller).expect("server config");
+    let refused = tunnel::accept(tcp, config).map(|_| ());
+    assert!(
+        matches!(refused, Err(tunnel::TunnelError::Handshake { .. })),
+        "{refused:?}"
+    );
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("faultbox-shim:"), "{err}");
+}
+
+#[test]
+fn the_shim_installs_a_copy_of_itself() {
+    let dir = std::env::temp_dir().join(format!("faultbox-install-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let dest = dir.join("faultbox-shim");
+    let out = Command::new(shim())
+        .arg("--install")
+        .arg(&dest)
+        .output()
+        .expect("install");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        std::fs::read(&dest).expect("copy"),
+        std::fs::read(shim()).expect("shim")
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&dest).expect("meta").permissions().mode();
+    assert_eq!(mode & 0o777, 0o755);
+    let out = Command::new(shim())
+        .arg("--install")
+        .arg(Path::new("/nonexistent/dir/x"))
+        .output()
+        .expect("install");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--install /nonexistent/dir/x"));
+    let _ = std::fs::remove_dir_all(&dir);
 }
