@@ -230,6 +230,7 @@ pub fn run(args: TestArgs) -> Result<i32> {
     let config = RunConfig {
         shim: prepared.shim,
         docker: prepared.docker,
+        cluster: prepared.cluster,
         kept: Default::default(),
         log_dir: log_dir.clone(),
         test_timeout: timeout,

@@ -104,6 +104,7 @@ fn config(shim: &Path, logs: &Path, docker: Option<Arc<Docker>>) -> RunConfig {
         stop_grace: Duration::from_secs(2),
         stop: Default::default(),
         docker,
+        cluster: None,
         kept: Default::default(),
     }
 }

@@ -154,6 +154,7 @@ fn bench_restart(reps: usize, shim: &Path) {
         stop_grace: Duration::from_secs(2),
         stop: Default::default(),
         docker: None,
+        cluster: None,
         kept: Default::default(),
     };
     let (mut base, mut total, mut launch, mut health, mut stop) =

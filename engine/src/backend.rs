@@ -10,8 +10,8 @@
 //! - [`crate::docker::Docker`]: a container whose entrypoint is the shim
 //!   (container mode).
 //!
-//! A Kubernetes backend (a pod under the shim, created by the runner) is a
-//! further implementation of [`Backend`].
+//! - [`crate::kubernetes::Cluster`]: a pod whose command is the shim,
+//!   created by a FaultTest's runner (cluster mode).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -68,6 +68,9 @@ pub enum BackendError {
     /// The Docker engine refused or failed something.
     #[error(transparent)]
     Docker(#[from] crate::docker::DockerError),
+    /// A service pod could not be made or started (cluster mode).
+    #[error(transparent)]
+    Cluster(Box<crate::kubernetes::ClusterError>),
     /// A remote address that does not resolve.
     #[error("{service}.{interface}: remote address {addr} does not resolve")]
     Unresolved {

@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod docker;
+pub mod kubernetes;
 pub mod report;
 pub mod runtime;
 pub mod shim;

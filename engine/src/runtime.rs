@@ -45,6 +45,9 @@ pub struct RunConfig {
     /// The Docker engine and the run's network, when the spec has
     /// container services.
     pub docker: Option<Arc<crate::docker::Docker>>,
+    /// In a FaultTest's runner: the cluster, where container services
+    /// become pods.
+    pub cluster: Option<Arc<crate::kubernetes::Cluster>>,
     /// `reuse=True` services between two tests of the run.
     pub kept: KeptServices,
 }
@@ -118,9 +121,10 @@ impl RunConfig {
     /// containers must reach them too (this machine owns that address,
     /// so host processes reach it as well).
     pub fn proxy_bind(&self) -> std::net::IpAddr {
-        match &self.docker {
-            Some(d) => d.gateway.into(),
-            None => std::net::Ipv4Addr::LOCALHOST.into(),
+        match (&self.docker, &self.cluster) {
+            (Some(d), _) => d.gateway.into(),
+            (None, Some(c)) => c.ip,
+            (None, None) => std::net::Ipv4Addr::LOCALHOST.into(),
         }
     }
 }
@@ -414,11 +418,12 @@ impl TestRun {
     }
 
     fn start_one(&self, def: &ServiceDef, spec_dir: &Path) -> Result<(), StartError> {
-        let backend: &dyn Backend = match (&self.config.docker, def.is_container()) {
-            (Some(docker), true) => docker,
-            (None, true) => return Err(StartError::NoDocker(def.name.clone())),
-            _ if def.is_remote() => &Remote,
-            _ => &Process,
+        let backend: &dyn Backend = match (&self.config.docker, &self.config.cluster) {
+            _ if !def.is_container() && def.is_remote() => &Remote,
+            _ if !def.is_container() => &Process,
+            (Some(docker), _) => docker,
+            (None, Some(cluster)) => cluster,
+            (None, None) => return Err(StartError::NoDocker(def.name.clone())),
         };
         let mut env = BTreeMap::new();
         for (k, v) in &def.env {
@@ -692,7 +697,7 @@ impl TestRun {
         let resolved = spec.resolve(secrets.as_deref())?;
         // The generated certificate covers every name a client may use.
         let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-        if self.config.docker.is_some() {
+        if self.config.docker.is_some() || self.config.cluster.is_some() {
             names.push(self.config.proxy_bind().to_string());
         }
         for s in &self.services {

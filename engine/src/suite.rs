@@ -38,6 +38,9 @@ pub enum PreflightError {
     /// Container services, and no Docker engine.
     #[error(transparent)]
     Docker(#[from] crate::docker::DockerError),
+    /// Container services in a runner that cannot make pods.
+    #[error(transparent)]
+    Cluster(#[from] crate::kubernetes::ClusterError),
     /// Syscall faults on a kernel without user notification.
     #[error(
         "this kernel does not support seccomp user notification, so syscall faults cannot be injected (needs Linux 5.0+ with CONFIG_SECCOMP_FILTER)"
@@ -73,6 +76,8 @@ pub fn base_seed(given: Option<u64>, runs: u64) -> (u64, &'static str) {
 pub struct Prepared {
     pub shim: PathBuf,
     pub docker: Option<std::sync::Arc<crate::docker::Docker>>,
+    /// In a FaultTest's runner, container services become pods instead.
+    pub cluster: Option<std::sync::Arc<crate::kubernetes::Cluster>>,
 }
 
 /// Everything that can be checked before a service starts: the shim, each
@@ -119,14 +124,27 @@ pub fn preflight(spec: &Spec, work_dir: &std::path::Path) -> Result<Prepared, Pr
         return Err(PreflightError::NoUserNotification);
     }
     run_ca(spec)?;
-    let docker = if spec.services.iter().any(|s| s.is_container()) {
+    let containers = spec.services.iter().any(|s| s.is_container());
+    if containers && crate::kubernetes::in_runner() {
+        let cluster = crate::kubernetes::Cluster::connect(work_dir)?;
+        return Ok(Prepared {
+            shim,
+            docker: None,
+            cluster: Some(std::sync::Arc::new(cluster)),
+        });
+    }
+    let docker = if containers {
         let docker = crate::docker::Docker::connect(work_dir)?;
         docker.prepare(&spec.services, &spec.dir)?;
         Some(std::sync::Arc::new(docker))
     } else {
         None
     };
-    Ok(Prepared { shim, docker })
+    Ok(Prepared {
+        shim,
+        docker,
+        cluster: None,
+    })
 }
 
 /// In a FaultTest's runner (`FAULTBOX_RUN_CA_DIR` set) a spec with TLS

@@ -15,9 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, Pod,
-    PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile, SecretVolumeSource,
-    SecurityContext, Volume, VolumeMount,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar,
+    EnvVarSource, ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, ResourceRequirements,
+    SeccompProfile, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{
@@ -192,7 +192,14 @@ pub struct Needs {
     pub secrets: Vec<String>,
     /// TLS interfaces: the runner makes a run CA, which is published.
     pub tls: bool,
+    /// `image=` services: the runner makes their pods, so it runs as the
+    /// namespace's `faultbox-runner` account and knows where it is.
+    pub pods: bool,
 }
+
+/// The account a runner that makes service pods runs as (the chart makes
+/// it, with its Role, in every namespace it serves).
+pub const RUNNER_ACCOUNT: &str = "faultbox-runner";
 
 /// Where the runner finds what the operator mounts for it (the engine
 /// reads the same variables).
@@ -247,6 +254,7 @@ pub fn validate(files: &BTreeMap<String, String>, filter: Option<&str>) -> Resul
         Ok(Needs {
             secrets,
             tls: !tls.is_empty(),
+            pods: spec.services.iter().any(|s| s.is_container()),
         })
     })();
     let _ = std::fs::remove_dir_all(&dir);
@@ -371,8 +379,34 @@ pub fn runner_pod(ft: &FaultTest, run: u64, image: &str, timeout: Duration, need
             ..Default::default()
         },
     ];
-    if needs.tls {
+    if needs.tls || needs.pods {
         env.push(var("FAULTBOX_RUN_CA_DIR", RUN_CA_DIR));
+    }
+    let runner_image = runner.image.clone().unwrap_or_else(|| image.to_string());
+    if needs.pods {
+        let field = |name: &str, path: &str| EnvVar {
+            name: name.into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: path.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        env.push(field("FAULTBOX_NAMESPACE", "metadata.namespace"));
+        env.push(field("FAULTBOX_POD_IP", "status.podIP"));
+        env.push(var("FAULTBOX_FAULTTEST", &ft.name_any()));
+        env.push(var(
+            "FAULTBOX_FAULTTEST_UID",
+            ft.metadata.uid.as_deref().unwrap_or_default(),
+        ));
+        env.push(var("FAULTBOX_IMAGE", &runner_image));
+        env.push(var(
+            "FAULTBOX_GENERATION",
+            &ft.metadata.generation.unwrap_or(0).to_string(),
+        ));
     }
     if !needs.secrets.is_empty() {
         env.push(var("FAULTBOX_SECRETS_DIR", SECRETS_DIR));
@@ -402,7 +436,10 @@ pub fn runner_pod(ft: &FaultTest, run: u64, image: &str, timeout: Duration, need
         spec: Some(PodSpec {
             restart_policy: Some("Never".into()),
             active_deadline_seconds: Some(timeout.as_secs().max(1) as i64),
-            automount_service_account_token: Some(false),
+            // Only a runner that makes pods gets API access, as its own
+            // narrow account; the result still comes back by its log.
+            automount_service_account_token: Some(needs.pods),
+            service_account_name: needs.pods.then(|| RUNNER_ACCOUNT.to_string()),
             enable_service_links: Some(false),
             security_context: Some(PodSecurityContext {
                 run_as_non_root: Some(true),
@@ -416,7 +453,7 @@ pub fn runner_pod(ft: &FaultTest, run: u64, image: &str, timeout: Duration, need
             }),
             containers: vec![Container {
                 name: "runner".into(),
-                image: Some(runner.image.unwrap_or_else(|| image.to_string())),
+                image: Some(runner_image),
                 image_pull_policy: Some("IfNotPresent".into()),
                 command: Some(vec!["/faultbox".into()]),
                 args: Some(args),
@@ -806,8 +843,10 @@ async fn reconcile_inner(ft: &FaultTest, ctx: &Context) -> Result<Action, Error>
     // ConfigMaps stay owned and are collected with the FaultTest).
     let mine = ListParams::default().labels(&format!("{LABEL_TEST}={}", ft.name_any()));
     for old in pods.list(&mine).await?.items {
+        // Runner pods and the service pods their runners made both carry
+        // their generation; a pod without one is not a run's.
         let gen_label = old.labels().get(LABEL_GENERATION).cloned();
-        if gen_label.as_deref() != Some(g.to_string().as_str()) {
+        if gen_label.is_some_and(|l| l != g.to_string()) {
             let _ = pods
                 .delete(&old.name_any(), &DeleteParams::background())
                 .await;
@@ -1368,7 +1407,8 @@ mod tests {
             needs,
             Needs {
                 secrets: vec!["front-tls".into()],
-                tls: true
+                tls: true,
+                pods: false,
             }
         );
         let pod = runner_pod(

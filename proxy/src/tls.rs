@@ -164,8 +164,32 @@ fn ca_params(name: &str) -> Result<rcgen::CertificateParams, rcgen::Error> {
     Ok(params)
 }
 
+/// A certificate for `names` signed by the CA in `issuer` (the run CA),
+/// as PEM, with its key's PEM: the two sides of the shim channel.
+pub fn issue(issuer: &Issuer, names: &[String]) -> Result<(String, String), TlsError> {
+    let (leaf, key, _, _) = signed(names, Some(issuer))?;
+    Ok((leaf.pem(), key.serialize_pem()))
+}
+
 /// A leaf for `names`, signed by `issuer` or by a CA made for it.
 fn generate(names: &[String], issuer: Option<&Issuer>) -> Result<Chain, TlsError> {
+    let (leaf, leaf_key, ca_cert, ca_pem) = signed(names, issuer)?;
+    let key = PrivateKeyDer::try_from(leaf_key.serialize_der()).map_err(|e| TlsError::Setup {
+        step: "generated key",
+        reason: e.to_string(),
+    })?;
+    Ok((vec![leaf.der().clone(), ca_cert], key, ca_pem))
+}
+
+type Signed = (
+    rcgen::Certificate,
+    rcgen::KeyPair,
+    CertificateDer<'static>,
+    String,
+);
+
+/// The leaf, its key, and the CA's certificate as DER and PEM.
+fn signed(names: &[String], issuer: Option<&Issuer>) -> Result<Signed, TlsError> {
     let fail = |e: rcgen::Error| TlsError::Setup {
         step: "generate a certificate",
         reason: e.to_string(),
@@ -192,11 +216,7 @@ fn generate(names: &[String], issuer: Option<&Issuer>) -> Result<Chain, TlsError
     let leaf_key = rcgen::KeyPair::generate().map_err(fail)?;
     let leaf_params = rcgen::CertificateParams::new(names.to_vec()).map_err(fail)?;
     let leaf = leaf_params.signed_by(&leaf_key, &issuer).map_err(fail)?;
-    let key = PrivateKeyDer::try_from(leaf_key.serialize_der()).map_err(|e| TlsError::Setup {
-        step: "generated key",
-        reason: e.to_string(),
-    })?;
-    Ok((vec![leaf.der().clone(), ca_cert], key, ca_pem))
+    Ok((leaf, leaf_key, ca_cert, ca_pem))
 }
 
 /// `insecure=True`: the upstream's certificate is not checked.

@@ -131,7 +131,10 @@ fn rbac_is_least_privilege_and_scoped_to_the_watched_namespaces() {
         kinds(&scoped, "ClusterRole").is_empty(),
         "no cluster-wide grant"
     );
-    let roles = kinds(&scoped, "Role");
+    let all_roles = kinds(&scoped, "Role");
+    let (runner_roles, roles): (Vec<Value>, Vec<Value>) = all_roles
+        .into_iter()
+        .partition(|r| r["metadata"]["name"].as_str() == Some("faultbox-runner"));
     let namespaces: Vec<&str> = roles
         .iter()
         .filter_map(|r| r["metadata"]["namespace"].as_str())
@@ -141,7 +144,43 @@ fn rbac_is_least_privilege_and_scoped_to_the_watched_namespaces() {
         ["faultbox", "shop", "billing"],
         "the lease's, then the watched ones"
     );
-    assert_eq!(kinds(&scoped, "RoleBinding").len(), 3);
+    assert_eq!(kinds(&scoped, "RoleBinding").len(), 5);
+    // The runners' account: in each watched namespace, pods and their
+    // logs, and Secrets it may create but never read.
+    let runner_namespaces: Vec<&str> = runner_roles
+        .iter()
+        .filter_map(|r| r["metadata"]["namespace"].as_str())
+        .collect();
+    assert_eq!(runner_namespaces, ["shop", "billing"]);
+    for role in &runner_roles {
+        for rule in role["rules"].as_sequence().expect("rules") {
+            let strings = |field: &str| -> Vec<String> {
+                rule[field]
+                    .as_sequence()
+                    .map(|v| {
+                        v.iter()
+                            .filter_map(Value::as_str)
+                            .map(str::to_string)
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            if strings("resources") == ["secrets"] {
+                assert_eq!(strings("verbs"), ["create"], "{rule:?}");
+            }
+            assert!(!strings("verbs").contains(&"*".to_string()), "{rule:?}");
+        }
+    }
+    let extra = render(&["runnerNamespaces={batch}"]);
+    assert_eq!(
+        kinds(&extra, "ServiceAccount")
+            .iter()
+            .filter(|a| a["metadata"]["name"].as_str() == Some("faultbox-runner"))
+            .filter_map(|a| a["metadata"]["namespace"].as_str())
+            .collect::<Vec<_>>(),
+        ["batch"],
+        "cluster-wide, runners go where runnerNamespaces says"
+    );
     for role in roles.iter().chain(kinds(&everywhere, "ClusterRole").iter()) {
         for rule in role["rules"].as_sequence().expect("rules") {
             for field in ["apiGroups", "resources", "verbs"] {
@@ -267,6 +306,7 @@ fn runner_pods_the_operator_makes_validate_against_the_kubernetes_schemas() {
     let needs = Needs {
         secrets: vec!["orders-tls".into()],
         tls: true,
+        pods: true,
     };
     for run in [0, 3] {
         let pod = runner_pod(

@@ -398,6 +398,10 @@ def test_readonly_replica():
     // (its load()ed file in a ConfigMap) and prints and exits as locally.
     from_the_cli(&ns, &addr);
 
+    // An image= service as a pod under faultbox-shim: a syscall fault in
+    // the pod, over the mutual-TLS channel, under "restricted".
+    service_pods(&ns, limit);
+
     // TLS terminated by the runner's proxy and re-originated to an HTTPS
     // Service, verified against the CA the spec gives: once with the
     // proxy's certificate from a Secret the spec names, once with one
@@ -682,6 +686,97 @@ fn certificates(names: &[&str]) -> (String, String, String) {
             .signed_by(&key, &issuer)
             .expect("leaf");
     (ca_cert.pem(), leaf.pem(), key.serialize_pem())
+}
+
+fn service_pods(ns: &str, limit: Duration) {
+    let spec = r#"api = service("api", interface("main", "http", 8080),
+    image = "faultbox/http:test",
+    entrypoint = ["python3", "/usr/local/bin/server.py"],
+    user = "65532",
+    healthcheck = http("localhost:8080/health"),
+    ops = {"hostname": op(syscalls = ["openat"], path = "/etc/hostname")},
+)
+
+def test_reads_its_file():
+    r = api.main.get(path = "/file?path=/etc/hostname")
+    assert_eq(r.status, 200)
+
+def test_open_denied_in_the_pod():
+    r = fault(api, hostname = deny("EACCES"), run = lambda: api.main.get(path = "/file?path=/etc/hostname"))
+    assert_eq(r.status, 500)
+    assert_eq(r.body, "EACCES")
+"#;
+    let (ok, out) = kubectl_stdin(&["apply", "-f", "-"], &faulttest("pods", ns, spec, ""));
+    assert!(ok, "{out}");
+    // The service pod, while it lives: restricted, the init container too.
+    let deadline = Instant::now() + limit;
+    let pod = loop {
+        let (_, out) = kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            ns,
+            "-l",
+            "faultbox.io/service=api",
+            "-o",
+            "json",
+        ]);
+        let list: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+        if let Some(p) = list["items"].as_array().and_then(|i| i.first()) {
+            break p.clone();
+        }
+        let st = status(ns, "pods");
+        assert!(
+            Instant::now() < deadline
+                && !["Succeeded", "Failed", "Error"].contains(&st["phase"].as_str().unwrap_or("")),
+            "no service pod seen: {st:#}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        pod["metadata"]["ownerReferences"][0]["kind"], "FaultTest",
+        "{pod:#}"
+    );
+    let spec = &pod["spec"];
+    assert_eq!(spec["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(spec["securityContext"]["runAsUser"], 65532);
+    assert_eq!(
+        spec["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    assert_eq!(spec["automountServiceAccountToken"], false);
+    for c in spec["initContainers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .chain(spec["containers"].as_array().into_iter().flatten())
+    {
+        let sc = &c["securityContext"];
+        assert_eq!(sc["allowPrivilegeEscalation"], false, "{c:#}");
+        assert_eq!(
+            sc["capabilities"]["drop"],
+            serde_json::json!(["ALL"]),
+            "{c:#}"
+        );
+        assert!(
+            sc["privileged"].is_null() || sc["privileged"] == false,
+            "{c:#}"
+        );
+    }
+    let st = wait_done(ns, "pods", limit);
+    assert_eq!(st["phase"], "Succeeded", "{st:#}");
+    assert_eq!(st["passed"], 2, "{st:#}");
+    let doc = result_document(ns, &st);
+    let denied = doc["tests"]
+        .as_array()
+        .and_then(|ts| {
+            ts.iter()
+                .find(|t| t["name"] == "test_open_denied_in_the_pod")
+        })
+        .expect("the fault test");
+    assert_eq!(denied["faults"][0]["hits"], 1, "{denied:#}");
+    // The runner removed its service pods (they may still be terminating).
+    wait_gone(ns, &["pods"], "pods", Duration::from_secs(60));
 }
 
 fn from_the_cli(ns: &str, addr: &str) {

@@ -1,0 +1,760 @@
+//! Cluster mode: `image=` services as pods under `faultbox-shim`, started
+//! by a FaultTest's runner (this process, in a pod the operator made).
+//!
+//! One [`Cluster`] serves a run. It knows where the runner is (its pod's
+//! address and namespace, the FaultTest that owns everything, the faultbox
+//! image) from the variables the operator sets, and makes the channel's
+//! credentials from the run's CA: a certificate for itself (the name
+//! `tunnel::CONTROLLER_NAME`) and one for every shim, in a Secret owned by
+//! the FaultTest that the service pods mount. Each service start is:
+//!
+//! - a TCP listener in the runner for that one shim;
+//! - a pod: an init container of the faultbox image puts the static shim
+//!   into an emptyDir (`faultbox-shim --install`), and the service's own
+//!   image runs it as its command, dialling the runner over mutual TLS
+//!   (`--control tls:IP:PORT@DIR`), so no port is opened on the pod;
+//! - the handshake, then the launch of the service's entrypoint and
+//!   command as the shim's target, as in container mode.
+//!
+//! Pods meet the "restricted" pod security standard: non-root (the spec's
+//! numeric `user=`, else the image's own user, which must be numeric),
+//! no privilege escalation (which also sets no_new_privs, all user
+//! notification needs), every capability dropped, RuntimeDefault seccomp.
+//! Under those the shim makes no namespaces (the runtime's profile refuses
+//! them) and reads its target's memory through `/proc/<pid>/mem`
+//! (containerd's profile allows `process_vm_readv` only with
+//! CAP_SYS_PTRACE). When the runner goes, a shim answers what it holds
+//! and allows everything from then on (`OnDisconnect::AllowAll`): the pod
+//! keeps serving until the FaultTest's deletion collects it.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use faultbox_agent::tunnel::{self, Credentials};
+use faultbox_agent::wire::{Isolation, LaunchSpec, OnDisconnect};
+use faultbox_proxy::tls::Issuer;
+use faultbox_spec::model::{ContainerDef, ImageSource, InterfaceDef, ServiceDef};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, Pod, PodSecurityContext, PodSpec,
+    SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{Api, DeleteParams, LogParams, ObjectMeta, PostParams};
+
+use crate::backend::{Backend, BackendError, Instance, Launch};
+use crate::shim::{ExitInfo, Shim};
+
+/// How long a service pod may take from creation to its shim dialling in
+/// (scheduling, pulling its image, the init container).
+const START_TIMEOUT: Duration = Duration::from_secs(180);
+/// Where a service pod has the shim and its credentials. Not under
+/// `/faultbox`: in the faultbox image (the init container) that is the
+/// CLI binary, and a file cannot be a mount point.
+const BIN_DIR: &str = "/faultbox-bin";
+const TLS_DIR: &str = "/faultbox-tls";
+const LABEL_TEST: &str = "faultbox.io/faulttest";
+const LABEL_SERVICE: &str = "faultbox.io/service";
+/// The generation of the FaultTest the runner runs: the operator cancels
+/// a superseded run by deleting the pods labelled with another one.
+const LABEL_GENERATION: &str = "faultbox.io/generation";
+
+/// Why cluster mode could not do something.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// Not in a FaultTest's runner pod.
+    #[error(
+        "{name} is not set: image= services run as pods only in a FaultTest's runner (the operator sets it); locally they run on Docker"
+    )]
+    NotInRunner {
+        /// The missing variable.
+        name: &'static str,
+    },
+    /// The cluster cannot be reached with the runner's account.
+    #[error("the Kubernetes API: {0}")]
+    Client(String),
+    /// The run's credentials cannot be made.
+    #[error("the shim channel's credentials: {0}")]
+    Credentials(String),
+    /// Neither the spec nor the image gives a command.
+    #[error(
+        "service {service:?}: give entrypoint= (and args=) for image {image:?}: a pod's command cannot be read from the image here"
+    )]
+    NoCommand {
+        /// The service.
+        service: String,
+        /// Its image.
+        image: String,
+    },
+    /// `build=` in a cluster.
+    #[error(
+        "service {service:?}: build= makes an image on this machine's Docker; in a cluster give image= of an image in a registry the cluster pulls from"
+    )]
+    Build {
+        /// The service.
+        service: String,
+    },
+    /// `user=` that is not a number.
+    #[error(
+        "service {service:?}: user={user:?} must be a numeric uid in a cluster (the restricted pod security standard needs a non-root uid it can check)"
+    )]
+    User {
+        /// The service.
+        service: String,
+        /// What was given.
+        user: String,
+    },
+    /// The pod could not be created.
+    #[error("service {service:?}: create its pod: {reason}")]
+    Create {
+        /// The service.
+        service: String,
+        /// Why.
+        reason: String,
+    },
+    /// The pod did not start, or its shim never dialled in.
+    #[error("service {service:?} (pod {pod}): {reason}{output}")]
+    Start {
+        /// The service.
+        service: String,
+        /// Its pod.
+        pod: String,
+        /// Why.
+        reason: String,
+        /// The pod's last lines, when it had any.
+        output: String,
+    },
+}
+
+impl From<ClusterError> for BackendError {
+    fn from(e: ClusterError) -> BackendError {
+        BackendError::Cluster(Box::new(e))
+    }
+}
+
+/// The runner's view of the cluster for one run.
+pub struct Cluster {
+    rt: tokio::runtime::Runtime,
+    client: kube::Client,
+    namespace: String,
+    owner: OwnerReference,
+    /// The runner pod's address: where shims dial and proxies listen.
+    pub ip: IpAddr,
+    /// The faultbox image, whose shim the service pods install.
+    image: String,
+    /// The Secret with the shims' credentials.
+    secret: String,
+    server: Arc<rustls::ServerConfig>,
+    /// A prefix for pod names: the FaultTest and a per-run tag.
+    prefix: String,
+    generation: String,
+    next: AtomicU64,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("namespace", &self.namespace)
+            .field("ip", &self.ip)
+            .finish()
+    }
+}
+
+fn var(name: &'static str) -> Result<String, ClusterError> {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .ok_or(ClusterError::NotInRunner { name })
+}
+
+/// Whether this process is a FaultTest's runner that may start pods.
+pub fn in_runner() -> bool {
+    std::env::var_os("FAULTBOX_FAULTTEST_UID").is_some()
+}
+
+impl Cluster {
+    /// Reads where the runner is, connects with its service account, and
+    /// makes the channel's credentials and their Secret.
+    pub fn connect(work_dir: &Path) -> Result<Cluster, ClusterError> {
+        let namespace = var("FAULTBOX_NAMESPACE")?;
+        let ip: IpAddr = var("FAULTBOX_POD_IP")?
+            .parse()
+            .map_err(|e| ClusterError::Client(format!("FAULTBOX_POD_IP: {e}")))?;
+        let owner = OwnerReference {
+            api_version: "faultbox.io/v1alpha1".into(),
+            kind: "FaultTest".into(),
+            name: var("FAULTBOX_FAULTTEST")?,
+            uid: var("FAULTBOX_FAULTTEST_UID")?,
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        };
+        let image = var("FAULTBOX_IMAGE")?;
+        let generation = var("FAULTBOX_GENERATION")?;
+        let ca_dir = PathBuf::from(var("FAULTBOX_RUN_CA_DIR")?);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(|e| ClusterError::Client(e.to_string()))?;
+        let client = rt
+            .block_on(async {
+                let config = kube::Config::incluster().map_err(|e| e.to_string())?;
+                kube::Client::try_from(config).map_err(|e| e.to_string())
+            })
+            .map_err(ClusterError::Client)?;
+        let issuer = run_ca(&ca_dir)?;
+        let cred = |e: faultbox_proxy::TlsError| ClusterError::Credentials(e.to_string());
+        let ca_pem = std::fs::read_to_string(&issuer.cert)
+            .map_err(|e| ClusterError::Credentials(e.to_string()))?;
+        let dir = work_dir.join("controller-tls");
+        std::fs::create_dir_all(&dir).map_err(|e| ClusterError::Credentials(e.to_string()))?;
+        let (cert, key) =
+            faultbox_proxy::tls::issue(&issuer, &[tunnel::CONTROLLER_NAME.to_string()])
+                .map_err(cred)?;
+        for (file, text) in [("ca.crt", &ca_pem), ("tls.crt", &cert), ("tls.key", &key)] {
+            std::fs::write(dir.join(file), text)
+                .map_err(|e| ClusterError::Credentials(e.to_string()))?;
+        }
+        let server = tunnel::server_config(&Credentials::in_dir(&dir))
+            .map_err(|e| ClusterError::Credentials(e.to_string()))?;
+        let (shim_cert, shim_key) =
+            faultbox_proxy::tls::issue(&issuer, &["faultbox-shim".to_string()]).map_err(cred)?;
+        let tag = format!("{:x}", std::process::id());
+        let prefix = dns_label(&format!("{}-{tag}", owner.name), 40);
+        let secret = format!("{prefix}-shim");
+        let cluster = Cluster {
+            rt,
+            client,
+            namespace,
+            owner,
+            ip,
+            image,
+            secret,
+            server,
+            prefix,
+            generation,
+            next: AtomicU64::new(0),
+        };
+        let body = Secret {
+            metadata: cluster.meta(&cluster.secret, None),
+            string_data: Some(BTreeMap::from([
+                ("ca.crt".to_string(), ca_pem),
+                ("tls.crt".to_string(), shim_cert),
+                ("tls.key".to_string(), shim_key),
+            ])),
+            ..Default::default()
+        };
+        let secrets: Api<Secret> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+        cluster
+            .rt
+            .block_on(secrets.create(&PostParams::default(), &body))
+            .map_err(|e| ClusterError::Client(format!("create Secret {}: {e}", cluster.secret)))?;
+        Ok(cluster)
+    }
+
+    fn meta(&self, name: &str, service: Option<&str>) -> ObjectMeta {
+        let mut labels = BTreeMap::from([
+            (LABEL_TEST.to_string(), self.owner.name.clone()),
+            (LABEL_GENERATION.to_string(), self.generation.clone()),
+        ]);
+        if let Some(s) = service {
+            labels.insert(LABEL_SERVICE.to_string(), s.to_string());
+        }
+        ObjectMeta {
+            name: Some(name.to_string()),
+            namespace: Some(self.namespace.clone()),
+            labels: Some(labels),
+            owner_references: Some(vec![self.owner.clone()]),
+            ..Default::default()
+        }
+    }
+
+    fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// What a service pod runs: `entrypoint=` then `args=`.
+    fn command(&self, def: &ServiceDef, c: &ContainerDef) -> Result<Vec<String>, ClusterError> {
+        let image = match &c.image {
+            ImageSource::Pull(r) => r.clone(),
+            ImageSource::Build { .. } => {
+                return Err(ClusterError::Build {
+                    service: def.name.clone(),
+                });
+            }
+        };
+        let mut argv = c.entrypoint.clone().unwrap_or_default();
+        argv.extend(c.cmd.clone().unwrap_or_default());
+        if c.entrypoint.is_none() || argv.is_empty() {
+            return Err(ClusterError::NoCommand {
+                service: def.name.clone(),
+                image,
+            });
+        }
+        Ok(argv)
+    }
+
+    /// The service's pod, restricted, running the shim from the init
+    /// container's copy.
+    fn pod(
+        &self,
+        name: &str,
+        def: &ServiceDef,
+        image: &str,
+        port: u16,
+    ) -> Result<Pod, ClusterError> {
+        let uid = match &def.user {
+            None => None,
+            Some(u) => Some(u.parse::<i64>().map_err(|_| ClusterError::User {
+                service: def.name.clone(),
+                user: u.clone(),
+            })?),
+        };
+        let restricted = || SecurityContext {
+            allow_privilege_escalation: Some(false),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let bin = VolumeMount {
+            name: "faultbox-bin".into(),
+            mount_path: BIN_DIR.into(),
+            ..Default::default()
+        };
+        let shim = format!("{BIN_DIR}/faultbox-shim");
+        Ok(Pod {
+            metadata: self.meta(name, Some(&def.name)),
+            spec: Some(PodSpec {
+                restart_policy: Some("Never".into()),
+                automount_service_account_token: Some(false),
+                enable_service_links: Some(false),
+                hostname: Some(dns_label(&def.name, 63)),
+                security_context: Some(PodSecurityContext {
+                    run_as_non_root: Some(true),
+                    run_as_user: uid,
+                    seccomp_profile: Some(SeccompProfile {
+                        type_: "RuntimeDefault".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                init_containers: Some(vec![Container {
+                    name: "faultbox-shim".into(),
+                    image: Some(self.image.clone()),
+                    image_pull_policy: Some("IfNotPresent".into()),
+                    command: Some(vec!["/faultbox-shim".into()]),
+                    args: Some(vec!["--install".into(), shim.clone()]),
+                    security_context: Some(SecurityContext {
+                        read_only_root_filesystem: Some(true),
+                        ..restricted()
+                    }),
+                    volume_mounts: Some(vec![bin.clone()]),
+                    ..Default::default()
+                }]),
+                containers: vec![Container {
+                    name: dns_label(&def.name, 63),
+                    image: Some(image.to_string()),
+                    image_pull_policy: Some("IfNotPresent".into()),
+                    command: Some(vec![shim]),
+                    args: Some(vec![
+                        "--control".into(),
+                        format!("tls:{}@{TLS_DIR}", SocketAddr::new(self.ip, port)),
+                    ]),
+                    ports: Some(
+                        def.interfaces
+                            .iter()
+                            .map(|i| ContainerPort {
+                                container_port: i32::from(i.port),
+                                name: None,
+                                protocol: Some(
+                                    if i.protocol == "udp" { "UDP" } else { "TCP" }.into(),
+                                ),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    ),
+                    security_context: Some(restricted()),
+                    volume_mounts: Some(vec![
+                        VolumeMount {
+                            read_only: Some(true),
+                            ..bin
+                        },
+                        VolumeMount {
+                            name: "faultbox-tls".into(),
+                            mount_path: TLS_DIR.into(),
+                            read_only: Some(true),
+                            ..Default::default()
+                        },
+                    ]),
+                    ..Default::default()
+                }],
+                volumes: Some(vec![
+                    Volume {
+                        name: "faultbox-bin".into(),
+                        empty_dir: Some(EmptyDirVolumeSource::default()),
+                        ..Default::default()
+                    },
+                    Volume {
+                        name: "faultbox-tls".into(),
+                        secret: Some(SecretVolumeSource {
+                            secret_name: Some(self.secret.clone()),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    },
+                ]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }
+}
+
+/// The run CA in `dir` (tls.crt, tls.key), made now if the preflight did
+/// not make it (a spec without TLS interfaces).
+fn run_ca(dir: &Path) -> Result<Issuer, ClusterError> {
+    let issuer = Issuer {
+        cert: dir.join("tls.crt"),
+        key: dir.join("tls.key"),
+    };
+    if !issuer.cert.is_file() {
+        let fail = |e: String| ClusterError::Credentials(e);
+        let (cert, key) =
+            faultbox_proxy::tls::new_ca("Faultbox run CA").map_err(|e| fail(e.to_string()))?;
+        std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+        std::fs::write(&issuer.key, key).map_err(|e| fail(e.to_string()))?;
+        std::fs::write(&issuer.cert, cert).map_err(|e| fail(e.to_string()))?;
+    }
+    Ok(issuer)
+}
+
+/// `text` as a DNS label: lower case, letters, digits and dashes, at most
+/// `max` long.
+fn dns_label(text: &str, max: usize) -> String {
+    let s: String = text
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .take(max)
+        .collect();
+    let s = s.trim_matches('-').to_string();
+    if s.is_empty() { "svc".into() } else { s }
+}
+
+impl Backend for Arc<Cluster> {
+    fn start(&self, launch: Launch<'_>) -> Result<Box<dyn Instance>, BackendError> {
+        Ok(Box::new(start_pod(self, launch)?))
+    }
+}
+
+/// A service pod and its shim.
+pub struct PodInstance {
+    cluster: Arc<Cluster>,
+    name: String,
+    ip: IpAddr,
+    shim: Option<Shim>,
+    log: Mutex<PathBuf>,
+    removed: bool,
+}
+
+fn start_pod(cluster: &Arc<Cluster>, launch: Launch<'_>) -> Result<PodInstance, ClusterError> {
+    let def = launch.def;
+    let Some(c) = &def.container else {
+        return Err(ClusterError::Create {
+            service: def.name.clone(),
+            reason: "it has no image".into(),
+        });
+    };
+    let argv = cluster.command(def, c)?;
+    let image = match &c.image {
+        ImageSource::Pull(r) => r.clone(),
+        ImageSource::Build { .. } => unreachable!("command() refused build="),
+    };
+    let listener =
+        TcpListener::bind(SocketAddr::new(cluster.ip, 0)).map_err(|e| ClusterError::Create {
+            service: def.name.clone(),
+            reason: format!("listen for its shim on {}: {e}", cluster.ip),
+        })?;
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    let n = cluster.next.fetch_add(1, Ordering::SeqCst);
+    let name = dns_label(&format!("{}-{}-{n}", cluster.prefix, def.name), 63);
+    let body = cluster.pod(&name, def, &image, port)?;
+    let created = cluster
+        .rt
+        .block_on(cluster.pods().create(&PostParams::default(), &body))
+        .map_err(|e| ClusterError::Create {
+            service: def.name.clone(),
+            reason: e.to_string(),
+        })?;
+    let _ = created;
+    let mut instance = PodInstance {
+        cluster: Arc::clone(cluster),
+        name: name.clone(),
+        ip: cluster.ip,
+        shim: None,
+        log: Mutex::new(launch.log.clone()),
+        removed: false,
+    };
+    // From here on, dropping `instance` deletes the pod.
+    let (stream, ip) = instance.wait_for_shim(&def.name, &listener)?;
+    instance.ip = ip;
+    let mut env: BTreeMap<String, String> = BTreeMap::from([(
+        "PATH".to_string(),
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+    )]);
+    env.insert("HOSTNAME".into(), def.name.clone());
+    env.extend(launch.env.clone());
+    let spec = LaunchSpec {
+        program: argv[0].clone(),
+        argv: argv.clone(),
+        env: env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        cwd: None,
+        intercept: launch.intercept.to_vec(),
+        rules: Vec::new(),
+        seed: launch.seed,
+        // The pod is the isolation, and the runtime's profile refuses
+        // new namespaces anyway.
+        isolation: Isolation {
+            namespaces: false,
+            network: false,
+        },
+        on_disconnect: OnDisconnect::AllowAll,
+        stop_grace_ms: launch.stop_grace.as_millis() as u64,
+        user: None,
+    };
+    let shim = Shim::attach(stream, spec, launch.shim, launch.on_event).map_err(|e| {
+        ClusterError::Start {
+            service: def.name.clone(),
+            pod: name.clone(),
+            reason: e.to_string(),
+            output: instance.last_lines(),
+        }
+    })?;
+    instance.shim = Some(shim);
+    Ok(instance)
+}
+
+impl PodInstance {
+    /// Accepts the pod's shim, watching the pod meanwhile so a pod that
+    /// cannot start says why instead of timing out.
+    fn wait_for_shim(
+        &self,
+        service: &str,
+        listener: &TcpListener,
+    ) -> Result<(std::os::unix::net::UnixStream, IpAddr), ClusterError> {
+        let failed = |reason: String, output: String| ClusterError::Start {
+            service: service.to_string(),
+            pod: self.name.clone(),
+            reason,
+            output,
+        };
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| failed(e.to_string(), String::new()))?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut checked = Instant::now();
+        loop {
+            match listener.accept() {
+                Ok((tcp, peer)) => {
+                    let _ = tcp.set_nonblocking(false);
+                    match tunnel::accept(tcp, Arc::clone(&self.cluster.server)) {
+                        // Pod to pod there is no NAT: where the shim dials
+                        // from is the pod's address, known before the API
+                        // server's status says it.
+                        Ok(stream) => return Ok((stream, peer.ip())),
+                        // Not our shim (it had no credentials of this run).
+                        Err(e) => tracing::warn!(error = %e, "refused a channel"),
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(failed(e.to_string(), String::new())),
+            }
+            if checked.elapsed() > Duration::from_millis(500) {
+                checked = Instant::now();
+                if let Some(why) = self.stuck() {
+                    return Err(failed(why, self.last_lines()));
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(failed(
+                    format!(
+                        "its shim did not dial in within {}s",
+                        START_TIMEOUT.as_secs()
+                    ),
+                    self.last_lines(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Why the pod cannot get to running its shim, if it cannot.
+    fn stuck(&self) -> Option<String> {
+        let Some(pod) = self
+            .cluster
+            .rt
+            .block_on(self.cluster.pods().get_opt(&self.name))
+            .ok()?
+        else {
+            return Some("the pod was deleted before its shim dialled in".into());
+        };
+        let st = pod.status.unwrap_or_default();
+        let ended = matches!(st.phase.as_deref(), Some("Failed" | "Succeeded"))
+            .then(|| st.phase.clone().unwrap_or_default());
+        let statuses = st
+            .init_container_statuses
+            .unwrap_or_default()
+            .into_iter()
+            .chain(st.container_statuses.unwrap_or_default());
+        for c in statuses {
+            let state = c.state.unwrap_or_default();
+            if let Some(w) = state.waiting
+                && matches!(
+                    w.reason.as_deref(),
+                    Some(
+                        "ErrImagePull"
+                            | "ImagePullBackOff"
+                            | "InvalidImageName"
+                            | "CreateContainerConfigError"
+                            | "CreateContainerError"
+                            | "RunContainerError"
+                    )
+                )
+            {
+                return Some(format!(
+                    "container {} cannot start: {} ({})",
+                    c.name,
+                    w.reason.unwrap_or_default(),
+                    w.message.unwrap_or_default()
+                ));
+            }
+            if let Some(t) = state.terminated
+                && t.exit_code != 0
+            {
+                return Some(format!(
+                    "container {} exited with {}{}",
+                    c.name,
+                    t.exit_code,
+                    t.message.map(|m| format!(": {m}")).unwrap_or_default()
+                ));
+            }
+        }
+        if let Some(phase) = ended {
+            return Some(format!(
+                "the pod ended ({phase}) before its shim dialled in"
+            ));
+        }
+        st.conditions
+            .unwrap_or_default()
+            .into_iter()
+            .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+            .map(|c| format!("not scheduled: {}", c.message.unwrap_or_default()))
+    }
+
+    /// Its output so far, as the end of an error message.
+    fn last_lines(&self) -> String {
+        let text = self.logs(Some(20));
+        if text.trim().is_empty() {
+            String::new()
+        } else {
+            format!("; its last lines:\n{text}")
+        }
+    }
+
+    fn logs(&self, tail: Option<i64>) -> String {
+        let params = LogParams {
+            tail_lines: tail,
+            ..Default::default()
+        };
+        self.cluster
+            .rt
+            .block_on(self.cluster.pods().logs(&self.name, &params))
+            .unwrap_or_default()
+    }
+
+    fn remove(&mut self) {
+        if self.removed {
+            return;
+        }
+        self.removed = true;
+        // The service's output, for the test's log, before it goes.
+        let text = self.logs(None);
+        let path = self.log.lock().map(|p| p.clone()).unwrap_or_default();
+        if let Ok(mut f) = std::fs::File::create(&path) {
+            let _ = f.write_all(text.as_bytes());
+        }
+        let _ = self.cluster.rt.block_on(
+            self.cluster
+                .pods()
+                .delete(&self.name, &DeleteParams::background().grace_period(1)),
+        );
+    }
+}
+
+impl Instance for PodInstance {
+    fn started(&self) -> Vec<(&'static str, String)> {
+        let mut out = vec![("pod", self.name.clone())];
+        if let Some(s) = &self.shim {
+            out.push(("pid", s.pid.to_string()));
+        }
+        out
+    }
+
+    fn endpoint(&self, iface: &InterfaceDef) -> Result<SocketAddr, BackendError> {
+        Ok(SocketAddr::new(self.ip, iface.port))
+    }
+
+    fn shim(&self) -> Option<&Shim> {
+        self.shim.as_ref()
+    }
+
+    fn relog(&self, log: &Path) {
+        if let Ok(mut p) = self.log.lock() {
+            *p = log.to_path_buf();
+        }
+    }
+
+    fn exited(&self) -> Option<ExitInfo> {
+        self.shim.as_ref().and_then(Shim::exited)
+    }
+
+    fn stop(mut self: Box<Self>, grace: Duration) -> Vec<String> {
+        if let Some(shim) = self.shim.take() {
+            shim.stop(grace);
+        }
+        self.remove();
+        Vec::new()
+    }
+}
+
+impl Drop for PodInstance {
+    fn drop(&mut self) {
+        self.shim.take();
+        self.remove();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_become_dns_labels() {
+        assert_eq!(dns_label("Orders_API", 63), "orders-api");
+        assert_eq!(dns_label("--x--", 63), "x");
+        assert_eq!(dns_label("___", 63), "svc");
+        assert_eq!(dns_label(&"a".repeat(80), 63).len(), 63);
+    }
+}
