@@ -133,7 +133,20 @@ pub fn run(endpoint: &Endpoint) -> Result<i32, SessionError> {
     // A container's entrypoint names its program as the image does, often
     // bare ("docker-entrypoint.sh"): look it up on the target's own PATH,
     // as exec would in the container.
-    let path_var = spec.env.iter().find_map(|e| e.strip_prefix("PATH="));
+    let env: Vec<String> = if spec.inherit_env {
+        let mut merged: std::collections::BTreeMap<String, String> = std::env::vars().collect();
+        for e in &spec.env {
+            let (k, v) = e.split_once('=').unwrap_or((e.as_str(), ""));
+            merged.insert(k.to_string(), v.to_string());
+        }
+        merged
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect()
+    } else {
+        spec.env.clone()
+    };
+    let path_var = env.iter().find_map(|e| e.strip_prefix("PATH="));
     let Some(program) = process::resolve_program(&spec.program, path_var) else {
         let message = format!(
             "{:?} was not found on the target's PATH ({})",
@@ -142,23 +155,17 @@ pub fn run(endpoint: &Endpoint) -> Result<i32, SessionError> {
         );
         return Ok(finish_failed(events, writer, message, 127));
     };
-    let mut child = match ChildSpec::new(
-        &program,
-        &spec.argv,
-        &spec.env,
-        spec.cwd.as_deref(),
-        arch,
-        &nrs,
-    )
-    .map(|c| match credentials {
-        Some((uid, gid)) => c.with_credentials(uid, gid),
-        None => c,
-    })
-    .and_then(|c| process::spawn(&c.in_new_pid_namespace(spec.isolation.namespaces)))
-    {
-        Ok(child) => child,
-        Err(e) => return Ok(finish_failed(events, writer, e.to_string(), 1)),
-    };
+    let mut child =
+        match ChildSpec::new(&program, &spec.argv, &env, spec.cwd.as_deref(), arch, &nrs)
+            .map(|c| match credentials {
+                Some((uid, gid)) => c.with_credentials(uid, gid),
+                None => c,
+            })
+            .and_then(|c| process::spawn(&c.in_new_pid_namespace(spec.isolation.namespaces)))
+        {
+            Ok(child) => child,
+            Err(e) => return Ok(finish_failed(events, writer, e.to_string(), 1)),
+        };
     // The child execs on the go-ahead while the supervisor is prepared:
     // its intercepted calls wait in the kernel until `serve` below.
     if let Err(e) = child.go() {

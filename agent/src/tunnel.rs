@@ -221,7 +221,28 @@ fn pump(conn: rustls::Connection, tcp: TcpStream, local: UnixStream) -> io::Resu
             let mut local_out = local_out;
             let mut raw = vec![0u8; 64 << 10];
             let mut plain = vec![0u8; 64 << 10];
-            'read: loop {
+            // Hands the plaintext rustls holds to the local end; false once
+            // the peer closed or the local end is gone.
+            let mut drain = |c: &mut rustls::Connection, out: &mut UnixStream| loop {
+                match c.reader().read(&mut plain) {
+                    Ok(0) => return false, // close_notify
+                    Ok(m) => {
+                        if out.write_all(&plain[..m]).is_err() {
+                            return false;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                    Err(_) => return false,
+                }
+            };
+            // The handshake may have read past its end: a first message
+            // sent right behind the peer's Finished is already decrypted
+            // here, and no more bytes may come until it is answered.
+            let early = match conn.lock() {
+                Ok(mut c) => drain(&mut c, &mut local_out),
+                Err(_) => false,
+            };
+            'read: while early {
                 let n = match tcp_in.read(&mut raw) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => n,
@@ -232,17 +253,8 @@ fn pump(conn: rustls::Connection, tcp: TcpStream, local: UnixStream) -> io::Resu
                     if c.read_tls(&mut fed).is_err() || c.process_new_packets().is_err() {
                         break 'read;
                     }
-                    loop {
-                        match c.reader().read(&mut plain) {
-                            Ok(0) => break 'read, // close_notify
-                            Ok(m) => {
-                                if local_out.write_all(&plain[..m]).is_err() {
-                                    break 'read;
-                                }
-                            }
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                            Err(_) => break 'read,
-                        }
+                    if !drain(&mut c, &mut local_out) {
+                        break 'read;
                     }
                 }
                 while c.wants_write() {
@@ -325,6 +337,55 @@ mod tests {
         drop(ctl_end);
         line.clear();
         assert_eq!(shim_reader.read_line(&mut line).expect("eof"), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_message_riding_with_the_handshakes_last_flight_is_delivered() {
+        // A shim greets as soon as its handshake ends; its Finished and
+        // its first line can reach the controller in one segment, read
+        // whole by the handshake. That line must still come out.
+        let dir = scratch("early");
+        let (controller, shim) = credentials(&dir, "run CA");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = server_config(&controller).expect("server config");
+        let accepted = std::thread::spawn(move || {
+            let (tcp, _) = listener.accept().expect("accept");
+            accept(tcp, server)
+        });
+        let mut tcp = TcpStream::connect(addr).expect("connect");
+        let name = ServerName::try_from(CONTROLLER_NAME).expect("name");
+        let mut conn =
+            ClientConnection::new(client_config(&shim).expect("config"), name).expect("conn");
+        while conn.is_handshaking() {
+            while conn.wants_write() {
+                conn.write_tls(&mut tcp).expect("write");
+            }
+            if !conn.is_handshaking() {
+                break;
+            }
+            conn.read_tls(&mut tcp).expect("read");
+            conn.process_new_packets().expect("process");
+            if !conn.is_handshaking() {
+                // Finished and the first line, in one write.
+                conn.writer().write_all(b"hello early\n").expect("queue");
+                let mut out = Vec::new();
+                while conn.wants_write() {
+                    conn.write_tls(&mut out).expect("encode");
+                }
+                tcp.write_all(&out).expect("send");
+            }
+        }
+        let ctl_end = accepted.join().expect("thread").expect("accept");
+        ctl_end
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut line = String::new();
+        BufReader::new(ctl_end)
+            .read_line(&mut line)
+            .expect("the early line arrives");
+        assert_eq!(line, "hello early\n");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

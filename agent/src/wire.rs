@@ -186,8 +186,13 @@ pub struct LaunchSpec {
     pub program: String,
     /// Arguments, `argv[0]` included (usually the program as the user wrote it).
     pub argv: Vec<String>,
-    /// The complete environment of the target, `KEY=VALUE`.
+    /// The complete environment of the target, `KEY=VALUE`; with
+    /// `inherit_env`, what overrides the shim's own.
     pub env: Vec<String>,
+    /// Start from the shim's own environment (a pod's: what the image and
+    /// the runtime gave the container), then apply `env` over it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inherit_env: bool,
     /// Working directory, or the shim's own when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<String>,

@@ -94,6 +94,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         program: program.clone(),
         argv,
         env,
+        inherit_env: false,
         cwd,
         intercept: Vec::new(),
         rules,

@@ -244,6 +244,7 @@ impl Backend for Process {
             program: program_text,
             argv,
             env: env.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            inherit_env: false,
             cwd: None,
             intercept: launch.intercept.to_vec(),
             rules: Vec::new(),

@@ -1013,6 +1013,7 @@ fn start_container(
             program: argv[0].clone(),
             argv: argv.clone(),
             env: env_list,
+            inherit_env: false,
             cwd: image.workdir.clone(),
             intercept: launch.intercept.to_vec(),
             rules: Vec::new(),

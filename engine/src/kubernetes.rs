@@ -510,16 +510,16 @@ fn start_pod(cluster: &Arc<Cluster>, launch: Launch<'_>) -> Result<PodInstance, 
     // From here on, dropping `instance` deletes the pod.
     let (stream, ip) = instance.wait_for_shim(&def.name, &listener)?;
     instance.ip = ip;
-    let mut env: BTreeMap<String, String> = BTreeMap::from([(
-        "PATH".to_string(),
-        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
-    )]);
+    // The image's own environment (PATH, PGDATA ...) is the shim's, set by
+    // the runtime from the image config: the target inherits it.
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
     env.insert("HOSTNAME".into(), def.name.clone());
     env.extend(launch.env.clone());
     let spec = LaunchSpec {
         program: argv[0].clone(),
         argv: argv.clone(),
         env: env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        inherit_env: true,
         cwd: None,
         intercept: launch.intercept.to_vec(),
         rules: Vec::new(),

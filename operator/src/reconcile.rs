@@ -495,6 +495,8 @@ pub struct Outcome {
 }
 
 const TEXT_LIMIT: usize = 64 * 1024;
+/// How long after a runner ended its log may still be incomplete.
+const LOG_GRACE_SECS: i64 = 10;
 
 /// Reads the result document (the last line of the log that is a JSON
 /// object with `tests`) and the runner's exit code into an outcome.
@@ -1104,6 +1106,17 @@ async fn follow(
         base.ca_ref = publish_ca(ft, configmaps, &n, &log).await?;
     }
     let got = outcome(&log, code);
+    // The kubelet reports the container ended before the runtime has
+    // necessarily written the last of its log: a result line of some
+    // hundred KiB can still be on its way. Look again for a while before
+    // calling the run broken.
+    let ended_at = terminated
+        .as_ref()
+        .and_then(|t| t.finished_at.as_ref())
+        .map(|t| t.0.as_second());
+    if got.is_none() && ended_at.is_some_and(|at| unix_now() - at < LOG_GRACE_SECS) {
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    }
     let (st, warning, reason, note) = match got {
         Some(o) => {
             let cm = ConfigMap {

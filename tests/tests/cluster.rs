@@ -402,6 +402,11 @@ def test_readonly_replica():
     // the pod, over the mutual-TLS channel, under "restricted".
     service_pods(&ns, limit);
 
+    // One spec file, on Docker here and as a FaultTest there: the same
+    // faults (a WAL fdatasync, a forked redis's AOF write, a protocol
+    // fault between two services) and the same verdicts.
+    parity(&ns);
+
     // TLS terminated by the runner's proxy and re-originated to an HTTPS
     // Service, verified against the CA the spec gives: once with the
     // proxy's certificate from a Secret the spec names, once with one
@@ -777,6 +782,55 @@ def test_open_denied_in_the_pod():
     assert_eq!(denied["faults"][0]["hits"], 1, "{denied:#}");
     // The runner removed its service pods (they may still be terminating).
     wait_gone(ns, &["pods"], "pods", Duration::from_secs(60));
+}
+
+fn parity(ns: &str) {
+    let spec = concat!(env!("CARGO_MANIFEST_DIR"), "/specs/parity.star");
+    let run = |extra: &[&str]| {
+        let out = Command::new("timeout")
+            .args(["-k", "5", "400"])
+            .arg(support::faultbox())
+            .args(["test", spec, "--format", "json", "--seed", "11"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .output()
+            .expect("faultbox");
+        let r = support::finish(out);
+        let doc: Value = serde_json::from_str(&r.stdout)
+            .unwrap_or_else(|e| panic!("{extra:?}: no JSON ({e}): {}\n{}", r.stdout, r.stderr));
+        (r.code, doc, r.stderr)
+    };
+    let (docker_code, docker, docker_err) = run(&[]);
+    let (kube_code, kube, kube_err) = run(&["--kube", "--namespace", ns]);
+    let verdicts = |doc: &Value| -> Vec<(String, String, u64)> {
+        doc["tests"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|t| {
+                (
+                    t["name"].as_str().unwrap_or_default().to_string(),
+                    t["result"].as_str().unwrap_or_default().to_string(),
+                    t["faults"][0]["hits"].as_u64().unwrap_or(0).min(1),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(docker_code, 0, "on Docker: {docker_err}");
+    assert_eq!(kube_code, 0, "in the cluster: {kube_err}");
+    assert_eq!(
+        verdicts(&docker),
+        verdicts(&kube),
+        "{docker_err}\n{kube_err}"
+    );
+    assert_eq!(verdicts(&kube).len(), 3);
+    assert!(
+        verdicts(&kube)
+            .iter()
+            .all(|(_, r, hit)| r == "pass" && *hit == 1),
+        "every fault fired: {:?}",
+        verdicts(&kube)
+    );
 }
 
 fn from_the_cli(ns: &str, addr: &str) {

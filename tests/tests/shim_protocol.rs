@@ -82,6 +82,7 @@ impl Controller {
             program: helper().to_string(),
             argv: vec!["fbhelper".into(), "open-stdin".into()],
             env: vec!["PATH=/usr/bin:/bin".into()],
+            inherit_env: false,
             cwd: None,
             intercept: intercept.iter().map(|s| s.to_string()).collect(),
             rules,
@@ -372,4 +373,51 @@ fn the_shim_installs_a_copy_of_itself() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--install /nonexistent/dir/x"));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_inheriting_target_gets_the_shims_environment_under_the_controllers() {
+    // A pod's shim has the image's environment; the controller's variables
+    // go over it.
+    let (ours, theirs) = UnixStream::pair().expect("socketpair");
+    make_inheritable(&theirs).expect("inheritable");
+    let shim = Command::new(shim())
+        .arg("--control")
+        .arg(format!("fd:{}", theirs.as_raw_fd()))
+        .env("FROM_IMAGE", "image")
+        .env("OVERRIDDEN", "image")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn shim");
+    drop(theirs);
+    let mut reader = BufReader::new(ours.try_clone().expect("clone"));
+    let mut writer = BufWriter::new(ours);
+    let _: Option<ShimMessage> = wire::recv(&mut reader).expect("hello");
+    let spec = LaunchSpec {
+        program: "sh".into(),
+        argv: vec![
+            "sh".into(),
+            "-c".into(),
+            "echo \"$FROM_IMAGE $OVERRIDDEN $ONLY_SPEC\"".into(),
+        ],
+        env: vec!["OVERRIDDEN=spec".into(), "ONLY_SPEC=spec".into()],
+        inherit_env: true,
+        seed: 1,
+        ..LaunchSpec::default()
+    };
+    wire::send(&mut writer, &ControlMessage::Launch(Box::new(spec))).expect("launch");
+    writer.flush().expect("flush");
+    loop {
+        match wire::recv::<_, ShimMessage>(&mut reader) {
+            Ok(Some(ShimMessage::Exited { .. })) => break,
+            Ok(Some(ShimMessage::LaunchFailed { message, .. })) => panic!("{message}"),
+            Ok(Some(_)) => {}
+            other => panic!("ended early: {other:?}"),
+        }
+    }
+    let out = shim.wait_with_output().expect("wait");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "image spec spec"
+    );
 }

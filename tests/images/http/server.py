@@ -8,11 +8,14 @@
   GET /argv              -> the arguments it was started with
   GET /env?name=X        -> the value of environment variable X
   GET /file?path=P       -> the file's contents, or 500 with the errno name
+  GET /redis?env=NAME&cmd=C -> the first line Redis (at $NAME, host:port)
+                            answers to the inline command C, or 502
 
 With TLS_CERT and TLS_KEY (PEM files) it serves HTTPS instead.
 """
 import errno
 import os
+import socket
 import ssl
 import sys
 import urllib.request
@@ -45,6 +48,15 @@ class Handler(BaseHTTPRequestHandler):
                     self.reply(200, "%d %s" % (r.status, r.read().decode()))
             except urllib.error.HTTPError as e:
                 self.reply(200, "%d %s" % (e.code, e.read().decode()))
+            except Exception as e:
+                self.reply(502, "error %s" % e)
+        elif url.path == "/redis":
+            try:
+                host, port = os.environ.get(q.get("env", ""), "").rsplit(":", 1)
+                with socket.create_connection((host, int(port)), timeout=5) as c:
+                    c.sendall(q.get("cmd", "PING").encode() + b"\r\n")
+                    line = c.makefile("rb").readline().decode().rstrip("\r\n")
+                self.reply(200, line)
             except Exception as e:
                 self.reply(502, "error %s" % e)
         elif url.path == "/argv":
