@@ -242,7 +242,10 @@ fn pump(conn: rustls::Connection, tcp: TcpStream, local: UnixStream) -> io::Resu
                 Ok(mut c) => drain(&mut c, &mut local_out),
                 Err(_) => false,
             };
-            'read: while early {
+            'read: loop {
+                if !early {
+                    break;
+                }
                 let n = match tcp_in.read(&mut raw) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => n,
