@@ -407,6 +407,10 @@ def test_readonly_replica():
     // fault between two services) and the same verdicts.
     parity(&ns);
 
+    // The runner killed mid-test: the service pod keeps serving, its held
+    // call answered, and it goes with the FaultTest.
+    runner_lost(&ns, limit);
+
     // TLS terminated by the runner's proxy and re-originated to an HTTPS
     // Service, verified against the CA the spec gives: once with the
     // proxy's certificate from a Secret the spec names, once with one
@@ -782,6 +786,111 @@ def test_open_denied_in_the_pod():
     assert_eq!(denied["faults"][0]["hits"], 1, "{denied:#}");
     // The runner removed its service pods (they may still be terminating).
     wait_gone(ns, &["pods"], "pods", Duration::from_secs(60));
+}
+
+fn runner_lost(ns: &str, limit: Duration) {
+    let spec = r#"api = service("api", interface("main", "http", 8080),
+    image = "faultbox/http:test",
+    entrypoint = ["python3", "/usr/local/bin/server.py"],
+    user = "65532",
+    healthcheck = http("localhost:8080/health"),
+    ops = {"hostname": op(syscalls = ["openat"], path = "/etc/hostname")},
+)
+
+def test_held():
+    fault(api, hostname = delay("300s"), run = lambda: api.main.get(path = "/file?path=/etc/hostname", timeout = "300s"))
+"#;
+    let (ok, out) = kubectl_stdin(&["apply", "-f", "-"], &faulttest("lost", ns, spec, ""));
+    assert!(ok, "{out}");
+    // Wait until the call is held in the pod: the delay event is in the
+    // runner's log only at the end, so wait for the pod and a moment.
+    let deadline = Instant::now() + limit;
+    let pod = loop {
+        let (_, name) = kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            ns,
+            "-l",
+            "faultbox.io/faulttest=lost,faultbox.io/service=api",
+            "-o",
+            "jsonpath={.items[0].metadata.name}",
+        ]);
+        if !name.trim().is_empty() {
+            let (_, phase) = kubectl(&[
+                "get",
+                "pod",
+                name.trim(),
+                "-n",
+                ns,
+                "-o",
+                "jsonpath={.status.phase}",
+            ]);
+            if phase == "Running" {
+                break name.trim().to_string();
+            }
+        }
+        assert!(Instant::now() < deadline, "no service pod");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    // Killed outright (as by the OOM killer or a lost node), not deleted:
+    // a deleted runner gets SIGTERM and stops its services itself. This
+    // single-node cluster runs its pods on this machine, so the runner's
+    // process is found by its pod's cgroup.
+    let uid = must(&[
+        "get",
+        "pod",
+        "lost-run-1",
+        "-n",
+        ns,
+        "-o",
+        "jsonpath={.metadata.uid}",
+    ]);
+    let uid = uid.trim().to_string();
+    let mut killed = 0;
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let dir = entry.path();
+        let cgroup = std::fs::read_to_string(dir.join("cgroup")).unwrap_or_default();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if (cgroup.contains(&uid) || cgroup.contains(&uid.replace('-', "_")))
+            && comm.trim() == "faultbox"
+        {
+            let pid = entry.file_name().to_string_lossy().into_owned();
+            assert!(
+                Command::new("kill")
+                    .args(["-9", &pid])
+                    .status()
+                    .is_ok_and(|s| s.success()),
+                "kill -9 {pid}"
+            );
+            killed += 1;
+        }
+    }
+    assert_eq!(killed, 1, "the runner's process, on this node");
+    let st = wait_done(ns, "lost", limit);
+    assert_eq!(st["phase"], "Error", "{st:#}");
+    // The service still serves, and the same open now goes through.
+    let probe = "import urllib.request as u; r = u.urlopen('http://127.0.0.1:8080/file?path=/etc/hostname', timeout=10); print(r.status)";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (ok, out) = kubectl(&["exec", &pod, "-n", ns, "--", "python3", "-c", probe]);
+        if ok && out.trim() == "200" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the orphaned service does not serve: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    must(&["delete", "ft", "lost", "-n", ns]);
+    wait_gone(
+        ns,
+        &["pods", "configmaps", "secrets"],
+        "lost",
+        Duration::from_secs(90),
+    );
 }
 
 fn parity(ns: &str) {
