@@ -703,3 +703,59 @@ async fn a_schedule_tick_after_a_finished_run_starts_the_next_run() {
     reconcile(Arc::new(ft), ctx).await.expect("reconcile");
     verifier.await.expect("verifier");
 }
+
+#[tokio::test]
+async fn a_missing_source_configmap_is_invalid_and_nothing_is_created() {
+    let (ctx, handle) = context();
+    let mut ft = faulttest("unused");
+    ft.spec.source = None;
+    ft.spec.source_from = Some(faultbox_operator::crd::SourceFrom {
+        config_map_key_ref: faultbox_operator::crd::ConfigMapKeyRef {
+            name: "checkout-spec".into(),
+            key: "spec.star".into(),
+        },
+    });
+    let verifier = tokio::spawn(async move {
+        let mut handle = pin!(handle);
+        let (_, send) = expect(&mut handle, Method::GET, "/api/v1/namespaces/shop/pods?").await;
+        reply(send, pod_list(vec![]));
+        let (_, send) = expect(
+            &mut handle,
+            Method::GET,
+            "/api/v1/namespaces/shop/configmaps/checkout-spec",
+        )
+        .await;
+        not_found(send);
+        // Straight to the status: no ConfigMap, no pod.
+        let (body, send) = expect(
+            &mut handle,
+            Method::PATCH,
+            "/apis/faultbox.io/v1alpha1/namespaces/shop/faulttests/checkout/status",
+        )
+        .await;
+        let st = &body["status"];
+        assert_eq!(st["phase"], "Invalid", "{body:#}");
+        let c = &st["conditions"][0];
+        assert_eq!(
+            (c["type"].as_str(), c["reason"].as_str()),
+            (Some("Validated"), Some("ConfigMapMissing"))
+        );
+        assert!(
+            c["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("\"checkout-spec\"") && m.contains("\"shop\"")),
+            "{c}"
+        );
+        echo_ft(send);
+        let (body, send) = expect(
+            &mut handle,
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/shop/events",
+        )
+        .await;
+        assert_eq!(body["reason"], "ConfigMapMissing");
+        reply(send, body);
+    });
+    reconcile(Arc::new(ft), ctx).await.expect("reconcile");
+    verifier.await.expect("verifier");
+}
