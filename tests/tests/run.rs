@@ -894,3 +894,30 @@ fn logs_are_json_when_stderr_is_piped() {
         run.stderr
     );
 }
+
+#[test]
+fn a_target_already_under_a_listener_gets_a_named_error_not_a_hang() {
+    // faultbox inside faultbox: the inner one's filter cannot have a
+    // listener of its own (the kernel allows one per process): EBUSY.
+    let inner = faultbox();
+    let inner = inner.to_string_lossy();
+    let run = faultbox_run(&[
+        "--fault",
+        "openat=ENOENT:100%:/nonexistent/*",
+        "--",
+        &inner,
+        "run",
+        "--fault",
+        "write=EIO:100%:/nonexistent/*",
+        "--",
+        "/bin/true",
+    ]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        run.stderr.contains(
+            "another seccomp user-notification listener already supervises this process (EBUSY"
+        ),
+        "{}",
+        run.stderr
+    );
+}

@@ -69,6 +69,12 @@ pub enum LaunchError {
         /// The errno it got.
         errno: i32,
     },
+    /// The process already runs under a seccomp filter that has a
+    /// user-notification listener: the kernel allows one per filter chain.
+    #[error(
+        "another seccomp user-notification listener already supervises this process (EBUSY: another faultbox, a sandbox or a container runtime installed one, and the kernel allows one per process): run faultbox outside it, or give the service seccomp=False"
+    )]
+    ListenerBusy,
     /// `execve` itself failed.
     #[error("cannot execute {program:?}: {}", io::Error::from_raw_os_error(*errno))]
     Exec {
@@ -393,6 +399,9 @@ fn child_error(payload: [u8; 4]) -> LaunchError {
         .map(|(_, s)| *s)
         .unwrap_or("prepare the target");
     let errno = i32::from_le_bytes([payload[1], payload[2], payload[3], 0]);
+    if payload[0] == b's' && errno == libc::EBUSY {
+        return LaunchError::ListenerBusy;
+    }
     LaunchError::Child { step, errno }
 }
 
