@@ -276,6 +276,7 @@ pub fn run(endpoint: &Endpoint) -> Result<i32, SessionError> {
         interrupted,
     });
     let _ = writer.join();
+    crate::tunnel::drain(Duration::from_secs(5));
     Ok(status.shell_code())
 }
 
@@ -330,6 +331,7 @@ fn finish_failed(
     events.push_now(ShimMessage::LaunchFailed { message, exit_code });
     drop(events);
     let _ = writer.join();
+    crate::tunnel::drain(Duration::from_secs(5));
     exit_code
 }
 
@@ -476,6 +478,9 @@ fn write_loop(mut out: BufWriter<UnixStream>, events: &EventQueue) {
             healthy = false;
         }
         if last {
+            // The end of the stream: over TLS, this is what lets the pump
+            // send the rest and close, before the shim exits.
+            let _ = out.get_ref().shutdown(std::net::Shutdown::Write);
             return;
         }
     }

@@ -178,6 +178,30 @@ fn handshake(
     Ok(mine)
 }
 
+/// The local → TLS pumps of this process, so an exiting shim can wait
+/// for its last messages to leave (a process exit kills the threads with
+/// whatever they still hold).
+static OUTGOING: Mutex<Vec<std::thread::JoinHandle<()>>> = Mutex::new(Vec::new());
+
+/// Waits, at most `limit`, for every outgoing pump to have sent what its
+/// local end was given; the local end must have been shut down for
+/// writing (the session does so after its last message).
+pub fn drain(limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    let handles: Vec<_> = OUTGOING
+        .lock()
+        .map(|mut v| v.drain(..).collect())
+        .unwrap_or_default();
+    for h in handles {
+        while !h.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if h.is_finished() {
+            let _ = h.join();
+        }
+    }
+}
+
 /// Two threads: local → TLS, and TLS → local. The connection is shared
 /// under a lock that no thread holds while blocked on a socket.
 fn pump(conn: rustls::Connection, tcp: TcpStream, local: UnixStream) -> io::Result<()> {
@@ -187,7 +211,7 @@ fn pump(conn: rustls::Connection, tcp: TcpStream, local: UnixStream) -> io::Resu
     {
         let conn = Arc::clone(&conn);
         let mut tcp_out = tcp_out.try_clone()?;
-        std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name("tls out".into())
             .spawn(move || {
                 let mut buf = vec![0u8; 64 << 10];
@@ -213,6 +237,10 @@ fn pump(conn: rustls::Connection, tcp: TcpStream, local: UnixStream) -> io::Resu
                     }
                 }
             })?;
+        if let Ok(mut v) = OUTGOING.lock() {
+            v.retain(|h| !h.is_finished());
+            v.push(handle);
+        }
     }
     std::thread::Builder::new()
         .name("tls in".into())
