@@ -145,19 +145,18 @@ impl Schedule {
     }
 }
 
-/// Year, month (1-12) and day (1-31) of a day counted from 1970-01-01
-/// (H. Hinnant's civil_from_days).
+/// Year, month (1-12) and day (1-31) of a day counted from 1970-01-01,
+/// by jiff (which the Kubernetes types already bring); a day out of its
+/// range has month 0, which no schedule matches.
 fn civil(day: i64) -> (i64, u32, u32) {
-    let z = day + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
+    use k8s_openapi::jiff::{Timestamp, tz::TimeZone};
+    match Timestamp::from_second(day * DAY) {
+        Ok(t) => {
+            let d = t.to_zoned(TimeZone::UTC).date();
+            (i64::from(d.year()), d.month() as u32, d.day() as u32)
+        }
+        Err(_) => (0, 0, 0),
+    }
 }
 
 #[cfg(test)]
