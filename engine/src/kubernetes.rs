@@ -40,13 +40,15 @@ use faultbox_agent::wire::{Isolation, LaunchSpec, OnDisconnect};
 use faultbox_proxy::tls::Issuer;
 use faultbox_spec::model::{ContainerDef, ImageSource, InterfaceDef, ServiceDef};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, Pod, PodSecurityContext, PodSpec,
-    SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, HostAlias, LocalObjectReference,
+    Pod, PodSecurityContext, PodSpec, SeccompProfile, Secret, SecretVolumeSource, SecurityContext,
+    Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, DeleteParams, LogParams, ObjectMeta, PostParams};
 
 use crate::backend::{Backend, BackendError, Instance, Launch};
+use crate::registry::{ImageConfig, Registries, numeric_uid};
 use crate::shim::{ExitInfo, Shim};
 
 /// How long a service pod may take from creation to its shim dialling in
@@ -59,6 +61,8 @@ const BIN_DIR: &str = "/faultbox-bin";
 const TLS_DIR: &str = "/faultbox-tls";
 const LABEL_TEST: &str = "faultbox.io/faulttest";
 const LABEL_SERVICE: &str = "faultbox.io/service";
+/// Which run's pods of a service a Service selects: `<prefix>-<service>`.
+const LABEL_INSTANCE: &str = "faultbox.io/instance";
 /// The generation of the FaultTest the runner runs: the operator cancels
 /// a superseded run by deleting the pods labelled with another one.
 const LABEL_GENERATION: &str = "faultbox.io/generation";
@@ -81,14 +85,34 @@ pub enum ClusterError {
     #[error("the shim channel's credentials: {0}")]
     Credentials(String),
     /// Neither the spec nor the image gives a command.
-    #[error(
-        "service {service:?}: give entrypoint= (and args=) for image {image:?}: a pod's command cannot be read from the image here"
-    )]
+    #[error("service {service:?}: give entrypoint= (and args=): {why}")]
     NoCommand {
+        /// The service.
+        service: String,
+        /// Why the image's own could not be used.
+        why: String,
+    },
+    /// Neither the spec nor the image gives a non-root numeric user.
+    #[error(
+        "service {service:?}: image {image:?} runs as {user}: give user= a numeric non-root uid (the restricted pod security standard checks it)"
+    )]
+    ImageUser {
         /// The service.
         service: String,
         /// Its image.
         image: String,
+        /// What the image says.
+        user: String,
+    },
+    /// A FaultTest's imagePullSecret that does not exist.
+    #[error(
+        "imagePullSecret {name:?} does not exist in namespace {namespace} (create it, or remove it from the FaultTest)"
+    )]
+    PullSecret {
+        /// The Secret.
+        name: String,
+        /// The namespace.
+        namespace: String,
     },
     /// `build=` in a cluster.
     #[error(
@@ -153,6 +177,22 @@ pub struct Cluster {
     prefix: String,
     generation: String,
     next: AtomicU64,
+    registries: Registries,
+    pull_secrets: Vec<String>,
+    /// What `prepare` settled for each container service.
+    services: Mutex<BTreeMap<String, Settled>>,
+}
+
+/// A container service as its pods run it.
+#[derive(Debug, Clone)]
+struct Settled {
+    argv: Vec<String>,
+    uid: Option<i64>,
+    /// Its Service (`.internal_addr`) and the Service's cluster IP, when
+    /// it has interfaces.
+    service: Option<(String, String)>,
+    /// The image's digest, when its registry was asked.
+    digest: Option<String>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -176,25 +216,70 @@ pub fn in_runner() -> bool {
     std::env::var_os("FAULTBOX_FAULTTEST_UID").is_some()
 }
 
+/// Where a runner is: what the operator tells it in its environment.
+#[derive(Debug, Clone)]
+pub struct RunnerPlace {
+    /// Its namespace, where the service pods go.
+    pub namespace: String,
+    /// Its address, where shims dial and proxies listen.
+    pub ip: IpAddr,
+    /// The FaultTest that owns everything, and its uid.
+    pub faulttest: String,
+    /// The FaultTest's uid.
+    pub uid: String,
+    /// The faultbox image (the service pods' init container).
+    pub image: String,
+    /// The FaultTest generation being run.
+    pub generation: String,
+    /// The run CA's directory.
+    pub ca_dir: PathBuf,
+}
+
+impl RunnerPlace {
+    /// From `FAULTBOX_NAMESPACE`, `FAULTBOX_POD_IP`, `FAULTBOX_FAULTTEST`,
+    /// `FAULTBOX_FAULTTEST_UID`, `FAULTBOX_IMAGE`, `FAULTBOX_GENERATION`
+    /// and `FAULTBOX_RUN_CA_DIR`.
+    pub fn from_env() -> Result<RunnerPlace, ClusterError> {
+        Ok(RunnerPlace {
+            namespace: var("FAULTBOX_NAMESPACE")?,
+            ip: var("FAULTBOX_POD_IP")?
+                .parse()
+                .map_err(|e| ClusterError::Client(format!("FAULTBOX_POD_IP: {e}")))?,
+            faulttest: var("FAULTBOX_FAULTTEST")?,
+            uid: var("FAULTBOX_FAULTTEST_UID")?,
+            image: var("FAULTBOX_IMAGE")?,
+            generation: var("FAULTBOX_GENERATION")?,
+            ca_dir: PathBuf::from(var("FAULTBOX_RUN_CA_DIR")?),
+        })
+    }
+}
+
 impl Cluster {
-    /// Reads where the runner is, connects with its service account, and
-    /// makes the channel's credentials and their Secret.
+    /// Connects as the runner the environment describes.
     pub fn connect(work_dir: &Path) -> Result<Cluster, ClusterError> {
-        let namespace = var("FAULTBOX_NAMESPACE")?;
-        let ip: IpAddr = var("FAULTBOX_POD_IP")?
-            .parse()
-            .map_err(|e| ClusterError::Client(format!("FAULTBOX_POD_IP: {e}")))?;
+        Cluster::connect_as(work_dir, RunnerPlace::from_env()?)
+    }
+
+    /// Connects with the runner's account (or a kubeconfig), and makes the
+    /// channel's credentials and their Secret.
+    pub fn connect_as(work_dir: &Path, place: RunnerPlace) -> Result<Cluster, ClusterError> {
+        let RunnerPlace {
+            namespace,
+            ip,
+            faulttest,
+            uid,
+            image,
+            generation,
+            ca_dir,
+        } = place;
         let owner = OwnerReference {
             api_version: "faultbox.io/v1alpha1".into(),
             kind: "FaultTest".into(),
-            name: var("FAULTBOX_FAULTTEST")?,
-            uid: var("FAULTBOX_FAULTTEST_UID")?,
+            name: faulttest,
+            uid,
             controller: Some(true),
             block_owner_deletion: Some(true),
         };
-        let image = var("FAULTBOX_IMAGE")?;
-        let generation = var("FAULTBOX_GENERATION")?;
-        let ca_dir = PathBuf::from(var("FAULTBOX_RUN_CA_DIR")?);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -202,7 +287,10 @@ impl Cluster {
             .map_err(|e| ClusterError::Client(e.to_string()))?;
         let client = rt
             .block_on(async {
-                let config = kube::Config::incluster().map_err(|e| e.to_string())?;
+                // In a runner pod this is the pod's account; a kubeconfig
+                // (KUBECONFIG) comes first, which lets a benchmark or a
+                // debugging session play the runner from a node.
+                let config = kube::Config::infer().await.map_err(|e| e.to_string())?;
                 kube::Client::try_from(config).map_err(|e| e.to_string())
             })
             .map_err(ClusterError::Client)?;
@@ -223,6 +311,24 @@ impl Cluster {
             .map_err(|e| ClusterError::Credentials(e.to_string()))?;
         let (shim_cert, shim_key) =
             faultbox_proxy::tls::issue(&issuer, &["faultbox-shim".to_string()]).map_err(cred)?;
+        let pull_secrets: Vec<String> = std::env::var("FAULTBOX_IMAGE_PULL_SECRETS")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect();
+        let pull_dir =
+            PathBuf::from(std::env::var_os("FAULTBOX_PULL_SECRETS_DIR").unwrap_or_default());
+        for name in &pull_secrets {
+            let dir = pull_dir.join(name);
+            if !dir.join(".dockerconfigjson").is_file() && !dir.join(".dockercfg").is_file() {
+                return Err(ClusterError::PullSecret {
+                    name: name.clone(),
+                    namespace,
+                });
+            }
+        }
         let tag = format!("{:x}", std::process::id());
         let prefix = dns_label(&format!("{}-{tag}", owner.name), 40);
         let secret = format!("{prefix}-shim");
@@ -238,6 +344,9 @@ impl Cluster {
             prefix,
             generation,
             next: AtomicU64::new(0),
+            registries: Registries::from_env(),
+            pull_secrets,
+            services: Mutex::new(BTreeMap::new()),
         };
         let body = Secret {
             metadata: cluster.meta(&cluster.secret, None),
@@ -277,8 +386,31 @@ impl Cluster {
         Api::namespaced(self.client.clone(), &self.namespace)
     }
 
-    /// What a service pod runs: `entrypoint=` then `args=`.
-    fn command(&self, def: &ServiceDef, c: &ContainerDef) -> Result<Vec<String>, ClusterError> {
+    /// Settles how each container service runs, before any test: its
+    /// command and user (from the spec, else the image's config in its
+    /// registry), and a Service that gives `.internal_addr`. The
+    /// Services' addresses go into every pod's /etc/hosts under the
+    /// services' own names, so `db:5432` reaches the same thing in a pod
+    /// as in a container.
+    pub fn prepare(&self, services: &[ServiceDef]) -> Result<(), ClusterError> {
+        for def in services {
+            let Some(c) = &def.container else { continue };
+            let mut s = self.settle(def, c)?;
+            if !def.interfaces.is_empty() {
+                s.service = Some(self.create_service(def)?);
+            }
+            // At once, so that a later failure's drop deletes this one.
+            if let Ok(mut m) = self.services.lock() {
+                m.insert(def.name.clone(), s);
+            }
+        }
+        Ok(())
+    }
+
+    /// What a service's pods run and as whom. `entrypoint=` replaces the
+    /// image's entrypoint and its command (as in Kubernetes and Docker);
+    /// `args=` alone replaces only the command.
+    fn settle(&self, def: &ServiceDef, c: &ContainerDef) -> Result<Settled, ClusterError> {
         let image = match &c.image {
             ImageSource::Pull(r) => r.clone(),
             ImageSource::Build { .. } => {
@@ -287,15 +419,145 @@ impl Cluster {
                 });
             }
         };
-        let mut argv = c.entrypoint.clone().unwrap_or_default();
-        argv.extend(c.cmd.clone().unwrap_or_default());
-        if c.entrypoint.is_none() || argv.is_empty() {
-            return Err(ClusterError::NoCommand {
+        let uid = match &def.user {
+            None => None,
+            Some(u) => Some(u.parse::<i64>().map_err(|_| ClusterError::User {
                 service: def.name.clone(),
-                image,
+                user: u.clone(),
+            })?),
+        };
+        if let Some(entrypoint) = &c.entrypoint {
+            let mut argv = entrypoint.clone();
+            argv.extend(c.cmd.clone().unwrap_or_default());
+            if argv.is_empty() {
+                return Err(ClusterError::NoCommand {
+                    service: def.name.clone(),
+                    why: "entrypoint=[] with no args= leaves nothing to run".into(),
+                });
+            }
+            // The image's user is checked by the kubelet (runAsNonRoot).
+            return Ok(Settled {
+                argv,
+                uid,
+                service: None,
+                digest: None,
             });
         }
-        Ok(argv)
+        let config: ImageConfig =
+            self.rt
+                .block_on(self.registries.config(&image))
+                .map_err(|e| ClusterError::NoCommand {
+                    service: def.name.clone(),
+                    why: format!(
+                        "the entrypoint of {image:?} could not be read from its registry: {e}"
+                    ),
+                })?;
+        let mut argv = config.entrypoint.clone();
+        argv.extend(c.cmd.clone().unwrap_or_else(|| config.cmd.clone()));
+        if argv.is_empty() {
+            return Err(ClusterError::NoCommand {
+                service: def.name.clone(),
+                why: format!("image {image:?} has neither ENTRYPOINT nor CMD"),
+            });
+        }
+        let uid = match uid {
+            Some(u) => Some(u),
+            None => Some(
+                numeric_uid(&config.user).ok_or_else(|| ClusterError::ImageUser {
+                    service: def.name.clone(),
+                    image: image.clone(),
+                    user: if config.user.is_empty() {
+                        "root".to_string()
+                    } else {
+                        format!("user {:?}", config.user)
+                    },
+                })?,
+            ),
+        };
+        tracing::info!(service = %def.name, image = %image, digest = %config.digest, argv = ?argv, "read the image's config from its registry");
+        Ok(Settled {
+            argv,
+            uid,
+            service: None,
+            digest: Some(config.digest),
+        })
+    }
+
+    /// A Service selecting this run's pods of `def`, with its interfaces'
+    /// ports.
+    fn create_service(&self, def: &ServiceDef) -> Result<(String, String), ClusterError> {
+        let name = self.instance(&def.name);
+        let mut meta = self.meta(&name, Some(&def.name));
+        meta.labels
+            .get_or_insert_with(BTreeMap::new)
+            .insert(LABEL_INSTANCE.into(), name.clone());
+        let body = Service {
+            metadata: meta,
+            spec: Some(ServiceSpec {
+                selector: Some(BTreeMap::from([(LABEL_INSTANCE.to_string(), name.clone())])),
+                ports: Some(
+                    def.interfaces
+                        .iter()
+                        .map(|i| ServicePort {
+                            // Names are needed only to tell ports apart.
+                            name: (def.interfaces.len() > 1).then(|| port_name(&i.name)),
+                            port: i32::from(i.port),
+                            protocol: Some(protocol(i).into()),
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+                // Endpoints before readiness: the runner, not the
+                // kubelet, decides when a service is up.
+                publish_not_ready_addresses: Some(true),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let api: Api<Service> = Api::namespaced(self.client.clone(), &self.namespace);
+        let made = self
+            .rt
+            .block_on(api.create(&PostParams::default(), &body))
+            .map_err(|e| ClusterError::Create {
+                service: def.name.clone(),
+                reason: format!("create its Service {name}: {e}"),
+            })?;
+        let ip = made
+            .spec
+            .and_then(|s| s.cluster_ip)
+            .filter(|ip| !ip.is_empty() && ip != "None")
+            .ok_or_else(|| ClusterError::Create {
+                service: def.name.clone(),
+                reason: format!("its Service {name} got no cluster IP"),
+            })?;
+        Ok((name, ip))
+    }
+
+    /// `<prefix>-<service>`: the name of a service's Service and the
+    /// label that its pods carry.
+    fn instance(&self, service: &str) -> String {
+        dns_label(&format!("{}-{service}", self.prefix), 63)
+    }
+
+    fn settled(&self, service: &str) -> Option<Settled> {
+        self.services.lock().ok()?.get(service).cloned()
+    }
+
+    /// Every Service's cluster address under its service's name.
+    fn host_aliases(&self) -> Vec<HostAlias> {
+        let Ok(settled) = self.services.lock() else {
+            return Vec::new();
+        };
+        settled
+            .iter()
+            .filter_map(|(service, s)| {
+                let (_, ip) = s.service.as_ref()?;
+                Some(HostAlias {
+                    ip: ip.clone(),
+                    hostnames: Some(vec![service.clone()]),
+                })
+            })
+            .collect()
     }
 
     /// The service's pod, restricted, running the shim from the init
@@ -305,15 +567,10 @@ impl Cluster {
         name: &str,
         def: &ServiceDef,
         image: &str,
+        uid: Option<i64>,
         port: u16,
-    ) -> Result<Pod, ClusterError> {
-        let uid = match &def.user {
-            None => None,
-            Some(u) => Some(u.parse::<i64>().map_err(|_| ClusterError::User {
-                service: def.name.clone(),
-                user: u.clone(),
-            })?),
-        };
+        aliases: Vec<HostAlias>,
+    ) -> Pod {
         let restricted = || SecurityContext {
             allow_privilege_escalation: Some(false),
             run_as_non_root: Some(true),
@@ -329,10 +586,22 @@ impl Cluster {
             ..Default::default()
         };
         let shim = format!("{BIN_DIR}/faultbox-shim");
-        Ok(Pod {
-            metadata: self.meta(name, Some(&def.name)),
+        let mut metadata = self.meta(name, Some(&def.name));
+        metadata
+            .labels
+            .get_or_insert_with(BTreeMap::new)
+            .insert(LABEL_INSTANCE.into(), self.instance(&def.name));
+        Pod {
+            metadata,
             spec: Some(PodSpec {
                 restart_policy: Some("Never".into()),
+                host_aliases: (!aliases.is_empty()).then_some(aliases),
+                image_pull_secrets: (!self.pull_secrets.is_empty()).then(|| {
+                    self.pull_secrets
+                        .iter()
+                        .map(|n| LocalObjectReference { name: n.clone() })
+                        .collect()
+                }),
                 automount_service_account_token: Some(false),
                 enable_service_links: Some(false),
                 hostname: Some(dns_label(&def.name, 63)),
@@ -373,9 +642,7 @@ impl Cluster {
                             .map(|i| ContainerPort {
                                 container_port: i32::from(i.port),
                                 name: None,
-                                protocol: Some(
-                                    if i.protocol == "udp" { "UDP" } else { "TCP" }.into(),
-                                ),
+                                protocol: Some(protocol(i).into()),
                                 ..Default::default()
                             })
                             .collect(),
@@ -413,8 +680,52 @@ impl Cluster {
                 ..Default::default()
             }),
             ..Default::default()
-        })
+        }
     }
+}
+
+impl Drop for Cluster {
+    /// The run's Services and Secret go with it (the FaultTest's deletion
+    /// collects them too, should the runner die first).
+    fn drop(&mut self) {
+        let services: Api<Service> = Api::namespaced(self.client.clone(), &self.namespace);
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
+        let names: Vec<String> = self
+            .services
+            .get_mut()
+            .map(|m| {
+                m.values()
+                    .filter_map(|s| s.service.as_ref().map(|(n, _)| n.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.rt.block_on(async {
+            for name in names {
+                let _ = services.delete(&name, &DeleteParams::background()).await;
+            }
+            let _ = secrets
+                .delete(&self.secret, &DeleteParams::background())
+                .await;
+        });
+    }
+}
+
+/// An interface's name as a port name (IANA_SVC_NAME: at most 15 of
+/// a-z, 0-9 and single dashes, with a letter).
+fn port_name(name: &str) -> String {
+    let mut s = dns_label(name, 15);
+    while s.contains("--") {
+        s = s.replace("--", "-");
+    }
+    if s.chars().any(|c| c.is_ascii_lowercase()) {
+        s
+    } else {
+        format!("p{}", &s[..s.len().min(14)])
+    }
+}
+
+fn protocol(i: &InterfaceDef) -> &'static str {
+    if i.protocol == "udp" { "UDP" } else { "TCP" }
 }
 
 /// The run CA in `dir` (tls.crt, tls.key), made now if the preflight did
@@ -464,6 +775,8 @@ pub struct PodInstance {
     cluster: Arc<Cluster>,
     name: String,
     ip: IpAddr,
+    image: String,
+    digest: Option<String>,
     shim: Option<Shim>,
     log: Mutex<PathBuf>,
     removed: bool,
@@ -477,11 +790,21 @@ fn start_pod(cluster: &Arc<Cluster>, launch: Launch<'_>) -> Result<PodInstance, 
             reason: "it has no image".into(),
         });
     };
-    let argv = cluster.command(def, c)?;
+    // Settled by prepare() for the services it was given; settled here
+    // for any other (nothing calls start before prepare in a run).
+    let settled = match cluster.settled(&def.name) {
+        Some(s) => s,
+        None => cluster.settle(def, c)?,
+    };
     let image = match &c.image {
         ImageSource::Pull(r) => r.clone(),
-        ImageSource::Build { .. } => unreachable!("command() refused build="),
+        ImageSource::Build { .. } => {
+            return Err(ClusterError::Build {
+                service: def.name.clone(),
+            });
+        }
     };
+    let argv = settled.argv.clone();
     let listener =
         TcpListener::bind(SocketAddr::new(cluster.ip, 0)).map_err(|e| ClusterError::Create {
             service: def.name.clone(),
@@ -490,7 +813,14 @@ fn start_pod(cluster: &Arc<Cluster>, launch: Launch<'_>) -> Result<PodInstance, 
     let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
     let n = cluster.next.fetch_add(1, Ordering::SeqCst);
     let name = dns_label(&format!("{}-{}-{n}", cluster.prefix, def.name), 63);
-    let body = cluster.pod(&name, def, &image, port)?;
+    let body = cluster.pod(
+        &name,
+        def,
+        &image,
+        settled.uid,
+        port,
+        cluster.host_aliases(),
+    );
     let created = cluster
         .rt
         .block_on(cluster.pods().create(&PostParams::default(), &body))
@@ -503,6 +833,8 @@ fn start_pod(cluster: &Arc<Cluster>, launch: Launch<'_>) -> Result<PodInstance, 
         cluster: Arc::clone(cluster),
         name: name.clone(),
         ip: cluster.ip,
+        image: image.clone(),
+        digest: settled.digest.clone(),
         shim: None,
         log: Mutex::new(launch.log.clone()),
         removed: false,
@@ -510,6 +842,10 @@ fn start_pod(cluster: &Arc<Cluster>, launch: Launch<'_>) -> Result<PodInstance, 
     // From here on, dropping `instance` deletes the pod.
     let (stream, ip) = instance.wait_for_shim(&def.name, &listener)?;
     instance.ip = ip;
+    if instance.digest.is_none() {
+        // What the kubelet ran, as it reports it (`repo@sha256:…`).
+        instance.digest = instance.image_id();
+    }
     // The image's own environment (PATH, PGDATA ...) is the shim's, set by
     // the runtime from the image config: the target inherits it.
     let mut env: BTreeMap<String, String> = BTreeMap::new();
@@ -633,11 +969,16 @@ impl PodInstance {
                     )
                 )
             {
+                let message = w.message.unwrap_or_default();
+                let hint = if message.contains("non-numeric user") {
+                    "; give the service user= a numeric non-root uid"
+                } else {
+                    ""
+                };
                 return Some(format!(
-                    "container {} cannot start: {} ({})",
+                    "container {} cannot start: {} ({message}){hint}",
                     c.name,
                     w.reason.unwrap_or_default(),
-                    w.message.unwrap_or_default()
                 ));
             }
             if let Some(t) = state.terminated
@@ -661,6 +1002,20 @@ impl PodInstance {
             .into_iter()
             .find(|c| c.type_ == "PodScheduled" && c.status == "False")
             .map(|c| format!("not scheduled: {}", c.message.unwrap_or_default()))
+    }
+
+    /// The image ID the kubelet reports for the service's container.
+    fn image_id(&self) -> Option<String> {
+        let pod = self
+            .cluster
+            .rt
+            .block_on(self.cluster.pods().get(&self.name))
+            .ok()?;
+        pod.status?
+            .container_statuses?
+            .into_iter()
+            .map(|c| c.image_id)
+            .find(|id| !id.is_empty())
     }
 
     /// Its output so far, as the end of an error message.
@@ -705,7 +1060,10 @@ impl PodInstance {
 
 impl Instance for PodInstance {
     fn started(&self) -> Vec<(&'static str, String)> {
-        let mut out = vec![("pod", self.name.clone())];
+        let mut out = vec![("pod", self.name.clone()), ("image", self.image.clone())];
+        if let Some(d) = &self.digest {
+            out.push(("digest", d.clone()));
+        }
         if let Some(s) = &self.shim {
             out.push(("pid", s.pid.to_string()));
         }
@@ -756,5 +1114,8 @@ mod tests {
         assert_eq!(dns_label("--x--", 63), "x");
         assert_eq!(dns_label("___", 63), "svc");
         assert_eq!(dns_label(&"a".repeat(80), 63).len(), 63);
+        assert_eq!(port_name("admin__api"), "admin-api");
+        assert_eq!(port_name("8080"), "p8080");
+        assert_eq!(port_name("a-very-long-interface"), "a-very-long-int");
     }
 }

@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod docker;
 pub mod kubernetes;
+pub mod registry;
 pub mod report;
 pub mod runtime;
 pub mod shim;

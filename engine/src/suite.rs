@@ -127,6 +127,7 @@ pub fn preflight(spec: &Spec, work_dir: &std::path::Path) -> Result<Prepared, Pr
     let containers = spec.services.iter().any(|s| s.is_container());
     if containers && crate::kubernetes::in_runner() {
         let cluster = crate::kubernetes::Cluster::connect(work_dir)?;
+        cluster.prepare(&spec.services)?;
         return Ok(Prepared {
             shim,
             docker: None,

@@ -63,6 +63,11 @@ pub struct FaultTestSpec {
     /// or Always.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_pods: Option<KeepPods>,
+    /// Secrets (kubernetes.io/dockerconfigjson) for pulling the images of
+    /// image= services: given to their pods, and used by the runner to read
+    /// an image's entrypoint from its registry when the spec gives none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_secrets: Option<Vec<SecretRef>>,
     /// The runner pod's image and resources.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runner: Option<RunnerSpec>,
@@ -97,6 +102,13 @@ pub struct FilesFrom {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, JsonSchema, PartialEq)]
 pub struct ConfigMapRef {
     /// The ConfigMap, in the FaultTest's namespace.
+    pub name: String,
+}
+
+/// A Secret by name.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, JsonSchema, PartialEq)]
+pub struct SecretRef {
+    /// The Secret, in the FaultTest's namespace.
     pub name: String,
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use faultbox_operator::crd::FaultTest;
 use faultbox_operator::lease::Elector;
 use faultbox_operator::metrics::Metrics;
-use faultbox_operator::reconcile::{Context, MANAGER, error_policy, reconcile};
+use faultbox_operator::reconcile::{Context, MANAGER, RunnerDefaults, error_policy, reconcile};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::events::{Recorder, Reporter};
@@ -20,8 +20,17 @@ async fn main() -> anyhow::Result<()> {
         .with_max_level(tracing::Level::INFO)
         .init();
     let client = Client::try_default().await?;
-    let runner_image = std::env::var("FAULTBOX_RUNNER_IMAGE")
-        .unwrap_or_else(|_| "localhost/faultbox:dev".to_string());
+    let runner = RunnerDefaults {
+        image: std::env::var("FAULTBOX_RUNNER_IMAGE")
+            .unwrap_or_else(|_| "localhost/faultbox:dev".to_string()),
+        insecure_registries: std::env::var("FAULTBOX_INSECURE_REGISTRIES")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect(),
+    };
     let metrics = Metrics::default();
     let addr = std::env::var("METRICS_ADDR").unwrap_or_else(|_| "0.0.0.0:8080".to_string());
     let listener = tokio::net::TcpListener::bind(&addr).await?;
@@ -33,7 +42,7 @@ async fn main() -> anyhow::Result<()> {
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(client.clone(), reporter),
-        runner_image,
+        runner,
         metrics: metrics.clone(),
     });
     let namespaces: Vec<String> = std::env::var("WATCH_NAMESPACES")

@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, ResourceRequirements,
-    SeccompProfile, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    EnvVarSource, LocalObjectReference, ObjectFieldSelector, Pod, PodSecurityContext, PodSpec,
+    ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{
@@ -56,8 +56,8 @@ pub enum Error {
 pub struct Context {
     pub client: kube::Client,
     pub recorder: Recorder,
-    /// The runner image when a FaultTest names none.
-    pub runner_image: String,
+    /// What runner pods get unless their FaultTest says otherwise.
+    pub runner: RunnerDefaults,
     pub metrics: crate::metrics::Metrics,
 }
 
@@ -197,6 +197,25 @@ pub struct Needs {
     pub pods: bool,
 }
 
+/// The operator's settings for the runner pods it makes.
+#[derive(Debug, Clone, Default)]
+pub struct RunnerDefaults {
+    /// The runner image when a FaultTest names none.
+    pub image: String,
+    /// Registries the runner reads image configs from in plain HTTP
+    /// (the chart's insecureRegistries).
+    pub insecure_registries: Vec<String>,
+}
+
+impl From<&str> for RunnerDefaults {
+    fn from(image: &str) -> RunnerDefaults {
+        RunnerDefaults {
+            image: image.to_string(),
+            insecure_registries: Vec::new(),
+        }
+    }
+}
+
 /// The account a runner that makes service pods runs as (the chart makes
 /// it, with its Role, in every namespace it serves).
 pub const RUNNER_ACCOUNT: &str = "faultbox-runner";
@@ -206,6 +225,7 @@ pub const RUNNER_ACCOUNT: &str = "faultbox-runner";
 // Not under /faultbox: that is the binary in the runner image.
 const SECRETS_DIR: &str = "/secrets";
 const RUN_CA_DIR: &str = "/tmp/faultbox-run-ca";
+const PULL_SECRETS_DIR: &str = "/pull-secrets";
 
 /// Loads the spec as `faultbox test --dry-run` would, from a scratch
 /// directory holding its files; checks the test filter selects something.
@@ -314,7 +334,13 @@ fn meta(ft: &FaultTest, name: &str) -> ObjectMeta {
 /// the spec from its ConfigMap, under the "restricted" pod security
 /// standard, with no API access (the operator reads its result from its
 /// log).
-pub fn runner_pod(ft: &FaultTest, run: u64, image: &str, timeout: Duration, needs: &Needs) -> Pod {
+pub fn runner_pod(
+    ft: &FaultTest,
+    run: u64,
+    defaults: &RunnerDefaults,
+    timeout: Duration,
+    needs: &Needs,
+) -> Pod {
     let n = names(ft, run);
     let spec = &ft.spec;
     let mut args = vec![
@@ -382,7 +408,16 @@ pub fn runner_pod(ft: &FaultTest, run: u64, image: &str, timeout: Duration, need
     if needs.tls || needs.pods {
         env.push(var("FAULTBOX_RUN_CA_DIR", RUN_CA_DIR));
     }
-    let runner_image = runner.image.clone().unwrap_or_else(|| image.to_string());
+    let runner_image = runner
+        .image
+        .clone()
+        .unwrap_or_else(|| defaults.image.clone());
+    let pull_secrets: Vec<String> = spec
+        .image_pull_secrets
+        .iter()
+        .flatten()
+        .map(|s| s.name.clone())
+        .collect();
     if needs.pods {
         let field = |name: &str, path: &str| EnvVar {
             name: name.into(),
@@ -408,8 +443,37 @@ pub fn runner_pod(ft: &FaultTest, run: u64, image: &str, timeout: Duration, need
             &ft.metadata.generation.unwrap_or(0).to_string(),
         ));
     }
+    if needs.pods && !defaults.insecure_registries.is_empty() {
+        env.push(var(
+            "FAULTBOX_INSECURE_REGISTRIES",
+            &defaults.insecure_registries.join(","),
+        ));
+    }
     if !needs.secrets.is_empty() {
         env.push(var("FAULTBOX_SECRETS_DIR", SECRETS_DIR));
+    }
+    if needs.pods && !pull_secrets.is_empty() {
+        env.push(var("FAULTBOX_IMAGE_PULL_SECRETS", &pull_secrets.join(",")));
+        env.push(var("FAULTBOX_PULL_SECRETS_DIR", PULL_SECRETS_DIR));
+    }
+    for (i, secret) in pull_secrets.iter().enumerate().filter(|_| needs.pods) {
+        // Optional, as the TLS ones: the runner names a missing one.
+        let name = format!("pull-secret-{i}");
+        volumes.push(Volume {
+            name: name.clone(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.clone()),
+                optional: Some(true),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        mounts.push(VolumeMount {
+            name,
+            mount_path: format!("{PULL_SECRETS_DIR}/{secret}"),
+            read_only: Some(true),
+            ..Default::default()
+        });
     }
     for (i, secret) in needs.secrets.iter().enumerate() {
         // Optional: a missing Secret is the runner's clear error
@@ -441,6 +505,13 @@ pub fn runner_pod(ft: &FaultTest, run: u64, image: &str, timeout: Duration, need
             automount_service_account_token: Some(needs.pods),
             service_account_name: needs.pods.then(|| RUNNER_ACCOUNT.to_string()),
             enable_service_links: Some(false),
+            // A private runner image is pulled with the same secrets.
+            image_pull_secrets: (!pull_secrets.is_empty()).then(|| {
+                pull_secrets
+                    .iter()
+                    .map(|name| LocalObjectReference { name: name.clone() })
+                    .collect()
+            }),
             security_context: Some(PodSecurityContext {
                 run_as_non_root: Some(true),
                 run_as_user: Some(65532),
@@ -916,7 +987,7 @@ async fn reconcile_inner(ft: &FaultTest, ctx: &Context) -> Result<Action, Error>
             return report_broken(ctx, &apis, ft, st, "RunnerLost", message).await;
         }
         None => {
-            let pod = runner_pod(ft, status.run_index, &ctx.runner_image, timeout, &needs);
+            let pod = runner_pod(ft, status.run_index, &ctx.runner, timeout, &needs);
             let created = match pods.create(&PostParams::default(), &pod).await {
                 Ok(p) => p,
                 Err(kube::Error::Api(e)) if e.code == 409 => pods.get(&n.pod).await?,
@@ -1232,7 +1303,7 @@ pub fn error_policy(_ft: Arc<FaultTest>, error: &Error, _ctx: Arc<Context>) -> A
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{ConfigMapKeyRef, SourceFrom};
+    use crate::crd::{ConfigMapKeyRef, SecretRef, SourceFrom};
 
     fn ft(spec: FaultTestSpec) -> FaultTest {
         let mut ft = FaultTest::new("checkout", spec);
@@ -1367,7 +1438,7 @@ mod tests {
         let pod = runner_pod(
             &f,
             0,
-            "localhost/faultbox:dev",
+            &"localhost/faultbox:dev".into(),
             Duration::from_secs(600),
             &Needs::default(),
         );
@@ -1407,6 +1478,70 @@ mod tests {
     }
 
     #[test]
+    fn pull_secrets_and_insecure_registries_reach_a_runner_that_makes_pods() {
+        let f = ft(FaultTestSpec {
+            image_pull_secrets: Some(vec![SecretRef {
+                name: "regcred".into(),
+            }]),
+            ..source("x")
+        });
+        let defaults = RunnerDefaults {
+            image: "localhost/faultbox:dev".into(),
+            insecure_registries: vec!["10.244.0.1:5000".into(), "reg.test".into()],
+        };
+        let pods = Needs {
+            pods: true,
+            ..Needs::default()
+        };
+        let pod = runner_pod(&f, 0, &defaults, Duration::from_secs(60), &pods);
+        let spec = pod.spec.expect("spec");
+        let env: BTreeMap<String, String> = spec.containers[0]
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+            .collect();
+        assert_eq!(
+            env["FAULTBOX_INSECURE_REGISTRIES"],
+            "10.244.0.1:5000,reg.test"
+        );
+        assert_eq!(env["FAULTBOX_IMAGE_PULL_SECRETS"], "regcred");
+        assert_eq!(env["FAULTBOX_PULL_SECRETS_DIR"], PULL_SECRETS_DIR);
+        let mount = spec.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.mount_path == "/pull-secrets/regcred")
+            .expect("the pull secret's mount");
+        let volume = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == mount.name)
+            .and_then(|v| v.secret.clone())
+            .expect("its volume");
+        assert_eq!(volume.secret_name.as_deref(), Some("regcred"));
+        assert_eq!(volume.optional, Some(true));
+        assert_eq!(
+            spec.image_pull_secrets
+                .expect("the runner's own pull secrets")[0]
+                .name,
+            "regcred"
+        );
+        // A runner that makes no pods gets neither.
+        let pod = runner_pod(&f, 0, &defaults, Duration::from_secs(60), &Needs::default());
+        let env = pod.spec.expect("spec").containers[0]
+            .env
+            .clone()
+            .unwrap_or_default();
+        assert!(
+            env.iter()
+                .all(|e| !e.name.contains("REGISTR") && !e.name.contains("PULL")),
+            "{env:?}"
+        );
+    }
+
+    #[test]
     fn secrets_the_spec_names_are_mounted_and_the_run_ca_is_published() {
         let files = |text: &str| BTreeMap::from([("spec.star".to_string(), text.to_string())]);
         let needs = validate(
@@ -1427,7 +1562,7 @@ mod tests {
         let pod = runner_pod(
             &ft(source("x")),
             0,
-            "localhost/faultbox:dev",
+            &"localhost/faultbox:dev".into(),
             Duration::from_secs(60),
             &needs,
         );

@@ -30,7 +30,7 @@ fn context() -> (Arc<Context>, Handle) {
         Arc::new(Context {
             client,
             recorder,
-            runner_image: "localhost/faultbox:test".into(),
+            runner: "localhost/faultbox:test".into(),
             metrics: Metrics::default(),
         }),
         handle,

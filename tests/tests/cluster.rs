@@ -13,6 +13,44 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// The test cluster's registry, as pods reach it (`../shared/k8s/registry`).
+const REGISTRY: &str = "10.244.0.1:5000";
+
+/// A script of `../shared/k8s` (`K8S_DIR` overrides where it is).
+fn k8s_script(name: &str) -> String {
+    let dir = std::env::var("K8S_DIR")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/k8s").to_string());
+    format!("{dir}/{name}")
+}
+
+/// Builds `FROM faultbox/http:test` plus `lines` as `name` and pushes it
+/// to the cluster's registry, returning the name pods use.
+fn registry_image(name: &str, lines: &str) -> String {
+    let ctx = std::env::temp_dir().join(format!("fb-e2e-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&ctx).expect("context");
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM faultbox/http:test\n{lines}"),
+    )
+    .expect("Dockerfile");
+    let local = format!("localhost/{name}:e2e");
+    let built = Command::new("docker")
+        .args(["build", "-q", "-t", &local, &ctx.to_string_lossy()])
+        .output()
+        .expect("docker build");
+    let _ = std::fs::remove_dir_all(&ctx);
+    assert!(built.status.success(), "docker build {local}: {built:?}");
+    let pushed = Command::new(k8s_script("registry"))
+        .args(["push", &local])
+        .output()
+        .expect("registry push");
+    assert!(pushed.status.success(), "registry push {local}: {pushed:?}");
+    let text = String::from_utf8_lossy(&pushed.stdout);
+    let name = text.lines().last().unwrap_or_default().trim().to_string();
+    assert!(name.starts_with(REGISTRY), "{text}");
+    name
+}
+
 fn tool(name: &str, fallback: &str) -> String {
     if std::path::Path::new(fallback).exists() {
         fallback.to_string()
@@ -138,6 +176,8 @@ fn faulttests_run_in_the_cluster_and_report_their_verdicts() {
             "--create-namespace",
         ])
         .arg(format!("--set=watchNamespaces={{{ns},{denied_ns}}}"))
+        // The cluster's own registry speaks plain HTTP.
+        .arg(format!("--set=insecureRegistries={{{REGISTRY}}}"))
         // Two replicas: one leads, and nothing may run twice.
         .arg("--set=replicas=2")
         .output()
@@ -401,6 +441,16 @@ def test_readonly_replica():
     // An image= service as a pod under faultbox-shim: a syscall fault in
     // the pod, over the mutual-TLS channel, under "restricted".
     service_pods(&ns, limit);
+
+    // An image= service with no entrypoint=: its entrypoint and user come
+    // from the cluster's registry, and the image's digest is in the
+    // result; `cache:6379` in a pod reaches the cache's Service. And the
+    // error when neither the spec nor the image gives a command.
+    from_the_registry(&ns, limit);
+
+    // A client without the run's credentials is refused by the runner's
+    // shim channel, and the run goes on undisturbed.
+    wrong_certificate(&ns, limit);
 
     // One spec file, on Docker here and as a FaultTest there: the same
     // faults (a WAL fdatasync, a forked redis's AOF write, a protocol
@@ -786,6 +836,280 @@ def test_open_denied_in_the_pod():
     assert_eq!(denied["faults"][0]["hits"], 1, "{denied:#}");
     // The runner removed its service pods (they may still be terminating).
     wait_gone(ns, &["pods"], "pods", Duration::from_secs(60));
+}
+
+fn from_the_registry(ns: &str, limit: Duration) {
+    let image = registry_image("faultbox-http-user", "USER 65532:65532\n");
+    let bare = registry_image("faultbox-http-bare", "ENTRYPOINT []\nCMD []\nUSER 65532\n");
+    // The digest the registry holds for the tag (what the kubelet pulls).
+    let repo = image
+        .trim_start_matches(&format!("{REGISTRY}/"))
+        .replace(":e2e", "");
+    let head = Command::new("curl")
+        .args([
+            "-sfI",
+            "-H",
+            "Accept: application/vnd.docker.distribution.manifest.v2+json",
+            &format!("http://127.0.0.1:5000/v2/{repo}/manifests/e2e"),
+        ])
+        .output()
+        .expect("curl");
+    let digest = String::from_utf8_lossy(&head.stdout)
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("docker-content-digest:")
+                .map(|d| d.trim().to_string())
+        })
+        .expect("the registry's digest");
+    let spec = format!(
+        r#"cache = service("cache", interface("main", "redis", 6379),
+    image = "faultbox/redis:test",
+    entrypoint = ["redis-server"],
+    args = ["--protected-mode", "no", "--save", "", "--appendonly", "no"],
+    user = "65532",
+    healthcheck = tcp("localhost:6379"),
+)
+api = service("api", interface("main", "http", 8080),
+    image = "{image}",
+    healthcheck = http("localhost:8080/health"),
+    depends_on = [cache],
+)
+
+def test_the_image_runs_its_own_entrypoint():
+    r = api.main.get(path = "/argv")
+    assert_eq(r.status, 200)
+    assert_eq(r.body, "")
+
+def test_a_service_name_reaches_its_pod():
+    r = api.main.get(path = "/redis?addr=cache:6379&cmd=PING")
+    assert_eq(r.body, "+PONG")
+"#
+    );
+    let no_command = format!(
+        r#"api = service("api", interface("main", "http", 8080), image = "{bare}")
+
+def test_never_runs():
+    pass
+"#
+    );
+    let manifests = [
+        faulttest("registry", ns, &spec, ""),
+        faulttest("no-command", ns, &no_command, ""),
+    ]
+    .join("---\n");
+    let (ok, out) = kubectl_stdin(&["apply", "-f", "-"], &manifests);
+    assert!(ok, "{out}");
+    let st = wait_done(ns, "registry", limit);
+    assert_eq!(st["phase"], "Succeeded", "{st:#}");
+    assert_eq!(st["passed"], 2, "{st:#}");
+    let doc = result_document(ns, &st);
+    let text = doc.to_string();
+    assert!(
+        text.contains(&digest),
+        "the image's digest {digest} in the result: {doc:#}"
+    );
+    // The Service the name reached, deleted with the run.
+    wait_gone(ns, &["services"], "registry", Duration::from_secs(60));
+
+    let st = wait_done(ns, "no-command", limit);
+    let text = st.to_string();
+    assert!(
+        text.contains("give entrypoint=") && text.contains("neither ENTRYPOINT nor CMD"),
+        "{st:#}"
+    );
+    assert_ne!(st["phase"], "Succeeded", "{st:#}");
+}
+
+/// A client with a certificate of another CA, and one with none, dial
+/// a runner's shim listener (the address is in the service pod's args)
+/// while the pod starts: the TLS handshake refuses both before any
+/// message, and the test itself still passes. The listener lives only
+/// until the pod's shim dials in, so a spec of several tests gives several
+/// chances; a connection refused at TCP (the window missed) counts as
+/// neither.
+fn wrong_certificate(ns: &str, limit: Duration) {
+    let (_, cert, key) = certificates(&["faultbox-shim"]);
+    let spec = r#"api = service("api", interface("main", "http", 8080),
+    image = "faultbox/http:test",
+    entrypoint = ["python3", "/usr/local/bin/server.py"],
+    user = "65532",
+    healthcheck = http("localhost:8080/health"),
+)
+
+def test_one():
+    assert_eq(api.main.get(path = "/health").status, 200)
+
+def test_two():
+    assert_eq(api.main.get(path = "/health").status, 200)
+
+def test_three():
+    assert_eq(api.main.get(path = "/health").status, 200)
+
+def test_four():
+    assert_eq(api.main.get(path = "/health").status, 200)
+"#;
+    let (ok, out) = kubectl_stdin(&["apply", "-f", "-"], &faulttest("intruder", ns, spec, ""));
+    assert!(ok, "{out}");
+    let deadline = Instant::now() + limit;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut refused = Vec::new();
+    loop {
+        let (_, out) = kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            ns,
+            "-l",
+            "faultbox.io/faulttest=intruder,faultbox.io/service=api",
+            "-o",
+            "json",
+        ]);
+        let list: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+        for pod in list["items"].as_array().into_iter().flatten() {
+            let name = pod["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            if !seen.insert(name) {
+                continue;
+            }
+            let control = pod["spec"]["containers"][0]["args"][1]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let addr = control
+                .trim_start_matches("tls:")
+                .split('@')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            for with_cert in [true, false] {
+                match tls_intrude(&addr, with_cert.then_some((&cert, &key))) {
+                    Intrusion::Refused(why) => refused.push(why),
+                    Intrusion::Missed => {}
+                    Intrusion::Answered(bytes) => {
+                        panic!(
+                            "the runner answered a client without the run's credentials: {bytes:?}"
+                        )
+                    }
+                }
+            }
+        }
+        let st = status(ns, "intruder");
+        if st["phase"]
+            .as_str()
+            .is_some_and(|p| ["Succeeded", "Failed", "Error"].contains(&p))
+        {
+            assert_eq!(st["phase"], "Succeeded", "{st:#}");
+            assert_eq!(st["passed"], 4, "{st:#}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "intruder did not finish: {st:#}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !refused.is_empty(),
+        "no attempt reached a listener while a pod started ({} pods seen)",
+        seen.len()
+    );
+    eprintln!("wrong_certificate: {} refusals: {refused:?}", refused.len());
+}
+
+enum Intrusion {
+    /// Nothing listened any more (the pod's shim had dialled in).
+    Missed,
+    /// The handshake or the first read failed: refused.
+    Refused(String),
+    /// The runner sent application data.
+    Answered(Vec<u8>),
+}
+
+/// Dials `addr` as an intruder would: trusting any server, presenting
+/// `cert` (of a CA that is not the run's) or no certificate, sending a
+/// line as a shim's first message would be, and reading.
+fn tls_intrude(addr: &str, cert: Option<(&String, &String)>) -> Intrusion {
+    use std::io::{Read, Write};
+    let Ok(sock) = addr.parse::<std::net::SocketAddr>() else {
+        return Intrusion::Missed;
+    };
+    let Ok(tcp) = std::net::TcpStream::connect_timeout(&sock, Duration::from_secs(2)) else {
+        return Intrusion::Missed;
+    };
+    let _ = tcp.set_read_timeout(Some(Duration::from_secs(10)));
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(AnyServer));
+    let config = match cert {
+        Some((c, k)) => {
+            use rustls::pki_types::pem::PemObject;
+            let chain = rustls::pki_types::CertificateDer::pem_slice_iter(c.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .expect("cert");
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(k.as_bytes()).expect("key");
+            builder
+                .with_client_auth_cert(chain, key)
+                .expect("client auth")
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let name = rustls::pki_types::ServerName::try_from("faultbox-controller").expect("name");
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).expect("client");
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    if let Err(e) = tls.write_all(b"{\"type\":\"hello\"}\n") {
+        return Intrusion::Refused(e.to_string());
+    }
+    let mut buf = [0u8; 512];
+    match tls.read(&mut buf) {
+        Ok(0) => Intrusion::Refused("closed without a word".into()),
+        Ok(n) => Intrusion::Answered(buf[..n].to_vec()),
+        Err(e) => Intrusion::Refused(e.to_string()),
+    }
+}
+
+/// Trusts every server certificate: the intruder is the one being
+/// checked, not the runner.
+#[derive(Debug)]
+struct AnyServer;
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 fn runner_lost(ns: &str, limit: Duration) {

@@ -10,6 +10,8 @@
   GET /file?path=P       -> the file's contents, or 500 with the errno name
   GET /redis?env=NAME&cmd=C -> the first line Redis (at $NAME, host:port)
                             answers to the inline command C, or 502
+  GET /redis?addr=H:P&cmd=C -> the same at H:P as given (no variable, so
+                            faultbox does not point it at a proxy)
 
 With TLS_CERT and TLS_KEY (PEM files) it serves HTTPS instead.
 """
@@ -52,7 +54,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.reply(502, "error %s" % e)
         elif url.path == "/redis":
             try:
-                host, port = os.environ.get(q.get("env", ""), "").rsplit(":", 1)
+                addr = q.get("addr") or os.environ.get(q.get("env", ""), "")
+                host, port = addr.rsplit(":", 1)
                 with socket.create_connection((host, int(port)), timeout=5) as c:
                     c.sendall(q.get("cmd", "PING").encode() + b"\r\n")
                     line = c.makefile("rb").readline().decode().rstrip("\r\n")
