@@ -197,6 +197,20 @@ pub struct Needs {
     pub pods: bool,
 }
 
+/// Why a runner pod was refused, saying what to change. A runner of
+/// `image=` services runs as `faultbox-runner`, which the chart makes only
+/// in the namespaces it is told of: without it the API server refuses the
+/// pod as forbidden too, but the fix is another.
+pub fn forbidden(api_message: &str, namespace: &str, needs: &Needs) -> String {
+    if needs.pods && api_message.contains(RUNNER_ACCOUNT) {
+        format!(
+            "namespace {namespace} has no ServiceAccount {RUNNER_ACCOUNT}, which runs the runner of a spec with image= services: add {namespace} to the chart's runnerNamespaces (or watchNamespaces) ({api_message})"
+        )
+    } else {
+        format!("the operator may not create pods here: {api_message}")
+    }
+}
+
 /// The operator's settings for the runner pods it makes.
 #[derive(Debug, Clone, Default)]
 pub struct RunnerDefaults {
@@ -994,7 +1008,8 @@ async fn reconcile_inner(ft: &FaultTest, ctx: &Context) -> Result<Action, Error>
                 Err(kube::Error::Api(e)) if e.code == 403 => {
                     // Nothing half-created: the spec ConfigMap goes too.
                     let _ = configmaps.delete(&n.spec, &DeleteParams::default()).await;
-                    let message = format!("the operator may not create pods here: {}", e.message);
+                    let message =
+                        forbidden(&e.message, &ft.namespace().unwrap_or_default(), &needs);
                     let base = FaultTestStatus {
                         observed_generation: Some(g),
                         ..status.clone()
@@ -1474,6 +1489,25 @@ mod tests {
         assert_eq!(
             volumes[0].config_map.as_ref().map(|c| c.name.as_str()),
             Some("checkout-spec-3")
+        );
+    }
+
+    #[test]
+    fn a_missing_runner_account_says_which_chart_value_to_set() {
+        let pods = Needs {
+            pods: true,
+            ..Needs::default()
+        };
+        let api = r#"error looking up service account shop/faultbox-runner: serviceaccount "faultbox-runner" not found"#;
+        let m = forbidden(api, "shop", &pods);
+        assert!(
+            m.contains("runnerNamespaces") && m.contains("namespace shop"),
+            "{m}"
+        );
+        let m = forbidden("pods is forbidden: User cannot create", "shop", &pods);
+        assert!(
+            m.starts_with("the operator may not create pods here"),
+            "{m}"
         );
     }
 

@@ -479,6 +479,7 @@ def test_readonly_replica():
         "json",
     ]);
     let mut role: Value = serde_json::from_str(&role).expect("role json");
+    let allowed = role.clone();
     if let Some(rules) = role["rules"].as_array_mut() {
         for r in rules.iter_mut() {
             if r["resources"] == serde_json::json!(["pods"]) {
@@ -508,6 +509,44 @@ def test_readonly_replica():
         &["pods", "configmaps"],
         "denied",
         Duration::from_secs(30),
+    );
+    // Pods allowed again, but no runner account there (as in a namespace
+    // a cluster-wide install was not told of): the message names the
+    // chart value that makes one.
+    let mut allowed = allowed;
+    if let Some(m) = allowed["metadata"].as_object_mut() {
+        m.remove("resourceVersion");
+    }
+    let (ok, out) = kubectl_stdin(&["replace", "-f", "-"], &allowed.to_string());
+    assert!(ok, "{out}");
+    must(&[
+        "delete",
+        "serviceaccount",
+        "faultbox-runner",
+        "-n",
+        &denied_ns,
+    ]);
+    let (ok, out) = kubectl_stdin(
+        &["apply", "-f", "-"],
+        &faulttest(
+            "no-account",
+            &denied_ns,
+            "api = service(\"api\", interface(\"main\", \"http\", 8080), image = \"faultbox/http:test\", entrypoint = [\"python3\"], user = \"65532\")\n\ndef test_a():\n    pass\n",
+            "",
+        ),
+    );
+    assert!(ok, "{out}");
+    let st = wait_done(&denied_ns, "no-account", limit);
+    assert_eq!(st["phase"], "Error", "{st:#}");
+    let c = condition(&st, "RunnerReady");
+    assert!(
+        c["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("runnerNamespaces")
+                && m.contains(&format!(
+                    "namespace {denied_ns} has no ServiceAccount faultbox-runner"
+                ))),
+        "{c}"
     );
 
     // Deleting a FaultTest mid-run leaves no pod behind.
