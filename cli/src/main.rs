@@ -31,6 +31,17 @@ enum Commands {
         after_help = "Examples:\n  faultbox test faultbox.star\n  faultbox test faultbox.star --test happy_path\n  faultbox test faultbox.star --format json\n  faultbox test faultbox.star --runs 100 --show fail\n  faultbox test faultbox.star --seed 42\n  faultbox test faultbox.star --dry-run"
     )]
     Test(test::TestArgs),
+    /// Compare two normalized traces (`faultbox test --normalize`): exit 0
+    /// when identical, 2 when they differ (each difference is printed).
+    #[command(
+        after_help = "Example:\n  faultbox test faultbox.star --normalize run1.norm\n  faultbox test faultbox.star --normalize run2.norm\n  faultbox diff run1.norm run2.norm"
+    )]
+    Diff {
+        /// The first trace.
+        a: std::path::PathBuf,
+        /// The second trace.
+        b: std::path::PathBuf,
+    },
     /// Browse the embedded recipe library: named failures with the real
     /// servers' error codes and messages.
     Recipes {
@@ -71,6 +82,26 @@ fn one_line(e: &anyhow::Error) -> String {
     line
 }
 
+/// `faultbox diff A B`.
+fn diff(a: &std::path::Path, b: &std::path::Path) -> anyhow::Result<i32> {
+    use anyhow::Context as _;
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()))
+    };
+    let (ta, tb) = (read(a)?, read(b)?);
+    let (na, nb) = (a.display().to_string(), b.display().to_string());
+    match faultbox_engine::report::diff_normalized((&na, &ta), (&nb, &tb))? {
+        None => {
+            print_stdout("traces are identical\n")?;
+            Ok(0)
+        }
+        Some(report) => {
+            print_stdout(&report)?;
+            Ok(2)
+        }
+    }
+}
+
 fn main() {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -91,6 +122,7 @@ fn main() {
     let result = match cli.command {
         Commands::Run(args) => run::run(args),
         Commands::Test(args) => test::run(args),
+        Commands::Diff { a, b } => diff(&a, &b),
         Commands::Recipes { command } => recipes::run(command),
         Commands::Bench { command } => bench::run(command),
     };

@@ -1,6 +1,7 @@
 //! `faultbox test`: load a spec, run its tests, print verdicts.
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
@@ -96,11 +97,12 @@ pub struct TestArgs {
     /// Not in this build.
     #[arg(long = "virtual-time", hide = true)]
     virtual_time: bool,
-    /// Not in this build.
-    #[arg(long, hide = true)]
+    /// Write a ShiViz log of the run's events (vector clocks per service)
+    #[arg(long, value_name = "FILE")]
     shiviz: Option<PathBuf>,
-    /// Not in this build.
-    #[arg(long, hide = true)]
+    /// Write the normalized trace (for `faultbox diff`: stable across runs
+    /// of a deterministic test)
+    #[arg(long, value_name = "FILE")]
     normalize: Option<PathBuf>,
 }
 
@@ -109,8 +111,6 @@ pub fn run(args: TestArgs) -> Result<i32> {
     for (given, flag) in [
         (args.explore.is_some(), "--explore"),
         (args.virtual_time, "--virtual-time"),
-        (args.shiviz.is_some(), "--shiviz"),
-        (args.normalize.is_some(), "--normalize"),
     ] {
         if given {
             bail!("{flag} is not supported by this build of faultbox yet");
@@ -159,6 +159,11 @@ pub fn run(args: TestArgs) -> Result<i32> {
         None => spec.tests.clone(),
     };
     if args.kube && !args.dry_run {
+        if args.normalize.is_some() || args.shiviz.is_some() {
+            bail!(
+                "--normalize and --shiviz write a local run's trace; with --kube, take the events from --output's JSON document"
+            );
+        }
         return crate::kube::run(&args, &spec);
     }
     // After the load, whose thread is gone: the mask must be set while
@@ -223,6 +228,19 @@ pub fn run(args: TestArgs) -> Result<i32> {
         );
         return Ok(0);
     }
+    // The trace files are opened before anything runs: a path that cannot
+    // be written fails now, not after the whole suite.
+    let mut views = Vec::new();
+    for (path, view) in [
+        (&args.normalize, View::Normalized),
+        (&args.shiviz, View::ShiViz),
+    ] {
+        if let Some(p) = path {
+            let file = std::fs::File::create(p)
+                .with_context(|| format!("cannot write the trace to {}", p.display()))?;
+            views.push((p.clone(), file, view));
+        }
+    }
     // Everything that can be checked before starting anything.
     let log_dir = std::env::temp_dir().join(format!("faultbox-{}", std::process::id()));
     std::fs::create_dir_all(&log_dir).with_context(|| format!("create {}", log_dir.display()))?;
@@ -282,6 +300,20 @@ pub fn run(args: TestArgs) -> Result<i32> {
     } else {
         let _ = std::fs::remove_dir_all(&log_dir);
     }
+    let scrub = report::Scrub {
+        dirs: vec![
+            (log_dir.display().to_string(), "$LOGS"),
+            (spec.dir.display().to_string(), "$SPEC"),
+        ],
+    };
+    for (path, mut file, view) in views {
+        let text = match view {
+            View::Normalized => report::normalized(&results, &scrub),
+            View::ShiViz => report::shiviz(&results),
+        };
+        file.write_all(text.as_bytes())
+            .with_context(|| format!("write {}", path.display()))?;
+    }
     let star_file = args.file.display().to_string();
     let doc = report::run_json(&star_file, started.elapsed().as_millis() as u64, &results);
     let text = serde_json::to_string_pretty(&doc)?;
@@ -303,6 +335,13 @@ pub fn run(args: TestArgs) -> Result<i32> {
     } else {
         0
     })
+}
+
+/// The trace files a run can write.
+#[derive(Clone, Copy)]
+enum View {
+    Normalized,
+    ShiViz,
 }
 
 /// SIGINT and SIGTERM during `faultbox test`. Before services start, a

@@ -558,3 +558,544 @@ pub fn zero_traffic(results: &[TestResult]) -> String {
         rows.join("\n")
     )
 }
+
+// ---- Trace views: the normalized trace (`--normalize`, `faultbox diff`)
+// and the ShiViz log (`--shiviz`).
+
+/// The parts of a path that belong to one run rather than to the test:
+/// the run's own directories (replaced by a placeholder such as `$LOGS`),
+/// pids under `/proc`, and the inode numbers of sockets and pipes.
+#[derive(Debug, Clone, Default)]
+pub struct Scrub {
+    /// A directory of this run and what stands for it.
+    pub dirs: Vec<(String, &'static str)>,
+}
+
+impl Scrub {
+    fn path(&self, raw: &str) -> String {
+        for kind in ["socket", "pipe", "anon_inode"] {
+            if raw.starts_with(&format!("{kind}:")) {
+                return kind.to_string();
+            }
+        }
+        let mut p = raw.to_string();
+        for (dir, name) in &self.dirs {
+            if !dir.is_empty() && (p == *dir || p.starts_with(&format!("{dir}/"))) {
+                p = format!("{name}{}", &p[dir.len()..]);
+            }
+        }
+        if let Some(rest) = p.strip_prefix("/proc/") {
+            let (first, tail) = rest.split_once('/').unwrap_or((rest, ""));
+            if !first.is_empty() && first.bytes().all(|b| b.is_ascii_digit()) {
+                p = if tail.is_empty() {
+                    "/proc/PID".to_string()
+                } else {
+                    format!("/proc/PID/{tail}")
+                };
+            }
+        }
+        p
+    }
+}
+
+/// The line an event contributes to the normalized trace, if any: the
+/// syscalls a program chose to make (with their decisions and scrubbed
+/// paths), the lifecycle, fault windows and steps. Everything that varies
+/// from run to run for reasons outside the test (pids, times, ports, the
+/// loader's system-path reads, proxy chatter) is left out.
+fn normal_line(e: &Event, scrub: &Scrub) -> Option<String> {
+    let f = |k: &str| e.fields.get(k).map(String::as_str).unwrap_or_default();
+    match e.kind.as_str() {
+        "syscall" => {
+            let decision = f("decision");
+            let path = f("path");
+            if decision.starts_with("allow (system path)")
+                || (decision == "allow" && path.is_empty())
+            {
+                return None;
+            }
+            let mut line = format!("{} {decision}", f("syscall"));
+            if !path.is_empty() {
+                line.push(' ');
+                line.push_str(&scrub.path(path));
+            }
+            Some(line)
+        }
+        "service_started" | "service_ready" | "fault_applied" | "fault_removed"
+        | "trace_applied" | "trace_removed" => Some(e.kind.clone()),
+        // Only a crash: every service is stopped at the end of a test.
+        "service_exited" if f("expected") != "true" => {
+            Some(format!("service_exited {}", f("exit_code")))
+        }
+        "step_send" | "step_recv" => Some(format!("{} {}", e.kind, f("target"))),
+        _ => None,
+    }
+}
+
+/// `=== test ===` headers in run order (a test run again is `(run K)`),
+/// then `--- service ---` sections in name order (events without a
+/// service under `test`), each with its lines in sequence order. Two runs
+/// of a deterministic test give the same text.
+pub fn normalized(results: &[TestResult], scrub: &Scrub) -> String {
+    let mut out = String::new();
+    let mut seen: BTreeMap<&str, u64> = BTreeMap::new();
+    for r in results {
+        let n = seen.entry(&r.name).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            let _ = writeln!(out, "=== {} ===", r.name);
+        } else {
+            let _ = writeln!(out, "=== {} (run {n}) ===", r.name);
+        }
+        let mut by_service: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for e in &r.events {
+            if let Some(line) = normal_line(e, scrub) {
+                let service = if e.service.is_empty() {
+                    "test"
+                } else {
+                    e.service.as_str()
+                };
+                by_service.entry(service).or_default().push(line);
+            }
+        }
+        for (service, lines) in by_service {
+            let _ = writeln!(out, "--- {service} ---");
+            for l in lines {
+                out.push_str(&l);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+/// The first line of a ShiViz log: how ShiViz splits the lines after it.
+pub const SHIVIZ_REGEX: &str = r"(?<host>\S+) (?<clock>\{.*?\}) (?<event>.*)";
+
+/// A ShiViz log of every test: the parser regex, an empty line, then one
+/// `host {clock} description` line per event with a service. Tests follow
+/// each other in one execution: each test's clocks are offset by every
+/// host's last value in the tests before, so a host's clock only grows. A
+/// failed test adds a `VIOLATION` event on host `test` that follows
+/// everything in it.
+pub fn shiviz(results: &[TestResult]) -> String {
+    let mut out = format!("{SHIVIZ_REGEX}\n\n");
+    let mut offset: BTreeMap<String, u64> = BTreeMap::new();
+    // Each host's last clock: a host's next event must dominate it, also
+    // across tests, where its own clock in the new test knows nothing yet.
+    let mut host_last: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    for r in results {
+        let mut last = offset.clone();
+        for e in r.events.iter().filter(|e| !e.service.is_empty()) {
+            let mut owned: BTreeMap<String, u64> = host_last.remove(&e.service).unwrap_or_default();
+            for (k, v) in &e.vector_clock {
+                let v = v + offset.get(k).copied().unwrap_or(0);
+                let slot = owned.entry(k.clone()).or_insert(0);
+                *slot = (*slot).max(v);
+            }
+            let clock: BTreeMap<&str, u64> = owned.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+            for (k, v) in &clock {
+                let slot = last.entry(k.to_string()).or_insert(0);
+                *slot = (*slot).max(*v);
+            }
+            let _ = writeln!(out, "{} {} {}", e.service, clock_json(&clock), describe(e));
+            host_last.insert(e.service.clone(), owned);
+        }
+        if r.outcome != Outcome::Pass {
+            let tick = last.get("test").copied().unwrap_or(0) + 1;
+            last.insert("test".into(), tick);
+            host_last.insert("test".into(), last.clone());
+            let clock: BTreeMap<&str, u64> = last.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+            let reason = r.reason.as_deref().unwrap_or(r.outcome.as_str());
+            let _ = writeln!(
+                out,
+                "test {} VIOLATION [{}] {}",
+                clock_json(&clock),
+                r.name,
+                reason.replace('\n', " ")
+            );
+        }
+        offset = last;
+    }
+    out
+}
+
+/// `{"a": 1, "b": 2}`: sorted keys, as ShiViz's examples write clocks.
+fn clock_json(clock: &BTreeMap<&str, u64>) -> String {
+    let parts: Vec<String> = clock
+        .iter()
+        .map(|(k, v)| format!("{}: {v}", Json::from(*k)))
+        .collect();
+    format!("{{{}}}", parts.join(", "))
+}
+
+/// `syscall.fsync deny(input/output error) [label] /data/wal (+500ms)`,
+/// `step_send get→api`, or the event's type.
+fn describe(e: &Event) -> String {
+    let f = |k: &str| e.fields.get(k).map(String::as_str).unwrap_or_default();
+    match e.kind.as_str() {
+        "syscall" => {
+            let mut s = format!("syscall.{} {}", f("syscall"), f("decision"));
+            if !f("label").is_empty() {
+                let _ = write!(s, " [{}]", f("label"));
+            }
+            if !f("path").is_empty() {
+                let _ = write!(s, " {}", f("path"));
+            }
+            if let Ok(ms) = f("latency_ms").parse::<u64>()
+                && ms > 0
+            {
+                let _ = write!(s, " (+{ms}ms)");
+            }
+            s
+        }
+        "step_send" | "step_recv" => format!("{} {}→{}", e.kind, f("method"), f("target")),
+        _ => e.kind.clone(),
+    }
+}
+
+/// Why two files cannot be compared as normalized traces.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{name} is not a normalized trace (its first line is not `=== <test> ===`; `faultbox test --normalize FILE` writes one)"
+)]
+pub struct NotNormalized {
+    /// The file, as given.
+    pub name: String,
+}
+
+/// Compares two normalized traces line by line (a minimal edit script, so
+/// one extra line shows as one): `None` when they are identical, else a
+/// report of every difference with the test and service it is in and the
+/// line before it.
+pub fn diff_normalized(a: (&str, &str), b: (&str, &str)) -> Result<Option<String>, NotNormalized> {
+    for (name, text) in [a, b] {
+        let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+        let header = first.starts_with("=== ") && first.ends_with(" ===");
+        // An empty file is the trace of a run without tests.
+        if !header && !text.trim().is_empty() {
+            return Err(NotNormalized {
+                name: name.to_string(),
+            });
+        }
+    }
+    if a.1 == b.1 {
+        return Ok(None);
+    }
+    let old: Vec<&str> = a.1.lines().collect();
+    let new: Vec<&str> = b.1.lines().collect();
+    // Where each line of `a` is: its test and service headers.
+    let mut place = Vec::with_capacity(old.len());
+    let (mut test, mut service) = ("", "");
+    for l in &old {
+        if let Some(t) = l.strip_prefix("=== ").and_then(|t| t.strip_suffix(" ===")) {
+            (test, service) = (t, "");
+        } else if let Some(s) = l.strip_prefix("--- ").and_then(|s| s.strip_suffix(" ---")) {
+            service = s;
+        }
+        place.push((test, service));
+    }
+    let diff = similar::TextDiff::configure()
+        .algorithm(similar::Algorithm::Myers)
+        .diff_slices(&old, &new);
+    let mut out = format!("traces differ ({} vs {} lines):\n", old.len(), new.len());
+    for group in diff.grouped_ops(1) {
+        let Some(first) = group
+            .iter()
+            .find(|op| op.tag() != similar::DiffTag::Equal)
+            .or(group.first())
+        else {
+            continue;
+        };
+        let at = first.old_range().start;
+        let (t, s) = place
+            .get(at.min(place.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  {t}{}{}, line {}:",
+            if s.is_empty() { "" } else { " / " },
+            s,
+            at + 1
+        );
+        for op in &group {
+            for change in diff.iter_changes(op) {
+                let sign = match change.tag() {
+                    similar::ChangeTag::Equal => "   ",
+                    similar::ChangeTag::Delete => "  -",
+                    similar::ChangeTag::Insert => "  +",
+                };
+                let _ = writeln!(out, "  {sign} {}", change.value());
+            }
+        }
+    }
+    Ok(Some(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(
+        seq: u64,
+        kind: &str,
+        service: &str,
+        f: &[(&str, &str)],
+        clock: &[(&str, u64)],
+    ) -> Event {
+        Event {
+            seq,
+            time_ns: seq * 1000,
+            kind: kind.into(),
+            service: service.into(),
+            fields: f
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            vector_clock: clock.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        }
+    }
+
+    fn result(name: &str, outcome: Outcome, events: Vec<Event>) -> TestResult {
+        TestResult {
+            name: name.into(),
+            outcome,
+            reason: (outcome != Outcome::Pass).then(|| "assert_eq failed: 1 != 2".into()),
+            failure: None,
+            seed: 7,
+            duration_ms: 12,
+            return_value: None,
+            replay: String::new(),
+            faults: vec![],
+            assertions: 1,
+            assertion: None,
+            crashes: vec![],
+            healthcheck_timeout: false,
+            events,
+            diagnostics: vec![],
+        }
+    }
+
+    /// One test's events as a run with the given pid, inode and log dir
+    /// would report them.
+    fn run_of(pid: &str, inode: &str, logs: &str) -> Vec<Event> {
+        vec![
+            event(1, "service_started", "db", &[("pid", pid)], &[("db", 1)]),
+            event(
+                2,
+                "syscall",
+                "db",
+                &[
+                    ("syscall", "openat"),
+                    ("decision", "allow (system path)"),
+                    ("path", "/lib/x86_64-linux-gnu/libc.so.6"),
+                ],
+                &[("db", 2)],
+            ),
+            event(
+                3,
+                "syscall",
+                "db",
+                &[
+                    ("syscall", "write"),
+                    ("decision", "allow"),
+                    ("path", &format!("{logs}/test_a.db.log")),
+                ],
+                &[("db", 3)],
+            ),
+            event(4, "service_ready", "db", &[], &[("db", 4)]),
+            event(
+                5,
+                "step_send",
+                "test",
+                &[("target", "db"), ("method", "get")],
+                &[("test", 1)],
+            ),
+            event(
+                6,
+                "syscall",
+                "db",
+                &[
+                    ("syscall", "read"),
+                    ("decision", "allow"),
+                    ("path", &format!("socket:[{inode}]")),
+                ],
+                &[("db", 5), ("test", 1)],
+            ),
+            event(
+                7,
+                "syscall",
+                "db",
+                &[
+                    ("syscall", "fsync"),
+                    ("decision", "deny(input/output error)"),
+                    ("path", "/data/wal"),
+                    ("label", "wal"),
+                    ("pid", pid),
+                ],
+                &[("db", 6), ("test", 1)],
+            ),
+            event(
+                8,
+                "syscall",
+                "db",
+                &[("syscall", "getpid"), ("decision", "allow")],
+                &[("db", 7), ("test", 1)],
+            ),
+            event(
+                9,
+                "syscall",
+                "db",
+                &[
+                    ("syscall", "openat"),
+                    ("decision", "allow"),
+                    ("path", &format!("/proc/{pid}/status")),
+                ],
+                &[("db", 8), ("test", 1)],
+            ),
+            event(
+                10,
+                "proxy_started",
+                "db",
+                &[("listen", "127.0.0.1:41234")],
+                &[("db", 9), ("test", 1)],
+            ),
+            event(
+                11,
+                "step_recv",
+                "test",
+                &[("target", "db"), ("method", "get")],
+                &[("db", 9), ("test", 2)],
+            ),
+        ]
+    }
+
+    #[test]
+    fn normalized_traces_drop_what_differs_between_runs() {
+        let one = [result(
+            "test_a",
+            Outcome::Pass,
+            run_of("4242", "991", "/tmp/faultbox-4242"),
+        )];
+        let two = [result(
+            "test_a",
+            Outcome::Pass,
+            run_of("777", "12", "/tmp/faultbox-777"),
+        )];
+        let scrub = |d: &str| Scrub {
+            dirs: vec![(d.to_string(), "$LOGS")],
+        };
+        let a = normalized(&one, &scrub("/tmp/faultbox-4242"));
+        let b = normalized(&two, &scrub("/tmp/faultbox-777"));
+        assert_eq!(a, b);
+        assert_eq!(
+            a,
+            "=== test_a ===\n--- db ---\nservice_started\nwrite allow $LOGS/test_a.db.log\nservice_ready\nread allow socket\nfsync deny(input/output error) /data/wal\nopenat allow /proc/PID/status\n--- test ---\nstep_send db\nstep_recv db\n"
+        );
+        assert_eq!(
+            diff_normalized(("a", &a), ("b", &b)).expect("both traces"),
+            None
+        );
+        // A second run of a test is told apart.
+        let twice = normalized(&[one[0].clone(), one[0].clone()], &Scrub::default());
+        assert!(twice.contains("=== test_a (run 2) ==="), "{twice}");
+    }
+
+    #[test]
+    fn a_diff_names_the_test_the_service_and_the_line() {
+        let a = "=== test_a ===\n--- db ---\nservice_started\nwrite allow /data/wal\nfsync allow /data/wal\n--- test ---\nstep_send db\n";
+        let b = "=== test_a ===\n--- db ---\nservice_started\nwrite allow /data/wal\nfsync deny(input/output error) /data/wal\n--- test ---\nstep_send db\n";
+        let report = diff_normalized(("a", a), ("b", b))
+            .expect("traces")
+            .expect("a difference");
+        assert!(
+            report.starts_with("traces differ (7 vs 7 lines):\n"),
+            "{report}"
+        );
+        assert!(report.contains("  test_a / db, line 5:\n"), "{report}");
+        assert!(report.contains("      write allow /data/wal\n"), "{report}");
+        assert!(report.contains("    - fsync allow /data/wal\n"), "{report}");
+        assert!(
+            report.contains("    + fsync deny(input/output error) /data/wal\n"),
+            "{report}"
+        );
+        // One extra line is one difference, not the rest of the file.
+        let c = a.replace(
+            "write allow /data/wal\n",
+            "write allow /data/wal\nwrite allow /data/wal\n",
+        );
+        let report = diff_normalized(("a", a), ("c", &c))
+            .expect("traces")
+            .expect("differ");
+        assert_eq!(report.matches("  + ").count(), 1, "{report}");
+        assert_eq!(report.matches("  - ").count(), 0, "{report}");
+        let e = diff_normalized(("a", a), ("notes.txt", "hello\n")).expect_err("not a trace");
+        assert!(
+            e.to_string()
+                .contains("notes.txt is not a normalized trace"),
+            "{e}"
+        );
+    }
+
+    /// Each line as ShiViz's regex splits it: host, clock, description.
+    fn parse_shiviz(text: &str) -> Vec<(String, BTreeMap<String, u64>, String)> {
+        let mut lines = text.lines();
+        assert_eq!(lines.next(), Some(SHIVIZ_REGEX));
+        assert_eq!(lines.next(), Some(""));
+        lines
+            .map(|l| {
+                let (host, rest) = l.split_once(' ').expect("host");
+                assert!(!host.is_empty() && !host.contains(char::is_whitespace));
+                let end = rest.find('}').expect("clock") + 1;
+                let clock: BTreeMap<String, u64> =
+                    serde_json::from_str(&rest[..end]).expect("clock json");
+                let event = rest[end..].strip_prefix(' ').expect("event").to_string();
+                (host.to_string(), clock, event)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn shiviz_clocks_grow_per_host_across_tests() {
+        let results = [
+            result("test_a", Outcome::Pass, run_of("1", "1", "/l")),
+            result("test_b", Outcome::Fail, run_of("2", "2", "/l")),
+        ];
+        let text = shiviz(&results);
+        let lines = parse_shiviz(&text);
+        let mut last: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+        for (host, clock, _) in &lines {
+            assert!(clock.contains_key(host), "{host} {clock:?}");
+            if let Some(prev) = last.get(host) {
+                assert_eq!(
+                    clock[host],
+                    prev[host] + 1,
+                    "{host}: {prev:?} then {clock:?}"
+                );
+                for (k, v) in prev {
+                    assert!(
+                        clock.get(k).copied().unwrap_or(0) >= *v,
+                        "{host}: {prev:?} then {clock:?}"
+                    );
+                }
+            }
+            last.insert(host.clone(), clock.clone());
+        }
+        assert!(
+            lines.iter().any(|(h, _, e)| h == "db"
+                && e == "syscall.fsync deny(input/output error) [wal] /data/wal"),
+            "{text}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|(h, _, e)| h == "test" && e == "step_send get→db"),
+            "{text}"
+        );
+        let (host, clock, event) = lines.last().expect("a violation");
+        assert_eq!(host, "test");
+        assert_eq!(event, "VIOLATION [test_b] assert_eq failed: 1 != 2");
+        assert_eq!(clock["db"], 18, "it follows everything: {clock:?}");
+    }
+}

@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{Run, Scratch, faultbox, finish, helper};
+use support::{Run, Scratch, faultbox, faultbox_raw, finish, helper};
 
 /// A free TCP port on loopback.
 fn free_port() -> u16 {
@@ -197,6 +197,150 @@ def test_fsync_eio():
             "service_exited"
         ]
     );
+}
+
+/// `--normalize` twice (different generated seeds, pids, inodes, log
+/// directories) gives the same file and `faultbox diff` says so; a run with
+/// a fault gives a diff naming the line; `--shiviz` gives a log ShiViz's
+/// regex splits into valid clocks. And the bad inputs.
+#[test]
+fn normalized_traces_compare_across_runs_and_diff_names_the_change() {
+    let dir = Scratch::new("spec-normalize");
+    let body = |fsync: &str| {
+        format!(
+            r#"
+def test_persist():
+    assert_eq({fsync}, "OK")
+    assert_eq(persist(), "OK")
+"#
+        )
+    };
+    // Both intercept fsync (a fault window each); they differ in its
+    // decision.
+    let (plain, _) = spec_with_service(
+        &dir,
+        "",
+        &body("fault(svc, fsync = delay(\"1ms\"), run = persist)"),
+    );
+    let faulted = plain.replace(
+        "assert_eq(fault(svc, fsync = delay(\"1ms\"), run = persist), \"OK\")",
+        "assert_eq(fault(svc, fsync = deny(\"EIO\"), run = persist), \"ERR EIO\")",
+    );
+    assert_ne!(plain, faulted);
+    let (a, b, c) = (dir.path("a.norm"), dir.path("b.norm"), dir.path("c.norm"));
+    let viz = dir.path("run.shiviz");
+    for (text, out, extra) in [
+        (&plain, &a, vec!["--shiviz", viz.as_str()]),
+        (&plain, &b, vec![]),
+        (&faulted, &c, vec![]),
+    ] {
+        let mut args = vec!["--normalize", out.as_str()];
+        args.extend(extra);
+        let run = run_spec(&dir, text, &args);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+    }
+    let diff = |x: &str, y: &str| faultbox_raw(&["diff", x, y]);
+    let same = diff(&a, &b);
+    assert_eq!(
+        (same.code, same.stdout.as_str()),
+        (0, "traces are identical\n"),
+        "{}",
+        same.stderr
+    );
+    let text = std::fs::read_to_string(&a).expect("a.norm");
+    assert!(
+        text.starts_with("=== test_persist ===\n--- svc ---\nservice_started\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("fault_applied\nfsync delay(1ms) $SPEC/data/svc.wal\nfault_removed\n"),
+        "{text}"
+    );
+    assert!(!text.contains("pid"), "{text}");
+
+    let changed = diff(&a, &c);
+    assert_eq!(changed.code, 2, "{}", changed.stdout);
+    assert!(
+        changed.stdout.starts_with("traces differ ("),
+        "{}",
+        changed.stdout
+    );
+    assert!(
+        changed.stdout.contains(&format!(
+            "  test_persist / svc, line {}:\n",
+            1 + text
+                .lines()
+                .position(|l| l.starts_with("fsync delay"))
+                .expect("the fsync line")
+        )),
+        "{}",
+        changed.stdout
+    );
+    assert!(
+        changed
+            .stdout
+            .contains("    + fsync deny(input/output error) $SPEC/data/svc.wal"),
+        "{}",
+        changed.stdout
+    );
+    assert!(
+        changed
+            .stdout
+            .contains("    - fsync delay(1ms) $SPEC/data/svc.wal"),
+        "{}",
+        changed.stdout
+    );
+
+    // The ShiViz log: the regex line, an empty line, then `host {clock}
+    // event` lines whose clocks grow per host.
+    let log = std::fs::read_to_string(&viz).expect("shiviz");
+    let mut lines = log.lines();
+    assert_eq!(
+        lines.next(),
+        Some(r"(?<host>\S+) (?<clock>\{.*?\}) (?<event>.*)")
+    );
+    assert_eq!(lines.next(), Some(""));
+    let mut last: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut n = 0;
+    for l in lines {
+        let (host, rest) = l.split_once(' ').expect("host");
+        let end = rest.find('}').expect("clock") + 1;
+        let clock: std::collections::BTreeMap<String, u64> =
+            serde_json::from_str(&rest[..end]).expect("clock json");
+        let own = clock[host];
+        assert_eq!(own, last.get(host).copied().unwrap_or(0) + 1, "{l}");
+        last.insert(host.to_string(), own);
+        n += 1;
+    }
+    assert!(
+        n > 5 && last.contains_key("svc") && last.contains_key("test"),
+        "{log}"
+    );
+
+    // Bad input: a missing file, a file that is no trace, an unwritable
+    // --normalize (refused before anything runs).
+    let missing = diff(&a, &dir.path("nope.norm"));
+    assert_eq!(missing.code, 1, "{}", missing.stderr);
+    assert!(missing.stderr.contains("nope.norm"), "{}", missing.stderr);
+    let notes = dir.file("notes.txt");
+    let junk = diff(&a, &notes);
+    assert_eq!(junk.code, 1);
+    assert!(
+        junk.stderr.contains("notes.txt is not a normalized trace"),
+        "{}",
+        junk.stderr
+    );
+    let started = Instant::now();
+    let bad = run_spec(&dir, &plain, &["--normalize", "/nonexistent/dir/x.norm"]);
+    assert_eq!(bad.code, 1, "{}", bad.stderr);
+    assert!(
+        bad.stderr
+            .contains("cannot write the trace to /nonexistent/dir/x.norm"),
+        "{}",
+        bad.stderr
+    );
+    assert!(!bad.stderr.contains("PASS"), "nothing ran: {}", bad.stderr);
+    assert!(started.elapsed() < Duration::from_secs(5));
 }
 
 /// A call the window decided belongs to it even when its event comes
@@ -563,7 +707,7 @@ def test_never_ready():
 "#,
         helper = helper(),
     );
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let run = run_spec(&dir, &text, &["--format", "json"]);
     assert_eq!(run.code, 2, "{}", run.stderr);
     let t = test_named(&json(&run), "test_never_ready").clone();
@@ -1294,9 +1438,9 @@ fn remote_services_are_proxied_not_launched() {
         .args(["serve", &remote_port.to_string()])
         .spawn()
         .expect("start the remote");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(5);
     while std::net::TcpStream::connect(("127.0.0.1", remote_port)).is_err() {
-        assert!(std::time::Instant::now() < deadline, "remote did not start");
+        assert!(Instant::now() < deadline, "remote did not start");
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     let local = free_port();
@@ -1433,12 +1577,9 @@ fn s_server(cert: &str, key: &str, extra: &[&str]) -> (std::process::Child, u16)
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("openssl s_server");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(5);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "s_server did not start"
-        );
+        assert!(Instant::now() < deadline, "s_server did not start");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     (server, port)
