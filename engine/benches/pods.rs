@@ -443,6 +443,17 @@ fn bench_syscall(reps: usize, n: u64, cfg: &RunConfig, local: &RunConfig, logs: 
         if p / b <= 1.1 { "OK" } else { "OVER" }
     );
     let _ = Command::new("docker").args(["rmi", &image]).output();
+    // And the cluster's copy: the kubelet collects images only when its
+    // disk is nearly full, and then it takes the test images too.
+    let _ = Command::new("ctr")
+        .args([
+            "--address",
+            "/run/k8s/containerd/containerd.sock",
+            "-n",
+            "k8s.io",
+        ])
+        .args(["images", "rm", &image])
+        .output();
 }
 
 fn main() {
@@ -472,16 +483,19 @@ fn main() {
         shim.display()
     );
     let pid = std::process::id();
-    // The pods are BestEffort: the kubelet gives their cgroup cpu.shares 2
-    // against 1024 for a process on the node, so with this process (the
-    // runner) outside it, a pod's target and shim lose every contended
-    // slice to it on a 2-core machine. In a cluster the runner is a
-    // BestEffort pod too: join that cgroup, so the pod and binary mode
-    // both run at the runner's weight (binary mode's children inherit it).
-    let besteffort = Path::new("/sys/fs/cgroup/cpu/kubepods/besteffort/cgroup.procs");
-    if besteffort.exists() {
-        std::fs::write(besteffort, pid.to_string()).expect("join the BestEffort cpu cgroup");
-        println!("(running in the kubelet's BestEffort cpu cgroup, as a runner pod does)");
+    // The pods are BestEffort: the kubelet gives each pod's cgroup
+    // cpu.shares 2, against 1024 for a process, so a runner that is a plain
+    // process (on the node, or directly in the BestEffort cgroup) wins
+    // every contended slice from the pods it measures. In a cluster the
+    // runner is a BestEffort pod too: run in a cgroup of our own beside the
+    // pods, with the same 2 shares (binary mode's children inherit it).
+    let besteffort = Path::new("/sys/fs/cgroup/cpu/kubepods/besteffort");
+    if besteffort.is_dir() {
+        let mine = besteffort.join(format!("faultbox-bench-{pid}"));
+        std::fs::create_dir_all(&mine).expect("a cpu cgroup for the bench");
+        std::fs::write(mine.join("cpu.shares"), "2").expect("its shares");
+        std::fs::write(mine.join("cgroup.procs"), pid.to_string()).expect("join it");
+        println!("(in a BestEffort pod's cpu cgroup, cpu.shares 2, as a runner pod is)");
     }
     let ns = format!("faultbox-bench-pods-{pid}");
     let logs = std::env::temp_dir().join(format!("faultbox-bench-pods-{pid}"));
@@ -543,4 +557,9 @@ fn main() {
         .args(["delete", "namespace", &ns, "--wait=false"])
         .output();
     let _ = std::fs::remove_dir_all(&logs);
+    if besteffort.is_dir() {
+        // Out of our cgroup, so that it can go.
+        let _ = std::fs::write("/sys/fs/cgroup/cpu/cgroup.procs", pid.to_string());
+        let _ = std::fs::remove_dir(besteffort.join(format!("faultbox-bench-{pid}")));
+    }
 }

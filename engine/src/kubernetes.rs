@@ -536,7 +536,7 @@ impl Cluster {
     /// `<prefix>-<service>`: the name of a service's Service and the
     /// label that its pods carry.
     fn instance(&self, service: &str) -> String {
-        dns_label(&format!("{}-{service}", self.prefix), 63)
+        instance_name(&self.prefix, service)
     }
 
     fn settled(&self, service: &str) -> Option<Settled> {
@@ -707,6 +707,17 @@ impl Drop for Cluster {
                 .delete(&self.secret, &DeleteParams::background())
                 .await;
         });
+    }
+}
+
+/// `<prefix>-<service>` as a Service name: a DNS-1035 label, which must
+/// start with a letter (a FaultTest's name may start with a digit).
+fn instance_name(prefix: &str, service: &str) -> String {
+    let name = dns_label(&format!("{prefix}-{service}"), 63);
+    if name.starts_with(|c: char| c.is_ascii_lowercase()) {
+        name
+    } else {
+        dns_label(&format!("s-{name}"), 63)
     }
 }
 
@@ -1114,6 +1125,9 @@ mod tests {
         assert_eq!(dns_label("--x--", 63), "x");
         assert_eq!(dns_label("___", 63), "svc");
         assert_eq!(dns_label(&"a".repeat(80), 63).len(), 63);
+        assert_eq!(instance_name("shop-1a", "db"), "shop-1a-db");
+        assert_eq!(instance_name("1nightly-2f", "db"), "s-1nightly-2f-db");
+        assert_eq!(instance_name(&"x".repeat(70), "db").len(), 63);
         assert_eq!(port_name("admin__api"), "admin-api");
         assert_eq!(port_name("8080"), "p8080");
         assert_eq!(port_name("a-very-long-interface"), "a-very-long-int");
