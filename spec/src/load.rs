@@ -832,6 +832,7 @@ impl Spec {
                     };
                     let ctx = Ctx {
                         run: Some(Arc::clone(&run)),
+                        deadline: Some(std::time::Instant::now() + timeout),
                         ..Ctx::default()
                     };
                     let mut eval = Evaluator::new(&heap_module);

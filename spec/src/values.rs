@@ -33,6 +33,8 @@ pub struct Ctx {
     pub services: std::cell::RefCell<Vec<ServiceDef>>,
     /// The test being run; `None` while the spec loads.
     pub run: Option<std::sync::Arc<dyn TestHost>>,
+    /// When the running test's time is up (`--timeout`).
+    pub deadline: Option<std::time::Instant>,
     /// Local files read while the spec loads (modules, `load_file` and
     /// friends, TLS material), for `faultbox test --kube` to ship.
     pub files: std::cell::RefCell<Vec<std::path::PathBuf>>,

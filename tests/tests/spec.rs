@@ -343,6 +343,46 @@ def test_persist():
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
+/// `await_event` returns a real service's event, `await_stable` waits
+/// for its quiet, `sleep` waits, and a sleep past `--timeout` is refused
+/// at once with what the test has left.
+#[test]
+fn waiting_builtins_work_on_a_real_trace() {
+    let dir = Scratch::new("spec-waits");
+    let (text, _) = spec_with_service(
+        &dir,
+        "",
+        r#"
+def test_waits():
+    assert_eq(fault(svc, fsync = delay("1ms"), run = persist), "OK")
+    e = await_event(type = "syscall", syscall = "fsync", timeout = "5s")
+    assert_true(e.path.endswith("svc.wal"), e.path)
+    assert_eq(e.service, "svc")
+    await_stable(quiescence_window = "200ms", timeout = "5s")
+    sleep("50ms")
+
+def test_oversleeps():
+    sleep("10m")
+"#,
+    );
+    let started = Instant::now();
+    let run = run_spec(&dir, &text, &["--format", "json", "--timeout", "5s"]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    let doc = json(&run);
+    assert_eq!(test_named(&doc, "test_waits")["result"], "pass", "{doc:#}");
+    let over = test_named(&doc, "test_oversleeps");
+    assert_ne!(over["result"], "pass");
+    let reason = over["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("sleep(600s): the test has") && reason.contains("--timeout"),
+        "{reason}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "refused at once"
+    );
+}
+
 /// A call the window decided belongs to it even when its event comes
 /// after the window closed: a delayed fsync still held when `fault()`
 /// returns is counted from the shim's own counters, not from the trace.

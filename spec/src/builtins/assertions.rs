@@ -1,5 +1,6 @@
-//! Assertions and events: `assert_true`, `assert_eq`, `assert_eventually`,
-//! `assert_never`, `assert_before`, `events`.
+//! Assertions, events and waiting: `assert_true`, `assert_eq`,
+//! `assert_eventually`, `assert_never`, `assert_before`, `events`,
+//! `await_event`, `await_stable`, `sleep`.
 
 #[allow(unused_imports)]
 use super::*;
@@ -55,6 +56,37 @@ fn matching<'v>(
         out.push(e);
     }
     Ok(out)
+}
+
+/// `wanted` if the running test has that much time left; an error naming
+/// what is left otherwise (a wait the timeout would cut short is a spec
+/// mistake, not a hang to find out about at the end).
+fn within_budget(eval: &Evaluator, builtin: &str, wanted: Duration) -> Res<Duration> {
+    let Some(deadline) = ctx(eval)?.deadline else {
+        return Ok(wanted);
+    };
+    let left = deadline.saturating_duration_since(Instant::now());
+    if wanted > left {
+        return Err(err(format!(
+            "{builtin}({}): the test has {} left (--timeout): wait less, or give the test a longer --timeout",
+            faultbox_agent::rule::format_duration(wanted),
+            faultbox_agent::rule::format_duration(left)
+        )));
+    }
+    Ok(wanted)
+}
+
+/// A wait's timeout, cut to end a moment before the test's own: the wait
+/// then fails with its own words rather than as a test timeout.
+fn clamp_to_budget(eval: &Evaluator, timeout: Duration) -> Res<Duration> {
+    Ok(match ctx(eval)?.deadline {
+        Some(deadline) => timeout.min(
+            deadline
+                .saturating_duration_since(Instant::now())
+                .saturating_sub(Duration::from_millis(100)),
+        ),
+        None => timeout,
+    })
 }
 
 fn count_assertion(eval: &Evaluator) -> Option<Arc<dyn TestHost>> {
@@ -299,6 +331,140 @@ pub(crate) fn assertions(builder: &mut GlobalsBuilder) {
             },
             format!("assert_before: {problem}"),
         ))
+    }
+
+    /// `await_event(matcher, timeout="10s", **filters)`: waits for the
+    /// first event that matches (a dict of filters, a predicate over the
+    /// event, or keyword filters; earlier events count) and returns it.
+    fn await_event<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<Value<'v>> {
+        let a = Args::new("await_event", args, kwargs)?;
+        if a.pos.len() > 1 {
+            return Err(err(
+                "await_event(): takes one matcher (a dict of filters or a function), then keyword filters",
+            ));
+        }
+        let mut filter = filter_from(&a, &["timeout", "message"])?;
+        let mut pred = None;
+        if let Some(m) = a.pos.first().copied() {
+            if m.get_type() == "function" {
+                pred = Some(m);
+            } else if DictRef::from_value(m).is_some() {
+                filter
+                    .conditions
+                    .extend(dict_filter(&a, m, "matcher")?.conditions);
+            } else {
+                return Err(err(format!(
+                    "await_event(): the matcher must be a dict of filters or a function, got {} ({})",
+                    m.get_type(),
+                    m.to_repr()
+                )));
+            }
+        }
+        if pred.is_none() && filter.conditions.is_empty() {
+            return Err(err(
+                "await_event(): give what to wait for: a dict of filters, a function, or filters like type=\"syscall\"",
+            ));
+        }
+        let timeout = clamp_to_budget(eval, a.duration_or("timeout", Duration::from_secs(10))?)?;
+        let run = run_of(eval, "await_event")?;
+        let deadline = Instant::now() + timeout;
+        let mut seen = 0;
+        loop {
+            let fresh = run.events_after(seen);
+            seen = fresh.last().map_or(seen, |e| e.seq);
+            if let Some(e) = matching(eval, fresh, &filter, pred)?.into_iter().next() {
+                if e.kind == "service_exited" {
+                    run.acknowledge_exit(&e.service);
+                }
+                return Ok(eval.heap().alloc(EventValue { event: e }));
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let what = if pred.is_some() {
+            format!("a function, {}", filter.describe())
+        } else {
+            filter.describe()
+        };
+        Err(assertion_failed(
+            eval,
+            Some(&run),
+            AssertionDetail {
+                func: "await_event".into(),
+                expected: Some(what.clone()),
+                message: a.named("message").map(|v| v.to_str()),
+                ..Default::default()
+            },
+            format!(
+                "await_event: no matching event within {} ({what})",
+                faultbox_agent::rule::format_duration(timeout)
+            ),
+        ))
+    }
+
+    /// `await_stable(quiescence_window="1s", timeout="30s", ignore={...})`:
+    /// waits until no event (but those `ignore` matches) has arrived for
+    /// the window: the system has settled.
+    fn await_stable<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<NoneType> {
+        let a = Args::new("await_stable", args, kwargs)?;
+        a.check(0, &["quiescence_window", "timeout", "ignore"])?;
+        let window = a.duration_or("quiescence_window", Duration::from_secs(1))?;
+        let timeout = clamp_to_budget(eval, a.duration_or("timeout", Duration::from_secs(30))?)?;
+        let ignore = a
+            .named("ignore")
+            .map(|v| dict_filter(&a, v, "ignore"))
+            .transpose()?;
+        let run = run_of(eval, "await_stable")?;
+        let started = Instant::now();
+        let mut seen = run.events().last().map_or(0, |e| e.seq);
+        let mut quiet_since = Instant::now();
+        loop {
+            let fresh = run.events_after(seen);
+            seen = fresh.last().map_or(seen, |e| e.seq);
+            if fresh
+                .iter()
+                .any(|e| ignore.as_ref().is_none_or(|f| !f.matches(e)))
+            {
+                quiet_since = Instant::now();
+            }
+            if quiet_since.elapsed() >= window {
+                return Ok(NoneType);
+            }
+            if started.elapsed() >= timeout {
+                return Err(err(format!(
+                    "await_stable: events kept coming for {} (no quiet {} in a row); the last was #{seen}",
+                    faultbox_agent::rule::format_duration(timeout),
+                    faultbox_agent::rule::format_duration(window)
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10).min(window));
+        }
+    }
+
+    /// `sleep(duration)`: waits in the test body (no event). A sleep past
+    /// the test's time (`--timeout`) is refused, naming what is left.
+    fn sleep<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<NoneType> {
+        let a = Args::new("sleep", args, kwargs)?;
+        a.check(1, &["duration"])?;
+        let d = a.duration(a.required(0, "duration")?, "duration")?;
+        run_of(eval, "sleep")?;
+        let d = within_budget(eval, "sleep", d)?;
+        std::thread::sleep(d);
+        Ok(NoneType)
     }
 
     /// `events(where=fn, **filters)`: the matching events, oldest first.

@@ -42,6 +42,8 @@ struct Recorder {
     events: Vec<Event>,
     /// How many events `events_after` has handed out.
     handed: Mutex<usize>,
+    /// Whether every `events_after` finds one more event (of type `tick`).
+    ticking: bool,
     reply: Option<StepReply>,
 }
 
@@ -123,6 +125,16 @@ impl TestHost for Recorder {
         self.events.clone()
     }
     fn events_after(&self, after: u64) -> Vec<Event> {
+        if self.ticking {
+            return vec![Event {
+                seq: after + 1,
+                time_ns: after + 1,
+                kind: "tick".into(),
+                service: "db".into(),
+                fields: BTreeMap::new(),
+                vector_clock: BTreeMap::new(),
+            }];
+        }
         let fresh: Vec<Event> = self
             .events
             .iter()
@@ -363,6 +375,105 @@ fn event_queries_see_the_hosts_trace() {
         ..Recorder::default()
     });
     assert_eq!(run(&s, "test_events", &host), BodyOutcome::Returned(None));
+}
+
+#[test]
+fn await_event_returns_the_first_match_in_any_form_and_fails_on_time() {
+    let (s, _) = spec(
+        "def test_dict():
+    e = await_event({\"type\": \"syscall\", \"decision\": \"deny*\"})
+    assert_eq(e.path, \"/data/wal\")
+    assert_eq(e.seq, 2)
+
+def test_fn():
+    e = await_event(lambda e: e.decision == \"allow\", timeout = \"1s\")
+    assert_eq(e.seq, 1)
+
+def test_kwargs():
+    assert_eq(await_event(type = \"syscall\", decision = \"deny*\").seq, 2)
+
+def test_never():
+    await_event(type = \"service_exited\", timeout = \"50ms\")
+
+def test_nothing():
+    await_event()
+",
+    );
+    let event = |seq, decision: &str| Event {
+        seq,
+        time_ns: seq,
+        kind: "syscall".into(),
+        service: "db".into(),
+        fields: BTreeMap::from([
+            ("decision".to_string(), decision.to_string()),
+            ("path".to_string(), "/data/wal".to_string()),
+        ]),
+        vector_clock: BTreeMap::new(),
+    };
+    let host = Arc::new(Recorder {
+        events: vec![event(1, "allow"), event(2, "deny(EIO)")],
+        ..Recorder::default()
+    });
+    for t in ["test_dict", "test_fn", "test_kwargs"] {
+        assert_eq!(run(&s, t, &host), BodyOutcome::Returned(None), "{t}");
+    }
+    let started = std::time::Instant::now();
+    let outcome = run(&s, "test_never", &host);
+    assert!(
+        matches!(&outcome, BodyOutcome::Failed { message, .. } if message.contains("no matching event within 50ms")),
+        "{outcome:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let outcome = run(&s, "test_nothing", &host);
+    assert!(
+        matches!(&outcome, BodyOutcome::Failed { message, .. } if message.contains("give what to wait for")),
+        "{outcome:?}"
+    );
+}
+
+#[test]
+fn sleep_waits_within_the_tests_time_and_await_stable_waits_for_quiet() {
+    let (s, _) = spec(
+        "def test_nap():
+    sleep(\"100ms\")
+
+def test_oversleep():
+    sleep(\"1h\")
+
+def test_settled():
+    await_stable(quiescence_window = \"100ms\", timeout = \"2s\")
+
+def test_restless():
+    await_stable(quiescence_window = \"300ms\", timeout = \"600ms\")
+
+def test_restless_but_ignored():
+    await_stable(quiescence_window = \"100ms\", timeout = \"2s\", ignore = {\"type\": \"tick\"})
+",
+    );
+    let quiet = Arc::new(Recorder::default());
+    let t = std::time::Instant::now();
+    assert_eq!(run(&s, "test_nap", &quiet), BodyOutcome::Returned(None));
+    assert!(t.elapsed() >= Duration::from_millis(100));
+    let outcome = run(&s, "test_oversleep", &quiet);
+    assert!(
+        matches!(&outcome, BodyOutcome::Failed { message, .. } if message.contains("sleep(3600s): the test has") && message.contains("--timeout")),
+        "{outcome:?}"
+    );
+    assert_eq!(run(&s, "test_settled", &quiet), BodyOutcome::Returned(None));
+    // A host whose trace gains an event at every poll never settles.
+    let busy = Arc::new(Recorder {
+        ticking: true,
+        ..Recorder::default()
+    });
+    let outcome = run(&s, "test_restless", &busy);
+    assert!(
+        matches!(&outcome, BodyOutcome::Failed { message, .. } if message.contains("events kept coming for 600ms")),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        run(&s, "test_restless_but_ignored", &busy),
+        BodyOutcome::Returned(None)
+    );
 }
 
 #[test]
