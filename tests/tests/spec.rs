@@ -360,6 +360,10 @@ def test_waits():
     assert_eq(e.service, "svc")
     await_stable(quiescence_window = "200ms", timeout = "5s")
     sleep("50ms")
+    assert_eq(eventually(lambda e: e.syscall == "fsync").seq, e.seq)
+
+def test_always_denied():
+    always(lambda e: not e.decision.startswith("deny"), during = lambda: fault(svc, fsync = deny("EIO"), run = persist))
 
 def test_oversleeps():
     sleep("10m")
@@ -370,6 +374,14 @@ def test_oversleeps():
     assert_eq!(run.code, 2, "{}", run.stderr);
     let doc = json(&run);
     assert_eq!(test_named(&doc, "test_waits")["result"], "pass", "{doc:#}");
+    let denied = test_named(&doc, "test_always_denied");
+    assert_eq!(denied["result"], "fail", "{denied:#}");
+    assert!(
+        denied["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("always: event #") && r.contains("fsync")),
+        "{denied:#}"
+    );
     let over = test_named(&doc, "test_oversleeps");
     assert_ne!(over["result"], "pass");
     let reason = over["reason"].as_str().unwrap_or_default();

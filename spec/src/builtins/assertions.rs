@@ -1,6 +1,6 @@
 //! Assertions, events and waiting: `assert_true`, `assert_eq`,
 //! `assert_eventually`, `assert_never`, `assert_before`, `events`,
-//! `await_event`, `await_stable`, `sleep`.
+//! `await_event`, `await_stable`, `sleep`, `eventually`, `always`.
 
 #[allow(unused_imports)]
 use super::*;
@@ -406,6 +406,101 @@ pub(crate) fn assertions(builder: &mut GlobalsBuilder) {
                 faultbox_agent::rule::format_duration(timeout)
             ),
         ))
+    }
+
+    /// `eventually(predicate, timeout="10s")`: some event, earlier or to
+    /// come within `timeout`, satisfies `predicate(event)`; returns it.
+    fn eventually<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<Value<'v>> {
+        let a = Args::new("eventually", args, kwargs)?;
+        a.check(1, &["predicate", "timeout", "message"])?;
+        let pred = a.callable(a.required(0, "predicate")?, "predicate")?;
+        let timeout = clamp_to_budget(eval, a.duration_or("timeout", Duration::from_secs(10))?)?;
+        let run = run_of(eval, "eventually")?;
+        run.count_assertion();
+        let deadline = Instant::now() + timeout;
+        let mut seen = 0;
+        let everything = Filter { conditions: vec![] };
+        loop {
+            let fresh = run.events_after(seen);
+            seen = fresh.last().map_or(seen, |e| e.seq);
+            if let Some(e) = matching(eval, fresh, &everything, Some(pred))?
+                .into_iter()
+                .next()
+            {
+                return Ok(eval.heap().alloc(EventValue { event: e }));
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Err(assertion_failed(
+            eval,
+            Some(&run),
+            AssertionDetail {
+                func: "eventually".into(),
+                expected: Some(pred.to_repr()),
+                message: a.named("message").map(|v| v.to_str()),
+                ..Default::default()
+            },
+            format!(
+                "eventually: no event satisfied {} within {} ({seen} events seen)",
+                pred.to_repr(),
+                faultbox_agent::rule::format_duration(timeout)
+            ),
+        ))
+    }
+
+    /// `always(predicate, during=fn)`: runs `fn` and checks that every
+    /// event from its start to its end satisfies `predicate(event)`;
+    /// returns what `fn` returned. The first event that does not fails
+    /// the test, naming it.
+    fn always<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<Value<'v>> {
+        let a = Args::new("always", args, kwargs)?;
+        a.check(1, &["predicate", "during", "message"])?;
+        let pred = a.callable(a.required(0, "predicate")?, "predicate")?;
+        let during = a.callable(
+            a.named("during").ok_or_else(|| {
+                err("always(): give during=fn, the part of the test it holds over")
+            })?,
+            "during",
+        )?;
+        let run = run_of(eval, "always")?;
+        run.count_assertion();
+        let from = run.events().last().map_or(0, |e| e.seq);
+        let result = eval.eval_function(during, &[], &[])?;
+        for e in run.events_after(from) {
+            let arg = eval.heap().alloc(EventValue { event: e.clone() });
+            if eval.eval_function(pred, &[arg], &[])?.to_bool() {
+                continue;
+            }
+            return Err(assertion_failed(
+                eval,
+                Some(&run),
+                AssertionDetail {
+                    func: "always".into(),
+                    expected: Some(pred.to_repr()),
+                    actual: Some(describe_event(&e)),
+                    message: a.named("message").map(|v| v.to_str()),
+                    ..Default::default()
+                },
+                format!(
+                    "always: event #{} ({}) does not satisfy {}",
+                    e.seq,
+                    describe_event(&e),
+                    pred.to_repr()
+                ),
+            ));
+        }
+        Ok(result)
     }
 
     /// `await_stable(quiescence_window="1s", timeout="30s", ignore={...})`:

@@ -432,6 +432,63 @@ def test_nothing():
 }
 
 #[test]
+fn eventually_and_always_check_predicates_over_the_trace() {
+    let (s, _) = spec(
+        "def test_eventually():
+    e = eventually(lambda e: e.decision.startswith(\"deny\"), timeout = \"1s\")
+    assert_eq(e.seq, 2)
+
+def test_never_comes():
+    eventually(lambda e: e.decision == \"delay\", timeout = \"50ms\")
+
+def test_always_holds():
+    r = always(lambda e: e.service == \"db\", during = lambda: 42)
+    assert_eq(r, 42)
+
+def test_always_broken():
+    always(lambda e: e.decision == \"allow\", during = lambda: None)
+",
+    );
+    let event = |seq, decision: &str| Event {
+        seq,
+        time_ns: seq,
+        kind: "syscall".into(),
+        service: "db".into(),
+        fields: BTreeMap::from([("decision".to_string(), decision.to_string())]),
+        vector_clock: BTreeMap::new(),
+    };
+    let host = Arc::new(Recorder {
+        events: vec![event(1, "allow"), event(2, "deny(EIO)")],
+        ..Recorder::default()
+    });
+    assert_eq!(
+        run(&s, "test_eventually", &host),
+        BodyOutcome::Returned(None)
+    );
+    let outcome = run(&s, "test_never_comes", &host);
+    assert!(
+        matches!(&outcome, BodyOutcome::Failed { message, .. } if message.contains("eventually: no event satisfied") && message.contains("within 50ms")),
+        "{outcome:?}"
+    );
+    // The recording host's events all predate the call: `always` looks
+    // only at what happens during `during`, so with this host it holds
+    // vacuously, and with a host whose trace grows it is checked.
+    assert_eq!(
+        run(&s, "test_always_holds", &host),
+        BodyOutcome::Returned(None)
+    );
+    let busy = Arc::new(Recorder {
+        ticking: true,
+        ..Recorder::default()
+    });
+    let outcome = run(&s, "test_always_broken", &busy);
+    assert!(
+        matches!(&outcome, BodyOutcome::Failed { message, .. } if message.contains("always: event #1 (") && message.contains("does not satisfy")),
+        "{outcome:?}"
+    );
+}
+
+#[test]
 fn sleep_waits_within_the_tests_time_and_await_stable_waits_for_quiet() {
     let (s, _) = spec(
         "def test_nap():
