@@ -31,6 +31,21 @@ enum Commands {
         after_help = "Examples:\n  faultbox test faultbox.star\n  faultbox test faultbox.star --test happy_path\n  faultbox test faultbox.star --format json\n  faultbox test faultbox.star --runs 100 --show fail\n  faultbox test faultbox.star --seed 42\n  faultbox test faultbox.star --dry-run"
     )]
     Test(test::TestArgs),
+    /// Validate a spec without running anything: load it as a run would
+    /// and report what is wrong (exit 0 clean, 2 on an error finding).
+    #[command(
+        after_help = "Examples:\n  faultbox check faultbox.star\n  faultbox check faultbox.star --test 'disk_*' --format json"
+    )]
+    Check {
+        /// The spec.
+        file: std::path::PathBuf,
+        /// A --test selection that must match a test.
+        #[arg(long, value_name = "NAME")]
+        test: Option<String>,
+        /// `text` (default) or `json` on stdout.
+        #[arg(long, value_enum)]
+        format: Option<test::Format>,
+    },
     /// Compare two normalized traces (`faultbox test --normalize`): exit 0
     /// when identical, 2 when they differ (each difference is printed).
     #[command(
@@ -82,6 +97,54 @@ fn one_line(e: &anyhow::Error) -> String {
     line
 }
 
+/// `faultbox check FILE`.
+fn check(
+    file: &std::path::Path,
+    filter: Option<&str>,
+    format: Option<test::Format>,
+) -> anyhow::Result<i32> {
+    use faultbox_spec::check::Level;
+    if !file.is_file() {
+        anyhow::bail!(
+            "{}: no such spec file (give the path of a .star file)",
+            file.display()
+        );
+    }
+    let (spec, findings) = faultbox_spec::check::check(file, filter);
+    let errors = findings.iter().filter(|f| f.level == Level::Error).count();
+    if matches!(format, Some(test::Format::Json | test::Format::JsonLine)) {
+        let doc = serde_json::json!({
+            "file": file.display().to_string(),
+            "ok": errors == 0,
+            "services": spec.as_ref().map(|s| s.services.iter().map(|d| d.name.clone()).collect::<Vec<_>>()),
+            "tests": spec.as_ref().map(|s| s.tests.clone()),
+            "findings": findings,
+        });
+        print_stdout(&format!("{}\n", serde_json::to_string_pretty(&doc)?))?;
+    } else {
+        let mut out = String::new();
+        for f in &findings {
+            let level = match f.level {
+                Level::Error => "error",
+                Level::Warning => "warning",
+            };
+            out.push_str(&format!("{level}: [{}] {}\n", f.code, f.message));
+        }
+        if let Some(s) = &spec {
+            out.push_str(&format!(
+                "{}: {} services, {} tests, {} errors, {} warnings\n",
+                file.display(),
+                s.services.len(),
+                s.tests.len(),
+                errors,
+                findings.len() - errors
+            ));
+        }
+        print_stdout(&out)?;
+    }
+    Ok(if errors > 0 { 2 } else { 0 })
+}
+
 /// `faultbox diff A B`.
 fn diff(a: &std::path::Path, b: &std::path::Path) -> anyhow::Result<i32> {
     use anyhow::Context as _;
@@ -123,6 +186,7 @@ fn main() {
         Commands::Run(args) => run::run(args),
         Commands::Test(args) => test::run(args),
         Commands::Diff { a, b } => diff(&a, &b),
+        Commands::Check { file, test, format } => check(&file, test.as_deref(), format),
         Commands::Recipes { command } => recipes::run(command),
         Commands::Bench { command } => bench::run(command),
     };

@@ -261,22 +261,25 @@ pub fn validate(files: &BTreeMap<String, String>, filter: Option<&str>) -> Resul
             }
             std::fs::write(dir.join(name), text).map_err(io)?;
         }
-        let spec = faultbox_spec::load::load(&dir.join("spec.star"))
-            .map_err(|e| invalid("InvalidSpec", e.to_string()))?;
-        if spec.tests.is_empty() {
-            return Err(invalid("NoTests", "the spec defines no test_* function"));
+        // The checks of `faultbox check`; here a spec without tests is
+        // refused too, as a run would have nothing to do.
+        let (spec, findings) = faultbox_spec::check::check(&dir.join("spec.star"), filter);
+        if let Some(f) = findings.first() {
+            let reason = match f.code {
+                "NO_TESTS_DISCOVERED" => "NoTests",
+                "NO_MATCHING_TEST" => "NoMatchingTest",
+                _ => "InvalidSpec",
+            };
+            let message = if f.code == "NO_MATCHING_TEST" {
+                format!("spec.test {}", f.message)
+            } else {
+                f.message.clone()
+            };
+            return Err(invalid(reason, message));
         }
-        if let Some(f) = filter
-            && faultbox_spec::load::select_tests(&spec.tests, f).is_empty()
-        {
-            return Err(invalid(
-                "NoMatchingTest",
-                format!(
-                    "spec.test {f:?} matches none of the spec's tests ({})",
-                    spec.tests.join(", ")
-                ),
-            ));
-        }
+        let Some(spec) = spec else {
+            return Err(invalid("InvalidSpec", "the spec does not load"));
+        };
         let tls: Vec<&faultbox_proxy::TlsSpec> = spec
             .services
             .iter()

@@ -9,6 +9,7 @@
 pub use faultbox_agent::rule::parse_duration;
 
 pub mod builtins;
+pub mod check;
 pub mod event;
 pub mod host;
 pub mod load;

@@ -343,6 +343,60 @@ def test_persist():
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
+/// `faultbox check`: the demo is clean (exit 0); a syntax error, an
+/// unknown keyword and a `--test` that matches nothing are error findings
+/// (exit 2) with their codes, in text and JSON; a missing file is exit 1.
+#[test]
+fn check_reports_findings_with_codes_and_exit_codes() {
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo.star");
+    let demo = demo.to_string_lossy();
+    let clean = faultbox_raw(&["check", &demo]);
+    assert_eq!(clean.code, 0, "{}", clean.stderr);
+    assert!(
+        clean
+            .stdout
+            .contains("2 services, 6 tests, 0 errors, 0 warnings"),
+        "{}",
+        clean.stdout
+    );
+    let dir = Scratch::new("check");
+    let syntax = dir.path("syntax.star");
+    std::fs::write(&syntax, "def test_a(:\n    pass\n").expect("write");
+    let run = faultbox_raw(&["check", &syntax]);
+    assert_eq!(run.code, 2);
+    assert!(
+        run.stdout.starts_with("error: [SPEC_SYNTAX] "),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("syntax.star:1:12"), "{}", run.stdout);
+    let kwarg = dir.path("kwarg.star");
+    std::fs::write(&kwarg, "service(\"a\", \"/bin/true\", healthchek = 1)\n").expect("write");
+    let run = faultbox_raw(&["check", &kwarg, "--format", "json"]);
+    assert_eq!(run.code, 2);
+    let doc: Value = serde_json::from_str(&run.stdout).expect("json");
+    assert_eq!(doc["ok"], false);
+    assert_eq!(doc["findings"][0]["code"], "SPEC_LOAD_FAILED");
+    assert!(
+        doc["findings"][0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("healthchek")),
+        "{doc:#}"
+    );
+    let run = faultbox_raw(&["check", &demo, "--test", "nope", "--format", "json"]);
+    assert_eq!(run.code, 2);
+    let doc: Value = serde_json::from_str(&run.stdout).expect("json");
+    assert_eq!(doc["findings"][0]["code"], "NO_MATCHING_TEST");
+    assert_eq!(doc["tests"].as_array().map(Vec::len), Some(6));
+    let missing = faultbox_raw(&["check", &dir.path("nope.star")]);
+    assert_eq!(missing.code, 1);
+    assert!(
+        missing.stderr.contains("no such spec file"),
+        "{}",
+        missing.stderr
+    );
+}
+
 /// `await_event` returns a real service's event, `await_stable` waits
 /// for its quiet, `sleep` waits, and a sleep past `--timeout` is refused
 /// at once with what the test has left.
