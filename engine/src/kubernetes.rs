@@ -45,7 +45,7 @@ use k8s_openapi::api::core::v1::{
     Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{Api, DeleteParams, LogParams, ObjectMeta, PostParams};
+use kube::api::{Api, DeleteParams, LogParams, ObjectMeta, Patch, PatchParams, PostParams};
 
 use crate::backend::{Backend, BackendError, Instance, Launch};
 use crate::registry::{ImageConfig, Registries, numeric_uid};
@@ -329,7 +329,10 @@ impl Cluster {
                 });
             }
         }
-        let tag = format!("{:x}", std::process::id());
+        // Random, not the pid: the runner is pid 1 in every runner pod,
+        // and a superseded run's runner may still be stopping (and
+        // deleting what it made) while the next one starts.
+        let tag = format!("{:06x}", faultbox_agent::engine::random_seed() & 0xff_ffff);
         let prefix = dns_label(&format!("{}-{tag}", owner.name), 40);
         let secret = format!("{prefix}-shim");
         let cluster = Cluster {
@@ -525,11 +528,16 @@ impl Cluster {
         let ip = made
             .spec
             .and_then(|s| s.cluster_ip)
-            .filter(|ip| !ip.is_empty() && ip != "None")
-            .ok_or_else(|| ClusterError::Create {
+            .filter(|ip| !ip.is_empty() && ip != "None");
+        let Some(ip) = ip else {
+            let _ = self
+                .rt
+                .block_on(api.delete(&name, &DeleteParams::background()));
+            return Err(ClusterError::Create {
                 service: def.name.clone(),
                 reason: format!("its Service {name} got no cluster IP"),
-            })?;
+            });
+        };
         Ok((name, ip))
     }
 
@@ -552,6 +560,12 @@ impl Cluster {
             .iter()
             .filter_map(|(service, s)| {
                 let (_, ip) = s.service.as_ref()?;
+                if !is_dns_name(service) {
+                    // The API server refuses the whole pod for one such
+                    // name; the Service itself still works by its own name.
+                    tracing::warn!(service = %service, "not a DNS name: pods cannot reach it by this name");
+                    return None;
+                }
                 Some(HostAlias {
                     ip: ip.clone(),
                     hostnames: Some(vec![service.clone()]),
@@ -699,15 +713,35 @@ impl Drop for Cluster {
                     .collect()
             })
             .unwrap_or_default();
-        self.rt.block_on(async {
+        let cleanup = async {
             for name in names {
                 let _ = services.delete(&name, &DeleteParams::background()).await;
             }
             let _ = secrets
                 .delete(&self.secret, &DeleteParams::background())
                 .await;
-        });
+        };
+        // An API server that does not answer must not keep the runner from
+        // exiting: the FaultTest's deletion collects what is left.
+        let _ = self
+            .rt
+            .block_on(async { tokio::time::timeout(Duration::from_secs(10), cleanup).await });
     }
+}
+
+/// Whether `name` can be a host name in /etc/hosts as Kubernetes checks
+/// it (a DNS-1123 subdomain: lower case letters, digits, `-` and `.`).
+fn is_dns_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
 }
 
 /// `<prefix>-<service>` as a Service name: a DNS-1035 label, which must
@@ -732,6 +766,14 @@ fn port_name(name: &str) -> String {
         s
     } else {
         format!("p{}", &s[..s.len().min(14)])
+    }
+}
+
+/// `reg:5000/app:v1` → `reg:5000/app` (a port is not a tag).
+fn without_tag(image: &str) -> &str {
+    match image.rsplit_once(':') {
+        Some((repo, tag)) if !tag.contains('/') => repo,
+        _ => image,
     }
 }
 
@@ -824,10 +866,16 @@ fn start_pod(cluster: &Arc<Cluster>, launch: Launch<'_>) -> Result<PodInstance, 
     let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
     let n = cluster.next.fetch_add(1, Ordering::SeqCst);
     let name = dns_label(&format!("{}-{}-{n}", cluster.prefix, def.name), 63);
+    // The command was read from this digest: run exactly that image, not
+    // whatever the tag names by the time the node pulls it.
+    let pinned = match &settled.digest {
+        Some(d) if !image.contains('@') => format!("{}@{d}", without_tag(&image)),
+        _ => image.clone(),
+    };
     let body = cluster.pod(
         &name,
         def,
-        &image,
+        &pinned,
         settled.uid,
         port,
         cluster.host_aliases(),
@@ -1061,6 +1109,15 @@ impl PodInstance {
         if let Ok(mut f) = std::fs::File::create(&path) {
             let _ = f.write_all(text.as_bytes());
         }
+        // Out of its Service first: the Service publishes addresses that
+        // are not ready, so a terminating pod would stay in it and the next
+        // test's traffic to the service's name could reach the old one.
+        let unlabel = serde_json::json!({"metadata": {"labels": {LABEL_INSTANCE: null}}});
+        let _ = self.cluster.rt.block_on(self.cluster.pods().patch(
+            &self.name,
+            &PatchParams::default(),
+            &Patch::Merge(&unlabel),
+        ));
         let _ = self.cluster.rt.block_on(
             self.cluster
                 .pods()
@@ -1129,6 +1186,14 @@ mod tests {
         assert_eq!(instance_name("1nightly-2f", "db"), "s-1nightly-2f-db");
         assert_eq!(instance_name(&"x".repeat(70), "db").len(), 63);
         assert_eq!(port_name("admin__api"), "admin-api");
+        assert!(is_dns_name("orders-db") && is_dns_name("db.internal"));
+        assert!(!is_dns_name("order_db") && !is_dns_name("Orders") && !is_dns_name("-x"));
+        assert_eq!(
+            without_tag("10.244.0.1:5000/app:e2e"),
+            "10.244.0.1:5000/app"
+        );
+        assert_eq!(without_tag("10.244.0.1:5000/app"), "10.244.0.1:5000/app");
+        assert_eq!(without_tag("redis"), "redis");
         assert_eq!(port_name("8080"), "p8080");
         assert_eq!(port_name("a-very-long-interface"), "a-very-long-int");
     }

@@ -12,7 +12,7 @@
 //! user and password) or `Bearer realm=…,service=…,scope=…` (ask the
 //! realm for a token, with the user and password when there are any, as
 //! Docker Hub, GHCR and Harbor do). An index (multi-platform image) is
-//! resolved to this machine's platform. The config blob is checked
+//! resolved to this machine's platform (the runner's node). The config blob is checked
 //! against its digest. Registries named in `FAULTBOX_INSECURE_REGISTRIES`
 //! (and loopback ones) are spoken to in plain HTTP, as containerd's
 //! `insecure` mirrors are.
@@ -55,7 +55,7 @@ pub enum RegistryError {
     /// The registry wants credentials that the run does not have, or
     /// refused them.
     #[error(
-        "{registry} refused access to {repository} ({status}): give the FaultTest an imagePullSecret for {registry}"
+        "{registry} refused access to {repository} ({status}): the repository does not exist there, or it needs an imagePullSecret for {registry} on the FaultTest"
     )]
     Unauthorized {
         /// The registry host.
@@ -149,7 +149,8 @@ pub struct ImageConfig {
     pub cmd: Vec<String>,
     /// `User`, as written (a name, a uid, `uid:gid`), empty for root.
     pub user: String,
-    /// The digest of the manifest that was resolved.
+    /// The digest of the manifest that was resolved (for an index, the
+    /// entry of this machine's platform).
     pub digest: String,
 }
 
@@ -282,7 +283,6 @@ struct Answer {
     content_type: String,
     challenge: Option<String>,
     location: Option<String>,
-    digest: Option<String>,
     body: Bytes,
 }
 
@@ -332,17 +332,20 @@ impl<'a> Lookup<'a> {
     async fn run(mut self) -> Result<ImageConfig, RegistryError> {
         let url = format!("{}/manifests/{}", self.base, self.r.reference);
         let mut answer = self.authorized(&url, MANIFEST_TYPES).await?;
-        let mut digest = answer
-            .digest
-            .clone()
-            .unwrap_or_else(|| sha256(&answer.body));
+        // The digest is that of the bytes, whatever a header says; a
+        // pinned reference must match it.
+        let mut digest = sha256(&answer.body);
+        if self.r.reference.starts_with("sha256:") {
+            expect_digest(&url, &digest, &self.r.reference)?;
+        }
         let mut doc = json(&url, &answer.body)?;
         if is_index(&answer.content_type, &doc) {
             let chosen = platform_manifest(&url, &doc)?;
             let url = format!("{}/manifests/{chosen}", self.base);
             answer = self.authorized(&url, MANIFEST_TYPES).await?;
+            digest = sha256(&answer.body);
+            expect_digest(&url, &digest, &chosen)?;
             doc = json(&url, &answer.body)?;
-            digest = chosen;
         }
         let config = doc["config"]["digest"]
             .as_str()
@@ -467,7 +470,18 @@ impl<'a> Lookup<'a> {
             .get("scope")
             .cloned()
             .unwrap_or_else(|| format!("repository:{}:pull", self.r.repository));
-        let mut url = format!("{realm}?scope={}", encode(&scope));
+        // The password goes to the realm: never in plain text unless the
+        // registry itself is spoken to that way.
+        if !realm.starts_with("https://") && !self.base.starts_with("http://") {
+            return Err(RegistryError::Document {
+                url: self.base.clone(),
+                reason: format!(
+                    "its token service {realm:?} is not HTTPS; credentials are not sent there"
+                ),
+            });
+        }
+        let sep = if realm.contains('?') { '&' } else { '?' };
+        let mut url = format!("{realm}{sep}scope={}", encode(&scope));
         if let Some(service) = params.get("service") {
             url.push_str(&format!("&service={}", encode(service)));
         }
@@ -526,11 +540,6 @@ impl<'a> Lookup<'a> {
         let content_type = head(header::CONTENT_TYPE).unwrap_or_default();
         let challenge = head(header::WWW_AUTHENTICATE);
         let location = head(header::LOCATION);
-        let digest = resp
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
-            .map(String::from);
         let body = http_body_util::Limited::new(resp.into_body(), MAX_DOCUMENT)
             .collect()
             .await
@@ -541,7 +550,6 @@ impl<'a> Lookup<'a> {
             content_type,
             challenge,
             location,
-            digest,
             body,
         })
     }
@@ -554,6 +562,17 @@ fn sha256(bytes: &[u8]) -> String {
         s.push_str(&format!("{b:02x}"));
     }
     s
+}
+
+fn expect_digest(url: &str, got: &str, want: &str) -> Result<(), RegistryError> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(RegistryError::Document {
+            url: url.to_string(),
+            reason: format!("the manifest's digest is {got}, not {want}"),
+        })
+    }
 }
 
 fn json(url: &str, body: &[u8]) -> Result<serde_json::Value, RegistryError> {

@@ -1025,7 +1025,17 @@ def test_four():
                 .to_string();
             for with_cert in [true, false] {
                 match tls_intrude(&addr, with_cert.then_some((&cert, &key))) {
-                    Intrusion::Refused(why) => refused.push(why),
+                    Intrusion::Refused(why) => {
+                        // The runner's TLS refused it, for the reason of
+                        // the case: not a timeout or a reset.
+                        let want = if with_cert {
+                            "UnknownCA"
+                        } else {
+                            "CertificateRequired"
+                        };
+                        assert!(why.contains(want), "{want} expected, got {why}");
+                        refused.push(why);
+                    }
                     Intrusion::Missed => {}
                     Intrusion::Answered(bytes) => {
                         panic!(

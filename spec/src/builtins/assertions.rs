@@ -515,6 +515,13 @@ pub(crate) fn assertions(builder: &mut GlobalsBuilder) {
         a.check(0, &["quiescence_window", "timeout", "ignore"])?;
         let window = a.duration_or("quiescence_window", Duration::from_secs(1))?;
         let timeout = clamp_to_budget(eval, a.duration_or("timeout", Duration::from_secs(30))?)?;
+        if window > timeout {
+            return Err(err(format!(
+                "await_stable(): a quiet window of {} cannot fit in the {} it may wait (its timeout=, or what the test has left of --timeout)",
+                faultbox_agent::rule::format_duration(window),
+                faultbox_agent::rule::format_duration(timeout)
+            )));
+        }
         let ignore = a
             .named("ignore")
             .map(|v| dict_filter(&a, v, "ignore"))

@@ -503,6 +503,9 @@ def test_settled():
 def test_restless():
     await_stable(quiescence_window = \"300ms\", timeout = \"600ms\")
 
+def test_window_too_long():
+    await_stable(quiescence_window = \"2s\", timeout = \"1s\")
+
 def test_restless_but_ignored():
     await_stable(quiescence_window = \"100ms\", timeout = \"2s\", ignore = {\"type\": \"tick\"})
 ",
@@ -525,6 +528,11 @@ def test_restless_but_ignored():
     let outcome = run(&s, "test_restless", &busy);
     assert!(
         matches!(&outcome, BodyOutcome::Failed { message, .. } if message.contains("events kept coming for 600ms")),
+        "{outcome:?}"
+    );
+    let outcome = run(&s, "test_window_too_long", &quiet);
+    assert!(
+        matches!(&outcome, BodyOutcome::Failed { message, .. } if message.contains("a quiet window of 2s cannot fit in the 1s")),
         "{outcome:?}"
     );
     assert_eq!(
