@@ -203,7 +203,7 @@ pub enum RuleError {
     },
     /// A path glob on a syscall that takes no path.
     #[error(
-        "rule \"{rule}\": a path glob only applies to file and fd syscalls, and {syscall:?} has no path"
+        "rule \"{rule}\": a path glob applies to file and fd syscalls (the file) and connect (the destination, ip:port), and {syscall:?} has no path"
     )]
     PathlessSyscall {
         /// The rule.
@@ -838,7 +838,7 @@ mod tests {
         assert!(
             err("openat=ENOENT").contains("missing probability (write it as openat=ENOENT:100%)")
         );
-        assert!(err("connect=ECONNREFUSED:100%:/data/*").contains("has no path"));
+        assert!(err("getpid=EPERM:100%:/data/*").contains("has no path"));
         assert!(err("openat=ENOENT:100%:/a:/b").contains("neither a trigger"));
         assert!(err("openat=ENOENT:100%:nth=1:after=2").contains("more than one trigger"));
         assert!(err("openat=ENOENT:100%:nth=x").contains("whole number"));

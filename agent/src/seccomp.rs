@@ -362,6 +362,45 @@ pub fn read_c_string(pid: u32, addr: u64) -> Option<String> {
     None
 }
 
+/// Reads exactly `len` bytes at `addr` in process `pid` (`len` is small:
+/// a socket address), through `/proc/<pid>/mem` once `process_vm_readv`
+/// is refused.
+pub fn read_bytes(pid: u32, addr: u64, len: usize) -> Option<Vec<u8>> {
+    if addr == 0 || len == 0 {
+        return None;
+    }
+    let mut buf = vec![0u8; len];
+    if !VM_READV_REFUSED.load(std::sync::atomic::Ordering::Relaxed) {
+        let local = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: len,
+        };
+        let remote = libc::iovec {
+            iov_base: addr as *mut libc::c_void,
+            iov_len: len,
+        };
+        // SAFETY: `local` describes the `len` bytes of `buf`; the remote
+        // address is only read by the kernel, which checks it.
+        let n = unsafe { libc::process_vm_readv(pid as libc::pid_t, &local, 1, &remote, 1, 0) };
+        if n == len as isize {
+            return Some(buf);
+        }
+        if n >= 0
+            || !matches!(
+                io::Error::last_os_error().raw_os_error(),
+                Some(libc::EPERM | libc::ENOSYS)
+            )
+        {
+            return None;
+        }
+        VM_READV_REFUSED.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    use std::os::unix::fs::FileExt;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).ok()?;
+    mem.read_exact_at(&mut buf, addr).ok()?;
+    Some(buf)
+}
+
 /// Set once `process_vm_readv` is refused (a container's seccomp profile).
 static VM_READV_REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 

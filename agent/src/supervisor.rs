@@ -47,6 +47,9 @@ pub trait Kernel: Send + Sync + 'static {
     fn read_string(&self, pid: u32, addr: u64) -> Option<String>;
     /// Reads a symlink, such as `/proc/<pid>/fd/<n>`.
     fn readlink(&self, path: &str) -> Option<String>;
+    /// Reads `len` bytes (at most 128: a `struct sockaddr_storage`) from
+    /// the caller's memory.
+    fn read_bytes(&self, pid: u32, addr: u64, len: usize) -> Option<Vec<u8>>;
     /// Whether no notification can arrive any more (every filtered task
     /// is gone).
     fn orphaned(&self) -> bool {
@@ -79,6 +82,9 @@ impl Kernel for LiveKernel {
     }
     fn read_string(&self, pid: u32, addr: u64) -> Option<String> {
         seccomp::read_c_string(pid, addr)
+    }
+    fn read_bytes(&self, pid: u32, addr: u64, len: usize) -> Option<Vec<u8>> {
+        seccomp::read_bytes(pid, addr, len)
     }
     fn readlink(&self, path: &str) -> Option<String> {
         std::fs::read_link(path)
@@ -549,6 +555,11 @@ fn resolve_path<K: Kernel>(kernel: &K, name: &str, n: &Notification) -> Option<S
             }
             kernel.readlink(&format!("/proc/{}/fd/{fd}", n.pid))
         }
+        PathSource::Sockaddr { addr, len } => {
+            let len = (n.args[len] as usize).min(128);
+            let raw = kernel.read_bytes(n.pid, n.args[addr], len)?;
+            syscalls::describe_sockaddr(&raw)
+        }
     }
 }
 
@@ -682,6 +693,53 @@ mod tests {
     }
 
     #[test]
+    fn connect_rules_select_calls_by_destination() {
+        let sockaddr = |port: u16| {
+            let mut v = vec![0u8; 16];
+            v[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+            v[2..4].copy_from_slice(&port.to_be_bytes());
+            v[4..8].copy_from_slice(&[127, 0, 0, 1]);
+            v
+        };
+        let fake = Arc::new(Fake {
+            bytes: std::collections::HashMap::from([
+                (0x1000, sockaddr(5432)),
+                (0x2000, sockaddr(6379)),
+            ]),
+            ..Fake::default()
+        });
+        let mut rule = parse_fault("connect=ECONNREFUSED:100%", X86).expect("rule");
+        rule.path = Some("*:5432".into());
+        let queue = Arc::new(EventQueue::new());
+        let sup = Supervisor::new(
+            Arc::clone(&fake),
+            X86,
+            1,
+            vec![X86.number("connect").expect("nr")],
+            vec![rule],
+            Arc::clone(&queue),
+        )
+        .and_then(Supervisor::start)
+        .expect("supervisor");
+        push(&fake, notif(1, "connect", [3, 0x1000, 16, 0, 0, 0]));
+        push(&fake, notif(2, "connect", [3, 0x2000, 16, 0, 0, 0]));
+        wait_answers(&fake, 2);
+        sup.stop();
+        assert_eq!(
+            answers(&fake),
+            vec![
+                (1, Response::Errno(libc::ECONNREFUSED)),
+                (2, Response::Continue)
+            ]
+        );
+        let paths: Vec<Option<String>> = events(&queue).into_iter().map(|e| e.path).collect();
+        assert_eq!(
+            paths,
+            vec![Some("127.0.0.1:5432".into()), Some("127.0.0.1:6379".into())]
+        );
+    }
+
+    #[test]
     fn a_delayed_call_does_not_hold_up_the_next_one() {
         let fake = Arc::new(Fake::default());
         let (sup, rx) = start(&fake, &["connect=delay:300ms:100%", "getpid=EPERM:100%"]);
@@ -807,6 +865,7 @@ pub(crate) mod fake {
         pub(crate) answers: Mutex<Vec<(u64, Response, Instant)>>,
         pub(crate) strings: HashMap<u64, String>,
         pub(crate) links: HashMap<String, String>,
+        pub(crate) bytes: HashMap<u64, Vec<u8>>,
         pub(crate) vanished: Vec<u64>,
     }
 
@@ -845,6 +904,11 @@ pub(crate) mod fake {
         }
         fn readlink(&self, path: &str) -> Option<String> {
             self.links.get(path).cloned()
+        }
+        fn read_bytes(&self, _pid: u32, addr: u64, len: usize) -> Option<Vec<u8>> {
+            self.bytes
+                .get(&addr)
+                .map(|b| b[..len.min(b.len())].to_vec())
         }
     }
 

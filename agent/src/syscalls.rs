@@ -162,6 +162,16 @@ pub enum PathSource {
     },
     /// An fd in argument 0; the path is what `/proc/<pid>/fd/<fd>` names.
     Fd,
+    /// A socket address (`struct sockaddr *` in argument `addr`, its length
+    /// in `len`): the "path" of a `connect` is where it dials, written
+    /// `ip:port` (`[ip6]:port`, or the socket's path for `AF_UNIX`), so
+    /// a rule's `path` glob such as `*:5432` selects a destination.
+    Sockaddr {
+        /// Index of the pointer argument.
+        addr: usize,
+        /// Index of the length argument.
+        len: usize,
+    },
 }
 
 /// How the path of syscall `name` is found, or `None` if it has none.
@@ -183,6 +193,40 @@ pub fn path_source(name: &str) -> Option<PathSource> {
         | "close" | "lseek" | "flock" | "sendto" | "sendmsg" | "sendmmsg" | "recvfrom"
         | "recvmsg" | "recvmmsg" | "fchdir" | "fadvise64" | "fsetxattr" | "fgetxattr"
         | "syncfs" | "copy_file_range" | "sendfile" | "splice" => Some(PathSource::Fd),
+        "connect" => Some(PathSource::Sockaddr { addr: 1, len: 2 }),
+        _ => None,
+    }
+}
+
+/// `ip:port` (or `[ip6]:port`, or an `AF_UNIX` path, `@name` when
+/// abstract) of the raw bytes of a `struct sockaddr`; `None` for other
+/// families or a short buffer.
+pub fn describe_sockaddr(raw: &[u8]) -> Option<String> {
+    let family = u16::from_ne_bytes([*raw.first()?, *raw.get(1)?]);
+    let port = |b: &[u8]| u16::from_be_bytes([b[2], b[3]]);
+    match i32::from(family) {
+        libc::AF_INET if raw.len() >= 8 => {
+            let ip = std::net::Ipv4Addr::new(raw[4], raw[5], raw[6], raw[7]);
+            Some(format!("{ip}:{}", port(raw)))
+        }
+        libc::AF_INET6 if raw.len() >= 24 => {
+            let mut octets = [0u8; 16];
+            octets.copy_from_slice(&raw[8..24]);
+            let ip = std::net::Ipv6Addr::from(octets);
+            Some(match ip.to_ipv4_mapped() {
+                Some(v4) => format!("{v4}:{}", port(raw)),
+                None => format!("[{ip}]:{}", port(raw)),
+            })
+        }
+        libc::AF_UNIX if raw.len() > 2 => {
+            let path = &raw[2..];
+            if path[0] == 0 {
+                let name: Vec<u8> = path[1..].iter().copied().take_while(|b| *b != 0).collect();
+                return Some(format!("@{}", String::from_utf8_lossy(&name)));
+            }
+            let end = path.iter().position(|b| *b == 0).unwrap_or(path.len());
+            Some(String::from_utf8_lossy(&path[..end]).into_owned())
+        }
         _ => None,
     }
 }
@@ -190,6 +234,31 @@ pub fn path_source(name: &str) -> Option<PathSource> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn socket_addresses_read_as_ip_and_port() {
+        let mut v4 = vec![0u8; 16];
+        v4[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+        v4[2..4].copy_from_slice(&5432u16.to_be_bytes());
+        v4[4..8].copy_from_slice(&[127, 0, 0, 1]);
+        assert_eq!(describe_sockaddr(&v4).as_deref(), Some("127.0.0.1:5432"));
+        let mut v6 = vec![0u8; 28];
+        v6[..2].copy_from_slice(&(libc::AF_INET6 as u16).to_ne_bytes());
+        v6[2..4].copy_from_slice(&53u16.to_be_bytes());
+        v6[23] = 1;
+        assert_eq!(describe_sockaddr(&v6).as_deref(), Some("[::1]:53"));
+        v6[18..20].copy_from_slice(&[0xff, 0xff]);
+        v6[20..24].copy_from_slice(&[10, 0, 0, 7]);
+        assert_eq!(describe_sockaddr(&v6).as_deref(), Some("10.0.0.7:53"));
+        let mut unix = (libc::AF_UNIX as u16).to_ne_bytes().to_vec();
+        unix.extend_from_slice(b"/run/x.sock\0junk");
+        assert_eq!(describe_sockaddr(&unix).as_deref(), Some("/run/x.sock"));
+        let mut abs = (libc::AF_UNIX as u16).to_ne_bytes().to_vec();
+        abs.extend_from_slice(b"\0name");
+        assert_eq!(describe_sockaddr(&abs).as_deref(), Some("@name"));
+        assert_eq!(describe_sockaddr(&v4[..5]), None);
+        assert_eq!(describe_sockaddr(&[]), None);
+    }
 
     #[test]
     fn x86_64_table_matches_libc_numbers() {
@@ -261,7 +330,10 @@ mod tests {
             })
         );
         assert_eq!(path_source("write"), Some(PathSource::Fd));
-        assert_eq!(path_source("connect"), None);
+        assert_eq!(
+            path_source("connect"),
+            Some(PathSource::Sockaddr { addr: 1, len: 2 })
+        );
         assert_eq!(path_source("mmap"), None);
     }
 }

@@ -55,6 +55,7 @@ pub fn run_test(spec: &Spec, name: &str, seed: u64, config: &RunConfig) -> TestR
         events: Vec::new(),
         diagnostics: Vec::new(),
     };
+    run.observe_determinism(spec.determinism.clone());
     match run.start_services(&spec.dir) {
         Err(e @ runtime::StartError::Interrupted { .. }) => {
             result.outcome = Outcome::Interrupted;
@@ -97,6 +98,19 @@ pub fn run_test(spec: &Spec, name: &str, seed: u64, config: &RunConfig) -> TestR
     run.close_all_windows();
     run.sync_all();
     run.settle_exits();
+    // Below a failure of the body, above a crash: what the services did
+    // was already wrong when they did it.
+    if let Some(reason) = run.determinism_violation() {
+        let from_body = result
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.starts_with(reason.as_str()));
+        if result.outcome == Outcome::Pass || from_body {
+            result.outcome = Outcome::Fail;
+            result.failure = Some(FailureKind::Nondeterminism);
+            result.reason = Some(reason);
+        }
+    }
     let busy = run.stop_services();
     // After the stop: a container's last output arrives through the
     // engine's log stream, which may trail its exit.

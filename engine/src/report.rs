@@ -55,6 +55,8 @@ pub enum FailureKind {
     ServiceStart,
     /// A service exited during the test.
     ServiceCrashed,
+    /// Strict `determinism()`: a service did I/O Faultbox does not mediate.
+    Nondeterminism,
 }
 
 impl FailureKind {
@@ -65,6 +67,7 @@ impl FailureKind {
             FailureKind::Timeout => "timeout",
             FailureKind::ServiceStart => "service_start",
             FailureKind::ServiceCrashed => "service_crashed",
+            FailureKind::Nondeterminism => "strict_determinism_violation",
         }
     }
 }

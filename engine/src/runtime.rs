@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use faultbox_agent::engine::RuleStats;
 use faultbox_agent::glob::Glob;
-use faultbox_agent::rule::{Rule, RuleId};
+use faultbox_agent::rule::{Action, Rule, RuleId, Trigger};
 use faultbox_agent::syscalls::Arch;
 
 use faultbox_proxy::TlsSpec;
@@ -298,6 +298,17 @@ struct Window {
     trace: bool,
     from_start: bool,
     rules: Vec<WindowRule>,
+    /// One side of a `partition()`: `a,b`. Its rules (a connect rule per
+    /// port of the other side) are reported as one record.
+    partition: Option<String>,
+}
+
+/// A `partition()` in force: the windows of its sides.
+struct Partition {
+    id: u64,
+    a: String,
+    b: String,
+    windows: Vec<u64>,
 }
 
 struct ProxyWindow {
@@ -350,6 +361,14 @@ pub struct TestRun {
     /// Assertions evaluated by the body.
     pub assertions: AtomicU64,
     assertion: Mutex<Option<AssertionDetail>>,
+    /// `determinism(...)`: set before the services start.
+    determinism: std::sync::OnceLock<faultbox_spec::model::Determinism>,
+    /// Ports a connect may reach without being `unmediated_io`: every
+    /// declared interface (and remote upstream), published port and proxy.
+    mediated: Arc<Mutex<BTreeSet<u16>>>,
+    /// The first untolerated `unmediated_io` under strict determinism.
+    violation: Arc<Mutex<Option<String>>>,
+    partitions: Mutex<Vec<Partition>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -369,6 +388,49 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// The ports the spec declares: interfaces, and remote upstreams.
+fn declared_ports(services: &[ServiceDef]) -> BTreeSet<u16> {
+    let mut ports: BTreeSet<u16> = services
+        .iter()
+        .flat_map(|s| s.interfaces.iter().map(|i| i.port))
+        .collect();
+    for s in services {
+        for upstream in s.remote.values() {
+            if let Some(p) = upstream.rsplit_once(':').and_then(|(_, p)| p.parse().ok()) {
+                ports.insert(p);
+            }
+        }
+    }
+    ports
+}
+
+/// What kind of unmediated I/O a reported call is, and its detail, if it
+/// is one: a raw clock read, randomness, or a connect to a port that no
+/// interface, proxy or published port of the run explains.
+fn unmediated(
+    syscall: &str,
+    path: Option<&str>,
+    mediated: &BTreeSet<u16>,
+) -> Option<(&'static str, String)> {
+    match syscall {
+        "clock_gettime" => Some(("clock", String::new())),
+        "getrandom" => Some(("rand", String::new())),
+        "connect" => {
+            // Unix sockets (no port) are local plumbing, not the network.
+            let addr = path?;
+            let port: u16 = addr.rsplit_once(':')?.1.parse().ok()?;
+            if mediated.contains(&port) {
+                None
+            } else if port == 53 {
+                Some(("dns", addr.to_string()))
+            } else {
+                Some(("network-unmediated", addr.to_string()))
+            }
+        }
+        _ => None,
+    }
+}
+
 impl TestRun {
     /// A test about to run `services` (with the spec's syscall filter).
     pub fn new(
@@ -378,6 +440,7 @@ impl TestRun {
         intercept: Vec<String>,
         config: RunConfig,
     ) -> Arc<TestRun> {
+        let services_ports = services.clone();
         Arc::new(TestRun {
             name: name.to_string(),
             seed,
@@ -398,7 +461,24 @@ impl TestRun {
             stopping: Arc::new(AtomicBool::new(false)),
             assertions: AtomicU64::new(0),
             assertion: Mutex::new(None),
+            determinism: std::sync::OnceLock::new(),
+            mediated: Arc::new(Mutex::new(declared_ports(&services_ports))),
+            violation: Arc::new(Mutex::new(None)),
+            partitions: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Reports the services' nondeterminism as the spec's `determinism()`
+    /// asks; call before [`TestRun::start_services`].
+    pub fn observe_determinism(&self, d: Option<faultbox_spec::model::Determinism>) {
+        if let Some(d) = d {
+            let _ = self.determinism.set(d);
+        }
+    }
+
+    /// The strict-determinism violation that fails the test, if any.
+    pub fn determinism_violation(&self) -> Option<String> {
+        lock(&self.violation).clone()
     }
 
     /// The declared service called `name`.
@@ -630,7 +710,9 @@ impl TestRun {
                 .map_err(|e| err("proxy", e.to_string()))
             };
             // The address clients use: the TLS front's when there is one.
+            lock(&self.mediated).insert(upstream.port());
             let announce = |listen: std::net::SocketAddr, mode: &str| {
+                lock(&self.mediated).insert(listen.port());
                 self.trace.emit(
                     "proxy_started",
                     &def.name,
@@ -973,6 +1055,9 @@ impl TestRun {
         let ops: BTreeSet<String> = def.ops.keys().cloned().collect();
         let stopping = Arc::clone(&self.stopping);
         let crashes = Arc::clone(&self.crashes);
+        let determinism = self.determinism.get().cloned();
+        let mediated = Arc::clone(&self.mediated);
+        let violation = Arc::clone(&self.violation);
         let log = self
             .config
             .log_dir
@@ -986,6 +1071,10 @@ impl TestRun {
                     String::new()
                 };
                 let connect_allowed = e.syscall == "connect" && e.decision == "allow";
+                let odd = determinism
+                    .as_ref()
+                    .and_then(|_| unmediated(&e.syscall, e.path.as_deref(), &lock(&mediated)));
+                let syscall = e.syscall.to_string();
                 trace.emit_at(
                     e.time_ns,
                     "syscall",
@@ -1010,6 +1099,31 @@ impl TestRun {
                     // A connection may reach any other service: order it
                     // after everything they did (conservative causality).
                     trace.merge(&service, "test");
+                }
+                if let (Some(d), Some((category, detail))) = (&determinism, odd) {
+                    let tolerated = d.tolerates(&service, category);
+                    let seq = trace.emit(
+                        "unmediated_io",
+                        &service,
+                        fields([
+                            ("category", category.to_string()),
+                            ("syscall", syscall.clone()),
+                            ("detail", detail.clone()),
+                            ("tolerated", tolerated.to_string()),
+                        ]),
+                    );
+                    if d.strict && !tolerated {
+                        let what = if detail.is_empty() {
+                            syscall
+                        } else {
+                            format!("{syscall} {detail}")
+                        };
+                        lock(&violation).get_or_insert_with(|| {
+                            format!(
+                                "strict determinism: service {service:?} did {category} I/O Faultbox does not mediate ({what}, event #{seq}); tolerate it with determinism(allow=[\"{category}\"]) or service(\"{service}\", ..., nondeterministic_ok=[\"{category}\"])"
+                            )
+                        });
+                    }
                 }
             }
             ShimEvent::Exited { exit, .. } => {
@@ -1055,6 +1169,148 @@ impl TestRun {
         for (shim, token) in pending {
             shim.wait_synced(token, Duration::from_secs(2));
         }
+    }
+
+    /// Adds a window's rules to its service's shim; on error the window
+    /// is not kept.
+    fn install_window(&self, window: Window) -> Result<(), HostError> {
+        let service = window.service.clone();
+        let mut windows = lock(&self.windows);
+        windows.push(window);
+        if let Err(e) = self.push_rules(&service, &windows) {
+            windows.pop();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Takes a window's rules out of its shim and records their hits.
+    fn remove_window(&self, id: u64) -> Result<(), HostError> {
+        let service = match lock(&self.windows).iter().find(|w| w.id == id) {
+            Some(w) => w.service.clone(),
+            None => return Ok(()),
+        };
+        let mut windows = lock(&self.windows);
+        let Some(at) = windows.iter().position(|w| w.id == id) else {
+            return Ok(());
+        };
+        let window = windows.remove(at);
+        let push = self.push_rules(&service, &windows);
+        drop(windows);
+        // The rules are out, and the shim has reported their final
+        // counters (and every event decided so far).
+        let stats: Vec<Option<RuleStats>> = {
+            let running = lock(&self.running);
+            let shim = running.get(&service).and_then(|r| r.instance.shim());
+            if let Some(shim) = shim {
+                shim.sync(Duration::from_secs(2));
+            }
+            window
+                .rules
+                .iter()
+                .map(|r| shim.and_then(|s| s.take_rule_stats(&r.rule.id)))
+                .collect()
+        };
+        let (mut partition_hits, mut partition_matched) = (0, 0);
+        for (r, stats) in window.rules.iter().zip(stats) {
+            let (fired, matched) = stats.map_or((0, 0), |s| (s.fired, s.matched));
+            let hits = if window.trace { 0 } else { fired };
+            if window.partition.is_some() {
+                partition_hits += hits;
+                partition_matched += matched;
+                continue;
+            }
+            if matched == 0 && !window.trace {
+                self.trace.emit(
+                    "fault_zero_traffic",
+                    &service,
+                    fields([
+                        ("syscall", r.keyword.clone()),
+                        ("action", r.fault.kind().to_string()),
+                        ("label", r.fault.label.clone().unwrap_or_default()),
+                        ("path", r.rule.path.clone().unwrap_or_default()),
+                    ]),
+                );
+            }
+            self.record_fault(FaultRecord {
+                service: service.clone(),
+                interface: None,
+                syscall: r.keyword.clone(),
+                action: if window.trace {
+                    "trace".into()
+                } else {
+                    r.fault.kind().into()
+                },
+                errno: r.fault.errno.clone(),
+                rule: r.fault.summary(),
+                label: r.fault.label.clone(),
+                hits,
+                matched,
+                trace: window.trace,
+                windows: 1,
+            });
+        }
+        if let (Some(between), Some(r)) = (&window.partition, window.rules.first()) {
+            self.record_fault(FaultRecord {
+                service: service.clone(),
+                interface: None,
+                syscall: "connect".into(),
+                action: "deny".into(),
+                errno: r.fault.errno.clone(),
+                rule: format!("partition({})", between.replace(',', ", ")),
+                label: r.fault.label.clone(),
+                hits: partition_hits,
+                matched: partition_matched,
+                trace: false,
+                windows: 1,
+            });
+        } else {
+            let kind = if window.trace {
+                "trace_removed"
+            } else {
+                "fault_removed"
+            };
+            self.trace.emit(kind, &service, BTreeMap::new());
+        }
+        // A service that died mid-window cannot take new rules; that is
+        // reported as a crash, not as a failure to close the window.
+        match push {
+            Err(_) if self.exit_of(&service).is_some() => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Every port a connect to `service` may use: its interfaces, where
+    /// they are published, and their proxies (and TLS fronts).
+    fn ports_of(&self, service: &str) -> Vec<u16> {
+        let mut ports = BTreeSet::new();
+        if let Some(def) = self.service(service) {
+            for iface in &def.interfaces {
+                ports.insert(iface.port);
+                if let Some(addr) = self.published(service, &iface.name) {
+                    ports.insert(addr.port());
+                }
+                if let Some(up) = def
+                    .remote
+                    .get(&iface.name)
+                    .and_then(|r| r.rsplit_once(':'))
+                    .and_then(|(_, p)| p.parse().ok())
+                {
+                    ports.insert(up);
+                }
+            }
+        }
+        for ((s, _), proxy) in lock(&self.proxies).iter() {
+            if s == service {
+                ports.insert(proxy.listen.port());
+            }
+        }
+        for ((s, _), relays) in lock(&self.tls).iter() {
+            if s == service {
+                ports.insert(relays.front.listen.port());
+            }
+        }
+        ports.into_iter().collect()
     }
 
     /// Adds a closed window's record, into the record of the same rule
@@ -1107,6 +1363,10 @@ impl TestRun {
     /// Closes every window still open (a `fault_start` without its
     /// `fault_stop`), oldest last.
     pub fn close_all_windows(&self) {
+        let ids: Vec<u64> = lock(&self.partitions).iter().rev().map(|p| p.id).collect();
+        for id in ids {
+            let _ = self.close_partition(id);
+        }
         let ids: Vec<u64> = lock(&self.windows).iter().rev().map(|w| w.id).collect();
         for id in ids {
             let _ = self.close_window(id);
@@ -1278,117 +1538,169 @@ impl TestHost for TestRun {
                 fault,
             });
         }
-        let mut windows = lock(&self.windows);
-        windows.push(Window {
-            id,
-            service: service.to_string(),
-            trace,
-            from_start,
-            rules,
-        });
-        if let Err(e) = self.push_rules(service, &windows) {
-            windows.pop();
-            return Err(e);
-        }
         let kind = if trace {
             "trace_applied"
         } else {
             "fault_applied"
         };
         let mut f = BTreeMap::new();
-        if let Some(w) = windows.last() {
-            for r in &w.rules {
-                let mut text = format!(
-                    "{} → filter:[{}]",
-                    if trace {
-                        "trace".to_string()
-                    } else {
-                        r.fault.summary()
-                    },
-                    r.rule.syscalls.join(",")
-                );
-                if let Some(l) = &r.fault.label {
-                    text.push_str(&format!(" label={l:?}"));
-                }
-                f.insert(r.keyword.clone(), text);
+        for r in &rules {
+            let mut text = format!(
+                "{} → filter:[{}]",
+                if trace {
+                    "trace".to_string()
+                } else {
+                    r.fault.summary()
+                },
+                r.rule.syscalls.join(",")
+            );
+            if let Some(l) = &r.fault.label {
+                text.push_str(&format!(" label={l:?}"));
             }
+            f.insert(r.keyword.clone(), text);
         }
-        drop(windows);
+        self.install_window(Window {
+            id,
+            service: service.to_string(),
+            trace,
+            from_start,
+            rules,
+            partition: None,
+        })?;
         self.trace.emit(kind, service, f);
         Ok(id)
     }
 
     fn close_window(&self, id: u64) -> Result<(), HostError> {
-        let service = match lock(&self.windows).iter().find(|w| w.id == id) {
-            Some(w) => w.service.clone(),
-            None => return Ok(()),
-        };
-        let mut windows = lock(&self.windows);
-        let Some(at) = windows.iter().position(|w| w.id == id) else {
-            return Ok(());
-        };
-        let window = windows.remove(at);
-        let push = self.push_rules(&service, &windows);
-        drop(windows);
-        // The rules are out, and the shim has reported their final
-        // counters (and every event decided so far).
-        let stats: Vec<Option<RuleStats>> = {
-            let running = lock(&self.running);
-            let shim = running.get(&service).and_then(|r| r.instance.shim());
-            if let Some(shim) = shim {
-                shim.sync(Duration::from_secs(2));
+        self.remove_window(id)
+    }
+
+    fn open_partition(&self, a: &str, b: &str) -> Result<u64, HostError> {
+        let mut opened: Vec<u64> = Vec::new();
+        let between = format!("{a},{b}");
+        let mut cut = Vec::new();
+        for (from, to) in [(a, b), (b, a)] {
+            let def = self
+                .service(from)
+                .ok_or_else(|| HostError::UnknownService {
+                    service: from.to_string(),
+                })?;
+            if self.service(to).is_none() {
+                return Err(HostError::UnknownService {
+                    service: to.to_string(),
+                });
             }
-            window
-                .rules
-                .iter()
-                .map(|r| shim.and_then(|s| s.take_rule_stats(&r.rule.id)))
-                .collect()
-        };
-        for (r, stats) in window.rules.iter().zip(stats) {
-            let (fired, matched) = stats.map_or((0, 0), |s| (s.fired, s.matched));
-            let hits = if window.trace { 0 } else { fired };
-            if matched == 0 && !window.trace {
-                self.trace.emit(
-                    "fault_zero_traffic",
-                    &service,
-                    fields([
-                        ("syscall", r.keyword.clone()),
-                        ("action", r.fault.kind().to_string()),
-                        ("label", r.fault.label.clone().unwrap_or_default()),
-                        ("path", r.rule.path.clone().unwrap_or_default()),
-                    ]),
-                );
+            // A remote service or one without a shim dials nothing we
+            // can refuse; the other side's rules still cut the link.
+            if def.is_remote() || !def.seccomp {
+                continue;
             }
-            self.record_fault(FaultRecord {
-                service: service.clone(),
-                interface: None,
-                syscall: r.keyword.clone(),
-                action: if window.trace {
-                    "trace".into()
-                } else {
-                    r.fault.kind().into()
+            if !self.intercept.iter().any(|s| s == "connect") {
+                return Err(HostError::NotFilterable {
+                    service: from.to_string(),
+                    keyword: "partition".into(),
+                    syscall: "connect".into(),
+                });
+            }
+            let id = self.next_window.fetch_add(1, Ordering::SeqCst);
+            let fault = FaultValue {
+                action: Action::Deny {
+                    errno: libc::ECONNREFUSED,
                 },
-                errno: r.fault.errno.clone(),
-                rule: r.fault.summary(),
-                label: r.fault.label.clone(),
-                hits,
-                matched,
-                trace: window.trace,
-                windows: 1,
+                probability: 1.0,
+                label: Some(format!("partition({a}, {b})")),
+                trigger: Trigger::Always,
+                errno: Some("ECONNREFUSED".into()),
+            };
+            let ports = self.ports_of(to);
+            cut.push(format!(
+                "{from}→{to}:{}",
+                ports
+                    .iter()
+                    .map(u16::to_string)
+                    .collect::<Vec<_>>()
+                    .join("/")
+            ));
+            let rules = ports
+                .iter()
+                .map(|port| WindowRule {
+                    keyword: format!("connect:{port}"),
+                    rule: Rule {
+                        id: RuleId::in_window(id, format!("partition:{port}")),
+                        syscalls: vec!["connect".into()],
+                        action: fault.action,
+                        probability: 1.0,
+                        path: Some(format!("*:{port}")),
+                        trigger: Trigger::Always,
+                        label: fault.label.clone(),
+                    },
+                    fault: fault.clone(),
+                })
+                .collect();
+            let installed = self.install_window(Window {
+                id,
+                service: from.to_string(),
+                trace: false,
+                from_start: false,
+                rules,
+                partition: Some(between.clone()),
+            });
+            if let Err(e) = installed {
+                for w in opened {
+                    let _ = self.remove_window(w);
+                }
+                return Err(e);
+            }
+            opened.push(id);
+        }
+        if opened.is_empty() {
+            return Err(HostError::Remote {
+                service: a.to_string(),
             });
         }
-        let kind = if window.trace {
-            "trace_removed"
-        } else {
-            "fault_removed"
+        let id = self.next_window.fetch_add(1, Ordering::SeqCst);
+        lock(&self.partitions).push(Partition {
+            id,
+            a: a.to_string(),
+            b: b.to_string(),
+            windows: opened,
+        });
+        self.trace.emit(
+            "partition_applied",
+            "test",
+            fields([("between", between), ("refused", cut.join(" "))]),
+        );
+        Ok(id)
+    }
+
+    fn close_partition(&self, id: u64) -> Result<(), HostError> {
+        let p = {
+            let mut all = lock(&self.partitions);
+            let Some(at) = all.iter().position(|p| p.id == id) else {
+                return Ok(());
+            };
+            all.remove(at)
         };
-        self.trace.emit(kind, &service, BTreeMap::new());
-        // A service that died mid-window cannot take new rules; that is
-        // reported as a crash, not as a failure to close the window.
-        match push {
-            Err(_) if self.exit_of(&service).is_some() => Ok(()),
-            other => other,
+        let mut result = Ok(());
+        for w in &p.windows {
+            if let Err(e) = self.remove_window(*w) {
+                result = result.and(Err(e));
+            }
         }
+        self.trace.emit(
+            "partition_removed",
+            "test",
+            fields([("between", format!("{},{}", p.a, p.b))]),
+        );
+        result
+    }
+
+    fn latest_partition(&self, a: &str, b: &str) -> Option<u64> {
+        lock(&self.partitions)
+            .iter()
+            .rev()
+            .find(|p| (p.a == a && p.b == b) || (p.a == b && p.b == a))
+            .map(|p| p.id)
     }
 
     fn latest_started_window(&self, service: &str, trace: bool) -> Option<u64> {
@@ -1529,6 +1841,15 @@ impl TestHost for TestRun {
     fn events_after(&self, after: u64) -> Vec<Event> {
         self.sync_all();
         self.trace.events_after(after)
+    }
+
+    fn violation(&self) -> Option<String> {
+        // Strict: what the services decided up to now counts, so a step
+        // that made a service read the clock fails the step's line.
+        if self.determinism.get().is_some_and(|d| d.strict) {
+            self.sync_all();
+        }
+        self.determinism_violation()
     }
 
     fn acknowledge_exit(&self, service: &str) {

@@ -150,6 +150,16 @@ pub trait TestHost: Send + Sync {
     /// Closes a protocol window and records its hits.
     fn close_proxy_window(&self, id: u64);
 
+    /// Splits `a` from `b` (`partition()`): connects either way are
+    /// refused until [`TestHost::close_partition`]. Returns its id.
+    fn open_partition(&self, a: &str, b: &str) -> Result<u64, HostError>;
+
+    /// Heals a partition and records what it refused.
+    fn close_partition(&self, id: u64) -> Result<(), HostError>;
+
+    /// The newest partition between `a` and `b`, in either order.
+    fn latest_partition(&self, a: &str, b: &str) -> Option<u64>;
+
     /// Counts one evaluated assertion.
     fn count_assertion(&self);
 
@@ -166,6 +176,13 @@ pub trait TestHost: Send + Sync {
         let mut all = self.events();
         all.retain(|e| e.seq > after);
         all
+    }
+
+    /// What has already failed the test outside its body (a strict
+    /// `determinism()` violation): the body stops at its next step or
+    /// wait with this reason.
+    fn violation(&self) -> Option<String> {
+        None
     }
 
     /// An asserted exit of `service` is not a crash.

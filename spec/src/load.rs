@@ -252,6 +252,8 @@ pub struct Spec {
     pub tests: Vec<String>,
     /// Syscalls every service's filter intercepts (empty: no filter).
     pub intercept: Vec<String>,
+    /// `determinism(...)`, when the spec calls it.
+    pub determinism: Option<crate::model::Determinism>,
     /// The local files it read while loading, besides itself: modules it
     /// load()s, `load_file`/`load_json`/`load_yaml`, TLS files.
     pub files: Vec<PathBuf>,
@@ -273,6 +275,7 @@ pub fn globals() -> Globals {
     .with(builtins::protocol_faults)
     .with(builtins::assertions)
     .with(builtins::files)
+    .with(builtins::monitors)
     .with(builtins::not_in_this_build)
     .build()
 }
@@ -768,7 +771,30 @@ fn load_here(
     if let Some(main) = tokens.first() {
         check_literal_protocol_rules(path, main, &module)?;
     }
-    let intercept = filter_from_tokens(Arch::native(), &tokens, &services);
+    let mut intercept = filter_from_tokens(Arch::native(), &tokens, &services);
+    let tolerated = ctx.tolerated.take();
+    let determinism = match ctx.determinism.take() {
+        Some(mut d) => {
+            d.tolerated = tolerated;
+            for name in crate::model::DETERMINISM_SYSCALLS {
+                if Arch::native().number(name).is_some() && !intercept.iter().any(|s| s == name) {
+                    intercept.push(name.to_string());
+                }
+            }
+            intercept.sort();
+            Some(d)
+        }
+        None => {
+            if let Some(service) = tolerated.keys().next() {
+                return Err(SpecError::Invalid {
+                    message: format!(
+                        "service({service:?}): nondeterministic_ok= tolerates what determinism() reports, and the spec never calls it; add determinism() at the top of the spec, or drop nondeterministic_ok="
+                    ),
+                });
+            }
+            None
+        }
+    };
     let mut files = ctx.files.take();
     files.dedup();
     Ok(Spec {
@@ -777,6 +803,7 @@ fn load_here(
         services,
         tests,
         intercept,
+        determinism,
         files,
         module: Arc::new(module),
         globals: Arc::new(globals),
@@ -835,11 +862,23 @@ impl Spec {
                         deadline: Some(std::time::Instant::now() + timeout),
                         ..Ctx::default()
                     };
+                    let spec_monitors = module
+                        .get_option(builtins::spec_monitors_name())
+                        .ok()
+                        .flatten()
+                        .map(|v| heap_module.heap().access_owned_frozen_value(&v));
+                    builtins::start_test_monitors(&heap_module, spec_monitors, &ctx);
                     let mut eval = Evaluator::new(&heap_module);
                     eval.extra = Some(&ctx);
-                    match crate::values::while_running(run, || eval.eval_module(call, &globals)) {
-                        Ok(v) if v.is_none() => BodyOutcome::Returned(None),
-                        Ok(v) => BodyOutcome::Returned(Some(v.to_str())),
+                    // The monitors look once more at what the body left.
+                    let body = || -> starlark::Result<Option<String>> {
+                        let v = eval.eval_module(call, &globals)?;
+                        let shown = (!v.is_none()).then(|| v.to_str());
+                        builtins::check_monitors(&mut eval)?;
+                        Ok(shown)
+                    };
+                    match crate::values::while_running(run, body) {
+                        Ok(shown) => BodyOutcome::Returned(shown),
                         Err(e) => BodyOutcome::Failed {
                             message: e.without_diagnostic().to_string(),
                             location: e.span().map(|s| s.to_string()),
@@ -901,6 +940,14 @@ fn filter_from_tokens(arch: Arch, sources: &[Tokens], services: &[ServiceDef]) -
             }
         }
     };
+    // A partition is connect rules by destination.
+    let splits = sources
+        .iter()
+        .flatten()
+        .any(|(t, _)| matches!(t, Tok::Ident(n) if n == "partition" || n == "partition_start"));
+    if splits {
+        add("connect");
+    }
     for name in &names {
         add(name);
         for svc in services {

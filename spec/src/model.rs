@@ -3,6 +3,47 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+/// The kinds of I/O `determinism()` reports as `unmediated_io`: what a
+/// service reads or reaches that Faultbox observes but does not decide.
+pub const NONDETERMINISM: &[(&str, &str)] = &[
+    (
+        "clock",
+        "a clock_gettime that reached the kernel (not the vDSO)",
+    ),
+    ("rand", "getrandom"),
+    ("dns", "a connect to port 53 that no service declares"),
+    (
+        "network-unmediated",
+        "a connect to an address that is neither a declared interface nor a proxy",
+    ),
+];
+
+/// The syscalls `determinism()` adds to every service's filter.
+pub const DETERMINISM_SYSCALLS: &[&str] = &["clock_gettime", "getrandom", "connect"];
+
+/// `determinism(...)`: the spec asks that the services' nondeterminism be
+/// reported, and (strict) that an untolerated kind fail the test.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Determinism {
+    /// The first untolerated event fails the test.
+    pub strict: bool,
+    /// Kinds tolerated everywhere (`allow=`).
+    pub allow: Vec<String>,
+    /// Kinds tolerated per service (`service(nondeterministic_ok=)`).
+    pub tolerated: BTreeMap<String, Vec<String>>,
+}
+
+impl Determinism {
+    /// Whether `category` on `service` is tolerated.
+    pub fn tolerates(&self, service: &str, category: &str) -> bool {
+        self.allow.iter().any(|c| c == category)
+            || self
+                .tolerated
+                .get(service)
+                .is_some_and(|l| l.iter().any(|c| c == category))
+    }
+}
+
 /// One declared service.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceDef {

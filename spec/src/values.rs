@@ -38,6 +38,18 @@ pub struct Ctx {
     /// Local files read while the spec loads (modules, `load_file` and
     /// friends, TLS material), for `faultbox test --kube` to ship.
     pub files: std::cell::RefCell<Vec<std::path::PathBuf>>,
+    /// Per monitor of the running test, the last event it has seen (the
+    /// monitors themselves are module variables: see builtins/monitors.rs).
+    pub monitors: std::cell::RefCell<Vec<u64>>,
+    /// Set while a monitor's callback runs: monitors only look.
+    pub in_monitor: std::cell::Cell<bool>,
+    /// Set when an `assert_*` builtin fails, so a monitor can tell an
+    /// assertion in its callback (a violation) from a mistake in it.
+    pub assertion_raised: std::cell::Cell<bool>,
+    /// `determinism(...)`, once the spec has called it.
+    pub determinism: std::cell::RefCell<Option<crate::model::Determinism>>,
+    /// `service(nondeterministic_ok=[...])`, by service.
+    pub tolerated: std::cell::RefCell<BTreeMap<String, Vec<String>>>,
 }
 
 /// `service(...)`: a declared service.

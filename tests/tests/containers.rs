@@ -528,7 +528,7 @@ def test_b_second():
 
 def test_c_shutdown():
     cache.main.command("SHUTDOWN", "NOSAVE")
-    assert_eventually(type = "service_exited", service = "cache")
+    assert_eventually(type = "service_exited", service = "cache", timeout = "5s")
 
 def test_d_after_the_crash():
     assert_eq(cache.main.send(data = "INCR n"), ":1", "a fresh container replaced the dead one")

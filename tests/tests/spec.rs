@@ -1092,7 +1092,7 @@ fn bad_specs_give_one_clear_error_and_exit_1() {
         "svc = service(\"a\", \"/bin/true\", helthcheck = tcp(\"localhost:1\"))\n",
         &[],
         &[
-            "service(): unknown keyword argument \"helthcheck\" (did you mean healthcheck?); accepted: name, binary, image, build, args, entrypoint, env, depends_on, healthcheck, ops, user, remote, ports, volumes, reuse, seccomp",
+            "service(): unknown keyword argument \"helthcheck\" (did you mean healthcheck?); accepted: name, binary, image, build, args, entrypoint, env, depends_on, healthcheck, ops, user, remote, ports, volumes, reuse, seccomp, nondeterministic_ok",
             "spec.star:1:",
         ],
     );
@@ -2193,4 +2193,222 @@ def test_loop():
     assert_eq!(faults[1]["windows"], 1);
     assert_eq!(faults[1]["label"], "other");
     assert_eq!(faults[1]["hits"], 0);
+}
+
+/// The events of `test` of type `kind`.
+fn events_of<'a>(test: &'a Value, kind: &str) -> Vec<&'a Value> {
+    test["events"]
+        .as_array()
+        .map(|all| all.iter().filter(|e| e["type"] == kind).collect())
+        .unwrap_or_default()
+}
+
+/// `determinism()` on a real service: a raw clock read, randomness and
+/// connects to undeclared ports become `unmediated_io` events; strict,
+/// the first untolerated one fails the test naming it; a connect to a
+/// declared port is mediated; tolerated kinds pass.
+#[test]
+fn determinism_reports_unmediated_io_and_strict_mode_fails_on_it() {
+    let dir = Scratch::new("spec-determinism");
+    let stray = free_port();
+    let body = format!(
+        r#"
+def ask(cmd):
+    r = svc.main.send(data = cmd)
+    return r
+
+def test_clock():
+    assert_true(ask("CLOCK").startswith("OK"))
+
+def test_dns():
+    ask("CONNECT 53")
+
+def test_stray():
+    ask("CONNECT {stray}")
+
+def test_declared():
+    ask("CONNECT " + str(svc.main.port))
+    assert_never(type = "unmediated_io", category = "network-unmediated")
+
+def test_random_tolerated():
+    assert_true(ask("RANDOM").startswith("OK"))
+    assert_eventually(type = "unmediated_io", category = "rand", tolerated = "true")
+"#
+    );
+    let (text, _) = spec_with_service(&dir, "nondeterministic_ok = [\"rand\"],", &body);
+    let text = format!("determinism()\n{text}");
+    let run = run_spec(&dir, &text, &["--format", "json"]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    let doc = json(&run);
+    for (test, category, what) in [
+        ("test_clock", "clock", "clock_gettime".to_string()),
+        ("test_dns", "dns", "connect 127.0.0.1:53".to_string()),
+        (
+            "test_stray",
+            "network-unmediated",
+            format!("connect 127.0.0.1:{stray}"),
+        ),
+    ] {
+        let t = test_named(&doc, test);
+        assert_eq!(t["result"], "fail", "{test}: {t:#}");
+        let reason = t["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.starts_with(&format!(
+                "strict determinism: service \"svc\" did {category} I/O Faultbox does not mediate ({what}, event #"
+            )) && reason.contains(&format!("nondeterministic_ok=[\"{category}\"]")),
+            "{test}: {reason}"
+        );
+        let odd = events_of(t, "unmediated_io");
+        assert!(
+            odd.iter().any(|e| e["fields"]["category"] == category
+                && e["fields"]["tolerated"] == "false"),
+            "{test}: {odd:#?}"
+        );
+    }
+    assert_eq!(
+        test_named(&doc, "test_declared")["result"],
+        "pass",
+        "{doc:#}"
+    );
+    assert_eq!(
+        test_named(&doc, "test_random_tolerated")["result"],
+        "pass",
+        "{doc:#}"
+    );
+
+    // Not strict: the same clock read is reported and the test passes.
+    let (text, _) = spec_with_service(
+        &dir,
+        "",
+        "def test_clock():\n    svc.main.send(data = \"CLOCK\")\n    assert_eventually(type = \"unmediated_io\", category = \"clock\", syscall = \"clock_gettime\")\n",
+    );
+    let text = format!("determinism(strict = False, allow = [\"rand\"])\n{text}");
+    let run = run_spec(&dir, &text, &["--format", "json"]);
+    assert_eq!(run.code, 0, "{}", run.stdout);
+}
+
+/// What `determinism()` refuses at load, each with a line that says why.
+#[test]
+fn determinism_refuses_what_this_build_cannot_detect() {
+    let dir = Scratch::new("spec-determinism-bad");
+    for (head, words) in [
+        ("determinism(level = \"L2\")", "detects level L1 only"),
+        ("determinism(runtime = \"gvisor\")", "has no gvisor runtime"),
+        (
+            "determinism(allow = [\"fs-unmediated\"])",
+            "not detected by this build",
+        ),
+        (
+            "determinism(allow = [\"time\"])",
+            "unknown kind \"time\"; the kinds are clock, rand, dns, network-unmediated",
+        ),
+        ("determinism()\ndeterminism()", "called twice"),
+    ] {
+        let (text, _) = spec_with_service(&dir, "", "def test_x():\n    pass\n");
+        let run = run_spec(&dir, &format!("{head}\n{text}"), &[]);
+        assert_eq!(run.code, 1, "{head}: {}", run.stderr);
+        assert!(run.stderr.contains(words), "{head}: {}", run.stderr);
+    }
+    let (text, _) = spec_with_service(
+        &dir,
+        "nondeterministic_ok = [\"clock\"],",
+        "def test_x():\n    pass\n",
+    );
+    let run = run_spec(&dir, &text, &[]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("the spec never calls it; add determinism()"),
+        "{}",
+        run.stderr
+    );
+}
+
+/// `partition(a, b)` on three real services that dial each other: a and
+/// b cannot connect either way, directly or through the other's proxy;
+/// c reaches both and both reach c; after the partition all paths work
+/// again, and the split shows in the trace and in the fault records.
+#[test]
+fn a_partition_splits_two_services_and_leaves_the_third_alone() {
+    let dir = Scratch::new("spec-partition");
+    let (pa, pb, pc) = (free_port(), free_port(), free_port());
+    let svc = |name: &str, port: u16| {
+        format!(
+            "{name} = service(\"{name}\", \"{helper}\", interface(\"main\", \"tcp\", {port}), args = [\"serve\", \"{port}\"], healthcheck = tcp(\"localhost:{port}\", timeout = \"5s\"))\n",
+            helper = helper()
+        )
+    };
+    let text = format!(
+        r#"{a}{b}{c}
+def dial(src, dst):
+    return src.main.send(data = "CONNECT " + str(dst))
+
+def test_split():
+    def during():
+        assert_eq(dial(a, {pb}), "ERR ECONNREFUSED")
+        assert_eq(dial(b, {pa}), "ERR ECONNREFUSED")
+        assert_eq(dial(a, b.main.proxy_port), "ERR ECONNREFUSED")
+        assert_eq(dial(b, a.main.proxy_port), "ERR ECONNREFUSED")
+        assert_eq(dial(a, {pc}), "OK")
+        assert_eq(dial(c, {pa}), "OK")
+        assert_eq(dial(c, b.main.proxy_port), "OK")
+        assert_eq(dial(b, {pc}), "OK")
+    partition(a, b, run = during)
+    assert_eq(dial(a, {pb}), "OK")
+    assert_eq(dial(b, a.main.proxy_port), "OK")
+    assert_eventually(type = "partition_applied", between = "a,b")
+    assert_eventually(type = "partition_removed", between = "a,b")
+
+def test_open_split():
+    partition_start(b, a)
+    assert_eq(dial(a, {pb}), "ERR ECONNREFUSED")
+    partition_stop(a, b)
+    assert_eq(dial(a, {pb}), "OK")
+"#,
+        a = svc("a", pa),
+        b = svc("b", pb),
+        c = svc("c", pc),
+    );
+    let (_, doc) = json_run(&dir, &text, 0);
+    let split = test_named(&doc, "test_split");
+    let faults = split["faults"].as_array().cloned().unwrap_or_default();
+    let partition_hits = |service: &str| {
+        faults
+            .iter()
+            .find(|f| f["service"] == service && f["label"] == "partition(a, b)")
+            .and_then(|f| f["hits"].as_u64())
+    };
+    assert_eq!(partition_hits("a"), Some(2), "{faults:#?}");
+    assert_eq!(partition_hits("b"), Some(2), "{faults:#?}");
+}
+
+/// A spec-wide monitor on a real service stops the test at the step
+/// whose syscall broke it, and leaves a clean test alone.
+#[test]
+fn a_monitor_fails_the_test_at_the_step_that_broke_it() {
+    let dir = Scratch::new("spec-monitor");
+    let (text, _) = spec_with_service(
+        &dir,
+        "",
+        r#"
+monitor("fsync_never_denied", on = {"syscall": "fsync"},
+        check = lambda e, s: not e.decision.startswith("deny"))
+
+def test_denied():
+    fault(svc, fsync = deny("EIO"), run = persist)
+    fail("not reached: the monitor stops the test at the step")
+
+def test_clean():
+    assert_eq(persist(), "OK")
+"#,
+    );
+    let (_, doc) = json_run(&dir, &text, 2);
+    let denied = test_named(&doc, "test_denied");
+    let reason = denied["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("monitor \"fsync_never_denied\" violated at event #")
+            && reason.contains("(service=svc type=syscall)"),
+        "{denied:#}"
+    );
+    assert_eq!(test_named(&doc, "test_clean")["result"], "pass", "{doc:#}");
 }

@@ -5,7 +5,7 @@
 #[allow(unused_imports)]
 use super::*;
 
-fn filter_from(a: &Args, skip: &[&str]) -> Res<Filter> {
+pub(super) fn filter_from(a: &Args, skip: &[&str]) -> Res<Filter> {
     let mut conditions = Vec::new();
     for (k, v) in &a.named {
         if skip.contains(&k.as_str()) {
@@ -20,7 +20,7 @@ fn filter_from(a: &Args, skip: &[&str]) -> Res<Filter> {
     Ok(Filter { conditions })
 }
 
-fn dict_filter<'v>(a: &Args<'v>, v: Value<'v>, key: &str) -> Res<Filter> {
+pub(super) fn dict_filter<'v>(a: &Args<'v>, v: Value<'v>, key: &str) -> Res<Filter> {
     let d = DictRef::from_value(v)
         .ok_or_else(|| err(format!("{}(): {key} must be a dict of filters", a.builtin)))?;
     let mut conditions = Vec::new();
@@ -101,6 +101,9 @@ fn assertion_failed(
     mut detail: AssertionDetail,
     message: String,
 ) -> starlark::Error {
+    if let Ok(c) = ctx(eval) {
+        c.assertion_raised.set(true);
+    }
     let (file, line) = call_site(eval);
     detail.file = file;
     detail.line = line;
@@ -227,6 +230,7 @@ pub(crate) fn assertions(builder: &mut GlobalsBuilder) {
             if Instant::now() >= deadline {
                 break;
             }
+            check_monitors(eval)?;
             std::thread::sleep(Duration::from_millis(20));
         }
         let what = if pred.is_some() {
@@ -385,6 +389,7 @@ pub(crate) fn assertions(builder: &mut GlobalsBuilder) {
             if Instant::now() >= deadline {
                 break;
             }
+            check_monitors(eval)?;
             std::thread::sleep(Duration::from_millis(10));
         }
         let what = if pred.is_some() {
@@ -436,6 +441,7 @@ pub(crate) fn assertions(builder: &mut GlobalsBuilder) {
             if Instant::now() >= deadline {
                 break;
             }
+            check_monitors(eval)?;
             std::thread::sleep(Duration::from_millis(10));
         }
         Err(assertion_failed(
@@ -549,6 +555,7 @@ pub(crate) fn assertions(builder: &mut GlobalsBuilder) {
                     faultbox_agent::rule::format_duration(window)
                 )));
             }
+            check_monitors(eval)?;
             std::thread::sleep(Duration::from_millis(10).min(window));
         }
     }
@@ -565,8 +572,16 @@ pub(crate) fn assertions(builder: &mut GlobalsBuilder) {
         let d = a.duration(a.required(0, "duration")?, "duration")?;
         run_of(eval, "sleep")?;
         let d = within_budget(eval, "sleep", d)?;
-        std::thread::sleep(d);
-        Ok(NoneType)
+        // In slices, so the test's monitors keep watching while it sleeps.
+        let until = Instant::now() + d;
+        loop {
+            check_monitors(eval)?;
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(NoneType);
+            }
+            std::thread::sleep(left.min(Duration::from_millis(20)));
+        }
     }
 
     /// `events(where=fn, **filters)`: the matching events, oldest first.

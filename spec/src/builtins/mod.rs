@@ -37,6 +37,7 @@ use faultbox_proxy::steps::{self, Arg as StepArg, Kind, StepCall, StepResult};
 
 mod assertions;
 mod files;
+mod monitors;
 mod protocol_faults;
 mod step;
 mod syscall_faults;
@@ -44,6 +45,7 @@ mod topology;
 
 pub(crate) use assertions::assertions;
 pub(crate) use files::files;
+pub(crate) use monitors::{check_monitors, monitors, spec_monitors_name, start_test_monitors};
 pub(crate) use protocol_faults::protocol_faults;
 pub(crate) use step::call_step;
 pub(crate) use syscall_faults::syscall_faults;
@@ -62,7 +64,13 @@ fn ctx<'a>(eval: &'a Evaluator<'_, '_, '_>) -> Res<&'a Ctx> {
 }
 
 fn run_of(eval: &Evaluator<'_, '_, '_>, builtin: &str) -> Res<Arc<dyn TestHost>> {
-    ctx(eval)?.run.clone().ok_or_else(|| {
+    let c = ctx(eval)?;
+    if c.in_monitor.get() {
+        return Err(err(format!(
+            "{builtin}() cannot be called from a monitor's callback: a monitor looks at events, it does not act (use the event it is given, assert_* or fail())"
+        )));
+    }
+    c.run.clone().ok_or_else(|| {
         err(format!(
             "{builtin}() can only be called inside a test function (def test_...)"
         ))
@@ -282,9 +290,7 @@ const NOT_IN_THIS_BUILD: &[(&str, &str)] = &[
     ("fault_scenario", "fault scenarios"),
     ("fault_matrix", "fault matrices"),
     ("fault_assumption", "fault assumptions"),
-    ("monitor", "monitors"),
     ("parallel", "parallel() and interleaving exploration"),
-    ("partition", "network partitions"),
     ("mock_service", "mock services"),
 ];
 

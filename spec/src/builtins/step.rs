@@ -92,7 +92,9 @@ pub(crate) fn call_step<'v>(
         eval,
         &format!("{}.{}.{}", step.service, step.iface.name, step.method),
     )?;
-    match run.step(&call) {
+    let result = run.step(&call);
+    check_monitors(eval)?;
+    match result {
         StepResult::Reply(r) => Ok(eval.heap().alloc(ResponseValue {
             status: r.status,
             body: r.body,

@@ -414,4 +414,76 @@ pub(crate) fn syscall_faults(builder: &mut GlobalsBuilder) {
     ) -> starlark::Result<NoneType> {
         stop_window(Args::new("trace_stop", args, kwargs)?, eval, true)
     }
+
+    /// `partition(a, b, run=fn)`: while `fn` runs, `a` and `b` cannot
+    /// reach each other (their connects either way are refused, directly
+    /// or through proxies); every other path stays. Returns what `fn`
+    /// returned.
+    fn partition<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<Value<'v>> {
+        let a = Args::new("partition", args, kwargs)?;
+        a.check(2, &["a", "b", "run"])?;
+        let (x, y) = partition_sides(&a, "partition")?;
+        let f = a.callable(
+            a.named("run").ok_or_else(|| {
+                err("partition(): missing run=fn (use partition_start/partition_stop for an open split)")
+            })?,
+            "run",
+        )?;
+        let run = run_of(eval, "partition")?;
+        let id = run.open_partition(&x, &y).map_err(err)?;
+        let result = eval.eval_function(f, &[], &[]);
+        let closed = run.close_partition(id).map_err(err);
+        let value = result?;
+        closed?;
+        Ok(value)
+    }
+
+    /// `partition_start(a, b)`: splits `a` from `b` until `partition_stop`.
+    fn partition_start<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<NoneType> {
+        let a = Args::new("partition_start", args, kwargs)?;
+        a.check(2, &["a", "b"])?;
+        let (x, y) = partition_sides(&a, "partition_start")?;
+        let run = run_of(eval, "partition_start")?;
+        run.open_partition(&x, &y).map_err(err)?;
+        Ok(NoneType)
+    }
+
+    /// `partition_stop(a, b)`: heals the newest split between them.
+    fn partition_stop<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<NoneType> {
+        let a = Args::new("partition_stop", args, kwargs)?;
+        a.check(2, &["a", "b"])?;
+        let (x, y) = partition_sides(&a, "partition_stop")?;
+        let run = run_of(eval, "partition_stop")?;
+        let id = run.latest_partition(&x, &y).ok_or_else(|| {
+            err(format!(
+                "partition_stop({x}, {y}): no partition_start split between them is in force"
+            ))
+        })?;
+        run.close_partition(id).map_err(err)?;
+        Ok(NoneType)
+    }
+}
+
+/// The two services of a partition builtin, which must differ.
+fn partition_sides(a: &Args, builtin: &str) -> Res<(String, String)> {
+    let x = service_name(a.required(0, "a")?, builtin)?;
+    let y = service_name(a.required(1, "b")?, builtin)?;
+    if x == y {
+        return Err(err(format!(
+            "{builtin}({x}, {y}): a service cannot be split from itself; give two services"
+        )));
+    }
+    Ok((x, y))
 }

@@ -33,6 +33,7 @@ enum Call {
     CloseProxy(u64),
     Step(StepCall),
     Acknowledge(String),
+    Partition(String),
 }
 
 #[derive(Default)]
@@ -113,6 +114,17 @@ impl TestHost for Recorder {
     }
     fn close_proxy_window(&self, id: u64) {
         self.push(Call::CloseProxy(id));
+    }
+    fn open_partition(&self, a: &str, b: &str) -> Result<u64, HostError> {
+        self.push(Call::Partition(format!("{a}|{b}")));
+        Ok(9)
+    }
+    fn close_partition(&self, id: u64) -> Result<(), HostError> {
+        self.push(Call::Close(id));
+        Ok(())
+    }
+    fn latest_partition(&self, _a: &str, _b: &str) -> Option<u64> {
+        None
     }
     fn count_assertion(&self) {
         self.assertions.lock().unwrap_or_else(|p| p.into_inner()).0 += 1;
@@ -664,4 +676,226 @@ def test_addr():
     ));
     let host = Arc::new(Recorder::default());
     assert_eq!(run(&s, "test_addr", &host), BodyOutcome::Returned(None));
+}
+
+fn syscall_event(seq: u64, decision: &str) -> Event {
+    Event {
+        seq,
+        time_ns: seq,
+        kind: "syscall".into(),
+        service: "db".into(),
+        fields: BTreeMap::from([("decision".to_string(), decision.to_string())]),
+        vector_clock: BTreeMap::new(),
+    }
+}
+
+fn failed_with(outcome: &BodyOutcome, words: &[&str]) -> bool {
+    matches!(outcome, BodyOutcome::Failed { message, .. } if words.iter().all(|w| message.contains(w)))
+}
+
+#[test]
+fn spec_wide_monitors_fold_state_over_each_tests_events_afresh() {
+    let (s, _) = spec(
+        "def bump(e, s):
+    s[\"denied\"] += 1
+    return s
+
+monitor(\"two_denies_at_most\", on = {\"decision\": \"deny*\"}, state_init = {\"denied\": 0},
+        update = bump, check = lambda e, s: s[\"denied\"] <= 2)
+
+def test_a():
+    pass
+
+def test_b():
+    pass
+",
+    );
+    let host = Arc::new(Recorder {
+        events: vec![
+            syscall_event(1, "deny(EIO)"),
+            syscall_event(2, "allow"),
+            syscall_event(3, "deny(EIO)"),
+            syscall_event(4, "deny(EIO)"),
+        ],
+        ..Recorder::default()
+    });
+    // The third deny (event 4) breaks it, in each test: the state starts
+    // over, it is not carried from the test before.
+    for test in ["test_a", "test_b"] {
+        let outcome = run(&s, test, &host);
+        assert!(
+            failed_with(
+                &outcome,
+                &["monitor \"two_denies_at_most\" violated at event #4 (service=db type=syscall)"]
+            ),
+            "{test}: {outcome:?}"
+        );
+    }
+    let calm = Arc::new(Recorder {
+        events: vec![syscall_event(1, "deny(EIO)"), syscall_event(2, "allow")],
+        ..Recorder::default()
+    });
+    assert_eq!(run(&s, "test_a", &calm), BodyOutcome::Returned(None));
+}
+
+#[test]
+fn callback_monitors_fail_on_an_assertion_and_name_a_broken_callback() {
+    let (s, _) = spec(
+        "def no_eio(e):
+    assert_true(e.decision != \"deny(EIO)\", \"EIO reached the service\")
+
+monitor(no_eio, service = \"db\")
+
+def test_x():
+    pass
+",
+    );
+    let host = Arc::new(Recorder {
+        events: vec![syscall_event(1, "allow"), syscall_event(2, "deny(EIO)")],
+        ..Recorder::default()
+    });
+    let outcome = run(&s, "test_x", &host);
+    assert!(
+        failed_with(
+            &outcome,
+            &[
+                "violated at event #2 (service=db type=syscall)",
+                "EIO reached the service"
+            ]
+        ),
+        "{outcome:?}"
+    );
+    // A filter that matches nothing: the callback never runs.
+    let (quiet, _) = spec(
+        "monitor(lambda e: fail(\"never\"), service = \"api\")
+
+def test_x():
+    pass
+",
+    );
+    assert_eq!(run(&quiet, "test_x", &host), BodyOutcome::Returned(None));
+    let (broken, _) = spec(
+        "def typo(e):
+    return e.decision + 1
+
+monitor(typo)
+
+def test_x():
+    pass
+",
+    );
+    let outcome = run(&broken, "test_x", &host);
+    assert!(
+        failed_with(&outcome, &["its callback function failed at event #1"]),
+        "{outcome:?}"
+    );
+    assert!(
+        !failed_with(&outcome, &["violated"]),
+        "a mistake in the callback is not a violation: {outcome:?}"
+    );
+}
+
+#[test]
+fn a_monitor_in_a_body_watches_the_rest_of_the_test_and_only_looks() {
+    let (s, _) = spec(
+        "def test_watch():
+    monitor(\"no_ticks\", on = {\"type\": \"tick\"}, check = lambda e, s: False)
+    sleep(\"200ms\")
+    fail(\"the monitor should have stopped the test while it slept\")
+
+def test_acting():
+    monitor(\"naps\", check = lambda e, s: sleep(\"1ms\"))
+    sleep(\"100ms\")
+",
+    );
+    let busy = Arc::new(Recorder {
+        ticking: true,
+        ..Recorder::default()
+    });
+    let outcome = run(&s, "test_watch", &busy);
+    assert!(
+        failed_with(
+            &outcome,
+            &["monitor \"no_ticks\" violated at event #1 (service=db type=tick)"]
+        ),
+        "{outcome:?}"
+    );
+    let outcome = run(&s, "test_acting", &busy);
+    assert!(
+        failed_with(
+            &outcome,
+            &[
+                "monitor \"naps\": its check function failed",
+                "sleep() cannot be called from a monitor's callback"
+            ]
+        ),
+        "{outcome:?}"
+    );
+}
+
+#[test]
+fn monitor_refuses_what_it_cannot_run() {
+    for (call, words) in [
+        (
+            "monitor(42)",
+            "the first argument is a callback or a name, got int",
+        ),
+        ("monitor(\"m\")", "give check=fn(event, state)"),
+        (
+            "monitor(\"m\", on = 5, check = lambda e, s: True)",
+            "on= must be a dict of filters or a function",
+        ),
+        ("monitor(\"m\", check = 3)", "check"),
+        ("monitor(\"m\", chek = lambda e, s: True)", "chek"),
+    ] {
+        let dir = std::env::temp_dir().join(format!("fb-monitor-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("spec.star");
+        std::fs::write(&path, format!("{call}\n")).expect("write");
+        let e = match load(&path) {
+            Ok(_) => panic!("{call} loaded"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains(words), "{call}: {e}");
+    }
+}
+
+#[test]
+fn partition_splits_two_services_for_its_function_and_refuses_one_service() {
+    let (s, _) = spec(&format!(
+        "{DB}
+def test_split():
+    assert_eq(partition(db, api, run = lambda: 5), 5)
+
+def test_self():
+    partition(db, db, run = lambda: None)
+
+def test_stop_without_start():
+    partition_stop(db, api)
+"
+    ));
+    let host = Arc::new(Recorder::default());
+    assert_eq!(run(&s, "test_split", &host), BodyOutcome::Returned(None));
+    assert_eq!(
+        host.calls(),
+        vec![Call::Partition("db|api".into()), Call::Close(9)]
+    );
+    let outcome = run(&s, "test_self", &host);
+    assert!(
+        failed_with(&outcome, &["a service cannot be split from itself"]),
+        "{outcome:?}"
+    );
+    let outcome = run(&s, "test_stop_without_start", &host);
+    assert!(
+        failed_with(
+            &outcome,
+            &["no partition_start split between them is in force"]
+        ),
+        "{outcome:?}"
+    );
+    assert!(
+        s.intercept.iter().any(|c| c == "connect"),
+        "{:?}",
+        s.intercept
+    );
 }

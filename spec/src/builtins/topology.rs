@@ -228,8 +228,92 @@ fn container_def(
     }))
 }
 
+/// A list of `determinism()` categories, each checked.
+fn nondeterminism_kinds<'v>(a: &Args<'v>, v: Value<'v>, what: &str) -> Res<Vec<String>> {
+    let list = ListRef::from_value(v).ok_or_else(|| {
+        err(format!(
+            "{what} must be a list of kinds, got {} ({})",
+            v.get_type(),
+            v.to_repr()
+        ))
+    })?;
+    let known: Vec<&str> = crate::model::NONDETERMINISM
+        .iter()
+        .map(|(k, _)| *k)
+        .collect();
+    let mut kinds = Vec::new();
+    for item in list.iter() {
+        let kind = a.string(item, what)?;
+        if !known.contains(&kind.as_str()) {
+            let hint = if kind == "fs-unmediated" {
+                " (file I/O outside Faultbox's view is not detected by this build)"
+            } else {
+                ""
+            };
+            return Err(err(format!(
+                "{what}: unknown kind {kind:?}{hint}; the kinds are {}",
+                known.join(", ")
+            )));
+        }
+        kinds.push(kind);
+    }
+    Ok(kinds)
+}
+
 #[starlark_module]
 pub(crate) fn topology(builder: &mut GlobalsBuilder) {
+    /// `determinism(level="L1", strict=True, allow=[...], runtime="default")`:
+    /// report what the services read or reach that Faultbox does not
+    /// decide (the clock, randomness, DNS, undeclared addresses) as
+    /// `unmediated_io` events; strict, the first untolerated one fails
+    /// the test.
+    fn determinism<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<NoneType> {
+        let a = Args::new("determinism", args, kwargs)?;
+        a.check(0, &["level", "strict", "allow", "runtime"])?;
+        let c = ctx(eval)?;
+        if c.run.is_some() {
+            return Err(err(
+                "determinism() must be called at the top level of the spec, not inside a test",
+            ));
+        }
+        if let Some(level) = a.named("level") {
+            let level = a.string(level, "level")?;
+            if level != "L1" {
+                return Err(err(format!(
+                    "determinism(level={level:?}): this build detects level L1 only (the clock, randomness, DNS and undeclared network reached through syscalls); drop level= or write level=\"L1\""
+                )));
+            }
+        }
+        if let Some(runtime) = a.named("runtime") {
+            let runtime = a.string(runtime, "runtime")?;
+            if runtime != "default" {
+                return Err(err(format!(
+                    "determinism(runtime={runtime:?}): this build has no {runtime} runtime; detection runs on the services' seccomp filters (runtime=\"default\"), so drop runtime="
+                )));
+            }
+        }
+        let allow = match a.named("allow") {
+            Some(v) => nondeterminism_kinds(&a, v, "determinism(): allow")?,
+            None => Vec::new(),
+        };
+        let mut slot = c.determinism.borrow_mut();
+        if slot.is_some() {
+            return Err(err(
+                "determinism() is called twice; call it once, at the top of the spec",
+            ));
+        }
+        *slot = Some(crate::model::Determinism {
+            strict: a.named("strict").is_none_or(|v| v.to_bool()),
+            allow,
+            tolerated: BTreeMap::new(),
+        });
+        Ok(NoneType)
+    }
+
     /// `service(name, [binary], *interfaces, args=, env=, depends_on=,
     /// healthcheck=, ops=, user=)`: declares a service started from a
     /// local binary.
@@ -272,6 +356,7 @@ pub(crate) fn topology(builder: &mut GlobalsBuilder) {
                 "volumes",
                 "reuse",
                 "seccomp",
+                "nondeterministic_ok",
             ],
         )?;
         let c = ctx(eval)?;
@@ -339,6 +424,7 @@ pub(crate) fn topology(builder: &mut GlobalsBuilder) {
                 "volumes",
                 "reuse",
                 "seccomp",
+                "nondeterministic_ok",
             ] {
                 if a.named(k).is_some() {
                     return Err(err(format!(
@@ -445,6 +531,16 @@ pub(crate) fn topology(builder: &mut GlobalsBuilder) {
             }
         }
         let user = a.named("user").map(|v| a.string(v, "user")).transpose()?;
+        if let Some(v) = a.named("nondeterministic_ok") {
+            if a.named("seccomp").is_some_and(|v| !v.to_bool()) {
+                return Err(err(format!(
+                    "service({name:?}): nondeterministic_ok= tolerates what the service's filter sees, and seccomp=False gives it none; drop one of them"
+                )));
+            }
+            let kinds =
+                nondeterminism_kinds(&a, v, &format!("service({name:?}): nondeterministic_ok"))?;
+            c.tolerated.borrow_mut().insert(name.clone(), kinds);
+        }
         let (file, line) = call_site(eval);
         let def = ServiceDef {
             name: name.clone(),

@@ -208,6 +208,9 @@ fn main() {
 ///   later, whether or not the fsync has returned
 /// - `OPEN PATH` → open PATH for reading → `OK` or `ERR <errno>`
 /// - `CONNECT PORT` → connect to 127.0.0.1:PORT → `OK` or `ERR <errno>`
+/// - `CLOCK` → read CLOCK_REALTIME with a raw `clock_gettime` syscall
+///   (not the vDSO, so a filter sees it) → `OK <seconds>`
+/// - `RANDOM` → 8 bytes from the `getrandom` syscall → `OK <hex>`
 /// - `ENV NAME` → the variable's value
 /// - `WHOAMI` → `uid=N pid=N`
 /// - `SLEEP MS` → wait, then `OK`
@@ -334,6 +337,8 @@ fn serve(port: u16, wal: Option<String>) {
                         },
                         Err(_) => "ERR bad port".to_string(),
                     },
+                    "CLOCK" => kernel::raw_clock(),
+                    "RANDOM" => kernel::raw_random(),
                     "ENV" => std::env::var(arg).unwrap_or_else(|_| "<unset>".into()),
                     "WHOAMI" => format!("uid={} pid={}", whoami(), std::process::id()),
                     "SLEEP" => {
@@ -349,6 +354,57 @@ fn serve(port: u16, wal: Option<String>) {
                 }
             }
         });
+    }
+}
+
+/// Raw syscalls a seccomp filter sees (libc would answer the clock from
+/// the vDSO): the only unsafe code of the test programs.
+#[allow(unsafe_code)]
+mod kernel {
+    /// The clock through the syscall itself: libc would answer from the
+    /// vDSO, which no seccomp filter sees.
+    pub fn raw_clock() -> String {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec into `ts`, which lives
+        // across the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_clock_gettime,
+                libc::CLOCK_REALTIME,
+                &mut ts as *mut libc::timespec,
+            )
+        };
+        if rc != 0 {
+            return format!(
+                "ERR {}",
+                super::errno_name(&std::io::Error::last_os_error())
+            );
+        }
+        format!("OK {}", ts.tv_sec)
+    }
+
+    pub fn raw_random() -> String {
+        let mut buf = [0u8; 8];
+        // SAFETY: getrandom writes at most `buf.len()` bytes into `buf`.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_getrandom,
+                buf.as_mut_ptr(),
+                buf.len(),
+                0 as libc::c_uint,
+            )
+        };
+        if n != buf.len() as i64 {
+            return format!(
+                "ERR {}",
+                super::errno_name(&std::io::Error::last_os_error())
+            );
+        }
+        let hex: String = buf.iter().map(|b| format!("{b:02x}")).collect();
+        format!("OK {hex}")
     }
 }
 
