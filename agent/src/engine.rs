@@ -495,7 +495,7 @@ mod tests {
             {
                 Action::Deny { .. } => refused += 1,
                 Action::Delay { .. } => delayed += 1,
-                Action::Allow | Action::Trace => {}
+                Action::Allow | Action::Trace | Action::Hold => {}
             }
         }
         assert!((2_700..3_300).contains(&refused), "{refused}");

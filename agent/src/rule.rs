@@ -99,6 +99,10 @@ pub enum Action {
         /// Delay in nanoseconds.
         ns: u64,
     },
+    /// Park the call until the controller releases it (allowed or denied),
+    /// its rule goes away, or the controller does. The rule's label is
+    /// the tag releases name.
+    Hold,
 }
 
 /// Which of a rule's matching calls may fire, counted from 1.
@@ -151,6 +155,7 @@ impl Action {
                 "delay({})",
                 format_duration(Duration::from_nanos(ns))
             )),
+            Action::Hold => Cow::Borrowed("hold"),
         }
     }
 }

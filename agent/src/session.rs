@@ -448,6 +448,15 @@ fn obey<K: Kernel>(supervisor: Option<&Supervisor<K>>, message: ControlMessage) 
             token,
             stats: supervisor.map(Supervisor::stats).unwrap_or_default(),
         }),
+        ControlMessage::Release {
+            token,
+            tag,
+            deny,
+            limit,
+        } => Obey::Reply(ShimMessage::Released {
+            token,
+            count: supervisor.map_or(0, |s| s.release(&tag, deny, limit)),
+        }),
         ControlMessage::Launch(_) => Obey::Reply(ShimMessage::RulesRejected {
             message: "a shim runs one target; launch another shim".into(),
         }),

@@ -111,6 +111,17 @@ struct Shared<K> {
     /// Notifications received whose event is not yet queued (held ones
     /// included): zero means every answered call has been reported.
     in_flight: Arc<AtomicU64>,
+    /// Calls parked by hold rules, oldest first, until released.
+    parked: Mutex<Vec<Parked>>,
+}
+
+/// A call a hold rule parked.
+struct Parked {
+    id: u64,
+    tag: String,
+    started: Instant,
+    event: SyscallEvent,
+    _in_flight: InFlight,
 }
 
 /// Counts one notification as in flight until dropped.
@@ -212,6 +223,7 @@ impl<K: Kernel> Supervisor<K> {
                 leaving: AtomicBool::new(false),
                 timer: Mutex::new(Timer::default()),
                 in_flight: Arc::new(AtomicU64::new(0)),
+                parked: Mutex::new(Vec::new()),
             }),
             server: Mutex::new(None),
         })
@@ -271,13 +283,30 @@ impl<K: Kernel> Supervisor<K> {
     /// Replaces the rules; on error the old rules stay. Returns the final
     /// counters of the rules that are gone.
     pub fn set_rules(&self, rules: Vec<Rule>) -> Result<Vec<crate::engine::RuleStats>, RuleError> {
-        self.shared.engine().set_rules(rules)
+        let holding: Vec<String> = rules
+            .iter()
+            .filter(|r| r.action == Action::Hold)
+            .filter_map(|r| r.label.clone())
+            .collect();
+        let retired = self.shared.engine().set_rules(rules)?;
+        // A call parked by a rule that is gone would wait forever.
+        self.shared
+            .unpark_where(|p| !holding.contains(&p.tag), None, None);
+        Ok(retired)
+    }
+
+    /// Answers the calls parked under `tag`, oldest first (at most
+    /// `limit`): fails them with `deny`, or lets them run. Returns how
+    /// many it answered.
+    pub fn release(&self, tag: &str, deny: Option<i32>, limit: Option<u64>) -> u64 {
+        self.shared.unpark_where(|p| p.tag == tag, deny, limit)
     }
 
     /// The controller is gone: answer everything held now, and from here on
     /// allow every call without consulting the rules.
     pub fn detach(&self) {
         self.shared.detached.store(true, Ordering::SeqCst);
+        self.shared.unpark_where(|_| true, None, None);
         if let Some(tx) = &self.shared.timer().tx {
             let _ = tx.send(TimerMsg::ReleaseAll);
         }
@@ -299,6 +328,7 @@ impl<K: Kernel> Supervisor<K> {
     /// die with the process (the shim does), which is cheaper than joining.
     pub fn quiesce(&self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
+        self.shared.unpark_where(|_| true, None, None);
         if let Some(tx) = &self.shared.timer().tx {
             let _ = tx.send(TimerMsg::ReleaseAll);
         }
@@ -312,6 +342,7 @@ impl<K: Kernel> Supervisor<K> {
     /// has been queued. Idempotent.
     pub fn stop(&self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
+        self.shared.unpark_where(|_| true, None, None);
         let server = self.server().take();
         if let Some(mut server) = server {
             wake_until_done(&server);
@@ -365,6 +396,51 @@ impl<K: Kernel> Shared<K> {
     fn emit(&self, mut event: SyscallEvent) {
         event.seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
         self.events.push(ShimMessage::Syscall(event));
+    }
+
+    /// Answers the parked calls `which` selects (at most `limit`, oldest
+    /// first), each with an event saying it was released.
+    fn unpark_where(
+        &self,
+        which: impl Fn(&Parked) -> bool,
+        deny: Option<i32>,
+        limit: Option<u64>,
+    ) -> u64 {
+        let taken: Vec<Parked> = {
+            let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+            let mut taken = Vec::new();
+            let mut kept = Vec::new();
+            for p in parked.drain(..) {
+                if which(&p) && limit.is_none_or(|n| (taken.len() as u64) < n) {
+                    taken.push(p);
+                } else {
+                    kept.push(p);
+                }
+            }
+            *parked = kept;
+            taken
+        };
+        let count = taken.len() as u64;
+        for p in taken {
+            let mut event = p.event;
+            event.latency_ns = Some(p.started.elapsed().as_nanos() as u64);
+            let response = match deny {
+                Some(errno) => {
+                    event.decision =
+                        format!("{} (released)", Action::Deny { errno }.describe()).into();
+                    event.errno = errno::by_number(errno).map(|e| e.name.into());
+                    Response::Errno(errno)
+                }
+                None => {
+                    event.decision = "allow (released)".into();
+                    Response::Continue
+                }
+            };
+            if self.answer(p.id, response) {
+                self.emit(event);
+            }
+        }
+        count
     }
 
     fn answer(&self, id: u64, response: Response) -> bool {
@@ -443,6 +519,32 @@ fn handle<K: Kernel>(shared: &Arc<Shared<K>>, kernel: &K, n: Notification) {
         label,
     };
     let response = match decision.action {
+        Action::Hold => {
+            let tag = event.label.clone().unwrap_or_default();
+            let mut parked_event = event.clone();
+            parked_event.decision = format!("hold({tag})").into();
+            shared.emit(parked_event);
+            let mut parked = shared.parked.lock().unwrap_or_else(|p| p.into_inner());
+            // Checked under the lock the releases take: a call parked
+            // after the last release-all would never be answered.
+            if shared.detached.load(Ordering::SeqCst) || shared.stopping.load(Ordering::SeqCst) {
+                drop(parked);
+                if shared.answer(n.id, Response::Continue) {
+                    let mut event = event;
+                    event.decision = "allow (released)".into();
+                    shared.emit(event);
+                }
+                return;
+            }
+            parked.push(Parked {
+                id: n.id,
+                tag,
+                started: Instant::now(),
+                event,
+                _in_flight: in_flight,
+            });
+            return;
+        }
         Action::Allow | Action::Trace => Response::Continue,
         Action::Deny { errno } => Response::Errno(errno),
         Action::Delay { ns } => {
@@ -736,6 +838,68 @@ mod tests {
         assert_eq!(
             paths,
             vec![Some("127.0.0.1:5432".into()), Some("127.0.0.1:6379".into())]
+        );
+    }
+
+    #[test]
+    fn held_calls_wait_for_their_release_and_are_always_answered() {
+        let fake = Arc::new(Fake::default());
+        let mut rule = parse_fault("getpid=EPERM:100%", X86).expect("rule");
+        rule.action = Action::Hold;
+        rule.label = Some("w".into());
+        let queue = Arc::new(EventQueue::new());
+        let sup = Supervisor::new(
+            Arc::clone(&fake),
+            X86,
+            1,
+            vec![X86.number("getpid").expect("nr")],
+            vec![rule.clone()],
+            Arc::clone(&queue),
+        )
+        .and_then(Supervisor::start)
+        .expect("supervisor");
+        push(&fake, notif(1, "getpid", [0; 6]));
+        push(&fake, notif(2, "getpid", [0; 6]));
+        let parked = |n: usize| {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while sup.shared.parked.lock().map(|p| p.len()).unwrap_or(0) < n {
+                assert!(Instant::now() < deadline, "never parked");
+                thread::sleep(Duration::from_millis(2));
+            }
+        };
+        parked(2);
+        assert!(answers(&fake).is_empty(), "a held call is not answered");
+        assert_eq!(sup.release("other", None, None), 0);
+        // Oldest first, one at a time.
+        assert_eq!(sup.release("w", Some(libc::EIO), Some(1)), 1);
+        assert_eq!(answers(&fake), vec![(1, Response::Errno(libc::EIO))]);
+        // Its rule going away answers the rest.
+        sup.set_rules(vec![]).expect("rules");
+        assert_eq!(
+            answers(&fake),
+            vec![(1, Response::Errno(libc::EIO)), (2, Response::Continue)]
+        );
+        sup.set_rules(vec![rule]).expect("rules");
+        push(&fake, notif(3, "getpid", [0; 6]));
+        parked(1);
+        // Losing the controller answers it too.
+        sup.detach();
+        wait_answers(&fake, 3);
+        sup.stop();
+        let decisions: Vec<String> = events(&queue)
+            .into_iter()
+            .map(|e| e.decision.into_owned())
+            .collect();
+        assert_eq!(
+            decisions,
+            vec![
+                "hold(w)",
+                "hold(w)",
+                "deny(input/output error) (released)",
+                "allow (released)",
+                "hold(w)",
+                "allow (released)"
+            ]
         );
     }
 

@@ -248,6 +248,21 @@ pub enum ControlMessage {
         /// Echoed back.
         token: u64,
     },
+    /// Answer the calls held under `tag` (oldest first, at most `limit`):
+    /// run them, or fail them with `deny`. Answered with
+    /// [`ShimMessage::Released`].
+    Release {
+        /// Echoed back.
+        token: u64,
+        /// The hold rules' label.
+        tag: String,
+        /// The errno to fail them with; `None` lets them run.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        deny: Option<i32>,
+        /// How many at most; `None` for all.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u64>,
+    },
 }
 
 /// One intercepted syscall.
@@ -332,6 +347,14 @@ pub enum ShimMessage {
     RulesRetired {
         /// One entry per rule that is gone.
         stats: Vec<RuleStats>,
+    },
+    /// Answer to [`ControlMessage::Release`]: how many calls it
+    /// answered (their events precede this message).
+    Released {
+        /// The token of the request.
+        token: u64,
+        /// Calls answered.
+        count: u64,
     },
     /// The target exited.
     Exited {

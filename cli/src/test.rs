@@ -305,6 +305,7 @@ pub fn run(args: TestArgs) -> Result<i32> {
             (log_dir.display().to_string(), "$LOGS"),
             (spec.dir.display().to_string(), "$SPEC"),
         ],
+        ..report::Scrub::default()
     };
     for (path, mut file, view) in views {
         let text = match view {

@@ -572,10 +572,19 @@ pub fn zero_traffic(results: &[TestResult]) -> String {
 pub struct Scrub {
     /// A directory of this run and what stands for it.
     pub dirs: Vec<(String, &'static str)>,
+    /// The test's proxy ports (random each run) and the proxy each is,
+    /// `svc.iface.proxy`: a connect to one is written with that name.
+    pub ports: BTreeMap<u16, String>,
 }
 
 impl Scrub {
     fn path(&self, raw: &str) -> String {
+        if let Some((host, port)) = raw.rsplit_once(':')
+            && !raw.contains('/')
+            && let Some(name) = port.parse::<u16>().ok().and_then(|p| self.ports.get(&p))
+        {
+            return format!("{host}:{name}");
+        }
         for kind in ["socket", "pipe", "anon_inode"] {
             if raw.starts_with(&format!("{kind}:")) {
                 return kind.to_string();
@@ -631,6 +640,8 @@ fn normal_line(e: &Event, scrub: &Scrub) -> Option<String> {
             Some(format!("service_exited {}", f("exit_code")))
         }
         "step_send" | "step_recv" => Some(format!("{} {}", e.kind, f("target"))),
+        "unmediated_io" => Some(format!("unmediated_io {}", f("category"))),
+        "partition_applied" | "partition_removed" => Some(format!("{} {}", e.kind, f("between"))),
         _ => None,
     }
 }
@@ -650,9 +661,22 @@ pub fn normalized(results: &[TestResult], scrub: &Scrub) -> String {
         } else {
             let _ = writeln!(out, "=== {} (run {n}) ===", r.name);
         }
+        let mut scrub = scrub.clone();
+        for e in r.events.iter().filter(|e| e.kind == "proxy_started") {
+            let port = e
+                .fields
+                .get("listen")
+                .and_then(|l| l.rsplit_once(':'))
+                .and_then(|(_, p)| p.parse::<u16>().ok());
+            if let (Some(port), Some(iface)) = (port, e.fields.get("interface")) {
+                scrub
+                    .ports
+                    .insert(port, format!("{}.{iface}.proxy", e.service));
+            }
+        }
         let mut by_service: BTreeMap<&str, Vec<String>> = BTreeMap::new();
         for e in &r.events {
-            if let Some(line) = normal_line(e, scrub) {
+            if let Some(line) = normal_line(e, &scrub) {
                 let service = if e.service.is_empty() {
                     "test"
                 } else {
@@ -989,6 +1013,7 @@ mod tests {
         )];
         let scrub = |d: &str| Scrub {
             dirs: vec![(d.to_string(), "$LOGS")],
+            ..Scrub::default()
         };
         let a = normalized(&one, &scrub("/tmp/faultbox-4242"));
         let b = normalized(&two, &scrub("/tmp/faultbox-777"));
@@ -1004,6 +1029,66 @@ mod tests {
         // A second run of a test is told apart.
         let twice = normalized(&[one[0].clone(), one[0].clone()], &Scrub::default());
         assert!(twice.contains("=== test_a (run 2) ==="), "{twice}");
+    }
+
+    #[test]
+    fn connects_to_a_proxy_are_named_by_the_proxy_not_its_random_port() {
+        let trace = |port: &str| {
+            vec![
+                event(
+                    1,
+                    "proxy_started",
+                    "db",
+                    &[
+                        ("interface", "main"),
+                        ("listen", &format!("127.0.0.1:{port}")),
+                    ],
+                    &[("db", 1)],
+                ),
+                event(
+                    2,
+                    "syscall",
+                    "api",
+                    &[
+                        ("syscall", "connect"),
+                        ("decision", "deny(connection refused)"),
+                        ("path", &format!("127.0.0.1:{port}")),
+                    ],
+                    &[("api", 1)],
+                ),
+                event(
+                    3,
+                    "syscall",
+                    "api",
+                    &[
+                        ("syscall", "connect"),
+                        ("decision", "allow"),
+                        ("path", "127.0.0.1:5432"),
+                    ],
+                    &[("api", 2)],
+                ),
+                event(
+                    4,
+                    "partition_applied",
+                    "test",
+                    &[("between", "api,db")],
+                    &[],
+                ),
+            ]
+        };
+        let a = normalized(
+            &[result("test_a", Outcome::Pass, trace("40001"))],
+            &Scrub::default(),
+        );
+        let b = normalized(
+            &[result("test_a", Outcome::Pass, trace("51234"))],
+            &Scrub::default(),
+        );
+        assert_eq!(a, b);
+        assert_eq!(
+            a,
+            "=== test_a ===\n--- api ---\nconnect deny(connection refused) 127.0.0.1:db.main.proxy\nconnect allow 127.0.0.1:5432\n--- test ---\npartition_applied api,db\n"
+        );
     }
 
     #[test]

@@ -1695,6 +1695,69 @@ impl TestHost for TestRun {
         result
     }
 
+    fn release(
+        &self,
+        tag: &str,
+        deny: Option<i32>,
+        limit: Option<u64>,
+        timeout: Duration,
+    ) -> Result<u64, HostError> {
+        let (mut services, mut known) = (Vec::new(), BTreeSet::new());
+        for w in lock(&self.windows).iter() {
+            for r in &w.rules {
+                if r.rule.action != Action::Hold {
+                    continue;
+                }
+                let Some(label) = &r.rule.label else { continue };
+                if label == tag && !services.contains(&w.service) {
+                    services.push(w.service.clone());
+                }
+                known.insert(label.clone());
+            }
+        }
+        if services.is_empty() {
+            let known = if known.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; in force: {}",
+                    known.into_iter().collect::<Vec<_>>().join(", ")
+                )
+            };
+            return Err(HostError::UnknownTag {
+                tag: tag.to_string(),
+                known,
+            });
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut answered = 0;
+            {
+                let running = lock(&self.running);
+                for service in &services {
+                    let Some(shim) = running.get(service).and_then(|r| r.instance.shim()) else {
+                        continue;
+                    };
+                    let left = limit.map(|n| n.saturating_sub(answered));
+                    if left == Some(0) {
+                        break;
+                    }
+                    answered += shim.release(tag, deny, left).unwrap_or(0);
+                }
+            }
+            if answered > 0 {
+                return Ok(answered);
+            }
+            if Instant::now() >= deadline {
+                return Err(HostError::NothingHeld {
+                    tag: tag.to_string(),
+                    waited: faultbox_agent::rule::format_duration(timeout),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     fn latest_partition(&self, a: &str, b: &str) -> Option<u64> {
         lock(&self.partitions)
             .iter()

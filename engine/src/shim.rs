@@ -62,6 +62,8 @@ struct State {
     /// Final counters of rules a rule change removed, until their window
     /// takes them.
     retired: HashMap<RuleId, RuleStats>,
+    /// Answers to releases, by token: how many calls each answered.
+    released: HashMap<u64, u64>,
 }
 
 #[derive(Default)]
@@ -484,6 +486,32 @@ impl Shim {
         }
     }
 
+    /// Answers the calls its hold rules parked under `tag` (at most
+    /// `limit`, oldest first): fails them with `deny`, or lets them run.
+    /// Returns how many; their events have arrived when it returns.
+    pub fn release(
+        &self,
+        tag: &str,
+        deny: Option<i32>,
+        limit: Option<u64>,
+    ) -> Result<u64, ShimError> {
+        let token = self.tokens.fetch_add(1, Ordering::SeqCst) + 1;
+        self.send(&ControlMessage::Release {
+            token,
+            tag: tag.to_string(),
+            deny,
+            limit,
+        })?;
+        let mut state = self
+            .shared
+            .wait_for(Duration::from_secs(5), |s| s.released.contains_key(&token));
+        match state.released.remove(&token) {
+            Some(count) => Ok(count),
+            None if state.exited.is_some() => Err(ShimError::TargetExited),
+            None => Err(ShimError::Unconfirmed),
+        }
+    }
+
     /// The counters of rule `id`, for the window that owned it: final if
     /// a rule change removed it (they are handed over once, so a test's
     /// memory does not grow per window), else as of the last barrier. A
@@ -549,6 +577,10 @@ fn read_loop(
                 state.synced = token;
                 state.stats = stats;
                 drop(state);
+                shared.changed.notify_all();
+            }
+            Ok(Some(ShimMessage::Released { token, count })) => {
+                shared.lock().released.insert(token, count);
                 shared.changed.notify_all();
             }
             Ok(Some(ShimMessage::RulesRetired { stats })) => {

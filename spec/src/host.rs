@@ -84,6 +84,24 @@ pub enum HostError {
         /// The shim's reason.
         reason: String,
     },
+    /// `release()` of a tag no hold rule in force carries.
+    #[error("release({tag:?}): no hold(tag={tag:?}) rule is in force{known}")]
+    UnknownTag {
+        /// The tag.
+        tag: String,
+        /// The tags that are, with their separator.
+        known: String,
+    },
+    /// `release()` waited and no call was held.
+    #[error(
+        "release({tag:?}): no call was held under {tag:?} within {waited} (is the hold rule's syscall reached while it is in force?)"
+    )]
+    NothingHeld {
+        /// The tag.
+        tag: String,
+        /// How long it waited.
+        waited: String,
+    },
     /// A protocol fault on an interface with no proxy.
     #[error("{service}.{interface} has no proxy (is the service running?)")]
     NoProxy {
@@ -159,6 +177,17 @@ pub trait TestHost: Send + Sync {
 
     /// The newest partition between `a` and `b`, in either order.
     fn latest_partition(&self, a: &str, b: &str) -> Option<u64>;
+
+    /// Answers calls held under `tag` (at most `limit`), failing them
+    /// with `deny` or letting them run; waits up to `timeout` for a first
+    /// one. Returns how many it answered.
+    fn release(
+        &self,
+        tag: &str,
+        deny: Option<i32>,
+        limit: Option<u64>,
+        timeout: std::time::Duration,
+    ) -> Result<u64, HostError>;
 
     /// Counts one evaluated assertion.
     fn count_assertion(&self);

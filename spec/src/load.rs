@@ -276,6 +276,7 @@ pub fn globals() -> Globals {
     .with(builtins::assertions)
     .with(builtins::files)
     .with(builtins::monitors)
+    .with(builtins::concurrency)
     .with(builtins::not_in_this_build)
     .build()
 }

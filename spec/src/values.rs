@@ -50,6 +50,8 @@ pub struct Ctx {
     pub determinism: std::cell::RefCell<Option<crate::model::Determinism>>,
     /// `service(nondeterministic_ok=[...])`, by service.
     pub tolerated: std::cell::RefCell<BTreeMap<String, Vec<String>>>,
+    /// While `parallel()` calls its branches: where their blocking calls go.
+    pub(crate) dispatch: std::cell::RefCell<Option<crate::builtins::Dispatch>>,
 }
 
 /// `service(...)`: a declared service.
@@ -351,6 +353,7 @@ impl FaultValue {
     pub fn summary(&self) -> String {
         match (&self.action, &self.errno) {
             (Action::Deny { .. }, Some(name)) => format!("deny({name})"),
+            (Action::Hold, _) => format!("hold({})", self.label.as_deref().unwrap_or("")),
             (action, _) => action.describe().into_owned(),
         }
     }
@@ -362,6 +365,7 @@ impl FaultValue {
             Action::Trace => "trace",
             Action::Deny { .. } => "deny",
             Action::Delay { .. } => "delay",
+            Action::Hold => "hold",
         }
     }
 }
@@ -602,5 +606,125 @@ pub fn json_to_value<'v>(json: &Json, heap: Heap<'v>) -> Value<'v> {
                 .map(|(k, v)| (heap.alloc(k.as_str()), json_to_value(v, heap)))
                 .collect::<Vec<_>>(),
         )),
+    }
+}
+
+impl From<faultbox_proxy::steps::StepReply> for ResponseValue {
+    fn from(r: faultbox_proxy::steps::StepReply) -> ResponseValue {
+        ResponseValue {
+            status: r.status,
+            body: r.body,
+            headers: r.headers,
+            ok: r.ok,
+            error: r.error,
+            duration_ms: r.duration_ms,
+            data: r.data,
+        }
+    }
+}
+
+/// What a deferred call ends with.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Step(faultbox_proxy::steps::StepResult),
+    Released(Result<u64, String>),
+}
+
+/// A deferred call's result, once its worker has it.
+#[derive(Debug, Default)]
+pub struct Slot {
+    result: std::sync::Mutex<Option<Outcome>>,
+    filled: std::sync::Condvar,
+}
+
+impl Slot {
+    pub(crate) fn fill(&self, outcome: Outcome) {
+        let mut r = self.result.lock().unwrap_or_else(|p| p.into_inner());
+        *r = Some(outcome);
+        self.filled.notify_all();
+    }
+
+    pub(crate) fn wait(&self) -> Outcome {
+        let mut r = self.result.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(o) = r.as_ref() {
+                return o.clone();
+            }
+            r = self.filled.wait(r).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// A deferred call's result; looking at it waits for it.
+#[derive(Debug, ProvidesStaticType, NoSerialize, Allocative)]
+pub struct Pending {
+    #[allocative(skip)]
+    pub(crate) slot: std::sync::Arc<Slot>,
+    pub(crate) what: String,
+}
+starlark_simple_value!(Pending);
+
+impl fmt::Display for Pending {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.slot.wait() {
+            Outcome::Step(faultbox_proxy::steps::StepResult::Reply(r)) => {
+                write!(f, "{}", response(r))
+            }
+            Outcome::Step(faultbox_proxy::steps::StepResult::Text(t)) => write!(f, "{t}"),
+            Outcome::Step(faultbox_proxy::steps::StepResult::Raise(m)) => {
+                write!(f, "<{} failed: {m}>", self.what)
+            }
+            Outcome::Released(Ok(n)) => write!(f, "{n}"),
+            Outcome::Released(Err(m)) => write!(f, "<{} failed: {m}>", self.what),
+        }
+    }
+}
+
+fn response(r: faultbox_proxy::steps::StepReply) -> ResponseValue {
+    ResponseValue::from(r)
+}
+
+/// The value a finished call stands for, or its error.
+pub(crate) fn outcome_value<'v>(outcome: Outcome, heap: Heap<'v>) -> Result<Value<'v>, String> {
+    match outcome {
+        Outcome::Step(faultbox_proxy::steps::StepResult::Reply(r)) => Ok(heap.alloc(response(r))),
+        Outcome::Step(faultbox_proxy::steps::StepResult::Text(t)) => Ok(heap.alloc(t)),
+        Outcome::Step(faultbox_proxy::steps::StepResult::Raise(m)) | Outcome::Released(Err(m)) => {
+            Err(m)
+        }
+        Outcome::Released(Ok(n)) => Ok(heap.alloc(n as i64)),
+    }
+}
+
+impl Pending {
+    fn resolved<'v>(&self, heap: Heap<'v>) -> Option<Value<'v>> {
+        outcome_value(self.slot.wait(), heap).ok()
+    }
+}
+
+#[starlark_value(type = "response")]
+impl<'v> StarlarkValue<'v> for Pending {
+    fn get_attr(&self, attribute: &str, heap: Heap<'v>) -> Option<Value<'v>> {
+        self.resolved(heap)?
+            .get_attr(attribute, heap)
+            .ok()
+            .flatten()
+    }
+
+    fn dir_attr(&self) -> Vec<String> {
+        match self.slot.wait() {
+            Outcome::Step(faultbox_proxy::steps::StepResult::Reply(r)) => response(r).dir_attr(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn equals(&self, other: Value<'v>) -> starlark::Result<bool> {
+        match self.slot.wait() {
+            Outcome::Step(faultbox_proxy::steps::StepResult::Text(t)) => {
+                Ok(other.unpack_str() == Some(t.as_str()))
+            }
+            Outcome::Released(Ok(n)) => Ok(other.unpack_i32().map(i64::from) == Some(n as i64)),
+            _ => Ok(false),
+        }
     }
 }

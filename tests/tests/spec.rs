@@ -2412,3 +2412,87 @@ def test_clean():
     );
     assert_eq!(test_named(&doc, "test_clean")["result"], "pass", "{doc:#}");
 }
+
+/// Hold and release on a real service, with `parallel()`: a held fsync
+/// waits until a concurrent branch releases it with EIO (the client sees
+/// the errno), a call still held when its window closes runs, and the
+/// trace shows each call held and then released.
+#[test]
+fn held_calls_wait_for_release_and_parallel_runs_branches_together() {
+    let dir = Scratch::new("spec-hold");
+    let (text, _) = spec_with_service(
+        &dir,
+        "",
+        r#"
+def test_released_with_eio():
+    def both():
+        return parallel(persist, lambda: release("w", decision = deny("EIO")))
+    r = fault(svc, fsync = hold(tag = "w"), run = both)
+    assert_eq(r[0], "ERR EIO")
+    assert_eq(r[1], 1)
+    assert_eventually(type = "syscall", syscall = "fsync", decision = "hold(w)")
+    assert_eventually(type = "syscall", syscall = "fsync", decision = "deny(input/output error) (released)")
+
+def test_window_end_lets_it_run():
+    fault(svc, fsync = hold(tag = "w"), run = lambda: svc.main.send(data = "PERSIST_LATER y"))
+    assert_eventually(type = "syscall", syscall = "fsync", decision = "allow (released)", timeout = "3s")
+
+def test_parallel_results_in_order():
+    r = parallel(lambda: svc.main.send(data = "PING"), lambda: 7, lambda: svc.main.send(data = "ENV NOPE"))
+    assert_eq(r, ["PONG", 7, "<unset>"])
+
+def test_unknown_tag():
+    fault(svc, fsync = hold(tag = "w"), run = lambda: release("x"))
+
+def test_nothing_held():
+    fault(svc, fsync = hold(tag = "w"), run = lambda: release("w", timeout = "100ms"))
+
+def test_one_branch():
+    parallel(persist)
+
+def test_failing_branch():
+    parallel(persist, lambda: fail("boom"))
+"#,
+    );
+    let run = run_spec(&dir, &text, &["--format", "json"]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    let doc = json(&run);
+    for t in [
+        "test_released_with_eio",
+        "test_window_end_lets_it_run",
+        "test_parallel_results_in_order",
+    ] {
+        assert_eq!(
+            test_named(&doc, t)["result"],
+            "pass",
+            "{t}: {:#}",
+            test_named(&doc, t)
+        );
+    }
+    for (t, words) in [
+        (
+            "test_unknown_tag",
+            "release(\"x\"): no hold(tag=\"x\") rule is in force; in force: w",
+        ),
+        (
+            "test_nothing_held",
+            "release(\"w\"): no call was held under \"w\" within 100ms",
+        ),
+        (
+            "test_one_branch",
+            "parallel(): give two callables or more (got 1)",
+        ),
+        ("test_failing_branch", "parallel(): callable 2 ("),
+    ] {
+        let test = test_named(&doc, t);
+        assert_eq!(test["result"], "fail", "{t}: {test:#}");
+        let reason = test["reason"].as_str().unwrap_or_default();
+        assert!(reason.contains(words), "{t}: {reason}");
+    }
+    assert!(
+        test_named(&doc, "test_failing_branch")["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("(spec.star.lambda) failed: fail: boom")),
+        "{doc:#}"
+    );
+}

@@ -36,6 +36,7 @@ use faultbox_proxy::rules::{ProxyAction, ProxyRuleDef};
 use faultbox_proxy::steps::{self, Arg as StepArg, Kind, StepCall, StepResult};
 
 mod assertions;
+mod concurrency;
 mod files;
 mod monitors;
 mod protocol_faults;
@@ -44,6 +45,7 @@ mod syscall_faults;
 mod topology;
 
 pub(crate) use assertions::assertions;
+pub(crate) use concurrency::{Dispatch, concurrency};
 pub(crate) use files::files;
 pub(crate) use monitors::{check_monitors, monitors, spec_monitors_name, start_test_monitors};
 pub(crate) use protocol_faults::protocol_faults;
@@ -290,7 +292,6 @@ const NOT_IN_THIS_BUILD: &[(&str, &str)] = &[
     ("fault_scenario", "fault scenarios"),
     ("fault_matrix", "fault matrices"),
     ("fault_assumption", "fault assumptions"),
-    ("parallel", "parallel() and interleaving exploration"),
     ("mock_service", "mock services"),
 ];
 

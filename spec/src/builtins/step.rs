@@ -88,22 +88,21 @@ pub(crate) fn call_step<'v>(
         args: checked,
     };
     steps::check_call(&call).map_err(err)?;
-    let run = run_of(
-        eval,
-        &format!("{}.{}.{}", step.service, step.iface.name, step.method),
-    )?;
+    let what = format!("{}.{}.{}", step.service, step.iface.name, step.method);
+    let run = run_of(eval, &what)?;
+    let deferred = {
+        let (run, call) = (Arc::clone(&run), call.clone());
+        super::concurrency::defer(eval, what, move || {
+            super::concurrency::Outcome::Step(run.step(&call))
+        })
+    };
+    if let Some(pending) = deferred {
+        return Ok(pending);
+    }
     let result = run.step(&call);
     check_monitors(eval)?;
     match result {
-        StepResult::Reply(r) => Ok(eval.heap().alloc(ResponseValue {
-            status: r.status,
-            body: r.body,
-            headers: r.headers,
-            ok: r.ok,
-            error: r.error,
-            duration_ms: r.duration_ms,
-            data: r.data,
-        })),
+        StepResult::Reply(r) => Ok(eval.heap().alloc(ResponseValue::from(r))),
         StepResult::Text(line) => Ok(eval.heap().alloc(line)),
         StepResult::Raise(message) => Err(err(message)),
     }

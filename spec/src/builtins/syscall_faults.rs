@@ -238,6 +238,84 @@ pub(crate) fn syscall_faults(builder: &mut GlobalsBuilder) {
         Ok(eval.heap().alloc(f))
     }
 
+    /// `hold(tag=, trigger=)`: park the call until `release(tag)` (or
+    /// the window's end, the test's end, or losing the runner, which let
+    /// it run).
+    fn hold<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<Value<'v>> {
+        let a = Args::new("hold", args, kwargs)?;
+        a.check(0, &["tag", "trigger"])?;
+        let tag = a
+            .named("tag")
+            .map(|v| a.string(v, "tag"))
+            .transpose()?
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                err("hold(): give tag=\"name\", the name release() answers the held calls by")
+            })?;
+        let mut f = fault_common(&a, Action::Hold, None)?;
+        f.label = Some(tag);
+        Ok(eval.heap().alloc(f))
+    }
+
+    /// `release(tag, decision=allow(), count=None, timeout="5s")`: answers
+    /// the calls held under `tag` (waiting up to `timeout` for a first
+    /// one), letting them run or failing them as `decision` says; returns
+    /// how many.
+    fn release<'v>(
+        #[starlark(args)] args: UnpackTuple<Value<'v>>,
+        #[starlark(kwargs)] kwargs: DictRef<'v>,
+        eval: &mut Evaluator<'v, '_, '_>,
+    ) -> starlark::Result<Value<'v>> {
+        let a = Args::new("release", args, kwargs)?;
+        a.check(1, &["tag", "decision", "count", "timeout"])?;
+        let tag = a.string(a.required(0, "tag")?, "tag")?;
+        let deny = match a.named("decision") {
+            None => None,
+            Some(v) => match FaultValue::from_value(v).map(|f| f.action) {
+                Some(Action::Allow) => None,
+                Some(Action::Deny { errno }) => Some(errno),
+                _ => {
+                    return Err(err(format!(
+                        "release({tag:?}): decision= is allow() or deny(\"ERRNO\"), got {}",
+                        v.to_repr()
+                    )));
+                }
+            },
+        };
+        let limit = match a.named("count") {
+            None => None,
+            Some(v) => match v.unpack_i32() {
+                Some(n) if n > 0 => Some(n as u64),
+                _ => {
+                    return Err(err(format!(
+                        "release({tag:?}): count= is a positive number of calls, got {}",
+                        v.to_repr()
+                    )));
+                }
+            },
+        };
+        let timeout = a.duration_or("timeout", Duration::from_secs(5))?;
+        let run = run_of(eval, "release")?;
+        let deferred = {
+            let (run, tag) = (Arc::clone(&run), tag.clone());
+            super::concurrency::defer(eval, format!("release({tag:?})"), move || {
+                super::concurrency::Outcome::Released(
+                    run.release(&tag, deny, limit, timeout)
+                        .map_err(|e| e.to_string()),
+                )
+            })
+        };
+        if let Some(pending) = deferred {
+            return Ok(pending);
+        }
+        let n = run.release(&tag, deny, limit, timeout).map_err(err)?;
+        Ok(eval.heap().alloc(n as i64))
+    }
+
     /// `allow()`: intercept and let the call run (recorded in the trace).
     fn allow<'v>(
         #[starlark(args)] args: UnpackTuple<Value<'v>>,

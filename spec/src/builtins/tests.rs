@@ -34,6 +34,7 @@ enum Call {
     Step(StepCall),
     Acknowledge(String),
     Partition(String),
+    Release(String),
 }
 
 #[derive(Default)]
@@ -125,6 +126,22 @@ impl TestHost for Recorder {
     }
     fn latest_partition(&self, _a: &str, _b: &str) -> Option<u64> {
         None
+    }
+    fn release(
+        &self,
+        tag: &str,
+        deny: Option<i32>,
+        limit: Option<u64>,
+        _timeout: Duration,
+    ) -> Result<u64, HostError> {
+        if tag != "w" {
+            return Err(HostError::UnknownTag {
+                tag: tag.into(),
+                known: "; in force: w".into(),
+            });
+        }
+        self.push(Call::Release(format!("{tag} {deny:?} {limit:?}")));
+        Ok(1)
     }
     fn count_assertion(&self) {
         self.assertions.lock().unwrap_or_else(|p| p.into_inner()).0 += 1;
@@ -898,4 +915,50 @@ def test_stop_without_start():
         "{:?}",
         s.intercept
     );
+}
+
+#[test]
+fn hold_is_a_rule_and_release_asks_the_host_with_its_decision() {
+    let (s, _) = spec(&format!(
+        "{DB}
+def test_hold():
+    n = fault(db, write = hold(tag = \"w\"), run = lambda: release(\"w\", decision = deny(\"EIO\"), count = 2))
+    assert_eq(n, 1)
+
+def test_untagged():
+    hold()
+
+def test_bad_decision():
+    release(\"w\", decision = delay(\"1s\"))
+
+def test_unknown():
+    release(\"zz\")
+"
+    ));
+    let host = Arc::new(Recorder::default());
+    assert_eq!(run(&s, "test_hold", &host), BodyOutcome::Returned(None));
+    let calls = host.calls();
+    assert!(
+        matches!(&calls[0], Call::Open { service, faults, .. } if service == "db"
+            && faults[0].0 == "write"
+            && faults[0].1.action == Action::Hold
+            && faults[0].1.label.as_deref() == Some("w")),
+        "{calls:?}"
+    );
+    assert_eq!(calls[1], Call::Release("w Some(5) Some(2)".into()));
+    assert_eq!(calls[2], Call::Close(7));
+    for (test, words) in [
+        ("test_untagged", "hold(): give tag="),
+        (
+            "test_bad_decision",
+            "decision= is allow() or deny(\"ERRNO\")",
+        ),
+        (
+            "test_unknown",
+            "no hold(tag=\"zz\") rule is in force; in force: w",
+        ),
+    ] {
+        let outcome = run(&s, test, &host);
+        assert!(failed_with(&outcome, &[words]), "{test}: {outcome:?}");
+    }
 }

@@ -219,6 +219,9 @@ fn main() {
 ///   `exit N: <its stdout and stderr, lines joined by " | ">` (a real
 ///   client, such as psql, run on demand)
 ///
+/// `GET /trigger?leak=clock|rand|dns|network` first reads the clock, draws
+/// randomness, or dials port 53 or port 9 (nothing declares them).
+///
 /// An HTTP/1.x request line (any method) gets an HTTP 200 answer, so the same
 /// server serves `http(...)` healthchecks and HTTP steps; `GET /exit`
 /// makes the process exit with code 3 without answering; `GET /env/NAME`
@@ -285,6 +288,14 @@ fn serve(port: u16, wal: Option<String>) {
                     let _ = std::io::Read::read_exact(&mut reader, &mut body);
                     let rest = line.split_once(' ').map(|(_, r)| r).unwrap_or("/");
                     let path = rest.split_whitespace().next().unwrap_or("/");
+                    // The kinds of I/O determinism() reports, on demand.
+                    match path {
+                        "/trigger?leak=clock" => drop(kernel::raw_clock()),
+                        "/trigger?leak=rand" => drop(kernel::raw_random()),
+                        "/trigger?leak=dns" => drop(TcpStream::connect(("127.0.0.1", 53))),
+                        "/trigger?leak=network" => drop(TcpStream::connect(("127.0.0.1", 9))),
+                        _ => {}
+                    }
                     if path == "/exit" {
                         std::process::exit(3);
                     }
