@@ -244,10 +244,21 @@ impl Engine {
 
     /// Decides one call and advances the counters and RNGs it touched.
     pub fn decide(&mut self, call: Call<'_>) -> Decision {
+        self.decide_with(call, false)
+    }
+
+    /// Decides a call a hold rule parked and has now let go: as
+    /// [`Engine::decide`], with the hold rules left out, so a fault rule
+    /// under the hold still applies.
+    pub fn decide_released(&mut self, call: Call<'_>) -> Decision {
+        self.decide_with(call, true)
+    }
+
+    fn decide_with(&mut self, call: Call<'_>, skip_holds: bool) -> Decision {
         let mut system_path = false;
         let mut shares = Shares::default();
         for (index, c) in self.rules.iter_mut().enumerate() {
-            if !c.nrs.contains(&call.nr) {
+            if !c.nrs.contains(&call.nr) || (skip_holds && c.rule.action == Action::Hold) {
                 continue;
             }
             // Syscalls without a path never have a glob (Rule::validate

@@ -453,9 +453,14 @@ fn obey<K: Kernel>(supervisor: Option<&Supervisor<K>>, message: ControlMessage) 
             tag,
             deny,
             limit,
+            call,
         } => Obey::Reply(ShimMessage::Released {
             token,
-            count: supervisor.map_or(0, |s| s.release(&tag, deny, limit)),
+            count: supervisor.map_or(0, |s| s.release(&tag, deny, limit, call)),
+        }),
+        ControlMessage::Held { token, tag } => Obey::Reply(ShimMessage::HeldCalls {
+            token,
+            calls: supervisor.map(|s| s.held(&tag)).unwrap_or_default(),
         }),
         ControlMessage::Launch(_) => Obey::Reply(ShimMessage::RulesRejected {
             message: "a shim runs one target; launch another shim".into(),

@@ -118,6 +118,9 @@ struct Shared<K> {
 /// A call a hold rule parked.
 struct Parked {
     id: u64,
+    nr: u32,
+    /// Its `hold(...)` event's sequence number.
+    seq: u64,
     tag: String,
     started: Instant,
     event: SyscallEvent,
@@ -290,23 +293,47 @@ impl<K: Kernel> Supervisor<K> {
             .collect();
         let retired = self.shared.engine().set_rules(rules)?;
         // A call parked by a rule that is gone would wait forever.
-        self.shared
-            .unpark_where(|p| !holding.contains(&p.tag), None, None);
+        unpark_where(&self.shared, |p| !holding.contains(&p.tag), None, None);
         Ok(retired)
     }
 
     /// Answers the calls parked under `tag`, oldest first (at most
     /// `limit`): fails them with `deny`, or lets them run. Returns how
     /// many it answered.
-    pub fn release(&self, tag: &str, deny: Option<i32>, limit: Option<u64>) -> u64 {
-        self.shared.unpark_where(|p| p.tag == tag, deny, limit)
+    pub fn release(
+        &self,
+        tag: &str,
+        deny: Option<i32>,
+        limit: Option<u64>,
+        call: Option<u64>,
+    ) -> u64 {
+        unpark_where(
+            &self.shared,
+            |p| p.tag == tag && call.is_none_or(|seq| p.seq == seq),
+            deny,
+            limit,
+        )
+    }
+
+    /// The calls parked under `tag`, oldest first.
+    pub fn held(&self, tag: &str) -> Vec<crate::wire::HeldCall> {
+        let parked = self.shared.parked.lock().unwrap_or_else(|p| p.into_inner());
+        parked
+            .iter()
+            .filter(|p| p.tag == tag)
+            .map(|p| crate::wire::HeldCall {
+                seq: p.seq,
+                syscall: p.event.syscall.to_string(),
+                path: p.event.path.clone(),
+            })
+            .collect()
     }
 
     /// The controller is gone: answer everything held now, and from here on
     /// allow every call without consulting the rules.
     pub fn detach(&self) {
         self.shared.detached.store(true, Ordering::SeqCst);
-        self.shared.unpark_where(|_| true, None, None);
+        unpark_where(&self.shared, |_| true, None, None);
         if let Some(tx) = &self.shared.timer().tx {
             let _ = tx.send(TimerMsg::ReleaseAll);
         }
@@ -328,7 +355,7 @@ impl<K: Kernel> Supervisor<K> {
     /// die with the process (the shim does), which is cheaper than joining.
     pub fn quiesce(&self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
-        self.shared.unpark_where(|_| true, None, None);
+        unpark_where(&self.shared, |_| true, None, None);
         if let Some(tx) = &self.shared.timer().tx {
             let _ = tx.send(TimerMsg::ReleaseAll);
         }
@@ -342,7 +369,7 @@ impl<K: Kernel> Supervisor<K> {
     /// has been queued. Idempotent.
     pub fn stop(&self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
-        self.shared.unpark_where(|_| true, None, None);
+        unpark_where(&self.shared, |_| true, None, None);
         let server = self.server().take();
         if let Some(mut server) = server {
             wake_until_done(&server);
@@ -393,54 +420,11 @@ impl<K: Kernel> Shared<K> {
         self.engine.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn emit(&self, mut event: SyscallEvent) {
+    fn emit(&self, mut event: SyscallEvent) -> u64 {
         event.seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let seq = event.seq;
         self.events.push(ShimMessage::Syscall(event));
-    }
-
-    /// Answers the parked calls `which` selects (at most `limit`, oldest
-    /// first), each with an event saying it was released.
-    fn unpark_where(
-        &self,
-        which: impl Fn(&Parked) -> bool,
-        deny: Option<i32>,
-        limit: Option<u64>,
-    ) -> u64 {
-        let taken: Vec<Parked> = {
-            let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
-            let mut taken = Vec::new();
-            let mut kept = Vec::new();
-            for p in parked.drain(..) {
-                if which(&p) && limit.is_none_or(|n| (taken.len() as u64) < n) {
-                    taken.push(p);
-                } else {
-                    kept.push(p);
-                }
-            }
-            *parked = kept;
-            taken
-        };
-        let count = taken.len() as u64;
-        for p in taken {
-            let mut event = p.event;
-            event.latency_ns = Some(p.started.elapsed().as_nanos() as u64);
-            let response = match deny {
-                Some(errno) => {
-                    event.decision =
-                        format!("{} (released)", Action::Deny { errno }.describe()).into();
-                    event.errno = errno::by_number(errno).map(|e| e.name.into());
-                    Response::Errno(errno)
-                }
-                None => {
-                    event.decision = "allow (released)".into();
-                    Response::Continue
-                }
-            };
-            if self.answer(p.id, response) {
-                self.emit(event);
-            }
-        }
-        count
+        seq
     }
 
     fn answer(&self, id: u64, response: Response) -> bool {
@@ -523,8 +507,10 @@ fn handle<K: Kernel>(shared: &Arc<Shared<K>>, kernel: &K, n: Notification) {
             let tag = event.label.clone().unwrap_or_default();
             let mut parked_event = event.clone();
             parked_event.decision = format!("hold({tag})").into();
-            shared.emit(parked_event);
             let mut parked = shared.parked.lock().unwrap_or_else(|p| p.into_inner());
+            // Under the lock: a listing never misses a call whose hold
+            // event has been sent.
+            let seq = shared.emit(parked_event);
             // Checked under the lock the releases take: a call parked
             // after the last release-all would never be answered.
             if shared.detached.load(Ordering::SeqCst) || shared.stopping.load(Ordering::SeqCst) {
@@ -538,6 +524,8 @@ fn handle<K: Kernel>(shared: &Arc<Shared<K>>, kernel: &K, n: Notification) {
             }
             parked.push(Parked {
                 id: n.id,
+                nr: n.nr,
+                seq,
                 tag,
                 started: Instant::now(),
                 event,
@@ -566,6 +554,79 @@ fn handle<K: Kernel>(shared: &Arc<Shared<K>>, kernel: &K, n: Notification) {
     if shared.answer(n.id, response) {
         shared.emit(event);
     }
+}
+
+/// Answers the parked calls `which` selects (at most `limit`, oldest
+/// first), each with an event saying it was released: failed with `deny`,
+/// or decided by the rules under the hold (run, failed or delayed).
+fn unpark_where<K: Kernel>(
+    shared: &Arc<Shared<K>>,
+    which: impl Fn(&Parked) -> bool,
+    deny: Option<i32>,
+    limit: Option<u64>,
+) -> u64 {
+    let taken: Vec<Parked> = {
+        let mut parked = shared.parked.lock().unwrap_or_else(|p| p.into_inner());
+        let mut taken = Vec::new();
+        let mut kept = Vec::new();
+        for p in parked.drain(..) {
+            if which(&p) && limit.is_none_or(|n| (taken.len() as u64) < n) {
+                taken.push(p);
+            } else {
+                kept.push(p);
+            }
+        }
+        *parked = kept;
+        taken
+    };
+    let count = taken.len() as u64;
+    for p in taken {
+        let action = match deny {
+            Some(errno) => Action::Deny { errno },
+            // Stopping or detached: no rule applies any more.
+            None if shared.stopping.load(Ordering::SeqCst)
+                || shared.detached.load(Ordering::SeqCst) =>
+            {
+                Action::Allow
+            }
+            None => {
+                shared
+                    .engine()
+                    .decide_released(Call {
+                        nr: p.nr,
+                        path: p.event.path.as_deref(),
+                    })
+                    .action
+            }
+        };
+        let mut event = p.event;
+        event.decision = format!("{} (released)", action.describe()).into();
+        let response = match action {
+            Action::Deny { errno } => {
+                event.errno = errno::by_number(errno).map(|e| e.name.into());
+                Response::Errno(errno)
+            }
+            Action::Delay { ns } => {
+                let held = Held {
+                    due: Instant::now() + Duration::from_nanos(ns),
+                    id: p.id,
+                    started: p.started,
+                    event,
+                    _in_flight: p._in_flight,
+                };
+                if let Err(held) = hold(shared, held) {
+                    shared.answer(held.id, Response::Continue);
+                }
+                continue;
+            }
+            Action::Allow | Action::Trace | Action::Hold => Response::Continue,
+        };
+        event.latency_ns = Some(p.started.elapsed().as_nanos() as u64);
+        if shared.answer(p.id, response) {
+            shared.emit(event);
+        }
+    }
+    count
 }
 
 /// Hands a delayed call to the timer, starting it on first use.
@@ -869,9 +930,10 @@ mod tests {
         };
         parked(2);
         assert!(answers(&fake).is_empty(), "a held call is not answered");
-        assert_eq!(sup.release("other", None, None), 0);
+        assert_eq!(sup.release("other", None, None, None), 0);
+        assert_eq!(sup.held("w").len(), 2);
         // Oldest first, one at a time.
-        assert_eq!(sup.release("w", Some(libc::EIO), Some(1)), 1);
+        assert_eq!(sup.release("w", Some(libc::EIO), Some(1), None), 1);
         assert_eq!(answers(&fake), vec![(1, Response::Errno(libc::EIO))]);
         // Its rule going away answers the rest.
         sup.set_rules(vec![]).expect("rules");

@@ -262,7 +262,30 @@ pub enum ControlMessage {
         /// How many at most; `None` for all.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         limit: Option<u64>,
+        /// Only the call whose `hold(...)` event has this sequence number.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        call: Option<u64>,
     },
+    /// List the calls held under `tag`: answered with
+    /// [`ShimMessage::HeldCalls`].
+    Held {
+        /// Echoed back.
+        token: u64,
+        /// The hold rules' label.
+        tag: String,
+    },
+}
+
+/// A call a hold rule has parked, as [`ShimMessage::HeldCalls`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldCall {
+    /// The sequence number of its `hold(...)` event.
+    pub seq: u64,
+    /// The syscall.
+    pub syscall: String,
+    /// Its path, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
 }
 
 /// One intercepted syscall.
@@ -355,6 +378,13 @@ pub enum ShimMessage {
         token: u64,
         /// Calls answered.
         count: u64,
+    },
+    /// Answer to [`ControlMessage::Held`], oldest first.
+    HeldCalls {
+        /// The token of the request.
+        token: u64,
+        /// The calls.
+        calls: Vec<HeldCall>,
     },
     /// The target exited.
     Exited {

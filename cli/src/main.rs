@@ -30,7 +30,7 @@ enum Commands {
     #[command(
         after_help = "Examples:\n  faultbox test faultbox.star\n  faultbox test faultbox.star --test happy_path\n  faultbox test faultbox.star --format json\n  faultbox test faultbox.star --runs 100 --show fail\n  faultbox test faultbox.star --seed 42\n  faultbox test faultbox.star --dry-run"
     )]
-    Test(test::TestArgs),
+    Test(Box<test::TestArgs>),
     /// Validate a spec without running anything: load it as a run would
     /// and report what is wrong (exit 0 clean, 2 on an error finding).
     #[command(
@@ -184,7 +184,7 @@ fn main() {
     faultbox_agent::process::raise_nofile_limit();
     let result = match cli.command {
         Commands::Run(args) => run::run(args),
-        Commands::Test(args) => test::run(args),
+        Commands::Test(args) => test::run(*args),
         Commands::Diff { a, b } => diff(&a, &b),
         Commands::Check { file, test, format } => check(&file, test.as_deref(), format),
         Commands::Recipes { command } => recipes::run(command),

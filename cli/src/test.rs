@@ -91,9 +91,17 @@ pub struct TestArgs {
     /// The kubeconfig context for --kube (default: the current one).
     #[arg(long, value_name = "CTX", requires = "kube")]
     pub(crate) context: Option<String>,
-    /// Not in this build (interleaving exploration).
-    #[arg(long, hide = true)]
+    /// Play the interleavings of each parallel(): every one (all) or a
+    /// seeded sample; each is a run of its own
+    #[arg(long, value_name = "all|sample", value_parser = ["all", "sample"])]
     explore: Option<String>,
+    /// With --explore sample: how many interleavings; with all: the most
+    /// it may run [default: 20 for sample, 5040 for all]
+    #[arg(long, value_name = "N", requires = "explore")]
+    explore_limit: Option<u64>,
+    /// With --explore: play only interleaving K (the replay command)
+    #[arg(long, value_name = "K", requires = "explore")]
+    explore_index: Option<u64>,
     /// Not in this build.
     #[arg(long = "virtual-time", hide = true)]
     virtual_time: bool,
@@ -108,14 +116,19 @@ pub struct TestArgs {
 
 /// Runs the command and returns the exit code.
 pub fn run(args: TestArgs) -> Result<i32> {
-    for (given, flag) in [
-        (args.explore.is_some(), "--explore"),
-        (args.virtual_time, "--virtual-time"),
-    ] {
-        if given {
-            bail!("{flag} is not supported by this build of faultbox yet");
-        }
+    if args.virtual_time {
+        bail!("--virtual-time is not supported by this build of faultbox yet");
     }
+    let explore = match (args.explore.as_deref(), args.explore_index) {
+        (None, _) => None,
+        (Some(_), Some(k)) => Some(suite::Explore::One(k)),
+        (Some("sample"), None) => Some(suite::Explore::Sample {
+            limit: args.explore_limit.unwrap_or(20).max(1),
+        }),
+        (Some(_), None) => Some(suite::Explore::All {
+            limit: args.explore_limit.unwrap_or(5040).max(1),
+        }),
+    };
     let timeout = faultbox_agent::rule::parse_duration(&args.timeout)
         .map(Duration::from_nanos)
         .map_err(|e| anyhow::anyhow!("--timeout {:?}: {e}", args.timeout))?;
@@ -250,6 +263,7 @@ pub fn run(args: TestArgs) -> Result<i32> {
         docker: prepared.docker,
         cluster: prepared.cluster,
         kept: Default::default(),
+        explore: None,
         log_dir: log_dir.clone(),
         test_timeout: timeout,
         stop_grace: Duration::from_secs(2),
@@ -276,9 +290,12 @@ pub fn run(args: TestArgs) -> Result<i32> {
     } = suite::run(
         &spec,
         &tests,
-        args.runs,
-        base_seed,
-        args.show == Show::All,
+        suite::Schedule {
+            runs: args.runs,
+            base_seed,
+            keep_passes: args.show == Show::All,
+            explore,
+        },
         &config,
         &mut printer,
     );
@@ -424,6 +441,10 @@ impl suite::Observer for Printer {
                 eprintln!("  ({passed}/{} runs passed before failure)", run + 1);
             }
         }
+    }
+
+    fn note(&mut self, text: &str) {
+        eprintln!("{text}");
     }
 
     fn test_done(&mut self, name: &str, passed: u64, runs: u64) {

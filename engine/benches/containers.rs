@@ -106,6 +106,7 @@ fn config(shim: &Path, logs: &Path, docker: Option<Arc<Docker>>) -> RunConfig {
         docker,
         cluster: None,
         kept: Default::default(),
+        explore: None,
     }
 }
 
@@ -279,6 +280,7 @@ impl suite::Observer for Quiet {
     fn started(&mut self, _: &str, _: u64, _: u64) {}
     fn finished(&mut self, _: &TestResult, _: u64, _: u64) {}
     fn test_done(&mut self, _: &str, _: u64, _: u64) {}
+    fn note(&mut self, _: &str) {}
 }
 
 const THREE: &str = r#"
@@ -313,7 +315,18 @@ fn bench_suite(shim: &Path, logs: &Path, docker: &Arc<Docker>) {
     let cfg = config(shim, logs, Some(Arc::clone(docker)));
     let engine_before = docker.engine_time();
     let t = Instant::now();
-    let summary = suite::run(&spec, &spec.tests, 1, 1, false, &cfg, &mut Quiet);
+    let summary = suite::run(
+        &spec,
+        &spec.tests,
+        suite::Schedule {
+            runs: 1,
+            base_seed: 1,
+            keep_passes: false,
+            explore: None,
+        },
+        &cfg,
+        &mut Quiet,
+    );
     let wall = t.elapsed();
     let engine = docker.engine_time() - engine_before;
     assert_eq!(summary.failed, 0, "{:#?}", summary.results);

@@ -156,6 +156,7 @@ fn bench_restart(reps: usize, shim: &Path) {
         docker: None,
         cluster: None,
         kept: Default::default(),
+        explore: None,
     };
     let (mut base, mut total, mut launch, mut health, mut stop) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());

@@ -138,6 +138,7 @@ fn config(logs: &Path, cluster: Option<Arc<Cluster>>, shim: &Path) -> RunConfig 
         docker: None,
         cluster,
         kept: Default::default(),
+        explore: None,
     }
 }
 

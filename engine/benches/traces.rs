@@ -105,6 +105,7 @@ fn results(variant: bool) -> Vec<TestResult> {
         healthcheck_timeout: false,
         events: t.take_events(),
         diagnostics: vec![],
+        interleaving: None,
     }]
 }
 

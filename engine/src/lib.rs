@@ -54,6 +54,7 @@ pub fn run_test(spec: &Spec, name: &str, seed: u64, config: &RunConfig) -> TestR
         healthcheck_timeout: false,
         events: Vec::new(),
         diagnostics: Vec::new(),
+        interleaving: None,
     };
     run.observe_determinism(spec.determinism.clone());
     match run.start_services(&spec.dir) {

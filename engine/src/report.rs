@@ -101,6 +101,8 @@ pub struct TestResult {
     pub healthcheck_timeout: bool,
     pub events: Vec<Event>,
     pub diagnostics: Vec<Diagnostic>,
+    /// `--explore`: which interleaving this run played, of how many.
+    pub interleaving: Option<(u64, u64)>,
 }
 
 impl TestResult {
@@ -250,6 +252,9 @@ impl TestResult {
             o.insert("failure_type".into(), json!(f.as_str()));
         }
         o.insert("seed".into(), json!(self.seed));
+        if let Some((index, of)) = self.interleaving {
+            o.insert("interleaving".into(), json!({"index": index, "of": of}));
+        }
         o.insert("duration_ms".into(), json!(self.duration_ms));
         if let Some(r) = &self.return_value {
             o.insert("return_value".into(), json!(r));
@@ -353,9 +358,13 @@ impl TestResult {
             Outcome::Error => "ERROR",
             Outcome::Interrupted => "INTERRUPTED",
         };
+        let interleaving = self
+            .interleaving
+            .map(|(k, n)| format!(", interleaving {k} of {n}"))
+            .unwrap_or_default();
         let _ = writeln!(
             s,
-            "--- {word}: {} ({}ms, seed={}) ---",
+            "--- {word}: {} ({}ms, seed={}{interleaving}) ---",
             self.name, self.duration_ms, self.seed
         );
         if debug && let Some(r) = &self.return_value {
@@ -621,7 +630,11 @@ fn normal_line(e: &Event, scrub: &Scrub) -> Option<String> {
         "syscall" => {
             let decision = f("decision");
             let path = f("path");
+            // A parked call's `hold(...)` event races its neighbours'
+            // releases; its `(released)` event, in release order, is the
+            // line that tells what happened to it.
             if decision.starts_with("allow (system path)")
+                || decision.starts_with("hold(")
                 || (decision == "allow" && path.is_empty())
             {
                 return None;
@@ -641,6 +654,7 @@ fn normal_line(e: &Event, scrub: &Scrub) -> Option<String> {
         }
         "step_send" | "step_recv" => Some(format!("{} {}", e.kind, f("target"))),
         "unmediated_io" => Some(format!("unmediated_io {}", f("category"))),
+        "explore_round" => Some(format!("explore_round {} {}", f("round"), f("order"))),
         "partition_applied" | "partition_removed" => Some(format!("{} {}", e.kind, f("between"))),
         _ => None,
     }
@@ -685,8 +699,23 @@ pub fn normalized(results: &[TestResult], scrub: &Scrub) -> String {
                 by_service.entry(service).or_default().push(line);
             }
         }
-        for (service, lines) in by_service {
+        for (service, mut lines) in by_service {
             let _ = writeln!(out, "--- {service} ---");
+            // Steps of parallel() branches start and end in a race: a run
+            // of adjacent sends (or answers) is written in name order.
+            // Sequential steps never have two sends in a row.
+            let mut i = 0;
+            while i < lines.len() {
+                let kind = lines[i].split(' ').next().unwrap_or("").to_string();
+                let mut j = i + 1;
+                if kind == "step_send" || kind == "step_recv" {
+                    while j < lines.len() && lines[j].split(' ').next() == Some(kind.as_str()) {
+                        j += 1;
+                    }
+                    lines[i..j].sort();
+                }
+                i = j;
+            }
             for l in lines {
                 out.push_str(&l);
                 out.push('\n');
@@ -887,6 +916,7 @@ mod tests {
 
     fn result(name: &str, outcome: Outcome, events: Vec<Event>) -> TestResult {
         TestResult {
+            interleaving: None,
             name: name.into(),
             outcome,
             reason: (outcome != Outcome::Pass).then(|| "assert_eq failed: 1 != 2".into()),

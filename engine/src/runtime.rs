@@ -50,6 +50,9 @@ pub struct RunConfig {
     pub cluster: Option<Arc<crate::kubernetes::Cluster>>,
     /// `reuse=True` services between two tests of the run.
     pub kept: KeptServices,
+    /// `--explore`: the interleaving this run plays (see
+    /// [`TestHost::explore_finish`]).
+    pub explore: Option<u64>,
 }
 
 /// Where a kept service's shim events go: the test it serves now.
@@ -301,6 +304,9 @@ struct Window {
     /// One side of a `partition()`: `a,b`. Its rules (a connect rule per
     /// port of the other side) are reported as one record.
     partition: Option<String>,
+    /// `--explore`'s own hold rules: not the test's faults, so they leave
+    /// no record and no window events.
+    hidden: bool,
 }
 
 /// A `partition()` in force: the windows of its sides.
@@ -369,6 +375,8 @@ pub struct TestRun {
     /// The first untolerated `unmediated_io` under strict determinism.
     violation: Arc<Mutex<Option<String>>>,
     partitions: Mutex<Vec<Partition>>,
+    /// `--explore`: the hold windows of a `parallel()` being explored.
+    explore_windows: Mutex<Vec<u64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -386,6 +394,48 @@ fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The hold rules' tag under `--explore`.
+const EXPLORE_TAG: &str = "explore";
+
+/// What `--explore` holds in a `parallel()`: the calls through which
+/// services touch each other and their files, among those the filter has.
+const EXPLORE_SYSCALLS: &[&str] = &[
+    "write",
+    "writev",
+    "pwrite64",
+    "fsync",
+    "fdatasync",
+    "openat",
+    "connect",
+    "sendto",
+    "sendmsg",
+    "recvfrom",
+    "recvmsg",
+    "read",
+    "readv",
+    "pread64",
+];
+
+/// `n!`, saturating.
+pub fn factorial(n: usize) -> u64 {
+    (1..=n as u64).fold(1u64, |acc, k| acc.saturating_mul(k))
+}
+
+/// The `index`-th permutation of `0..n` in lexicographic order (the
+/// factorial number system): index 0 is `0, 1, ..., n-1`.
+pub fn permutation(n: usize, index: u64) -> Vec<usize> {
+    let mut pool: Vec<usize> = (0..n).collect();
+    let mut rest = index % factorial(n).max(1);
+    let mut out = Vec::with_capacity(n);
+    for k in (0..n).rev() {
+        let f = factorial(k).max(1);
+        let pick = (rest / f) as usize;
+        rest %= f;
+        out.push(pool.remove(pick.min(pool.len().saturating_sub(1))));
+    }
+    out
 }
 
 /// The ports the spec declares: interfaces, and remote upstreams.
@@ -465,6 +515,7 @@ impl TestRun {
             mediated: Arc::new(Mutex::new(declared_ports(&services_ports))),
             violation: Arc::new(Mutex::new(None)),
             partitions: Mutex::new(Vec::new()),
+            explore_windows: Mutex::new(Vec::new()),
         })
     }
 
@@ -1211,6 +1262,12 @@ impl TestRun {
                 .map(|r| shim.and_then(|s| s.take_rule_stats(&r.rule.id)))
                 .collect()
         };
+        if window.hidden {
+            return match push {
+                Err(_) if self.exit_of(&service).is_some() => Ok(()),
+                other => other,
+            };
+        }
         let (mut partition_hits, mut partition_matched) = (0, 0);
         for (r, stats) in window.rules.iter().zip(stats) {
             let (fired, matched) = stats.map_or((0, 0), |s| (s.fired, s.matched));
@@ -1277,6 +1334,44 @@ impl TestRun {
         match push {
             Err(_) if self.exit_of(&service).is_some() => Ok(()),
             other => other,
+        }
+    }
+
+    /// The calls `--explore` holds once no new one has come for 50 ms (in
+    /// a canonical order: service, syscall, path, then arrival), or `None`
+    /// when nothing is held and the branches are done.
+    fn settled_holds(
+        &self,
+        idle: &dyn Fn() -> bool,
+    ) -> Option<Vec<(String, faultbox_agent::wire::HeldCall)>> {
+        let mut last = usize::MAX;
+        let mut since = Instant::now();
+        loop {
+            let mut held = Vec::new();
+            {
+                let running = lock(&self.running);
+                for (service, r) in running.iter() {
+                    if let Some(shim) = r.instance.shim() {
+                        for call in shim.held(EXPLORE_TAG).unwrap_or_default() {
+                            held.push((service.clone(), call));
+                        }
+                    }
+                }
+            }
+            if held.is_empty() && idle() {
+                return None;
+            }
+            if held.len() != last {
+                last = held.len();
+                since = Instant::now();
+            }
+            if !held.is_empty() && since.elapsed() >= Duration::from_millis(50) {
+                held.sort_by(|(sa, a), (sb, b)| {
+                    (sa, &a.syscall, &a.path, a.seq).cmp(&(sb, &b.syscall, &b.path, b.seq))
+                });
+                return Some(held);
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
@@ -1566,6 +1661,7 @@ impl TestHost for TestRun {
             from_start,
             rules,
             partition: None,
+            hidden: false,
         })?;
         self.trace.emit(kind, service, f);
         Ok(id)
@@ -1644,6 +1740,7 @@ impl TestHost for TestRun {
                 from_start: false,
                 rules,
                 partition: Some(between.clone()),
+                hidden: false,
             });
             if let Err(e) = installed {
                 for w in opened {
@@ -1742,7 +1839,7 @@ impl TestHost for TestRun {
                     if left == Some(0) {
                         break;
                     }
-                    answered += shim.release(tag, deny, left).unwrap_or(0);
+                    answered += shim.release(tag, deny, left, None).unwrap_or(0);
                 }
             }
             if answered > 0 {
@@ -1755,6 +1852,115 @@ impl TestHost for TestRun {
                 });
             }
             std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn explore_begin(&self) -> bool {
+        if self.config.explore.is_none() {
+            return false;
+        }
+        let syscalls: Vec<String> = self
+            .intercept
+            .iter()
+            .filter(|s| EXPLORE_SYSCALLS.contains(&s.as_str()))
+            .cloned()
+            .collect();
+        if syscalls.is_empty() {
+            return false;
+        }
+        let services: Vec<String> = lock(&self.running)
+            .iter()
+            .filter(|(_, r)| r.instance.shim().is_some())
+            .map(|(name, _)| name.clone())
+            .collect();
+        let mut opened = Vec::new();
+        for service in services {
+            let id = self.next_window.fetch_add(1, Ordering::SeqCst);
+            let fault = FaultValue {
+                action: Action::Hold,
+                probability: 1.0,
+                label: Some(EXPLORE_TAG.into()),
+                trigger: Trigger::Always,
+                errno: None,
+            };
+            let rule = WindowRule {
+                keyword: "explore".into(),
+                rule: Rule {
+                    id: RuleId::in_window(id, "explore"),
+                    syscalls: syscalls.clone(),
+                    action: Action::Hold,
+                    probability: 1.0,
+                    path: None,
+                    trigger: Trigger::Always,
+                    label: fault.label.clone(),
+                },
+                fault,
+            };
+            let installed = self.install_window(Window {
+                id,
+                service: service.clone(),
+                trace: false,
+                from_start: false,
+                rules: vec![rule],
+                partition: None,
+                hidden: true,
+            });
+            if installed.is_ok() {
+                opened.push(id);
+            }
+        }
+        let exploring = !opened.is_empty();
+        *lock(&self.explore_windows) = opened;
+        exploring
+    }
+
+    fn explore_finish(&self, idle: &dyn Fn() -> bool) {
+        let Some(index) = self.config.explore else {
+            return;
+        };
+        let mut rest = index;
+        let mut round = 0;
+        while let Some(held) = self.settled_holds(idle) {
+            round += 1;
+            let n = held.len();
+            let f = factorial(n).max(1);
+            let order = permutation(n, rest % f);
+            rest /= f;
+            self.trace.emit(
+                "explore_round",
+                "test",
+                fields([
+                    ("round", round.to_string()),
+                    ("held", n.to_string()),
+                    (
+                        "order",
+                        order
+                            .iter()
+                            .map(|i| {
+                                let (service, call) = &held[*i];
+                                format!("{service}:{}", call.syscall)
+                            })
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                    ),
+                ]),
+            );
+            for i in order {
+                let (service, call) = &held[i];
+                if let Some(shim) = lock(&self.running)
+                    .get(service)
+                    .and_then(|r| r.instance.shim())
+                {
+                    let _ = shim.release(EXPLORE_TAG, None, None, Some(call.seq));
+                }
+                // One call at a time: the next is let go once the kernel
+                // has had the time to run this one.
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let windows = std::mem::take(&mut *lock(&self.explore_windows));
+        for id in windows {
+            let _ = self.remove_window(id);
         }
     }
 

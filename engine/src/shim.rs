@@ -64,6 +64,8 @@ struct State {
     retired: HashMap<RuleId, RuleStats>,
     /// Answers to releases, by token: how many calls each answered.
     released: HashMap<u64, u64>,
+    /// Answers to held-call listings, by token.
+    held: HashMap<u64, Vec<faultbox_agent::wire::HeldCall>>,
 }
 
 #[derive(Default)]
@@ -494,6 +496,7 @@ impl Shim {
         tag: &str,
         deny: Option<i32>,
         limit: Option<u64>,
+        call: Option<u64>,
     ) -> Result<u64, ShimError> {
         let token = self.tokens.fetch_add(1, Ordering::SeqCst) + 1;
         self.send(&ControlMessage::Release {
@@ -501,12 +504,30 @@ impl Shim {
             tag: tag.to_string(),
             deny,
             limit,
+            call,
         })?;
         let mut state = self
             .shared
             .wait_for(Duration::from_secs(5), |s| s.released.contains_key(&token));
         match state.released.remove(&token) {
             Some(count) => Ok(count),
+            None if state.exited.is_some() => Err(ShimError::TargetExited),
+            None => Err(ShimError::Unconfirmed),
+        }
+    }
+
+    /// The calls held under `tag`, oldest first.
+    pub fn held(&self, tag: &str) -> Result<Vec<faultbox_agent::wire::HeldCall>, ShimError> {
+        let token = self.tokens.fetch_add(1, Ordering::SeqCst) + 1;
+        self.send(&ControlMessage::Held {
+            token,
+            tag: tag.to_string(),
+        })?;
+        let mut state = self
+            .shared
+            .wait_for(Duration::from_secs(5), |s| s.held.contains_key(&token));
+        match state.held.remove(&token) {
+            Some(calls) => Ok(calls),
             None if state.exited.is_some() => Err(ShimError::TargetExited),
             None => Err(ShimError::Unconfirmed),
         }
@@ -577,6 +598,10 @@ fn read_loop(
                 state.synced = token;
                 state.stats = stats;
                 drop(state);
+                shared.changed.notify_all();
+            }
+            Ok(Some(ShimMessage::HeldCalls { token, calls })) => {
+                shared.lock().held.insert(token, calls);
                 shared.changed.notify_all();
             }
             Ok(Some(ShimMessage::Released { token, count })) => {

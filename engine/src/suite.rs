@@ -196,6 +196,8 @@ pub trait Observer {
     fn finished(&mut self, result: &TestResult, run: u64, passed: u64);
     /// The test is done: `passed` of `runs` runs passed.
     fn test_done(&mut self, name: &str, passed: u64, runs: u64);
+    /// Something the user should know about how a test ran.
+    fn note(&mut self, text: &str);
 }
 
 /// What a suite ran.
@@ -211,17 +213,93 @@ pub struct Summary {
     pub interrupted: bool,
 }
 
-/// Runs `tests`, each `runs` times from `base_seed` on; keeps passing
-/// results only when `keep_passes`.
+/// `--explore`: which interleavings of each `parallel()` to play.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Explore {
+    /// Every one (at most `limit`, or the run is refused).
+    All { limit: u64 },
+    /// `limit` of them, drawn with the run's seed.
+    Sample { limit: u64 },
+    /// Just this one (a replay).
+    One(u64),
+}
+
+/// How many interleavings a run's `parallel()` rounds give: the product
+/// of each round's held calls, factorial (0 when nothing was held).
+pub fn interleavings(result: &TestResult) -> u64 {
+    let rounds: Vec<usize> = result
+        .events
+        .iter()
+        .filter(|e| e.kind == "explore_round")
+        .filter_map(|e| e.fields.get("held").and_then(|n| n.parse().ok()))
+        .collect();
+    if rounds.is_empty() {
+        return 0;
+    }
+    rounds.iter().fold(1u64, |acc, n| {
+        acc.saturating_mul(crate::runtime::factorial(*n))
+    })
+}
+
+/// The interleavings after the first to play, of `total`.
+fn explore_plan(explore: Explore, total: u64, seed: u64) -> Result<Vec<u64>, String> {
+    match explore {
+        Explore::One(_) => Ok(Vec::new()),
+        Explore::All { limit } if total > limit => Err(format!(
+            "{total} interleavings is more than --explore-limit {limit}; raise it, or sample them with --explore sample"
+        )),
+        Explore::All { .. } => Ok((1..total).collect()),
+        Explore::Sample { limit } => {
+            // Floyd's sampling of distinct indices in 1..total, from a
+            // splitmix64 stream of the seed: the same seed, the same sample.
+            let mut state = seed;
+            let mut next = move || {
+                state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                let mut z = state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                z ^ (z >> 31)
+            };
+            let range = total.saturating_sub(1);
+            let want = limit.saturating_sub(1).min(range);
+            let mut picked = std::collections::BTreeSet::new();
+            for j in (range - want)..range {
+                let t = next() % (j + 1);
+                if !picked.insert(t + 1) {
+                    picked.insert(j + 1);
+                }
+            }
+            Ok(picked.into_iter().collect())
+        }
+    }
+}
+
+/// How a suite runs its tests.
+#[derive(Debug, Clone, Copy)]
+pub struct Schedule {
+    /// Runs of each test (`--runs`), seeds from `base_seed` on.
+    pub runs: u64,
+    pub base_seed: u64,
+    /// Keep passing results too, not only failures.
+    pub keep_passes: bool,
+    /// `--explore`.
+    pub explore: Option<Explore>,
+}
+
+/// Runs `tests` as `schedule` says.
 pub fn run(
     spec: &Spec,
     tests: &[String],
-    runs: u64,
-    base_seed: u64,
-    keep_passes: bool,
+    schedule: Schedule,
     config: &RunConfig,
     observer: &mut dyn Observer,
 ) -> Summary {
+    let Schedule {
+        runs,
+        base_seed,
+        keep_passes,
+        explore,
+    } = schedule;
     let mut summary = Summary::default();
     'tests: for name in tests {
         let mut passed = 0;
@@ -232,23 +310,61 @@ pub fn run(
             }
             let seed = base_seed.wrapping_add(i);
             observer.started(name, seed, i);
-            let result = crate::run_test(spec, name, seed, config);
-            let ok = result.outcome == Outcome::Pass;
-            if ok {
-                passed += 1;
+            // Under --explore, a run plays one interleaving: the first
+            // says how many its parallel() calls have.
+            let first = match explore {
+                Some(Explore::One(k)) => Some(k),
+                Some(_) => Some(0),
+                None => None,
+            };
+            let mut config = config.clone();
+            config.explore = first;
+            let mut plan = vec![first];
+            let mut total = None;
+            let mut failed_run = false;
+            let mut k = 0;
+            while k < plan.len() {
+                config.explore = plan[k];
+                let mut result = crate::run_test(spec, name, seed, &config);
+                if let Some(index) = plan[k] {
+                    if total.is_none() {
+                        let n = interleavings(&result);
+                        total = Some(n);
+                        match explore.map(|e| explore_plan(e, n, seed)) {
+                            _ if n == 0 => observer.note(&format!(
+                                "--explore: {name} has no parallel() whose branches held a call; it ran once"
+                            )),
+                            Some(Ok(rest)) => plan.extend(rest.into_iter().map(Some)),
+                            Some(Err(why)) => observer.note(&format!("--explore: {name}: {why}")),
+                            None => {}
+                        }
+                    }
+                    if let Some(n) = total.filter(|n| *n > 0) {
+                        result.interleaving = Some((index, n));
+                        result.replay =
+                            format!("{} --explore all --explore-index {index}", result.replay);
+                    }
+                }
+                let ok = result.outcome == Outcome::Pass;
+                observer.finished(&result, i, passed + u64::from(ok));
+                let interrupted = result.outcome == Outcome::Interrupted;
+                if !ok || keep_passes {
+                    summary.results.push(result);
+                }
+                if interrupted {
+                    summary.interrupted = true;
+                    break 'tests;
+                }
+                if !ok {
+                    failed_run = true;
+                    break;
+                }
+                k += 1;
             }
-            observer.finished(&result, i, passed);
-            let interrupted = result.outcome == Outcome::Interrupted;
-            if !ok || keep_passes {
-                summary.results.push(result);
-            }
-            if interrupted {
-                summary.interrupted = true;
-                break 'tests;
-            }
-            if !ok {
+            if failed_run {
                 break;
             }
+            passed += 1;
         }
         observer.test_done(name, passed, runs);
         if passed == runs {
@@ -278,6 +394,37 @@ mod tests {
             ["test_disk_full", "test_disk_slow"]
         );
         assert!(select(&tests, "nope").is_empty());
+    }
+
+    #[test]
+    fn explore_plans_every_interleaving_or_a_seeded_sample() {
+        assert_eq!(
+            explore_plan(Explore::All { limit: 100 }, 6, 1),
+            Ok(vec![1, 2, 3, 4, 5])
+        );
+        assert!(
+            explore_plan(Explore::All { limit: 100 }, 720, 1)
+                .is_err_and(|e| e.contains("720 interleavings is more than --explore-limit 100"))
+        );
+        let a = explore_plan(Explore::Sample { limit: 5 }, 720, 9).expect("plan");
+        assert_eq!(a.len(), 4);
+        assert!(a.iter().all(|k| (1..720).contains(k)));
+        assert_eq!(
+            a,
+            explore_plan(Explore::Sample { limit: 5 }, 720, 9).expect("plan")
+        );
+        assert_eq!(
+            explore_plan(Explore::Sample { limit: 50 }, 6, 1)
+                .expect("plan")
+                .len(),
+            5
+        );
+        assert_eq!(explore_plan(Explore::One(3), 6, 1), Ok(vec![]));
+        assert_eq!(crate::runtime::permutation(3, 0), vec![0, 1, 2]);
+        assert_eq!(crate::runtime::permutation(3, 5), vec![2, 1, 0]);
+        let all: std::collections::BTreeSet<Vec<usize>> =
+            (0..24).map(|k| crate::runtime::permutation(4, k)).collect();
+        assert_eq!(all.len(), 24);
     }
 
     #[test]

@@ -189,6 +189,18 @@ pub trait TestHost: Send + Sync {
         timeout: std::time::Duration,
     ) -> Result<u64, HostError>;
 
+    /// `--explore`: starts holding the services' calls for a `parallel()`
+    /// about to dispatch its branches; false when not exploring.
+    fn explore_begin(&self) -> bool {
+        false
+    }
+
+    /// `--explore`: answers the held calls round by round (a round: the
+    /// calls held once no new one comes), each round in the order this
+    /// run's interleaving gives, until `idle()` says the branches are
+    /// done and nothing is held; then stops holding.
+    fn explore_finish(&self, _idle: &dyn Fn() -> bool) {}
+
     /// Counts one evaluated assertion.
     fn count_assertion(&self);
 

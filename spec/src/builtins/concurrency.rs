@@ -103,6 +103,7 @@ pub(crate) fn concurrency(builder: &mut GlobalsBuilder) {
                 Err(e) => return Err(err(format!("parallel(): cannot start a branch: {e}"))),
             }
         }
+        let exploring = c.run.as_ref().is_some_and(|r| r.explore_begin());
         *c.dispatch.borrow_mut() = Some(Dispatch {
             current: 0,
             workers,
@@ -116,6 +117,9 @@ pub(crate) fn concurrency(builder: &mut GlobalsBuilder) {
         }
         // Closing the queues lets each worker finish what it was given.
         drop(c.dispatch.borrow_mut().take());
+        if exploring && let Some(run) = &c.run {
+            run.explore_finish(&|| threads.iter().all(|t| t.is_finished()));
+        }
         for t in threads {
             let _ = t.join();
         }
