@@ -1337,35 +1337,51 @@ impl TestRun {
         }
     }
 
-    /// The calls `--explore` holds once no new one has come for 50 ms (in
-    /// a canonical order: service, syscall, path, then arrival), or `None`
-    /// when nothing is held and the branches are done.
+    /// The calls `--explore` holds once the services have settled (in a
+    /// canonical order: service, syscall, path, then arrival), or `None`
+    /// when nothing is held and the branches are done. Settled: at least
+    /// as many calls held as branch calls are out, and no new one and no
+    /// service thread running for 20 ms; or no new call for 250 ms (a
+    /// branch call stuck on something else, a service that spins).
     fn settled_holds(
         &self,
-        idle: &dyn Fn() -> bool,
+        pending: &dyn Fn() -> usize,
     ) -> Option<Vec<(String, faultbox_agent::wire::HeldCall)>> {
         let mut last = usize::MAX;
         let mut since = Instant::now();
+        let mut quiet_since = since;
         loop {
             let mut held = Vec::new();
+            let mut busy = false;
             {
                 let running = lock(&self.running);
                 for (service, r) in running.iter() {
                     if let Some(shim) = r.instance.shim() {
+                        busy |= shim.target_busy();
                         for call in shim.held(EXPLORE_TAG).unwrap_or_default() {
                             held.push((service.clone(), call));
                         }
                     }
                 }
             }
-            if held.is_empty() && idle() {
+            let waiting = pending();
+            if held.is_empty() && waiting == 0 {
                 return None;
             }
             if held.len() != last {
                 last = held.len();
                 since = Instant::now();
+                quiet_since = since;
             }
-            if !held.is_empty() && since.elapsed() >= Duration::from_millis(50) {
+            if busy {
+                quiet_since = Instant::now();
+            }
+            // Every branch call still out is stuck on a held call (or the
+            // wait has gone on long enough: one may be stuck elsewhere).
+            let settled = (held.len() >= waiting
+                && quiet_since.elapsed() >= Duration::from_millis(20))
+                || since.elapsed() >= Duration::from_millis(250);
+            if !held.is_empty() && settled {
                 held.sort_by(|(sa, a), (sb, b)| {
                     (sa, &a.syscall, &a.path, a.seq).cmp(&(sb, &b.syscall, &b.path, b.seq))
                 });
@@ -1914,13 +1930,13 @@ impl TestHost for TestRun {
         exploring
     }
 
-    fn explore_finish(&self, idle: &dyn Fn() -> bool) {
+    fn explore_finish(&self, pending: &dyn Fn() -> usize) {
         let Some(index) = self.config.explore else {
             return;
         };
         let mut rest = index;
         let mut round = 0;
-        while let Some(held) = self.settled_holds(idle) {
+        while let Some(held) = self.settled_holds(pending) {
             round += 1;
             let n = held.len();
             let f = factorial(n).max(1);

@@ -444,6 +444,25 @@ impl Shim {
         process_gone(self.host_pid.load(Ordering::SeqCst))
     }
 
+    /// Whether a thread of the target is running or ready to run (not
+    /// asleep in a syscall, a held one included).
+    pub fn target_busy(&self) -> bool {
+        let pid = self.host_pid.load(Ordering::SeqCst);
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return false;
+        };
+        tasks.flatten().any(|t| {
+            std::fs::read_to_string(t.path().join("stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit(')')
+                        .next()
+                        .map(|r| r.trim_start().starts_with('R'))
+                })
+                .unwrap_or(false)
+        })
+    }
+
     /// Waits up to `timeout` for the target's exit to be reported.
     pub fn wait_exited(&self, timeout: Duration) -> Option<ExitInfo> {
         self.shared.wait_for(timeout, |s| s.exited.is_some()).exited

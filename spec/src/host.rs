@@ -196,10 +196,11 @@ pub trait TestHost: Send + Sync {
     }
 
     /// `--explore`: answers the held calls round by round (a round: the
-    /// calls held once no new one comes), each round in the order this
-    /// run's interleaving gives, until `idle()` says the branches are
-    /// done and nothing is held; then stops holding.
-    fn explore_finish(&self, _idle: &dyn Fn() -> bool) {}
+    /// calls held once the services settle), each round in the order
+    /// this run's interleaving gives, until `pending()` (the branches'
+    /// calls not yet answered) is zero and nothing is held; then stops
+    /// holding.
+    fn explore_finish(&self, _pending: &dyn Fn() -> usize) {}
 
     /// Counts one evaluated assertion.
     fn count_assertion(&self);

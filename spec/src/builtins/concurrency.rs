@@ -28,6 +28,8 @@ type Job = Box<dyn FnOnce() + Send>;
 pub struct Dispatch {
     current: usize,
     workers: Vec<mpsc::Sender<Job>>,
+    /// Calls handed to the workers and not yet answered.
+    pending: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Hands `work` to the running branch's worker when a `parallel()` is
@@ -43,7 +45,12 @@ pub(crate) fn defer<'v>(
     let d = dispatch.as_ref()?;
     let slot = Arc::new(Slot::default());
     let filled = Arc::clone(&slot);
-    let job: Job = Box::new(move || filled.fill(work()));
+    let pending = Arc::clone(&d.pending);
+    pending.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let job: Job = Box::new(move || {
+        filled.fill(work());
+        pending.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    });
     if let Err(mpsc::SendError(job)) = d.workers[d.current].send(job) {
         job();
     }
@@ -104,9 +111,11 @@ pub(crate) fn concurrency(builder: &mut GlobalsBuilder) {
             }
         }
         let exploring = c.run.as_ref().is_some_and(|r| r.explore_begin());
+        let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         *c.dispatch.borrow_mut() = Some(Dispatch {
             current: 0,
             workers,
+            pending: Arc::clone(&pending),
         });
         let mut results = Vec::new();
         for (i, f) in branches.iter().enumerate() {
@@ -118,7 +127,7 @@ pub(crate) fn concurrency(builder: &mut GlobalsBuilder) {
         // Closing the queues lets each worker finish what it was given.
         drop(c.dispatch.borrow_mut().take());
         if exploring && let Some(run) = &c.run {
-            run.explore_finish(&|| threads.iter().all(|t| t.is_finished()));
+            run.explore_finish(&|| pending.load(std::sync::atomic::Ordering::SeqCst));
         }
         for t in threads {
             let _ = t.join();
