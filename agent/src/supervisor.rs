@@ -111,8 +111,25 @@ struct Shared<K> {
     /// Notifications received whose event is not yet queued (held ones
     /// included): zero means every answered call has been reported.
     in_flight: Arc<AtomicU64>,
-    /// Calls parked by hold rules, oldest first, until released.
-    parked: Mutex<Vec<Parked>>,
+    /// Calls parked by hold rules, oldest first, until released; and the
+    /// tags of the hold rules in force, under the same lock so a call
+    /// decided by a rule that went meanwhile is not parked for good.
+    parked: Mutex<ParkedCalls>,
+}
+
+#[derive(Default)]
+struct ParkedCalls {
+    calls: Vec<Parked>,
+    tags: Vec<String>,
+}
+
+/// The labels of the hold rules among `rules`.
+fn hold_tags(rules: &[Rule]) -> Vec<String> {
+    rules
+        .iter()
+        .filter(|r| r.action == Action::Hold)
+        .filter_map(|r| r.label.clone())
+        .collect()
 }
 
 /// A call a hold rule parked.
@@ -210,6 +227,7 @@ impl<K: Kernel> Supervisor<K> {
     ) -> Result<Supervisor<K>, SupervisorError> {
         let mut engine = Engine::new(arch, seed);
         engine.restrict_to(intercepted);
+        let tags = hold_tags(&rules);
         engine.set_rules(rules)?;
         // The wake handler lets stop() interrupt a RECV blocked in the kernel.
         let _ = process::install_wake_handler();
@@ -226,7 +244,10 @@ impl<K: Kernel> Supervisor<K> {
                 leaving: AtomicBool::new(false),
                 timer: Mutex::new(Timer::default()),
                 in_flight: Arc::new(AtomicU64::new(0)),
-                parked: Mutex::new(Vec::new()),
+                parked: Mutex::new(ParkedCalls {
+                    calls: Vec::new(),
+                    tags,
+                }),
             }),
             server: Mutex::new(None),
         })
@@ -286,12 +307,9 @@ impl<K: Kernel> Supervisor<K> {
     /// Replaces the rules; on error the old rules stay. Returns the final
     /// counters of the rules that are gone.
     pub fn set_rules(&self, rules: Vec<Rule>) -> Result<Vec<crate::engine::RuleStats>, RuleError> {
-        let holding: Vec<String> = rules
-            .iter()
-            .filter(|r| r.action == Action::Hold)
-            .filter_map(|r| r.label.clone())
-            .collect();
+        let holding = hold_tags(&rules);
         let retired = self.shared.engine().set_rules(rules)?;
+        self.shared.parked().tags = holding.clone();
         // A call parked by a rule that is gone would wait forever.
         unpark_where(&self.shared, |p| !holding.contains(&p.tag), None, None);
         Ok(retired)
@@ -317,10 +335,11 @@ impl<K: Kernel> Supervisor<K> {
 
     /// The calls parked under `tag`, oldest first.
     pub fn held(&self, tag: &str) -> Vec<crate::wire::HeldCall> {
-        let parked = self.shared.parked.lock().unwrap_or_else(|p| p.into_inner());
+        let parked = self.shared.parked();
         parked
+            .calls
             .iter()
-            .filter(|p| p.tag == tag)
+            .filter(|p| p.tag == tag && self.shared.kernel.id_valid(p.id))
             .map(|p| crate::wire::HeldCall {
                 seq: p.seq,
                 syscall: p.event.syscall.to_string(),
@@ -412,6 +431,10 @@ impl<K: Kernel> Drop for Supervisor<K> {
 impl<K: Kernel> Shared<K> {
     fn timer(&self) -> MutexGuard<'_, Timer> {
         self.timer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn parked(&self) -> MutexGuard<'_, ParkedCalls> {
+        self.parked.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn engine(&self) -> MutexGuard<'_, Engine> {
@@ -507,22 +530,11 @@ fn handle<K: Kernel>(shared: &Arc<Shared<K>>, kernel: &K, n: Notification) {
             let tag = event.label.clone().unwrap_or_default();
             let mut parked_event = event.clone();
             parked_event.decision = format!("hold({tag})").into();
-            let mut parked = shared.parked.lock().unwrap_or_else(|p| p.into_inner());
+            let mut parked = shared.parked();
             // Under the lock: a listing never misses a call whose hold
             // event has been sent.
             let seq = shared.emit(parked_event);
-            // Checked under the lock the releases take: a call parked
-            // after the last release-all would never be answered.
-            if shared.detached.load(Ordering::SeqCst) || shared.stopping.load(Ordering::SeqCst) {
-                drop(parked);
-                if shared.answer(n.id, Response::Continue) {
-                    let mut event = event;
-                    event.decision = "allow (released)".into();
-                    shared.emit(event);
-                }
-                return;
-            }
-            parked.push(Parked {
+            let call = Parked {
                 id: n.id,
                 nr: n.nr,
                 seq,
@@ -530,7 +542,20 @@ fn handle<K: Kernel>(shared: &Arc<Shared<K>>, kernel: &K, n: Notification) {
                 started: Instant::now(),
                 event,
                 _in_flight: in_flight,
-            });
+            };
+            // Checked under the lock the releases take: a call parked
+            // after the last release-all, or by a rule already gone,
+            // would never be answered.
+            let gone = !parked.tags.contains(&call.tag);
+            if gone
+                || shared.detached.load(Ordering::SeqCst)
+                || shared.stopping.load(Ordering::SeqCst)
+            {
+                drop(parked);
+                answer_parked(shared, call, None);
+                return;
+            }
+            parked.calls.push(call);
             return;
         }
         Action::Allow | Action::Trace => Response::Continue,
@@ -566,67 +591,80 @@ fn unpark_where<K: Kernel>(
     limit: Option<u64>,
 ) -> u64 {
     let taken: Vec<Parked> = {
-        let mut parked = shared.parked.lock().unwrap_or_else(|p| p.into_inner());
+        let mut parked = shared.parked();
         let mut taken = Vec::new();
         let mut kept = Vec::new();
-        for p in parked.drain(..) {
-            if which(&p) && limit.is_none_or(|n| (taken.len() as u64) < n) {
+        for p in parked.calls.drain(..) {
+            if !which(&p) {
+                kept.push(p);
+            } else if !shared.kernel.id_valid(p.id) {
+                // Its caller is gone: drop it, and do not count it.
+                shared.interrupted.fetch_add(1, Ordering::Relaxed);
+            } else if limit.is_none_or(|n| (taken.len() as u64) < n) {
                 taken.push(p);
             } else {
                 kept.push(p);
             }
         }
-        *parked = kept;
+        parked.calls = kept;
         taken
     };
-    let count = taken.len() as u64;
-    for p in taken {
-        let action = match deny {
-            Some(errno) => Action::Deny { errno },
-            // Stopping or detached: no rule applies any more.
-            None if shared.stopping.load(Ordering::SeqCst)
-                || shared.detached.load(Ordering::SeqCst) =>
-            {
-                Action::Allow
-            }
-            None => {
-                shared
-                    .engine()
-                    .decide_released(Call {
-                        nr: p.nr,
-                        path: p.event.path.as_deref(),
-                    })
-                    .action
-            }
-        };
-        let mut event = p.event;
-        event.decision = format!("{} (released)", action.describe()).into();
-        let response = match action {
-            Action::Deny { errno } => {
-                event.errno = errno::by_number(errno).map(|e| e.name.into());
-                Response::Errno(errno)
-            }
-            Action::Delay { ns } => {
-                let held = Held {
-                    due: Instant::now() + Duration::from_nanos(ns),
-                    id: p.id,
-                    started: p.started,
-                    event,
-                    _in_flight: p._in_flight,
-                };
-                if let Err(held) = hold(shared, held) {
-                    shared.answer(held.id, Response::Continue);
-                }
-                continue;
-            }
-            Action::Allow | Action::Trace | Action::Hold => Response::Continue,
-        };
-        event.latency_ns = Some(p.started.elapsed().as_nanos() as u64);
-        if shared.answer(p.id, response) {
-            shared.emit(event);
+    taken
+        .into_iter()
+        .map(|p| u64::from(answer_parked(shared, p, deny)))
+        .sum()
+}
+
+/// Answers one parked call: fails it with `deny`, or lets the rules under
+/// the hold decide it (run, failed or delayed); its event says it was
+/// released. False when its caller is gone.
+fn answer_parked<K: Kernel>(shared: &Arc<Shared<K>>, p: Parked, deny: Option<i32>) -> bool {
+    let action = match deny {
+        Some(errno) => Action::Deny { errno },
+        // Stopping or detached: no rule applies any more.
+        None if shared.stopping.load(Ordering::SeqCst)
+            || shared.detached.load(Ordering::SeqCst) =>
+        {
+            Action::Allow
         }
+        None => {
+            shared
+                .engine()
+                .decide_released(Call {
+                    nr: p.nr,
+                    path: p.event.path.as_deref(),
+                })
+                .action
+        }
+    };
+    let mut event = p.event;
+    event.decision = format!("{} (released)", action.describe()).into();
+    let response = match action {
+        Action::Deny { errno } => {
+            event.errno = errno::by_number(errno).map(|e| e.name.into());
+            Response::Errno(errno)
+        }
+        Action::Delay { ns } => {
+            let held = Held {
+                due: Instant::now() + Duration::from_nanos(ns),
+                id: p.id,
+                started: p.started,
+                event,
+                _in_flight: p._in_flight,
+            };
+            if let Err(held) = hold(shared, held) {
+                return shared.answer(held.id, Response::Continue);
+            }
+            return true;
+        }
+        Action::Allow | Action::Trace | Action::Hold => Response::Continue,
+    };
+    event.latency_ns = Some(p.started.elapsed().as_nanos() as u64);
+    let answered = shared.answer(p.id, response);
+    if answered {
+        shared.emit(event);
     }
-    count
+    answered
 }
 
 /// Hands a delayed call to the timer, starting it on first use.
@@ -923,7 +961,7 @@ mod tests {
         push(&fake, notif(2, "getpid", [0; 6]));
         let parked = |n: usize| {
             let deadline = Instant::now() + Duration::from_secs(5);
-            while sup.shared.parked.lock().map(|p| p.len()).unwrap_or(0) < n {
+            while sup.shared.parked().calls.len() < n {
                 assert!(Instant::now() < deadline, "never parked");
                 thread::sleep(Duration::from_millis(2));
             }
@@ -963,6 +1001,33 @@ mod tests {
                 "allow (released)"
             ]
         );
+    }
+
+    #[test]
+    fn a_call_held_by_a_rule_that_just_went_is_decided_not_parked() {
+        let fake = Arc::new(Fake::default());
+        let mut rule = parse_fault("getpid=EPERM:100%", X86).expect("rule");
+        rule.action = Action::Hold;
+        rule.label = Some("w".into());
+        let queue = Arc::new(EventQueue::new());
+        let sup = Supervisor::new(
+            Arc::clone(&fake),
+            X86,
+            1,
+            vec![X86.number("getpid").expect("nr")],
+            vec![rule],
+            Arc::clone(&queue),
+        )
+        .and_then(Supervisor::start)
+        .expect("supervisor");
+        // What a rule change racing the decision leaves: the engine said
+        // hold, but the tag is no longer in force when the call parks.
+        sup.shared.parked().tags.clear();
+        push(&fake, notif(1, "getpid", [0; 6]));
+        wait_answers(&fake, 1);
+        sup.stop();
+        assert_eq!(answers(&fake), vec![(1, Response::Continue)]);
+        assert!(sup.held("w").is_empty());
     }
 
     #[test]

@@ -105,7 +105,7 @@ pub fn run_test(spec: &Spec, name: &str, seed: u64, config: &RunConfig) -> TestR
         let from_body = result
             .reason
             .as_deref()
-            .is_some_and(|r| r.starts_with(reason.as_str()));
+            .is_some_and(|r| r.contains(reason.as_str()));
         if result.outcome == Outcome::Pass || from_body {
             result.outcome = Outcome::Fail;
             result.failure = Some(FailureKind::Nondeterminism);

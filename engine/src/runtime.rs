@@ -377,6 +377,9 @@ pub struct TestRun {
     partitions: Mutex<Vec<Partition>>,
     /// `--explore`: the hold windows of a `parallel()` being explored.
     explore_windows: Mutex<Vec<u64>>,
+    /// `--explore`: what is left of the interleaving index for the rounds
+    /// to come (each round takes its digit, across every `parallel()`).
+    explore_rest: Mutex<Option<u64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -491,6 +494,7 @@ impl TestRun {
         config: RunConfig,
     ) -> Arc<TestRun> {
         let services_ports = services.clone();
+        let config_explore = config.explore;
         Arc::new(TestRun {
             name: name.to_string(),
             seed,
@@ -516,6 +520,7 @@ impl TestRun {
             violation: Arc::new(Mutex::new(None)),
             partitions: Mutex::new(Vec::new()),
             explore_windows: Mutex::new(Vec::new()),
+            explore_rest: Mutex::new(config_explore),
         })
     }
 
@@ -700,6 +705,11 @@ impl TestRun {
             );
         }
         for (interface, protocol, listen, target) in announced {
+            for addr in [&listen, &target] {
+                if let Some(port) = addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok()) {
+                    lock(&self.mediated).insert(port);
+                }
+            }
             self.trace.emit(
                 "proxy_started",
                 &def.name,
@@ -1391,37 +1401,49 @@ impl TestRun {
         }
     }
 
-    /// Every port a connect to `service` may use: its interfaces, where
-    /// they are published, and their proxies (and TLS fronts).
-    fn ports_of(&self, service: &str) -> Vec<u16> {
-        let mut ports = BTreeSet::new();
+    /// Where a connect to `service` may go, as `path` globs of connect's
+    /// `ip:port`: its interfaces, where they are published, and its
+    /// proxies and TLS fronts. An interface port another service declares
+    /// too (containers often share one) is matched with the service's own
+    /// address, so a split from one does not cut the other.
+    fn destinations_of(&self, service: &str) -> Vec<String> {
+        let mut out = BTreeSet::new();
         if let Some(def) = self.service(service) {
             for iface in &def.interfaces {
-                ports.insert(iface.port);
-                if let Some(addr) = self.published(service, &iface.name) {
-                    ports.insert(addr.port());
+                let shared = self.services.iter().any(|s| {
+                    s.name != service && s.interfaces.iter().any(|i| i.port == iface.port)
+                });
+                let own = lock(&self.running)
+                    .get(service)
+                    .and_then(|r| r.instance.endpoint(iface).ok());
+                // An IPv6 address would need `[` in the glob, a class.
+                match own {
+                    Some(addr) if shared && addr.is_ipv4() => {
+                        out.insert(format!("{}:{}", addr.ip(), iface.port));
+                    }
+                    _ => {
+                        out.insert(format!("*:{}", iface.port));
+                    }
                 }
-                if let Some(up) = def
-                    .remote
-                    .get(&iface.name)
-                    .and_then(|r| r.rsplit_once(':'))
-                    .and_then(|(_, p)| p.parse().ok())
-                {
-                    ports.insert(up);
+                if let Some(addr) = self.published(service, &iface.name) {
+                    out.insert(format!("*:{}", addr.port()));
+                }
+                if let Some(up) = def.remote.get(&iface.name).and_then(|r| r.rsplit_once(':')) {
+                    out.insert(format!("*:{}", up.1));
                 }
             }
         }
         for ((s, _), proxy) in lock(&self.proxies).iter() {
             if s == service {
-                ports.insert(proxy.listen.port());
+                out.insert(format!("*:{}", proxy.listen.port()));
             }
         }
         for ((s, _), relays) in lock(&self.tls).iter() {
             if s == service {
-                ports.insert(relays.front.listen.port());
+                out.insert(format!("*:{}", relays.front.listen.port()));
             }
         }
-        ports.into_iter().collect()
+        out.into_iter().collect()
     }
 
     /// Adds a closed window's record, into the record of the same rule
@@ -1724,25 +1746,18 @@ impl TestHost for TestRun {
                 trigger: Trigger::Always,
                 errno: Some("ECONNREFUSED".into()),
             };
-            let ports = self.ports_of(to);
-            cut.push(format!(
-                "{from}→{to}:{}",
-                ports
-                    .iter()
-                    .map(u16::to_string)
-                    .collect::<Vec<_>>()
-                    .join("/")
-            ));
-            let rules = ports
+            let destinations = self.destinations_of(to);
+            cut.push(format!("{from}→{to}:{}", destinations.join(",")));
+            let rules = destinations
                 .iter()
-                .map(|port| WindowRule {
-                    keyword: format!("connect:{port}"),
+                .map(|dest| WindowRule {
+                    keyword: format!("connect:{dest}"),
                     rule: Rule {
-                        id: RuleId::in_window(id, format!("partition:{port}")),
+                        id: RuleId::in_window(id, format!("partition:{dest}")),
                         syscalls: vec!["connect".into()],
                         action: fault.action,
                         probability: 1.0,
-                        path: Some(format!("*:{port}")),
+                        path: Some(dest.clone()),
                         trigger: Trigger::Always,
                         label: fault.label.clone(),
                     },
@@ -1767,8 +1782,15 @@ impl TestHost for TestRun {
             opened.push(id);
         }
         if opened.is_empty() {
-            return Err(HostError::Remote {
-                service: a.to_string(),
+            let remote = self.service(a).is_some_and(ServiceDef::is_remote);
+            return Err(if remote {
+                HostError::Remote {
+                    service: a.to_string(),
+                }
+            } else {
+                HostError::NoSeccomp {
+                    service: a.to_string(),
+                }
             });
         }
         let id = self.next_window.fetch_add(1, Ordering::SeqCst);
@@ -1822,6 +1844,9 @@ impl TestHost for TestRun {
                     continue;
                 }
                 let Some(label) = &r.rule.label else { continue };
+                if w.hidden {
+                    continue;
+                }
                 if label == tag && !services.contains(&w.service) {
                     services.push(w.service.clone());
                 }
@@ -1875,10 +1900,17 @@ impl TestHost for TestRun {
         if self.config.explore.is_none() {
             return false;
         }
+        // A call the spec's own hold() parks stays the spec's to release.
+        let user_held: BTreeSet<String> = lock(&self.windows)
+            .iter()
+            .flat_map(|w| w.rules.iter())
+            .filter(|r| r.rule.action == Action::Hold)
+            .flat_map(|r| r.rule.syscalls.iter().cloned())
+            .collect();
         let syscalls: Vec<String> = self
             .intercept
             .iter()
-            .filter(|s| EXPLORE_SYSCALLS.contains(&s.as_str()))
+            .filter(|s| EXPLORE_SYSCALLS.contains(&s.as_str()) && !user_held.contains(*s))
             .cloned()
             .collect();
         if syscalls.is_empty() {
@@ -1931,17 +1963,20 @@ impl TestHost for TestRun {
     }
 
     fn explore_finish(&self, pending: &dyn Fn() -> usize) {
-        let Some(index) = self.config.explore else {
+        if self.config.explore.is_none() {
             return;
-        };
-        let mut rest = index;
+        }
         let mut round = 0;
         while let Some(held) = self.settled_holds(pending) {
             round += 1;
             let n = held.len();
             let f = factorial(n).max(1);
-            let order = permutation(n, rest % f);
-            rest /= f;
+            let order = {
+                let mut rest = lock(&self.explore_rest);
+                let left = rest.unwrap_or(0);
+                *rest = Some(left / f);
+                permutation(n, left % f)
+            };
             self.trace.emit(
                 "explore_round",
                 "test",

@@ -2452,6 +2452,17 @@ def test_one_branch():
 
 def test_failing_branch():
     parallel(persist, lambda: fail("boom"))
+
+def test_window_in_a_branch():
+    r = parallel(lambda: fault(svc, fsync = deny("EIO"), run = persist), lambda: 1)
+    assert_eq(r, ["ERR EIO", 1])
+
+def test_unread_failure():
+    def quiet():
+        svc.main.send(data = "EXIT 0")
+        svc.main.send(data = "PING")
+        return "done"
+    parallel(quiet, lambda: 2)
 "#,
     );
     let run = run_spec(&dir, &text, &["--format", "json"]);
@@ -2461,6 +2472,7 @@ def test_failing_branch():
         "test_released_with_eio",
         "test_window_end_lets_it_run",
         "test_parallel_results_in_order",
+        "test_window_in_a_branch",
     ] {
         assert_eq!(
             test_named(&doc, t)["result"],
@@ -2483,6 +2495,10 @@ def test_failing_branch():
             "parallel(): give two callables or more (got 1)",
         ),
         ("test_failing_branch", "parallel(): callable 2 ("),
+        (
+            "test_unread_failure",
+            "parallel(): callable 1 (spec.star.quiet) failed: svc.main.send",
+        ),
     ] {
         let test = test_named(&doc, t);
         assert_eq!(test["result"], "fail", "{t}: {test:#}");

@@ -17,6 +17,7 @@
 #[allow(unused_imports)]
 use super::*;
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 
 pub(crate) use crate::values::Outcome;
@@ -29,7 +30,43 @@ pub struct Dispatch {
     current: usize,
     workers: Vec<mpsc::Sender<Job>>,
     /// Calls handed to the workers and not yet answered.
-    pending: Arc<std::sync::atomic::AtomicUsize>,
+    pending: Arc<AtomicUsize>,
+    /// Deferred calls that failed, with their branch (from 0): a branch
+    /// that never looks at a result must still fail for it.
+    failures: Arc<std::sync::Mutex<Vec<(usize, String)>>>,
+}
+
+/// Answers the slot and counts the call done even if the work panics:
+/// `parallel()` waits on both.
+struct Done {
+    slot: Arc<Slot>,
+    pending: Arc<AtomicUsize>,
+    branch: usize,
+    failures: Arc<std::sync::Mutex<Vec<(usize, String)>>>,
+    what: String,
+    outcome: Option<Outcome>,
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        let outcome = self.outcome.take().unwrap_or_else(|| {
+            Outcome::Step(StepResult::Raise(format!(
+                "{} failed inside Faultbox",
+                self.what
+            )))
+        });
+        let failed = match &outcome {
+            Outcome::Step(StepResult::Raise(m)) | Outcome::Released(Err(m)) => Some(m.clone()),
+            _ => None,
+        };
+        if let Some(m) = failed
+            && let Ok(mut f) = self.failures.lock()
+        {
+            f.push((self.branch, format!("{}: {m}", self.what)));
+        }
+        self.slot.fill(outcome);
+        self.pending.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Hands `work` to the running branch's worker when a `parallel()` is
@@ -44,17 +81,46 @@ pub(crate) fn defer<'v>(
     let dispatch = c.dispatch.borrow();
     let d = dispatch.as_ref()?;
     let slot = Arc::new(Slot::default());
-    let filled = Arc::clone(&slot);
-    let pending = Arc::clone(&d.pending);
-    pending.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    d.pending.fetch_add(1, Ordering::SeqCst);
+    let done = Done {
+        slot: Arc::clone(&slot),
+        pending: Arc::clone(&d.pending),
+        branch: d.current,
+        failures: Arc::clone(&d.failures),
+        what: what.clone(),
+        outcome: None,
+    };
+    // Moves the whole guard in (a closure would capture only the field).
     let job: Job = Box::new(move || {
-        filled.fill(work());
-        pending.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        let mut done = done;
+        done.outcome = Some(work());
     });
     if let Err(mpsc::SendError(job)) = d.workers[d.current].send(job) {
         job();
     }
     Some(eval.heap().alloc(Pending { slot, what }))
+}
+
+/// Waits, when a `parallel()` is dispatching, until the running branch's
+/// worker has done every call handed to it so far: a window a branch
+/// opens around its steps (`fault(..., run=)`, `partition`, `trace`) must
+/// not close before they ran.
+pub(crate) fn settle_branch(eval: &Evaluator<'_, '_, '_>) {
+    let Some(c) = eval.extra.and_then(|e| e.downcast_ref::<Ctx>()) else {
+        return;
+    };
+    let slot = {
+        let dispatch = c.dispatch.borrow();
+        let Some(d) = dispatch.as_ref() else { return };
+        let slot = Arc::new(Slot::default());
+        let filled = Arc::clone(&slot);
+        let job: Job = Box::new(move || filled.fill(Outcome::Released(Ok(0))));
+        if d.workers[d.current].send(job).is_err() {
+            return;
+        }
+        slot
+    };
+    slot.wait();
 }
 
 #[starlark_module]
@@ -110,12 +176,39 @@ pub(crate) fn concurrency(builder: &mut GlobalsBuilder) {
                 Err(e) => return Err(err(format!("parallel(): cannot start a branch: {e}"))),
             }
         }
-        let exploring = c.run.as_ref().is_some_and(|r| r.explore_begin());
-        let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let pending = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+        // Under --explore the rounds run beside the dispatch: a branch
+        // that waits on its own result needs its held calls let go.
+        let dispatching = Arc::new(AtomicBool::new(true));
+        let explorer = match &c.run {
+            Some(run) if run.explore_begin() => {
+                let (run, pending, dispatching) = (
+                    Arc::clone(run),
+                    Arc::clone(&pending),
+                    Arc::clone(&dispatching),
+                );
+                std::thread::Builder::new()
+                    .name("explore".into())
+                    .spawn(move || {
+                        run.explore_finish(&|| {
+                            let n = pending.load(Ordering::SeqCst);
+                            if dispatching.load(Ordering::SeqCst) {
+                                n.max(1)
+                            } else {
+                                n
+                            }
+                        })
+                    })
+                    .ok()
+            }
+            _ => None,
+        };
         *c.dispatch.borrow_mut() = Some(Dispatch {
             current: 0,
             workers,
             pending: Arc::clone(&pending),
+            failures: Arc::clone(&failures),
         });
         let mut results = Vec::new();
         for (i, f) in branches.iter().enumerate() {
@@ -126,8 +219,9 @@ pub(crate) fn concurrency(builder: &mut GlobalsBuilder) {
         }
         // Closing the queues lets each worker finish what it was given.
         drop(c.dispatch.borrow_mut().take());
-        if exploring && let Some(run) = &c.run {
-            run.explore_finish(&|| pending.load(std::sync::atomic::Ordering::SeqCst));
+        dispatching.store(false, Ordering::SeqCst);
+        if let Some(explorer) = explorer {
+            let _ = explorer.join();
         }
         for t in threads {
             let _ = t.join();
@@ -149,6 +243,14 @@ pub(crate) fn concurrency(builder: &mut GlobalsBuilder) {
                 Some(p) => outcome_value(p.slot.wait(), heap).map_err(failed)?,
                 None => v,
             };
+            // A call of the branch that failed though it returned fine.
+            let lost = failures
+                .lock()
+                .ok()
+                .and_then(|f| f.iter().find(|(b, _)| *b == i).map(|(_, m)| m.clone()));
+            if let Some(m) = lost {
+                return Err(failed(m));
+            }
             values.push(v);
         }
         check_monitors(eval)?;

@@ -99,6 +99,7 @@ pub(super) fn with_windows<'v>(
     f: Value<'v>,
 ) -> Res<Value<'v>> {
     let result = eval.eval_function(f, &[], &[]);
+    super::concurrency::settle_branch(eval);
     let mut close_error = None;
     for id in ids.into_iter().rev() {
         if let Err(e) = run.close_window(id) {
@@ -349,6 +350,7 @@ pub(crate) fn syscall_faults(builder: &mut GlobalsBuilder) {
                 .open_proxy_window(&iface.service, &iface.iface.name, rules, false)
                 .map_err(err)?;
             let result = eval.eval_function(f, &[], &[]);
+            super::concurrency::settle_branch(eval);
             run.close_proxy_window(id);
             return result;
         }
@@ -514,6 +516,7 @@ pub(crate) fn syscall_faults(builder: &mut GlobalsBuilder) {
         let run = run_of(eval, "partition")?;
         let id = run.open_partition(&x, &y).map_err(err)?;
         let result = eval.eval_function(f, &[], &[]);
+        super::concurrency::settle_branch(eval);
         let closed = run.close_partition(id).map_err(err);
         let value = result?;
         closed?;
