@@ -940,23 +940,38 @@ mod tests {
         );
     }
 
-    #[test]
-    fn held_calls_wait_for_their_release_and_are_always_answered() {
-        let fake = Arc::new(Fake::default());
+    /// A rule holding every getpid under tag "w".
+    fn hold_w() -> Rule {
         let mut rule = parse_fault("getpid=EPERM:100%", X86).expect("rule");
         rule.action = Action::Hold;
         rule.label = Some("w".into());
+        rule
+    }
+
+    /// A supervisor of getpid alone, with `rules`.
+    fn getpid_supervisor(
+        fake: &Arc<Fake>,
+        rules: Vec<Rule>,
+    ) -> (Supervisor<Arc<Fake>>, Arc<EventQueue>) {
         let queue = Arc::new(EventQueue::new());
         let sup = Supervisor::new(
-            Arc::clone(&fake),
+            Arc::clone(fake),
             X86,
             1,
             vec![X86.number("getpid").expect("nr")],
-            vec![rule.clone()],
+            rules,
             Arc::clone(&queue),
         )
         .and_then(Supervisor::start)
         .expect("supervisor");
+        (sup, queue)
+    }
+
+    #[test]
+    fn held_calls_wait_for_their_release_and_are_always_answered() {
+        let fake = Arc::new(Fake::default());
+        let rule = hold_w();
+        let (sup, queue) = getpid_supervisor(&fake, vec![rule.clone()]);
         push(&fake, notif(1, "getpid", [0; 6]));
         push(&fake, notif(2, "getpid", [0; 6]));
         let parked = |n: usize| {
@@ -1006,20 +1021,7 @@ mod tests {
     #[test]
     fn a_call_held_by_a_rule_that_just_went_is_decided_not_parked() {
         let fake = Arc::new(Fake::default());
-        let mut rule = parse_fault("getpid=EPERM:100%", X86).expect("rule");
-        rule.action = Action::Hold;
-        rule.label = Some("w".into());
-        let queue = Arc::new(EventQueue::new());
-        let sup = Supervisor::new(
-            Arc::clone(&fake),
-            X86,
-            1,
-            vec![X86.number("getpid").expect("nr")],
-            vec![rule],
-            Arc::clone(&queue),
-        )
-        .and_then(Supervisor::start)
-        .expect("supervisor");
+        let (sup, _queue) = getpid_supervisor(&fake, vec![hold_w()]);
         // What a rule change racing the decision leaves: the engine said
         // hold, but the tag is no longer in force when the call parks.
         sup.shared.parked().tags.clear();
