@@ -155,6 +155,10 @@ pub fn run(args: TestArgs) -> Result<i32> {
     };
     let tests = match &args.test {
         Some(p) => {
+            if let Some(why) = faultbox_spec::load::test_filter_error(p) {
+                eprintln!("error: {why}");
+                return Ok(1);
+            }
             let chosen = suite::select(&spec.tests, p);
             if chosen.is_empty() {
                 eprintln!(

@@ -394,6 +394,17 @@ mod tests {
             ["test_disk_full", "test_disk_slow"]
         );
         assert!(select(&tests, "nope").is_empty());
+        assert_eq!(
+            select(&tests, "~disk_(full|slow)$"),
+            ["test_disk_full", "test_disk_slow"]
+        );
+        assert_eq!(select(&tests, "~^test_happy"), ["test_happy_path"]);
+        assert!(select(&tests, "~(").is_empty());
+        assert!(
+            faultbox_spec::load::test_filter_error("~(")
+                .is_some_and(|e| e.contains("--test \"~(\": not a regular expression"))
+        );
+        assert_eq!(faultbox_spec::load::test_filter_error("disk_*"), None);
     }
 
     #[test]

@@ -64,10 +64,12 @@ pub fn check(path: &Path, filter: Option<&str>) -> (Option<Spec>, Vec<Finding>) 
         findings.push(Finding {
             level: Level::Error,
             code: "NO_MATCHING_TEST",
-            message: format!(
-                "{f:?} matches none of the spec's tests ({})",
-                spec.tests.join(", ")
-            ),
+            message: crate::load::test_filter_error(f).unwrap_or_else(|| {
+                format!(
+                    "{f:?} matches none of the spec's tests ({})",
+                    spec.tests.join(", ")
+                )
+            }),
         });
     }
     (Some(spec), findings)

@@ -222,9 +222,24 @@ fn spec_error(e: starlark::Error) -> SpecError {
     }
 }
 
-/// The tests `pattern` selects: a name, a name without `test_`, or a
-/// glob over either.
+/// Why `pattern` cannot select anything (a `~REGEX` that does not
+/// compile), if it cannot.
+pub fn test_filter_error(pattern: &str) -> Option<String> {
+    let re = pattern.strip_prefix('~')?;
+    regex::Regex::new(re)
+        .err()
+        .map(|e| format!("--test {pattern:?}: not a regular expression: {e}"))
+}
+
+/// The tests `pattern` selects: a name, a name without `test_`, a glob
+/// over either, or `~REGEX` (a regular expression found in the name).
 pub fn select_tests(tests: &[String], pattern: &str) -> Vec<String> {
+    if let Some(re) = pattern.strip_prefix('~') {
+        return match regex::Regex::new(re) {
+            Ok(re) => tests.iter().filter(|t| re.is_match(t)).cloned().collect(),
+            Err(_) => Vec::new(),
+        };
+    }
     let with_prefix = format!("test_{pattern}");
     let glob = pattern.contains(['*', '?']);
     tests

@@ -993,6 +993,20 @@ fn dry_run_lists_without_starting_anything() {
         "{}",
         run.stdout
     );
+    let run = run_spec(&dir, &text, &["--dry-run", "--test", "~_b$"]);
+    assert!(
+        run.stdout.contains("Tests: 1\n  - test_b\n"),
+        "{}",
+        run.stdout
+    );
+    let run = run_spec(&dir, &text, &["--dry-run", "--test", "~(b"]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("error: --test \"~(b\": not a regular expression"),
+        "{}",
+        run.stderr
+    );
 }
 
 /// Runs a spec expected to be refused before anything starts.
