@@ -999,13 +999,11 @@ fn dry_run_lists_without_starting_anything() {
         "{}",
         run.stdout
     );
-    let run = run_spec(&dir, &text, &["--dry-run", "--test", "~(b"]);
-    assert_eq!(run.code, 1, "{}", run.stderr);
-    assert!(
-        run.stderr
-            .contains("error: --test \"~(b\": not a regular expression"),
-        "{}",
-        run.stderr
+    refused_saying(
+        "bad-regex",
+        &text,
+        &["--dry-run", "--test", "~(b"],
+        &["error: --test \"~(b\": not a regular expression"],
     );
 }
 
