@@ -325,17 +325,7 @@ pub fn read_c_string(pid: u32, addr: u64) -> Option<String> {
         } else {
             to_page_end
         } as usize;
-        let local = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: chunk,
-        };
-        let remote = libc::iovec {
-            iov_base: cursor as *mut libc::c_void,
-            iov_len: chunk,
-        };
-        // SAFETY: `local` describes `chunk` bytes of `buf` (chunk <= PAGE);
-        // the remote address is only read by the kernel, which checks it.
-        let n = unsafe { libc::process_vm_readv(pid as libc::pid_t, &local, 1, &remote, 1, 0) };
+        let n = vm_read(pid, cursor, &mut buf[..chunk]);
         if n < 0
             && matches!(
                 io::Error::last_os_error().raw_os_error(),
@@ -371,17 +361,7 @@ pub fn read_bytes(pid: u32, addr: u64, len: usize) -> Option<Vec<u8>> {
     }
     let mut buf = vec![0u8; len];
     if !VM_READV_REFUSED.load(std::sync::atomic::Ordering::Relaxed) {
-        let local = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: len,
-        };
-        let remote = libc::iovec {
-            iov_base: addr as *mut libc::c_void,
-            iov_len: len,
-        };
-        // SAFETY: `local` describes the `len` bytes of `buf`; the remote
-        // address is only read by the kernel, which checks it.
-        let n = unsafe { libc::process_vm_readv(pid as libc::pid_t, &local, 1, &remote, 1, 0) };
+        let n = vm_read(pid, addr, &mut buf);
         if n == len as isize {
             return Some(buf);
         }
@@ -399,6 +379,22 @@ pub fn read_bytes(pid: u32, addr: u64, len: usize) -> Option<Vec<u8>> {
     let mem = std::fs::File::open(format!("/proc/{pid}/mem")).ok()?;
     mem.read_exact_at(&mut buf, addr).ok()?;
     Some(buf)
+}
+
+/// One `process_vm_readv` of `buf.len()` bytes at `addr` in `pid`: the
+/// bytes read, or -1 with errno set.
+fn vm_read(pid: u32, addr: u64, buf: &mut [u8]) -> isize {
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: `local` describes exactly `buf`, which outlives the call;
+    // the remote address is only read by the kernel, which checks it.
+    unsafe { libc::process_vm_readv(pid as libc::pid_t, &local, 1, &remote, 1, 0) }
 }
 
 /// Set once `process_vm_readv` is refused (a container's seccomp profile).
